@@ -1,0 +1,27 @@
+"""Apply a "skip" plan: install the skipping experts forward with the planned per-layer thresholds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from moeslim.plans import Plan, PlanError
+
+
+def apply_skip(model: nn.Module, plan: Plan) -> dict[str, Any]:
+    """Install dynamic skipping in place; return the ``skip`` entry of the moeslim config section."""
+    from moeslim.runtime.skipping import install_skipping
+
+    if plan.kind != "skip":
+        raise PlanError(f"apply_skip got a {plan.kind!r} plan")
+    rule = str(plan.summary.get("rule") or plan.provenance.config.get("rule", "top2"))
+    try:
+        betas = {int(idx): float(entry["beta"]) for idx, entry in plan.layers.items()}
+    except (KeyError, TypeError, ValueError) as err:
+        raise PlanError(f"skip plan layers must be {{idx: {{'beta': float}}}}: {err}") from err
+    try:
+        install_skipping(model, betas, rule)
+    except ValueError as err:
+        raise PlanError(f"skip plan does not fit this model: {err}") from err
+    return {"skip": {"rule": rule, "betas": {str(idx): b for idx, b in sorted(betas.items())}}}

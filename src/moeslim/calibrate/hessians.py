@@ -1,0 +1,69 @@
+"""Per-expert input Hessians of a MoE layer's two expert projections (for GPTQ).
+
+For expert e, GPTQ needs H = sum_t x_t x_t^T over the tokens routed to e, for each projection's input:
+- gate_up (or up): the block input x, (H, H);
+- down: expert e's intermediate activation gate(x W_up^T), (I, I).
+
+Weighting (``weighting``): "none" is the plain GPTQ Hessian, as MC-MoE uses (default). The block output
+is sum_i g_i(x) f_i(x), so a weight error of expert i shows in the output scaled by its routing weight
+g_i: "gate2" weights each token by g^2 (the exact squared-output-error objective), "gate" by g (milder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from moeslim.methods.quant.gptq import accumulate_hessian
+from moeslim.models import MoELayer
+from moeslim.models.expert_math import expert_intermediate
+
+HessianWeighting = Literal["none", "gate", "gate2"]
+WEIGHTINGS: tuple[str, ...] = ("none", "gate", "gate2")
+
+__all__ = ["WEIGHTINGS", "ExpertHessians", "ExpertHessianSummary", "HessianWeighting"]
+
+
+@dataclass(frozen=True)
+class ExpertHessianSummary:
+    """Per expert: up (H, H) and down (I, I) float32 Hessians (None if never routed), token counts (E,)."""
+
+    up: list[Tensor | None]
+    down: list[Tensor | None]
+    counts: Tensor
+
+
+class ExpertHessians:
+    """Accumulates each expert's gate_up-input and down-input Hessians over the tokens routed to it."""
+
+    def __init__(self, num_experts: int, weighting: HessianWeighting = "none") -> None:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={weighting!r}: use one of {', '.join(WEIGHTINGS)}")
+        self._weighting = weighting
+        self._up: list[Tensor | None] = [None] * num_experts
+        self._down: list[Tensor | None] = [None] * num_experts
+        self._counts = torch.zeros(num_experts, dtype=torch.int64)
+
+    def observe(self, layer: MoELayer, x: Tensor) -> None:
+        weights, ids = layer.route(layer.router_logits(x))  # (T, k), (T, k)
+        for e in torch.unique(ids).tolist():
+            hit = ids == e  # (T, k); an expert appears at most once per token
+            rows = hit.any(dim=1)
+            xe = x[rows].float()  # (n, H)
+            g = (weights * hit).sum(dim=1)[rows].float()  # (n,) routing weight of e on its tokens
+            tw = None if self._weighting == "none" else (g if self._weighting == "gate" else g * g)
+            inter = expert_intermediate(layer, x[rows], e).float()  # (n, I)
+            # float32 sums on the activation device; moved to CPU once, at result()
+            self._up[e] = accumulate_hessian(self._up[e], xe, tw)
+            self._down[e] = accumulate_hessian(self._down[e], inter, tw)
+            self._counts[e] += int(rows.sum())
+
+    def result(self) -> ExpertHessianSummary:
+        def cpu(h: Tensor | None) -> Tensor | None:
+            return None if h is None else h.cpu()
+
+        return ExpertHessianSummary([cpu(h) for h in self._up], [cpu(h) for h in self._down],
+                                    self._counts.clone())

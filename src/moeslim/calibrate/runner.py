@@ -1,0 +1,182 @@
+"""Layer-wise calibration: capture the first decoder layer's inputs once, then run one layer at a time.
+
+Only the current layer's activations live in memory, and only the current layer needs to be on the
+accelerator, so the model can be larger than GPU memory. (Loading each layer's weights from disk as it
+is reached plugs in at ``_layer_on_device``.) Observers hooked on the MoE block see the block's input
+tokens; a per-layer callback (the method's search) may return an override of the block's forward that
+``propagate="compressed"`` feeds to the next layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moeslim.calibrate.observers import Observer
+from moeslim.models import MoELayer, decoder_layers, find_moe_layers
+
+Propagate = Literal["original", "compressed"]
+BlockOverride = Callable[[torch.Tensor], torch.Tensor]  # (T, H) -> (T, H)
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What a method decided for one layer: a result to keep, and optionally the compressed block."""
+
+    result: Any
+    override: BlockOverride | None = None
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first decoder layer's inputs are recorded."""
+
+
+@dataclass
+class _Batch:
+    hidden: torch.Tensor  # (B, S, H)
+    kwargs: dict[str, Any]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> list[_Batch]:
+    """Run the model up to its first decoder layer for every batch of samples.  # input_ids (N, L)"""
+    first = decoder_layers(model)[0]
+    batches: list[_Batch] = []
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+        batches.append(_Batch(hidden=hidden.detach(), kwargs=rest))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            with contextlib.suppress(_StopForward):
+                model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return batches
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+@contextmanager
+def _layer_on_device(layer: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    original = next(layer.parameters()).device
+    layer.to(device)
+    try:
+        yield layer
+    finally:
+        layer.to(original)
+
+
+@contextmanager
+def _block_hook(block: nn.Module, on_input: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Call ``on_input`` with the block's (T, H) input; a tensor it returns replaces the block output."""
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        x = args[0]
+        replaced = on_input(x.reshape(-1, x.shape[-1]))
+        if replaced is None:
+            return None
+        new = replaced.reshape(x.shape).to(x.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _run_layer(layer: nn.Module, batch: _Batch, device: torch.device) -> torch.Tensor:
+    out = layer(batch.hidden.to(device), **_to_device(batch.kwargs, device))
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_layerwise(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    make_observers: Callable[[MoELayer], Sequence[Observer]],
+    on_layer: Callable[[MoELayer, Sequence[Observer]], LayerDecision] | None = None,
+    propagate: Propagate = "original",
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict[int, Any]:
+    """Observe every MoE layer on ``input_ids`` (N, L); return {decoder layer index: decision result}.
+
+    ``on_layer`` runs right after a layer is observed (so only that layer's observations are alive)
+    and may return an override of the block forward; with ``propagate="compressed"`` the next layer
+    sees the overridden output, with ``"original"`` it sees the original model's output.
+    """
+    if propagate not in ("original", "compressed"):
+        raise ValueError(f"propagate={propagate!r} must be 'original' or 'compressed'")
+    device = torch.device(device) if device is not None else default_device()
+    was_training = model.training
+    model.eval()
+    moe_by_index = {layer.layer_idx: layer for layer in find_moe_layers(model)}
+    batches = capture_first_layer_inputs(model, input_ids, batch_size)
+    results: dict[int, Any] = {}
+    layers = decoder_layers(model)
+    bar = tqdm(range(len(layers)), desc="calibrate", unit="layer", disable=not progress)
+    for index in bar:
+        moe = moe_by_index.get(index)
+        with _layer_on_device(layers[index], device) as layer:
+            if moe is None:
+                outputs = [_run_layer(layer, b, device) for b in batches]
+            else:
+                outputs, results[index] = _observe_layer(layer, moe, batches, make_observers, on_layer,
+                                                         propagate, device)
+        for batch, out in zip(batches, outputs, strict=True):
+            batch.hidden = out.to(batch.hidden.device)
+    model.train(was_training)
+    return results
+
+
+def _observe_layer(
+    layer: nn.Module,
+    moe: MoELayer,
+    batches: list[_Batch],
+    make_observers: Callable[[MoELayer], Sequence[Observer]],
+    on_layer: Callable[[MoELayer, Sequence[Observer]], LayerDecision] | None,
+    propagate: Propagate,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], Any]:
+    observers = list(make_observers(moe))
+
+    def observe(x: torch.Tensor) -> None:
+        for observer in observers:
+            observer.observe(moe, x)
+
+    with _block_hook(moe.block, observe):
+        outputs = [_run_layer(layer, b, device) for b in batches]
+    decision = on_layer(moe, observers) if on_layer is not None else LayerDecision(
+        result={type(o).__name__: o.result() for o in observers})
+    if propagate == "compressed" and decision.override is not None:
+        override = decision.override
+        with _block_hook(moe.block, override):
+            outputs = [_run_layer(layer, b, device) for b in batches]
+    return outputs, decision.result

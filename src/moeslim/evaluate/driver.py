@@ -1,0 +1,120 @@
+"""evaluate_model: the one call the CLI makes per variant (perplexity per domain, tasks, cost, speed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from moeslim.data import load_source, token_windows
+from moeslim.evaluate._logits import model_device
+from moeslim.evaluate.cost import (
+    activated_params,
+    compare_speed,
+    disk_bytes,
+    expert_calls_per_token,
+    param_bytes,
+    peak_memory,
+)
+from moeslim.evaluate.perplexity import perplexity
+from moeslim.evaluate.results import VariantResult
+from moeslim.evaluate.tasks import OFFLINE_TASKS, run_tasks
+
+EVAL_SPLIT = "test"  # bundled sources without an explicit split are evaluated on held-out text
+
+
+def domain_name(spec: str) -> str:
+    """Short key of a data spec: demo:code[:test] -> code, path/to/x.jsonl -> x, hf:a/b:c -> a/b:c."""
+    if spec.startswith("demo:"):
+        return spec.split(":")[1]
+    if spec.startswith("hf:"):
+        return spec.removeprefix("hf:")
+    return Path(spec).stem
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data_specs: Sequence[str] = ("demo:code", "demo:prose"),
+    seq_len: int = 256,
+    max_windows: int | None = 64,
+    tasks: Sequence[str] = OFFLINE_TASKS,
+    limit: int | None = None,
+    speed: bool = False,
+    *,
+    name: str = "model",
+    description: str = "",
+    plan: dict[str, Any] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    batch_size: int = 8,
+    task_dir: str | Path | None = None,
+    new_tokens: int = 32,
+    seed: int = 0,
+) -> VariantResult:
+    """Evaluate one model; every measurement that is asked for and possible ends up in the result.
+
+    Perplexity: `max_windows` seeded windows of `seq_len` tokens per data spec (demo specs default to
+    the test split). Tasks: see run_tasks (statuses in extra["task_status"]). Speed (optional):
+    prefill / decode tokens/s on a prompt of the first domain; speed_ratio is 1.0 here, ratios
+    between variants come from calling compare_speed on all of them together.
+    """
+    model.eval()
+    result = VariantResult(name=name, description=description, plan=plan)
+    first_windows: torch.Tensor | None = None
+    for spec in data_specs:
+        source = load_source(spec, split=EVAL_SPLIT)
+        windows = token_windows(source, tokenizer, seq_len, num_samples=max_windows, seed=seed)
+        if first_windows is None:
+            first_windows = windows
+            ppl, memory = peak_memory(
+                perplexity, model, windows, batch_size=batch_size, device=model_device(model)
+            )
+            result.extra["peak_memory"] = {**memory, "what": f"perplexity, batch {batch_size} x {seq_len}"}
+        else:
+            ppl = perplexity(model, windows, batch_size=batch_size)
+        result.perplexity[domain_name(spec)] = ppl["ppl"]
+        result.extra.setdefault("perplexity_detail", {})[domain_name(spec)] = {
+            **ppl,
+            "source": source.name,
+            "content_hash": source.content_hash,
+        }
+    if tasks:
+        status = run_tasks(
+            model, tokenizer, list(tasks), limit=limit, batch_size=batch_size, task_dir=task_dir
+        )
+        result.tasks = {
+            t: s["acc"] for t, s in status.items() if s["status"] == "ran" and s["acc"] is not None
+        }
+        result.extra["task_status"] = status
+    _fill_cost(result, model, first_windows, checkpoint_dir)
+    if speed and first_windows is not None:
+        prompt = first_windows[:1, : min(seq_len, 128)]
+        timing = compare_speed({name: model}, prompt, new_tokens=new_tokens, repeats=3, show=False)[name]
+        result.decode_tps, result.prefill_tps, result.speed_ratio = (
+            timing["decode_tps"],
+            timing["prefill_tps"],
+            1.0,
+        )
+        result.extra["speed"] = timing
+    return result
+
+
+def _fill_cost(
+    result: VariantResult, model: nn.Module, windows: torch.Tensor | None, checkpoint_dir: str | Path | None
+) -> None:
+    sizes = param_bytes(model)
+    result.param_bytes = sizes["total"]
+    result.extra["param_bytes"] = sizes
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists():
+        result.disk_bytes = disk_bytes(checkpoint_dir)
+    act = activated_params(model)
+    result.activated_params = act["activated"]
+    result.extra["params"] = act
+    # a few windows are enough to read the skip counters; without a runtime this is static anyway
+    calls = expert_calls_per_token(model, windows[:4] if windows is not None else None)
+    result.expert_calls_per_token = calls["per_token"]
+    result.extra["expert_calls"] = calls

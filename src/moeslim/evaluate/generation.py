@@ -1,0 +1,38 @@
+"""Greedy continuations of fixed prompts from several models, side by side (a smell test for damage
+that perplexity averages away)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from moeslim.evaluate.scoring import greedy_continuation
+
+DEFAULT_PROMPTS = (
+    "def fibonacci(n):\n",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "The module provides functions for",
+    "A Mixture-of-Experts model routes each token to",
+)
+
+
+def side_by_side(
+    models: Mapping[str, nn.Module],
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str] = DEFAULT_PROMPTS,
+    max_new_tokens: int = 32,
+) -> dict[str, dict[str, str]]:
+    """{prompt: {model name: greedy continuation text}} (no sampling, so reruns agree)."""
+    out: dict[str, dict[str, str]] = {}
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        out[prompt] = {
+            name: tokenizer.decode(
+                greedy_continuation(model, ids, max_new_tokens, tokenizer.eos_token_id),
+                skip_special_tokens=True,
+            )
+            for name, model in models.items()
+        }
+    return out

@@ -1,0 +1,87 @@
+"""Perplexity over fixed non-overlapping windows, or the sliding-window method of the transformers docs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from moeslim.evaluate._logits import model_device, next_token_logprobs
+
+
+def _result(nll: float, tokens: int, method: str, **extra: int) -> dict:
+    return {
+        "method": method,
+        "ppl": math.exp(nll / tokens) if tokens else float("nan"),
+        "nll": nll,
+        "tokens": tokens,
+        **extra,
+    }
+
+
+def perplexity(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of `windows` (N, L), each window scored independently (L-1 predictions each).
+
+    Returns {"method": "fixed", "ppl", "nll" (summed over all predicted tokens, float64),
+    "tokens", "windows", "seq_len"}. Windows are independent, so the first tokens of each window
+    have little context: this is the usual, slightly pessimistic, calibration-style number.
+    """
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be (N, L>=2), got {tuple(windows.shape)}")
+    device = torch.device(device) if device is not None else model_device(model)
+    model.eval()
+    nll, tokens = 0.0, 0
+    batches = range(0, windows.shape[0], batch_size)
+    for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
+        batch = windows[start : start + batch_size].to(device)
+        logp = next_token_logprobs(model, batch)  # (B, L-1)
+        # float64 sum: millions of float32 terms would otherwise lose digits the comparison needs
+        nll -= logp.double().sum().item()
+        tokens += logp.numel()
+    return _result(nll, tokens, "fixed", windows=int(windows.shape[0]), seq_len=int(windows.shape[1]))
+
+
+def sliding_perplexity(
+    model: torch.nn.Module,
+    token_ids: torch.Tensor,
+    window: int,
+    stride: int,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Sliding-window perplexity of one token stream (T,).
+
+    The method of the transformers docs ("Perplexity of fixed-length models"):
+
+    Windows of `window` tokens start every `stride` tokens; each scores only the tokens not scored by
+    the previous window, so every token after the first is predicted once, with up to
+    window - stride tokens of extra context. stride == window gives fixed non-overlapping windows.
+    """
+    if not 0 < stride <= window:
+        raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
+    ids = token_ids.reshape(-1)
+    device = torch.device(device) if device is not None else model_device(model)
+    model.eval()
+    nll, tokens, prev_end = 0.0, 0, 0
+    total = ids.numel()
+    for begin in tqdm(range(0, total, stride), desc="sliding ppl", disable=not progress, leave=False):
+        end = min(begin + window, total)
+        if end - begin < 2:
+            break
+        logp = next_token_logprobs(model, ids[begin:end].unsqueeze(0).to(device))[0]  # (end-begin-1,)
+        # logp[j] predicts position begin+j+1: keep only targets past what the last window scored
+        first_new = max(prev_end, begin + 1) - (begin + 1)
+        scored = logp[first_new:]
+        nll -= scored.double().sum().item()
+        tokens += scored.numel()
+        prev_end = end
+        if end == total:
+            break
+    return _result(nll, tokens, "sliding", window=window, stride=stride)

@@ -1,0 +1,171 @@
+"""Side-by-side report of variants: report.md (table), report.json, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from moeslim.evaluate.plots import mean_ppl, plot_kept_experts, plot_quality_vs_cost, plot_skip_rate
+from moeslim.evaluate.results import VariantResult
+
+RESULT_FILE = "result.json"  # a run folder holds its VariantResult here (and its plan in plan.json)
+PLAN_FILE = "plan.json"
+REPORT_VERSION = 1
+
+ResultLike = VariantResult | dict[str, Any] | str | Path
+
+
+def _from_path(path: Path) -> list[VariantResult]:
+    """A result.json / report.json file, or a run folder holding one (plus plan.json)."""
+    if path.is_dir():
+        plan_file = path / PLAN_FILE
+        for name in (RESULT_FILE, "report.json"):
+            if (path / name).exists():
+                results = _from_path(path / name)
+                if plan_file.exists() and len(results) == 1 and results[0].plan is None:
+                    results[0].plan = json.loads(plan_file.read_text())
+                return results
+        raise FileNotFoundError(f"{path} has no {RESULT_FILE} or report.json")
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and "variants" in data:
+        return [VariantResult.from_dict(v) for v in data["variants"]]
+    return [VariantResult.from_dict(data)]
+
+
+def load_results(items: Iterable[ResultLike]) -> list[VariantResult]:
+    out: list[VariantResult] = []
+    for item in items:
+        if isinstance(item, VariantResult):
+            out.append(item)
+        elif isinstance(item, dict):
+            out.append(VariantResult.from_dict(item))
+        else:
+            out.extend(_from_path(Path(item)))
+    return out
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _mb(n: int | None) -> str:
+    return "–" if n is None else f"{n / 1e6:.1f}"
+
+
+def _table(results: Sequence[VariantResult]) -> list[str]:
+    domains = sorted({d for r in results for d in r.perplexity})
+    tasks = sorted({t for r in results for t in r.tasks})
+    head = [
+        "variant",
+        *[f"ppl {d}" for d in domains],
+        *[f"acc {t}" for t in tasks],
+        "weights MB",
+        "disk MB",
+        "activated params",
+        "expert calls/token",
+        "decode tok/s",
+        "decode x",
+        "prefill tok/s",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        row = [
+            f"**{r.name}**",
+            *[_fmt(r.perplexity.get(d), ".3f") for d in domains],
+            *[_fmt(r.tasks.get(t), ".3f") for t in tasks],
+            _mb(r.param_bytes),
+            _mb(r.disk_bytes),
+            _fmt(r.activated_params, ","),
+            _fmt(r.expert_calls_per_token, ".2f"),
+            _fmt(r.decode_tps, ".1f"),
+            _fmt(r.speed_ratio, ".2f"),
+            _fmt(r.prefill_tps, ".1f"),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _task_lines(results: Sequence[VariantResult]) -> list[str]:
+    """Which tasks ran and which were skipped, per variant (from extra["task_status"])."""
+    lines = []
+    for r in results:
+        status = r.extra.get("task_status") or {}
+        ran = sorted(t for t, s in status.items() if s.get("status") == "ran") or sorted(r.tasks)
+        other = {t: s.get("status") for t, s in status.items() if s.get("status") != "ran"}
+        backend = {s.get("backend") for s in status.values() if s.get("backend")}
+        if ran or other:
+            note = f" (scored by {', '.join(sorted(backend))})" if backend else ""
+            lines.append(
+                f"- **{r.name}**: ran {', '.join(ran) or 'none'}{note}"
+                + "".join(f"; {t}: {s}" for t, s in sorted(other.items()))
+            )
+    return lines
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "variant"
+
+
+def _plan_plots(results: Sequence[VariantResult], out_dir: Path) -> list[Path]:
+    plots = []
+    for r in results:
+        kind = (r.plan or {}).get("kind")
+        if kind == "prune" and r.plan.get("layers"):
+            plots.append(plot_kept_experts(r.plan, out_dir / f"kept_experts_{_slug(r.name)}.png", r.name))
+        elif kind == "skip" and r.plan.get("skip_rate"):
+            plots.append(plot_skip_rate(r.plan, out_dir / f"skip_rate_{_slug(r.name)}.png", r.name))
+    return plots
+
+
+def _generation_lines(results: Sequence[VariantResult]) -> list[str]:
+    """Greedy continuations stored as extra["generations"] = {prompt: text}, shown per prompt."""
+    prompts = [p for r in results for p in (r.extra.get("generations") or {})]
+    lines = []
+    for prompt in dict.fromkeys(prompts):
+        lines += ["", f"Prompt: `{prompt!r}`", ""]
+        for r in results:
+            text = (r.extra.get("generations") or {}).get(prompt)
+            if text is not None:
+                lines.append(f"- **{r.name}**: `{text!r}`")
+    return lines
+
+
+def write_report(items: Iterable[ResultLike], out_dir: str | Path, title: str = "moeslim report") -> Path:
+    """Write report.md, report.json and PNG plots for variants (results, dicts, result files or run
+    folders; the first is the reference for ratios). Returns the path of report.md."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = load_results(items)
+    if not results:
+        raise ValueError("nothing to report: no variant results")
+    quality = plot_quality_vs_cost(results, out_dir / "quality_vs_cost.png")
+    plan_plots = _plan_plots(results, out_dir)
+    payload = {
+        "version": REPORT_VERSION,
+        "variants": [r.to_dict() for r in results],
+        "plots": [p.name for p in [quality, *plan_plots]],
+    }
+    (out_dir / "report.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    md = [f"# {title}", "", *_table(results), ""]
+    md += [f"- **{r.name}**: {r.description}" for r in results if r.description]
+    md += [
+        "",
+        "Perplexity: lower is better. Expert calls/token: routed expert calls summed over MoE layers.",
+        "decode x: decode tokens/s relative to the first variant, timed interleaved in one process.",
+        "",
+    ]
+    if task_lines := _task_lines(results):
+        md += ["## Tasks", "", *task_lines, ""]
+    md += ["## Plots", "", f"![quality vs cost]({quality.name})", ""]
+    md += [line for p in plan_plots for line in (f"![{p.stem}]({p.name})", "")]
+    if gen := _generation_lines(results):
+        md += ["", "## Greedy continuations", *gen]
+    best = min((r for r in results if mean_ppl(r) is not None), key=mean_ppl, default=None)
+    if best is not None:
+        md += ["", f"Lowest perplexity: **{best.name}**."]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    return path

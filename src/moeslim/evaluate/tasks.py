@@ -1,0 +1,325 @@
+"""Multiple-choice task accuracy: bundled offline tasks built from the corpus test split, run through
+lm-evaluation-harness when installed (else a built-in scorer with the same acc / acc_norm rules),
+plus standard harness tasks (hellaswag, ...) when their data can be reached."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import re
+import tempfile
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from moeslim.data.sources import bundled_corpus_dir, hub_reachable
+from moeslim.evaluate.scoring import score_continuations
+
+OFFLINE_TASKS = ("moeslim_code_nextline", "moeslim_prose_continuation")
+CONTEXT_LINES = 8  # code task: lines of context before the line to predict
+PROSE_CONTEXT_WORDS = 40
+N_CHOICES = 4
+
+
+# ---------------------------------------------------------------- task construction (pure, seeded)
+
+
+def _read_docs(path: Path) -> list[str]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line)["text"] for line in fh if line.strip()]
+
+
+def _is_content_line(line: str) -> bool:
+    """Lines worth predicting: enough characters to be distinguishable, not a comment or docstring edge."""
+    body = line.strip()
+    return len(body) >= 12 and not body.startswith(("#", '"""', "'''"))
+
+
+class _LengthPool:
+    """Candidate distractors sorted by length, so 'similar length' is a bisect, not a scan."""
+
+    def __init__(self, items: list[tuple[int, str]]) -> None:  # (doc index, text)
+        self.items = sorted(items, key=lambda it: (len(it[1]), it[1], it[0]))
+        self.lengths = [len(text) for _, text in self.items]
+
+    def pick(self, rng: random.Random, length: int, doc: int, exclude: set[str], k: int) -> list[str] | None:
+        centre = bisect_left(self.lengths, length)
+        window = self.items[max(0, centre - 40) : centre + 40]
+        pool = sorted({text for d, text in window if d != doc and text not in exclude})
+        return rng.sample(pool, k) if len(pool) >= k else None
+
+
+def _mc_item(rng: random.Random, context: str, answer: str, distractors: list[str]) -> dict:
+    choices = [answer, *distractors]
+    rng.shuffle(choices)
+    return {"context": context, "choices": choices, "label": choices.index(answer)}
+
+
+def code_nextline_items(docs: Sequence[str], n_items: int, seed: int) -> list[dict]:
+    """Given CONTEXT_LINES lines of a Python file, pick its true next line among N_CHOICES; the
+    distractors are content lines of other files with a similar length (so length gives no hint)."""
+    rng = random.Random(seed)
+    lines = [doc.splitlines() for doc in docs]
+    pool = _LengthPool([(d, ln) for d, ls in enumerate(lines) for ln in ls if _is_content_line(ln)])
+    slots = [
+        (d, i) for d, ls in enumerate(lines) for i in range(CONTEXT_LINES, len(ls)) if _is_content_line(ls[i])
+    ]
+    rng.shuffle(slots)
+    items: list[dict] = []
+    for d, i in slots:
+        answer = lines[d][i]
+        distractors = pool.pick(rng, len(answer), d, {answer}, N_CHOICES - 1)
+        if distractors is None:
+            continue
+        context = "\n".join(lines[d][i - CONTEXT_LINES : i]) + "\n"
+        items.append(_mc_item(rng, context, answer, distractors))
+        if len(items) == n_items:
+            break
+    return items
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+
+
+def _sentences(doc: str) -> list[str]:
+    return [s.strip() for para in doc.split("\n") for s in _SENTENCE_END.split(para) if s.strip()]
+
+
+def prose_continuation_items(docs: Sequence[str], n_items: int, seed: int) -> list[dict]:
+    """Given a passage of about PROSE_CONTEXT_WORDS words, pick its true next sentence among
+    N_CHOICES; distractors are sentences of other documents with a similar length."""
+    rng = random.Random(seed)
+    sents = [_sentences(doc) for doc in docs]
+    ok = [[4 <= len(s.split()) <= 40 for s in ss] for ss in sents]
+    pool = _LengthPool(
+        [(d, s) for d, ss in enumerate(sents) for s, good in zip(ss, ok[d], strict=True) if good]
+    )
+    slots = [(d, k) for d, ss in enumerate(sents) for k in range(1, len(ss)) if ok[d][k]]
+    rng.shuffle(slots)
+    items: list[dict] = []
+    for d, k in slots:
+        words = " ".join(sents[d][:k]).split()
+        if len(words) < PROSE_CONTEXT_WORDS // 2:
+            continue
+        answer = sents[d][k]
+        distractors = pool.pick(rng, len(answer), d, {answer}, N_CHOICES - 1)
+        if distractors is None:
+            continue
+        items.append(_mc_item(rng, " ".join(words[-PROSE_CONTEXT_WORDS:]), answer, distractors))
+        if len(items) == n_items:
+            break
+    return items
+
+
+# (task name, corpus domain, item builder, delimiter between context and choice)
+_TASK_SPECS = {
+    "moeslim_code_nextline": ("code", code_nextline_items, ""),  # context already ends with "\n"
+    "moeslim_prose_continuation": ("prose", prose_continuation_items, " "),
+}
+
+
+def _task_yaml(name: str, data_file: Path, delimiter: str) -> str:
+    # JSON is valid YAML: no yaml-escaping questions for paths or the delimiter
+    config = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file.resolve())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "label",
+        "target_delimiter": delimiter,
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+        "metadata": {"version": 1.0},
+    }
+    return json.dumps(config, indent=2) + "\n"
+
+
+def build_offline_tasks(
+    out_dir: str | Path, corpus_dir: str | Path | None = None, n_items: int = 200, seed: int = 0
+) -> dict[str, Path]:
+    """Write `<task>.jsonl` (items: context, choices, label) and `<task>.yaml` (lm-eval config) for
+    each offline task from the corpus test split. Returns {task name: jsonl path}. Deterministic."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus_dir = Path(corpus_dir) if corpus_dir is not None else bundled_corpus_dir()
+    written: dict[str, Path] = {}
+    for name, (domain, build, delimiter) in _TASK_SPECS.items():
+        source = corpus_dir / f"{domain}.test.jsonl"
+        if not source.exists():
+            continue
+        items = build(_read_docs(source), n_items, seed)
+        data = out_dir / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items), encoding="utf-8")
+        (out_dir / f"{name}.yaml").write_text(_task_yaml(name, data, delimiter), encoding="utf-8")
+        written[name] = data
+    return written
+
+
+# ---------------------------------------------------------------- running
+
+
+def lm_eval_available() -> bool:
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+@contextmanager
+def _offline_env(offline: bool) -> Iterator[None]:
+    """Make HF libraries fail fast instead of hanging on a download when there is no network."""
+    keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    saved = {k: os.environ.get(k) for k in keys}
+    if offline:
+        os.environ.update(dict.fromkeys(keys, "1"))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _builtin_score(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Path,
+    delimiter: str,
+    limit: int | None,
+    batch_size: int,
+) -> dict:
+    """Same rules as lm-eval multiple_choice: acc = argmax log-likelihood, acc_norm = argmax
+    log-likelihood per byte of the choice text."""
+    items = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    items = items[:limit] if limit is not None else items
+    pairs, spans = [], []
+    for it in items:
+        ctx_ids = tokenizer.encode(it["context"], add_special_tokens=False)
+        spans.append((len(pairs), len(it["choices"])))
+        for choice in it["choices"]:
+            whole = tokenizer.encode(it["context"] + delimiter + choice, add_special_tokens=False)
+            pairs.append((whole[: len(ctx_ids)], whole[len(ctx_ids) :]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    scores = [ll for ll, _ in score_continuations(model, pairs, batch_size=batch_size, pad_id=pad)]
+    acc = acc_norm = 0
+    for it, (start, n) in zip(items, spans, strict=True):
+        lls = scores[start : start + n]
+        norm = [ll / max(1, len((delimiter + c).encode())) for ll, c in zip(lls, it["choices"], strict=True)]
+        acc += int(max(range(n), key=lls.__getitem__) == it["label"])
+        acc_norm += int(max(range(n), key=norm.__getitem__) == it["label"])
+    n_items = max(1, len(items))
+    return {"acc": acc / n_items, "acc_norm": acc_norm / n_items, "n": len(items)}
+
+
+def _lm_eval_score(lm: object, task_names: list[str], manager: object, limit: int | None) -> dict:
+    from lm_eval import simple_evaluate
+
+    out = simple_evaluate(
+        model=lm,
+        tasks=task_names,
+        task_manager=manager,
+        limit=limit,
+        bootstrap_iters=0,
+        log_samples=False,
+        verbosity=None,
+    )
+    results: dict[str, dict] = {}
+    for name in task_names:
+        metrics = (out or {}).get("results", {}).get(name, {})
+        n = (out or {}).get("n-samples", {}).get(name, {}).get("effective")
+        results[name] = {
+            "acc": metrics.get("acc,none"),
+            "acc_norm": metrics.get("acc_norm,none"),
+            "n": n,
+        }
+    return results
+
+
+def run_tasks(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task_names: Sequence[str] = OFFLINE_TASKS,
+    limit: int | None = None,
+    batch_size: int = 8,
+    task_dir: str | Path | None = None,
+    corpus_dir: str | Path | None = None,
+    n_items: int = 200,
+    seed: int = 0,
+    backend: str = "auto",
+) -> dict[str, dict]:
+    """Accuracy per task: {task: {"acc", "acc_norm", "n", "status", "backend"}}.
+
+    status is "ran", "skipped: offline" (standard task without network), "skipped: no data" (offline
+    task whose corpus split is missing) or "failed: <error>". backend: "auto" (lm-eval if installed),
+    "lm-eval" or "builtin" (offline tasks only). Offline task files go to task_dir (kept, e.g. in a
+    run folder) or a temporary folder.
+    """
+    use_harness = backend == "lm-eval" or (backend == "auto" and lm_eval_available())
+    offline = [t for t in task_names if t in _TASK_SPECS]
+    standard = [t for t in task_names if t not in _TASK_SPECS]
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="moeslim-tasks-") as tmp:
+        folder = Path(task_dir) if task_dir is not None else Path(tmp)
+        written = build_offline_tasks(folder, corpus_dir, n_items, seed) if offline else {}
+        for name in offline:
+            if name not in written:
+                results[name] = _skipped("skipped: no data")
+        ready = [t for t in offline if t in written]
+        online = bool(standard) and hub_reachable()
+        for name in standard:
+            if not online:
+                results[name] = _skipped("skipped: offline")
+            elif not use_harness:
+                results[name] = _skipped("skipped: lm-eval not installed")
+        harness_tasks = ready + (standard if online and use_harness else [])
+        if use_harness and harness_tasks:
+            results.update(_run_harness(model, tokenizer, harness_tasks, folder, limit, batch_size, online))
+        elif ready:
+            for name in ready:
+                delim = _TASK_SPECS[name][2]
+                res = _builtin_score(model, tokenizer, written[name], delim, limit, batch_size)
+                results[name] = {**res, "status": "ran", "backend": "builtin"}
+    return {name: results[name] for name in task_names}
+
+
+def _skipped(status: str) -> dict:
+    return {"acc": None, "acc_norm": None, "n": 0, "status": status, "backend": None}
+
+
+def _run_harness(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    names: list[str],
+    folder: Path,
+    limit: int | None,
+    batch_size: int,
+    online: bool,
+) -> dict[str, dict]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from moeslim.evaluate.lm_eval_bridge import MoeslimLM
+
+    backend = f"lm-eval {lm_eval.__version__}"
+    lm = MoeslimLM(model, tokenizer, batch_size=batch_size)
+    # indexing the harness's thousands of bundled task configs takes seconds: only when needed
+    manager = TaskManager(include_path=str(folder), include_defaults=any(n not in _TASK_SPECS for n in names))
+    out: dict[str, dict] = {}
+    with _offline_env(not online):
+        for name in names:  # one at a time: a standard task failing must not lose the others
+            try:
+                res = _lm_eval_score(lm, [name], manager, limit)[name]
+                out[name] = {**res, "status": "ran", "backend": backend}
+            except Exception as err:  # noqa: BLE001 - any harness/dataset failure is reported, not raised
+                out[name] = {**_skipped(f"failed: {type(err).__name__}: {err}"[:300]), "backend": backend}
+    return out

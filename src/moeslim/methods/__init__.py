@@ -1,0 +1,1 @@
+"""Methods: pure searches from observations to a Plan; they never mutate a model."""

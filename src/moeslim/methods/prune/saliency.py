@@ -1,0 +1,54 @@
+"""One-pass saliency criteria for expert pruning (ALGORITHMS.md sections 5 and 6).
+
+Each criterion gives a score per expert (higher = more important); the kept set is the ``keep`` highest scores,
+ties broken by the lower expert id, returned sorted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moeslim.calibrate import ExpertOutputSample, RoutingSummary
+from moeslim.methods.prune.enumerate import RouteFn
+
+
+def top_experts(scores: Tensor, keep: int) -> tuple[int, ...]:
+    """The ``keep`` experts with the highest score (ties: lower id first), sorted.  scores (E,)"""
+    if not 0 < keep <= scores.numel():
+        raise ValueError(f"keep={keep} must be in [1, {scores.numel()}]")
+    # A stable ascending sort of -score keeps equal scores in id order.
+    order = torch.sort(-scores.double(), stable=True).indices
+    return tuple(sorted(int(e) for e in order[:keep]))
+
+
+def frequency_scores(routing: RoutingSummary) -> Tensor:
+    """(E,) number of tokens that routed to each expert (top-k assignments)."""
+    return routing.counts.double()
+
+
+def soft_count_scores(routing: RoutingSummary) -> Tensor:
+    """(E,) summed gate probabilities (before top-k) over all tokens."""
+    return routing.soft_counts.double()
+
+
+def reap_scores(sample: ExpertOutputSample, route_fn: RouteFn) -> Tensor:
+    """(E,) REAP saliency: mean over tokens routed to j of g_j(x) * ||f_j(x)||_2 (0 for experts never routed to).
+
+    g_j is the routing weight as routed (renormalised top-k where the family renormalises, times any scaling).
+    """
+    weights, ids = route_fn(sample.logits, None)  # (T, k)
+    norms = sample.outputs.double().norm(dim=-1)  # (T, E)
+    picked = norms.gather(1, ids) * weights.double()  # (T, k)
+    num_experts = sample.outputs.shape[1]
+    total = torch.zeros(num_experts, dtype=torch.float64).index_add_(0, ids.reshape(-1), picked.reshape(-1))
+    counts = torch.bincount(ids.reshape(-1), minlength=num_experts).double()
+    return total / counts.clamp_min(1)
+
+
+def random_subset(num_experts: int, keep: int, seed: int) -> tuple[int, ...]:
+    """A seeded uniformly random kept set."""
+    if not 0 < keep <= num_experts:
+        raise ValueError(f"keep={keep} must be in [1, {num_experts}]")
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(sorted(int(e) for e in torch.randperm(num_experts, generator=generator)[:keep]))

@@ -1,0 +1,1 @@
+"""Mixed-precision expert quantization (PMQ): bit allocation (allocate), GPTQ/RTN (gptq), packing (pack)."""

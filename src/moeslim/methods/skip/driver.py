@@ -1,0 +1,91 @@
+"""``plan_skip``: calibrate one skip threshold beta per MoE layer from routing statistics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeslim.calibrate import LayerDecision, Observer, RoutingStats, RoutingSummary, run_layerwise
+from moeslim.calibration_data import CalibrationSet
+from moeslim.config import ConfigError
+from moeslim.methods.prune.driver import calibration_fields
+from moeslim.methods.skip.thresholds import SKIP_RULES, calibrate_beta, skip_rates
+from moeslim.models import MoELayer, find_moe_layers
+from moeslim.plans import Plan, Provenance, config_hash
+
+
+@dataclass(frozen=True)
+class SkipConfig:
+    """rule: "top2" (paper) or "topk" (appendix generalisation); quantile: share of tokens that should skip."""
+
+    rule: str = "top2"
+    quantile: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.rule not in SKIP_RULES:
+            raise ConfigError(f"rule={self.rule!r}: use one of {', '.join(SKIP_RULES)}")
+        if not 0 <= self.quantile <= 1:
+            raise ConfigError(f"quantile={self.quantile}: use a share in [0, 1] (0.5 = the paper's median)")
+
+    def check_model(self, model: nn.Module) -> None:
+        for layer in find_moe_layers(model):
+            if self.rule == "top2" and layer.top_k != 2:
+                raise ConfigError(
+                    f"rule='top2' needs top-2 routing but {layer.family.name} layer {layer.layer_idx} routes "
+                    f"top-{layer.top_k}; use rule='topk'"
+                )
+            if layer.top_k < 2:
+                raise ConfigError(f"{layer.family.name} routes top-{layer.top_k}: there is no expert to skip")
+
+
+def _decide(layer: MoELayer, observers: Sequence[Observer], config: SkipConfig) -> LayerDecision:
+    routing: RoutingSummary = observers[0].result()  # type: ignore[assignment]
+    weights = routing.topk_weights  # (T, k) sorted descending
+    beta = calibrate_beta(weights, config.rule, config.quantile)
+    return LayerDecision(result={"beta": beta, **skip_rates(weights, beta, config.rule), "tokens": routing.tokens})
+
+
+def plan_skip(
+    model: nn.Module,
+    calibration: CalibrationSet | torch.Tensor,
+    config: SkipConfig | None = None,
+    model_name: str | None = None,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> Plan:
+    """A "skip" plan: layers {idx: {"beta": b}}, summary with the expected skip rates on the calibration data.
+
+    Calibrate on the model as it will run (after pruning, when composing prune + skip).
+    """
+    config = config or SkipConfig()
+    config.check_model(model)
+    input_ids, data_name, data_hash = calibration_fields(calibration)
+    start = time.perf_counter()
+    results: dict[int, dict[str, Any]] = run_layerwise(
+        model, input_ids,
+        make_observers=lambda layer: [RoutingStats(layer.num_experts)],
+        on_layer=lambda layer, obs: _decide(layer, obs, config),
+        batch_size=batch_size, device=device, progress=progress,
+    )
+    summary = {
+        "rule": config.rule,
+        "quantile": config.quantile,
+        "layers": {str(i): {k: v for k, v in r.items() if k != "beta"} for i, r in sorted(results.items())},
+        "seconds": time.perf_counter() - start,
+    }
+    provenance = Provenance(
+        model=model_name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
+        model_config_hash=config_hash(model.config),
+        method=f"skip-{config.rule}",
+        config=asdict(config),
+        data=data_name,
+        data_hash=data_hash,
+    )
+    layers = {idx: {"beta": r["beta"]} for idx, r in results.items()}
+    return Plan(kind="skip", layers=layers, provenance=provenance, summary=summary)

@@ -1,0 +1,28 @@
+"""Family adapters: the only package that knows MoE attribute names.
+
+Discovery (``find_moe_layers``) is structural; family specifics live in one table (``families.py``);
+routing functions are pure (``routing.py``); ``select_experts`` slices experts in place.
+"""
+
+from .families import FAMILIES, GENERIC, FamilySpec, UnsupportedModelError, family_of, supported_families
+from .layer import MoELayer, decoder_layers, find_moe_layers
+from .loading import load_model, resolve_model_path
+from .select import masked_routing_is_identity, select_experts
+from .summary import moe_summary
+
+__all__ = [
+    "FAMILIES",
+    "GENERIC",
+    "FamilySpec",
+    "MoELayer",
+    "UnsupportedModelError",
+    "decoder_layers",
+    "family_of",
+    "find_moe_layers",
+    "load_model",
+    "masked_routing_is_identity",
+    "moe_summary",
+    "resolve_model_path",
+    "select_experts",
+    "supported_families",
+]

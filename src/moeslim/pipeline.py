@@ -1,0 +1,90 @@
+"""Stages: (kind, config) pairs that plan on calibration data and apply the plan to the model.
+
+A recipe and the demo are lists of stages. Each stage calibrates on the model as it is after the
+previous stages (so skip thresholds are calibrated on the pruned model), writes its plan, then
+applies it. The registry maps a stage kind to its validated config class and its planner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from moeslim.calibration_data import CalibrationSet
+from moeslim.config import ConfigError
+from moeslim.plans import Plan
+
+Planner = Callable[[nn.Module, CalibrationSet, Any, str], Plan]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    kind: str
+    config: Any  # the kind's validated config dataclass
+
+
+def _registry() -> dict[str, tuple[type, Planner]]:
+    # Lazy: a recipe with only pruning stages does not import quantization code.
+    from moeslim.methods.prune import PruneConfig, plan_prune
+    from moeslim.methods.quant.driver import QuantizeConfig, plan_quantize
+    from moeslim.methods.skip import SkipConfig, plan_skip
+
+    return {
+        "prune": (PruneConfig, plan_prune),
+        "skip": (SkipConfig, plan_skip),
+        "quantize": (QuantizeConfig, plan_quantize),
+    }
+
+
+def stage_kinds() -> list[str]:
+    return list(_registry())
+
+
+def parse_stage(entry: Mapping[str, Any], where: str) -> StageSpec:
+    """``{"prune": {"method": "enumerate", "keep": 6}}`` -> StageSpec, naming the bad field on error."""
+    if not isinstance(entry, Mapping) or len(entry) != 1:
+        raise ConfigError(f"{where}: a stage is one mapping like {{prune: {{method: enumerate, keep: 6}}}}")
+    (kind, params), = entry.items()
+    registry = _registry()
+    if kind not in registry:
+        raise ConfigError(f"{where}: unknown stage {kind!r}; use one of {', '.join(registry)}")
+    config_cls, _ = registry[kind]
+    params = dict(params or {})
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"{where}.{kind}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        return StageSpec(kind=kind, config=config_cls(**params))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}.{kind}: {err}") from err
+
+
+def run_stage(model: nn.Module, stage: StageSpec, calib: CalibrationSet, model_name: str,
+              plan_path: Path | None = None) -> Plan:
+    """Plan on ``calib`` with the model as it is now, save the plan, apply it in place."""
+    from moeslim.apply import apply
+
+    _, planner = _registry()[stage.kind]
+    plan = planner(model, calib, stage.config, model_name)
+    if plan_path is not None:
+        plan.save(plan_path)
+    apply(model, plan)
+    return plan
+
+
+def describe(stages: list[StageSpec]) -> str:
+    parts = []
+    for stage in stages:
+        fields = {k: v for k, v in dataclasses.asdict(stage.config).items() if v is not None}
+        shown = ", ".join(f"{k}={v}" for k, v in fields.items() if k in _SHOWN)
+        parts.append(f"{stage.kind}({shown})")
+    return " -> ".join(parts) or "original"
+
+
+_SHOWN = {"method", "keep", "mode", "bits", "quantile", "rule", "protect", "seed"}

@@ -1,0 +1,1 @@
+"""What runs at inference time: the skipping experts forward, low-bit expert storage, counters."""

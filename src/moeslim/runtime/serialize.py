@@ -1,0 +1,52 @@
+"""Save/load of models whose runtime state lives beside the standard weights.
+
+Each runtime that needs more than ``save_pretrained`` registers here by its key in the ``moeslim``
+config section: ``skip`` re-installs the skipping experts forward; ``quantize`` stores packed low-bit
+experts in their own safetensors file and restores them at load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def save_pretrained_with_runtime(model: nn.Module, out_dir: Path) -> None:
+    section = getattr(model.config, "moeslim", None) or {}
+    if "quantize" in section:
+        from moeslim.runtime.lowbit_io import save_quantized
+
+        save_quantized(model, out_dir)
+        return
+    model.save_pretrained(out_dir)
+
+
+def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+                      ) -> tuple[nn.Module, Any]:
+    from moeslim.models import load_model, resolve_model_path
+
+    path = Path(resolve_model_path(name))
+    section = _moeslim_section(path)
+    if "quantize" in section:
+        from moeslim.runtime.lowbit_io import load_quantized
+
+        model, tokenizer = load_quantized(path, dtype=dtype, device=device)
+    else:
+        model, tokenizer = load_model(name, dtype=dtype, device=device)
+    if "skip" in section:
+        from moeslim.runtime.skipping import install_skipping_from_section
+
+        install_skipping_from_section(model, section["skip"])
+    return model, tokenizer
+
+
+def _moeslim_section(path: Path) -> dict[str, Any]:
+    import json
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return {}
+    return json.loads(config_file.read_text()).get("moeslim") or {}

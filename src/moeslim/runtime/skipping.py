@@ -1,0 +1,167 @@
+"""Dynamic expert skipping at inference time, through transformers' ExpertsInterface.
+
+``install_skipping`` registers the experts forward ``moeslim_skip`` and selects it for the model. That forward drops
+skipped (token, expert) pairs BEFORE any matmul: it keeps only the pairs the skip rule lets run, hands them to the
+experts implementation the model used before (grouped_mm / batched_mm / eager, so every weight layout is honoured)
+as one-expert "tokens", and sums each token's pairs back. Kept weights are rescaled to the token's original total.
+
+Per-module state (attributes on each fused experts module): ``moeslim_beta`` (float), ``moeslim_rule``,
+``moeslim_inner`` (name of the implementation that does the matmuls) and
+``moeslim_counters = {"expert_calls": int, "tokens": int}``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from moeslim.methods.skip.thresholds import SKIP_RULES, keep_mask, rescale_kept
+from moeslim.models import MoELayer, find_moe_layers
+
+IMPLEMENTATION = "moeslim_skip"
+_STANDARD_ARGS = 3  # forward(hidden_states, top_k_index, top_k_weights)
+
+
+class SkippingUnsupportedError(ValueError):
+    """The model's experts module cannot take the skipping forward."""
+
+
+def _inner_forward(experts: nn.Module) -> Any:
+    """The experts forward that does the matmuls: the implementation chosen before skipping was installed."""
+    name = getattr(experts, "moeslim_inner", "grouped_mm")
+    # ``use_experts_implementation`` wraps the class forward with functools.wraps: __wrapped__ is the eager one.
+    eager = getattr(type(experts).forward, "__wrapped__", None)
+    if name == "eager" or name not in ALL_EXPERTS_FUNCTIONS:
+        if eager is None:
+            raise SkippingUnsupportedError(f"{type(experts).__name__} has no eager experts forward")
+        return eager
+    return ALL_EXPERTS_FUNCTIONS[name]
+
+
+def skipping_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+                             ) -> Tensor:
+    """hidden_states (T, H), top_k_index / top_k_weights (T, k) -> (T, H), skipped pairs never computed."""
+    inner = _inner_forward(self)
+    beta = float(getattr(self, "moeslim_beta", 0.0))
+    keep = keep_mask(top_k_weights, beta, getattr(self, "moeslim_rule", "top2"))  # (T, k)
+    tokens, k = top_k_index.shape
+    counters = getattr(self, "moeslim_counters", None)
+    if bool(keep.all()):
+        # Nothing skipped: the inner implementation on the original arguments (bit-identical output).
+        if counters is not None:
+            counters["expert_calls"] += tokens * k
+            counters["tokens"] += tokens
+        return inner(self, hidden_states, top_k_index, top_k_weights)
+    weights = rescale_kept(top_k_weights, keep)
+    token_idx, slot = keep.nonzero(as_tuple=True)  # (S,) kept pairs, token-major order
+    pair_ids = top_k_index[token_idx, slot].unsqueeze(-1)  # (S, 1)
+    pair_w = weights[token_idx, slot].unsqueeze(-1)  # (S, 1)
+    pair_out = inner(self, hidden_states[token_idx], pair_ids, pair_w)  # (S, H), weighted
+    out = torch.zeros_like(hidden_states)
+    out.index_add_(0, token_idx, pair_out.to(out.dtype))
+    if counters is not None:
+        counters["expert_calls"] += int(token_idx.numel())
+        counters["tokens"] += tokens
+    return out
+
+
+def _register() -> None:
+    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, skipping_experts_forward)
+
+
+def _supported(layer: MoELayer) -> bool:
+    experts = layer.experts
+    eager = getattr(type(experts).forward, "__wrapped__", None)
+    if not hasattr(experts, "has_gate") or not hasattr(experts, "config") or eager is None:
+        return False  # not dispatched through ExpertsInterface
+    params = [p for p in inspect.signature(eager).parameters.values() if p.name != "self"]
+    return len(params) >= _STANDARD_ARGS and all(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params[:_STANDARD_ARGS])
+
+
+def _check_supported(layers: list[MoELayer]) -> None:
+    bad = [layer for layer in layers if not _supported(layer)]
+    if bad:
+        raise SkippingUnsupportedError(
+            f"dynamic skipping needs fused experts dispatched through transformers' ExpertsInterface with forward"
+            f"(hidden_states, top_k_index, top_k_weights); {type(bad[0].experts).__name__} "
+            f"({bad[0].family.name}) does not. Supported: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+
+
+SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                      "granitemoe", "phimoe", "gpt_oss")
+
+
+def install_skipping(model: nn.Module, betas: Mapping[int, float], rule: str = "top2") -> None:
+    """Skip experts in every MoE layer with per-layer thresholds ``betas`` {decoder layer index: beta}.
+
+    Layers without a beta get 0 (skip nothing). Counters start at zero. Calling it again replaces the thresholds.
+    """
+    if rule not in SKIP_RULES:
+        raise ValueError(f"unknown skip rule {rule!r}; use one of {SKIP_RULES}")
+    layers = find_moe_layers(model)
+    _check_supported(layers)
+    unknown = sorted(set(betas) - {layer.layer_idx for layer in layers})
+    if unknown:
+        raise ValueError(f"betas for layers {unknown} that are not MoE layers; MoE layers: "
+                         f"{[layer.layer_idx for layer in layers]}")
+    _register()
+    previous = model.config._experts_implementation
+    for layer in layers:
+        experts = layer.experts
+        if previous != IMPLEMENTATION:
+            experts.moeslim_inner = previous or "grouped_mm"
+        elif not hasattr(experts, "moeslim_inner"):
+            experts.moeslim_inner = "grouped_mm"
+        experts.moeslim_beta = float(betas.get(layer.layer_idx, 0.0))
+        experts.moeslim_rule = rule
+        experts.moeslim_counters = {"expert_calls": 0, "tokens": 0}
+    model.set_experts_implementation(IMPLEMENTATION)
+    for layer in layers:
+        # The experts dispatch on their own config; make sure it is the one set (text sub-configs).
+        if layer.experts.config._experts_implementation != IMPLEMENTATION:
+            layer.experts.config._experts_implementation = IMPLEMENTATION
+
+
+def uninstall_skipping(model: nn.Module) -> None:
+    """Back to the experts implementation used before ``install_skipping``."""
+    layers = find_moe_layers(model)
+    inner = next((getattr(layer.experts, "moeslim_inner", None) for layer in layers), None)
+    if inner is None:
+        return
+    model.set_experts_implementation(inner)
+    for layer in layers:
+        layer.experts.config._experts_implementation = inner
+        for name in ("moeslim_beta", "moeslim_rule", "moeslim_inner", "moeslim_counters"):
+            if hasattr(layer.experts, name):
+                delattr(layer.experts, name)
+
+
+def install_skipping_from_section(model: nn.Module, section: Mapping[str, Any]) -> None:
+    """Re-install from the ``skip`` entry of config.json's moeslim section: {"rule", "betas": {"0": b, ...}}."""
+    betas = {int(k): float(v) for k, v in dict(section.get("betas", {})).items()}
+    install_skipping(model, betas, str(section.get("rule", "top2")))
+
+
+def reset_counters(model: nn.Module) -> None:
+    for layer in find_moe_layers(model):
+        layer.experts.moeslim_counters = {"expert_calls": 0, "tokens": 0}
+
+
+def counters(model: nn.Module) -> dict[int, dict[str, int]]:
+    """{decoder layer index: {"expert_calls", "tokens"}} since the last reset."""
+    return {layer.layer_idx: dict(getattr(layer.experts, "moeslim_counters", {"expert_calls": 0, "tokens": 0}))
+            for layer in find_moe_layers(model)}
+
+
+def expert_calls_per_token(model: nn.Module) -> float:
+    """Routed expert calls per token per MoE layer, averaged over layers (top_k without skipping)."""
+    per_layer = [c["expert_calls"] / c["tokens"] for c in counters(model).values() if c["tokens"]]
+    return sum(per_layer) / len(per_layer) if per_layer else float("nan")

@@ -1,0 +1,151 @@
+"""Build compressed variants of one model and evaluate them side by side with the original.
+
+Shared by ``moeslim run`` (a recipe: original vs its stages) and ``moeslim demo`` (original vs a set of
+variants). Every variant starts from a deep copy of the original, so variants never leak into each
+other, and all of them are timed together in one process for the speed ratios.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from moeslim.calibration_data import CalibrationSet, build_calibration_set
+from moeslim.config import CalibrationConfig, EvalConfig
+from moeslim.pipeline import StageSpec, describe, run_stage
+from moeslim.plans import Plan
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    stages: tuple[StageSpec, ...] = ()
+    calibration: CalibrationConfig | None = None  # None: the run's default calibration
+    description: str = ""
+
+
+class _CalibrationCache:
+    """Token windows depend only on (config, tokenizer): build each set once per run."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        self._sets: dict[CalibrationConfig, CalibrationSet] = {}
+
+    def get(self, config: CalibrationConfig) -> CalibrationSet:
+        if config not in self._sets:
+            self._sets[config] = build_calibration_set(config, self._tokenizer)
+        return self._sets[config]
+
+
+def build_variant(base: nn.Module, variant: Variant, calibrations: _CalibrationCache,
+                  default: CalibrationConfig, model_name: str, plan_dir: Path | None) -> tuple[nn.Module, list[Plan]]:
+    """Deep-copy ``base`` and run the variant's stages on the copy; plans go to ``plan_dir``."""
+    model = copy.deepcopy(base)
+    config = variant.calibration or default
+    plans = []
+    for i, stage in enumerate(variant.stages):
+        stage_calib = replace(config, propagate=getattr(stage.config, "propagate", config.propagate))
+        path = plan_dir / f"{i:02d}-{stage.kind}.json" if plan_dir is not None else None
+        plans.append(run_stage(model, stage, calibrations.get(stage_calib), model_name, path))
+    return model, plans
+
+
+def plan_for_report(plans: list[Plan]) -> dict[str, Any] | None:
+    """The plan the report draws: pruning (kept-experts heatmap) before skipping (skip rates)."""
+    by_kind = {p.kind: p for p in plans}
+    for kind in ("prune", "skip", "quantize"):
+        if kind in by_kind:
+            plan = by_kind[kind]
+            return {**plan.summary, **plan.to_dict()}
+    return None
+
+
+def evaluate_variants(
+    model_name: str,
+    base: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    variants: list[Variant],
+    calibration: CalibrationConfig,
+    evaluation: EvalConfig,
+    out_dir: Path,
+    keep_models: bool = False,
+) -> tuple[list[Any], dict[str, nn.Module]]:
+    """Evaluate the original plus every variant; returns results (original first) and, if asked, models."""
+    from moeslim.evaluate import compare_speed
+
+    console = Console()
+    calibrations = _CalibrationCache(tokenizer)
+    models: dict[str, nn.Module] = {"original": base}
+    results = [_evaluate(base, tokenizer, evaluation, "original", "the model as loaded", None)]
+    for variant in variants:
+        console.print(f"[bold]variant {variant.name}[/]: {describe(list(variant.stages))}")
+        plan_dir = out_dir / "plans" / variant.name
+        model, plans = build_variant(base, variant, calibrations, calibration, model_name, plan_dir)
+        description = variant.description or describe(list(variant.stages))
+        results.append(_evaluate(model, tokenizer, evaluation, variant.name, description, plan_for_report(plans)))
+        models[variant.name] = model
+    if evaluation.speed:
+        _add_speed(results, models, tokenizer, evaluation, compare_speed)
+    return results, (models if keep_models else {})
+
+
+def _evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, evaluation: EvalConfig, name: str,
+              description: str, plan: dict[str, Any] | None) -> Any:
+    from moeslim.evaluate import evaluate_model
+
+    return evaluate_model(
+        model, tokenizer, data_specs=list(evaluation.data), seq_len=evaluation.seq_len,
+        max_windows=evaluation.max_windows, tasks=list(evaluation.tasks), limit=evaluation.task_limit,
+        speed=False, name=name, description=description, plan=plan, batch_size=evaluation.batch_size,
+    )
+
+
+def _add_speed(results: list[Any], models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase,
+               evaluation: EvalConfig, compare_speed: Any) -> None:
+    from moeslim.data import load_source, token_windows
+
+    source = load_source(evaluation.data[0], split="test")
+    prompt = token_windows(source, tokenizer, min(evaluation.seq_len, 64), num_samples=1)
+    timing = compare_speed(models, prompt, new_tokens=32, repeats=evaluation.speed_repeats, show=False)
+    for result in results:
+        t = timing[result.name]
+        result.decode_tps, result.prefill_tps, result.speed_ratio = t["decode_tps"], t["prefill_tps"], t["decode_ratio"]
+        result.extra["speed"] = t
+
+
+def print_table(results: list[Any], title: str) -> None:
+    """Side-by-side table: perplexity per domain, task accuracy, size, expert calls, decode speed."""
+    domains = list(dict.fromkeys(d for r in results for d in r.perplexity))
+    tasks = list(dict.fromkeys(t for r in results for t in r.tasks))
+    table = Table(title=title)
+    table.add_column("variant")
+    for d in domains:
+        table.add_column(f"ppl {d}", justify="right")
+    for t in tasks:
+        table.add_column(t.removeprefix("moeslim_"), justify="right")
+    for col in ("params MB", "expert calls/tok", "decode x"):
+        table.add_column(col, justify="right")
+    base = results[0]
+    for r in results:
+        cells = [_ppl_cell(r.perplexity.get(d), base.perplexity.get(d)) for d in domains]
+        cells += [f"{100 * r.tasks[t]:.1f}%" if t in r.tasks else "-" for t in tasks]
+        cells.append(f"{r.param_bytes / 2**20:.1f}" if r.param_bytes else "-")
+        cells.append(f"{r.expert_calls_per_token:.2f}" if r.expert_calls_per_token is not None else "-")
+        cells.append(f"{r.speed_ratio:.2f}" if r.speed_ratio is not None else "-")
+        table.add_row(r.name, *cells)
+    Console().print(table)
+
+
+def _ppl_cell(value: float | None, base: float | None) -> str:
+    if value is None:
+        return "-"
+    if base is None or value == base:
+        return f"{value:.2f}"
+    return f"{value:.2f} ({100 * (value / base - 1):+.0f}%)"

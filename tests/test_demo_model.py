@@ -1,0 +1,131 @@
+"""Checks of the embedded demo MoE model (``moeslim/assets/demo-moe``).
+
+The reference numbers come from ``eval.json``, written by ``scripts/demo_model_card.py``.
+Only a small fixed slice of the validation split is re-evaluated so the test stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def _assets_dir() -> Path:
+    try:
+        import moeslim
+
+        return Path(moeslim.__file__).resolve().parent / "assets"
+    except ImportError:  # package not importable yet: fall back to the source tree
+        return Path(__file__).resolve().parent.parent / "src" / "moeslim" / "assets"
+
+
+ASSETS = _assets_dir()
+MODEL_DIR = ASSETS / "demo-moe"
+CORPUS_DIR = ASSETS / "corpus"
+DOMAINS = ("code", "prose")
+MIN_EXPERT_LOAD = 0.03
+PPL_REL_TOL = 0.02
+
+pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").exists(), reason="demo model not built")
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    return json.loads((MODEL_DIR / "eval.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer() -> tuple[Any, Any]:
+    with pytest.MonkeyPatch.context() as mp:
+        # Everything must come from the package folder, never from the Hub.
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        tok = transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR))
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float32)
+    return model.eval(), tok
+
+
+def _slice_windows(tok: Any, domain: str, n_windows: int, context: int) -> Any:
+    """First ``n_windows`` windows of the validation stream, built as the card script does
+    (documents followed by EOS), tokenizing only as many documents as needed."""
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    ids: list[int] = []
+    with (CORPUS_DIR / f"{domain}.validation.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            ids.extend(tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"])
+            ids.append(eos)
+            if len(ids) >= n_windows * context:
+                break
+    return torch.tensor(ids[: n_windows * context]).view(n_windows, context)
+
+
+@pytest.fixture(scope="module")
+def slice_eval(model_and_tokenizer: tuple[Any, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Perplexity and top-k expert assignment counts per domain on the reference slice."""
+    model, tok = model_and_tokenizer
+    cfg = model.config
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for domain in DOMAINS:
+            x = _slice_windows(tok, domain, reference["test_slice_windows"], reference["context"])
+            res = model(input_ids=x, output_router_logits=True)
+            logits = res.logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+            counts = torch.stack([
+                torch.bincount(r.topk(cfg.num_experts_per_tok, dim=-1).indices.flatten(),
+                               minlength=cfg.num_local_experts)
+                for r in res.router_logits
+            ])
+            out[domain] = {"ppl": math.exp(nll.item()), "counts": counts, "finite": bool(logits.isfinite().all())}
+    return out
+
+
+def test_config_and_size(model_and_tokenizer: tuple[Any, Any]) -> None:
+    model, tok = model_and_tokenizer
+    cfg = model.config
+    assert cfg.model_type == "mixtral"
+    assert (cfg.num_local_experts, cfg.num_experts_per_tok) == (8, 2)
+    assert len(tok) == cfg.vocab_size
+    assert (MODEL_DIR / "model.safetensors").stat().st_size <= 40 * 2**20
+    header = json.loads((MODEL_DIR / "config.json").read_text())
+    assert header.get("dtype", header.get("torch_dtype")) == "bfloat16"
+
+
+def test_logits_finite(slice_eval: dict[str, Any]) -> None:
+    assert all(slice_eval[d]["finite"] for d in DOMAINS)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_perplexity_matches_reference(slice_eval: dict[str, Any], reference: dict[str, Any], domain: str) -> None:
+    ref = reference["domains"][domain]
+    ppl = slice_eval[domain]["ppl"]
+    assert ppl == pytest.approx(ref["slice_ppl"], rel=PPL_REL_TOL)
+    # A trained model must beat the unigram baseline of the same tokenizer by far.
+    assert ppl < ref["unigram_ppl"] / 3
+    assert ref["ppl"] < ref["unigram_ppl"] / 3
+
+
+def test_every_expert_used_on_validation(reference: dict[str, Any]) -> None:
+    for domain in DOMAINS:
+        for layer, load in enumerate(reference["domains"][domain]["expert_load"]):
+            assert min(load) >= MIN_EXPERT_LOAD, (domain, layer, load)
+
+
+def test_recomputed_expert_load(slice_eval: dict[str, Any]) -> None:
+    """On the small slice (both domains pooled) no expert may be (nearly) dead either."""
+    counts = sum(slice_eval[d]["counts"] for d in DOMAINS).double()
+    share = counts / counts.sum(dim=1, keepdim=True)
+    assert share.min().item() >= MIN_EXPERT_LOAD, share
+
+
+def test_domains_use_experts_differently(slice_eval: dict[str, Any]) -> None:
+    code, prose = (slice_eval[d]["counts"].double() for d in DOMAINS)
+    code, prose = code / code.sum(1, keepdim=True), prose / prose.sum(1, keepdim=True)
+    tv_distance = 0.5 * (code - prose).abs().sum(dim=1)
+    assert tv_distance.max().item() > 0.1, tv_distance
