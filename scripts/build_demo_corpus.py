@@ -220,6 +220,22 @@ def iter_docs(path: Path) -> Iterator[Doc]:
             yield json.loads(line)
 
 
+SOURCES = [
+    ("code", "CPython {pyver} standard library modules (`Lib/**/*.py`, without tests, `encodings`, "
+     "`pydoc_data`, `turtledemo`, vendored wheels and files > 150 kB), cut into ~6 kB chunks at "
+     "top-level statements", "PSF License Version 2"),
+    ("prose", "`<p>` paragraphs of the CPython 3.11 HTML documentation (Debian package `python3.11-doc` "
+     "3.11.2), without code blocks, tables, indexes and the changelog; paragraphs >= 8 words, grouped "
+     "into ~6 kB documents", "PSF License Version 2 (documentation examples also Zero-Clause BSD)"),
+]
+
+
+def sources_table(pyver: str) -> str:
+    rows = ["| domain | source | license |", "|---|---|---|"]
+    rows += [f"| `{d}` | {src.format(pyver=pyver)} | {lic} |" for d, src, lic in SOURCES]
+    return "\n".join(rows) + "\n"
+
+
 README_HEAD = """# Demo corpus: Python code vs. English prose
 
 Two clearly different domains used to train and evaluate the embedded demo MoE model
@@ -227,11 +243,7 @@ Two clearly different domains used to train and evaluate the embedded demo MoE m
 `python scripts/build_demo_corpus.py` (seed {seed}); the train split is written to
 `.scratch/corpus/` and is not shipped in the package.
 
-| domain | source | license |
-|---|---|---|
-| `code` | CPython {pyver} standard library modules (`Lib/**/*.py`, without tests, `encodings`, `pydoc_data`, `turtledemo`, vendored wheels and files > 150 kB), cut into ~6 kB chunks at top-level statements | PSF License Version 2 |
-| `prose` | `<p>` paragraphs of the CPython 3.11 HTML documentation (Debian package `python3.11-doc` 3.11.2), without code blocks, tables, indexes and the changelog; paragraphs >= 8 words, grouped into ~6 kB documents | PSF License Version 2 (documentation examples also Zero-Clause BSD) |
-
+{sources}
 Splits are made per source file (a module or a documentation page), so a file never
 appears in two splits. Files: `<domain>.<split>.jsonl`, one document per line as
 `{{"text": ..., "source": ...}}`.
@@ -281,7 +293,7 @@ def main() -> None:
         for split, docs in split_groups(groups, args.seed).items():
             write_jsonl(split_path(domain, split, args.shipped_dir, args.train_dir), docs)
     pyver = ".".join(map(str, sys.version_info[:3]))
-    readme = README_HEAD.format(seed=args.seed, pyver=pyver)
+    readme = README_HEAD.format(seed=args.seed, sources=sources_table(pyver))
     readme += readme_table(args.shipped_dir, args.train_dir, args.tokenizer)
     (args.shipped_dir / "README.md").write_text(readme, encoding="utf-8")
     print(readme)

@@ -151,6 +151,10 @@ def load_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def ppl_row(domain: str, r: dict[str, Any]) -> str:
+    return f"| {domain} | {r['validation_tokens']:,} | {r['windows']} | {r['ppl']:.2f} | {r['unigram_ppl']:.1f} |"
+
+
 def model_card(result: dict[str, Any], cfg: dict[str, Any], summary: dict[str, Any]) -> str:
     p, d = result["params"], result["domains"]
     tc, done = summary["config"], summary["done"]
@@ -207,8 +211,8 @@ with token frequencies from the train split (add-one smoothing), scored on the s
 
 | domain | tokens | windows | model ppl | unigram ppl |
 |---|---|---|---|---|
-| code | {d["code"]["validation_tokens"]:,} | {d["code"]["windows"]} | {d["code"]["ppl"]:.2f} | {d["code"]["unigram_ppl"]:.1f} |
-| prose | {d["prose"]["validation_tokens"]:,} | {d["prose"]["windows"]} | {d["prose"]["ppl"]:.2f} | {d["prose"]["unigram_ppl"]:.1f} |
+{ppl_row("code", d["code"])}
+{ppl_row("prose", d["prose"])}
 
 Expert load: share (%) of the top-2 routing assignments that each expert receives, per layer
 and domain, on all validation windows:

@@ -24,6 +24,16 @@ from moeslim.runtime.skipping import (
     uninstall_skipping,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one torch thread avoids thread hand-off costs that dominate on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 IDS = sample_ids(seed=3, batch=8, seq=32)  # 256 tokens per layer
 
 
@@ -78,7 +88,7 @@ def test_beta_zero_reproduces_original(family: str) -> None:
     torch.testing.assert_close(_logits(model, ids), reference, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_skipping_forward_equals_manual_masked_combination(family: str) -> None:
     model = tiny_model(family)
     layer = find_moe_layers(model)[0]
@@ -136,3 +146,19 @@ def test_skip_config_validation() -> None:
         SkipConfig(quantile=1.5)
     with pytest.raises(ValueError, match="not MoE layers"):
         install_skipping(copy.deepcopy(tiny_model("qwen3_moe")), {0: 0.5})  # layer 0 of qwen3 tiny is dense
+
+
+def test_unsupported_experts_module_gets_a_clear_error() -> None:
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from moeslim.runtime.skipping import SkippingUnsupportedError, _check_supported
+
+    class PlainExperts(nn.Module):  # not dispatched through transformers' ExpertsInterface
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return hidden_states
+
+    fake = SimpleNamespace(experts=PlainExperts(), family=SimpleNamespace(name="custom"), layer_idx=0)
+    with pytest.raises(SkippingUnsupportedError, match="Supported: mixtral"):
+        _check_supported([fake])

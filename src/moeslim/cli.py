@@ -65,6 +65,121 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moeslim.config import EvalConfig
+    from moeslim.evaluate import evaluate_model
+    from moeslim.io import load
+    from moeslim.variants import print_table
+
+    config = EvalConfig(
+        data=tuple(args.data or EvalConfig.data), seq_len=args.seq_len, max_windows=args.max_windows,
+        tasks=_task_names(args.tasks), task_limit=args.task_limit, speed=args.speed, batch_size=args.batch_size,
+    )
+    out = Path(args.out)
+    model, tokenizer = load(args.model)
+    if tokenizer is None:
+        raise ConfigError(f"{args.model} has no tokenizer; eval needs one")
+    checkpoint = Path(args.model) if Path(args.model).is_dir() else None
+    result = evaluate_model(
+        model, tokenizer, data_specs=list(config.data), seq_len=config.seq_len, max_windows=config.max_windows,
+        tasks=list(config.tasks), limit=config.task_limit, speed=config.speed, name=args.name or args.model,
+        checkpoint_dir=checkpoint, batch_size=config.batch_size,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.to_dict(), indent=1, default=str) + "\n")
+    print_table([result], f"eval: {args.model}")
+    console.print(f"wrote {out}")
+    return 0
+
+
+def _task_names(given: list[str] | None) -> tuple[str, ...]:
+    from moeslim.evaluate import OFFLINE_TASKS
+
+    if given is None:
+        return tuple(OFFLINE_TASKS)
+    return tuple(t for t in given if t != "none")
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from moeslim.apply import apply
+    from moeslim.io import load, save
+    from moeslim.plans import Plan
+
+    plans = [Plan.load(p) for p in args.plans]
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"--out {out} already exists; choose another folder or pass --overwrite")
+    model, tokenizer = load(args.model)
+    for plan in plans:
+        apply(model, plan)
+    save(model, out, tokenizer, overwrite=args.overwrite)
+    console.print(f"wrote checkpoint {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from moeslim.evaluate import write_report
+
+    path = write_report(args.inputs, args.out, title=args.title)
+    console.print(f"wrote {path} (+ report.json and plots in {path.parent})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from moeslim.recipe import load_recipe
+    from moeslim.runs import run_recipe
+
+    recipe = load_recipe(args.recipe)
+    run_recipe(recipe, out_root=args.out)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from moeslim.calibration_data import build_calibration_set
+    from moeslim.io import load
+    from moeslim.pipeline import parse_stage
+
+    params = {k: v for k, v in _PLAN_FIELDS[args.kind](args).items() if v is not None}
+    stage = parse_stage({args.kind: params}, f"plan {args.kind}")  # validates before loading the model
+    calib = _calibration_config(args, DEFAULT_CALIBRATION_DATA)
+    model, tokenizer = load(args.model)
+    if tokenizer is None:
+        raise ConfigError(f"{args.model} has no tokenizer; calibration needs one")
+    from moeslim.pipeline import plan_stage
+
+    plan = plan_stage(model, stage, build_calibration_set(calib, tokenizer), args.model)
+    path = plan.save(args.out)
+    console.print_json(data={"layers": {str(k): v for k, v in plan.layers.items()}})
+    console.print(f"wrote {path}")
+    return 0
+
+
+def _prune_fields(args: argparse.Namespace) -> dict[str, object]:
+    return {"method": args.method, "keep": args.keep, "mode": args.mode, "budget": args.budget,
+            "beam": args.beam, "seed": args.seed}
+
+
+def _skip_fields(args: argparse.Namespace) -> dict[str, object]:
+    return {"rule": args.rule, "quantile": args.quantile}
+
+
+def _quantize_fields(args: argparse.Namespace) -> dict[str, object]:
+    candidates = tuple(int(b) for b in args.candidates.split(",")) if args.candidates else None
+    return {"method": args.method, "bits": args.bits, "candidates": candidates, "alpha": args.alpha,
+            "beta": args.beta, "gamma": args.gamma, "group_size": args.group_size, "scope": args.scope,
+            "seed": args.seed}
+
+
+_PLAN_FIELDS = {"prune": _prune_fields, "skip": _skip_fields, "quantize": _quantize_fields}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from moeslim.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(model=args.model, out=args.out, quick=args.quick, speed=not args.no_speed))
+    return 0
+
+
 def _print_summary(model_name: str, summary: dict) -> None:
     table = Table(title=f"{model_name}: architecture")
     table.add_column("field")
@@ -91,7 +206,11 @@ def _print_loads(loads: list) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeslim", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="moeslim",
+        description="Make Mixture-of-Experts models smaller and faster without retraining: "
+        "calibrate -> plan -> apply -> evaluate -> save.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="architecture summary and expert load")
@@ -99,6 +218,84 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
     p.add_argument("--out", default="runs/inspect", help="output folder (default runs/inspect)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("eval", help="perplexity per domain, task accuracy, cost and speed of one model")
+    p.add_argument("model", help="checkpoint folder, hub id (online), or 'demo'")
+    p.add_argument("--data", action="append", default=None,
+                   help="text source to score (default demo:code and demo:prose, test split); repeatable")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per fixed, non-overlapping window")
+    p.add_argument("--max-windows", type=int, default=64, help="windows per source (seeded draw; default 64)")
+    p.add_argument("--tasks", action="append", default=None,
+                   help="lm-eval task name, repeatable (default: the bundled offline tasks "
+                        "moeslim_code_nextline and moeslim_prose_continuation; 'none' for no tasks)")
+    p.add_argument("--task-limit", type=int, default=None, help="items per task (default all)")
+    p.add_argument("--speed", action="store_true", help="also time prefill and decode")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--name", default=None, help="label of this model in the report")
+    p.add_argument("--out", default="runs/eval/result.json", help="result JSON path")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("apply", help="apply one or more plans and save a checkpoint")
+    p.add_argument("model", help="checkpoint folder, hub id (online), or 'demo'")
+    p.add_argument("plans", nargs="+", help="plan JSON files, applied in order")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("report", help="side-by-side report.md/json + plots from results or run folders")
+    p.add_argument("inputs", nargs="+", help="run folders or result/report JSON files; the first is the reference")
+    p.add_argument("--out", default="runs/report", help="output folder (default runs/report)")
+    p.add_argument("--title", default="moeslim report")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("run", help="run a recipe: stages -> checkpoint -> side-by-side report")
+    p.add_argument("recipe", help="recipe YAML/JSON (see examples/)")
+    p.add_argument("--out", default="runs", help="parent of the run folder (default runs)")
+    p.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="compute a plan (JSON) from calibration data").add_subparsers(
+        dest="kind", required=True)
+    p = plan.add_parser("prune", help="choose which experts each layer keeps")
+    p.add_argument("model")
+    p.add_argument("--method", default="enumerate",
+                   help="enumerate | search | frequency | soft-count | reap | random (default enumerate)")
+    p.add_argument("--keep", type=int, required=True, help="experts to keep per layer")
+    p.add_argument("--mode", default=None, help="layerwise (default) | progressive")
+    p.add_argument("--budget", type=int, default=None, help="search: max loss evaluations per layer")
+    p.add_argument("--beam", type=int, default=None, help="search: beam width")
+    _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
+    p.add_argument("--out", required=True, help="plan JSON path")
+    p.set_defaults(func=cmd_plan)
+
+    p = plan.add_parser("skip", help="per-layer dynamic skipping thresholds")
+    p.add_argument("model")
+    p.add_argument("--rule", default=None, help="top2 (the paper's rule) | topk (appendix rule for k > 2)")
+    p.add_argument("--quantile", type=float, default=None,
+                   help="share of tokens that skip (default 0.5: the median ratio)")
+    _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
+    p.add_argument("--out", required=True, help="plan JSON path")
+    p.set_defaults(func=cmd_plan)
+
+    p = plan.add_parser("quantize", help="bit-width per expert (PMQ mixed precision or uniform)")
+    p.add_argument("model")
+    p.add_argument("--method", default="pmq", help="pmq | uniform | random (default pmq)")
+    p.add_argument("--bits", type=float, required=True, help="average bits per expert weight")
+    p.add_argument("--candidates", default=None, help="candidate widths, e.g. 1,2,3")
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--beta", type=float, default=None)
+    p.add_argument("--gamma", type=float, default=None)
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--scope", default=None, help="layer (the paper: budget per layer) | global")
+    _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
+    p.add_argument("--out", required=True, help="plan JSON path")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("demo", help="the main job: original vs compressed variants of the embedded model")
+    p.add_argument("--model", default="demo", help="model to run the demo on (default: the embedded model)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="four variants instead of all")
+    p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -24,7 +24,6 @@ class CalibrationConfig:
     seq_len: int = 256
     seed: int = 0
     batch_size: int = 8
-    propagate: str = "original"
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -35,8 +34,6 @@ class CalibrationConfig:
             raise ConfigError(f"seq_len={self.seq_len}: use at least 2 tokens per sample")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size}: use at least 1")
-        if self.propagate not in ("original", "compressed"):
-            raise ConfigError(f"propagate={self.propagate!r}: use 'original' or 'compressed'")
 
 
 @dataclass(frozen=True)

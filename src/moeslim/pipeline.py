@@ -65,13 +65,18 @@ def parse_stage(entry: Mapping[str, Any], where: str) -> StageSpec:
         raise ConfigError(f"{where}.{kind}: {err}") from err
 
 
+def plan_stage(model: nn.Module, stage: StageSpec, calib: CalibrationSet, model_name: str) -> Plan:
+    """Plan on ``calib`` with the model as it is now (the model is not modified)."""
+    _, planner = _registry()[stage.kind]
+    return planner(model, calib, stage.config, model_name)
+
+
 def run_stage(model: nn.Module, stage: StageSpec, calib: CalibrationSet, model_name: str,
               plan_path: Path | None = None) -> Plan:
     """Plan on ``calib`` with the model as it is now, save the plan, apply it in place."""
     from moeslim.apply import apply
 
-    _, planner = _registry()[stage.kind]
-    plan = planner(model, calib, stage.config, model_name)
+    plan = plan_stage(model, stage, calib, model_name)
     if plan_path is not None:
         plan.save(plan_path)
     apply(model, plan)

@@ -8,7 +8,7 @@ other, and all of them are timed together in one process for the speed ratios.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ class Variant:
     description: str = ""
 
 
-class _CalibrationCache:
+class CalibrationCache:
     """Token windows depend only on (config, tokenizer): build each set once per run."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -44,16 +44,15 @@ class _CalibrationCache:
         return self._sets[config]
 
 
-def build_variant(base: nn.Module, variant: Variant, calibrations: _CalibrationCache,
+def build_variant(base: nn.Module, variant: Variant, calibrations: CalibrationCache,
                   default: CalibrationConfig, model_name: str, plan_dir: Path | None) -> tuple[nn.Module, list[Plan]]:
     """Deep-copy ``base`` and run the variant's stages on the copy; plans go to ``plan_dir``."""
     model = copy.deepcopy(base)
     config = variant.calibration or default
     plans = []
     for i, stage in enumerate(variant.stages):
-        stage_calib = replace(config, propagate=getattr(stage.config, "propagate", config.propagate))
         path = plan_dir / f"{i:02d}-{stage.kind}.json" if plan_dir is not None else None
-        plans.append(run_stage(model, stage, calibrations.get(stage_calib), model_name, path))
+        plans.append(run_stage(model, stage, calibrations.get(config), model_name, path))
     return model, plans
 
 
@@ -81,7 +80,7 @@ def evaluate_variants(
     from moeslim.evaluate import compare_speed
 
     console = Console()
-    calibrations = _CalibrationCache(tokenizer)
+    calibrations = CalibrationCache(tokenizer)
     models: dict[str, nn.Module] = {"original": base}
     results = [_evaluate(base, tokenizer, evaluation, "original", "the model as loaded", None)]
     for variant in variants:

@@ -11,6 +11,7 @@ from moeslim.plans import Plan, PlanError
 
 def apply_skip(model: nn.Module, plan: Plan) -> dict[str, Any]:
     """Install dynamic skipping in place; return the ``skip`` entry of the moeslim config section."""
+    from moeslim.runtime.odp import install_odp
     from moeslim.runtime.skipping import install_skipping
 
     if plan.kind != "skip":
@@ -20,8 +21,15 @@ def apply_skip(model: nn.Module, plan: Plan) -> dict[str, Any]:
         betas = {int(idx): float(entry["beta"]) for idx, entry in plan.layers.items()}
     except (KeyError, TypeError, ValueError) as err:
         raise PlanError(f"skip plan layers must be {{idx: {{'beta': float}}}}: {err}") from err
+    protect = float(plan.summary.get("protect") or plan.provenance.config.get("protect", 0.0))
     try:
-        install_skipping(model, betas, rule)
+        if protect > 0:
+            install_odp(model, betas, rule, protect)
+        else:
+            install_skipping(model, betas, rule)
     except ValueError as err:
         raise PlanError(f"skip plan does not fit this model: {err}") from err
-    return {"skip": {"rule": rule, "betas": {str(idx): b for idx, b in sorted(betas.items())}}}
+    section: dict[str, Any] = {"rule": rule, "betas": {str(idx): b for idx, b in sorted(betas.items())}}
+    if protect > 0:
+        section["protect"] = protect
+    return {"skip": section}

@@ -7,6 +7,10 @@ For expert e, GPTQ needs H = sum_t x_t x_t^T over the tokens routed to e, for ea
 Weighting (``weighting``): "none" is the plain GPTQ Hessian, as MC-MoE uses (default). The block output
 is sum_i g_i(x) f_i(x), so a weight error of expert i shows in the output scaled by its routing weight
 g_i: "gate2" weights each token by g^2 (the exact squared-output-error objective), "gate" by g (milder).
+
+GPTQ quantizes a block's sublayers in order ("true sequential"): the down projection is calibrated on the
+activations the *quantized* gate_up produces. ``keep_inputs=True`` keeps the layer's block inputs so that
+``down_hessians`` can recompute the down Hessians once gate_up is quantized.
 """
 
 from __future__ import annotations
@@ -24,30 +28,39 @@ from moeslim.models.expert_math import expert_intermediate
 HessianWeighting = Literal["none", "gate", "gate2"]
 WEIGHTINGS: tuple[str, ...] = ("none", "gate", "gate2")
 
-__all__ = ["WEIGHTINGS", "ExpertHessians", "ExpertHessianSummary", "HessianWeighting"]
+__all__ = ["WEIGHTINGS", "ExpertHessianSummary", "ExpertHessians", "HessianWeighting", "down_hessians"]
 
 
 @dataclass(frozen=True)
 class ExpertHessianSummary:
-    """Per expert: up (H, H) and down (I, I) float32 Hessians (None if never routed), token counts (E,)."""
+    """Per expert: up (H, H) and down (I, I) float32 Hessians (None if never routed), token counts (E,),
+    and the block inputs (T, H) when kept."""
 
     up: list[Tensor | None]
     down: list[Tensor | None]
     counts: Tensor
+    inputs: Tensor | None = None
 
 
 class ExpertHessians:
     """Accumulates each expert's gate_up-input and down-input Hessians over the tokens routed to it."""
 
-    def __init__(self, num_experts: int, weighting: HessianWeighting = "none") -> None:
+    def __init__(self, num_experts: int, weighting: HessianWeighting = "none", keep_inputs: bool = False,
+                 up: Tensor | None = None) -> None:
+        """``up``: replacement first-projection tensor (E, stored layout) used for the intermediates."""
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={weighting!r}: use one of {', '.join(WEIGHTINGS)}")
         self._weighting = weighting
+        self._keep = keep_inputs
+        self._inputs: list[Tensor] = []
+        self._up_weight = up
         self._up: list[Tensor | None] = [None] * num_experts
         self._down: list[Tensor | None] = [None] * num_experts
         self._counts = torch.zeros(num_experts, dtype=torch.int64)
 
     def observe(self, layer: MoELayer, x: Tensor) -> None:
+        if self._keep:
+            self._inputs.append(x.detach().cpu())
         weights, ids = layer.route(layer.router_logits(x))  # (T, k), (T, k)
         for e in torch.unique(ids).tolist():
             hit = ids == e  # (T, k); an expert appears at most once per token
@@ -55,7 +68,8 @@ class ExpertHessians:
             xe = x[rows].float()  # (n, H)
             g = (weights * hit).sum(dim=1)[rows].float()  # (n,) routing weight of e on its tokens
             tw = None if self._weighting == "none" else (g if self._weighting == "gate" else g * g)
-            inter = expert_intermediate(layer, x[rows], e).float()  # (n, I)
+            up = None if self._up_weight is None else self._up_weight[e]
+            inter = expert_intermediate(layer, x[rows], e, up).float()  # (n, I)
             # float32 sums on the activation device; moved to CPU once, at result()
             self._up[e] = accumulate_hessian(self._up[e], xe, tw)
             self._down[e] = accumulate_hessian(self._down[e], inter, tw)
@@ -65,5 +79,17 @@ class ExpertHessians:
         def cpu(h: Tensor | None) -> Tensor | None:
             return None if h is None else h.cpu()
 
+        inputs = torch.cat(self._inputs) if self._inputs else None
         return ExpertHessianSummary([cpu(h) for h in self._up], [cpu(h) for h in self._down],
-                                    self._counts.clone())
+                                    self._counts.clone(), inputs)
+
+
+def down_hessians(layer: MoELayer, x: Tensor, up: Tensor, weighting: HessianWeighting = "none",
+                  chunk: int = 4096) -> list[Tensor | None]:
+    """Per-expert down-input Hessians (I, I) on block inputs x (T, H), with first-projection weights ``up``
+    (E, stored layout; e.g. the dequantized gate_up) instead of the layer's own."""
+    observer = ExpertHessians(layer.num_experts, weighting, up=up)
+    device = up.device
+    for start in range(0, x.shape[0], chunk):
+        observer.observe(layer, x[start : start + chunk].to(device))
+    return observer.result().down

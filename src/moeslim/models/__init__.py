@@ -5,7 +5,7 @@ routing functions are pure (``routing.py``); ``select_experts`` slices experts i
 """
 
 from .families import FAMILIES, GENERIC, FamilySpec, UnsupportedModelError, family_of, supported_families
-from .layer import MoELayer, decoder_layers, find_moe_layers
+from .layer import MoELayer, attention_module, decoder_layers, find_moe_layers
 from .loading import load_model, resolve_model_path
 from .select import masked_routing_is_identity, select_experts
 from .summary import moe_summary
@@ -16,6 +16,7 @@ __all__ = [
     "FamilySpec",
     "MoELayer",
     "UnsupportedModelError",
+    "attention_module",
     "decoder_layers",
     "family_of",
     "find_moe_layers",

@@ -238,6 +238,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def attention_module(model: nn.Module, layer_idx: int) -> nn.Module:
+    """The self-attention module of decoder layer ``layer_idx`` (``self_attn`` in every supported family)."""
+    layer = decoder_layers(model)[layer_idx]
+    attn = getattr(layer, "self_attn", None)
+    if isinstance(attn, nn.Module):
+        return attn
+    raise UnsupportedModelError(
+        f"decoder layer {layer_idx} of {type(model).__name__} has no self_attn module "
+        f"(children: {[name for name, _ in layer.named_children()]})"
+    )
+
+
 def _find_block(layer: nn.Module) -> tuple[str, nn.Module, nn.Module] | None:
     """(block path, block, fused experts) inside one decoder layer, or None for a dense layer."""
     for name, module in layer.named_modules():

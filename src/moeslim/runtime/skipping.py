@@ -50,6 +50,9 @@ def skipping_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index
     beta = float(getattr(self, "moeslim_beta", 0.0))
     keep = keep_mask(top_k_weights, beta, getattr(self, "moeslim_rule", "top2"))  # (T, k)
     tokens, k = top_k_index.shape
+    protect = getattr(self, "moeslim_protect", None)  # (T,) bool, set per forward by the ODP attention hook
+    if protect is not None and protect.numel() == tokens:
+        keep = keep | protect.to(keep.device).unsqueeze(-1)
     counters = getattr(self, "moeslim_counters", None)
     if bool(keep.all()):
         # Nothing skipped: the inner implementation on the original arguments (bit-identical output).
@@ -145,9 +148,17 @@ def uninstall_skipping(model: nn.Module) -> None:
 
 
 def install_skipping_from_section(model: nn.Module, section: Mapping[str, Any]) -> None:
-    """Re-install from the ``skip`` entry of config.json's moeslim section: {"rule", "betas": {"0": b, ...}}."""
+    """Re-install from the ``skip`` entry of config.json's moeslim section: {"rule", "betas": {"0": b, ...}}
+    (+ "protect" for online dynamic pruning)."""
     betas = {int(k): float(v) for k, v in dict(section.get("betas", {})).items()}
-    install_skipping(model, betas, str(section.get("rule", "top2")))
+    rule = str(section.get("rule", "top2"))
+    protect = float(section.get("protect", 0.0))
+    if protect > 0:
+        from moeslim.runtime.odp import install_odp
+
+        install_odp(model, betas, rule, protect)
+    else:
+        install_skipping(model, betas, rule)
 
 
 def reset_counters(model: nn.Module) -> None:

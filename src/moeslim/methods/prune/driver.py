@@ -51,7 +51,8 @@ def decide_layer(layer: MoELayer, observers: Sequence[Observer], config: PruneCo
     """The kept set of one layer and its summary entry (kept ids, losses, subsets scored, seconds)."""
     start = time.perf_counter()
     sample: ExpertOutputSample | None = _find(observers, ExpertOutputs) if config.needs_sample else None
-    scorer = SubsetScorer(sample, layer.route, config.chunk_tokens) if sample is not None else None
+    device = layer.router_weight.device  # routing may read router buffers (e.g. a correction bias)
+    scorer = SubsetScorer(sample, layer.route, config.chunk_tokens, device) if sample is not None else None
     entry: dict[str, Any] = {}
     if config.method == "enumerate":
         assert scorer is not None
@@ -69,7 +70,7 @@ def decide_layer(layer: MoELayer, observers: Sequence[Observer], config: PruneCo
                      budget_exhausted=result.budget_exhausted)
     elif config.method == "reap":
         assert sample is not None
-        kept = top_experts(reap_scores(sample, layer.route), config.keep)
+        kept = top_experts(reap_scores(sample, layer.route, device), config.keep)
     elif config.method == "random":
         kept = random_subset(layer.num_experts, config.keep, config.seed + layer.layer_idx)
     else:
@@ -113,6 +114,7 @@ def plan_prune(
         )
     summary = {
         "method": config.method,
+        "num_experts": find_moe_layers(model)[0].num_experts,
         "keep": config.keep,
         "mode": config.mode,
         "layers": {str(idx): {k: v for k, v in r.items() if k != "kept"} for idx, r in sorted(results.items())},

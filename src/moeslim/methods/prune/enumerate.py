@@ -44,14 +44,14 @@ def allowed_mask(kept: Iterable[int], num_experts: int) -> Tensor:
     return mask
 
 
-def gram_chunks(outputs: Tensor, chunk_tokens: int) -> list[Tensor]:
-    """Per-token Gram matrices of the expert outputs, float64, one tensor per token chunk.
+def gram_chunks(outputs: Tensor, chunk_tokens: int, device: torch.device | None = None) -> list[Tensor]:
+    """Per-token Gram matrices of the expert outputs, float64, one tensor per token chunk (on ``device``).
 
     outputs (T, E, H) -> [(Tc, E, E)]. float32 products are exact in float64, so only the sums round.
     """
     chunks = []
     for start in range(0, outputs.shape[0], chunk_tokens):
-        out = outputs[start : start + chunk_tokens].double()  # (Tc, E, H)
+        out = outputs[start : start + chunk_tokens].to(device).double()  # (Tc, E, H)
         chunks.append(torch.bmm(out, out.transpose(1, 2)))  # (Tc, E, E)
     return chunks
 
@@ -68,23 +68,27 @@ class SubsetScorer:
     """Scores kept sets of one layer from an ``ExpertOutputSample``; holds (T, E, E) float64 Gram matrices.
 
     That is 2E/H times the memory of the sample's float32 outputs (T, E, H), i.e. less whenever E < H/2.
-    ``evaluations`` counts the subsets scored.
+    ``device``: where scoring runs; give the router's device (routing may read router buffers, e.g. a correction
+    bias). ``evaluations`` counts the subsets scored.
     """
 
-    def __init__(self, sample: ExpertOutputSample, route_fn: RouteFn, chunk_tokens: int = 4096) -> None:
+    def __init__(self, sample: ExpertOutputSample, route_fn: RouteFn, chunk_tokens: int = 4096,
+                 device: torch.device | str | None = None) -> None:
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
         self.num_experts = int(sample.logits.shape[1])
+        self.device = torch.device(device) if device is not None else sample.logits.device
         self._route = route_fn
-        self._grams = gram_chunks(sample.outputs, chunk_tokens)
-        self._logits = [sample.logits[s : s + chunk_tokens] for s in range(0, sample.tokens, chunk_tokens)]
+        self._grams = gram_chunks(sample.outputs, chunk_tokens, self.device)
+        self._logits = [sample.logits[s : s + chunk_tokens].to(self.device)
+                        for s in range(0, sample.tokens, chunk_tokens)]
         self._full = [self._route(lg, None) for lg in self._logits]  # original routing per chunk
         self.evaluations = 0
 
     def loss(self, kept: Sequence[int]) -> float:
         """||F'(X; kept) - F(X)||_F over the sample's tokens (squared norm accumulated in float64)."""
-        allowed = allowed_mask(kept, self.num_experts)
-        total = torch.zeros((), dtype=torch.float64)
+        allowed = allowed_mask(kept, self.num_experts).to(self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for gram, logits, (w, ids) in zip(self._grams, self._logits, self._full, strict=True):
             w_new, ids_new = self._route(logits, allowed)  # (Tc, k)
             coef = torch.cat((w_new.double(), -w.double()), dim=1)  # (Tc, 2k)
@@ -100,10 +104,14 @@ class SubsetScorer:
 
 
 def score_all(
-    sample: ExpertOutputSample, route_fn: RouteFn, subsets: Sequence[Sequence[int]], chunk_tokens: int = 4096
+    sample: ExpertOutputSample,
+    route_fn: RouteFn,
+    subsets: Sequence[Sequence[int]],
+    chunk_tokens: int = 4096,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """(S,) float64 reconstruction loss of every kept set in ``subsets`` on ``sample``."""
-    return SubsetScorer(sample, route_fn, chunk_tokens).losses(subsets)
+    return SubsetScorer(sample, route_fn, chunk_tokens, device).losses(subsets)
 
 
 @dataclass(frozen=True)
@@ -131,8 +139,12 @@ def best_subset(subsets: Sequence[Sequence[int]], losses: Tensor) -> Enumeration
 
 
 def enumerate_best(
-    sample: ExpertOutputSample, route_fn: RouteFn, keep: int, chunk_tokens: int = 4096
+    sample: ExpertOutputSample,
+    route_fn: RouteFn,
+    keep: int,
+    chunk_tokens: int = 4096,
+    device: torch.device | str | None = None,
 ) -> EnumerationResult:
     """Score all C(E, keep) kept sets and return the best one."""
     subsets = enumerate_subsets(int(sample.logits.shape[1]), keep)
-    return best_subset(subsets, score_all(sample, route_fn, subsets, chunk_tokens))
+    return best_subset(subsets, score_all(sample, route_fn, subsets, chunk_tokens, device))

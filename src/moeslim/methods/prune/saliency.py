@@ -32,12 +32,14 @@ def soft_count_scores(routing: RoutingSummary) -> Tensor:
     return routing.soft_counts.double()
 
 
-def reap_scores(sample: ExpertOutputSample, route_fn: RouteFn) -> Tensor:
+def reap_scores(sample: ExpertOutputSample, route_fn: RouteFn, device: torch.device | str | None = None) -> Tensor:
     """(E,) REAP saliency: mean over tokens routed to j of g_j(x) * ||f_j(x)||_2 (0 for experts never routed to).
 
     g_j is the routing weight as routed (renormalised top-k where the family renormalises, times any scaling).
+    ``device``: where routing runs (the router's device).
     """
-    weights, ids = route_fn(sample.logits, None)  # (T, k)
+    weights, ids = route_fn(sample.logits.to(device), None)  # (T, k)
+    weights, ids = weights.cpu(), ids.cpu()
     norms = sample.outputs.double().norm(dim=-1)  # (T, E)
     picked = norms.gather(1, ids) * weights.double()  # (T, k)
     num_experts = sample.outputs.shape[1]

@@ -21,16 +21,23 @@ from moeslim.plans import Plan, Provenance, config_hash
 
 @dataclass(frozen=True)
 class SkipConfig:
-    """rule: "top2" (paper) or "topk" (appendix generalisation); quantile: share of tokens that should skip."""
+    """rule: "top2" (paper) or "topk" (appendix generalisation); quantile: share of tokens that should skip.
+
+    protect > 0 turns skipping into MC-MoE's online dynamic pruning (ODP): in every sequence the top
+    ``protect`` share of tokens by attention-based importance keep all their experts (paper: 0.02).
+    """
 
     rule: str = "top2"
     quantile: float = 0.5
+    protect: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rule not in SKIP_RULES:
             raise ConfigError(f"rule={self.rule!r}: use one of {', '.join(SKIP_RULES)}")
         if not 0 <= self.quantile <= 1:
             raise ConfigError(f"quantile={self.quantile}: use a share in [0, 1] (0.5 = the paper's median)")
+        if not 0 <= self.protect < 1:
+            raise ConfigError(f"protect={self.protect}: use a share of tokens in [0, 1), e.g. 0.02 as in MC-MoE")
 
     def check_model(self, model: nn.Module) -> None:
         for layer in find_moe_layers(model):
@@ -76,13 +83,15 @@ def plan_skip(
     summary = {
         "rule": config.rule,
         "quantile": config.quantile,
+        "protect": config.protect,
+        "skip_rate": {str(i): r["call_skip_rate"] for i, r in sorted(results.items())},
         "layers": {str(i): {k: v for k, v in r.items() if k != "beta"} for i, r in sorted(results.items())},
         "seconds": time.perf_counter() - start,
     }
     provenance = Provenance(
         model=model_name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
         model_config_hash=config_hash(model.config),
-        method=f"skip-{config.rule}",
+        method=f"odp-{config.rule}" if config.protect > 0 else f"skip-{config.rule}",
         config=asdict(config),
         data=data_name,
         data_hash=data_hash,

@@ -1,0 +1,247 @@
+"""PMQ driver: factors, Hessian observer, allocation budgets, fallbacks, config validation, plan JSON."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+import torch
+from tiny_models import FAMILIES, sample_ids, tiny_model
+
+from moeslim.apply import apply
+from moeslim.calibrate.hessians import ExpertHessians
+from moeslim.config import ConfigError
+from moeslim.methods.quant.driver import QuantizeConfig, plan_bits, plan_quantize
+from moeslim.methods.quant.factors import layer_factors, mean_routing_weight, routed_frequency
+from moeslim.models import find_moe_layers
+from moeslim.models.expert_math import expert_forward, expert_intermediate, expert_weight_views
+from moeslim.plans import Plan
+
+CALIB = sample_ids(0, 4, 24)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny matmuls: intra-op threads only contend (10-50x slower on a loaded 2-core machine).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+FAST = {"group_size": 16, "quantizer": "rtn"}  # allocation tests need no GPTQ pass
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expert_forward_matches_experts_module(family: str) -> None:
+    layer = find_moe_layers(tiny_model(family))[0]
+    x = torch.randn(6, layer.hidden_size, generator=torch.Generator().manual_seed(0))
+    ref = layer.expert_outputs(x)  # (T, E, H)
+    for e in range(layer.num_experts):
+        torch.testing.assert_close(expert_forward(layer, x, e), ref[:, e], rtol=0, atol=1e-6)
+    views = expert_weight_views(layer)
+    inter = expert_intermediate(layer, x, 0)
+    n_in_down = views.down.shape[1] if views.transposed else views.down.shape[2]
+    assert inter.shape == (6, n_in_down)
+
+
+def test_factors_hand_checked() -> None:
+    # 4 tokens, 3 experts, top-2, H = 2. Expert 2 is never routed.
+    ids = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 1]])
+    weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1], [0.7, 0.3]])
+    outputs = torch.zeros(4, 3, 2)
+    outputs[:, 0] = 1.0
+    outputs[:, 1] = 2.0
+    phi, counts = routed_frequency(ids, 3)
+    assert counts.tolist() == [4, 4, 0]
+    assert phi.tolist() == [0.5, 0.5, 0.0]
+    w = mean_routing_weight(weights, ids, 3)
+    assert w.tolist() == pytest.approx([(0.6 + 0.5 + 0.1 + 0.7) / 4, (0.4 + 0.5 + 0.9 + 0.3) / 4, 0.0])
+
+    # "quantized" expert output = original - delta(bits): error halves with every extra bit
+    def quantized_output(e: int, bits: int, rows: torch.Tensor) -> torch.Tensor:
+        return outputs[rows, e] - 2.0 ** (-bits)
+
+    f = layer_factors(outputs, weights, ids, quantized_output, (1, 2, 16))
+    gate0 = torch.tensor([0.6, 0.5, 0.1, 0.7])
+    for j, bits in enumerate((1, 2)):
+        expected = 2.0 ** (-bits) * math.sqrt(2 * float((gate0**2).sum()))
+        assert float(f.err[0, j]) == pytest.approx(expected)
+    assert f.err[:, 2].tolist() == [0.0, 0.0, 0.0]  # 16 bits: unchanged
+    assert f.err[2].tolist() == [0.0, 0.0, 0.0]  # never routed: F does not change
+
+
+def test_rtn_errors_grow_as_bits_shrink() -> None:
+    model = tiny_model("mixtral")
+    config = QuantizeConfig(method="pmq", bits=2.0, candidates=(1, 2, 3, 4), **FAST)
+    plan = plan_quantize(model, CALIB, config, "tiny")
+    for entry in plan.summary["layers"].values():
+        err = torch.tensor(entry["factors"]["err"])  # (E, J), widths ascending
+        routed = torch.tensor(entry["factors"]["counts"]) > 0
+        assert bool((err[routed, :-1] > err[routed, 1:]).all())
+        assert entry["objective"] > 0
+
+
+def test_hessian_observer_matches_manual() -> None:
+    layer = find_moe_layers(tiny_model("qwen3_moe"))[0]
+    x = torch.randn(20, layer.hidden_size, generator=torch.Generator().manual_seed(1))
+    obs = ExpertHessians(layer.num_experts)
+    obs.observe(layer, x[:7])
+    obs.observe(layer, x[7:])
+    result = obs.result()
+    weights, ids = layer.route(layer.router_logits(x))
+    for e in range(layer.num_experts):
+        rows = (ids == e).any(dim=1)
+        assert int(result.counts[e]) == int(rows.sum())
+        if not rows.any():
+            assert result.up[e] is None
+            continue
+        torch.testing.assert_close(result.up[e], x[rows].T @ x[rows], rtol=1e-5, atol=1e-5)
+        inter = expert_intermediate(layer, x[rows], e)
+        torch.testing.assert_close(result.down[e], inter.T @ inter, rtol=1e-5, atol=1e-5)
+    weighted = ExpertHessians(layer.num_experts, "gate2")
+    weighted.observe(layer, x)
+    e = int(ids[0, 0])
+    rows = (ids == e).any(dim=1)
+    g = (weights * (ids == e)).sum(1)[rows]
+    torch.testing.assert_close(weighted.result().up[e], (x[rows] * (g**2)[:, None]).T @ x[rows],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="weighting"):
+        ExpertHessians(4, "bogus")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("bits", [2.0, 2.5, 1.75])
+def test_pmq_plan_meets_budget_exactly(family: str, bits: float) -> None:
+    model = tiny_model(family)
+    plan = plan_quantize(model, CALIB, QuantizeConfig(method="pmq", bits=bits, **FAST), "tiny")
+    for entry in plan.layers.values():
+        assert sum(entry["bits"]) == len(entry["bits"]) * bits
+        assert set(entry["bits"]) <= {1, 2, 3}
+    assert plan.summary["avg_bits"] == pytest.approx(bits)
+    assert plan.summary["avg_bits_with_overhead"] > bits
+
+
+def test_global_authors_and_random_budgets() -> None:
+    model = tiny_model("mixtral")
+    for config in (
+        QuantizeConfig(method="pmq", bits=2.25, scope="global", **FAST),
+        QuantizeConfig(method="pmq", bits=2.5, cost="authors", **FAST),
+        QuantizeConfig(method="random", bits=2.5, seed=3, **FAST),
+    ):
+        bits, _ = plan_bits(model, CALIB, config)
+        total = sum(len(w) for w in bits.values())
+        assert sum(sum(w) for w in bits.values()) == total * config.bits
+        if config.cost == "authors":
+            assert all(3 in w and 2 in w for w in bits.values())
+    uniform, _ = plan_bits(model, None, QuantizeConfig(method="uniform", bits=3, **FAST))
+    assert all(w == [3] * 8 for w in uniform.values())
+
+
+def test_bits_16_is_identity() -> None:
+    model = tiny_model("qwen3_moe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = model(CALIB).logits
+    plan = plan_quantize(model, CALIB, QuantizeConfig(method="uniform", bits=16), "tiny")
+    apply(model, plan)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(model(CALIB).logits, ref)
+    assert model.config.moeslim["quantize"]["avg_bits"] == 16.0
+
+
+def test_unrouted_expert_falls_back_to_rtn_and_is_listed() -> None:
+    model = tiny_model("deepseek_v3")
+    layer = find_moe_layers(model)[0]
+    layer.router.e_score_correction_bias[5] = -100.0  # expert 5 is never selected
+    plan = plan_quantize(model, CALIB, QuantizeConfig(method="uniform", bits=3, group_size=16), "tiny")
+    assert plan.summary["rtn_fallback"] == {str(layer.layer_idx): [5]}
+    assert plan.summary["layers"][str(layer.layer_idx)]["routed_tokens"][5] == 0
+    section = apply(model, plan).config.moeslim["quantize"]
+    assert section["quantizer"] == "gptq"
+    assert section["rtn_fallback"] == {str(layer.layer_idx): [5]}
+    # min_tokens above any count: every expert falls back, and the plan says so
+    everyone = plan_quantize(tiny_model("mixtral"), CALIB,
+                             QuantizeConfig(method="uniform", bits=3, group_size=16, min_tokens=10**6), "tiny")
+    assert all(v == list(range(8)) for v in everyone.summary["rtn_fallback"].values())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"method": "awq"}, "method"),
+        ({"method": "uniform", "bits": 2.5}, "bits"),
+        ({"bits": 4.0}, "bits"),
+        ({"bits": -1}, "bits"),
+        ({"candidates": (1, 2, 2)}, "candidates"),
+        ({"candidates": (0, 2)}, "candidates"),
+        ({"cost": "gurobi"}, "cost"),
+        ({"scope": "model"}, "scope"),
+        ({"quantizer": "awq"}, "quantizer"),
+        ({"group_size": 0}, "group_size"),
+        ({"damp": 0.0}, "damp"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"quantize_attention": 12}, "quantize_attention"),
+        ({"propagate": "both"}, "propagate"),
+        ({"token_fraction": 0.0}, "token_fraction"),
+        ({"min_tokens": -1}, "min_tokens"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{field}="):
+        QuantizeConfig(**kwargs)
+
+
+def test_config_lists_and_stage_parsing() -> None:
+    from moeslim.pipeline import parse_stage
+
+    stage = parse_stage({"quantize": {"method": "pmq", "bits": 2.5, "candidates": [1, 2, 3]}}, "recipe[0]")
+    assert stage.config.candidates == (1, 2, 3)
+    with pytest.raises(ConfigError, match="authors' top-two"):
+        QuantizeConfig(method="pmq", bits=1.0, cost="authors").check_model(tiny_model("mixtral"))
+
+
+def test_pmq_plan_json_round_trip_and_rtn_fallback_on_apply(tmp_path) -> None:
+    model = tiny_model("mixtral")
+    plan = plan_quantize(model, CALIB, QuantizeConfig(method="pmq", bits=2.5, group_size=16), "tiny")
+    loaded = Plan.load(plan.save(tmp_path / "plan.json"))
+    assert loaded.to_dict() == plan.to_dict()
+    assert "gptq_results" in plan.summary and "factors" in plan.summary["layers"]["0"]
+    # The GPTQ results live with the model they were computed for: a fresh model gets RTN, and says so.
+    fresh = tiny_model("mixtral")
+    section = apply(fresh, loaded).config.moeslim["quantize"]
+    assert section["quantizer"] == "rtn"
+    assert section["bits"] == {str(k): v["bits"] for k, v in plan.layers.items()}
+    assert apply(model, loaded).config.moeslim["quantize"]["quantizer"] == "gptq"
+
+
+def test_pipeline_stage_quantizes_with_gptq(tmp_path) -> None:
+    from moeslim.calibration_data import CalibrationSet
+    from moeslim.pipeline import parse_stage, run_stage
+
+    model = tiny_model("deepseek_v3")
+    stage = parse_stage({"quantize": {"method": "pmq", "bits": 2.5, "group_size": 16}}, "recipe[0]")
+    plan = run_stage(model, stage, CalibrationSet(CALIB, "ids", "h"), "tiny", tmp_path / "plan.json")
+    section = model.config.moeslim
+    assert section["quantize"]["quantizer"] == "gptq"
+    assert section["applied"][-1]["kind"] == "quantize"
+    assert Plan.load(tmp_path / "plan.json").layers == plan.layers
+
+
+def test_sequential_down_hessians() -> None:
+    from moeslim.calibrate.hessians import down_hessians
+    from moeslim.methods.quant.driver import quantize_layer_experts
+
+    layer = find_moe_layers(tiny_model("mixtral"))[0]
+    x = torch.randn(30, layer.hidden_size, generator=torch.Generator().manual_seed(2))
+    obs = ExpertHessians(layer.num_experts, keep_inputs=True)
+    obs.observe(layer, x)
+    summary = obs.result()
+    assert torch.equal(summary.inputs, x)
+    same = down_hessians(layer, x, layer.experts.gate_up_proj.detach())
+    for a, b in zip(same, summary.down, strict=True):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
+    config = QuantizeConfig(method="uniform", bits=2, group_size=16)
+    seq, _ = quantize_layer_experts(layer, [2] * 8, summary, config)
+    plain, _ = quantize_layer_experts(layer, [2] * 8, replace(summary, inputs=None), config)
+    assert torch.equal(seq.up.dequantize(), plain.up.dequantize())  # gate_up: same Hessian
+    assert not torch.equal(seq.down.dequantize(), plain.down.dequantize())  # down: quantized inputs
