@@ -121,10 +121,7 @@ def bits_accounting(
             partial last group), otherwise ceil(params / group_size).
     """
     widths = list(bits_per_expert)
-    if isinstance(params_per_expert, int):
-        sizes = [params_per_expert] * len(widths)
-    else:
-        sizes = list(params_per_expert)
+    sizes = [params_per_expert] * len(widths) if isinstance(params_per_expert, int) else list(params_per_expert)
     if len(sizes) != len(widths) or not widths:
         raise ValueError(f"need one parameter count per expert: {len(widths)} widths, {len(sizes)} counts")
     if group_size <= 0:

@@ -1,0 +1,92 @@
+"""The layer-wise runner sees exactly what a full forward pass feeds each MoE block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from tiny_models import sample_ids, tiny_model
+
+from moeslim.calibrate import ExpertOutputs, LayerDecision, RoutingStats, run_layerwise
+from moeslim.models import MoELayer, find_moe_layers
+
+
+class _Record:
+    def __init__(self) -> None:
+        self.xs: list[torch.Tensor] = []
+
+    def observe(self, layer: MoELayer, x: torch.Tensor) -> None:
+        self.xs.append(x.clone())
+
+    def result(self) -> torch.Tensor:
+        return torch.cat(self.xs)
+
+
+def _block_inputs(model: torch.nn.Module, ids: torch.Tensor, replace: dict[int, Any] | None = None
+                  ) -> dict[int, torch.Tensor]:
+    """Block inputs of a full forward (batch by batch of 2, as the runner), optionally replacing outputs."""
+    seen: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for layer in find_moe_layers(model):
+        def hook(_m: torch.nn.Module, args: tuple, out: Any, idx: int = layer.layer_idx) -> Any:
+            x = args[0]
+            seen.setdefault(idx, []).append(x.reshape(-1, x.shape[-1]).clone())
+            if replace and idx in replace:
+                return replace[idx](x)
+            return None
+        handles.append(layer.block.register_forward_hook(hook))
+    with torch.no_grad():
+        for start in range(0, ids.shape[0], 2):
+            model(ids[start:start + 2])
+    for h in handles:
+        h.remove()
+    return {i: torch.cat(v) for i, v in seen.items()}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_runner_inputs_equal_full_forward(family: str) -> None:
+    model = tiny_model(family, seed=0)
+    ids = sample_ids(seed=1, batch=4, seq=10)
+    results = run_layerwise(model, ids, lambda layer: [_Record()], batch_size=2, progress=False)
+    expected = _block_inputs(model, ids)
+    assert sorted(results) == sorted(expected) == [layer.layer_idx for layer in find_moe_layers(model)]
+    for idx, entry in results.items():
+        assert torch.allclose(entry["_Record"], expected[idx], atol=1e-5)
+
+
+def test_compressed_propagation_feeds_the_override_forward() -> None:
+    model = tiny_model("mixtral", seed=0)
+    ids = sample_ids(seed=2, batch=2, seq=8)
+    first = find_moe_layers(model)[0].layer_idx
+
+    def zero_first(layer: MoELayer, observers: Any) -> LayerDecision:
+        override = (lambda x: torch.zeros_like(x)) if layer.layer_idx == first else None
+        return LayerDecision(result=observers[0].result(), override=override)
+
+    compressed = run_layerwise(model, ids, lambda layer: [_Record()], zero_first, propagate="compressed",
+                               batch_size=2, progress=False)
+    original = run_layerwise(model, ids, lambda layer: [_Record()], zero_first, propagate="original",
+                             batch_size=2, progress=False)
+    expected = _block_inputs(model, ids, replace={first: torch.zeros_like})
+    second = sorted(compressed)[1]
+    assert torch.allclose(compressed[second], expected[second], atol=1e-5)
+    assert not torch.allclose(original[second], expected[second], atol=1e-3)
+
+
+def test_routing_stats_and_expert_outputs_match_direct_computation() -> None:
+    model = tiny_model("mixtral", seed=0)
+    ids = sample_ids(seed=3, batch=2, seq=12)
+    results = run_layerwise(
+        model, ids, lambda layer: [RoutingStats(layer.num_experts), ExpertOutputs(), _Record()], progress=False)
+    for layer in find_moe_layers(model):
+        entry = results[layer.layer_idx]
+        x = entry["_Record"]
+        weights, top = layer.route(layer.router_logits(x))
+        stats = entry["RoutingStats"]
+        assert torch.equal(stats.counts, torch.bincount(top.flatten(), minlength=layer.num_experts).double())
+        assert stats.tokens == x.shape[0] and abs(float(stats.load.sum()) - 1) < 1e-9
+        sample = entry["ExpertOutputs"]
+        routed = layer.combine(sample.outputs, *layer.route(sample.logits))
+        with torch.no_grad():
+            assert torch.allclose(routed, layer.forward(x), atol=1e-5)

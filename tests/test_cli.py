@@ -1,0 +1,113 @@
+"""The ``moeslim`` command end to end on a tiny checkpoint: inspect, plan, apply, eval, run, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moeslim
+from moeslim.cli import main
+from moeslim.config import ConfigError
+from moeslim.recipe import load_recipe
+
+CALIB = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+
+
+def test_inspect_writes_summary_and_heatmap(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "inspect"
+    assert main(["inspect", str(tiny_model_dir), *CALIB, "--out", str(out)]) == 0
+    report = json.loads((out / "inspect.json").read_text())
+    assert report["summary"]["experts"] == 8 and report["summary"]["top_k"] == 2
+    assert len(report["loads"]) == 2
+    assert all(abs(sum(entry["load"]) - 1) < 1e-6 for entry in report["loads"])
+    assert (out / "expert_load.png").stat().st_size > 0
+
+
+def test_plan_apply_eval(tiny_model_dir: Path, tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "prune", str(tiny_model_dir), "--method", "enumerate", "--keep", "4", *CALIB,
+                 "--out", str(plan)]) == 0
+    data = json.loads(plan.read_text())
+    assert data["kind"] == "prune" and all(len(v) == 4 for v in data["layers"].values())
+    assert data["provenance"]["data"] == "demo:code:calibration" and data["provenance"]["data_hash"]
+    ckpt = tmp_path / "pruned"
+    assert main(["apply", str(tiny_model_dir), str(plan), "--out", str(ckpt)]) == 0
+    assert AutoModelForCausalLM.from_pretrained(ckpt).config.num_local_experts == 4
+    assert not list(tmp_path.glob(".pruned.*"))  # no temp folder left behind
+    result = tmp_path / "eval.json"
+    assert main(["eval", str(ckpt), "--max-windows", "2", "--seq-len", "32", "--tasks", "none",
+                 "--out", str(result)]) == 0
+    ppl = json.loads(result.read_text())["perplexity"]
+    assert set(ppl) == {"code", "prose"} and all(math.isfinite(v) for v in ppl.values())
+
+
+def test_plan_refuses_keep_below_top_k(tiny_model_dir: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["plan", "prune", str(tiny_model_dir), "--keep", "1", *CALIB, "--out", str(tmp_path / "p.json")])
+    assert code == 2
+    assert "keep at least 2" in capsys.readouterr().out
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_apply_refuses_existing_output(tiny_model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "exists").mkdir()
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "skip", str(tiny_model_dir), *CALIB, "--out", str(plan)]) == 0
+    assert main(["apply", str(tiny_model_dir), str(plan), "--out", str(tmp_path / "exists")]) == 2
+
+
+def _write_recipe(path: Path, model_dir: Path, stages: str) -> Path:
+    path.write_text(f"""
+name: tiny-run
+model: {model_dir}
+calibration: {{data: [demo:code, demo:prose], samples: 4, seq_len: 32, batch_size: 2}}
+stages:
+{stages}
+eval: {{data: [demo:code:test], seq_len: 32, max_windows: 2, tasks: [moeslim_code_nextline], task_limit: 4,
+        speed: true, speed_repeats: 1}}
+""")
+    return path
+
+
+def test_recipe_runs_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
+    recipe = _write_recipe(tmp_path / "r.yaml", tiny_model_dir, """
+  - prune: {method: enumerate, keep: 6}
+  - skip: {quantile: 0.5}
+""")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "runs")]) == 0
+    run = tmp_path / "runs" / "tiny-run"
+    results = json.loads((run / "results.json").read_text())
+    assert [r["name"] for r in results] == ["original", "tiny-run"]
+    original, compressed = results
+    assert compressed["expert_calls_per_token"] < original["expert_calls_per_token"]
+    assert json.loads((run / "report.json").read_text())["variants"]
+    assert "tiny-run" in (run / "report.md").read_text()
+    assert {p.name for p in (run / "plans" / "tiny-run").iterdir()} == {"00-prune.json", "01-skip.json"}
+    model, _ = moeslim.load(run / "model")
+    assert model.config.num_local_experts == 6 and model.config.moeslim["skip"]["betas"]
+    stock = AutoModelForCausalLM.from_pretrained(run / "model")  # plain transformers still loads it
+    ids = torch.randint(0, 100, (1, 16))
+    with torch.no_grad():
+        assert stock(ids).logits.shape == model(ids).logits.shape
+
+
+def test_recipe_errors_name_the_field(tiny_model_dir: Path, tmp_path: Path) -> None:
+    bad = _write_recipe(tmp_path / "bad.yaml", tiny_model_dir, "  - prune: {method: enumerate, kep: 6}\n")
+    with pytest.raises(ConfigError, match="kep"):
+        load_recipe(bad)
+    bad = _write_recipe(tmp_path / "bad2.yaml", tiny_model_dir, "  - squash: {}\n")
+    with pytest.raises(ConfigError, match="unknown stage 'squash'"):
+        load_recipe(bad)
+
+
+def test_example_recipes_parse() -> None:
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    recipes = sorted(examples.glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        assert load_recipe(path).stages
