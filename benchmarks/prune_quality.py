@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moeslim.apply.prune import apply_prune
-from moeslim.apply.skip import apply_skip
+from moeslim.appliers.prune import apply_prune
+from moeslim.appliers.skip import apply_skip
 from moeslim.methods.prune import PruneConfig, plan_prune
 from moeslim.methods.skip import plan_skip
 from moeslim.plans import Plan

@@ -196,7 +196,9 @@ Every training batch holds equal numbers of 256-token windows from each domain.
 
 AdamW (betas 0.9/0.95, weight decay 0.1), peak lr {tc["lr"]}, {tc["warmup"]} warmup steps then
 cosine decay to 10 %, gradient clipping {tc["clip"]}, batch {tc["batch"]} x {CONTEXT} tokens,
-router load-balancing loss with coefficient {tc["aux_coef"]}, seed {tc["seed"]}, {tc["threads"]} CPU threads
+Switch-style load-balancing loss computed per layer and averaged over layers
+(coefficient {tc["aux_coef"]}; the built-in Mixtral aux loss pools all layers, which let single
+experts starve in a first run), seed {tc["seed"]}, {tc["threads"]} CPU threads
 (experts implementation `{tc["experts_impl"]}`, attention `{tc["attn_impl"]}`).
 Trained for {done["steps"]} steps (planned {done["planned_steps"]}) = {done["train_tokens"]:,} tokens
 in {wall_min:.1f} min wall time on a shared 2-core CPU ({platform.machine()}).

@@ -4,7 +4,7 @@ Steps (all seeded and deterministic):
 
 1. train a byte-level BPE tokenizer on the train split of the demo corpus
    (``scripts/build_demo_corpus.py`` must have been run first);
-2. train ``MixtralForCausalLM`` (8 experts, top-2, router load-balancing loss) on
+2. train ``MixtralForCausalLM`` (8 experts, top-2, per-layer load-balancing loss) on
    batches that mix the ``code`` and ``prose`` domains in equal parts;
 3. save the bf16 model, the tokenizer and ``training_log.jsonl`` to ``--out``.
 
@@ -179,24 +179,44 @@ def validation_loss(model: Any, windows: dict[str, torch.Tensor], batch: int) ->
     return out
 
 
-def train_step(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor, clip: float) -> dict[str, float]:
-    out = model(input_ids=x, labels=x)
+def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch-style load-balancing loss computed per layer, then averaged (1.0 = balanced).
+
+    transformers' built-in Mixtral aux loss concatenates all layers before averaging, so an
+    expert starved in one layer can be compensated by the same expert index in another layer;
+    in a pilot this left experts with 0 % of the tokens. Balancing each layer avoids that.
+    """
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        n_experts = probs.size(-1)
+        top = probs.topk(top_k, dim=-1).indices
+        share = torch.nn.functional.one_hot(top, n_experts).float().sum(1).mean(0) / top_k
+        losses.append(n_experts * (share * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+def train_step(model: Any, opt: torch.optim.Optimizer, x: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
+    out = model(input_ids=x, output_router_logits=True)
+    logits = out.logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), x[:, 1:].reshape(-1))
+    balance = per_layer_balance_loss(out.router_logits, model.config.num_experts_per_tok)
+    loss = ce + args.aux_coef * balance
     opt.zero_grad(set_to_none=True)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
     opt.step()
-    aux = out.aux_loss.item() if out.aux_loss is not None else float("nan")
-    return {"loss": float(out.loss), "aux_loss": aux}
+    return {"loss": ce.item(), "balance_loss": balance.item()}
 
 
 def bench(model: Any, opt: torch.optim.Optimizer, streams: dict[str, np.ndarray],
           args: argparse.Namespace) -> None:
     """Time a few steps (after one warm-up step) to size the real run."""
     rng = np.random.default_rng(args.seed)
-    train_step(model, opt, sample_batch(streams, args.batch // 2, rng), args.clip)
+    train_step(model, opt, sample_batch(streams, args.batch // 2, rng), args)
     t0 = time.perf_counter()
     for _ in range(args.bench):
-        train_step(model, opt, sample_batch(streams, args.batch // 2, rng), args.clip)
+        train_step(model, opt, sample_batch(streams, args.batch // 2, rng), args)
     dt = (time.perf_counter() - t0) / args.bench
     tok_s = args.batch * CONTEXT / dt
     print(f"experts={args.experts_impl} attn={args.attn_impl} batch={args.batch}: "
@@ -212,7 +232,7 @@ def train(model: Any, opt: torch.optim.Optimizer, streams: dict[str, np.ndarray]
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        stats = train_step(model, opt, sample_batch(streams, args.batch // 2, rng), args.clip)
+        stats = train_step(model, opt, sample_batch(streams, args.batch // 2, rng), args)
         record: dict[str, Any] = {"step": step + 1, "lr": lr, **stats,
                                   "elapsed_s": round(time.perf_counter() - start, 1)}
         last = step + 1 == args.steps
@@ -221,7 +241,7 @@ def train(model: Any, opt: torch.optim.Optimizer, streams: dict[str, np.ndarray]
         if (step + 1) % args.log_every == 0 or "val_loss" in record:
             log.write(json.dumps(record) + "\n")
             log.flush()
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", aux=f"{stats['aux_loss']:.3f}")
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", bal=f"{stats['balance_loss']:.3f}")
         # Safety net for a shared machine: stop (and still save) rather than miss a deadline.
         if args.deadline_min and record["elapsed_s"] > args.deadline_min * 60 and not last:
             if "val_loss" not in record:
@@ -253,7 +273,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--expert-dim", type=int, default=448)
-    p.add_argument("--aux-coef", type=float, default=0.02)
+    p.add_argument("--aux-coef", type=float, default=0.05, help="per-layer balance loss weight")
     p.add_argument("--experts-impl", default="grouped_mm", choices=["eager", "batched_mm", "grouped_mm"])
     p.add_argument("--attn-impl", default="sdpa", choices=["eager", "sdpa"])
     p.add_argument("--eval-every", type=int, default=100)

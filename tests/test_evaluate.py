@@ -79,15 +79,14 @@ def test_param_bytes_by_dtype_and_quantized(model: MixtralForCausalLM) -> None:
     n = sum(p.numel() for p in model.parameters())
     assert param_bytes(model) == {"total": 4 * n, "by_dtype": {"float32": 4 * n}, "quantized": 0}
 
-    class Packed(torch.nn.Module):  # stands in for a low-bit experts module
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(10, 10))
-
-        def moeslim_nbytes(self) -> int:
+    class Packed:  # stands in for a LowBitTensor
+        def nbytes(self) -> int:
             return 7
 
-    wrapper = torch.nn.Sequential(torch.nn.Linear(4, 4).half(), Packed())
+    experts = torch.nn.Module()
+    experts.w = torch.nn.Parameter(torch.zeros(10, 10))
+    experts.moeslim_lowbit = {"w": Packed()}
+    wrapper = torch.nn.Sequential(torch.nn.Linear(4, 4).half(), experts)
     res = param_bytes(wrapper)
     assert res == {"total": 2 * 20 + 7, "by_dtype": {"float16": 40}, "quantized": 7}
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import sample_ids, tiny_model
 
-from moeslim.apply.prune import apply_prune
+from moeslim.appliers.prune import apply_prune
 from moeslim.calibrate import ExpertOutputSample, RoutingSummary
 from moeslim.config import ConfigError
 from moeslim.methods.prune import PruneConfig, plan_prune

@@ -25,7 +25,7 @@ pytestmark = [
 
 
 def test_enumerate_beats_frequency_and_random_on_demo() -> None:
-    from moeslim.apply.prune import apply_prune
+    from moeslim.appliers.prune import apply_prune
     from moeslim.calibration_data import build_calibration_set
     from moeslim.config import CalibrationConfig
     from moeslim.data import load_source, token_windows

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, sample_ids, tiny_model
 
-from moeslim.apply import apply
+from moeslim.appliers import apply
 from moeslim.calibrate.hessians import ExpertHessians
 from moeslim.config import ConfigError
 from moeslim.methods.quant.driver import QuantizeConfig, plan_bits, plan_quantize
@@ -147,6 +147,7 @@ def test_bits_16_is_identity() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(model(CALIB).logits, ref)
     assert model.config.moeslim["quantize"]["avg_bits"] == 16.0
+    assert model.config.moeslim["quantize"]["quantizer"] == "none"
 
 
 def test_unrouted_expert_falls_back_to_rtn_and_is_listed() -> None:
@@ -245,3 +246,28 @@ def test_sequential_down_hessians() -> None:
     plain, _ = quantize_layer_experts(layer, [2] * 8, replace(summary, inputs=None), config)
     assert torch.equal(seq.up.dequantize(), plain.up.dequantize())  # gate_up: same Hessian
     assert not torch.equal(seq.down.dequantize(), plain.down.dequantize())  # down: quantized inputs
+
+
+def test_precomputed_factors_give_the_same_plan() -> None:
+    from moeslim.methods.quant.driver import pmq_factors
+
+    model = tiny_model("mixtral")
+    config = QuantizeConfig(method="pmq", bits=2.5, **FAST)
+    factors = pmq_factors(model, CALIB, config)
+    assert plan_bits(model, None, config, factors=factors)[0] == plan_bits(model, CALIB, config)[0]
+    with pytest.raises(ValueError, match="candidates"):
+        plan_bits(model, None, QuantizeConfig(method="pmq", bits=2.5, candidates=(2, 3), **FAST), factors=factors)
+
+
+def test_negligible_costs_still_fill_the_budget() -> None:
+    from moeslim.methods.quant.driver import _allocate_pmq
+    from moeslim.methods.quant.factors import LayerFactors
+
+    # Experts 0-5 barely routed (cost ~0 at every width): without a tie-break the MILP may leave bits unused.
+    err = torch.tensor([[1e-9, 0.0, 0.0]] * 6 + [[1e3, 4e2, 1e2], [2e3, 5e2, 2e2]], dtype=torch.float64)
+    counts = torch.tensor([1, 0, 0, 0, 0, 0, 500, 500])
+    freq = counts.double() / counts.sum()
+    f = LayerFactors(freq, torch.full((8,), 0.5, dtype=torch.float64), err, (1, 2, 3), counts)
+    for cost in ("paper", "authors"):
+        bits = _allocate_pmq({0: f}, {0: 8}, QuantizeConfig(method="pmq", bits=2.5, cost=cost, **FAST))[0]
+        assert sum(bits) == 20 and bits[6] == bits[7] == 3

@@ -12,7 +12,7 @@ import torch
 from tiny_models import sample_ids, tiny_model
 
 import moeslim.io
-from moeslim.apply import apply
+from moeslim.appliers import apply
 from moeslim.methods.quant.driver import QuantizeConfig, plan_quantize
 from moeslim.methods.quant.pack import bits_accounting
 from moeslim.models import find_moe_layers

@@ -8,8 +8,8 @@ import pytest
 import torch
 from tiny_models import FAMILIES, sample_ids, tiny_model
 
-from moeslim.apply.prune import apply_prune
-from moeslim.apply.skip import apply_skip
+from moeslim.appliers.prune import apply_prune
+from moeslim.appliers.skip import apply_skip
 from moeslim.config import ConfigError
 from moeslim.methods.prune import PruneConfig, plan_prune
 from moeslim.methods.skip import SkipConfig, calibrate_beta, keep_mask, plan_skip, rescale_kept, skip_rates

@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load": "moeslim.io",
     "save": "moeslim.io",
-    "apply": "moeslim.apply",
+    "apply": "moeslim.appliers",
     "calibrate": "moeslim.calibrate",
     "run_layerwise": "moeslim.calibrate",
     "evaluate": "moeslim.evaluate",

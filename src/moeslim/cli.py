@@ -101,7 +101,7 @@ def _task_names(given: list[str] | None) -> tuple[str, ...]:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from moeslim.apply import apply
+    from moeslim.appliers import apply
     from moeslim.io import load, save
     from moeslim.plans import Plan
 

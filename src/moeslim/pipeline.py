@@ -74,7 +74,7 @@ def plan_stage(model: nn.Module, stage: StageSpec, calib: CalibrationSet, model_
 def run_stage(model: nn.Module, stage: StageSpec, calib: CalibrationSet, model_name: str,
               plan_path: Path | None = None) -> Plan:
     """Plan on ``calib`` with the model as it is now, save the plan, apply it in place."""
-    from moeslim.apply import apply
+    from moeslim.appliers import apply
 
     plan = plan_stage(model, stage, calib, model_name)
     if plan_path is not None:

@@ -139,7 +139,9 @@ def print_table(results: list[Any], title: str) -> None:
         cells.append(f"{r.expert_calls_per_token:.2f}" if r.expert_calls_per_token is not None else "-")
         cells.append(f"{r.speed_ratio:.2f}" if r.speed_ratio is not None else "-")
         table.add_row(r.name, *cells)
-    Console().print(table)
+    # Not a terminal (CI logs, pipes): rich would wrap at 80 columns and cut the headers.
+    console = Console() if Console().is_terminal else Console(width=200)
+    console.print(table)
 
 
 def _ppl_cell(value: float | None, base: float | None) -> str:

@@ -22,23 +22,22 @@ from moeslim.evaluate._logits import model_device
 
 
 def param_bytes(model: nn.Module) -> dict[str, Any]:
-    """Bytes of the weights as stored in memory.
+    """Bytes of the weights as stored.
 
-    {"total", "by_dtype": {dtype: bytes}, "quantized": bytes}. A module with `moeslim_nbytes()` (low-bit
-    experts) reports its own packed size; its tensors are then not counted again. Tied / shared
-    parameters count once.
+    {"total", "by_dtype": {dtype: bytes}, "quantized": bytes}. Parameters with low-bit storage (a module's
+    ``moeslim_lowbit = {param name: LowBitTensor}``, set by quantization) count as their packed codes, scales
+    and zeros instead of the dequantized float copy kept for compute. Tied / shared parameters count once.
     """
     by_dtype: dict[str, int] = {}
     quantized = 0
     seen: set[int] = set()
-    skip_prefixes: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(p) for p in skip_prefixes):
-            continue
-        if callable(getattr(module, "moeslim_nbytes", None)):
-            quantized += int(module.moeslim_nbytes())
-            skip_prefixes.append(f"{name}." if name else "")
-            continue
+    for module in model.modules():
+        lowbit = getattr(module, "moeslim_lowbit", None) or {}
+        for param_name, packed in lowbit.items():
+            param = getattr(module, param_name, None)
+            if isinstance(param, torch.Tensor) and id(param) not in seen:
+                seen.add(id(param))
+                quantized += int(packed.nbytes())
         for p in module.parameters(recurse=False):
             if id(p) in seen:
                 continue

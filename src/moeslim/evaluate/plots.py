@@ -24,15 +24,20 @@ def mean_ppl(result: VariantResult) -> float | None:
 
 
 def _label_points(ax: Axes, xs: list[float], ys: list[float], labels: list[str]) -> None:
-    """Labels alternate above / below in x order so neighbours do not print over each other."""
-    order = sorted(range(len(xs)), key=lambda i: (xs[i], ys[i]))
-    for rank, i in enumerate(order):
-        dy = 9 if rank % 2 == 0 else -15
+    """A label beside each point; where points crowd, the upper one's label goes above it and the
+    lower one's below, so a label never sits nearer to a neighbour than to its own point."""
+    x_span = (max(xs) - min(xs)) or 1.0
+    y_span = (max(ys) - min(ys)) or 1.0
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        near = [j for j in range(len(xs))
+                if j != i and abs(xs[j] - x) < 0.08 * x_span and abs(ys[j] - y) < 0.08 * y_span]
+        upper = all(ys[j] < y or (ys[j] == y and j > i) for j in near)
+        dy = -3 if not near else (8 if upper else -14)
         ax.annotate(
             labels[i],
-            (xs[i], ys[i]),
+            (x, y),
             textcoords="offset points",
-            xytext=(6, dy),
+            xytext=(7, dy),
             fontsize=8,
             bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8},
         )
@@ -44,7 +49,7 @@ def _scatter_panel(ax: Axes, points: list[tuple[str, float, float]], xlabel: str
         ax.set_xlabel(xlabel)
         return
     names, xs, ys = zip(*points, strict=True)
-    colors = plt.get_cmap("tab10")(range(len(points)))
+    colors = plt.get_cmap("tab20")(range(len(points)))
     ax.scatter(xs, ys, c=colors, s=50, zorder=3)
     _label_points(ax, list(xs), list(ys), list(names))
     if log_x and min(xs) > 0 and max(xs) / min(xs) > 4:

@@ -4,6 +4,7 @@ Discovery (``find_moe_layers``) is structural; family specifics live in one tabl
 routing functions are pure (``routing.py``); ``select_experts`` slices experts in place.
 """
 
+from .expert_math import ExpertWeights, expert_forward, expert_intermediate, expert_weight_views
 from .families import FAMILIES, GENERIC, FamilySpec, UnsupportedModelError, family_of, supported_families
 from .layer import MoELayer, attention_module, decoder_layers, find_moe_layers
 from .loading import load_model, resolve_model_path
@@ -15,9 +16,13 @@ __all__ = [
     "GENERIC",
     "FamilySpec",
     "MoELayer",
+    "ExpertWeights",
     "UnsupportedModelError",
     "attention_module",
     "decoder_layers",
+    "expert_forward",
+    "expert_intermediate",
+    "expert_weight_views",
     "family_of",
     "find_moe_layers",
     "load_model",

@@ -62,8 +62,9 @@ __all__ = [
     "QuantizeConfig",
     "QuantizedExperts",
     "gptq_experts",
-    "plan_quantize",
     "plan_bits",
+    "plan_quantize",
+    "pmq_factors",
 ]
 
 QUANT_METHODS = ("pmq", "uniform", "random")
@@ -263,11 +264,23 @@ def _costs(f: LayerFactors, config: QuantizeConfig) -> np.ndarray:
     return pmq_costs(f.freq.numpy(), f.weight.numpy(), err, config.alpha, config.beta, config.gamma)
 
 
+# Rarely routed experts have costs ~1e-9 of the layer's largest: below the solver's tolerances they tie
+# across widths and the budget goes unused. A tie-breaker of this relative size prefers wider widths.
+_TIE_BREAK = 1e-6
+
+
+def _tie_break(costs: np.ndarray, widths: Sequence[int]) -> np.ndarray:
+    """(E, J) costs + _TIE_BREAK * max cost * (max width - width) / max width: fill the budget on ties."""
+    w = np.asarray(widths, dtype=np.float64)
+    span = float(np.max(costs)) if costs.size and np.max(costs) > 0 else 1.0
+    return costs + _TIE_BREAK * span * (w.max() - w)[None, :] / w.max()
+
+
 def _allocate_pmq(factors: dict[int, LayerFactors], sizes: dict[int, int], config: QuantizeConfig
                   ) -> dict[int, list[int]]:
     require = config.cost == "authors"
     order = sorted(factors)
-    costs = {idx: _costs(factors[idx], config) for idx in order}
+    costs = {idx: _tie_break(_costs(factors[idx], config), config.candidates) for idx in order}
     if config.scope == "global":
         total = sum(sizes[idx] for idx in order) * config.bits
         widths = allocate_bits_global([costs[i] for i in order], config.candidates, total, require_top_two=require)
@@ -294,8 +307,24 @@ def _allocate_random(sizes: dict[int, int], config: QuantizeConfig) -> dict[int,
             for idx, n in sizes.items()}
 
 
+def pmq_factors(model: nn.Module, input_ids: torch.Tensor, config: QuantizeConfig,
+                device: torch.device | str | None = None, progress: bool = False) -> dict[int, LayerFactors]:
+    """{decoder layer index: LayerFactors} on the calibration ids (N, L), original-model inputs per layer.
+
+    Depends on ``candidates``, ``group_size``, ``token_fraction``, ``seed`` and ``batch_size`` only, so
+    one result serves several budgets or cost settings (pass it to ``plan_quantize(factors=...)``).
+    """
+    return run_layerwise(
+        model, input_ids,
+        make_observers=lambda _layer: [ExpertOutputs(fraction=config.token_fraction, seed=config.seed)],
+        on_layer=lambda layer, obs: LayerDecision(result=factors_for_layer(layer, obs[0].result(), config)),
+        propagate="original", batch_size=config.batch_size, device=device, progress=progress,
+    )
+
+
 def plan_bits(model: nn.Module, input_ids: torch.Tensor | None, config: QuantizeConfig,
-              device: torch.device | str | None = None, progress: bool = False
+              device: torch.device | str | None = None, progress: bool = False,
+              factors: dict[int, LayerFactors] | None = None,
               ) -> tuple[dict[int, list[int]], dict[int, LayerFactors]]:
     """Widths per MoE layer ({decoder layer index: (E,) widths}) and, for PMQ, the factors used."""
     sizes = {layer.layer_idx: layer.num_experts for layer in find_moe_layers(model)}
@@ -303,14 +332,13 @@ def plan_bits(model: nn.Module, input_ids: torch.Tensor | None, config: Quantize
         return {idx: [int(config.bits)] * n for idx, n in sizes.items()}, {}
     if config.method == "random":
         return _allocate_random(sizes, config), {}
-    if input_ids is None:
-        raise ValueError("method='pmq' needs calibration data")
-    factors: dict[int, LayerFactors] = run_layerwise(
-        model, input_ids,
-        make_observers=lambda _layer: [ExpertOutputs(fraction=config.token_fraction, seed=config.seed)],
-        on_layer=lambda layer, obs: LayerDecision(result=factors_for_layer(layer, obs[0].result(), config)),
-        propagate="original", batch_size=config.batch_size, device=device, progress=progress,
-    )
+    if factors is None:
+        if input_ids is None:
+            raise ValueError("method='pmq' needs calibration data")
+        factors = pmq_factors(model, input_ids, config, device, progress)
+    if sorted(factors) != sorted(sizes) or any(f.widths != config.candidates for f in factors.values()):
+        raise ValueError(f"precomputed factors do not fit: layers {sorted(factors)} vs {sorted(sizes)}, "
+                         f"candidates must be {list(config.candidates)}")
     return _allocate_pmq(factors, sizes, config), factors
 
 
@@ -437,16 +465,17 @@ def plan_quantize(
     model_name: str | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    factors: dict[int, LayerFactors] | None = None,
 ) -> Plan:
     """Choose per-expert widths and, with quantizer="gptq", GPTQ the experts; return a "quantize" plan.
 
     The model's weights are not modified; the GPTQ results are attached to the model for ``apply``
-    (see the module docstring).
+    (see the module docstring). ``factors``: PMQ factors from ``pmq_factors`` on the same model and data.
     """
     config.check_model(model)
     input_ids, data_name, data_hash = calibration_fields(calibration)
     start = time.perf_counter()
-    bits, factors = plan_bits(model, input_ids, config, device, progress)
+    bits, factors = plan_bits(model, input_ids, config, device, progress, factors)
     summary: dict[str, Any] = {
         "method": config.method,
         "target_bits": config.bits,

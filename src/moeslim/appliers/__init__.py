@@ -1,4 +1,4 @@
-"""``apply``: the only place that turns (model, plan) into a compressed model.
+"""``moeslim.apply`` (this package's ``apply``): the only place that turns (model, plan) into a compressed model.
 
 One handler per plan kind; each handler mutates the model in place and returns the entries it
 adds to the ``moeslim`` section of config.json (what stock transformers cannot express).
@@ -18,9 +18,9 @@ Handler = Callable[[nn.Module, Plan], dict[str, Any]]
 
 def _handlers() -> dict[str, Handler]:
     # Imported lazily so that importing moeslim does not import every method's runtime.
-    from moeslim.apply.prune import apply_prune
-    from moeslim.apply.quantize import apply_quantize
-    from moeslim.apply.skip import apply_skip
+    from moeslim.appliers.prune import apply_prune
+    from moeslim.appliers.quantize import apply_quantize
+    from moeslim.appliers.skip import apply_skip
 
     return {"prune": apply_prune, "skip": apply_skip, "quantize": apply_quantize}
 

@@ -30,7 +30,7 @@ from moeslim.methods.quant.driver import (
 from moeslim.models import MoELayer, decoder_layers, find_moe_layers
 from moeslim.models.expert_math import expert_weight_views
 from moeslim.plans import Plan, PlanError
-from moeslim.runtime.lowbit import LowBitTensor, quantize_fused
+from moeslim.runtime.lowbit import KEEP_BITS, LowBitTensor, quantize_fused
 from moeslim.runtime.lowbit_io import LOWBIT_ATTR
 
 __all__ = ["apply_quantize", "attention_linears"]
@@ -105,8 +105,9 @@ def apply_quantize(model: nn.Module, plan: Plan) -> dict[str, Any]:
         for _, linear in attention_linears(model):
             w = linear.weight.detach()
             _install(linear, "weight", quantize_fused(w[None], [int(attention_bits)], group_size, None, "rtn"))
-    quantizer = "gptq" if results is not None else "rtn"
-    if results is None and plan.summary.get("quantizer", "gptq") == "gptq":
+    quantized = any(b != KEEP_BITS for widths in bits.values() for b in widths)
+    quantizer = "gptq" if results is not None else ("rtn" if quantized else "none")
+    if quantizer == "rtn" and plan.summary.get("quantizer", "gptq") == "gptq":
         log.warning("plan %s carries no GPTQ results for this model: experts quantized with round-to-nearest",
                     plan.provenance.method)
     totals = bits_summary(model, bits, group_size)
