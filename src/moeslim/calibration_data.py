@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -30,3 +31,14 @@ def build_calibration_set(config: CalibrationConfig, tokenizer: PreTrainedTokeni
     name = "+".join(s.name for s in sources)
     content_hash = "+".join(s.content_hash for s in sources)
     return CalibrationSet(input_ids=torch.cat(parts), name=name, content_hash=content_hash)
+
+
+def calibration_fields(calibration: CalibrationSet | torch.Tensor) -> tuple[torch.Tensor, str, str]:
+    """(input_ids (N, L), data name, content hash) of a CalibrationSet or of raw input ids."""
+    if isinstance(calibration, CalibrationSet):
+        return calibration.input_ids, calibration.name, calibration.content_hash
+    ids = torch.as_tensor(calibration)
+    if ids.ndim != 2:
+        raise ValueError(f"calibration input ids must be (N, L), got shape {tuple(ids.shape)}")
+    digest = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    return ids, "input_ids", digest

@@ -148,13 +148,14 @@ def _check_fused_args(
 
 
 def _quantize_one(
-    W: torch.Tensor, bits: int, group_size: int, H: torch.Tensor | None, method: str, act_order: bool
+    W: torch.Tensor, bits: int, group_size: int, H: torch.Tensor | None, method: str, act_order: bool,
+    percdamp: float = 0.01,
 ) -> QuantizedWeight:
     # An expert that saw no calibration token has H == 0: GPTQ would zero every (dead) column, so such
     # experts, like experts without a Hessian, fall back to round-to-nearest.
     if method == "rtn" or H is None or float(torch.diag(H).sum()) == 0.0:
         return rtn_quantize(W, bits, group_size, scale_dtype=_SCALE_DTYPE)
-    return gptq_quantize(W, H, bits, group_size, act_order=act_order, scale_dtype=_SCALE_DTYPE)
+    return gptq_quantize(W, H, bits, group_size, percdamp=percdamp, act_order=act_order, scale_dtype=_SCALE_DTYPE)
 
 
 def quantize_fused(
@@ -166,6 +167,7 @@ def quantize_fused(
     *,
     transposed: bool = False,
     act_order: bool = False,
+    percdamp: float = 0.01,
 ) -> LowBitTensor:
     """Quantize each expert slice of a fused tensor at its own width.
 
@@ -178,6 +180,7 @@ def quantize_fused(
         method: "gptq" or "rtn".
         transposed: the family stores expert matrices as (in, out).
         act_order: GPTQ column order by decreasing Hessian diagonal (static groups).
+        percdamp: GPTQ damping, as a fraction of the mean Hessian diagonal.
 
     Scales are rounded to float16 before quantizing, so GPTQ's error feedback sees the stored scales.
     """
@@ -203,7 +206,7 @@ def quantize_fused(
         W = tensor[e].detach().float()
         W = W.T if transposed else W  # (out, in)
         H = None if hessians is None else hessians[e]
-        q = _quantize_one(W, b, group_size, H, method, act_order)
+        q = _quantize_one(W, b, group_size, H, method, act_order, percdamp)
         out.codes[e] = pack_bits(q.codes, b)
         out.scales[e] = q.scales.to(_SCALE_DTYPE)
         out.zeros[e] = pack_bits(q.zeros, b)

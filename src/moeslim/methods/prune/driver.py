@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +18,7 @@ from moeslim.calibrate import (
     RoutingSummary,
     run_layerwise,
 )
-from moeslim.calibration_data import CalibrationSet
+from moeslim.calibration_data import CalibrationSet, calibration_fields
 from moeslim.methods.prune.config import ROUTING_METHODS, PruneConfig
 from moeslim.methods.prune.enumerate import SubsetScorer, allowed_mask, best_subset, enumerate_subsets
 from moeslim.methods.prune.saliency import (
@@ -141,13 +140,3 @@ def _decision(layer: MoELayer, observers: Sequence[Observer], config: PruneConfi
     allowed = allowed_mask(result["kept"], layer.num_experts)
     # Later layers see this layer as the pruned model computes it (masked routing on the same input).
     return LayerDecision(result=result, override=lambda x: layer.forward(x, allowed.to(x.device)))
-
-
-def calibration_fields(calibration: CalibrationSet | torch.Tensor) -> tuple[torch.Tensor, str, str]:
-    if isinstance(calibration, CalibrationSet):
-        return calibration.input_ids, calibration.name, calibration.content_hash
-    ids = torch.as_tensor(calibration)
-    if ids.ndim != 2:
-        raise ValueError(f"calibration input ids must be (N, L), got shape {tuple(ids.shape)}")
-    digest = hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-    return ids, "input_ids", digest

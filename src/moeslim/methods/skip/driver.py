@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from moeslim.calibrate import LayerDecision, Observer, RoutingStats, RoutingSummary, run_layerwise
-from moeslim.calibration_data import CalibrationSet
+from moeslim.calibration_data import CalibrationSet, calibration_fields
 from moeslim.config import ConfigError
-from moeslim.methods.prune.driver import calibration_fields
 from moeslim.methods.skip.thresholds import SKIP_RULES, calibrate_beta, skip_rates
 from moeslim.models import MoELayer, find_moe_layers
 from moeslim.plans import Plan, Provenance, config_hash
