@@ -27,16 +27,6 @@ from moeslim.methods.prune.search import search_subset
 from moeslim.models import find_moe_layers, masked_routing_is_identity
 from moeslim.plans import Plan
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one torch thread avoids thread hand-off costs that dominate on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 IDS = sample_ids(seed=2, batch=4, seq=16)
 
 

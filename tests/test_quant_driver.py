@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -22,13 +21,6 @@ from moeslim.plans import Plan
 CALIB = sample_ids(0, 4, 24)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny matmuls: intra-op threads only contend (10-50x slower on a loaded 2-core machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 FAST = {"group_size": 16, "quantizer": "rtn"}  # allocation tests need no GPTQ pass
 
 

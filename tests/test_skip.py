@@ -24,16 +24,6 @@ from moeslim.runtime.skipping import (
     uninstall_skipping,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one torch thread avoids thread hand-off costs that dominate on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 IDS = sample_ids(seed=3, batch=8, seq=32)  # 256 tokens per layer
 
 

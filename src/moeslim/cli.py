@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # our errors are ValueErrors; OSError: missing files/models
         console.print(f"[bold red]error:[/] {err}")
         return 2
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import moeslim
+from moeslim.hub import hub_reachable
 
 SPLITS = ("calibration", "validation", "test")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -125,17 +124,6 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
             f"{path} has no column {text_field!r} (columns: {', '.join(table.column_names)})"
         )
     return [str(v) for v in table.column(text_field).to_pylist()]
-
-
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Offline detection that fails fast instead of letting a download hang."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
 
 
 def _load_hf(spec: str, text_field: str) -> TextSource:

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from moeslim.data.sources import bundled_corpus_dir, hub_reachable
+from moeslim.data.sources import bundled_corpus_dir
 from moeslim.evaluate.scoring import score_continuations
+from moeslim.hub import hub_reachable
 
 OFFLINE_TASKS = ("moeslim_code_nextline", "moeslim_prose_continuation")
 CONTEXT_LINES = 8  # code task: lines of context before the line to predict

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moeslim.hub import hub_offline, hub_reachable
+
 DEMO_NAME = "demo"
-_HUB_HOST = ("huggingface.co", 443)
 
 
 def demo_model_path() -> Path:
@@ -30,18 +29,6 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection(_HUB_HOST, timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Any, Any]:
     """(model in eval mode, tokenizer or None) for "demo", a local dir, or a hub id.
 
@@ -56,12 +43,14 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu
         raise FileNotFoundError(
             f"the bundled demo model is missing at {path}; rebuild it with scripts/train_demo_model.py"
         )
-    cache_only = not local and (_offline() or not _hub_reachable())
+    cache_only = not local and not hub_reachable()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=cache_only)
     except OSError as err:
         if cache_only:
-            reason = "HF_HUB_OFFLINE is set" if _offline() else "the Hugging Face hub cannot be reached"
+            reason = (
+                "offline mode is set (HF_HUB_OFFLINE)" if hub_offline() else "the Hugging Face hub cannot be reached"
+            )
             raise OSError(
                 f"cannot load {name!r}: it is not a local directory, {reason}, "
                 "and it is not in the local cache"
