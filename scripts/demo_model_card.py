@@ -133,6 +133,10 @@ def compute(model_dir: Path, corpus: Path, train_corpus: Path) -> dict[str, Any]
             "slice_ppl": slice_ppl, "expert_load": load.round(5).tolist(),
         }
     loads = [np.array(result["domains"][d]["expert_load"]) for d in DOMAINS]
+    # Every window holds the same number of routing assignments, so pooling = window-weighted mean.
+    weights = [result["domains"][d]["windows"] for d in DOMAINS]
+    pooled = sum(w * load for w, load in zip(weights, loads, strict=True)) / sum(weights)
+    result["expert_load_pooled"] = pooled.round(5).tolist()
     # Total-variation distance between the two domains' expert distributions, per layer.
     result["domain_load_tv_distance"] = (0.5 * np.abs(loads[0] - loads[1]).sum(axis=1)).round(4).tolist()
     result["greedy_sample"] = {"prompt": PROMPT, "max_new_tokens": SAMPLE_TOKENS,
@@ -144,8 +148,9 @@ def load_table(result: dict[str, Any]) -> str:
     n_exp = len(result["domains"]["code"]["expert_load"][0])
     head = "| domain | layer | " + " | ".join(f"e{i}" for i in range(n_exp)) + " | min |"
     rows = [head, "|---|---|" + "---|" * (n_exp + 1)]
-    for domain in DOMAINS:
-        for layer, load in enumerate(result["domains"][domain]["expert_load"]):
+    per_domain = {d: result["domains"][d]["expert_load"] for d in DOMAINS}
+    for domain, layers in {**per_domain, "both": result["expert_load_pooled"]}.items():
+        for layer, load in enumerate(layers):
             cells = " | ".join(f"{100 * v:.1f}" for v in load)
             rows.append(f"| {domain} | {layer} | {cells} | {100 * min(load):.1f} |")
     return "\n".join(rows)
@@ -217,7 +222,7 @@ with token frequencies from the train split (add-one smoothing), scored on the s
 {ppl_row("prose", d["prose"])}
 
 Expert load: share (%) of the top-2 routing assignments that each expert receives, per layer
-and domain, on all validation windows:
+and domain (`both` = the two validation sets pooled), on all validation windows:
 
 {load_table(result)}
 

@@ -111,3 +111,26 @@ def test_example_recipes_parse() -> None:
     assert recipes
     for path in recipes:
         assert load_recipe(path).stages
+
+
+def test_quantize_plan_then_apply_redoes_gptq(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from moeslim.calibration_data import build_calibration_set
+    from moeslim.config import CalibrationConfig
+    from moeslim.pipeline import parse_stage, run_stage
+
+    plan = tmp_path / "q.json"
+    assert main(["plan", "quantize", str(tiny_model_dir), "--method", "pmq", "--bits", "2.5", *CALIB,
+                 "--out", str(plan)]) == 0
+    assert json.loads(plan.read_text())["summary"]["calibration"]["samples"] == 4
+    ckpt = tmp_path / "quantized"
+    assert main(["apply", str(tiny_model_dir), str(plan), "--out", str(ckpt)]) == 0
+    loaded, tokenizer = moeslim.load(ckpt)
+    assert loaded.config.moeslim["quantize"]["quantizer"] == "gptq"
+    # Same as planning and applying in one process: GPTQ saw the same windows.
+    model, _ = moeslim.load(tiny_model_dir)
+    config = CalibrationConfig(data=("demo:code",), samples=4, seq_len=32, batch_size=2)
+    stage = parse_stage({"quantize": {"method": "pmq", "bits": 2.5}}, "test")
+    run_stage(model, stage, build_calibration_set(config, tokenizer), str(tiny_model_dir))
+    ids = torch.randint(0, 100, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

@@ -31,6 +31,7 @@ MODEL_DIR = ASSETS / "demo-moe"
 CORPUS_DIR = ASSETS / "corpus"
 DOMAINS = ("code", "prose")
 MIN_EXPERT_LOAD = 0.03
+MIN_DOMAIN_EXPERT_LOAD = 0.01
 PPL_REL_TOL = 0.02
 
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").exists(), reason="demo model not built")
@@ -112,9 +113,15 @@ def test_perplexity_matches_reference(slice_eval: dict[str, Any], reference: dic
 
 
 def test_every_expert_used_on_validation(reference: dict[str, Any]) -> None:
+    """Pooled over both domains every expert of every layer gets >= 3 % of the assignments.
+
+    Per domain the floor is lower on purpose: experts specialise by domain (tested below).
+    """
+    for layer, load in enumerate(reference["expert_load_pooled"]):
+        assert min(load) >= MIN_EXPERT_LOAD, (layer, load)
     for domain in DOMAINS:
         for layer, load in enumerate(reference["domains"][domain]["expert_load"]):
-            assert min(load) >= MIN_EXPERT_LOAD, (domain, layer, load)
+            assert min(load) >= MIN_DOMAIN_EXPERT_LOAD, (domain, layer, load)
 
 
 def test_recomputed_expert_load(slice_eval: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ class CalibrationSet:
     input_ids: torch.Tensor  # (N, L)
     name: str
     content_hash: str
+    config: CalibrationConfig | None = None  # how the set was drawn (recorded in plans, to redraw it)
 
 
 def build_calibration_set(config: CalibrationConfig, tokenizer: PreTrainedTokenizerBase) -> CalibrationSet:
@@ -30,7 +31,7 @@ def build_calibration_set(config: CalibrationConfig, tokenizer: PreTrainedTokeni
             parts.append(token_windows(source, tokenizer, config.seq_len, count, seed=config.seed + i))
     name = "+".join(s.name for s in sources)
     content_hash = "+".join(s.content_hash for s in sources)
-    return CalibrationSet(input_ids=torch.cat(parts), name=name, content_hash=content_hash)
+    return CalibrationSet(input_ids=torch.cat(parts), name=name, content_hash=content_hash, config=config)
 
 
 def calibration_fields(calibration: CalibrationSet | torch.Tensor) -> tuple[torch.Tensor, str, str]:

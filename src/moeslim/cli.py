@@ -11,11 +11,18 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from moeslim.config import DEFAULT_CALIBRATION_DATA, CalibrationConfig, ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from moeslim.plans import Plan
 
 console = Console()
 
@@ -111,10 +118,25 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} already exists; choose another folder or pass --overwrite")
     model, tokenizer = load(args.model)
     for plan in plans:
+        _attach_gptq(model, tokenizer, plan)
         apply(model, plan)
     save(model, out, tokenizer, overwrite=args.overwrite)
     console.print(f"wrote checkpoint {out}")
     return 0
+
+
+def _attach_gptq(model: nn.Module, tokenizer: PreTrainedTokenizerBase, plan: Plan) -> None:
+    """A quantize plan made with GPTQ: redraw its calibration windows and redo GPTQ before applying it."""
+    from moeslim.calibration_data import build_calibration_set
+    from moeslim.config import CalibrationConfig
+    from moeslim.methods.quant.driver import attach_gptq_results
+
+    recorded = plan.summary.get("calibration")
+    if plan.kind != "quantize" or not plan.summary.get("gptq_results") or not recorded:
+        return
+    config = CalibrationConfig(**{**recorded, "data": tuple(recorded["data"])})
+    console.print(f"GPTQ on the plan's calibration data ({', '.join(config.data)}, {config.samples} windows)")
+    attach_gptq_results(model, plan, build_calibration_set(config, tokenizer))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -148,6 +170,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from moeslim.pipeline import plan_stage
 
     plan = plan_stage(model, stage, build_calibration_set(calib, tokenizer), args.model)
+    if plan.kind == "quantize":
+        console.print("note: `moeslim apply` redoes GPTQ on the calibration data recorded in the plan")
     path = plan.save(args.out)
     console.print_json(data={"layers": {str(k): v for k, v in plan.layers.items()}})
     console.print(f"wrote {path}")

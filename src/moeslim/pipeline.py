@@ -68,7 +68,11 @@ def parse_stage(entry: Mapping[str, Any], where: str) -> StageSpec:
 def plan_stage(model: nn.Module, stage: StageSpec, calib: CalibrationSet, model_name: str) -> Plan:
     """Plan on ``calib`` with the model as it is now (the model is not modified)."""
     _, planner = _registry()[stage.kind]
-    return planner(model, calib, stage.config, model_name)
+    plan = planner(model, calib, stage.config, model_name)
+    if calib.config is None:
+        return plan
+    # Record how the calibration set was drawn, so the same windows can be drawn again (e.g. for GPTQ at apply).
+    return dataclasses.replace(plan, summary={**plan.summary, "calibration": dataclasses.asdict(calib.config)})
 
 
 def run_stage(model: nn.Module, stage: StageSpec, calib: CalibrationSet, model_name: str,

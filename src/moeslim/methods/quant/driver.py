@@ -355,10 +355,7 @@ def plan_quantize(
         # Deterministic token: the same model, data and config give the same plan JSON.
         token = hashlib.sha256(json.dumps([plan.to_dict()["layers"], data_hash, config.to_dict()],
                                           sort_keys=True).encode()).hexdigest()[:16]
-        store = dict(getattr(model, RESULTS_ATTR, None) or {})
-        store[token] = results
-        # A plain attribute (not a buffer): never saved, never moved, gone with the model.
-        object.__setattr__(model, RESULTS_ATTR, store)
+        _store_results(model, token, results)
         summary = {**summary, "gptq_results": token,
                    "rtn_fallback": {str(k): v for k, v in sorted(results.fallback.items()) if v},
                    "min_tokens": config.min_tokens}
@@ -367,3 +364,30 @@ def plan_quantize(
     summary["seconds"] = time.perf_counter() - start
     summary["calibration_windows"] = int(input_ids.shape[0])
     return replace(plan, summary=summary)
+
+
+def _store_results(model: nn.Module, token: str, results: GptqResults) -> None:
+    store = dict(getattr(model, RESULTS_ATTR, None) or {})
+    store[token] = results
+    # A plain attribute (not a buffer): never saved, never moved, gone with the model.
+    object.__setattr__(model, RESULTS_ATTR, store)
+
+
+def attach_gptq_results(model: nn.Module, plan: Plan, calibration: CalibrationSet | torch.Tensor,
+                        device: torch.device | str | None = None, progress: bool = False) -> bool:
+    """Re-run the GPTQ pass of a saved "quantize" plan (e.g. ``moeslim apply`` in a new process), so that
+    ``apply`` stores GPTQ rather than round-to-nearest experts. Returns False if the plan used no GPTQ.
+
+    Pass the calibration the plan was made on (``plan.summary["calibration"]`` says how to draw it):
+    the same windows give the same GPTQ results.
+    """
+    token = plan.summary.get("gptq_results")
+    if plan.kind != "quantize" or not token:
+        return False
+    config = QuantizeConfig(**plan.provenance.config)
+    input_ids, _, data_hash = calibration_fields(calibration)
+    if plan.provenance.data_hash and data_hash != plan.provenance.data_hash:
+        raise ValueError(f"calibration data hash {data_hash} differs from the plan's {plan.provenance.data_hash}; "
+                         "GPTQ must see the windows the plan was made on")
+    _store_results(model, token, gptq_experts(model, plan, input_ids, config, device, progress))
+    return True
