@@ -35,27 +35,32 @@ def _variants() -> list[VariantResult]:
         plan={"kind": "skip", "layers": {str(i): {"beta": 0.4} for i in range(8)},
               "skip_rate": {str(i): 0.1 + 0.05 * i for i in range(8)}},
     )  # fmt: skip
-    return [base, pruned, skipped]
+    quantized = VariantResult(
+        name="pmq-2.5", perplexity={"code": 6.4, "prose": 14.9}, param_bytes=40_000_000,
+        plan={"kind": "quantize", "layers": {str(i): {"bits": [3, 2, 2, 3, 1, 3, 2, 4]} for i in range(8)}},
+    )  # fmt: skip
+    return [base, pruned, skipped, quantized]
 
 
 def test_write_report_files_parse(tmp_path: Path) -> None:
     md = write_report(_variants(), tmp_path)
     text = md.read_text()
-    for name in ("original", "prune-6", "skip-naee"):
+    for name in ("original", "prune-6", "skip-naee", "pmq-2.5"):
         assert sum(line.startswith(f"| **{name}**") for line in text.splitlines()) == 1
     assert "hellaswag: skipped: offline" in text and "lm-eval 0.4.13" in text
     data = json.loads((tmp_path / "report.json").read_text())
-    assert [v["name"] for v in data["variants"]] == ["original", "prune-6", "skip-naee"]
+    assert [v["name"] for v in data["variants"]] == ["original", "prune-6", "skip-naee", "pmq-2.5"]
     assert set(data["plots"]) == {
         "quality_vs_cost.png",
         "kept_experts_prune-6.png",
         "skip_rate_skip-naee.png",
+        "expert_bits_pmq-2.5.png",
     }
     for plot in data["plots"]:
         image = mpimg.imread(tmp_path / plot)
         assert image.ndim == 3 and image.shape[0] > 100
         assert f"]({plot})" in text
-    assert [r.name for r in load_results([tmp_path])] == ["original", "prune-6", "skip-naee"]
+    assert [r.name for r in load_results([tmp_path])] == ["original", "prune-6", "skip-naee", "pmq-2.5"]
 
 
 def test_run_folders_and_round_trip(tmp_path: Path) -> None:

@@ -129,3 +129,33 @@ def plot_skip_rate(plan: dict[str, Any], path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_expert_bits(plan: dict[str, Any], path: Path, title: str = "") -> Path:
+    """Heatmap: decoder layer (rows) x expert id (columns), colour and number = bit-width of the expert."""
+    layers = sorted(plan["layers"], key=int)
+    grid = [list(plan["layers"][layer]["bits"]) for layer in layers]
+    widths = sorted({b for row in grid for b in row})
+    n_experts = max(len(row) for row in grid)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * n_experts + 2), max(2.5, 0.35 * len(layers) + 1.5)))
+    cmap = plt.get_cmap("viridis", len(widths))
+    rank = [[widths.index(b) for b in row] for row in grid]
+    image = ax.imshow(rank, cmap=cmap, vmin=-0.5, vmax=len(widths) - 0.5, aspect="auto", interpolation="nearest")
+    if n_experts <= 32:
+        for r, row in enumerate(grid):
+            for c, b in enumerate(row):
+                ax.text(c, r, str(b), ha="center", va="center", fontsize=8,
+                        color="white" if widths.index(b) < len(widths) / 2 else "black")
+    bar = fig.colorbar(image, ax=ax, ticks=range(len(widths)))
+    bar.ax.set_yticklabels([str(b) for b in widths])
+    bar.set_label("bits")
+    ax.set_xticks(range(n_experts))
+    ax.set_yticks(range(len(layers)), labels=layers)
+    ax.set_xlabel("expert id")
+    ax.set_ylabel("decoder layer")
+    mean = sum(map(sum, grid)) / sum(map(len, grid))
+    ax.set_title(f"{title + ': ' if title else ''}bits per expert (mean {mean:.2f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from moeslim.evaluate.plots import mean_ppl, plot_kept_experts, plot_quality_vs_cost, plot_skip_rate
+from moeslim.evaluate.plots import mean_ppl, plot_expert_bits, plot_kept_experts, plot_quality_vs_cost, plot_skip_rate
 from moeslim.evaluate.results import VariantResult
 
 RESULT_FILE = "result.json"  # a run folder holds its VariantResult here (and its plan in plan.json)
@@ -117,6 +117,8 @@ def _plan_plots(results: Sequence[VariantResult], out_dir: Path) -> list[Path]:
             plots.append(plot_kept_experts(r.plan, out_dir / f"kept_experts_{_slug(r.name)}.png", r.name))
         elif kind == "skip" and r.plan.get("skip_rate"):
             plots.append(plot_skip_rate(r.plan, out_dir / f"skip_rate_{_slug(r.name)}.png", r.name))
+        elif kind == "quantize" and r.plan.get("layers"):
+            plots.append(plot_expert_bits(r.plan, out_dir / f"expert_bits_{_slug(r.name)}.png", r.name))
     return plots
 
 
