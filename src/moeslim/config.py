@@ -47,6 +47,7 @@ class EvalConfig:
     task_limit: int | None = None
     speed: bool = False
     speed_repeats: int = 3
+    generate_tokens: int = 24  # greedy continuations of fixed prompts, side by side (0: none)
     batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -60,3 +61,5 @@ class EvalConfig:
             raise ConfigError(f"batch_size={self.batch_size}: use at least 1")
         if self.speed_repeats < 1:
             raise ConfigError(f"speed_repeats={self.speed_repeats}: use at least 1")
+        if self.generate_tokens < 0:
+            raise ConfigError(f"generate_tokens={self.generate_tokens}: use 0 (no generations) or more")

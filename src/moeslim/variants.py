@@ -92,6 +92,8 @@ def evaluate_variants(
         models[variant.name] = model
     if evaluation.speed:
         _add_speed(results, models, tokenizer, evaluation, compare_speed)
+    if evaluation.generate_tokens:
+        _add_generations(results, models, tokenizer, evaluation.generate_tokens)
     return results, (models if keep_models else {})
 
 
@@ -117,6 +119,15 @@ def _add_speed(results: list[Any], models: dict[str, nn.Module], tokenizer: PreT
         t = timing[result.name]
         result.decode_tps, result.prefill_tps, result.speed_ratio = t["decode_tps"], t["prefill_tps"], t["decode_ratio"]
         result.extra["speed"] = t
+
+
+def _add_generations(results: list[Any], models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase,
+                     new_tokens: int) -> None:
+    from moeslim.evaluate import side_by_side
+
+    texts = side_by_side(models, tokenizer, max_new_tokens=new_tokens)  # {prompt: {name: text}}
+    for result in results:
+        result.extra["generations"] = {prompt: by_name[result.name] for prompt, by_name in texts.items()}
 
 
 def print_table(results: list[Any], title: str) -> None:
