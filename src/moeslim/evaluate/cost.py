@@ -84,7 +84,8 @@ def peak_memory(
     - CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory allocated
       before the call ("cuda_allocated").
     - CPU on Linux: a thread samples the process RSS (/proc/self/statm) every `interval_s`; peak minus
-      the RSS before the call ("rss_sampled"). Allocations shorter than the interval can be missed.
+      the RSS before the call ("rss_sampled"), raised to the process high-water mark when that grew
+      during the call (so short allocations are not missed).
     - Elsewhere: increase of the process high-water mark ru_maxrss ("ru_maxrss_delta"), a lower bound
       that reads 0 when an earlier step of the process already peaked higher.
     Returns (fn's result, {"method", "peak_bytes", "baseline_bytes"}).
@@ -108,6 +109,7 @@ def peak_memory(
             "baseline_bytes": before,
         }
     peak = [base]
+    high_water = _max_rss()
     done = threading.Event()
 
     def sample() -> None:
@@ -122,6 +124,10 @@ def peak_memory(
         peak[0] = max(peak[0], _current_rss() or 0)
         done.set()
         sampler.join()
+    if _max_rss() > high_water:
+        # The process high-water mark rose during the call, so it is the call's exact peak: this catches
+        # allocations too short for the sampler (a loaded machine can starve the sampling thread).
+        peak[0] = max(peak[0], _max_rss())
     return result, {"method": "rss_sampled", "peak_bytes": peak[0] - base, "baseline_bytes": base}
 
 
