@@ -50,8 +50,11 @@ def _scatter_panel(ax: Axes, points: list[tuple[str, float, float]], xlabel: str
         return
     names, xs, ys = zip(*points, strict=True)
     colors = plt.get_cmap("tab20")(range(len(points)))
-    ax.scatter(xs, ys, c=colors, s=50, zorder=3)
+    for name, x, y, color in zip(names, xs, ys, colors, strict=True):
+        ax.scatter([x], [y], color=color, s=50, zorder=3, label=name)
     _label_points(ax, list(xs), list(ys), list(names))
+    if min(ys) > 0 and max(ys) / min(ys) > 3:
+        ax.set_yscale("log")  # perplexities of pruned variants span orders of magnitude
     if log_x and min(xs) > 0 and max(xs) / min(xs) > 4:
         ax.set_xscale("log")
     ax.margins(x=0.2, y=0.2)
@@ -72,13 +75,16 @@ def plot_quality_vs_cost(results: Sequence[VariantResult], path: Path) -> Path:
             size_pts.append((r.name, r.param_bytes / 1e6, ppl))
         if r.expert_calls_per_token is not None:
             call_pts.append((r.name, r.expert_calls_per_token, ppl))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     _scatter_panel(left, size_pts, "weights in memory (MB)", log_x=True)
     left.set_ylabel(ylabel)
     left.set_title("quality vs size")
     _scatter_panel(right, call_pts, "routed expert calls per token (all MoE layers)", log_x=False)
     right.set_title("quality vs expert compute")
     fig.suptitle("variants: lower-left is better")
+    if size_pts or call_pts:
+        # Crowded points can hide a text label; the legend names every colour.
+        (right if call_pts else left).legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
