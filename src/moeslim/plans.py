@@ -45,6 +45,14 @@ class Provenance:
     data_hash: str | None = None
     moeslim_version: str = moeslim.__version__
 
+    @classmethod
+    def of(cls, model: Any, model_name: str | None, method: str, config: dict[str, Any], data: str | None,
+           data_hash: str | None) -> Provenance:
+        """Provenance of a plan computed on ``model`` (named by ``model_name``, else its path or class)."""
+        name = model_name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+        return cls(model=name, model_config_hash=config_hash(model.config), method=method, config=config,
+                   data=data, data_hash=data_hash)
+
 
 @dataclass(frozen=True)
 class Plan:

@@ -30,7 +30,7 @@ from moeslim.methods.prune.saliency import (
 )
 from moeslim.methods.prune.search import search_subset
 from moeslim.models import MoELayer, find_moe_layers
-from moeslim.plans import Plan, Provenance, config_hash
+from moeslim.plans import Plan, Provenance
 
 
 def _observers(config: PruneConfig, layer: MoELayer) -> list[Observer]:
@@ -121,14 +121,7 @@ def plan_prune(
         "calibration_windows": int(input_ids.shape[0]),
         "calibration_seq_len": int(input_ids.shape[1]),
     }
-    provenance = Provenance(
-        model=model_name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
-        model_config_hash=config_hash(model.config),
-        method=config.method,
-        config=config.to_dict(),
-        data=data_name,
-        data_hash=data_hash,
-    )
+    provenance = Provenance.of(model, model_name, config.method, config.to_dict(), data_name, data_hash)
     layers = {idx: sorted(r["kept"]) for idx, r in results.items()}
     return Plan(kind="prune", layers=layers, provenance=provenance, summary=summary)
 

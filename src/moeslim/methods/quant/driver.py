@@ -49,7 +49,7 @@ from moeslim.methods.quant.gptq import rtn_quantize
 from moeslim.methods.quant.pack import bits_accounting
 from moeslim.models import MoELayer, find_moe_layers
 from moeslim.models.expert_math import expert_forward, expert_weight_views
-from moeslim.plans import Plan, Provenance, config_hash
+from moeslim.plans import Plan, Provenance
 from moeslim.runtime.lowbit import KEEP_BITS, LowBitTensor, quantize_fused
 
 __all__ = [
@@ -340,14 +340,7 @@ def plan_quantize(
         entry = summary["layers"][str(idx)]
         entry["objective"] = _objective(f, bits[idx], config)
         entry["factors"] = f.to_dict()
-    provenance = Provenance(
-        model=model_name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
-        model_config_hash=config_hash(model.config),
-        method=config.method,
-        config=config.to_dict(),
-        data=data_name,
-        data_hash=data_hash,
-    )
+    provenance = Provenance.of(model, model_name, config.method, config.to_dict(), data_name, data_hash)
     layers = {idx: {"bits": widths} for idx, widths in sorted(bits.items())}
     plan = Plan(kind="quantize", layers=layers, provenance=provenance, summary=summary)
     if config.quantizer == "gptq" and any(b != KEEP_BITS for w in bits.values() for b in w):

@@ -15,7 +15,7 @@ from moeslim.calibration_data import CalibrationSet, calibration_fields
 from moeslim.config import ConfigError
 from moeslim.methods.skip.thresholds import SKIP_RULES, calibrate_beta, skip_rates
 from moeslim.models import MoELayer, find_moe_layers
-from moeslim.plans import Plan, Provenance, config_hash
+from moeslim.plans import Plan, Provenance
 
 
 @dataclass(frozen=True)
@@ -87,13 +87,7 @@ def plan_skip(
         "layers": {str(i): {k: v for k, v in r.items() if k != "beta"} for i, r in sorted(results.items())},
         "seconds": time.perf_counter() - start,
     }
-    provenance = Provenance(
-        model=model_name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
-        model_config_hash=config_hash(model.config),
-        method=f"odp-{config.rule}" if config.protect > 0 else f"skip-{config.rule}",
-        config=asdict(config),
-        data=data_name,
-        data_hash=data_hash,
-    )
+    method = f"odp-{config.rule}" if config.protect > 0 else f"skip-{config.rule}"
+    provenance = Provenance.of(model, model_name, method, asdict(config), data_name, data_hash)
     layers = {idx: {"beta": r["beta"]} for idx, r in results.items()}
     return Plan(kind="skip", layers=layers, provenance=provenance, summary=summary)
