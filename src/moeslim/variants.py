@@ -140,7 +140,7 @@ def print_table(results: list[Any], title: str) -> None:
         table.add_column(f"ppl {d}", justify="right")
     for t in tasks:
         table.add_column(t.removeprefix("moeslim_"), justify="right")
-    for col in ("params MB", "expert calls/tok", "decode x"):
+    for col in ("weights MiB", "expert calls/tok", "decode x"):
         table.add_column(col, justify="right")
     base = results[0]
     for r in results:
