@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from torch import nn
 
 from moeslim.methods.quant.driver import (
@@ -30,8 +29,8 @@ from moeslim.methods.quant.driver import (
 from moeslim.models import MoELayer, decoder_layers, find_moe_layers
 from moeslim.models.expert_math import expert_weight_views
 from moeslim.plans import Plan, PlanError
-from moeslim.runtime.lowbit import KEEP_BITS, LowBitTensor, quantize_fused
-from moeslim.runtime.lowbit_io import LOWBIT_ATTR
+from moeslim.runtime.lowbit import KEEP_BITS, quantize_fused
+from moeslim.runtime.lowbit_io import install_lowbit
 
 __all__ = ["apply_quantize", "attention_linears"]
 
@@ -66,15 +65,6 @@ def _take_results(model: nn.Module, plan: Plan, bits: dict[int, list[int]]) -> G
     return results
 
 
-def _install(module: nn.Module, name: str, packed: LowBitTensor) -> None:
-    param = getattr(module, name)
-    with torch.no_grad():
-        param.copy_(packed.dequantize().reshape(param.shape).to(param.dtype))
-    store = dict(getattr(module, LOWBIT_ATTR, None) or {})
-    store[name] = packed
-    object.__setattr__(module, LOWBIT_ATTR, store)
-
-
 def attention_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """(qualified name, module) of every nn.Linear inside a decoder layer's attention (name with 'attn')."""
     found = []
@@ -97,14 +87,14 @@ def apply_quantize(model: nn.Module, plan: Plan) -> dict[str, Any]:
         packed: QuantizedExperts = (results.experts[idx] if results is not None
                                     else quantize_layer_experts(layer, widths, None, rtn_config)[0])
         views = expert_weight_views(layer)
-        _install(layer.experts, views.up_name, packed.up)
-        _install(layer.experts, views.down_name, packed.down)
+        install_lowbit(layer.experts, views.up_name, packed.up)
+        install_lowbit(layer.experts, views.down_name, packed.down)
     attention_bits = plan.summary.get("quantize_attention")
     if attention_bits is not None:
         # Round-to-nearest: attention projections have no GPTQ pass in moeslim yet.
         for _, linear in attention_linears(model):
             w = linear.weight.detach()
-            _install(linear, "weight", quantize_fused(w[None], [int(attention_bits)], group_size, None, "rtn"))
+            install_lowbit(linear, "weight", quantize_fused(w[None], [int(attention_bits)], group_size, None, "rtn"))
     quantized = any(b != KEEP_BITS for widths in bits.values() for b in widths)
     quantizer = "gptq" if results is not None else ("rtn" if quantized else "none")
     if quantizer == "rtn" and plan.summary.get("quantizer", "gptq") == "gptq":

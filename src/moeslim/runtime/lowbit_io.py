@@ -61,6 +61,16 @@ _META_SUFFIX = ".qmeta"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def install_lowbit(module: nn.Module, name: str, packed: LowBitTensor) -> None:
+    """Keep ``packed`` as the storage of parameter ``name`` and compute with its dequantized values."""
+    param = getattr(module, name)
+    with torch.no_grad():
+        param.copy_(packed.dequantize().reshape(param.shape).to(param.dtype))
+    store = dict(getattr(module, LOWBIT_ATTR, None) or {})
+    store[name] = packed
+    object.__setattr__(module, LOWBIT_ATTR, store)
+
+
 def lowbit_tensors(model: nn.Module) -> dict[str, LowBitTensor]:
     """{qualified parameter name: LowBitTensor} of every quantized parameter of ``model``."""
     found: dict[str, LowBitTensor] = {}
@@ -143,13 +153,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     for prefix in prefixes:
         packed = LowBitTensor.from_state_dict(lowbit, prefix)
         module_name, _, param_name = prefix.rpartition(".")
-        module = model.get_submodule(module_name)
-        param = getattr(module, param_name)
-        with torch.no_grad():
-            param.copy_(packed.dequantize().reshape(param.shape).to(param.dtype))
-        store = dict(getattr(module, LOWBIT_ATTR, None) or {})
-        store[param_name] = packed
-        object.__setattr__(module, LOWBIT_ATTR, store)
+        install_lowbit(model.get_submodule(module_name), param_name, packed)
     model = model.to(device).eval()
     return model, _tokenizer(root)
 
