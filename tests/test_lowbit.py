@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from moeslim.methods.quant.gptq import accumulate_hessian, gptq_quantize
 from moeslim.methods.quant.pack import bits_accounting, pack_bits, packed_nbytes, unpack_bits
-from moeslim.runtime.lowbit import LowBitTensor, quantize_fused
+from moeslim.methods.quant.fused import LowBitTensor, quantize_fused
 
 # ---- pack.py ------------------------------------------------------------------------------------
 

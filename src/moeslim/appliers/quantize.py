@@ -29,7 +29,7 @@ from moeslim.methods.quant.driver import (
 from moeslim.models import MoELayer, decoder_layers, find_moe_layers
 from moeslim.models.expert_math import expert_weight_views
 from moeslim.plans import Plan, PlanError
-from moeslim.runtime.lowbit import KEEP_BITS, quantize_fused
+from moeslim.methods.quant.fused import KEEP_BITS, quantize_fused
 from moeslim.runtime.lowbit_io import install_lowbit
 
 __all__ = ["apply_quantize", "attention_linears"]

@@ -42,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from moeslim.runtime.lowbit import LowBitTensor
+from moeslim.methods.quant.fused import LowBitTensor
 
 __all__ = [
     "BASE_FILE",

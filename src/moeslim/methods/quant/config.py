@@ -12,7 +12,7 @@ from torch import nn
 from moeslim.config import ConfigError
 from moeslim.methods.quant.allocate import budget_range
 from moeslim.models import find_moe_layers
-from moeslim.runtime.lowbit import KEEP_BITS
+from moeslim.methods.quant.fused import KEEP_BITS
 
 QUANT_METHODS = ("pmq", "uniform", "random")
 COSTS = ("paper", "authors")

@@ -50,7 +50,7 @@ from moeslim.methods.quant.pack import bits_accounting
 from moeslim.models import MoELayer, find_moe_layers
 from moeslim.models.expert_math import expert_forward, expert_weight_views
 from moeslim.plans import Plan, Provenance
-from moeslim.runtime.lowbit import KEEP_BITS, LowBitTensor, quantize_fused
+from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor, quantize_fused
 
 __all__ = [
     "QUANT_METHODS",

@@ -116,7 +116,7 @@ def bits_accounting(
         group_size: weights per quantization group along the input dimension.
         scale_bits: bits per stored scale (float16: 16).
         zero_bits: bits per stored zero point; None means the expert's own width (zeros packed like
-            codes, as moeslim.runtime.lowbit stores them).
+            codes, as moeslim.methods.quant.fused stores them).
         in_features: row length; when given, groups per row are ceil(in / group_size) (exact for a
             partial last group), otherwise ceil(params / group_size).
     """

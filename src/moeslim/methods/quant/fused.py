@@ -1,4 +1,4 @@
-"""Storage of low-bit experts of one fused 3D expert tensor (per-expert widths, PMQ).
+"""Quantized fused expert tensors (per-expert widths, PMQ): the packed format and GPTQ/RTN over all experts.
 
 transformers 5 stores the experts of a MoE layer as 3D tensors: ``gate_up_proj [E, 2I, H]`` (out=2I,
 in=H) and ``down_proj [E, H, I]`` (out=H, in=I); some families (gpt-oss, Llama-4; ``is_transposed`` on
