@@ -10,9 +10,25 @@ from .layer import MoELayer, attention_module, decoder_layers, find_moe_layers
 from .loading import load_model, resolve_model_path
 from .select import masked_routing_is_identity, select_experts
 from .summary import moe_summary
+from .support import (
+    EXCLUDED,
+    MethodSupport,
+    check_config,
+    check_config_file,
+    check_layerwise,
+    method_support,
+    refusal,
+)
 
 __all__ = [
+    "EXCLUDED",
     "FAMILIES",
+    "MethodSupport",
+    "check_config",
+    "check_config_file",
+    "check_layerwise",
+    "method_support",
+    "refusal",
     "GENERIC",
     "FamilySpec",
     "MoELayer",

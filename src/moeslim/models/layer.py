@@ -1,9 +1,12 @@
 """Structural discovery of MoE blocks and the ``MoELayer`` view over one of them.
 
 A MoE block is found by shape, not by class name: the fused experts module is a module holding a 3D
-``gate_up_proj`` (or ``up_proj``) Parameter (E, ., .); its parent is the block; the router is the block's
-direct child whose 2D ``weight`` is (E, H). Family specifics (routing function, config keys, shared experts)
-come from the family table (``families.py``).
+``gate_up_proj`` (or ``up_proj``) Parameter (E, ., .); its parent is the block; the router is the block's module
+outside the experts whose 2D ``weight`` is (E, H) (a direct child, or inside a router wrapper such as Afmoe's
+``router.gate`` or HunYuan's ``gate.wg``). Routing settings (top-k, renormalisation, scale, groups, correction
+bias) are read from the router, its wrappers, then the block, then the config. Family specifics (routing
+function, config keys, shared experts) come from the family table (``families.py``); models the adapters are not
+exact for are refused first (``support.py``).
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from .families import (
-    ROUTER_ATTRS,
     FamilySpec,
     UnsupportedModelError,
     family_of,
     supported_families,
 )
 from .routing import ROUTING
+from .support import refusal
 
 _EXPERT_WEIGHT_NAMES = ("gate_up_proj", "up_proj")
 _ROUTER_NAMES = ("gate", "router")
@@ -33,6 +36,7 @@ _LAYER_PATHS = (
     "model.language_model.layers",
     "model.decoder.layers",
     "transformer.h",
+    "transformer.blocks",
 )
 
 
@@ -57,7 +61,7 @@ class MoELayer:
         self.layer_idx = layer_idx
         self.block_name = block_name  # path of the block inside the decoder layer, e.g. "mlp"
         self.block = block
-        self.router = router
+        self.router = router  # the module holding the (E, H) router weight (maybe nested in a router wrapper)
         self.experts = experts
         self.family = family
         self.config = config
@@ -104,10 +108,31 @@ class MoELayer:
         wanted = set(inspect.signature(fn).parameters) - {"logits", "allowed"}
         return {name: self._routing_setting(name) for name in wanted}
 
+    def routing_owners(self) -> list[nn.Module]:
+        """The router, the modules between it and the block, then the block: where routing settings live."""
+        path = next((n for n, m in self.block.named_modules() if m is self.router), "")
+        parts = path.split(".") if path else []
+        owners = [self.block.get_submodule(".".join(parts[:i])) for i in range(len(parts) - 1, 0, -1)]
+        # The router's own submodules first (ERNIE keeps its correction bias in ``gate.moe_statics``).
+        return [*self.router.modules(), *owners, self.block]
+
+    def correction_bias(self) -> Tensor | None:
+        """(E,) bias added to the scores for choice only (``e_score_correction_bias`` / ``expert_bias``)."""
+        for owner in self.routing_owners():
+            for attr in _BIAS_ATTRS:
+                bias = getattr(owner, attr, None)
+                if isinstance(bias, torch.Tensor) and bias.shape in ((self.num_experts,), (1, self.num_experts)):
+                    return bias.reshape(-1)  # (E,); ERNIE stores (1, E)
+        return None
+
     def _routing_setting(self, name: str) -> Any:
-        attr = ROUTER_ATTRS.get(name)
-        if attr is not None and hasattr(self.router, attr):
-            return getattr(self.router, attr)
+        if name == "correction_bias":
+            return self.correction_bias()
+        for attr in _SETTING_ATTRS.get(name, ()):
+            for owner in self.routing_owners():
+                value = getattr(owner, attr, None)
+                if value is not None and not isinstance(value, (nn.Module, torch.Tensor)):
+                    return value
         fam, cfg = self.family, self.config
         if name == "top_k":
             return fam.config_value(cfg, fam.top_k_key)
@@ -118,14 +143,21 @@ class MoELayer:
         if name in ("n_group", "topk_group"):
             key = fam.group_keys[0 if name == "n_group" else 1] if fam.group_keys else None
             return int(fam.config_value(cfg, key, 1))
-        defaults = {"topk_method": "greedy", "correction_bias": None, "jitter_eps": 0.0}
+        defaults = {"topk_method": "greedy", "correction_bias": None, "jitter_eps": 0.0, "norm_min": 0.0}
         return getattr(cfg, name, defaults.get(name))
 
     @torch.no_grad()
     def router_logits(self, x: Tensor) -> Tensor:
-        """(T, H) -> (T, E) float32 raw router logits (before softmax / sigmoid), from the router itself."""
-        out = self.router(x)
-        logits = out[0] if isinstance(out, tuple) else out
+        """(T, H) -> (T, E) float32 raw router logits (before softmax / sigmoid), from the router itself.
+
+        A router whose forward needs more than the hidden states (a correction bias passed by the block) is
+        replaced by its own linear map, which is what such routers compute first.
+        """
+        if _takes_one_argument(self.router):
+            out = self.router(x)
+            logits = out[0] if isinstance(out, tuple) else out
+        else:
+            logits = nn.functional.linear(x, self.router.weight, getattr(self.router, "bias", None))
         return logits.float()
 
     def gate_probs(self, logits: Tensor) -> Tensor:
@@ -201,6 +233,28 @@ class MoELayer:
         return output[0] if isinstance(output, tuple) else output
 
 
+_BIAS_ATTRS = ("e_score_correction_bias", "expert_bias")
+# Module attributes holding each routing setting (routers read their own copy, set from the config at init, so
+# these win over the config). Searched on the router, its wrappers, then the block.
+_SETTING_ATTRS: dict[str, tuple[str, ...]] = {
+    "top_k": ("top_k",),
+    "renormalize": ("norm_topk_prob",),
+    "scaling": ("routed_scaling_factor", "router_scaling_factor", "route_scale"),
+    "n_group": ("num_group", "n_group"),
+    "topk_group": ("topk_group",),
+    "topk_method": ("topk_method",),
+    "jitter_eps": ("router_jitter_noise",),
+    "norm_min": ("norm_min",),
+}
+
+
+def _takes_one_argument(module: nn.Module) -> bool:
+    """Whether ``module(x)`` is the whole router (no bias or ids argument passed in by the block)."""
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(params) == 1
+
+
 def _check_allowed(allowed: Tensor, num_experts: int) -> Tensor:
     allowed = torch.as_tensor(allowed, dtype=torch.bool)
     if allowed.shape != (num_experts,):
@@ -261,17 +315,20 @@ def _find_block(layer: nn.Module) -> tuple[str, nn.Module, nn.Module] | None:
 
 
 def _find_router(block: nn.Module, experts: nn.Module, hidden: int, layer_idx: int) -> nn.Module:
-    """The block's direct child whose weight is (E, H); named gate/router wins if several match."""
+    """The block's module (outside the experts) whose weight is (E, H); a child named gate/router wins if
+    several match. The router may sit inside a wrapper (``router.gate``, ``gate.wg``)."""
     num_experts = _expert_weight(experts).shape[0]
+    inside_experts = {id(m) for m in experts.modules()}
     found = {
         name: child
-        for name, child in block.named_children()
-        if child is not experts
+        for name, child in block.named_modules()
+        if name
+        and id(child) not in inside_experts
         and isinstance(w := getattr(child, "weight", None), torch.Tensor)
         and tuple(w.shape) == (num_experts, hidden)
     }
-    named = [found[n] for n in _ROUTER_NAMES if n in found]
-    if named:
+    named = [found[n] for n in found if n.split(".")[0] in _ROUTER_NAMES]
+    if len(named) == 1 or (named and len(found) > 1):
         return named[0]
     if len(found) == 1:
         return next(iter(found.values()))
@@ -290,8 +347,17 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     config = _text_config(model)
     layers = decoder_layers(model)
     blocks = {idx: hit for idx, layer in enumerate(layers) if (hit := _find_block(layer)) is not None}
+    refused = refusal(model.config)
     if not blocks:
-        raise UnsupportedModelError(_no_moe_message(model, layers))
+        raise UnsupportedModelError(_no_moe_message(model, layers) + (f" ({refused})" if refused else ""))
+    if refused is not None:
+        raise UnsupportedModelError(refused)
+    if any(name == "" for name, _, _ in blocks.values()):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the fused experts sit directly in the decoder layer (no separate MoE "
+            f"block), so moeslim cannot tell the MoE output from the rest of the layer; "
+            f"supported families: {supported_families()}"
+        )
     family = family_of(config)  # after discovery, so a dense model gets the message that names its layers
     hidden = int(config.hidden_size)
     found = [
@@ -338,7 +404,7 @@ def _probe_generic_routing(moe: MoELayer, family: FamilySpec) -> FamilySpec:
         )
     logits, ref_w, ref_ids = out
     # A router that carries its own renormalisation flag is only tried with it (it wins in routing_kwargs).
-    own = getattr(moe.router, ROUTER_ATTRS["renormalize"], None)
+    own = getattr(moe.router, _SETTING_ATTRS["renormalize"][0], None)
     renorm_options = [True, False] if own is None else [bool(own)]
     candidates = [
         replace(family, routing="softmax_topk", renormalize=r, renormalize_key=None) for r in renorm_options

@@ -12,6 +12,9 @@ How a mask enters (this is the "masked routing" the pruning search scores, ALGOR
   experts are only excluded from choice (their choice score is -inf), group scores are computed over
   allowed experts.
 - top-k-then-softmax families (gpt-oss, GraniteMoE) and sparsemixer (PhiMoE): logits set to -inf.
+- ungrouped sigmoid routers (``sigmoid_topk``, ``logit_topk_sigmoid``): dropped experts are excluded from choice.
+- softmax with a choice bias (ERNIE, ``softmax_biased_topk``): -inf logits before the softmax *and* excluded from
+  choice (the bias alone could otherwise pick a dropped expert).
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ def sigmoid_scores(logits: Tensor) -> Tensor:
 
 
 def softmax_topk(
-    logits: Tensor, *, top_k: int, renormalize: bool, allowed: Tensor | None = None
+    logits: Tensor, *, top_k: int, renormalize: bool, scaling: float = 1.0, allowed: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE: softmax over experts -> top-k -> optional renormalisation.
+    """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE: softmax over experts -> top-k -> optional renormalisation,
+    times ``scaling`` (1 for most families).
 
     logits (T, E), allowed (E,) bool -> weights (T, k) float32, ids (T, k) long.
     """
@@ -52,7 +56,7 @@ def softmax_topk(
     weights, ids = torch.topk(probs, top_k, dim=-1)  # (T, k)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
+    return (weights if scaling == 1.0 else weights * scaling), ids
 
 
 def topk_softmax(logits: Tensor, *, top_k: int, allowed: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -129,6 +133,75 @@ def sigmoid_group(
     return weights * scaling, ids
 
 
+def sigmoid_topk(
+    logits: Tensor,
+    *,
+    top_k: int,
+    renormalize: bool,
+    scaling: float,
+    correction_bias: Tensor | None,
+    allowed: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Ungrouped sigmoid routers (Afmoe, Laguna, HY-V3, MiniMax-M2, LFM2-MoE, ...): sigmoid scores (+ the
+    correction bias) choose, the uncorrected scores weigh, optional renormalisation, times scaling.
+
+    Same maths as ``sigmoid_group`` with one group, without its "2 best per group" requirement.
+    logits (T, E), correction_bias (E,), allowed (E,) bool -> weights (T, k) float32, ids (T, k) long.
+    """
+    scores = logits.float().sigmoid()  # (T, E)
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    ids = torch.topk(_mask_logits(choice, allowed), k=top_k, dim=-1)[1]  # (T, k)
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
+def softmax_biased_topk(
+    logits: Tensor,
+    *,
+    top_k: int,
+    correction_bias: Tensor | None,
+    norm_min: float,
+    allowed: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """ERNIE-4.5-MoE: softmax probs (+ correction bias) choose, the probs weigh, renormalised by
+    ``max(sum, norm_min)``.
+
+    Dropped experts leave the softmax (-inf logits, as pruning does) and are never chosen (-inf choice score:
+    their bias alone could otherwise pick them).
+    logits (T, E), correction_bias (E,), allowed (E,) bool -> weights (T, k) float32, ids (T, k) long.
+    """
+    probs = torch.softmax(_mask_logits(logits.float(), allowed), dim=-1)  # (T, E)
+    choice = probs if correction_bias is None else probs + correction_bias.float()
+    ids = torch.topk(_mask_logits(choice, allowed), k=top_k, dim=-1)[1]  # (T, k)
+    weights = probs.gather(1, ids)
+    return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=norm_min), ids
+
+
+def logit_topk_sigmoid(
+    logits: Tensor,
+    *,
+    top_k: int,
+    renormalize: bool,
+    scaling: float,
+    correction_bias: Tensor | None,
+    allowed: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Routers that choose on raw logits (+ correction bias), then weigh by the sigmoid of the chosen logits
+    (Kolibri-1): sigmoid is monotone, so this chooses like ``sigmoid_topk`` only without a bias.
+
+    logits (T, E), correction_bias (E,), allowed (E,) bool -> weights (T, k) float32, ids (T, k) long.
+    """
+    logits = logits.float()
+    choice = logits if correction_bias is None else logits + correction_bias.float()
+    ids = torch.topk(_mask_logits(choice, allowed), k=top_k, dim=-1)[1]  # (T, k)
+    weights = logits.gather(1, ids).sigmoid()
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * scaling, ids
+
+
 def _sparsemixer_pick(scores: Tensor, masked: Tensor, jitter_eps: float) -> tuple[Tensor, Tensor]:
     """One sparsemixer step: threshold ``masked`` around its max, softmax, pick the max -> (T, 1) x2."""
     threshold, max_ind = masked.max(dim=-1, keepdim=True)
@@ -161,4 +234,7 @@ ROUTING: dict[str, tuple[RoutingFn, Callable[[Tensor], Tensor]]] = {
     "softmax_group": (softmax_group, softmax_probs),
     "sigmoid_group": (sigmoid_group, sigmoid_scores),
     "sparsemixer": (sparsemixer, softmax_probs),
+    "sigmoid_topk": (sigmoid_topk, sigmoid_scores),
+    "logit_topk_sigmoid": (logit_topk_sigmoid, sigmoid_scores),
+    "softmax_biased_topk": (softmax_biased_topk, softmax_probs),
 }

@@ -154,9 +154,10 @@ def _drop_group_limits(config: Any, family: FamilySpec, layers: Any) -> None:
     for key in family.group_keys:
         setattr(config, key, 1)
     for moe in layers:
-        for attr in ("num_group", "topk_group"):
-            if hasattr(moe.router, attr):
-                setattr(moe.router, attr, 1)
+        for owner in moe.routing_owners():  # wherever the router reads its group settings from
+            for attr in ("num_group", "n_group", "num_expert_group", "topk_group"):
+                if isinstance(getattr(owner, attr, None), int):
+                    setattr(owner, attr, 1)
 
 
 # -- slicing -------------------------------------------------------------------------------------------
@@ -164,23 +165,38 @@ def _drop_group_limits(config: Any, family: FamilySpec, layers: Any) -> None:
 
 @torch.no_grad()
 def _slice_module(module: nn.Module, index: torch.Tensor, num_experts: int) -> None:
-    """Replace every own parameter / buffer whose first dim is the expert dim by its kept rows."""
+    """Replace every own parameter / buffer whose first dim is the expert dim by its kept rows (a (1, E)
+    tensor, ERNIE's correction bias, by its kept columns)."""
     for name, param in list(module.named_parameters(recurse=False)):
-        if param.shape and param.shape[0] == num_experts:
-            rows = param.data.index_select(0, index.to(param.device)).clone()
+        dim = _expert_dim(param, num_experts)
+        if dim is not None:
+            rows = param.data.index_select(dim, index.to(param.device)).clone()
             setattr(module, name, nn.Parameter(rows, requires_grad=param.requires_grad))
     for name, buf in list(module.named_buffers(recurse=False)):
-        if buf is not None and buf.shape and buf.shape[0] == num_experts:
-            module._buffers[name] = buf.index_select(0, index.to(buf.device)).clone()
+        dim = None if buf is None else _expert_dim(buf, num_experts)
+        if dim is not None:
+            module._buffers[name] = buf.index_select(dim, index.to(buf.device)).clone()
+
+
+def _expert_dim(tensor: torch.Tensor, num_experts: int) -> int | None:
+    if tensor.ndim and tensor.shape[0] == num_experts:
+        return 0
+    if tuple(tensor.shape) == (1, num_experts):
+        return 1
+    return None
 
 
 def _slice_layer(moe: MoELayer, index: torch.Tensor, num_experts: int) -> None:
+    # The router, its wrappers and the block itself (own tensors only) may hold per-expert rows: router weight
+    # and bias, correction biases kept on the block (HY-V3, MiniMax-M2, LFM2-MoE, Afmoe).
+    owners = moe.routing_owners()
     _slice_module(moe.experts, index, num_experts)
-    _slice_module(moe.router, index, num_experts)
+    for module in owners:
+        _slice_module(module, index, num_experts)
     new = int(index.numel())
     # Attributes the modules' forwards read (one_hot sizes, histc bins, nn.Linear repr).
-    for module in (moe.experts, moe.router, moe.block):
-        for attr in ("num_experts", "out_features"):
+    for module in (moe.experts, *owners):
+        for attr in ("num_experts", "out_features", "n_routed_experts"):
             if getattr(module, attr, None) == num_experts:
                 setattr(module, attr, new)
 
