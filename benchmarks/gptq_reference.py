@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from moeslim.methods.quant.gptq import accumulate_hessian, gptq_quantize, rtn_quantize
+from moeslim.calibrate.hessians import accumulate_hessian
+from moeslim.methods.quant.gptq import gptq_quantize, rtn_quantize
 
 
 def _load_autogptq_quantization() -> types.ModuleType:

@@ -81,7 +81,8 @@ def main() -> None:
     base, tokenizer = load_model(args.model)
     calib = build_calibration_set(CalibrationConfig(samples=args.samples, seq_len=args.seq_len), tokenizer)
     if args.pmq_bits:
-        apply(base, plan_quantize(base, calib, QuantizeConfig(method="pmq", bits=args.pmq_bits), "bench"))
+        apply(base, plan_quantize(base, calib, QuantizeConfig(method="pmq", bits=args.pmq_bits), "bench"),
+              calibration=calib)
     base.set_attn_implementation("eager")  # the same attention kernel for every row (ODP needs eager)
     windows = {d: token_windows(load_source(f"demo:{d}:test"), tokenizer, args.seq_len, args.windows)
                for d in ("code", "prose")}

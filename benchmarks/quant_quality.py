@@ -64,7 +64,7 @@ def _quant_row(name: str, base: nn.Module, calib: CalibrationSet, config: Quanti
                windows: dict[str, torch.Tensor], batch_size: int, factors: dict | None = None) -> Row:
     start = time.perf_counter()
     model = copy.deepcopy(base)
-    apply(model, plan_quantize(model, calib, config, "bench", factors=factors))
+    apply(model, plan_quantize(model, calib, config, "bench", factors=factors), calibration=calib)
     section = model.config.moeslim["quantize"]
     with tempfile.TemporaryDirectory() as tmp:
         save_quantized(model, tmp)

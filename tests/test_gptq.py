@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeslim.calibrate.hessians import accumulate_hessian
 from moeslim.methods.quant.gptq import (
-    accumulate_hessian,
     dequantize,
     gptq_quantize,
     n_groups,

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moeslim.methods.quant.gptq import accumulate_hessian, gptq_quantize
-from moeslim.methods.quant.pack import bits_accounting, pack_bits, packed_nbytes, unpack_bits
+from moeslim.calibrate.hessians import accumulate_hessian
 from moeslim.methods.quant.fused import LowBitTensor, quantize_fused
+from moeslim.methods.quant.gptq import gptq_quantize
+from moeslim.methods.quant.pack import bits_accounting, pack_bits, packed_nbytes, unpack_bits
 
 # ---- pack.py ------------------------------------------------------------------------------------
 

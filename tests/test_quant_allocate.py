@@ -1,4 +1,4 @@
-"""PMQ bit allocation: exact MILP vs brute force, budgets, baselines, the published allocations."""
+"""PMQ bit allocation: exact DP vs brute force (with ties, tiny costs), budgets, baselines, published allocations."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _objective(costs: np.ndarray, widths, alloc: np.ndarray) -> float:
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("require_top_two", [False, True])
-def test_milp_matches_brute_force(seed: int, require_top_two: bool) -> None:
+def test_dp_matches_brute_force(seed: int, require_top_two: bool) -> None:
     rng = np.random.default_rng(seed)
     n_experts = 4 + seed % 2
     costs = rng.random((n_experts, 3)) * 10
@@ -54,6 +54,86 @@ def test_milp_matches_brute_force(seed: int, require_top_two: bool) -> None:
         assert alloc.sum() <= budget
         assert _objective(costs, WIDTHS, alloc) == pytest.approx(best, rel=1e-12, abs=1e-12)
         np.testing.assert_array_equal(alloc, choice)
+
+
+def _right_to_left(costs: np.ndarray, widths, bits) -> float:
+    """c_0 + (c_1 + (... + c_{E-1})): the summation order of the allocator's DP, so float sums compare exactly."""
+    index = {w: j for j, w in enumerate(widths)}
+    total = 0.0
+    for i in reversed(range(len(bits))):
+        total = costs[i, index[int(bits[i])]] + total
+    return total
+
+
+def _enumerate(costs: np.ndarray, widths, budget: float, require_top_two: bool):
+    """Every allocation: (min cost, then most bits, then the lexicographically widest) by brute force."""
+    top, mid = sorted(widths)[-1], sorted(widths)[-2]
+    best_key, best_bits = None, None
+    for bits in itertools.product(sorted(widths, reverse=True), repeat=costs.shape[0]):  # widest first
+        if sum(bits) > budget or (require_top_two and (top not in bits or mid not in bits)):
+            continue
+        key = (_right_to_left(costs, widths, bits), -sum(bits))
+        if best_key is None or key < best_key:  # strict: the first (widest) of equal keys stays
+            best_key, best_bits = key, np.array(bits)
+    return best_key, best_bits
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("require_top_two", [False, True])
+def test_exact_optimum_equals_enumeration_with_ties(seed: int, require_top_two: bool) -> None:
+    # Small integer costs: many exact ties, so the tie rule (more bits, then wider earlier experts) is tested.
+    rng = np.random.default_rng(200 + seed)
+    widths = (1, 2, 3) if seed % 2 == 0 else (2, 4, 8)
+    n_experts = 3 + seed % 3
+    costs = rng.integers(0, 3, size=(n_experts, 3)).astype(np.float64)
+    costs[rng.integers(n_experts)] = 0.0  # a never-routed expert: cost 0 at every width
+    lo, hi = budget_range(n_experts, widths, require_top_two)
+    for budget in range(lo, hi + 2):
+        (best, neg_bits), choice = _enumerate(costs, widths, budget, require_top_two)
+        alloc = allocate_bits(costs, widths, budget, require_top_two=require_top_two)
+        assert _right_to_left(costs, widths, alloc) == best
+        assert int(alloc.sum()) == -neg_bits
+        np.testing.assert_array_equal(alloc, choice)
+        np.testing.assert_array_equal(allocate_bits(costs, widths, budget, require_top_two=require_top_two), alloc)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_optimum_with_costs_across_many_magnitudes(seed: int) -> None:
+    # Costs from 1e-15 to 1e3 in one layer (rarely vs often routed experts): no solver tolerance hides the tiny
+    # ones, and the budget is used whenever the extra bits do not cost anything.
+    rng = np.random.default_rng(300 + seed)
+    n_experts = 6
+    scale = 10.0 ** rng.uniform(-15, 3, size=(n_experts, 1))
+    costs = np.sort(rng.random((n_experts, 3)), axis=1)[:, ::-1] * scale
+    for budget in range(n_experts, 3 * n_experts + 1):
+        (best, neg_bits), _ = _enumerate(costs, WIDTHS, budget, False)
+        alloc = allocate_bits(costs, WIDTHS, budget)
+        assert _right_to_left(costs, WIDTHS, alloc) == best
+        assert int(alloc.sum()) == -neg_bits == budget
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("require_top_two", [False, True])
+def test_global_dp_equals_enumeration(seed: int, require_top_two: bool) -> None:
+    rng = np.random.default_rng(400 + seed)
+    layers = [rng.integers(0, 4, size=(3, 3)).astype(np.float64) * s for s in (1.0, 10.0)]
+    stacked = np.concatenate(layers)
+    lo = 2 * budget_range(3, WIDTHS, require_top_two)[0]
+    for budget in range(lo, 19):
+        best_key, best_bits = None, None
+        for bits in itertools.product(sorted(WIDTHS, reverse=True), repeat=6):
+            parts = (bits[:3], bits[3:])
+            if sum(bits) > budget or (require_top_two and not all(3 in p and 2 in p for p in parts)):
+                continue
+            key = (_objective(stacked, WIDTHS, np.array(bits)), -sum(bits))
+            if best_key is None or key < best_key:
+                best_key, best_bits = key, bits
+        result = np.concatenate(allocate_bits_global(layers, WIDTHS, budget, require_top_two=require_top_two))
+        assert _objective(stacked, WIDTHS, result) == best_key[0]  # integer costs: exact
+        assert int(result.sum()) == -best_key[1]
+        if require_top_two:
+            assert all(3 in r and 2 in r for r in (result[:3], result[3:]))
+        assert best_bits is not None
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -113,7 +193,7 @@ def test_published_mcmoe_allocations_reproduced() -> None:
     assert matched == total
 
 
-def test_global_allocation_is_one_milp_over_layers() -> None:
+def test_global_allocation_is_one_problem_over_layers() -> None:
     rng = np.random.default_rng(7)
     layers = [rng.random((3, 3)) * s for s in (1.0, 10.0)]
     budget = 12

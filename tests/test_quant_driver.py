@@ -13,10 +13,10 @@ from moeslim.appliers import apply
 from moeslim.calibrate.hessians import ExpertHessians
 from moeslim.config import ConfigError
 from moeslim.methods.quant.driver import QuantizeConfig, plan_bits, plan_quantize
-from moeslim.methods.quant.factors import layer_factors, mean_routing_weight, routed_frequency
+from moeslim.methods.quant.factors import layer_factors, routed_frequency, routing_weight_sum
 from moeslim.models import find_moe_layers
 from moeslim.models.expert_math import expert_forward, expert_intermediate, expert_weight_views
-from moeslim.plans import Plan
+from moeslim.plans import Plan, PlanError
 
 CALIB = sample_ids(0, 4, 24)
 
@@ -40,21 +40,26 @@ def test_expert_forward_matches_experts_module(family: str) -> None:
 def test_factors_hand_checked() -> None:
     # 4 tokens, 3 experts, top-2, H = 2. Expert 2 is never routed.
     ids = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 1]])
-    weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1], [0.7, 0.3]])
+    weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1], [0.7, 0.3]])  # renormalised top-2
+    # raw softmax over the 3 experts (before renormalisation); expert 2 takes the rest of the mass
+    probs = torch.tensor([[0.48, 0.32, 0.2], [0.4, 0.4, 0.2], [0.08, 0.72, 0.2], [0.56, 0.24, 0.2]])
     outputs = torch.zeros(4, 3, 2)
     outputs[:, 0] = 1.0
     outputs[:, 1] = 2.0
     phi, counts = routed_frequency(ids, 3)
     assert counts.tolist() == [4, 4, 0]
     assert phi.tolist() == [0.5, 0.5, 0.0]
-    w = mean_routing_weight(weights, ids, 3)
-    assert w.tolist() == pytest.approx([(0.6 + 0.5 + 0.1 + 0.7) / 4, (0.4 + 0.5 + 0.9 + 0.3) / 4, 0.0])
+    sums = routing_weight_sum(probs, ids)
+    assert sums.tolist() == pytest.approx([0.48 + 0.4 + 0.08 + 0.56, 0.32 + 0.4 + 0.72 + 0.24, 0.0])
 
     # "quantized" expert output = original - delta(bits): error halves with every extra bit
     def quantized_output(e: int, bits: int, rows: torch.Tensor) -> torch.Tensor:
         return outputs[rows, e] - 2.0 ** (-bits)
 
-    f = layer_factors(outputs, weights, ids, quantized_output, (1, 2, 16))
+    f = layer_factors(outputs, weights, ids, probs, quantized_output, (1, 2, 16))
+    assert f.weight_sum.tolist() == pytest.approx(sums.tolist())
+    assert f.weight.tolist() == pytest.approx([1.52 / 4, 1.68 / 4, 0.0])  # the paper's mean w_i
+    assert f.to_dict()["weight_sum"] == pytest.approx(sums.tolist())
     gate0 = torch.tensor([0.6, 0.5, 0.1, 0.7])
     for j, bits in enumerate((1, 2)):
         expected = 2.0 ** (-bits) * math.sqrt(2 * float((gate0**2).sum()))
@@ -147,15 +152,26 @@ def test_unrouted_expert_falls_back_to_rtn_and_is_listed() -> None:
     layer = find_moe_layers(model)[0]
     layer.router.e_score_correction_bias[5] = -100.0  # expert 5 is never selected
     plan = plan_quantize(model, CALIB, QuantizeConfig(method="uniform", bits=3, group_size=16), "tiny")
-    assert plan.summary["rtn_fallback"] == {str(layer.layer_idx): [5]}
-    assert plan.summary["layers"][str(layer.layer_idx)]["routed_tokens"][5] == 0
-    section = apply(model, plan).config.moeslim["quantize"]
+    assert "rtn_fallback" not in plan.summary  # known only once GPTQ ran, in apply
+    section = apply(model, plan, calibration=CALIB).config.moeslim["quantize"]
     assert section["quantizer"] == "gptq"
     assert section["rtn_fallback"] == {str(layer.layer_idx): [5]}
-    # min_tokens above any count: every expert falls back, and the plan says so
-    everyone = plan_quantize(tiny_model("mixtral"), CALIB,
-                             QuantizeConfig(method="uniform", bits=3, group_size=16, min_tokens=10**6), "tiny")
-    assert all(v == list(range(8)) for v in everyone.summary["rtn_fallback"].values())
+    assert section["min_tokens"] == 1
+    # The fallback expert holds exactly its round-to-nearest codes; a routed one does not.
+    from moeslim.methods.quant.transform import rtn_experts
+    from moeslim.runtime.lowbit_io import lowbit_tensors
+
+    fresh = find_moe_layers(tiny_model("deepseek_v3"))[0]
+    rtn = rtn_experts(fresh, [3] * 8, 16)
+    packed = lowbit_tensors(model)[f"model.layers.{layer.layer_idx}.mlp.experts.gate_up_proj"]
+    assert torch.equal(packed.codes[5], rtn.up.codes[5])
+    assert not torch.equal(packed.codes[0], rtn.up.codes[0])
+    # min_tokens above any count: every expert falls back, and the applied section says so
+    everyone = tiny_model("mixtral")
+    plan = plan_quantize(everyone, CALIB,
+                         QuantizeConfig(method="uniform", bits=3, group_size=16, min_tokens=10**6), "tiny")
+    section = apply(everyone, plan, calibration=CALIB).config.moeslim["quantize"]
+    assert section["rtn_fallback"] and all(v == list(range(8)) for v in section["rtn_fallback"].values())
 
 
 @pytest.mark.parametrize(
@@ -193,27 +209,99 @@ def test_config_lists_and_stage_parsing() -> None:
         QuantizeConfig(method="pmq", bits=1.0, cost="authors").check_model(tiny_model("mixtral"))
 
 
-def test_pmq_plan_json_round_trip_and_rtn_fallback_on_apply(tmp_path) -> None:
+def _packed(model: torch.nn.Module) -> dict:
+    from moeslim.runtime.lowbit_io import lowbit_tensors
+
+    return lowbit_tensors(model)
+
+
+def test_gptq_plan_json_round_trip_gives_the_same_packed_experts(tmp_path) -> None:
     model = tiny_model("mixtral")
     plan = plan_quantize(model, CALIB, QuantizeConfig(method="pmq", bits=2.5, group_size=16), "tiny")
     loaded = Plan.load(plan.save(tmp_path / "plan.json"))
     assert loaded.to_dict() == plan.to_dict()
-    assert "gptq_results" in plan.summary and "factors" in plan.summary["layers"]["0"]
-    # The GPTQ results live with the model they were computed for: a fresh model gets RTN, and says so.
+    assert "factors" in plan.summary["layers"]["0"] and plan.summary["calibration"]["windows"] == CALIB.shape[0]
+    # In process (the plan object) and from JSON on a fresh model: the same GPTQ codes, scales and zeros.
+    apply(model, plan, calibration=CALIB)
     fresh = tiny_model("mixtral")
-    section = apply(fresh, loaded).config.moeslim["quantize"]
-    assert section["quantizer"] == "rtn"
+    section = apply(fresh, loaded, calibration=CALIB).config.moeslim["quantize"]
+    assert section["quantizer"] == "gptq"
     assert section["bits"] == {str(k): v["bits"] for k, v in plan.layers.items()}
-    assert apply(model, loaded).config.moeslim["quantize"]["quantizer"] == "gptq"
+    ours, theirs = _packed(model), _packed(fresh)
+    assert sorted(ours) == sorted(theirs) and ours
+    for name, packed in ours.items():
+        other = theirs[name]
+        assert packed.bits == other.bits
+        for e in range(len(packed.bits)):
+            assert torch.equal(packed.codes[e], other.codes[e]), (name, e)
+            assert torch.equal(packed.scales[e], other.scales[e]) and torch.equal(packed.zeros[e], other.zeros[e])
+    # GPTQ, not RTN: at least one expert's codes differ from round-to-nearest at the same widths.
+    from moeslim.methods.quant.transform import rtn_experts
+
+    layer = find_moe_layers(tiny_model("mixtral"))[0]
+    rtn = rtn_experts(layer, plan.layers[layer.layer_idx]["bits"], 16)
+    gptq = ours[f"model.layers.{layer.layer_idx}.mlp.experts.gate_up_proj"]
+    assert any(not torch.equal(gptq.codes[e], rtn.up.codes[e]) for e in range(8))
 
 
-def test_pipeline_stage_quantizes_with_gptq(tmp_path) -> None:
+def test_gptq_plan_without_calibration_refuses_never_rounds() -> None:
+    model = tiny_model("mixtral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_quantize(model, CALIB, QuantizeConfig(method="uniform", bits=3, group_size=16), "tiny")
+    with pytest.raises(PlanError, match=r"uses GPTQ.*calibration=") as err:
+        apply(model, plan)
+    assert "quantizer='rtn'" in str(err.value)
+    # Other windows (or another order) than the plan's: refused, with what differs.
+    with pytest.raises(ValueError, match="hash"):
+        apply(model, plan, calibration=sample_ids(5, 4, 24))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half-applied
+    assert "moeslim" not in model.config.to_dict() or not model.config.to_dict()["moeslim"]
+    # planning a GPTQ plan with no data to record is refused as well
+    with pytest.raises(ValueError, match="quantizer='gptq' needs calibration"):
+        plan_quantize(model, None, QuantizeConfig(method="uniform", bits=3), "tiny")
+    # an RTN plan needs no data and says what it did
+    rtn = plan_quantize(model, None, QuantizeConfig(method="uniform", bits=3, group_size=16, quantizer="rtn"), "tiny")
+    assert apply(model, rtn).config.moeslim["quantize"]["quantizer"] == "rtn"
+
+
+def test_raw_softmax_routing_factor() -> None:
+    from moeslim.methods.quant.driver import pmq_factors
+
+    model = tiny_model("mixtral")  # softmax -> top-2 -> renormalise
+    factors = pmq_factors(model, CALIB, QuantizeConfig(method="pmq", bits=2.5, **FAST))
+    layer = find_moe_layers(model)[0]
+    # the first layer's block inputs: embeddings -> input norm -> attention -> post-attention norm
+    captured: list[torch.Tensor] = []
+    handle = layer.block.register_forward_hook(lambda _m, args, _o: captured.append(args[0].reshape(-1, 32)))
+    with torch.no_grad():
+        model(CALIB)
+    handle.remove()
+    logits = layer.router_logits(captured[0])
+    probs = torch.softmax(logits.double(), dim=-1)  # (T, E)
+    weights, ids = layer.route(logits)
+    expected = torch.zeros(8, dtype=torch.float64)
+    renormalised = torch.zeros(8, dtype=torch.float64)
+    for t in range(ids.shape[0]):
+        for slot in range(2):
+            expected[ids[t, slot]] += probs[t, ids[t, slot]]
+            renormalised[ids[t, slot]] += weights[t, slot]
+    f = factors[layer.layer_idx]
+    torch.testing.assert_close(f.weight_sum, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(f.weight_sum, renormalised, atol=1e-3)  # not the renormalised top-k weights
+
+
+def test_pipeline_stage_quantizes_with_gptq_once(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import moeslim.appliers.quantize as applier
     from moeslim.calibration_data import CalibrationSet
     from moeslim.pipeline import parse_stage, run_stage
 
+    calls: list[int] = []
+    real = applier.gptq_experts
+    monkeypatch.setattr(applier, "gptq_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_model("deepseek_v3")
     stage = parse_stage({"quantize": {"method": "pmq", "bits": 2.5, "group_size": 16}}, "recipe[0]")
     plan = run_stage(model, stage, CalibrationSet(CALIB, "ids", "h"), "tiny", tmp_path / "plan.json")
+    assert calls == [1]  # plan (no GPTQ) then apply (GPTQ once)
     section = model.config.moeslim
     assert section["quantize"]["quantizer"] == "gptq"
     assert section["applied"][-1]["kind"] == "quantize"
@@ -222,7 +310,7 @@ def test_pipeline_stage_quantizes_with_gptq(tmp_path) -> None:
 
 def test_sequential_down_hessians() -> None:
     from moeslim.calibrate.hessians import down_hessians
-    from moeslim.methods.quant.driver import quantize_layer_experts
+    from moeslim.methods.quant.transform import quantize_layer_experts
 
     layer = find_moe_layers(tiny_model("mixtral"))[0]
     x = torch.randn(30, layer.hidden_size, generator=torch.Generator().manual_seed(2))
@@ -255,11 +343,12 @@ def test_negligible_costs_still_fill_the_budget() -> None:
     from moeslim.methods.quant.driver import _allocate_pmq
     from moeslim.methods.quant.factors import LayerFactors
 
-    # Experts 0-5 barely routed (cost ~0 at every width): without a tie-break the MILP may leave bits unused.
+    # Experts 0-5 barely routed (cost ~0 at every width): a solver with a tolerance may leave bits unused; the
+    # exact allocator uses them (equal costs -> more bits).
     err = torch.tensor([[1e-9, 0.0, 0.0]] * 6 + [[1e3, 4e2, 1e2], [2e3, 5e2, 2e2]], dtype=torch.float64)
     counts = torch.tensor([1, 0, 0, 0, 0, 0, 500, 500])
     freq = counts.double() / counts.sum()
-    f = LayerFactors(freq, torch.full((8,), 0.5, dtype=torch.float64), err, (1, 2, 3), counts)
+    f = LayerFactors(freq, 0.5 * counts.double(), err, (1, 2, 3), counts)
     for cost in ("paper", "authors"):
         bits = _allocate_pmq({0: f}, {0: 8}, QuantizeConfig(method="pmq", bits=2.5, cost=cost, **FAST))[0]
         assert sum(bits) == 20 and bits[6] == bits[7] == 3

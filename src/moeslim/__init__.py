@@ -7,6 +7,11 @@ The public API mirrors the flow (data -> calibrate -> plan -> apply -> evaluate 
     moeslim.apply(model, plan)
     moeslim.save(model, "out/pruned", tokenizer)
 
+A GPTQ quantize plan holds widths only; its GPTQ pass runs in ``apply``, on the windows it was planned on:
+
+    qplan = moeslim.plan_quantize(model, calib, moeslim.QuantizeConfig(method="pmq", bits=2.5))
+    moeslim.apply(model, qplan, calibration=calib)
+
 Names are imported lazily so that ``import moeslim`` stays cheap.
 """
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from moeslim.calibration_data import CalibrationSet
-from moeslim.config import ConfigError
+from moeslim.calibration_data import CalibrationSet, calibration_spec
+from moeslim.config import ConfigError, from_mapping
 from moeslim.plans import Plan
 
 Planner = Callable[[nn.Module, CalibrationSet, Any, str], Plan]
@@ -54,36 +55,35 @@ def parse_stage(entry: Mapping[str, Any], where: str) -> StageSpec:
     if kind not in registry:
         raise ConfigError(f"{where}: unknown stage {kind!r}; use one of {', '.join(registry)}")
     config_cls, _ = registry[kind]
-    params = dict(params or {})
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ConfigError(f"{where}.{kind}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    try:
-        return StageSpec(kind=kind, config=config_cls(**params))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}.{kind}: {err}") from err
+    return StageSpec(kind=kind, config=from_mapping(config_cls, params, f"{where}.{kind}"))
 
 
-def plan_stage(model: nn.Module, stage: StageSpec, calib: CalibrationSet, model_name: str) -> Plan:
-    """Plan on ``calib`` with the model as it is now (the model is not modified)."""
+def plan_stage(model: nn.Module, stage: StageSpec, calib: CalibrationSet, model_name: str,
+               device: torch.device | str | None = None, checkpoint: Any = None) -> Plan:
+    """Plan on ``calib`` with the model as it is now (the model is not modified); layers run on ``device``.
+
+    ``checkpoint``: a ``calibrate.resume.LayerCheckpoint`` (prune and skip plans) to resume a killed run from.
+    """
     _, planner = _registry()[stage.kind]
-    plan = planner(model, calib, stage.config, model_name)
-    if calib.config is None:
-        return plan
-    # Record how the calibration set was drawn, so the same windows can be drawn again (e.g. for GPTQ at apply).
-    return dataclasses.replace(plan, summary={**plan.summary, "calibration": dataclasses.asdict(calib.config)})
+    extra = {"checkpoint": checkpoint} if checkpoint is not None else {}
+    plan = planner(model, calib, stage.config, model_name, device=device, **extra)
+    # Record how the calibration set was drawn, so the same windows can be drawn again (GPTQ runs in apply).
+    return dataclasses.replace(plan, summary={**plan.summary, "calibration": calibration_spec(calib)})
 
 
 def run_stage(model: nn.Module, stage: StageSpec, calib: CalibrationSet, model_name: str,
               plan_path: Path | None = None) -> Plan:
-    """Plan on ``calib`` with the model as it is now, save the plan, apply it in place."""
+    """Plan on ``calib`` with the model as it is now, save the plan, apply it in place.
+
+    The plan is applied with the same calibration windows, exactly as ``moeslim apply`` redraws them from the
+    saved plan: a GPTQ quantize stage runs its GPTQ pass once, in apply.
+    """
     from moeslim.appliers import apply
 
     plan = plan_stage(model, stage, calib, model_name)
     if plan_path is not None:
         plan.save(plan_path)
-    apply(model, plan)
+    apply(model, plan, calibration=calib)
     return plan
 
 

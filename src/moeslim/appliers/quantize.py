@@ -1,40 +1,39 @@
-"""Apply a "quantize" plan: packed low-bit experts on each experts module, fake-quantized floats in memory.
+"""Apply a "quantize" plan: quantize the experts at the plan's widths and hand the packed tensors to the runtime.
 
-Each quantized module gets ``moeslim_lowbit = {parameter name: LowBitTensor}`` (the packed codes, group
-scales and zeros, which ``runtime.lowbit_io.save_quantized`` writes), and its float parameters are replaced
-by the dequantized values: the model computes with the quantized weights through the stock forward, at the
-memory of the float model ("dequantize once at load"; no low-bit kernels).
+The plan holds widths only. Here the experts are quantized, once:
 
-GPTQ results come from the model itself (``plan_quantize`` attaches them under the plan's
-``gptq_results`` token). Without them (a plan loaded from JSON, or ``quantizer="rtn"``) the experts are
-quantized here with round-to-nearest at the plan's widths, and the returned section says
-``"quantizer": "rtn"``, so a run never reports GPTQ it did not do.
+- ``quantizer="gptq"`` (the default): the GPTQ pass (``methods.quant.transform.gptq_experts``) runs on the
+  calibration windows the plan was made on. They must be passed in (``moeslim.apply(model, plan,
+  calibration=...)``; ``moeslim apply`` redraws them from the plan's ``summary["calibration"]``), and their
+  hashes must match the plan's. Without them apply raises: it never falls back to round-to-nearest.
+  Experts with fewer than ``min_tokens`` routed calibration tokens have no usable Hessian and are rounded to
+  nearest; the returned section lists them under ``rtn_fallback`` (this is explicit, not a silent fallback).
+- ``quantizer="rtn"``: round-to-nearest at the plan's widths, no data.
+- ``quantize_attention``: attention projections are rounded to nearest (moeslim has no GPTQ pass for them);
+  the section says so (``attention_quantizer``).
+
+Each packed ``LowBitTensor`` goes to the runtime through one call, ``runtime.lowbit_io.install_lowbit``.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
+import torch
 from torch import nn
 
-from moeslim.methods.quant.driver import (
-    RESULTS_ATTR,
-    GptqResults,
-    QuantizeConfig,
-    QuantizedExperts,
-    bits_summary,
-    quantize_layer_experts,
-)
+from moeslim.calibration_data import CalibrationSet, check_same_calibration
+from moeslim.config import from_mapping
+from moeslim.methods.quant.config import QuantizeConfig
+from moeslim.methods.quant.driver import bits_summary
+from moeslim.methods.quant.fused import KEEP_BITS, quantize_fused
+from moeslim.methods.quant.transform import QuantizedExperts, gptq_experts, rtn_experts
 from moeslim.models import MoELayer, decoder_layers, find_moe_layers
 from moeslim.models.expert_math import expert_weight_views
 from moeslim.plans import Plan, PlanError
-from moeslim.methods.quant.fused import KEEP_BITS, quantize_fused
 from moeslim.runtime.lowbit_io import install_lowbit
 
-__all__ = ["apply_quantize", "attention_linears"]
-
-log = logging.getLogger(__name__)
+__all__ = ["apply_quantize", "attention_linears", "needs_calibration"]
 
 
 def _plan_bits(model_layers: dict[int, MoELayer], plan: Plan) -> dict[int, list[int]]:
@@ -50,19 +49,40 @@ def _plan_bits(model_layers: dict[int, MoELayer], plan: Plan) -> dict[int, list[
     return bits
 
 
-def _take_results(model: nn.Module, plan: Plan, bits: dict[int, list[int]]) -> GptqResults | None:
-    """Pop the GPTQ results ``plan_quantize`` attached for this plan, if they match its widths."""
-    token = plan.summary.get("gptq_results")
-    store = getattr(model, RESULTS_ATTR, None) or {}
-    results: GptqResults | None = store.pop(token, None) if token else None
-    if results is None:
-        return None
-    for idx, widths in bits.items():
-        packed = results.experts.get(idx)
-        if packed is None or packed.up.bits != widths or packed.down.bits != widths:
-            log.warning("GPTQ results attached to the model do not match the plan's widths; using RTN")
-            return None
-    return results
+def _quantizer(plan: Plan) -> str:
+    """The plan's quantizer; a plan that does not say is a GPTQ plan (the QuantizeConfig default)."""
+    return str(plan.summary.get("quantizer", plan.provenance.config.get("quantizer", QuantizeConfig.quantizer)))
+
+
+def needs_calibration(plan: Plan) -> bool:
+    """True for a quantize plan whose experts apply must GPTQ (quantizer "gptq", some width below 16)."""
+    if plan.kind != "quantize" or _quantizer(plan) != "gptq":
+        return False
+    return any(int(b) != KEEP_BITS for entry in plan.layers.values() if isinstance(entry, dict)
+               for b in entry.get("bits", []))
+
+
+def _gptq_config(plan: Plan, group_size: int) -> QuantizeConfig:
+    """The GPTQ settings the plan was made with (its provenance config), at the plan's group size."""
+    known = set(QuantizeConfig.__dataclass_fields__)
+    recorded = {k: v for k, v in plan.provenance.config.items() if k in known}
+    try:
+        return from_mapping(QuantizeConfig, {**recorded, "group_size": group_size}, "plan provenance config")
+    except ValueError as err:
+        raise PlanError(str(err)) from err
+
+
+def _missing_calibration(plan: Plan) -> PlanError:
+    spec = plan.summary.get("calibration") or {}
+    if "data" in spec:
+        how = (f"moeslim.build_calibration_set(CalibrationConfig(data={tuple(spec['data'])!r}, "
+               f"samples={spec.get('samples')}, seq_len={spec.get('seq_len')}, seed={spec.get('seed')}), tokenizer)")
+    else:
+        how = "the (N, L) input ids the plan was made on"
+    return PlanError(
+        "this quantize plan uses GPTQ, which runs when the plan is applied and needs the plan's calibration "
+        f"windows: call apply(model, plan, calibration=...) with {how} (`moeslim apply` redraws them itself); "
+        "or recompute the plan with quantizer='rtn' for data-free round-to-nearest")
 
 
 def attention_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -75,32 +95,40 @@ def attention_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return found
 
 
-def apply_quantize(model: nn.Module, plan: Plan) -> dict[str, Any]:
-    """Quantize the experts (and optionally attention) in place; return the ``quantize`` config section."""
+def apply_quantize(model: nn.Module, plan: Plan, calibration: CalibrationSet | torch.Tensor | None = None,
+                   device: torch.device | str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Quantize the experts (and optionally attention) in place; return the ``quantize`` config section.
+
+    ``calibration``: the windows the plan was made on; required when ``needs_calibration(plan)``.
+    """
     layers = {layer.layer_idx: layer for layer in find_moe_layers(model)}
     bits = _plan_bits(layers, plan)
     group_size = int(plan.summary.get("group_size", plan.provenance.config.get("group_size", 128)))
-    rtn_config = QuantizeConfig(method="uniform", bits=8, group_size=group_size, quantizer="rtn")
-    results = _take_results(model, plan, bits)
-    for idx, widths in bits.items():
-        layer = layers[idx]
-        packed: QuantizedExperts = (results.experts[idx] if results is not None
-                                    else quantize_layer_experts(layer, widths, None, rtn_config)[0])
-        views = expert_weight_views(layer)
-        install_lowbit(layer.experts, views.up_name, packed.up)
-        install_lowbit(layer.experts, views.down_name, packed.down)
+    quantized = any(b != KEEP_BITS for widths in bits.values() for b in widths)
+    quantizer = _quantizer(plan) if quantized else "none"
+    if quantizer not in ("gptq", "rtn", "none"):
+        raise PlanError(f"plan quantizer {quantizer!r} is not 'gptq' or 'rtn'")
+    fallback: dict[int, list[int]] = {}
+    config = _gptq_config(plan, group_size)
+    if quantizer == "gptq":
+        if calibration is None:
+            raise _missing_calibration(plan)
+        input_ids = check_same_calibration(calibration, plan.summary.get("calibration"), plan.provenance.data_hash)
+        results = gptq_experts(model, bits, input_ids, config, device, progress)
+        packed: dict[int, QuantizedExperts] = results.experts
+        fallback = results.fallback
+    else:
+        packed = {idx: rtn_experts(layers[idx], widths, group_size) for idx, widths in bits.items()}
+    totals = bits_summary(model, bits, group_size)  # from the float tensors, before the runtime takes them over
+    for idx in bits:
+        views = expert_weight_views(layers[idx])
+        install_lowbit(layers[idx].experts, views.up_name, packed[idx].up)
+        install_lowbit(layers[idx].experts, views.down_name, packed[idx].down)
     attention_bits = plan.summary.get("quantize_attention")
     if attention_bits is not None:
-        # Round-to-nearest: attention projections have no GPTQ pass in moeslim yet.
         for _, linear in attention_linears(model):
             w = linear.weight.detach()
             install_lowbit(linear, "weight", quantize_fused(w[None], [int(attention_bits)], group_size, None, "rtn"))
-    quantized = any(b != KEEP_BITS for widths in bits.values() for b in widths)
-    quantizer = "gptq" if results is not None else ("rtn" if quantized else "none")
-    if quantizer == "rtn" and plan.summary.get("quantizer", "gptq") == "gptq":
-        log.warning("plan %s carries no GPTQ results for this model: experts quantized with round-to-nearest",
-                    plan.provenance.method)
-    totals = bits_summary(model, bits, group_size)
     return {"quantize": {
         "group_size": group_size,
         "bits": {str(idx): widths for idx, widths in sorted(bits.items())},
@@ -108,5 +136,8 @@ def apply_quantize(model: nn.Module, plan: Plan) -> dict[str, Any]:
         "avg_bits_with_overhead": totals["avg_bits_with_overhead"],
         "quantizer": quantizer,
         "quantize_attention": attention_bits,
-        "rtn_fallback": dict(plan.summary.get("rtn_fallback", {})) if results is not None else {},
+        "attention_quantizer": "rtn" if attention_bits is not None else None,
+        # Experts GPTQ could not calibrate (fewer than min_tokens routed tokens): rounded to nearest, listed.
+        "min_tokens": config.min_tokens if quantizer == "gptq" else None,
+        "rtn_fallback": {str(k): v for k, v in sorted(fallback.items()) if v},
     }}

@@ -1,1 +1,2 @@
-"""Mixed-precision expert quantization (PMQ): bit allocation (allocate), GPTQ/RTN (gptq), packing (pack)."""
+"""Mixed-precision expert quantization (PMQ): widths (driver: factors + exact allocation) -> a JSON plan; the
+packed format and GPTQ/RTN maths (fused, gptq, pack); the GPTQ pass that ``apply`` runs (transform)."""

@@ -2,8 +2,11 @@
 
 Each expert i gets one width from a candidate set ``widths`` (J values, e.g. 1, 2, 3 bits) so that the
 sum of widths stays within a bit budget and the summed cost ``cost[i, j]`` is minimal. The problem is a
-small multiple-choice knapsack; we solve it exactly as a MILP with ``scipy.optimize.milp`` (HiGHS),
-which reproduces the authors' published Mixtral-8x7B allocations (they used Gurobi).
+small multiple-choice knapsack over integer bit totals, so an exact dynamic program solves it: no solver
+tolerances (a MILP solver stops at an absolute gap, which hides the tiny costs of rarely routed experts),
+no rescaling of costs, and deterministic ties. It reproduces all 288 of the authors' published
+Mixtral-8x7B allocations (they used Gurobi). Cost: O(E * J * E * max width) per layer, microseconds to
+milliseconds for real models.
 
 All functions are pure: arrays in, arrays out. Shapes: E experts, J candidate widths, L layers.
 """
@@ -14,7 +17,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 __all__ = [
     "AUTHORS_COST_SETTINGS",
@@ -141,56 +143,81 @@ def _check_top_two(n_experts: int, sorted_widths: np.ndarray) -> None:
         )
 
 
-def _layer_constraints(
-    n_experts: int, widths: np.ndarray, offset: int, n_vars: int, require_top_two: bool
-) -> list[LinearConstraint]:
-    """One width per expert, plus the authors' rule (>= 1 expert at the top and second-top width)."""
-    n_w = widths.size
-    one_each = np.zeros((n_experts, n_vars))
-    for i in range(n_experts):
-        one_each[i, offset + i * n_w : offset + (i + 1) * n_w] = 1.0
-    cons = [LinearConstraint(one_each, 1.0, 1.0)]
-    if require_top_two:
-        order = np.argsort(widths)
-        for j in (order[-1], order[-2]):
-            row = np.zeros((1, n_vars))
-            row[0, offset + j : offset + n_experts * n_w : n_w] = 1.0
-            cons.append(LinearConstraint(row, 1.0, np.inf))
-    return cons
+# Flags of the authors' rule: bit 0 = an expert at the top width, bit 1 = an expert at the second-top width.
+_TOP, _SECOND = 1, 2
 
 
-def _solve(
-    cost_blocks: list[np.ndarray], widths: np.ndarray, budget_total: float, require_top_two: bool
-) -> list[np.ndarray]:
-    n_w = widths.size
-    sizes = [c.shape[0] for c in cost_blocks]
-    n_vars = sum(sizes) * n_w
-    c = np.concatenate([b.reshape(-1) for b in cost_blocks])
-    # HiGHS stops at an absolute gap of 1e-6: rescale so that gap is negligible for any cost scale.
-    span = np.max(np.abs(c))
-    c = c / span if span > 0 else c
-    cons: list[LinearConstraint] = []
-    offset = 0
-    for n in sizes:
-        cons += _layer_constraints(n, widths, offset, n_vars, require_top_two)
-        offset += n * n_w
-    bits_row = np.tile(widths.astype(np.float64), sum(sizes))[None, :]
-    cons.append(LinearConstraint(bits_row, -np.inf, np.floor(budget_total + _BUDGET_EPS)))
-    res = milp(
-        c,
-        constraints=cons,
-        integrality=np.ones(n_vars),
-        bounds=Bounds(0, 1),
-        options={"mip_rel_gap": 0.0},
-    )
-    if res.status != 0 or res.x is None:
-        raise RuntimeError(f"MILP failed: status {res.status}, {res.message}")
-    choice = np.round(res.x).reshape(-1, n_w).argmax(axis=1)
-    out, start = [], 0
-    for n in sizes:
-        out.append(widths[choice[start : start + n]].copy())
-        start += n
+def _width_flags(widths: np.ndarray, require_top_two: bool) -> tuple[np.ndarray, int, int]:
+    """(J,) flag bits per width, number of flag states K, and the flags every allocation must cover."""
+    if not require_top_two:
+        return np.zeros(widths.size, dtype=np.int64), 1, 0
+    order = np.argsort(widths)
+    flags = np.zeros(widths.size, dtype=np.int64)
+    flags[order[-1]], flags[order[-2]] = _TOP, _SECOND
+    return flags, 4, _TOP | _SECOND
+
+
+def _suffix_table(costs: np.ndarray, widths: np.ndarray, flags: np.ndarray, n_flags: int) -> np.ndarray:
+    """Exact DP over integer bit totals (a multiple-choice knapsack).
+
+    Returns F (E + 1, S + 1, K) float64 with S = E * max(widths): F[k, s, need] is the smallest cost of
+    experts k..E-1 that use exactly s bits and cover the flags ``need`` (the authors' rule; K = 1 without
+    it), inf when impossible. Costs are summed from the last expert to the first, c_k + (c_{k+1} + (...)),
+    in float64 without any rescaling; float addition is monotone, so F[0] is exactly the minimum of that
+    sum over all allocations (no solver tolerance).
+    """
+    n_experts = costs.shape[0]
+    top = n_experts * int(widths.max())
+    table = np.full((n_experts + 1, top + 1, n_flags), np.inf)
+    table[n_experts, 0, 0] = 0.0
+    for k in range(n_experts - 1, -1, -1):
+        nxt, cur = table[k + 1], table[k]
+        for j, w in enumerate(widths.tolist()):
+            for need in range(n_flags):
+                rest = need & ~int(flags[j])  # what experts k+1.. must still cover
+                # new total s = s' + w
+                np.minimum(cur[w:, need], costs[k, j] + nxt[: top + 1 - w, rest], out=cur[w:, need])
+    return table
+
+
+def _layer_curve(costs: np.ndarray, widths: np.ndarray, require_top_two: bool) -> np.ndarray:
+    """(S + 1,) exact minimum cost of one layer for every total of bits s (inf where unreachable)."""
+    flags, n_flags, need = _width_flags(widths, require_top_two)
+    return _suffix_table(costs, widths, flags, n_flags)[0, :, need]
+
+
+def _reconstruct(costs: np.ndarray, widths: np.ndarray, require_top_two: bool, total: int) -> np.ndarray:
+    """(E,) the allocation of exactly ``total`` bits whose cost is the table's minimum.
+
+    Ties (equal float costs) go to the widest width of the lowest-index expert first, so the result is
+    deterministic and does not depend on a solver's path.
+    """
+    flags, n_flags, need = _width_flags(widths, require_top_two)
+    table = _suffix_table(costs, widths, flags, n_flags)
+    if not np.isfinite(table[0, total, need]):
+        raise ValueError(f"no allocation uses exactly {total} bits")
+    out = np.empty(costs.shape[0], dtype=np.int64)
+    widest_first = np.argsort(-widths, kind="stable").tolist()
+    for k in range(costs.shape[0]):
+        target = table[k, total, need]
+        for j in widest_first:
+            w, rest = int(widths[j]), need & ~int(flags[j])
+            if w <= total and costs[k, j] + table[k + 1, total - w, rest] == target:
+                out[k], total, need = w, total - w, rest
+                break
+        else:  # impossible: target was computed from exactly these candidates
+            raise RuntimeError(f"allocation DP could not be traced back at expert {k}")
     return out
+
+
+def _best_total(curve: np.ndarray, budget_total: float) -> int:
+    """Total bits <= budget with the smallest cost; on a tie the larger total (use the budget)."""
+    cap = min(int(np.floor(budget_total + _BUDGET_EPS)), curve.size - 1)
+    values = curve[: cap + 1]
+    best = values.min()
+    if not np.isfinite(best):
+        raise ValueError(f"no allocation fits {budget_total} bits")
+    return int(np.flatnonzero(values == best)[-1])
 
 
 def _check_budget(lo: int, hi: int, budget_total: float, what: str) -> None:
@@ -212,6 +239,10 @@ def allocate_bits(
 ) -> np.ndarray:
     """Exact per-layer PMQ allocation: minimise sum cost[i, j] x_ij s.t. sum widths_j x_ij <= budget.
 
+    Solved by an exact dynamic program over integer bit totals (``_suffix_table``). Among allocations of
+    equal cost the one using more bits wins (the budget is used), then wider widths for lower-index
+    experts: deterministic, with no tolerance and no tie-break perturbation of the costs.
+
     Args:
         costs: (E, J) cost of expert i at candidate width ``widths[j]`` (e.g. from ``pmq_costs``).
         widths: (J,) distinct positive integer bit widths, e.g. (1, 2, 3).
@@ -226,7 +257,8 @@ def allocate_bits(
     c = _check_costs(costs, w.size)
     lo, hi = budget_range(c.shape[0], w, require_top_two)
     _check_budget(lo, hi, budget_total, f"{c.shape[0]} experts and widths {w.tolist()}")
-    return _solve([c], w, budget_total, require_top_two)[0]
+    total = _best_total(_layer_curve(c, w, require_top_two), budget_total)
+    return _reconstruct(c, w, require_top_two, total)
 
 
 def allocate_bits_global(
@@ -236,7 +268,7 @@ def allocate_bits_global(
     *,
     require_top_two: bool = False,
 ) -> list[np.ndarray]:
-    """One MILP across layers: a single bit budget for the whole model.
+    """One exact allocation across layers: a single bit budget for the whole model.
 
     Args:
         costs: L arrays of shape (E_l, J); costs must be comparable across layers for this to make
@@ -255,7 +287,26 @@ def allocate_bits_global(
     ranges = [budget_range(b.shape[0], w, require_top_two) for b in blocks]
     lo, hi = sum(r[0] for r in ranges), sum(r[1] for r in ranges)
     _check_budget(lo, hi, budget_total, f"{len(blocks)} layers and widths {w.tolist()}")
-    return _solve(blocks, w, budget_total, require_top_two)
+    curves = [_layer_curve(b, w, require_top_two) for b in blocks]
+    # Second DP over layers: best[l][t] = min cost of layers l..L-1 using exactly t bits, summed from the
+    # last layer to the first like the experts inside a layer (exact, float64, no rescaling).
+    size = sum(c.size - 1 for c in curves) + 1
+    best = [np.full(size, np.inf) for _ in range(len(curves) + 1)]
+    best[-1][0] = 0.0
+    for layer in range(len(curves) - 1, -1, -1):
+        nxt, cur = best[layer + 1], best[layer]
+        for s in np.flatnonzero(np.isfinite(curves[layer])).tolist():
+            np.minimum(cur[s:], curves[layer][s] + nxt[: size - s], out=cur[s:])
+    total = _best_total(best[0], budget_total)
+    out = []
+    for layer, curve in enumerate(curves):
+        # The largest layer total that reaches the optimum: ties prefer earlier layers' bits, deterministically.
+        nxt = best[layer + 1]
+        s = max(s for s in np.flatnonzero(np.isfinite(curve)).tolist()
+                if s <= total and curve[s] + nxt[total - s] == best[layer][total])
+        out.append(_reconstruct(blocks[layer], w, require_top_two, s))
+        total -= s
+    return out
 
 
 def uniform_allocation(n_experts: int, widths: Sequence[int] | np.ndarray, budget_total: float) -> np.ndarray:

@@ -9,10 +9,11 @@ from typing import Any
 
 from torch import nn
 
-from moeslim.config import ConfigError
+from moeslim.calibrate.observers import DEFAULT_MAX_TOKENS
+from moeslim.config import ConfigError, check_types
 from moeslim.methods.quant.allocate import budget_range
-from moeslim.models import find_moe_layers
 from moeslim.methods.quant.fused import KEEP_BITS
+from moeslim.models import find_moe_layers
 
 QUANT_METHODS = ("pmq", "uniform", "random")
 COSTS = ("paper", "authors")
@@ -43,11 +44,15 @@ class QuantizeConfig:
         of the block output error); default False, the plain GPTQ Hessian as in the paper.
     sequential: GPTQ's "true sequential" order inside the experts: down_proj is calibrated on the
         intermediates of the already quantized gate_up (keeps the layer's block inputs in CPU memory).
-    quantizer: gptq (needs calibration) or rtn (round-to-nearest, no data).
+    quantizer: gptq (runs in ``apply``, once, on the calibration windows the plan records) or rtn
+        (round-to-nearest, no data).
     scope: allocate per layer (paper) or one budget for the whole model.
     seed: random allocation (seed + layer index) and the factor token sample.
-    min_tokens: experts with fewer routed calibration tokens fall back to round-to-nearest.
+    min_tokens: experts with fewer routed calibration tokens are rounded to nearest instead of GPTQ'd (the
+        applied ``moeslim.quantize`` section lists them under ``rtn_fallback``).
     token_fraction: share of calibration tokens whose expert outputs the PMQ factors use.
+    max_tokens: cap on those tokens per layer (seeded subsample by token position; None = no cap), which
+        bounds the factor pass's memory at max_tokens x E x H floats (error model: docs/scale.md).
     quantize_attention: bits for the attention projections (round-to-nearest), None keeps them.
     propagate: what the GPTQ pass feeds layer l+1: the quantized ("compressed", as GPTQ) or original output.
     batch_size: calibration batch size.
@@ -70,6 +75,7 @@ class QuantizeConfig:
     seed: int = 0
     min_tokens: int = 1
     token_fraction: float = 1.0
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
     quantize_attention: int | None = None
     propagate: str = "compressed"
     batch_size: int = 8
@@ -77,6 +83,7 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         # YAML/JSON give lists: normalise to a tuple so the config stays hashable and frozen.
         object.__setattr__(self, "candidates", tuple(self.candidates))
+        check_types(self)
         _check_choice("method", self.method, QUANT_METHODS)
         _check_choice("cost", self.cost, COSTS)
         _check_choice("scope", self.scope, SCOPES)
@@ -106,6 +113,8 @@ class QuantizeConfig:
             raise ConfigError(f"damp={self.damp}: use a damping fraction in (0, 1) (paper: 0.01)")
         if self.min_tokens < 0:
             raise ConfigError(f"min_tokens={self.min_tokens}: use 0 or more")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"max_tokens={self.max_tokens}: use at least 1 token, or leave unset for no cap")
         if not 0 < self.token_fraction <= 1:
             raise ConfigError(f"token_fraction={self.token_fraction}: use a value in (0, 1]")
         if self.quantize_attention is not None and not _valid_width(self.quantize_attention):

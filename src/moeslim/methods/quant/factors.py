@@ -4,7 +4,12 @@ Pure tensor functions. Shapes: T sampled tokens, k experts per token, E experts,
 widths.
 
 - phi_i = n_i / N: expert i's share of the top-k assignments (sums to 1 over experts).
-- w_i: mean routing weight of expert i over the tokens routed to it (0 for an expert never routed).
+- routing weight: the router's raw gate probability of expert i (the softmax over all experts, before any
+  top-k renormalisation; sigmoid scores for DeepSeek-V3 / GLM-4-MoE), summed over the tokens routed to i.
+  This is the ``routing_weight_sum`` of the MC-MoE authors' released factors, which their cost normalises
+  by its per-layer sum (``cost="authors"``); the paper's w_i is its mean over those tokens
+  (``LayerFactors.weight``, 0 for an expert never routed). Renormalised top-k weights would lose the
+  router's confidence: with top-2 renormalisation two experts at 0.30 / 0.10 and at 0.60 / 0.20 look alike.
 - eps_ij = ||F(X) - F(X; expert i at j bits)||_F with only expert i quantized. F is the routed part of the
   block output, sum_k w_k f_{id_k}(x); shared experts are identical on both sides and cancel. Only the
   tokens routed to i change, so eps_ij = ||g_i(x) * (f_i(x) - f~_i(x))||_F with g_i the routing weight of
@@ -20,24 +25,31 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["LayerFactors", "expert_gate", "layer_factors", "mean_routing_weight", "routed_frequency",
+__all__ = ["LayerFactors", "expert_gate", "layer_factors", "routed_frequency", "routing_weight_sum",
            "swap_error"]
 
 
 @dataclass(frozen=True)
 class LayerFactors:
-    """PMQ factors of one layer: freq (E,), weight (E,), err (E, J) for ``widths`` (J,), counts (E,)."""
+    """PMQ factors of one layer: freq (E,), weight_sum (E,) summed raw gate probabilities over routed tokens,
+    err (E, J) for ``widths`` (J,), counts (E,) routed tokens."""
 
     freq: Tensor
-    weight: Tensor
+    weight_sum: Tensor
     err: Tensor
     widths: tuple[int, ...]
     counts: Tensor
+
+    @property
+    def weight(self) -> Tensor:
+        """(E,) mean raw gate probability over the tokens routed to each expert (0 where none): the paper's w_i."""
+        return self.weight_sum / self.counts.double().clamp_min(1)
 
     def to_dict(self) -> dict[str, list]:
         """JSON-friendly lists (for the plan summary)."""
         return {
             "freq": [float(v) for v in self.freq],
+            "weight_sum": [float(v) for v in self.weight_sum],
             "weight": [float(v) for v in self.weight],
             "err": [[float(v) for v in row] for row in self.err],
             "widths": list(self.widths),
@@ -52,12 +64,11 @@ def routed_frequency(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     return counts.double() / total, counts
 
 
-def mean_routing_weight(weights: Tensor, ids: Tensor, num_experts: int) -> Tensor:
-    """weights, ids (T, k) -> (E,) float64 mean weight over the tokens routed to each expert (0 if none)."""
-    flat = ids.reshape(-1).long()
-    sums = torch.zeros(num_experts, dtype=torch.float64).index_add_(0, flat, weights.reshape(-1).double())
-    counts = torch.bincount(flat, minlength=num_experts).double()
-    return sums / counts.clamp_min(1)
+def routing_weight_sum(probs: Tensor, ids: Tensor) -> Tensor:
+    """probs (T, E) raw gate probabilities, ids (T, k) -> (E,) float64 sum of probs[t, i] over tokens t routed to i."""
+    num_experts = probs.shape[1]
+    picked = probs.double().gather(1, ids.long())  # (T, k): each routed expert's raw probability
+    return torch.zeros(num_experts, dtype=torch.float64).index_add_(0, ids.reshape(-1).long(), picked.reshape(-1))
 
 
 def expert_gate(weights: Tensor, ids: Tensor, e: int) -> Tensor:
@@ -80,6 +91,7 @@ def layer_factors(
     outputs: Tensor,
     weights: Tensor,
     ids: Tensor,
+    probs: Tensor,
     quantized_output: Callable[[int, int, Tensor], Tensor],
     widths: Sequence[int],
 ) -> LayerFactors:
@@ -87,7 +99,8 @@ def layer_factors(
 
     Args:
         outputs: (T, E, H) unweighted outputs of every expert (the ExpertOutputs sample).
-        weights, ids: (T, k) routing of the sample tokens.
+        weights, ids: (T, k) routing of the sample tokens, as the block applies it (the error uses these).
+        probs: (T, E) raw gate probabilities before top-k (the routing-weight factor uses these).
         quantized_output: (e, bits, rows) -> (R, H) expert e's output on the R sample tokens selected by
             the bool mask ``rows`` (T,), with its weights quantized to ``bits`` (only called for experts
             routed at least once, never for 16 bits, which means unchanged).
@@ -98,7 +111,7 @@ def layer_factors(
     """
     num_experts = outputs.shape[1]
     phi, counts = routed_frequency(ids, num_experts)
-    w = mean_routing_weight(weights, ids, num_experts)
+    weight_sum = routing_weight_sum(probs, ids)
     err = torch.zeros(num_experts, len(widths), dtype=torch.float64)
     for e in range(num_experts):
         if int(counts[e]) == 0:
@@ -109,4 +122,4 @@ def layer_factors(
             if bits == 16:
                 continue
             err[e, j] = swap_error(outputs[rows, e], quantized_output(e, int(bits), rows), gate[rows])
-    return LayerFactors(phi, w, err, tuple(int(b) for b in widths), counts)
+    return LayerFactors(phi, weight_sum, err, tuple(int(b) for b in widths), counts)

@@ -27,7 +27,6 @@ import torch
 
 __all__ = [
     "QuantizedWeight",
-    "accumulate_hessian",
     "dequantize",
     "gptq_quantize",
     "minmax_params",
@@ -143,37 +142,6 @@ def rtn_quantize(
         codes.append(quantize_codes(chunk, s, z, bits))
     S, Z, C = torch.stack(scales, 1), torch.stack(zeros, 1), torch.cat(codes, 1)
     return _result(C, S, Z, dequantize(C, S, Z, gs), bits, gs)
-
-
-def accumulate_hessian(
-    H: torch.Tensor | None, x: torch.Tensor, weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Return H + sum_t weights_t * x_t x_t^T; H (in, in) or None (start from zero), x (T, in).
-
-    weights (T,) optional per-token factors. For a routed expert the block output is
-    sum_i g_i(x) f_i(x), so the squared output error of a linear expert layer is weighted by g^2:
-    pass ``weights = gate**2`` for that objective, ``gate`` for a milder weighting, None for the plain
-    GPTQ Hessian (the MC-MoE setting). The overall scale of H does not matter to GPTQ (damping is
-    relative to its diagonal), so no 2/N factor.
-    """
-    if x.ndim != 2:
-        raise ValueError(f"x must be (T, in), got shape {tuple(x.shape)}")
-    dtype = H.dtype if H is not None else torch.float32
-    xf = x.to(dtype)
-    if weights is not None:
-        if weights.shape != (x.shape[0],):
-            raise ValueError(f"weights must have shape ({x.shape[0]},), got {tuple(weights.shape)}")
-        if torch.any(weights < 0):
-            raise ValueError("weights must be non-negative")
-        xw = xf * weights.to(dtype)[:, None]
-    else:
-        xw = xf
-    update = xw.T @ xf
-    if H is None:
-        return update
-    if H.shape != update.shape:
-        raise ValueError(f"H must have shape {tuple(update.shape)}, got {tuple(H.shape)}")
-    return H + update
 
 
 def _inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
