@@ -77,21 +77,22 @@ def test_sliding_scores_every_token_once(model: MixtralForCausalLM) -> None:
 
 
 def test_param_bytes_by_dtype_and_quantized(model: MixtralForCausalLM) -> None:
+    # Resident bytes are measured from the tensors held (parameters and buffers, each storage once);
+    # packed low-bit storage is tested in tests/test_lowbit_runtime.py.
     from moeslim.evaluate.cost import param_bytes
 
-    n = sum(p.numel() for p in model.parameters())
-    assert param_bytes(model) == {"total": 4 * n, "by_dtype": {"float32": 4 * n}, "quantized": 0}
-
-    class Packed:  # stands in for a LowBitTensor
-        def nbytes(self) -> int:
-            return 7
+    tensors = {t.untyped_storage().data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    n = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert param_bytes(model) == {"total": n, "by_dtype": {"float32": n}, "quantized": 0, "method": "tensors"}
 
     experts = torch.nn.Module()
     experts.w = torch.nn.Parameter(torch.zeros(10, 10))
-    experts.moeslim_lowbit = {"w": Packed()}
-    wrapper = torch.nn.Sequential(torch.nn.Linear(4, 4).half(), experts)
+    tied = torch.nn.Linear(4, 4).half()
+    wrapper = torch.nn.Sequential(tied, experts, torch.nn.Module())
+    wrapper[2].weight = tied.weight  # shared: counted once
     res = param_bytes(wrapper)
-    assert res == {"total": 2 * 20 + 7, "by_dtype": {"float16": 40}, "quantized": 7}
+    assert res == {"total": 2 * 20 + 400, "by_dtype": {"float16": 40, "float32": 400}, "quantized": 0,
+                   "method": "tensors"}
 
 
 def test_activated_params_and_static_expert_calls(model: MixtralForCausalLM) -> None:
@@ -199,9 +200,11 @@ def test_side_by_side_is_deterministic() -> None:
     assert set(first) == set(prompts) and all(set(v) == {"a", "b"} for v in first.values())
 
 
-def test_evaluate_model_end_to_end(tmp_path) -> None:
+def test_evaluate_model_end_to_end(tmp_path, monkeypatch) -> None:
     import json
 
+    import moeslim.evaluate.driver as driver
+    from moeslim.config import EvalConfig
     from moeslim.evaluate import VariantResult, evaluate_model
 
     tok = _tiny_tokenizer()
@@ -209,13 +212,22 @@ def test_evaluate_model_end_to_end(tmp_path) -> None:
     text = {"text": "def f(x):\n    return x * 2\n" * 20}
     data = tmp_path / "mycode.jsonl"
     data.write_text("\n".join(json.dumps(text) for _ in range(3)) + "\n")
-    res = evaluate_model(
-        m, tok, [str(data)], seq_len=32, max_windows=4, tasks=(), limit=None, speed=True, name="tiny",
-        checkpoint_dir=tmp_path,
-    )  # fmt: skip
+    timed: list[tuple[int, int]] = []
+    real = driver.compare_speed
+
+    def recording(models, prompt, new_tokens, repeats, **kw):
+        timed.append((new_tokens, repeats))
+        return real(models, prompt, new_tokens=new_tokens, repeats=repeats, **kw)
+
+    monkeypatch.setattr(driver, "compare_speed", recording)
+    config = EvalConfig(data=(str(data),), seq_len=32, max_windows=4, speed=True, speed_repeats=2,
+                        speed_new_tokens=5)
+    res = evaluate_model(m, tok, config, name="tiny", checkpoint_dir=tmp_path)
+    assert timed == [(5, 2)]  # the config's speed settings are the ones used
     assert isinstance(res, VariantResult) and res.name == "tiny"
     assert math.isfinite(res.perplexity["mycode"])
-    assert res.param_bytes == 4 * sum(p.numel() for p in m.parameters())
+    held = {t.untyped_storage().data_ptr(): t for t in [*m.parameters(), *m.buffers()]}  # resident: buffers too
+    assert res.param_bytes == sum(t.numel() * t.element_size() for t in held.values())
     assert res.disk_bytes and res.disk_bytes > 0
     assert res.expert_calls_per_token == 4.0 and res.speed_ratio == 1.0 and res.decode_tps > 0
     assert VariantResult.from_dict(json.loads(json.dumps(res.to_dict()))) == res

@@ -8,6 +8,7 @@ other, and all of them are timed together in one process for the speed ratios.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,11 +102,9 @@ def _evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, evaluation: 
               description: str, plan: dict[str, Any] | None) -> Any:
     from moeslim.evaluate import evaluate_model
 
-    return evaluate_model(
-        model, tokenizer, data_specs=list(evaluation.data), seq_len=evaluation.seq_len,
-        max_windows=evaluation.max_windows, tasks=list(evaluation.tasks), limit=evaluation.task_limit,
-        speed=False, name=name, description=description, plan=plan, batch_size=evaluation.batch_size,
-    )
+    # speed is timed for all variants together (interleaved), not one by one
+    return evaluate_model(model, tokenizer, dataclasses.replace(evaluation, speed=False), name=name,
+                          description=description, plan=plan)
 
 
 def _add_speed(results: list[Any], models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase,
@@ -114,7 +113,8 @@ def _add_speed(results: list[Any], models: dict[str, nn.Module], tokenizer: PreT
 
     source = load_source(evaluation.data[0], split="test")
     prompt = token_windows(source, tokenizer, min(evaluation.seq_len, 64), num_samples=1)
-    timing = compare_speed(models, prompt, new_tokens=32, repeats=evaluation.speed_repeats, show=False)
+    timing = compare_speed(models, prompt, new_tokens=evaluation.speed_new_tokens, repeats=evaluation.speed_repeats,
+                           show=False)
     for result in results:
         t = timing[result.name]
         result.decode_tps, result.prefill_tps, result.speed_ratio = t["decode_tps"], t["prefill_tps"], t["decode_ratio"]

@@ -22,29 +22,65 @@ from moeslim.evaluate._logits import model_device
 
 
 def param_bytes(model: nn.Module) -> dict[str, Any]:
-    """Bytes of the weights as stored.
+    """Resident bytes of the weights: measured from the tensors the model holds, not from any accounting.
 
-    {"total", "by_dtype": {dtype: bytes}, "quantized": bytes}. Parameters with low-bit storage (a module's
-    ``moeslim_lowbit = {param name: LowBitTensor}``, set by quantization) count as their packed codes, scales
-    and zeros instead of the dequantized float copy kept for compute. Tied / shared parameters count once.
+    Walks every parameter and buffer (packed low-bit storage included, runtime/packed.py), counting each
+    underlying storage once (tied or shared tensors, views) at its full size; meta-device placeholders hold
+    nothing and count 0. Returns {"total", "by_dtype": {dtype: bytes} of the float/int tensors outside packed
+    storage, "quantized": bytes of packed low-bit storage, "method": "tensors"}.
     """
+    from moeslim.runtime.packed import PackedExperts
+
+    packed_ptrs: set[tuple[str, int]] = set()
+    for module in model.modules():
+        if isinstance(module, PackedExperts):
+            packed_ptrs.update(_storage_key(b) for b in module.buffers())
     by_dtype: dict[str, int] = {}
     quantized = 0
-    seen: set[int] = set()
-    for module in model.modules():
-        lowbit = getattr(module, "moeslim_lowbit", None) or {}
-        for param_name, packed in lowbit.items():
-            param = getattr(module, param_name, None)
-            if isinstance(param, torch.Tensor) and id(param) not in seen:
-                seen.add(id(param))
-                quantized += int(packed.nbytes())
-        for p in module.parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            key = str(p.dtype).removeprefix("torch.")
-            by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
-    return {"total": sum(by_dtype.values()) + quantized, "by_dtype": by_dtype, "quantized": quantized}
+    seen: set[tuple[str, int]] = set()
+    for t in (leaf for held in [*model.parameters(), *model.buffers()] for leaf in _leaves(held)):
+        if t.is_meta:
+            continue
+        key = _storage_key(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        nbytes = t.untyped_storage().nbytes()
+        if key in packed_ptrs:
+            quantized += nbytes
+        else:
+            name = str(t.dtype).removeprefix("torch.")
+            by_dtype[name] = by_dtype.get(name, 0) + nbytes
+    return {"total": sum(by_dtype.values()) + quantized, "by_dtype": by_dtype, "quantized": quantized,
+            "method": "tensors"}
+
+
+resident_bytes = param_bytes
+
+
+def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding a tensor's bytes: itself, or a tensor subclass' inner tensors (torchao)."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or type(t) in (torch.Tensor, nn.Parameter):
+        return [t]
+    names, _ = flatten()
+    return [leaf for n in names for leaf in _leaves(getattr(t, n))]
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _packed_numel(model: nn.Module) -> list[tuple[int, int]]:
+    """[(weights, experts)] of each packed fused expert tensor (float parameters that are no longer parameters)."""
+    from moeslim.runtime.packed import PackedExperts
+
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, PackedExperts) and ".experts." in f".{name}.":
+            e, d1, d2 = module.shape
+            out.append((e * d1 * d2, e))
+    return out
 
 
 def disk_bytes(path: str | Path) -> int:
@@ -168,6 +204,18 @@ def activated_params(model: nn.Module) -> dict[str, Any]:
     Uses `moeslim.models.moe_summary` when it understands the model; otherwise reads the experts modules
     directly (per layer E, so a model pruned unevenly across layers is counted right).
     """
+    packed = _packed_numel(model)  # packed experts are not parameters any more: count their weights here
+    if packed:
+        top_k = _config_top_k(model)
+        extra = sum(n for n, _ in packed)
+        base = _activated_params_unpacked(model)
+        active = sum(round(n * min(top_k, e) / e) for n, e in packed)
+        return {"total": base["total"] + extra, "expert": base["expert"] + extra,
+                "activated": base["activated"] + active, "source": base["source"] + "+packed"}
+    return _activated_params_unpacked(model)
+
+
+def _activated_params_unpacked(model: nn.Module) -> dict[str, Any]:
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     groups = _routed_expert_groups(model)
     if groups and len({e for _, e in groups.values()}) == 1:

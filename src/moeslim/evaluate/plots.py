@@ -63,7 +63,7 @@ def _scatter_panel(ax: Axes, points: list[tuple[str, float, float]], xlabel: str
 
 
 def plot_quality_vs_cost(results: Sequence[VariantResult], path: Path) -> Path:
-    """Left: perplexity vs weight size (MB). Right: perplexity vs routed expert calls per token."""
+    """Left: perplexity vs resident weight size (MiB). Right: perplexity vs routed expert calls per token."""
     domains = sorted({d for r in results for d in r.perplexity})
     ylabel = f"perplexity (geo-mean of {', '.join(domains)}) ↓" if len(domains) > 1 else "perplexity ↓"
     size_pts, call_pts = [], []
@@ -72,11 +72,11 @@ def plot_quality_vs_cost(results: Sequence[VariantResult], path: Path) -> Path:
         if ppl is None:
             continue
         if r.param_bytes:
-            size_pts.append((r.name, r.param_bytes / 1e6, ppl))
+            size_pts.append((r.name, r.param_bytes / 2**20, ppl))
         if r.expert_calls_per_token is not None:
             call_pts.append((r.name, r.expert_calls_per_token, ppl))
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    _scatter_panel(left, size_pts, "weights in memory (MB)", log_x=True)
+    _scatter_panel(left, size_pts, "weights in memory (MiB, measured)", log_x=True)
     left.set_ylabel(ylabel)
     left.set_title("quality vs size")
     _scatter_panel(right, call_pts, "routed expert calls per token (all MoE layers)", log_x=False)

@@ -10,6 +10,7 @@ from typing import Any
 
 from moeslim.evaluate.plots import mean_ppl, plot_expert_bits, plot_kept_experts, plot_quality_vs_cost, plot_skip_rate
 from moeslim.evaluate.results import VariantResult
+from moeslim.outputs import write_text_atomic
 
 RESULT_FILE = "result.json"  # a run folder holds its VariantResult here (and its plan in plan.json)
 PLAN_FILE = "plan.json"
@@ -52,7 +53,8 @@ def _fmt(value: float | int | None, spec: str) -> str:
 
 
 def _mb(n: int | None) -> str:
-    return "–" if n is None else f"{n / 1e6:.1f}"
+    # MiB, like the console table (variants.print_table): one unit everywhere
+    return "–" if n is None else f"{n / 2**20:.1f}"
 
 
 def _table(results: Sequence[VariantResult]) -> list[str]:
@@ -62,8 +64,8 @@ def _table(results: Sequence[VariantResult]) -> list[str]:
         "variant",
         *[f"ppl {d}" for d in domains],
         *[f"acc {t}" for t in tasks],
-        "weights MB",
-        "disk MB",
+        "weights MiB",
+        "disk MiB",
         "activated params",
         "expert calls/token",
         "decode tok/s",
@@ -150,7 +152,7 @@ def write_report(items: Iterable[ResultLike], out_dir: str | Path, title: str = 
         "variants": [r.to_dict() for r in results],
         "plots": [p.name for p in [quality, *plan_plots]],
     }
-    (out_dir / "report.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    write_text_atomic(out_dir / "report.json", json.dumps(payload, indent=2, default=str) + "\n")
     md = [f"# {title}", "", *_table(results), ""]
     md += [f"- **{r.name}**: {r.description}" for r in results if r.description]
     md += [
@@ -169,5 +171,5 @@ def write_report(items: Iterable[ResultLike], out_dir: str | Path, title: str = 
     if best is not None:
         md += ["", f"Lowest perplexity: **{best.name}**."]
     path = out_dir / "report.md"
-    path.write_text("\n".join(md) + "\n")
+    write_text_atomic(path, "\n".join(md) + "\n")
     return path

@@ -43,6 +43,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moeslim.methods.quant.fused import LowBitTensor
+from moeslim.runtime.lowbit_forward import STORE, install_packed, packed_storage
+from moeslim.runtime.packed import PackedExperts
 
 __all__ = [
     "BASE_FILE",
@@ -50,11 +52,12 @@ __all__ = [
     "LOWBIT_FILE",
     "load_quantized",
     "lowbit_tensors",
+    "packed_experts",
     "quantized_nbytes",
     "save_quantized",
 ]
 
-LOWBIT_ATTR = "moeslim_lowbit"  # module attribute: {parameter name: LowBitTensor}
+LOWBIT_ATTR = STORE  # child module of each quantized module: {parameter name: PackedExperts}
 BASE_FILE = "moeslim_base.safetensors"
 LOWBIT_FILE = "moeslim_lowbit.safetensors"
 _META_SUFFIX = ".qmeta"
@@ -62,27 +65,32 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def install_lowbit(module: nn.Module, name: str, packed: LowBitTensor) -> None:
-    """Keep ``packed`` as the storage of parameter ``name`` and compute with its dequantized values."""
-    param = getattr(module, name)
-    with torch.no_grad():
-        param.copy_(packed.dequantize().reshape(param.shape).to(param.dtype))
-    store = dict(getattr(module, LOWBIT_ATTR, None) or {})
-    store[name] = packed
-    object.__setattr__(module, LOWBIT_ATTR, store)
+    """Replace float parameter ``name`` of ``module`` by the packed storage of ``packed`` and compute from it.
+
+    The float parameter is removed (a meta placeholder of the same shape stays, holding no bytes); the module
+    computes through the ``moeslim_lowbit`` experts forward (or ``LowBitLinear`` for an nn.Linear), see
+    runtime/lowbit_forward.py.
+    """
+    install_packed(module, name, packed)
+
+
+def packed_experts(model: nn.Module) -> dict[str, PackedExperts]:
+    """{qualified parameter name: PackedExperts} of every packed parameter of ``model``."""
+    found: dict[str, PackedExperts] = {}
+    for module_name, module in model.named_modules():
+        for param_name, storage in packed_storage(module).items():
+            found[f"{module_name}.{param_name}" if module_name else param_name] = storage
+    return found
 
 
 def lowbit_tensors(model: nn.Module) -> dict[str, LowBitTensor]:
-    """{qualified parameter name: LowBitTensor} of every quantized parameter of ``model``."""
-    found: dict[str, LowBitTensor] = {}
-    for module_name, module in model.named_modules():
-        for param_name, packed in (getattr(module, LOWBIT_ATTR, None) or {}).items():
-            found[f"{module_name}.{param_name}" if module_name else param_name] = packed
-    return found
+    """{qualified parameter name: LowBitTensor} of every quantized parameter, rebuilt bit-exactly from storage."""
+    return {name: storage.to_lowbit() for name, storage in packed_experts(model).items()}
 
 
 def quantized_nbytes(model: nn.Module) -> int:
     """Bytes of the packed low-bit storage (codes, scales, zeros, kept 16-bit slices) of ``model``."""
-    return sum(packed.nbytes() for packed in lowbit_tensors(model).values())
+    return sum(storage.nbytes() for storage in packed_experts(model).values())
 
 
 def _base_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -102,8 +110,12 @@ def _base_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Ten
     return tensors, aliases
 
 
-def save_quantized(model: nn.Module, out_dir: str | Path) -> None:
-    """Write config.json, the base tensors and the packed low-bit tensors into ``out_dir``."""
+def save_quantized(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write config.json, the base tensors and the packed low-bit tensors into ``out_dir``.
+
+    ``dtype``: storage dtype of the floating base tensors (the source checkpoint's, so a bfloat16 model
+    computed in float32 is not written back twice as large); None keeps them as held.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     packed = lowbit_tensors(model)
@@ -113,9 +125,16 @@ def save_quantized(model: nn.Module, out_dir: str | Path) -> None:
     for name, tensor in packed.items():
         lowbit.update({k: v.cpu() for k, v in tensor.to_state_dict(name).items()})
     base, aliases = _base_tensors(model, set(packed))
+    if dtype is not None:
+        base = {k: v.to(dtype) if v.is_floating_point() else v for k, v in base.items()}
     save_file(base, str(out / BASE_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
     save_file(lowbit, str(out / LOWBIT_FILE), metadata={"format": "moeslim-lowbit"})
     model.config.save_pretrained(out)
+    if dtype is not None:
+        config_file = out / "config.json"
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        raw["dtype"] = str(dtype).removeprefix("torch.")
+        config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(out)
@@ -128,34 +147,71 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
                    ) -> tuple[nn.Module, Any]:
-    """(model with dequantized experts and ``moeslim_lowbit`` re-attached, tokenizer or None)."""
+    """(model computing from its packed experts, tokenizer or None).
+
+    The model is built on the meta device, so no float expert tensor is ever allocated: base tensors are
+    loaded into it (``assign``), buffers that no file holds (rotary frequencies) are computed by the model's
+    own initialisation, and the packed experts are installed. Peak memory is base + packed tensors.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     root = Path(path)
     for name in (BASE_FILE, LOWBIT_FILE):
         if not (root / name).is_file():
             raise FileNotFoundError(f"{root} is not a moeslim quantized checkpoint: {name} is missing")
-    config = AutoConfig.from_pretrained(root)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    config = AutoConfig.from_pretrained(root, trust_remote_code=False)  # never run code from a folder
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     base, meta = _read(root / BASE_FILE)
     lowbit, _ = _read(root / LOWBIT_FILE)
     prefixes = [k[: -len(_META_SUFFIX)] for k in lowbit if k.endswith(_META_SUFFIX)]
-    missing, unexpected = model.load_state_dict(base, strict=False)
     aliases: dict[str, str] = json.loads(meta.get("aliases", "{}"))
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)
     for alias, source in aliases.items():
-        if state[alias].data_ptr() != state[source].data_ptr():  # not tied in the rebuilt model
-            with torch.no_grad():
-                state[alias].copy_(base[source])
-    left = set(missing) - set(prefixes) - set(aliases)
+        base[alias] = base[source]
+    left = set(state) - set(base) - set(prefixes)
+    unexpected = set(base) - set(state)
     if left or unexpected:
         raise ValueError(f"{root}: tensors missing {sorted(left)} / unexpected {sorted(unexpected)}")
+    # Cast to the dtypes the model was built with (it keeps some modules in float32 on purpose).
+    base = {k: v.to(state[k].dtype) if v.is_floating_point() else v for k, v in base.items()}
+    model.load_state_dict(base, strict=False, assign=True)
+    target = torch.device(device)
     for prefix in prefixes:
         packed = LowBitTensor.from_state_dict(lowbit, prefix)
+        if target.type != "cpu":  # the packed layouts depend on the device (int4pack is a CPU layout)
+            packed = _packed_to(packed, target)
         module_name, _, param_name = prefix.rpartition(".")
         install_lowbit(model.get_submodule(module_name), param_name, packed)
+    del lowbit
+    _materialize_buffers(model, root)
+    if any(aliases):
+        model.tie_weights()
     model = model.to(device).eval()
     return model, _tokenizer(root)
+
+
+def _packed_to(packed: LowBitTensor, device: torch.device) -> LowBitTensor:
+    def move(ts: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        return [None if t is None else t.to(device) for t in ts]
+
+    return LowBitTensor(packed.shape, packed.bits, packed.group_size, packed.transposed, packed.dtype,
+                        move(packed.codes), move(packed.scales), move(packed.zeros), move(packed.dense))
+
+
+def _materialize_buffers(model: nn.Module, root: Path) -> None:
+    """Compute the buffers no file holds (non-persistent: rotary frequencies) with the model's own init."""
+    init = getattr(model, "_init_weights", None)
+    for module in model.modules():
+        if not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        if init is None:
+            raise ValueError(f"{root}: cannot compute buffers of {type(module).__name__} without _init_weights")
+        module.to_empty(device="cpu", recurse=False)
+        init(module)
+    still = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still:
+        raise ValueError(f"{root}: tensors {still[:5]} have no stored or computed value")
 
 
 def _tokenizer(root: Path) -> Any:
@@ -165,6 +221,6 @@ def _tokenizer(root: Path) -> Any:
     if not any((root / name).is_file() for name in _TOKENIZER_FILES):
         return None
     try:
-        return AutoTokenizer.from_pretrained(root)
+        return AutoTokenizer.from_pretrained(root, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError):
         return None

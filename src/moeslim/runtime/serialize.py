@@ -7,6 +7,7 @@ experts in their own safetensors file and restores them at load.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,28 @@ import torch
 from torch import nn
 
 
-def save_pretrained_with_runtime(model: nn.Module, out_dir: Path) -> None:
+def save_pretrained_with_runtime(model: nn.Module, out_dir: Path, dtype: torch.dtype | None = None) -> None:
+    """Save ``model`` (and its runtime sections) into ``out_dir``; floating tensors in ``dtype`` if given.
+
+    ``dtype`` is how the checkpoint is stored, not how the model computes: a bfloat16 checkpoint loaded in
+    float32 for calibration is written back in bfloat16, so compressing never makes a checkpoint bigger.
+    """
     section = getattr(model.config, "moeslim", None) or {}
     if "quantize" in section:
         from moeslim.runtime.lowbit_io import save_quantized
 
-        save_quantized(model, out_dir)
+        save_quantized(model, out_dir, dtype=dtype)
         return
-    model.save_pretrained(out_dir)
+    if dtype is None:
+        model.save_pretrained(out_dir)
+        return
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.save_pretrained(out_dir, state_dict=state)
+    # save_pretrained records the dtype of the in-memory parameters; the stored tensors are ``dtype``.
+    config_file = Path(out_dir) / "config.json"
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    raw["dtype"] = str(dtype).removeprefix("torch.")
+    config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeslim.methods.skip.thresholds import SKIP_RULES, keep_mask, rescale_kept
-from moeslim.models import MoELayer, find_moe_layers
+from moeslim.models import FAMILIES, MoELayer, find_moe_layers
 
 IMPLEMENTATION = "moeslim_skip"
 _STANDARD_ARGS = 3  # forward(hidden_states, top_k_index, top_k_weights)
@@ -98,8 +98,7 @@ def _check_supported(layers: list[MoELayer]) -> None:
         )
 
 
-SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                      "granitemoe", "phimoe", "gpt_oss")
+SUPPORTED_FAMILIES = tuple(FAMILIES)  # every family of the table (table order) has fused, dispatched experts
 
 
 def install_skipping(model: nn.Module, betas: Mapping[int, float], rule: str = "top2") -> None:

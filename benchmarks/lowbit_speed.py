@@ -1,0 +1,300 @@
+"""Decode / prefill speed and resident bytes of packed low-bit experts vs the bf16 original, in one run.
+
+Speed model: a random-weight Mixtral layout (hidden 2048, intermediate 5632, 8 experts, top-2, 4 layers,
+16 heads / 4 KV heads, vocab 8192, bfloat16): 1.16 B parameters, 1.11 B of them routed experts (2.2 GB in
+bf16), so the time is dominated by the expert matmuls, as in the real models. Random weights make the
+quality meaningless and the speed representative, so experts are quantized with round-to-nearest (GPTQ
+produces the same packed format and widths, hence the same speed), group 128.
+
+Variants (each its own model, timed interleaved: every round runs each variant once, in a shuffled order;
+medians over repeats):
+original bf16; uniform 4-bit (int4pack kernel); uniform 8-bit (int8 kernel per group); PMQ 2.5-bit (in each
+layer a random half of the experts at 3 bits, half at 2: the 2.5-bit average a PMQ allocation has; bit-plane
+storage, fused decode kernel); PMQ 2.5-bit + skipping with per-layer median beta (NAEE top-2 rule, beta =
+median ratio of second to first routing weight on random tokens); pruned to 6 experts per layer (bf16);
+torchao int4 / int8 weight-only as peers where torchao is installed (they replace nn.Linear modules only:
+attention and lm_head, the fused experts stay bf16).
+
+Decode: greedy generation of 128 new tokens at batch 1 from an 8-token prompt, minus the 1-token run;
+prefill: one forward over 512 tokens. Resident bytes: ``moeslim.evaluate.cost.param_bytes`` (every tensor
+the model holds, each storage once). Fresh RSS: after timing, each variant is saved with ``moeslim.save``
+(then dropped from memory) and loaded with ``moeslim.load`` in a fresh ``python -c`` interpreter, which prints
+its peak RSS (``ru_maxrss``: interpreter + imports + load peak) and the loaded model's resident tensor bytes;
+the bare interpreter's RSS (same imports, no model) is printed for reference.
+
+Run: OMP_NUM_THREADS=2 python benchmarks/lowbit_speed.py [--repeats 5] [--layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeslim.evaluate.cost import param_bytes
+from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor
+from moeslim.methods.quant.gptq import rtn_quantize
+from moeslim.methods.skip.thresholds import calibrate_beta, sorted_desc
+from moeslim.models import find_moe_layers, select_experts
+from moeslim.models.expert_math import expert_weight_views
+from moeslim.runtime.lowbit_io import install_lowbit
+from moeslim.runtime.packed import fast_pack
+from moeslim.runtime.skipping import install_skipping, reset_counters
+
+
+def speed_model(layers: int, seed: int = 0) -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(hidden_size=2048, intermediate_size=5632, num_local_experts=8, num_experts_per_tok=2,
+                           num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
+                           vocab_size=8192, max_position_embeddings=1024, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = MixtralForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # bf16 directly: no float32 copy of 1 B parameters
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02))
+        model.model.rotary_emb.to_empty(device="cpu")
+        model._init_weights(model.model.rotary_emb)
+    return model.to(torch.bfloat16).eval()
+
+
+def rtn_fused(w: torch.Tensor, bits: list[int], transposed: bool) -> LowBitTensor:
+    """``quantize_fused(..., method="rtn")`` with the fast byte packer (same format; saves minutes here)."""
+    n = w.shape[0]
+    out = LowBitTensor((n, w.shape[1], w.shape[2]), bits, 128, transposed, w.dtype, [None] * n, [None] * n,
+                       [None] * n, [None] * n)
+    for e, b in enumerate(bits):
+        if b == KEEP_BITS:
+            out.dense[e] = w[e].detach().clone()
+            continue
+        W = w[e].detach().float()
+        q = rtn_quantize(W.T if transposed else W, b, 128, scale_dtype=torch.float16)
+        out.codes[e], out.scales[e], out.zeros[e] = fast_pack(q.codes, b), q.scales.half(), fast_pack(q.zeros, b)
+    return out
+
+
+def quantize_experts(model: nn.Module, widths: Callable[[int, int], int]) -> nn.Module:
+    """RTN-quantize every expert at widths(layer, expert), group 128, into packed storage."""
+    for layer in find_moe_layers(model):
+        views = expert_weight_views(layer)
+        bits = [widths(layer.layer_idx, e) for e in range(layer.num_experts)]
+        for name, w in ((views.up_name, views.up), (views.down_name, views.down)):
+            install_lowbit(layer.experts, name, rtn_fused(w, bits, views.transposed))
+    return model
+
+
+def median_betas(model: nn.Module, ids: torch.Tensor) -> dict[int, float]:
+    """Per-layer median of w2 / w1 (NAEE's beta at quantile 0.5) from the routing of ``ids``."""
+    seen: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for layer in find_moe_layers(model):
+        def hook(_m: nn.Module, args: tuple[Any, ...], idx: int = layer.layer_idx) -> None:
+            seen.setdefault(idx, []).append(args[2].detach().float())
+
+        handles.append(layer.experts.register_forward_pre_hook(hook))
+    with torch.inference_mode():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return {idx: calibrate_beta(sorted_desc(torch.cat(w)), "top2", 0.5) for idx, w in seen.items()}
+
+
+def torchao_variant(model: nn.Module, kind: str) -> nn.Module | str:
+    """A torchao weight-only copy, or the reason it is not available."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except Exception as exc:  # noqa: BLE001 - not installed / incompatible build: report and go on
+        return f"torchao not available ({type(exc).__name__}: {exc})"
+    try:
+        out = copy.deepcopy(model)
+        if kind == "int4":  # the CPU packing ("opaque": torch's int4pack kernel), group 128 like ours
+            quantize_(out, Int4WeightOnlyConfig(group_size=128, int4_packing_format="opaque"))
+        else:
+            quantize_(out, Int8WeightOnlyConfig())
+        with torch.inference_mode():
+            out(torch.zeros(1, 4, dtype=torch.long))
+        return out
+    except Exception as exc:  # noqa: BLE001 - a config this torchao/torch pair does not run
+        return f"torchao {kind} failed ({type(exc).__name__}: {str(exc)[:160]})"
+
+
+_FRESH_LOAD = textwrap.dedent("""
+    import json, resource, sys, torch
+    import moeslim
+    from moeslim.evaluate.cost import param_bytes
+    held = 0
+    if sys.argv[1]:
+        model, _ = moeslim.load(sys.argv[1], dtype=torch.bfloat16)
+        held = param_bytes(model)["total"]
+    print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "bytes": held}))
+""")
+
+
+def fresh_load(path: str) -> dict[str, int]:
+    """{"rss": peak RSS bytes, "bytes": resident tensor bytes} of ``moeslim.load(path)`` in a fresh interpreter
+    (path "" = the interpreter with the same imports and no model)."""
+    proc = subprocess.run([sys.executable, "-c", _FRESH_LOAD, path], capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-400:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fresh_rss(models: dict[str, nn.Module]) -> dict[str, dict[str, int] | str]:
+    """Save each variant, drop it from ``models`` (freeing its memory), load it in a fresh process."""
+    import moeslim
+
+    out: dict[str, dict[str, int] | str] = {}
+    for name in list(models):
+        model = models.pop(name)
+        with tempfile.TemporaryDirectory(prefix="lowbit_speed_") as tmp:
+            try:
+                moeslim.save(model, Path(tmp) / "ckpt")
+            except Exception as exc:  # noqa: BLE001 - a peer format moeslim cannot save: report it
+                out[name] = f"not saved ({type(exc).__name__})"
+                continue
+            finally:
+                del model
+                gc.collect()
+            try:
+                out[name] = fresh_load(str(Path(tmp) / "ckpt"))
+            except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
+                out[name] = f"load failed ({str(exc)[-120:]})"
+            shutil.rmtree(Path(tmp) / "ckpt", ignore_errors=True)
+    return out
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _generate(model: nn.Module, ids: torch.Tensor, n: int) -> Any:
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, use_cache=True, pad_token_id=0)
+
+
+@torch.inference_mode()
+def measure(models: dict[str, nn.Module], prompt: torch.Tensor, long: torch.Tensor, new_tokens: int, repeats: int
+            ) -> dict[str, dict[str, float]]:
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    order = list(models)
+    rng = random.Random(0)
+    for rnd in range(repeats + 1):  # round 0 warms up (and compiles the decode kernels)
+        rng.shuffle(order)  # a burst of load from elsewhere on the machine does not always hit the same variant
+        for name in order:
+            model = models[name]
+            prefill = _timed(lambda m=model: m(input_ids=long, use_cache=False))
+            decode = _timed(lambda m=model: _generate(m, prompt, new_tokens)) - _timed(
+                lambda m=model: _generate(m, prompt, 1))
+            if rnd:
+                samples[name].append((prefill, max(decode, 1e-9)))
+    out = {}
+    for name, s in samples.items():
+        prefill_s, decode_s = statistics.median(x[0] for x in s), statistics.median(x[1] for x in s)
+        out[name] = {"prefill_tps": long.numel() / prefill_s, "decode_tps": (new_tokens - 1) / decode_s,
+                     "bytes": param_bytes(models[name])["total"]}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    base = speed_model(args.layers)
+    n_params = sum(p.numel() for p in base.parameters())
+    n_expert = sum(p.numel() for layer in find_moe_layers(base) for p in layer.experts.parameters())
+    print(f"speed model: Mixtral layout, {args.layers} layers, {n_params / 1e9:.2f} B params "
+          f"({n_expert / 1e9:.2f} B routed experts), bf16 {param_bytes(base)['total'] / 2**20:.0f} MiB; "
+          f"threads {torch.get_num_threads()}")
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, 8192, (1, 8), generator=gen)
+    long = torch.randint(3, 8192, (1, args.prefill_tokens), generator=gen)
+    rng = random.Random(0)
+    half = {idx: set(rng.sample(range(8), 4)) for idx in range(args.layers)}
+    models: dict[str, nn.Module] = {"original-bf16": base}
+    models["uniform-4bit"] = quantize_experts(copy.deepcopy(base), lambda _l, _e: 4)
+    models["uniform-8bit"] = quantize_experts(copy.deepcopy(base), lambda _l, _e: 8)
+    models["pmq-2.5bit"] = quantize_experts(copy.deepcopy(base), lambda idx, e: 3 if e in half[idx] else 2)
+    skip = copy.deepcopy(models["pmq-2.5bit"])
+    betas = median_betas(base, long)
+    install_skipping(skip, betas, "top2")
+    models["pmq-2.5bit+skip"] = skip
+    pruned = copy.deepcopy(base)
+    select_experts(pruned, {layer.layer_idx: list(range(6)) for layer in find_moe_layers(pruned)})
+    models["pruned-keep6"] = pruned
+    for kind in ("int4", "int8"):
+        peer = torchao_variant(base, kind)
+        if isinstance(peer, str):
+            print(peer)
+        else:
+            models[f"torchao-{kind}-weight-only"] = peer
+    print(f"built {len(models)} variants in {time.perf_counter() - t0:.0f} s; median betas "
+          + ", ".join(f"{b:.2f}" for b in betas.values()))
+    results = measure(models, prompt, long, args.new_tokens, args.repeats)
+    reset_counters(skip)
+    with torch.inference_mode():
+        skip(long)
+    calls = [c["expert_calls"] / c["tokens"] for c in
+             (layer.experts.moeslim_counters for layer in find_moe_layers(skip))]
+    del base, skip, pruned, peer  # only `models` holds the variants now: fresh_rss frees each in turn
+    gc.collect()
+    t1 = time.perf_counter()
+    fresh = fresh_rss(models)
+    bare = fresh_load("")
+    ref = results["original-bf16"]
+    ref_rss = fresh["original-bf16"]["rss"] if isinstance(fresh.get("original-bf16"), dict) else None
+    expert_bf16 = 2 * n_expert
+    head = (f"{'decode tok/s':>12} {'x':>6} {'prefill tok/s':>14} {'x':>6} {'resident MiB':>13} {'x':>6} "
+            f"{'fresh RSS MiB':>14} {'x':>6}")
+    print(f"\n{'variant':28} {head}")
+    for name, r in results.items():
+        f = fresh.get(name)
+        rss = (f"{f['rss'] / 2**20:14.0f} {f['rss'] / ref_rss if ref_rss else float('nan'):6.2f}"
+               if isinstance(f, dict) else f"  {f}")
+        print(f"{name:28} {r['decode_tps']:12.2f} {r['decode_tps'] / ref['decode_tps']:6.2f} "
+              f"{r['prefill_tps']:14.1f} {r['prefill_tps'] / ref['prefill_tps']:6.2f} "
+              f"{r['bytes'] / 2**20:13.1f} {r['bytes'] / ref['bytes']:6.2f} {rss}")
+    loaded = {n: f["bytes"] for n, f in fresh.items() if isinstance(f, dict)}
+    print(f"\nfresh interpreter with the same imports and no model: RSS {bare['rss'] / 2**20:.0f} MiB; tensor bytes "
+          "held after a fresh moeslim.load (MiB): " + ", ".join(f"{n} {b / 2**20:.1f}" for n, b in loaded.items())
+          + f"; save + fresh loads took {time.perf_counter() - t1:.0f} s")
+    print("(the fresh load of pmq-2.5bit+skip holds pmq-2.5bit's tensors: skipping adds no tensors)")
+    bound = (0.25 * expert_bf16 + (ref["bytes"] - expert_bf16)) / ref["bytes"]
+    print(f"expert calls per token per layer with skipping: {statistics.mean(calls):.2f} (top-2 = 2.00)")
+    print(f"resident goal for pmq-2.5bit: <= {bound:.2f} of bf16 (0.25 x expert bytes + non-expert bytes)")
+    print(f"total time {time.perf_counter() - t0:.0f} s\n")
+    pmq = results["pmq-2.5bit"]
+    print(f"lowbit decode ratio uniform-4bit: {results['uniform-4bit']['decode_tps'] / ref['decode_tps']:.2f}")
+    print(f"lowbit decode ratio pmq-2.5bit: {pmq['decode_tps'] / ref['decode_tps']:.2f}")
+    print(f"lowbit decode ratio pmq-2.5bit+skip: {results['pmq-2.5bit+skip']['decode_tps'] / ref['decode_tps']:.2f}")
+    print(f"lowbit resident ratio pmq-2.5bit: {pmq['bytes'] / ref['bytes']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

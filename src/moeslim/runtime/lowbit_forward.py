@@ -1,0 +1,144 @@
+"""Compute with packed low-bit experts: the ``moeslim_lowbit`` experts forward and its installation.
+
+``install_packed(module, name, packed)`` replaces the float parameter ``name`` of ``module`` by a
+``PackedExperts`` (runtime/packed.py) kept in the child ``module.moeslim_lowbit[name]``; the attribute
+``name`` becomes a meta-device placeholder with the original shape and dtype (it holds no bytes; any
+computation with it fails loudly instead of using stale weights).
+
+- Fused experts modules (transformers' ``@use_experts_implementation``) then dispatch to the experts forward
+  ``moeslim_lowbit`` registered in ``ALL_EXPERTS_FUNCTIONS``: it groups the (token, expert) pairs by expert
+  and computes only the routed experts, each from its packed storage. It honours the standard attributes
+  (gate/up split through ``_apply_gate``, biases, transposed layouts, ``post_expert_norm``) and the
+  placeholder index ``num_experts`` (no expert). When skipping is installed (``moeslim_skip``) it becomes
+  skipping's inner implementation instead, so skip + low-bit compose.
+- A plain ``nn.Linear`` (attention projections) becomes a ``LowBitLinear``, the same class with a forward
+  that reads the packed weight (torch's own parametrizations re-class modules the same way).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from moeslim.methods.quant.fused import LowBitTensor
+from moeslim.runtime.packed import PackedExperts
+
+__all__ = ["IMPLEMENTATION", "STORE", "LowBitLinear", "install_packed", "packed_storage"]
+
+IMPLEMENTATION = "moeslim_lowbit"
+STORE = "moeslim_lowbit"  # child nn.ModuleDict {parameter name: PackedExperts}
+_SKIP_IMPLEMENTATION = "moeslim_skip"
+_FALLBACK = "grouped_mm"
+
+
+def packed_storage(module: nn.Module) -> dict[str, PackedExperts]:
+    """{parameter name: PackedExperts} held by ``module`` itself (empty when none)."""
+    store = module._modules.get(STORE)
+    return dict(store.items()) if isinstance(store, nn.ModuleDict) else {}
+
+
+def _project(experts: nn.Module, name: str, e: int, x: Tensor, store: dict[str, PackedExperts]) -> Tensor:
+    """x (n, in) -> (n, out) through expert e's ``name`` projection (+ bias)."""
+    if name in store:
+        y = store[name].matmul(e, x)
+    else:
+        w = getattr(experts, name)[e]
+        y = x @ w.to(x.dtype) if experts.is_transposed else F.linear(x, w.to(x.dtype))
+    if getattr(experts, "has_bias", False):
+        bias = getattr(experts, f"{name}_bias", None)
+        if bias is not None:
+            y = y + bias[e].to(y.dtype)
+    return y
+
+
+def lowbit_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+                           ) -> Tensor:
+    """hidden_states (T, H), top_k_index / top_k_weights (T, k) -> (T, H), only routed experts computed."""
+    store = packed_storage(self)
+    if not store:  # a layer left in float (the implementation is set on a config shared by all layers)
+        return ALL_EXPERTS_FUNCTIONS[_FALLBACK](self, hidden_states, top_k_index, top_k_weights)
+    tokens, k = top_k_index.shape
+    n_experts = int(self.num_experts)
+    up_name = "gate_up_proj" if self.has_gate else "up_proj"
+    flat = top_k_index.reshape(-1)  # (S,) pair p = token p // k, slot p % k
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts + 1).tolist()  # one host sync per layer
+    weights = top_k_weights.reshape(-1)
+    out = torch.zeros_like(hidden_states)
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start:start + count]
+        start += count
+        if e >= n_experts:  # placeholder index: no expert
+            continue
+        token_idx = pairs // k
+        h = _project(self, up_name, e, hidden_states[token_idx], store)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        y = _project(self, "down_proj", e, h, store)
+        if getattr(self, "has_post_expert_norm", False):
+            y = self.post_expert_norm(y)
+        y = y * weights[pairs].unsqueeze(-1).to(y.dtype)
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
+
+
+class LowBitLinear(nn.Linear):
+    """``nn.Linear`` whose weight lives packed in ``moeslim_lowbit["weight"]`` (a one-matrix PackedExperts)."""
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear's signature
+        packed = self._modules[STORE]["weight"]
+        y = packed.matmul(0, input.reshape(-1, input.shape[-1])).reshape(*input.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def _register() -> None:
+    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, lowbit_experts_forward)
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    return hasattr(module, "has_gate") and hasattr(module, "config") and hasattr(type(module).forward, "__wrapped__")
+
+
+def install_packed(module: nn.Module, name: str, packed: LowBitTensor) -> PackedExperts:
+    """Replace float parameter ``name`` of ``module`` by packed storage and route its compute through it."""
+    current = module._parameters.get(name)
+    if current is None and name not in packed_storage(module):
+        raise ValueError(f"{type(module).__name__} has no parameter {name!r} to pack")
+    linear = isinstance(module, nn.Linear)
+    if linear and name != "weight":
+        raise ValueError(f"only the weight of an nn.Linear can be packed, not {name!r}")
+    if linear and type(module) not in (nn.Linear, LowBitLinear):
+        raise TypeError(f"cannot pack {type(module).__name__}: only plain nn.Linear modules are supported")
+    if not linear and not _is_fused_experts(module):
+        raise TypeError(f"{type(module).__name__} is not a fused experts module dispatched through transformers' "
+                        "ExpertsInterface (nor an nn.Linear): its packed weights could not be computed with")
+    shape = tuple(current.shape) if current is not None else None
+    expected = (packed.shape[1], packed.shape[2]) if linear else tuple(packed.shape)
+    if shape is not None and shape != expected:
+        raise ValueError(f"packed tensor of shape {packed.shape} does not fit {name} of shape {shape}")
+    device = current.device if current is not None and current.device.type != "meta" else None
+    storage = PackedExperts(packed, device=device)
+    store = module._modules.get(STORE)
+    if not isinstance(store, nn.ModuleDict):
+        store = nn.ModuleDict()
+        module.add_module(STORE, store)
+    store[name] = storage
+    if current is not None:
+        del module._parameters[name]
+    placeholder_shape = expected
+    object.__setattr__(module, name, torch.empty(placeholder_shape, dtype=packed.dtype, device="meta"))
+    if linear:
+        module.__class__ = LowBitLinear
+        return storage
+    _register()
+    config = module.config
+    if config._experts_implementation == _SKIP_IMPLEMENTATION:
+        module.moeslim_inner = IMPLEMENTATION  # skipping keeps deciding which pairs run; we do the matmuls
+    elif config._experts_implementation != IMPLEMENTATION:
+        config._experts_implementation = IMPLEMENTATION
+    return storage

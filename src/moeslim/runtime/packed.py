@@ -1,0 +1,514 @@
+"""Packed low-bit expert storage that the model computes from at inference (no float copy of the weights).
+
+``PackedExperts`` holds one fused expert parameter (a ``LowBitTensor``: E expert matrices, each at its own
+width) as buffers grouped by width, in the layout the fastest kernel for that width wants:
+
+- ``int4pack``: 4-bit experts in torch's ``_weight_int4pack_mm_for_cpu`` layout (exactly 4 bits a weight);
+  the kernel's (scale, zero) pairs are built per forward from the stored float16 scales and 4-bit zeros.
+- ``int8``: 8-bit experts as int8 codes (code - 128), (G, N, gs) per expert. Decoding (up to
+  ``FUSED_MAX_ROWS`` rows) runs a fused convert-reduce kernel compiled with ``torch.compile``
+  (``int8_matmul_kernel``; without a compiler: one ``_weight_int8pack_mm`` call per group, the kernel having
+  one scale per output channel); longer inputs dequantize the routed expert once and run a float matmul.
+- ``planes``: every other width as bit planes of 4/2/1 bits (3 = 2 + 1, 5 = 4 + 1, ...): exactly b bits a
+  weight, byte-aligned, unpacked with a mask. Decoding (up to ``FUSED_MAX_ROWS`` rows) uses a fused
+  unpack-reduce kernel on the integer codes (``planes_matmul_kernel``, compiled with ``torch.compile`` when it
+  is available and the matrix is large enough to pay for it): it reads the packed bytes once and never
+  materialises a dequantized weight; longer inputs dequantize the routed expert once and run a float matmul.
+- ``dense``: experts kept at 16 bits, their original slice.
+- ``canonical``: the ``LowBitTensor``'s own packed streams, for shapes the layouts above do not cover
+  (input not a multiple of the group size, group size not a multiple of 8, ...): dequantized per routed
+  expert with ``pack.unpack_bits`` (slow, exact).
+
+Every buffer is stored with an integer dtype (float16 scales viewed as int16, dense slices viewed as an
+integer of the same size), so ``model.to(dtype)`` never re-rounds stored values, while ``model.to(device)``
+moves them. Bytes held = bytes of the canonical packed format = bytes on disk; ``to_lowbit`` rebuilds the
+canonical ``LowBitTensor`` bit-exactly (for saving).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor
+from moeslim.methods.quant.pack import pack_bits, unpack_bits
+
+__all__ = ["PackedExperts", "int8_matmul_kernel", "pack_planes", "plane_split", "planes_inputs", "planes_matmul",
+           "planes_matmul_kernel", "unpack_planes"]
+
+log = logging.getLogger(__name__)
+
+_INT4_GROUPS = (32, 64, 128, 256)  # group sizes the int4pack kernels take
+_INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+# The compiled decode kernels (bit planes, int8) read the packed bytes once per input row, so they win while an
+# expert sees few rows (decode: one token per routed expert); compiled for one-row inputs only (one
+# specialisation per width and shape; more rows loop), up to this many rows; longer inputs dequantize the
+# expert once (compiled) and run a float matmul. Only on matrices of at least FUSED_MIN_WEIGHTS weights
+# (below, the eager path is already fast and a compile would cost more).
+FUSED_MAX_ROWS = 8
+FUSED_MIN_WEIGHTS = 1 << 18
+
+
+def plane_split(bits: int) -> list[tuple[int, int]]:
+    """[(plane width, bit offset)] covering a ``bits``-bit code with planes of 4, 2 and 1 bits (low bits first)."""
+    out, offset = [], 0
+    for width in (4, 2, 1):
+        while bits - offset >= width:
+            out.append((width, offset))
+            offset += width
+    return out
+
+
+def pack_planes(codes: Tensor, bits: int) -> list[Tensor]:
+    """codes (..., L) uint8 in [0, 2^bits), L a multiple of 8 -> one (..., L * w / 8) uint8 tensor per plane.
+
+    Plane byte j of a row holds, at bit w * i, the plane value of code i * (L * w / 8) + j: unpacking is one
+    shift-and-mask per slot and gives the codes in their natural order.
+    """
+    n = codes.shape[-1]
+    if n % 8:
+        raise ValueError(f"plane packing needs rows of a multiple of 8 codes, got {n}")
+    out = []
+    for width, offset in plane_split(bits):
+        slots = 8 // width
+        vals = ((codes >> offset) & (2**width - 1)).to(torch.uint8)
+        vals = vals.reshape(*codes.shape[:-1], slots, n // slots)  # (..., slots, nb)
+        byte = torch.zeros(vals.shape[:-2] + vals.shape[-1:], dtype=torch.uint8, device=codes.device)
+        for i in range(slots):
+            byte |= vals[..., i, :] << (width * i)
+        out.append(byte)
+    return out
+
+
+def _unpack_plane(plane: Tensor, width: int) -> Tensor:
+    """(..., nb) uint8 -> (..., nb * 8 / width) plane values.
+
+    Code k = a * (L / 8) + r (L codes, slot a in 0..7) sits in byte (a % w) * (L / 8) + r at shift w * (a // w):
+    every width is read on the same (8, L / 8) grid, so planes of different widths combine elementwise (the
+    compiled kernels then fuse a 3-bit = 2 + 1 unpack into one loop instead of materialising each plane).
+    """
+    slots = 8 // width
+    per = plane.shape[-1] // width  # L / 8
+    grid = plane.reshape(*plane.shape[:-1], 1, width, per).expand(*plane.shape[:-1], slots, width, per)
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=plane.device).view(slots, 1, 1)
+    vals = (grid >> shifts) & (2**width - 1)  # (..., slots, w, L / 8)
+    return vals.reshape(*plane.shape[:-1], -1)
+
+
+def unpack_planes(planes: list[Tensor] | tuple[Tensor, ...], bits: int) -> Tensor:
+    """Inverse of ``pack_planes``: (..., L) uint8 codes."""
+    codes: Tensor | None = None
+    for plane, (width, offset) in zip(planes, plane_split(bits), strict=True):
+        vals = _unpack_plane(plane, width)
+        vals = vals << offset if offset else vals
+        codes = vals if codes is None else codes | vals
+    assert codes is not None
+    return codes
+
+
+def planes_inputs(x: Tensor, bits: int, group_size: int) -> tuple[tuple[Tensor, ...], Tensor]:
+    """x (M, K) -> (per plane (M, 1, G, 8, gs / 8) float32 inputs, (M, 1, G) float32 group sums of x).
+
+    Plane (w, offset) holds slot a's value v at bits w * (a // w) of its byte: ``byte & (mask << w * (a // w))``
+    is v * 2^(w * (a // w)) exactly, so the decode kernel masks without shifting and the power of two (with the
+    plane's 2^offset) is folded into x here, once per call (exact in float32).
+    """
+    xa = x.float().reshape(x.shape[0], 1, -1, 8, group_size // 8)  # slot a, position r: input a * gs / 8 + r
+    out = []
+    for width, offset in plane_split(bits):
+        slot_shift = torch.arange(8, device=x.device) // width * width  # (8,) w * (a // w)
+        out.append(xa * torch.exp2((offset - slot_shift).float()).view(1, 1, 1, 8, 1))
+    return tuple(out), xa.sum((3, 4))
+
+
+def planes_matmul_kernel(xp: tuple[Tensor, ...], xsum: Tensor, planes: tuple[Tensor, ...],
+                         zero_planes: tuple[Tensor, ...], scales: Tensor, bits: int, group_size: int) -> Tensor:
+    """(M, N) float32 = x @ W^T, W = s * (codes - z) per group, from ``planes_inputs(x)`` and the bit planes.
+
+    planes: per plane (N, G, gs * w / 8) uint8; zero_planes: per plane (N * G * w / 8,); scales (N, G) float16.
+    y = sum_g s_g * (x_g . q_g - z_g * sum(x_g)): the integer codes meet x first, scale and zero are applied
+    once per group. Written for ``torch.compile``: inductor emits one reduction loop that reads each plane
+    byte once (widened to int32 once, then one AND + convert + FMA per slot), no dequantized matrix anywhere.
+    """
+    n_out, n_groups = scales.shape
+    per = group_size // 8
+    term: Tensor | None = None
+    for plane, xq, (width, _offset) in zip(planes, xp, plane_split(bits), strict=True):
+        p = plane.to(torch.int32).reshape(n_out, n_groups, width, per)
+        for a in range(8):  # constant masks: a tensor of shifts would make inductor materialise the codes
+            vals = (p[:, :, a % width, :] & ((2**width - 1) << (width * (a // width)))).float()  # (N, G, per)
+            t = xq[:, :, :, a, :] * vals  # (M, N, G, per)
+            term = t if term is None else term + t
+    assert term is not None
+    zeros = unpack_planes(zero_planes, bits).reshape(n_out, n_groups).float()  # (N, G)
+    return (scales.float() * (term.sum(-1) - zeros * xsum)).sum(-1)  # (M, N)
+
+
+def planes_matmul(x: Tensor, planes: tuple[Tensor, ...], zero_planes: tuple[Tensor, ...], scales: Tensor,
+                  bits: int, group_size: int) -> Tensor:
+    """x (M, K) -> (M, N) in x's dtype: ``planes_matmul_kernel`` run eagerly (the reference of the compiled one)."""
+    xp, xsum = planes_inputs(x, bits, group_size)
+    return planes_matmul_kernel(xp, xsum, planes, zero_planes, scales, bits, group_size).to(x.dtype)
+
+
+def int8_matmul_kernel(xg: Tensor, xsum: Tensor, w8: Tensor, zero_planes: tuple[Tensor, ...], scales: Tensor
+                       ) -> Tensor:
+    """xg (M, G, gs) float32 grouped input, xsum (M, G) its group sums, w8 (G, N, gs) int8 = code - 128 ->
+    (M, N) float32 = sum_g s_g * (x_g . (q_g - 128) + (128 - z_g) * sum(x_g)); one fused pass over the int8
+    bytes under ``torch.compile`` (1 byte a weight read, nothing dequantized in memory)."""
+    n_groups, n_out, _ = w8.shape
+    dot = (xg[:, :, None, :] * w8.float()[None]).sum(-1)  # (M, G, N)
+    zeros = unpack_planes(zero_planes, 8).reshape(n_out, n_groups).float().T  # (G, N)
+    return (scales.float().T * (dot + (128 - zeros) * xsum[:, :, None])).sum(1)
+
+
+def planes_dequant(planes: tuple[Tensor, ...], zero_planes: tuple[Tensor, ...], scales: Tensor, bits: int,
+                   group_size: int, dtype: torch.dtype) -> Tensor:
+    """(N, K) weights s * (codes - z) in ``dtype`` from bit planes, computed in float32 as ``gptq.dequantize``."""
+    n_out, n_groups = scales.shape
+    per = group_size // 8
+    codes = torch.zeros((n_out, n_groups, 8, per), device=scales.device)
+    for plane, (width, offset) in zip(planes, plane_split(bits), strict=True):  # constant shifts (see above)
+        p = plane.reshape(n_out, n_groups, width, per)
+        slots = [((p >> (width * slot)) & (2**width - 1)) for slot in range(8 // width)]
+        codes = codes + float(2**offset) * torch.cat(slots, dim=2).float()  # (N, G, 8, per)
+    codes = codes.reshape(n_out, n_groups, group_size)
+    zeros = unpack_planes(zero_planes, bits).reshape(n_out, n_groups, 1).float()
+    return (scales.float().unsqueeze(-1) * (codes - zeros)).reshape(n_out, n_groups * group_size).to(dtype)
+
+
+def int8_dequant(w8: Tensor, zero_planes: tuple[Tensor, ...], scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """(N, K) weights from int8 codes (G, N, gs) holding code - 128."""
+    n_groups, n_out, group_size = w8.shape
+    zeros = unpack_planes(zero_planes, 8).reshape(n_out, n_groups, 1).float()
+    codes = w8.permute(1, 0, 2).float() + 128  # (N, G, gs)
+    return (scales.float().unsqueeze(-1) * (codes - zeros)).reshape(n_out, n_groups * group_size).to(dtype)
+
+
+def int4_scales_and_zeros(scales: Tensor, zero_planes: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+    """(G, N, 2) (scale, zero) pairs of the int4pack kernel, w = (q - 8) * scale + zero, from s (N, G) and 4-bit
+    zero points z: zero = s * (8 - z), so w = s * (q - z)."""
+    n_out, n_groups = scales.shape
+    s = scales.float()
+    z = unpack_planes(zero_planes, 4).reshape(n_out, n_groups).float()
+    return torch.stack([s, s * (8 - z)], -1).transpose(0, 1).contiguous().to(dtype)
+
+
+def int8_scales(scales: Tensor, zero_planes: tuple[Tensor, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """((G, N) per-group scales, (G, N) shifts s * (128 - z)) for the per-group int8 kernel calls."""
+    n_out, n_groups = scales.shape
+    s = scales.float()
+    z = unpack_planes(zero_planes, 8).reshape(n_out, n_groups).float()
+    return s.T.contiguous().to(dtype), (s * (128 - z)).T.contiguous().to(dtype)
+
+
+class _Compiled:
+    """``torch.compile``d kernels (static shapes: one specialisation per width and matrix shape), built on first
+    use; every call returns None when this machine cannot compile, and the caller runs the same maths eagerly."""
+
+    _RECOMPILE_LIMIT = 64  # widths x shapes x dtypes of one model; scoped to these calls
+
+    def __init__(self) -> None:
+        self.fns: dict[str, Callable[..., Tensor]] = {}
+        self.failed = False
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Compiled:
+        return _Compiled()  # a compiled function does not copy; the copy compiles its own on first use
+
+    def __call__(self, kernel: Callable[..., Any], *args: Any) -> Any:
+        if self.failed:
+            return None
+        try:
+            fn = self.fns.get(kernel.__name__)
+            if fn is None:
+                fn = self.fns[kernel.__name__] = torch.compile(kernel, dynamic=False)
+            with torch._dynamo.config.patch(recompile_limit=self._RECOMPILE_LIMIT):
+                return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - no compiler / unsupported backend: the eager path is exact
+            self.failed = True
+            log.warning("torch.compile of the low-bit kernels failed (%s): low-bit experts of widths other than "
+                        "4 dequantize eagerly per routed expert instead (slower)", exc)
+            return None
+
+
+def fast_unpack(packed: Tensor, bits: int, n: int) -> Tensor:
+    """``pack.unpack_bits`` for n a multiple of 8: 8 codes fill exactly ``bits`` bytes, read as one integer."""
+    if n % 8:
+        return unpack_bits(packed, bits, n)
+    words = packed.reshape(-1, bits).to(torch.int64)  # (n / 8, bits) little-endian bytes
+    word = words[:, 0].clone()
+    for j in range(1, bits):
+        word |= words[:, j] << (8 * j)
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64, device=packed.device)
+    return ((word.unsqueeze(-1) >> shifts) & (2**bits - 1)).to(torch.uint8).reshape(-1)
+
+
+def fast_pack(codes: Tensor, bits: int) -> Tensor:
+    """``pack.pack_bits`` for a multiple of 8 codes (the inverse of ``fast_unpack``), without a bit matrix."""
+    flat = codes.reshape(-1)
+    if flat.numel() % 8:
+        return pack_bits(flat, bits)
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64, device=flat.device)
+    word = (flat.reshape(-1, 8).to(torch.int64) << shifts).sum(-1)  # (n / 8,) disjoint bit fields
+    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int64, device=flat.device)
+    return ((word.unsqueeze(-1) >> byte_shifts) & 255).to(torch.uint8).reshape(-1)
+
+
+def _as_int(t: Tensor) -> Tensor:
+    """Float tensor -> same bytes viewed as an integer dtype (so module dtype casts leave it alone)."""
+    t = t.contiguous()
+    return t.view(_INT_VIEW[t.dtype]) if t.dtype in _INT_VIEW else t
+
+
+def _fmt_for(bits: int, packed: LowBitTensor, device: torch.device) -> str:
+    n_out, n_in = packed.out_in
+    gs = min(packed.group_size, n_in)
+    if bits == KEEP_BITS:
+        return "dense"
+    if n_in % gs or gs % 8 or (n_out * packed.n_groups) % 8:
+        return "canonical"
+    if bits == 4 and device.type == "cpu" and gs in _INT4_GROUPS and n_out % 16 == 0 and n_in % 2 == 0:
+        return "int4pack"
+    if bits == 8:
+        return "int8"
+    return "planes"
+
+
+class _WidthGroup(nn.Module):
+    """The experts of one width in one layout; buffers stacked over those experts (non-persistent)."""
+
+    def __init__(self, bits: int, fmt: str, experts: list[int], packed: LowBitTensor) -> None:
+        super().__init__()
+        self.bits, self.fmt, self.experts = bits, fmt, experts
+        n_out, n_in = packed.out_in
+        self.n_out, self.n_in, self.n_groups = n_out, n_in, packed.n_groups
+        self.group_size = min(packed.group_size, n_in)
+        self.n_planes = 0
+        if fmt == "dense":
+            self._buf("dense", _as_int(torch.stack([packed.dense[e] for e in experts])))
+            return
+        if fmt == "canonical":
+            for i, e in enumerate(experts):
+                self._buf(f"codes{i}", packed.codes[e])
+                self._buf(f"scales{i}", _as_int(packed.scales[e]))
+                self._buf(f"zeros{i}", packed.zeros[e])
+            return
+        codes = torch.stack([fast_unpack(packed.codes[e], bits, n_out * n_in) for e in experts])  # (n, N*K)
+        zeros = torch.stack([fast_unpack(packed.zeros[e], bits, n_out * self.n_groups) for e in experts])
+        self._buf("scales", _as_int(torch.stack([packed.scales[e] for e in experts])))  # (n, N, G) fp16
+        zplanes = pack_planes(zeros, bits)  # per plane (n, N * G * w / 8)
+        for j, z in enumerate(zplanes):
+            self._buf(f"zp{j}", z)
+        self.n_zplanes = len(zplanes)
+        if fmt == "int4pack":
+            q = codes.reshape(len(experts), n_out, n_in).to(torch.int32)
+            self._buf("w4", torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(qe, 1) for qe in q]))
+        elif fmt == "int8":
+            q = codes.reshape(len(experts), n_out, self.n_groups, self.group_size).transpose(1, 2)
+            self._buf("w8", (q.to(torch.int16) - 128).to(torch.int8).contiguous())  # (n, G, N, gs)
+        else:
+            planes = pack_planes(codes.reshape(len(experts), n_out, self.n_groups, self.group_size), bits)
+            for j, p in enumerate(planes):
+                self._buf(f"p{j}", p)  # (n, N, G, gs * w / 8)
+            self.n_planes = len(planes)
+
+    def _buf(self, name: str, t: Tensor) -> None:
+        self.register_buffer(name, t.contiguous(), persistent=False)
+
+    # ------------------------------------------------------------------ per expert
+    def _scales(self, row: int) -> Tensor:
+        return self.scales[row].view(torch.float16)  # (N, G)
+
+    def _zeros(self, row: int) -> Tensor:
+        planes = [getattr(self, f"zp{j}")[row] for j in range(self.n_zplanes)]
+        return unpack_planes(planes, self.bits).reshape(self.n_out, self.n_groups)  # (N, G)
+
+    def _codes(self, row: int) -> Tensor:
+        """(N, K) uint8 codes of the group's expert ``row`` (the layouts' inverse; used by saving)."""
+        if self.fmt == "int4pack":
+            return _int4pack_codes(self.w4[row], self.n_out, self.n_in)
+        if self.fmt == "int8":
+            return (self.w8[row].to(torch.int16) + 128).to(torch.uint8).transpose(0, 1).reshape(self.n_out, -1)
+        planes = [getattr(self, f"p{j}")[row] for j in range(self.n_planes)]
+        return unpack_planes(planes, self.bits).reshape(self.n_out, self.n_in)
+
+    def dequantize(self, row: int, dtype: torch.dtype) -> Tensor:
+        """(N, K) weights of expert ``row`` in (out, in) orientation, as the canonical dequantization gives."""
+        if self.fmt == "canonical":
+            codes = unpack_bits(getattr(self, f"codes{row}"), self.bits, self.n_out * self.n_in)
+            zeros = unpack_bits(getattr(self, f"zeros{row}"), self.bits, self.n_out * self.n_groups)
+            scales = getattr(self, f"scales{row}").view(torch.float16)
+            codes, zeros = codes.reshape(self.n_out, self.n_in), zeros.reshape(self.n_out, self.n_groups)
+            cols = torch.arange(self.n_in, device=codes.device) // self.group_size
+            return (scales.float()[:, cols] * (codes.float() - zeros.float()[:, cols])).to(dtype)
+        codes = self._codes(row).reshape(self.n_out, self.n_groups, self.group_size)
+        s, z = self._scales(row).float(), self._zeros(row).float()
+        w = s.unsqueeze(-1) * (codes.float() - z.unsqueeze(-1))  # (N, G, gs) float32, as gptq.dequantize
+        return w.reshape(self.n_out, self.n_in).to(dtype)
+
+    def matmul(self, row: int, x: Tensor, compiled: _Compiled) -> Tensor:
+        """x (M, K) -> (M, N) = x @ W_row^T from the packed storage."""
+        if self.fmt == "int4pack":
+            if x.device.type != "cpu":
+                raise RuntimeError(f"4-bit experts were packed in the CPU int4pack layout; to run on {x.device}, "
+                                   f"load the checkpoint with device={x.device.type!r} instead of moving the model")
+            zplanes = tuple(getattr(self, f"zp{j}")[row] for j in range(self.n_zplanes))
+            args = (self._scales(row), zplanes, x.dtype)
+            sz = compiled(int4_scales_and_zeros, *args) if self.n_out * self.n_in >= FUSED_MIN_WEIGHTS else None
+            sz = sz if sz is not None else int4_scales_and_zeros(*args)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.w4[row], self.group_size, sz)
+        big = self.n_out * self.n_in >= FUSED_MIN_WEIGHTS
+        if self.fmt in ("int8", "planes") and big and x.shape[0] <= FUSED_MAX_ROWS:
+            y = self._fused_rows(row, x, compiled)
+            if y is not None:
+                return y
+        if self.fmt == "int8":
+            if x.shape[0] <= FUSED_MAX_ROWS or not big:
+                return self._int8_matmul(row, x, compiled)
+            zplanes = tuple(getattr(self, f"zp{j}")[row] for j in range(self.n_zplanes))
+            w = compiled(int8_dequant, self.w8[row], zplanes, self._scales(row), x.dtype)
+            return F.linear(x, w if w is not None else self.dequantize(row, x.dtype))
+        if self.fmt == "planes" and big:
+            planes = tuple(getattr(self, f"p{j}")[row] for j in range(self.n_planes))
+            zplanes = tuple(getattr(self, f"zp{j}")[row] for j in range(self.n_zplanes))
+            w = compiled(planes_dequant, planes, zplanes, self._scales(row), self.bits, self.group_size, x.dtype)
+            if w is not None:
+                return F.linear(x, w)
+        return F.linear(x, self.dequantize(row, x.dtype))
+
+    def _fused_rows(self, row: int, x: Tensor, compiled: _Compiled) -> Tensor | None:
+        """x (M, K), M <= FUSED_MAX_ROWS -> (M, N) through the compiled one-row decode kernel, row by row
+        (None when this machine cannot compile)."""
+        zplanes = tuple(getattr(self, f"zp{j}")[row] for j in range(self.n_zplanes))
+        scales = self._scales(row)
+        outs = []
+        for i in range(x.shape[0]):
+            xi = x[i:i + 1]
+            if self.fmt == "int8":
+                xg = xi.float().reshape(1, self.n_groups, self.group_size)
+                y = compiled(int8_matmul_kernel, xg, xg.sum(-1), self.w8[row], zplanes, scales)
+            else:
+                planes = tuple(getattr(self, f"p{j}")[row] for j in range(self.n_planes))
+                xp, xsum = planes_inputs(xi, self.bits, self.group_size)
+                y = compiled(planes_matmul_kernel, xp, xsum, planes, zplanes, scales, self.bits, self.group_size)
+            if y is None:
+                return None
+            outs.append(y)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).to(x.dtype)
+
+    def _int8_matmul(self, row: int, x: Tensor, compiled: _Compiled) -> Tensor:
+        # W = s * (q - z) = s * (q - 128) + s * (128 - z): one int8 kernel call per group, plus a rank-1 term.
+        zplanes = tuple(getattr(self, f"zp{j}")[row] for j in range(self.n_zplanes))
+        args = (self._scales(row), zplanes, x.dtype)
+        prepared = compiled(int8_scales, *args) if self.n_out * self.n_in >= FUSED_MIN_WEIGHTS else None
+        s, shift = prepared if prepared is not None else int8_scales(*args)  # (G, N), (G, N)
+        xg = x.reshape(x.shape[0], self.n_groups, self.group_size)
+        y = xg.sum(-1) @ shift  # (M, N)
+        w8 = self.w8[row]
+        for g in range(self.n_groups):
+            y = y + torch.ops.aten._weight_int8pack_mm(xg[:, g].contiguous(), w8[g], s[g])
+        return y
+
+    def canonical(self, row: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(packed codes, float16 scales, packed zeros) of expert ``row`` in the LowBitTensor format."""
+        if self.fmt == "canonical":
+            return (getattr(self, f"codes{row}").clone(), getattr(self, f"scales{row}").view(torch.float16).clone(),
+                    getattr(self, f"zeros{row}").clone())
+        return (fast_pack(self._codes(row), self.bits), self._scales(row).clone(),
+                fast_pack(self._zeros(row), self.bits))
+
+
+def _int4pack_codes(w4: Tensor, n_out: int, n_in: int) -> Tensor:
+    """(N, K) uint8 codes back from torch's int4pack layout: the layout is a fixed permutation of the nibbles,
+    read off by converting the nibble positions themselves (4 bits of the position per conversion)."""
+    n = n_out * n_in
+    pos = torch.arange(n, dtype=torch.int64, device=w4.device)
+    where = torch.zeros(n, dtype=torch.int64, device=w4.device)  # where[slot] = canonical position
+    for digit in range((max(n - 1, 1).bit_length() + 3) // 4):
+        probe = ((pos >> (4 * digit)) & 15).to(torch.int32).reshape(n_out, n_in)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1).reshape(-1)
+        where |= _nibbles(packed).to(torch.int64) << (4 * digit)
+    codes = torch.empty(n, dtype=torch.uint8, device=w4.device)
+    codes[where] = _nibbles(w4.reshape(-1))
+    return codes.reshape(n_out, n_in)
+
+
+def _nibbles(b: Tensor) -> Tensor:
+    return torch.stack([b & 15, b >> 4], -1).reshape(-1)
+
+
+class PackedExperts(nn.Module):
+    """One fused expert parameter held packed, grouped by width (see the module docstring).
+
+    ``shape``/``transposed``/``dtype``/``group_size``/``bits`` are those of the ``LowBitTensor`` it was built
+    from; ``matmul(e, x)`` computes x @ W_e^T with W_e in (out, in) orientation, whatever the stored layout.
+    """
+
+    def __init__(self, packed: LowBitTensor, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        dev = torch.device(device) if device is not None else _device_of(packed)
+        self.shape, self.transposed, self.dtype = packed.shape, packed.transposed, packed.dtype
+        self.group_size, self.bits = packed.group_size, list(packed.bits)
+        by_fmt: dict[tuple[int, str], list[int]] = {}
+        for e, b in enumerate(packed.bits):
+            by_fmt.setdefault((b, _fmt_for(b, packed, dev)), []).append(e)
+        self.groups = nn.ModuleList(_WidthGroup(b, fmt, experts, packed) for (b, fmt), experts in by_fmt.items())
+        self.slot: dict[int, tuple[int, int]] = {}
+        for gi, group in enumerate(self.groups):
+            for row, e in enumerate(group.experts):
+                self.slot[e] = (gi, row)
+        self.compiled = _Compiled()
+
+    def formats(self) -> dict[int, str]:
+        """{expert: layout name}."""
+        return {e: self.groups[gi].fmt for e, (gi, _) in self.slot.items()}
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def matmul(self, e: int, x: Tensor) -> Tensor:
+        """x (M, in) -> (M, out) through expert e."""
+        group = self.groups[self.slot[e][0]]
+        row = self.slot[e][1]
+        if group.fmt == "dense":
+            w = group.dense[row].view(self.dtype).to(x.dtype)  # stored layout (d1, d2)
+            return x @ w if self.transposed else F.linear(x, w)
+        return group.matmul(row, x, self.compiled)
+
+    def dequantize_expert(self, e: int) -> Tensor:
+        """Expert e in the original layout and dtype (d1, d2), equal to ``LowBitTensor.dequantize_expert``."""
+        group = self.groups[self.slot[e][0]]
+        row = self.slot[e][1]
+        if group.fmt == "dense":
+            return group.dense[row].view(self.dtype)
+        w = group.dequantize(row, self.dtype)
+        return w.T if self.transposed else w
+
+    def to_lowbit(self) -> LowBitTensor:
+        """The canonical ``LowBitTensor`` (bit-exact) on CPU, for saving."""
+        n = self.shape[0]
+        codes: list[Tensor | None] = [None] * n
+        scales: list[Tensor | None] = [None] * n
+        zeros: list[Tensor | None] = [None] * n
+        dense: list[Tensor | None] = [None] * n
+        for e, (gi, row) in self.slot.items():
+            group = self.groups[gi]
+            if group.fmt == "dense":
+                dense[e] = group.dense[row].view(self.dtype).cpu().clone()
+            else:
+                c, s, z = group.canonical(row)
+                codes[e], scales[e], zeros[e] = c.cpu(), s.cpu(), z.cpu()
+        return LowBitTensor(tuple(self.shape), list(self.bits), self.group_size, self.transposed, self.dtype,
+                            codes, scales, zeros, dense)
+
+
+def _device_of(packed: LowBitTensor) -> torch.device:
+    for t in (*packed.codes, *packed.dense):
+        if t is not None:
+            return t.device
+    return torch.device("cpu")

@@ -1,0 +1,307 @@
+"""Packed low-bit experts at inference: no float copy in memory, logits of the dequantized model, round trips.
+
+Reference model = the stock forward with the dequantized weights written into the float parameters.
+Tolerances: float32 models compare at rtol 1e-5 (the packed kernels compute in float32 there, the
+int4pack kernel included); bfloat16 models at 2% of the largest logit (torch's int4pack kernel and the
+float reference round differently in bfloat16).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import FAMILIES, sample_ids, tiny_model
+
+import moeslim.io
+import moeslim.runtime.packed as packed_module
+from moeslim.evaluate.cost import param_bytes
+from moeslim.methods.quant.fused import LowBitTensor, quantize_fused
+from moeslim.models import find_moe_layers
+from moeslim.models.expert_math import expert_weight_views
+from moeslim.runtime.lowbit_forward import IMPLEMENTATION
+from moeslim.runtime.lowbit_io import install_lowbit, load_quantized, lowbit_tensors, packed_experts, save_quantized
+from moeslim.runtime.packed import PackedExperts, _Compiled, int8_dequant, planes_dequant, planes_matmul
+from moeslim.runtime.skipping import install_skipping
+
+PROBE = sample_ids(7, 2, 16)
+# Widths cycled over experts: with group 16 every layout but int4pack; with group 32 int4pack too
+# (and the canonical fallback where an input dimension is not a multiple of 32).
+MIXES = {16: [2, 3, 16, 4, 8, 1, 5, 2], 32: [4, 8, 2, 3]}
+
+
+def _quantize(model: torch.nn.Module, group_size: int) -> dict[str, LowBitTensor]:
+    """RTN-quantize every MoE layer at mixed widths through install_lowbit; returns what was installed."""
+    widths = MIXES[group_size]
+    installed = {}
+    for layer in find_moe_layers(model):
+        views = expert_weight_views(layer)
+        prefix = next(n for n, m in model.named_modules() if m is layer.experts)
+        for name, w in ((views.up_name, views.up), (views.down_name, views.down)):
+            bits = [widths[(i + layer.layer_idx) % len(widths)] for i in range(w.shape[0])]
+            packed = quantize_fused(w.detach(), bits, group_size, None, "rtn", transposed=views.transposed)
+            install_lowbit(layer.experts, name, packed)
+            installed[f"{prefix}.{name}"] = packed
+    model.config.moeslim = {"quantize": {"group_size": group_size}}
+    return installed
+
+
+def _reference(model: torch.nn.Module, installed: dict[str, LowBitTensor]) -> torch.nn.Module:
+    with torch.no_grad():
+        for name, packed in installed.items():
+            model.get_parameter(name).copy_(packed.dequantize())
+    return model
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> None:
+    torch.testing.assert_close(a, b, rtol=rel, atol=rel * float(b.abs().max()))
+
+
+def _check_resident(model: torch.nn.Module, installed: dict[str, LowBitTensor]) -> None:
+    names = {n for n, _ in model.named_parameters()}
+    assert not names & set(installed), "float expert parameters must be gone"
+    for name, packed in installed.items():
+        module_name, _, attr = name.rpartition(".")
+        placeholder = getattr(model.get_submodule(module_name), attr)
+        assert placeholder.is_meta and tuple(placeholder.shape) == packed.shape
+    packed_bytes = sum(p.nbytes() for p in installed.values())  # the canonical packed format = bytes on disk
+    storages = packed_experts(model)
+    assert sum(s.nbytes() for s in storages.values()) == packed_bytes
+    packed_ptrs = {b.untyped_storage().data_ptr() for s in storages.values() for b in s.buffers()}
+    others = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+              for t in [*model.parameters(), *model.buffers()] if t.untyped_storage().data_ptr() not in packed_ptrs}
+    sizes = param_bytes(model)
+    assert sizes["quantized"] == packed_bytes
+    assert sizes["total"] == sum(others.values()) + packed_bytes
+
+
+@pytest.mark.parametrize("group_size", [16, 32])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_model_matches_dequantized_reference(family: str, group_size: int) -> None:
+    model = tiny_model(family)
+    installed = _quantize(model, group_size)
+    assert model.config._experts_implementation == IMPLEMENTATION
+    _check_resident(model, installed)
+    ref = _reference(tiny_model(family), installed)
+    _close(model(PROBE).logits, ref(PROBE).logits)
+    # saving rebuilds the canonical format bit-exactly from whatever layout is held
+    rebuilt = lowbit_tensors(model)
+    for name, packed in installed.items():
+        assert rebuilt[name].to_state_dict("p").keys() == packed.to_state_dict("p").keys()
+        for key, t in packed.to_state_dict("p").items():
+            assert torch.equal(rebuilt[name].to_state_dict("p")[key], t), (name, key)
+
+
+def test_layouts_cover_every_width() -> None:
+    model = tiny_model("mixtral")
+    _quantize(model, 32)
+    formats = {f for s in packed_experts(model).values() for f in s.formats().values()}
+    assert formats == {"int4pack", "int8", "planes", "canonical"}
+    model = tiny_model("mixtral")
+    _quantize(model, 16)
+    assert {f for s in packed_experts(model).values() for f in s.formats().values()} == {"int8", "planes", "dense"}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_save_load_gives_identical_logits_and_stays_packed(family: str, tmp_path: Path) -> None:
+    model = tiny_model(family)
+    installed = _quantize(model, 32)
+    ref = model(PROBE).logits
+    save_quantized(model, tmp_path)
+    loaded, _ = load_quantized(tmp_path)
+    loaded.set_attn_implementation("eager")  # a model rebuilt from config.json would pick sdpa
+    _check_resident(loaded, installed)
+    assert torch.equal(loaded(PROBE).logits, ref)
+
+
+def test_bfloat16_model_uses_int4pack_within_stated_tolerance() -> None:
+    model = tiny_model("mixtral").to(torch.bfloat16)
+    installed = _quantize(model, 32)
+    assert "int4pack" in {f for s in packed_experts(model).values() for f in s.formats().values()}
+    ref = _reference(tiny_model("mixtral").to(torch.bfloat16), installed)
+    _close(model(PROBE).logits.float(), ref(PROBE).logits.float(), rel=2e-2)
+
+
+@pytest.mark.parametrize("order", ["skip_then_quantize", "quantize_then_skip"])
+def test_skipping_composes_with_packed_experts(order: str) -> None:
+    model = tiny_model("olmoe")
+    betas = {layer.layer_idx: 0.3 for layer in find_moe_layers(model)}
+    if order == "skip_then_quantize":
+        install_skipping(model, betas, "top2")
+        installed = _quantize(model, 16)
+    else:
+        installed = _quantize(model, 16)
+        install_skipping(model, betas, "top2")
+    assert all(layer.experts.moeslim_inner == IMPLEMENTATION for layer in find_moe_layers(model))
+    ref = _reference(tiny_model("olmoe"), installed)
+    install_skipping(ref, betas, "top2")
+    out, expected = model(PROBE).logits, ref(PROBE).logits
+    _close(out, expected)
+    calls = [layer.experts.moeslim_counters["expert_calls"] for layer in find_moe_layers(model)]
+    assert calls == [layer.experts.moeslim_counters["expert_calls"] for layer in find_moe_layers(ref)]
+    assert sum(calls) < PROBE.numel() * 2 * len(calls)  # some pairs really skipped
+
+
+def test_odp_and_pruning_compose_with_packed_experts() -> None:
+    from moeslim.runtime.odp import install_odp
+
+    def pruned() -> torch.nn.Module:
+        from moeslim.models import select_experts
+
+        model = tiny_model("mixtral")
+        select_experts(model, {layer.layer_idx: [0, 2, 3, 5, 6, 7] for layer in find_moe_layers(model)})
+        return model
+
+    model = pruned()
+    installed = _quantize(model, 16)
+    assert all(layer.num_experts == 6 for layer in find_moe_layers(model))
+    ref = _reference(pruned(), installed)
+    _close(model(PROBE).logits, ref(PROBE).logits)
+    betas = {layer.layer_idx: 0.3 for layer in find_moe_layers(model)}
+    install_odp(model, betas, "top2", 0.1)
+    install_odp(ref, betas, "top2", 0.1)
+    _close(model(PROBE).logits, ref(PROBE).logits)
+
+
+@pytest.fixture(scope="module")
+def compiled() -> _Compiled:
+    """One set of compiled kernels shared by the tests below: each width compiles once per file (~1 s each)."""
+    return _Compiled()
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_decode_kernels_match_dequantized_weights_all_widths(transposed: bool, compiled: _Compiled,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # The compiled one-row decode kernels (bit planes for 1-3 and 5-7 bits, int8 for 8, int4pack for 4) through
+    # PackedExperts.matmul at 1 and 3 rows, in both stored layouts (gpt-oss keeps experts as (in, out)), against
+    # x @ W^T with W = LowBitTensor.dequantize. float32 everywhere: rtol 1e-5 of the largest output (only the
+    # summation order differs). The size threshold is lowered so a small matrix takes the large-matrix path.
+    monkeypatch.setattr(packed_module, "FUSED_MIN_WEIGHTS", 0)
+    widths = [1, 2, 3, 4, 5, 6, 7, 8]
+    gen = torch.Generator().manual_seed(len(widths) + transposed)
+    n_out, n_in = 32, 256
+    w = torch.randn(len(widths), *((n_in, n_out) if transposed else (n_out, n_in)), generator=gen)
+    packed = quantize_fused(w, widths, 128, None, "rtn", transposed=transposed)
+    storage = PackedExperts(packed)
+    storage.compiled = compiled
+    assert storage.formats() == {e: {4: "int4pack", 8: "int8"}.get(b, "planes") for e, b in enumerate(widths)}
+    weights = packed.dequantize()
+    for e in range(len(widths)):
+        w_e = weights[e].T if transposed else weights[e]  # (out, in)
+        for rows in (1, 3):
+            x = torch.randn(rows, n_in, generator=gen)
+            _close(storage.matmul(e, x), x @ w_e.T)
+    if compiled.failed:
+        pytest.skip("torch.compile is not available on this machine (the eager fallback was checked)")
+    assert {"planes_matmul_kernel", "int8_matmul_kernel"} <= set(compiled.fns)
+    group = storage.groups[storage.slot[2][0]]  # the eager form of the planes kernel (3 bits) agrees too
+    planes = tuple(getattr(group, f"p{j}")[0] for j in range(group.n_planes))
+    zplanes = tuple(getattr(group, f"zp{j}")[0] for j in range(group.n_zplanes))
+    x = torch.randn(2, n_in, generator=gen)
+    _close(planes_matmul(x, planes, zplanes, group.scales[0].view(torch.float16), 3, 128), x @ (
+        weights[2].T if transposed else weights[2]).T)
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_long_inputs_dequantize_once_exactly(bits: int, compiled: _Compiled, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    # More rows than FUSED_MAX_ROWS: the compiled dequantization (planes, int8) then a float matmul; the
+    # dequantized matrix equals LowBitTensor.dequantize bit for bit.
+    monkeypatch.setattr(packed_module, "FUSED_MIN_WEIGHTS", 0)
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(1, 64, 256, generator=gen)
+    packed = quantize_fused(w, [bits], 128, None, "rtn")
+    storage = PackedExperts(packed)
+    storage.compiled = compiled
+    group = storage.groups[0]
+    assert group.fmt == ("planes" if bits == 3 else "int8")
+    zplanes = tuple(getattr(group, f"zp{j}")[0] for j in range(group.n_zplanes))
+    scales = group.scales[0].view(torch.float16)
+    weights = packed.dequantize()[0]
+    x = torch.randn(packed_module.FUSED_MAX_ROWS + 1, 256, generator=gen)
+    _close(storage.matmul(0, x), x @ weights.T)
+    if bits == 3:
+        planes = tuple(getattr(group, f"p{j}")[0] for j in range(group.n_planes))
+        dequant = compiled(planes_dequant, planes, zplanes, scales, bits, 128, torch.float32)
+    else:
+        dequant = compiled(int8_dequant, group.w8[0], zplanes, scales, torch.float32)
+    if dequant is None:
+        pytest.skip("torch.compile is not available on this machine")
+    assert torch.equal(dequant, weights)
+
+
+_FRESH = textwrap.dedent("""
+    import json, sys, torch
+    import moeslim
+    from moeslim.evaluate.cost import param_bytes
+    from moeslim.models import find_moe_layers
+    model, _ = moeslim.load(sys.argv[1])
+    model.set_attn_implementation("eager")
+    ids = torch.tensor(json.loads(sys.argv[2]))
+    layers = find_moe_layers(model)
+    print(json.dumps({
+        "logits": model(ids).logits.tolist(),
+        "bytes": param_bytes(model),
+        "float_expert_params": [n for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))],
+        "impl": model.config._experts_implementation,
+        "inner": sorted({getattr(layer.experts, "moeslim_inner", "") for layer in layers}),
+    }))
+""")
+
+
+def test_fresh_process_load_holds_experts_packed_with_skipping(tmp_path: Path) -> None:
+    model = tiny_model("gpt_oss")
+    installed = _quantize(model, 32)
+    betas = {layer.layer_idx: 0.2 for layer in find_moe_layers(model)}
+    install_skipping(model, betas, "top2")
+    model.config.moeslim["skip"] = {"rule": "top2", "betas": {str(k): v for k, v in betas.items()}}
+    expected = model(PROBE).logits
+    out = moeslim.io.save(model, tmp_path / "ckpt")
+    proc = subprocess.run([sys.executable, "-c", _FRESH, str(out), json.dumps(PROBE.tolist())],
+                          capture_output=True, text=True, check=True, timeout=120)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["float_expert_params"] == []
+    assert got["bytes"]["quantized"] == sum(p.nbytes() for p in installed.values())
+    assert got["bytes"]["total"] == param_bytes(model)["total"]
+    assert got["impl"] == "moeslim_skip" and got["inner"] == [IMPLEMENTATION]
+    torch.testing.assert_close(torch.tensor(got["logits"]), expected, rtol=0, atol=0)
+
+
+_PEAK = textwrap.dedent("""
+    import gc, json, sys
+    from moeslim.evaluate.cost import peak_memory
+    from moeslim.runtime.lowbit_io import load_quantized
+    model, _ = load_quantized(sys.argv[1])  # warm-up: imports and one-time allocations are not the load's cost
+    del model
+    gc.collect()
+    (model, _), peak = peak_memory(load_quantized, sys.argv[1], interval_s=0.001)
+    print(json.dumps(peak))
+""")
+
+
+def test_loading_never_materialises_float_experts(tmp_path: Path) -> None:
+    # 2 layers x 8 experts of 256 x 1024 in float32: 48 MiB of experts; packed at 2 bits they are ~3.3 MiB.
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(hidden_size=256, intermediate_size=1024, num_local_experts=8, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).eval()
+    float_experts = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in n)
+    for layer in find_moe_layers(model):
+        views = expert_weight_views(layer)
+        for name, w in ((views.up_name, views.up), (views.down_name, views.down)):
+            install_lowbit(layer.experts, name, quantize_fused(w.detach(), [2] * 8, 128, None, "rtn"))
+    model.config.moeslim = {"quantize": {"group_size": 128}}
+    save_quantized(model, tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path)], capture_output=True, text=True, check=True,
+                          timeout=120)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Below the float model's experts alone (the float model is larger still): a float copy of the experts,
+    # or the old dequantize-at-load, would exceed it. (Unpacking temporaries take the rest.)
+    assert got["peak_bytes"] < float_experts, got
