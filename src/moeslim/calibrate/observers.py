@@ -7,11 +7,21 @@ Methods ask for the observers they need; none of them touches the model's weight
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from moeslim.models import MoELayer
+
+
+class Communicator(Protocol):
+    """The collective operations observers need to merge their statistics across processes."""
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over processes, in place."""
+
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every process's ``value``, in rank order (rank r holds the r-th share of the windows)."""
 
 
 class Observer(Protocol):
@@ -66,6 +76,13 @@ class RoutingStats:
         self._soft += layer.gate_probs(logits).double().sum(0).cpu()
         self._topk.append(weights.float().sort(dim=-1, descending=True).values.cpu())
 
+    def sync(self, comm: Communicator) -> None:
+        """Sum the counts over processes; gather the per-token weights in window order."""
+        for total in (self._counts, self._soft, self._weights):
+            comm.all_reduce_sum(total)
+        parts = comm.all_gather(torch.cat(self._topk) if self._topk else None)
+        self._topk = [p for p in parts if p is not None]
+
     def result(self) -> RoutingSummary:
         topk = torch.cat(self._topk) if self._topk else torch.zeros(0, 0)
         return RoutingSummary(
@@ -90,28 +107,104 @@ class ExpertOutputSample:
         return int(self.x.shape[0])
 
 
-class ExpertOutputs:
-    """Computes each expert's output once on a token sample (methods then score subsets from it)."""
+# The default calibration set (64 windows x 256 tokens) fits: defaults are not subsampled. Memory of the cap:
+# max_tokens x E x H x 4 bytes per layer (Mixtral-8x7B: 2.1 GB).
+DEFAULT_MAX_TOKENS = 16384
 
-    def __init__(self, fraction: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+
+class ExpertOutputs:
+    """Computes each expert's output once on a token sample (methods then score subsets from it).
+
+    The sample is chosen by token position, up front and independently of batching or of how windows are
+    split across processes: token ``j`` of window ``w`` gets a key ``u ~ U[0, 1)`` from a generator seeded by
+    ``(seed, w)``; tokens with ``u < fraction`` are candidates and, with ``max_tokens``, only the
+    ``max_tokens`` candidates with the smallest keys are kept (a uniform sample without replacement; a running
+    top-``max_tokens`` by key, so memory never exceeds ``max_tokens + one batch`` tokens x E x H).
+    The error of a loss estimated on ``m`` of ``T`` tokens: relative standard error ~ cv / sqrt(m) (cv: the
+    coefficient of variation of the per-token loss), shrunk by sqrt(1 - m / T); see docs/scale.md.
+    """
+
+    def __init__(self, fraction: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 max_tokens: int | None = DEFAULT_MAX_TOKENS) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction={fraction} must be in (0, 1]")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens} must be at least 1 (or None for no cap)")
         self._fraction = fraction
-        self._generator = torch.Generator().manual_seed(seed)
+        self._seed = seed
+        self._max_tokens = max_tokens
         self._dtype = dtype
+        self._window = 0  # first window of the next batch (the runner says; else counted)
+        self._windows: int | None = None
+        self._keys: list[torch.Tensor] = []  # (t,) float64 sample keys
+        self._pos: list[torch.Tensor] = []  # (t,) int64 global token positions
         self._x: list[torch.Tensor] = []
         self._logits: list[torch.Tensor] = []
         self._outputs: list[torch.Tensor] = []
 
+    def at_batch(self, first_window: int, windows: int) -> None:
+        """The runner's note: the next ``observe`` sees windows ``first_window .. first_window + windows - 1``."""
+        self._window, self._windows = first_window, windows
+
+    def _token_keys(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys (T,), positions (T,)) of the next ``tokens`` block tokens, deterministic per window."""
+        windows = self._windows or 1
+        if tokens % windows:
+            raise ValueError(f"{tokens} tokens do not split into {windows} windows")
+        length = tokens // windows
+        keys = torch.cat([
+            torch.rand(length, generator=torch.Generator().manual_seed(self._seed * 1_000_003 + w),
+                       dtype=torch.float64)
+            for w in range(self._window, self._window + windows)
+        ])
+        pos = torch.arange(self._window * length, (self._window + windows) * length, dtype=torch.int64)
+        self._window += windows
+        self._windows = None
+        return keys, pos
+
     def observe(self, layer: MoELayer, x: torch.Tensor) -> None:
-        if self._fraction < 1:
-            keep = torch.rand(x.shape[0], generator=self._generator) < self._fraction
-            x = x[keep.to(x.device)]
-        if x.shape[0] == 0:
+        keys, pos = self._token_keys(x.shape[0])
+        keep = keys < self._fraction
+        if self._max_tokens is not None and self._keys and sum(k.numel() for k in self._keys) >= self._max_tokens:
+            keep &= keys < torch.cat(self._keys).max()  # only tokens that can enter the running sample
+        if not bool(keep.any()):
             return
+        x = x[keep.to(x.device)]
+        self._keys.append(keys[keep])
+        self._pos.append(pos[keep])
         self._x.append(x.to(self._dtype).cpu())
         self._logits.append(layer.router_logits(x).float().cpu())
         self._outputs.append(layer.expert_outputs(x).to(self._dtype).cpu())
+        self._truncate()
+
+    def _truncate(self) -> None:
+        """Keep the ``max_tokens`` smallest keys, in position order (the order one process would see)."""
+        total = sum(k.numel() for k in self._keys)
+        if self._max_tokens is None or total <= self._max_tokens:
+            return
+        keys, pos = torch.cat(self._keys), torch.cat(self._pos)
+        chosen = keys.topk(self._max_tokens, largest=False).indices
+        chosen = chosen[pos[chosen].argsort()]
+        self._keys, self._pos = [keys[chosen]], [pos[chosen]]
+        self._x = [torch.cat(self._x)[chosen]]
+        self._logits = [torch.cat(self._logits)[chosen]]
+        self._outputs = [torch.cat(self._outputs)[chosen]]
+
+    def sync(self, comm: Communicator) -> None:
+        """Gather every process's sample (in position order), then apply the cap to the union."""
+        parts = comm.all_gather([torch.cat(v) if v else None
+                                 for v in (self._keys, self._pos, self._x, self._logits, self._outputs)])
+        fields: list[list[torch.Tensor]] = [[], [], [], [], []]
+        for part in parts:
+            for field, value in zip(fields, part, strict=True):
+                if value is not None:
+                    field.append(value)
+        self._keys, self._pos, self._x, self._logits, self._outputs = fields
+        if self._pos:
+            order = torch.cat(self._pos).argsort()
+            self._keys, self._pos, self._x, self._logits, self._outputs = (
+                [torch.cat(f)[order]] for f in fields)
+        self._truncate()
 
     def result(self) -> ExpertOutputSample:
         if not self._x:

@@ -2,7 +2,8 @@
 
 Only the current layer's activations live in memory, and only the current layer needs to be on the
 accelerator, so the model can be larger than GPU memory. (Loading each layer's weights from disk as it
-is reached plugs in at ``_layer_on_device``.) Observers hooked on the MoE block see the block's input
+is reached: ``calibrate/streaming.py``; splitting the batches over torch.distributed processes:
+``calibrate/distributed.py``.) Observers hooked on the MoE block see the block's input
 tokens; a per-layer callback (the method's search) may return an override of the block's forward that
 ``propagate="compressed"`` feeds to the next layer.
 """
@@ -19,8 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moeslim.calibrate.distributed import batch_share, sync_observers, world
 from moeslim.calibrate.observers import Observer
-from moeslim.models import MoELayer, decoder_layers, find_moe_layers
+from moeslim.calibrate.resume import LayerCheckpoint
+from moeslim.calibrate.streaming import layer_store
+from moeslim.models import MoELayer, check_layerwise, decoder_layers, find_moe_layers
+from moeslim.models.loading import check_context, check_token_ids
 
 Propagate = Literal["original", "compressed"]
 BlockOverride = Callable[[torch.Tensor], torch.Tensor]  # (T, H) -> (T, H)
@@ -42,6 +47,7 @@ class _StopForward(Exception):
 class _Batch:
     hidden: torch.Tensor  # (B, S, H)
     kwargs: dict[str, Any]
+    first_window: int = 0  # index of this batch's first window in the calibration set
 
 
 def default_device() -> torch.device:
@@ -49,21 +55,23 @@ def default_device() -> torch.device:
 
 
 @torch.no_grad()
-def capture_first_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> list[_Batch]:
-    """Run the model up to its first decoder layer for every batch of samples.  # input_ids (N, L)"""
+def capture_first_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int,
+                               share: range | None = None) -> list[_Batch]:
+    """Run the model up to its first decoder layer for every batch (or the batches in ``share``).  # (N, L)"""
     first = decoder_layers(model)[0]
     batches: list[_Batch] = []
 
     def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
-        batches.append(_Batch(hidden=hidden.detach(), kwargs=rest))
+        batches.append(_Batch(hidden=hidden.detach(), kwargs=rest, first_window=start))
         raise _StopForward
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # (decoder layers may be on meta: streamed)
+    starts = range(0, input_ids.shape[0], batch_size)
     try:
-        for start in range(0, input_ids.shape[0], batch_size):
+        for start in (starts[i] for i in (share if share is not None else range(len(starts)))):
             with contextlib.suppress(_StopForward):
                 model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
     finally:
@@ -79,16 +87,6 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: _to_device(v, device) for k, v in value.items()}
     return value
-
-
-@contextmanager
-def _layer_on_device(layer: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    original = next(layer.parameters()).device
-    layer.to(device)
-    try:
-        yield layer
-    finally:
-        layer.to(original)
 
 
 @contextmanager
@@ -125,26 +123,42 @@ def run_layerwise(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     progress: bool = True,
+    checkpoint: LayerCheckpoint | None = None,
 ) -> dict[int, Any]:
     """Observe every MoE layer on ``input_ids`` (N, L); return {decoder layer index: decision result}.
 
     ``on_layer`` runs right after a layer is observed (so only that layer's observations are alive)
     and may return an override of the block forward; with ``propagate="compressed"`` the next layer
     sees the overridden output, with ``"original"`` it sees the original model's output.
+    ``checkpoint``: write each finished layer's result and output there, and resume from what it holds.
     """
     if propagate not in ("original", "compressed"):
         raise ValueError(f"propagate={propagate!r} must be 'original' or 'compressed'")
+    check_context(model, int(input_ids.shape[-1]), "calibration seq_len")
+    check_token_ids(model, input_ids)
+    check_layerwise(model)  # families whose decoder layers cannot run one at a time are refused here
     device = torch.device(device) if device is not None else default_device()
     was_training = model.training
     model.eval()
     moe_by_index = {layer.layer_idx: layer for layer in find_moe_layers(model)}
-    batches = capture_first_layer_inputs(model, input_ids, batch_size)
+    # Under torchrun each process runs a contiguous share of the batches; observers merge before deciding.
+    share = batch_share(-(-int(input_ids.shape[0]) // batch_size), world())
+    batches = capture_first_layer_inputs(model, input_ids, batch_size, share)
     results: dict[int, Any] = {}
+    first = 0
+    restored = checkpoint.restore() if checkpoint is not None else None
+    if restored is not None:  # a killed run: its results and the inputs of its next layer
+        results, last, hidden = restored
+        first = last + 1
+        for batch, h in zip(batches, hidden, strict=True):
+            batch.hidden = h.to(batch.hidden.device, batch.hidden.dtype)
+    store = layer_store(model)
     layers = decoder_layers(model)
-    bar = tqdm(range(len(layers)), desc="calibrate", unit="layer", disable=not progress)
+    bar = tqdm(range(first, len(layers)), desc="calibrate", unit="layer",
+               disable=not progress or not world().is_main)
     for index in bar:
         moe = moe_by_index.get(index)
-        with _layer_on_device(layers[index], device) as layer:
+        with store.on_device(index, device) as layer:
             if moe is None:
                 outputs = [_run_layer(layer, b, device) for b in batches]
             else:
@@ -152,6 +166,8 @@ def run_layerwise(
                                                          propagate, device)
         for batch, out in zip(batches, outputs, strict=True):
             batch.hidden = out.to(batch.hidden.device)
+        if checkpoint is not None:
+            checkpoint.save_layer(index, results, [b.hidden for b in batches])
     model.train(was_training)
     return results
 
@@ -171,8 +187,15 @@ def _observe_layer(
         for observer in observers:
             observer.observe(moe, x)
 
+    outputs = []
     with _block_hook(moe.block, observe):
-        outputs = [_run_layer(layer, b, device) for b in batches]
+        for batch in batches:
+            for observer in observers:  # which windows the next block input holds (position-keyed samples)
+                note = getattr(observer, "at_batch", None)
+                if note is not None:
+                    note(batch.first_window, int(batch.hidden.shape[0]))
+            outputs.append(_run_layer(layer, batch, device))
+    sync_observers(observers, device)
     decision = on_layer(moe, observers) if on_layer is not None else LayerDecision(
         result={type(o).__name__: o.result() for o in observers})
     if propagate == "compressed" and decision.override is not None:

@@ -18,9 +18,16 @@ from moeslim.calibrate import (
     RoutingSummary,
     run_layerwise,
 )
+from moeslim.calibrate.resume import LayerCheckpoint
 from moeslim.calibration_data import CalibrationSet, calibration_fields
 from moeslim.methods.prune.config import ROUTING_METHODS, PruneConfig
-from moeslim.methods.prune.enumerate import SubsetScorer, allowed_mask, best_subset, enumerate_subsets
+from moeslim.methods.prune.enumerate import (
+    SubsetLossAccumulator,
+    SubsetScorer,
+    allowed_mask,
+    best_subset,
+    enumerate_subsets,
+)
 from moeslim.methods.prune.saliency import (
     frequency_scores,
     random_subset,
@@ -37,8 +44,13 @@ def _observers(config: PruneConfig, layer: MoELayer) -> list[Observer]:
     observers: list[Observer] = []
     if config.method in ROUTING_METHODS:
         observers.append(RoutingStats(layer.num_experts))
-    if config.needs_sample:
-        observers.append(ExpertOutputs(fraction=config.token_fraction, seed=config.seed))
+    if config.method == "enumerate" and not config.score and config.token_fraction == 1:
+        # Exact enumeration in bounded memory: every kept set's loss is accumulated batch by batch
+        # (a token_fraction < 1 asks for the seeded token sample instead, as before).
+        observers.append(SubsetLossAccumulator(enumerate_subsets(layer.num_experts, config.keep), config.chunk_tokens))
+    elif config.needs_sample:
+        observers.append(ExpertOutputs(fraction=config.token_fraction, seed=config.seed,
+                                       max_tokens=config.max_tokens))
     return observers
 
 
@@ -49,11 +61,18 @@ def _find(observers: Sequence[Observer], kind: type) -> Any:
 def decide_layer(layer: MoELayer, observers: Sequence[Observer], config: PruneConfig) -> dict[str, Any]:
     """The kept set of one layer and its summary entry (kept ids, losses, subsets scored, seconds)."""
     start = time.perf_counter()
-    sample: ExpertOutputSample | None = _find(observers, ExpertOutputs) if config.needs_sample else None
+    streamed = next((o for o in observers if isinstance(o, SubsetLossAccumulator)), None)
+    sample: ExpertOutputSample | None = (
+        _find(observers, ExpertOutputs) if config.needs_sample and streamed is None else None)
     device = layer.router_weight.device  # routing may read router buffers (e.g. a correction bias)
     scorer = SubsetScorer(sample, layer.route, config.chunk_tokens, device) if sample is not None else None
     entry: dict[str, Any] = {}
-    if config.method == "enumerate":
+    if streamed is not None:
+        found = best_subset(streamed.subsets, streamed.losses())
+        kept = found.kept
+        entry.update(loss=found.loss, best_alternative=found.best_alternative, worst=found.worst,
+                     subsets_scored=found.subsets_scored, tokens=streamed.tokens)
+    elif config.method == "enumerate":
         assert scorer is not None
         subsets = enumerate_subsets(layer.num_experts, config.keep)
         found = best_subset(subsets, scorer.losses(subsets))
@@ -92,6 +111,7 @@ def plan_prune(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     progress: bool = False,
+    checkpoint: LayerCheckpoint | None = None,
 ) -> Plan:
     """Choose ``config.keep`` experts per MoE layer on ``calibration`` and return a "prune" plan.
 
@@ -109,7 +129,7 @@ def plan_prune(
             make_observers=lambda layer: _observers(config, layer),
             on_layer=lambda layer, obs: _decision(layer, obs, config),
             propagate="compressed" if config.mode == "progressive" else "original",
-            batch_size=batch_size, device=device, progress=progress,
+            batch_size=batch_size, device=device, progress=progress, checkpoint=checkpoint,
         )
     summary = {
         "method": config.method,

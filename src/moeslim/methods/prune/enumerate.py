@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 from moeslim.calibrate import ExpertOutputSample
+from moeslim.calibrate.observers import Communicator
+from moeslim.models import MoELayer
 
 # (logits (T, E), allowed (E,) bool | None) -> (weights (T, k), ids (T, k)), exactly as the family routes.
 RouteFn = Callable[[Tensor, "Tensor | None"], tuple[Tensor, Tensor]]
@@ -148,3 +150,50 @@ def enumerate_best(
     """Score all C(E, keep) kept sets and return the best one."""
     subsets = enumerate_subsets(int(sample.logits.shape[1]), keep)
     return best_subset(subsets, score_all(sample, route_fn, subsets, chunk_tokens, device))
+
+
+class SubsetLossAccumulator:
+    """An observer that scores every kept set batch by batch: exact enumeration in bounded memory.
+
+    The squared loss is a sum over tokens, so each batch's expert outputs (T, E, H) are turned into its
+    per-subset squared losses and dropped; only the (S,) float64 sums live across batches, never a
+    (tokens, E, H) cache. Same objective and same kept sets as ``SubsetScorer`` on all tokens (the sums
+    only round differently, ~1e-15 relative).
+    """
+
+    def __init__(self, subsets: Sequence[Sequence[int]], chunk_tokens: int = 4096) -> None:
+        self.subsets = [tuple(s) for s in subsets]
+        self._chunk = chunk_tokens
+        self._squared: Tensor | None = None  # (S,) float64
+        self.tokens = 0
+
+    def observe(self, layer: MoELayer, x: Tensor) -> None:
+        device = layer.router_weight.device
+        for start in range(0, x.shape[0], self._chunk):
+            xc = x[start : start + self._chunk]
+            gram = gram_chunks(layer.expert_outputs(xc), xc.shape[0] or 1, device)[0]  # (Tc, E, E)
+            logits = layer.router_logits(xc).float()  # (Tc, E)
+            w, ids = layer.route(logits, None)
+            sums = torch.empty(len(self.subsets), dtype=torch.float64, device=device)
+            for i, kept in enumerate(self.subsets):
+                w_new, ids_new = layer.route(logits, allowed_mask(kept, gram.shape[1]).to(device))
+                coef = torch.cat((w_new.double(), -w.double()), dim=1)  # (Tc, 2k)
+                sums[i] = _quadratic(gram, coef, torch.cat((ids_new, ids), dim=1))
+            self._squared = sums.cpu() if self._squared is None else self._squared + sums.cpu()
+            self.tokens += int(xc.shape[0])
+
+    def sync(self, comm: Communicator) -> None:
+        """Sum the per-subset squared losses and token counts over processes."""
+        squared = self._squared if self._squared is not None else torch.zeros(len(self.subsets), dtype=torch.float64)
+        comm.all_reduce_sum(squared)
+        self._squared = squared
+        self.tokens = sum(comm.all_gather(self.tokens))
+
+    def losses(self) -> Tensor:
+        """(S,) float64 loss sqrt(sum of squared errors) of every subset, in ``subsets`` order."""
+        if self._squared is None:
+            raise ValueError("no tokens were observed")
+        return self._squared.clamp_min(0).sqrt()
+
+    def result(self) -> Tensor:
+        return self.losses()

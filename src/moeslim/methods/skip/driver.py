@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from moeslim.calibrate import LayerDecision, Observer, RoutingStats, RoutingSummary, run_layerwise
+from moeslim.calibrate.resume import LayerCheckpoint
 from moeslim.calibration_data import CalibrationSet, calibration_fields
-from moeslim.config import ConfigError
+from moeslim.config import ConfigError, check_types
 from moeslim.methods.skip.thresholds import SKIP_RULES, calibrate_beta, skip_rates
 from moeslim.models import MoELayer, find_moe_layers
 from moeslim.plans import Plan, Provenance
@@ -31,6 +32,7 @@ class SkipConfig:
     protect: float = 0.0
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.rule not in SKIP_RULES:
             raise ConfigError(f"rule={self.rule!r}: use one of {', '.join(SKIP_RULES)}")
         if not 0 <= self.quantile <= 1:
@@ -64,6 +66,7 @@ def plan_skip(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     progress: bool = False,
+    checkpoint: LayerCheckpoint | None = None,
 ) -> Plan:
     """A "skip" plan: layers {idx: {"beta": b}}, summary with the expected skip rates on the calibration data.
 
@@ -77,7 +80,7 @@ def plan_skip(
         model, input_ids,
         make_observers=lambda layer: [RoutingStats(layer.num_experts)],
         on_layer=lambda layer, obs: _decide(layer, obs, config),
-        batch_size=batch_size, device=device, progress=progress,
+        batch_size=batch_size, device=device, progress=progress, checkpoint=checkpoint,
     )
     summary = {
         "rule": config.rule,
