@@ -14,6 +14,7 @@ import moeslim
 from moeslim.cli import main
 from moeslim.config import ConfigError
 from moeslim.recipe import load_recipe
+from moeslim.runtime.skipping import install_skipping
 
 CALIB = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
 
@@ -50,7 +51,7 @@ def test_plan_refuses_keep_below_top_k(tiny_model_dir: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["plan", "prune", str(tiny_model_dir), "--keep", "1", *CALIB, "--out", str(tmp_path / "p.json")])
     assert code == 2
-    assert "keep at least 2" in capsys.readouterr().out
+    assert "keep at least 2" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
 
 
@@ -91,9 +92,13 @@ def test_recipe_runs_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
     model, _ = moeslim.load(run / "model")
     assert model.config.num_local_experts == 6 and model.config.moeslim["skip"]["betas"]
     stock = AutoModelForCausalLM.from_pretrained(run / "model")  # plain transformers still loads it
-    ids = torch.randint(0, 100, (1, 16))
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert stock(ids).logits.shape == model(ids).logits.shape
+        skipping = model(ids).logits
+        assert not torch.allclose(skipping, stock(ids).logits)  # moeslim.load re-installed skipping
+        install_skipping(model, {int(k): 0.0 for k in model.config.moeslim["skip"]["betas"]})
+        # with every threshold at 0 nothing is skipped: the stock reload computes the same pruned model
+        torch.testing.assert_close(model(ids).logits, stock(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_recipe_errors_name_the_field(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -113,24 +118,38 @@ def test_example_recipes_parse() -> None:
         assert load_recipe(path).stages
 
 
-def test_quantize_plan_then_apply_redoes_gptq(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_quantize_plan_then_apply_runs_gptq_once(tiny_model_dir: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import moeslim.appliers.quantize as applier
     from moeslim.calibration_data import build_calibration_set
     from moeslim.config import CalibrationConfig
     from moeslim.pipeline import parse_stage, run_stage
+    from moeslim.runtime.lowbit_io import lowbit_tensors
 
+    calls: list[int] = []
+    real = applier.gptq_experts
+    monkeypatch.setattr(applier, "gptq_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
     plan = tmp_path / "q.json"
     assert main(["plan", "quantize", str(tiny_model_dir), "--method", "pmq", "--bits", "2.5", *CALIB,
                  "--out", str(plan)]) == 0
-    assert json.loads(plan.read_text())["summary"]["calibration"]["samples"] == 4
+    assert calls == []  # planning decides widths only
+    recorded = json.loads(plan.read_text())["summary"]["calibration"]
+    assert recorded["samples"] == 4 and recorded["data"] == ["demo:code"] and recorded["windows_hash"]
     ckpt = tmp_path / "quantized"
     assert main(["apply", str(tiny_model_dir), str(plan), "--out", str(ckpt)]) == 0
+    assert calls == [1]  # GPTQ ran once on the CLI path: in apply
     loaded, tokenizer = moeslim.load(ckpt)
     assert loaded.config.moeslim["quantize"]["quantizer"] == "gptq"
-    # Same as planning and applying in one process: GPTQ saw the same windows.
+    # Same as planning and applying in one process: GPTQ saw the same windows, so the same codes.
     model, _ = moeslim.load(tiny_model_dir)
     config = CalibrationConfig(data=("demo:code",), samples=4, seq_len=32, batch_size=2)
     stage = parse_stage({"quantize": {"method": "pmq", "bits": 2.5}}, "test")
     run_stage(model, stage, build_calibration_set(config, tokenizer), str(tiny_model_dir))
+    assert calls == [1, 1]
+    ours, theirs = lowbit_tensors(model), lowbit_tensors(loaded)
+    assert sorted(ours) == sorted(theirs) and ours
+    for name, packed in ours.items():
+        assert all(torch.equal(a, b) for a, b in zip(packed.codes, theirs[name].codes, strict=True)), name
     ids = torch.randint(0, 100, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)

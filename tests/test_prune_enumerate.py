@@ -66,7 +66,7 @@ def test_search_equals_enumerate_on_small_e(family: str) -> None:
         found = search_subset(scorer.loss, layer.num_experts, 4)
         assert found.kept == best.kept
         assert found.loss == pytest.approx(best.loss, rel=1e-7)
-        assert found.evaluations < len(subsets) + 30
+        assert found.evaluations < len(subsets)  # cheaper than enumeration (38 of 70 loss evaluations here)
 
 
 def test_best_subset_reports_alternative_and_worst() -> None:

@@ -1,4 +1,5 @@
-"""lm-eval bridge and offline tasks on a tiny model with an in-memory byte-level BPE tokenizer."""
+"""Task accuracy through lm-eval's HFLM and the bundled offline tasks, on a tiny model with an in-memory
+byte-level BPE tokenizer."""
 
 from __future__ import annotations
 
@@ -101,50 +102,28 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-lm_eval = pytest.importorskip("lm_eval")
-
-
-def test_loglikelihood_equals_direct_computation(tok_model) -> None:
+def test_harness_scores_the_installed_runtime(tok_model) -> None:
+    """HFLM over the in-memory model scores what its installed runtime (here: skipping) computes."""
     from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
 
-    from moeslim.evaluate.lm_eval_bridge import MoeslimLM
+    from moeslim.runtime.skipping import install_skipping
 
-    tok, model = tok_model
-    lm = MoeslimLM(model, tok, batch_size=2, progress=False)
+    tok, original = tok_model
+    model = tiny_model(len(tok))
+    install_skipping(model, {0: 0.9, 1: 0.9})  # skips most second experts: logits differ from the original
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=2)
     reqs = [("The quick brown", " fox jumps"), ("def add(a, b):\n", "    return a + b"), ("Experts", " are")]
-    instances = [Instance("loglikelihood", {}, args, i) for i, args in enumerate(reqs)]
-    got = lm.loglikelihood(instances, disable_tqdm=True)
-    for (ctx, cont), (ll, greedy) in zip(reqs, got, strict=True):
+    got = lm.loglikelihood([Instance("loglikelihood", {}, args, i) for i, args in enumerate(reqs)],
+                           disable_tqdm=True)
+    differs = False
+    for (ctx, cont), (ll, _greedy) in zip(reqs, got, strict=True):
         # the harness moves trailing whitespace of the context into the continuation
         whole = tok.encode(ctx + cont, add_special_tokens=False)
         n_ctx = len(tok.encode(ctx.rstrip(), add_special_tokens=False))
         assert ll == pytest.approx(_direct_ll(model, whole[:n_ctx], whole[n_ctx:]), abs=1e-4)
-        assert isinstance(greedy, bool)
-
-
-def test_rolling_and_generate(tok_model) -> None:
-    from lm_eval.api.instance import Instance
-
-    from moeslim.evaluate.lm_eval_bridge import MoeslimLM
-
-    tok, model = tok_model
-    text = SENTENCES[0] + " " + SENTENCES[2]
-    ids = tok.encode(text, add_special_tokens=False)
-    lm = MoeslimLM(model, tok, max_length=8, progress=False)  # forces several rolling chunks
-    (rolled,) = lm.loglikelihood_rolling(
-        [Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True
-    )
-    full = MoeslimLM(model, tok, max_length=512, progress=False)
-    (whole,) = full.loglikelihood_rolling(
-        [Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True
-    )
-    assert whole == pytest.approx(_direct_ll(model, [tok.eos_token_id], ids), abs=1e-4)
-    assert rolled < 0 and rolled != pytest.approx(whole, abs=1e-6)  # less context, different number
-    (gen,) = lm.generate_until(
-        [Instance("generate_until", {}, ("The quick", {"until": ["\n"], "max_gen_toks": 5}), 0)],
-        disable_tqdm=True,
-    )
-    assert isinstance(gen, str) and "\n" not in gen
+        differs |= abs(ll - _direct_ll(original, whole[:n_ctx], whole[n_ctx:])) > 1e-3
+    assert differs  # the skipping forward really ran inside the harness
 
 
 def test_offline_tasks_are_deterministic(corpus_dir: Path, tmp_path: Path) -> None:
@@ -159,26 +138,33 @@ def test_offline_tasks_are_deterministic(corpus_dir: Path, tmp_path: Path) -> No
             assert len(set(it["choices"])) == 4 and 0 <= it["label"] < 4
 
 
-def test_offline_task_runs_through_lm_eval(tok_model, corpus_dir: Path, tmp_path: Path) -> None:
+def _reference_accuracy(model: torch.nn.Module, tok: PreTrainedTokenizerFast, path: Path, delimiter: str,
+                        limit: int) -> tuple[float, float]:
+    """acc / acc_norm by the multiple-choice rule, computed directly: argmax log-likelihood (per byte)."""
+    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:limit]
+    acc = acc_norm = 0
+    for it in items:
+        n_ctx = len(tok.encode(it["context"], add_special_tokens=False))
+        lls, norms = [], []
+        for choice in it["choices"]:
+            whole = tok.encode(it["context"] + delimiter + choice, add_special_tokens=False)
+            ll = _direct_ll(model, whole[:n_ctx], whole[n_ctx:])
+            lls.append(ll)
+            norms.append(ll / len((delimiter + choice).encode()))
+        acc += int(max(range(len(lls)), key=lls.__getitem__) == it["label"])
+        acc_norm += int(max(range(len(norms)), key=norms.__getitem__) == it["label"])
+    return acc / len(items), acc_norm / len(items)
+
+
+def test_offline_task_accuracy_equals_direct_scoring(tok_model, corpus_dir: Path, tmp_path: Path) -> None:
+    from moeslim.evaluate.tasks import _TASK_SPECS
+
     tok, model = tok_model
-    res = run_tasks(
-        model,
-        tok,
-        ["moeslim_code_nextline", "moeslim_prose_continuation", "hellaswag"],
-        limit=6,
-        batch_size=8,
-        task_dir=tmp_path,
-        corpus_dir=corpus_dir,
-        n_items=12,
-    )
+    res = run_tasks(model, tok, ["moeslim_code_nextline", "moeslim_prose_continuation", "hellaswag"],
+                    limit=6, batch_size=8, task_dir=tmp_path, corpus_dir=corpus_dir, n_items=12)
     for name in ("moeslim_code_nextline", "moeslim_prose_continuation"):
         assert res[name]["status"] == "ran", res[name]
-        assert res[name]["backend"].startswith("lm-eval")
-        assert 0.0 <= res[name]["acc"] <= 1.0 and 0.0 <= res[name]["acc_norm"] <= 1.0
-        assert res[name]["n"] == 6
-    assert res["hellaswag"]["status"].startswith(("skipped", "ran", "failed"))
-    builtin = run_tasks(
-        model, tok, ["moeslim_code_nextline"], limit=6, corpus_dir=corpus_dir, n_items=12, backend="builtin"
-    )
-    # same items, same scoring rule: the built-in scorer agrees with the harness
-    assert builtin["moeslim_code_nextline"]["acc"] == pytest.approx(res["moeslim_code_nextline"]["acc"])
+        assert res[name]["backend"].startswith("lm-eval") and res[name]["n"] == 6
+        acc, acc_norm = _reference_accuracy(model, tok, tmp_path / f"{name}.jsonl", _TASK_SPECS[name][2], 6)
+        assert (res[name]["acc"], res[name]["acc_norm"]) == pytest.approx((acc, acc_norm))
+    assert res["hellaswag"]["status"] == "skipped: offline"  # tests run with HF_HUB_OFFLINE=1

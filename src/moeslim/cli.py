@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -19,9 +19,11 @@ from rich.table import Table
 from moeslim.config import DEFAULT_CALIBRATION_DATA, CalibrationConfig, ConfigError
 
 if TYPE_CHECKING:
-    from torch import nn
+    import torch
     from transformers import PreTrainedTokenizerBase
 
+    from moeslim.calibrate.distributed import World
+    from moeslim.calibration_data import CalibrationSet
     from moeslim.plans import Plan
 
 console = Console()
@@ -37,6 +39,60 @@ def _add_calibration_args(parser: argparse.ArgumentParser, data_default: Sequenc
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
 
 
+def _add_device_args(parser: argparse.ArgumentParser, stream: bool = False) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="where layers compute: auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="auto",
+                        help="float type of the weights: auto (bfloat16 on cuda, float32 on cpu) | float32 | "
+                             "bfloat16 | float16")
+    if stream:
+        parser.add_argument("--resume", action="store_true",
+                            help="write each finished layer to .OUT.layers/ and, rerun with the same arguments "
+                                 "after a kill, continue at the next layer (prune and skip plans)")
+        parser.add_argument("--stream", action="store_true",
+                            help="build the model on the meta device and read each decoder layer from the "
+                                 "safetensors shards when calibration reaches it (memory: one layer, not the model)")
+
+
+def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    from moeslim.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    return device, resolve_dtype(args.dtype, device)
+
+
+def _join_torchrun(device: torch.device) -> tuple[World, torch.device]:
+    """Join torchrun's process group when started by it (WORLD_SIZE > 1); a plain run is rank 0 of 1.
+    On CUDA each process computes on its own GPU (cuda:LOCAL_RANK)."""
+    from moeslim.calibrate.distributed import init_from_env, process_device
+
+    world = init_from_env(device)
+    return world, process_device(device, world)
+
+
+def _resume_checkpoint(args: argparse.Namespace, stage: object, calib: CalibrationConfig, dtype: torch.dtype,
+                       device: torch.device, world: World) -> Any:
+    """Per-layer state beside --out (``.NAME.layers/``), keyed by everything the plan depends on."""
+    import dataclasses
+
+    from moeslim.calibrate.resume import LayerCheckpoint, run_key
+    from moeslim.models import resolve_model_path
+
+    if args.kind == "quantize":
+        raise ConfigError("--resume works for plan prune and plan skip; quantize plans recompute their factors")
+    key = run_key(model=resolve_model_path(args.model), stage=dataclasses.asdict(stage.config),  # type: ignore[attr-defined]
+                  calibration=dataclasses.asdict(calib), dtype=str(dtype), device=device.type, world=world.size,
+                  stream=args.stream)
+    out = Path(args.out)
+    return LayerCheckpoint(out.parent / f".{out.name}.layers", key, rank=world.rank)
+
+
+def _load_streamed(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    from moeslim.models.lazy import load_streamed
+
+    return load_streamed(name, dtype)
+
+
 def _calibration_config(args: argparse.Namespace, default: Sequence[str], **extra: object) -> CalibrationConfig:
     return CalibrationConfig(
         data=tuple(args.data or default), samples=args.samples, seq_len=args.seq_len, seed=args.seed,
@@ -48,9 +104,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from moeslim.calibration_data import build_calibration_set
     from moeslim.inspect import inspect_model, plot_expert_load
     from moeslim.models import load_model
+    from moeslim.outputs import check_output_file, write_text_atomic
 
     calib = _calibration_config(args, ()) if args.data else None
-    model, tokenizer = load_model(args.model)
+    out = Path(args.out)
+    for name in ("inspect.json", "expert_load.png"):
+        check_output_file(out / name, inputs=_input_paths(args.model))
+    device, dtype = _device_and_dtype(args)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=str(device))
     input_ids, name = None, None
     if calib is not None:
         if tokenizer is None:
@@ -59,11 +120,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         input_ids, name = calib_set.input_ids, calib_set.name
     report = inspect_model(model, input_ids, data=name, batch_size=calib.batch_size if calib else 8)
     _print_summary(args.model, report.summary)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"model": args.model, "summary": report.summary, "data": report.data,
                "loads": [vars(entry) for entry in report.loads]}
-    (out / "inspect.json").write_text(json.dumps(payload, indent=1) + "\n")
+    write_text_atomic(out / "inspect.json", json.dumps(payload, indent=1) + "\n")
     if report.loads:
         _print_loads(report.loads)
         plot = plot_expert_load(report.loads, out / "expert_load.png", f"{args.model}: expert load on {name}")
@@ -76,24 +135,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moeslim.config import EvalConfig
     from moeslim.evaluate import evaluate_model
     from moeslim.io import load
+    from moeslim.models.loading import check_context
+    from moeslim.outputs import check_output_file, write_text_atomic
     from moeslim.variants import print_table
 
     config = EvalConfig(
         data=tuple(args.data or EvalConfig.data), seq_len=args.seq_len, max_windows=args.max_windows,
         tasks=_task_names(args.tasks), task_limit=args.task_limit, speed=args.speed, batch_size=args.batch_size,
     )
-    out = Path(args.out)
-    model, tokenizer = load(args.model)
+    out = check_output_file(args.out, inputs=_input_paths(args.model))
+    device, dtype = _device_and_dtype(args)
+    model, tokenizer = load(args.model, dtype=dtype, device=device)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer; eval needs one")
+    check_context(model, config.seq_len)
     checkpoint = Path(args.model) if Path(args.model).is_dir() else None
-    result = evaluate_model(
-        model, tokenizer, data_specs=list(config.data), seq_len=config.seq_len, max_windows=config.max_windows,
-        tasks=list(config.tasks), limit=config.task_limit, speed=config.speed, name=args.name or args.model,
-        checkpoint_dir=checkpoint, batch_size=config.batch_size,
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result.to_dict(), indent=1, default=str) + "\n")
+    result = evaluate_model(model, tokenizer, config, name=args.name or args.model, checkpoint_dir=checkpoint)
+    write_text_atomic(out, json.dumps(result.to_dict(), indent=1, default=str) + "\n")
     print_table([result], f"eval: {args.model}")
     console.print(f"wrote {out}")
     return 0
@@ -109,39 +167,58 @@ def _task_names(given: list[str] | None) -> tuple[str, ...]:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from moeslim.appliers import apply
-    from moeslim.io import load, save
+    from moeslim.io import checkpoint_dtype, load, save
+    from moeslim.outputs import check_output_dir
     from moeslim.plans import Plan
 
+    inputs = _input_paths(args.model, *args.plans)
+    out = check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # before any work
     plans = [Plan.load(p) for p in args.plans]
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"--out {out} already exists; choose another folder or pass --overwrite")
-    model, tokenizer = load(args.model)
+    device, dtype = _device_and_dtype(args)
+    if args.stream:  # one decoder layer at a time, shard by shard (prune and skip plans)
+        from moeslim.models import resolve_model_path
+        from moeslim.streamed_apply import apply_streamed
+
+        apply_streamed(resolve_model_path(args.model), plans, out, dtype=dtype, overwrite=args.overwrite,
+                       force=args.force, inputs=inputs)
+        console.print(f"wrote checkpoint {out}")
+        return 0
+    model, tokenizer = load(args.model, dtype=dtype, device=device)
     for plan in plans:
-        _attach_gptq(model, tokenizer, plan)
-        apply(model, plan)
-    save(model, out, tokenizer, overwrite=args.overwrite)
+        apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), force=args.force)
+    save(model, out, tokenizer, overwrite=args.overwrite, inputs=inputs, dtype=checkpoint_dtype(args.model))
     console.print(f"wrote checkpoint {out}")
     return 0
 
 
-def _attach_gptq(model: nn.Module, tokenizer: PreTrainedTokenizerBase, plan: Plan) -> None:
-    """A quantize plan made with GPTQ: redraw its calibration windows and redo GPTQ before applying it."""
-    from moeslim.calibration_data import build_calibration_set
-    from moeslim.config import CalibrationConfig
-    from moeslim.methods.quant.driver import attach_gptq_results
+def _input_paths(model: str, *files: str) -> list[str]:
+    """Paths a command reads (the model folder when local, plan files), which no output may replace."""
+    from moeslim.models import resolve_model_path
 
-    recorded = plan.summary.get("calibration")
-    if plan.kind != "quantize" or not plan.summary.get("gptq_results") or not recorded:
-        return
-    config = CalibrationConfig(**{**recorded, "data": tuple(recorded["data"])})
+    return [resolve_model_path(model), *files]
+
+
+def _gptq_calibration(tokenizer: PreTrainedTokenizerBase | None, plan: Plan) -> CalibrationSet | None:
+    """A quantize plan made with GPTQ: its calibration windows, redrawn with the model's tokenizer, for the
+    GPTQ pass that ``apply`` runs (once). None for plans that need no data."""
+    from moeslim.appliers.quantize import needs_calibration
+    from moeslim.calibration_data import build_calibration_set, calibration_config
+
+    if not needs_calibration(plan):
+        return None
+    if tokenizer is None:
+        raise ConfigError("this GPTQ quantize plan needs its calibration windows, which need the model's tokenizer")
+    config = calibration_config(plan.summary.get("calibration") or {})
     console.print(f"GPTQ on the plan's calibration data ({', '.join(config.data)}, {config.samples} windows)")
-    attach_gptq_results(model, plan, build_calibration_set(config, tokenizer))
+    return build_calibration_set(config, tokenizer)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from moeslim.evaluate import write_report
+    from moeslim.outputs import check_output_file
 
+    for name in ("report.md", "report.json"):
+        check_output_file(Path(args.out) / name, inputs=args.inputs)
     path = write_report(args.inputs, args.out, title=args.title)
     console.print(f"wrote {path} (+ report.json and plots in {path.parent})")
     return 0
@@ -159,20 +236,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from moeslim.calibration_data import build_calibration_set
     from moeslim.io import load
+    from moeslim.models.loading import check_context
+    from moeslim.outputs import check_output_file
     from moeslim.pipeline import parse_stage
 
     params = {k: v for k, v in _PLAN_FIELDS[args.kind](args).items() if v is not None}
     stage = parse_stage({args.kind: params}, f"plan {args.kind}")  # validates before loading the model
     calib = _calibration_config(args, DEFAULT_CALIBRATION_DATA)
-    model, tokenizer = load(args.model)
+    check_output_file(args.out, inputs=_input_paths(args.model))
+    device, dtype = _device_and_dtype(args)
+    world, device = _join_torchrun(device)
+    model, tokenizer = _load_streamed(args.model, dtype) if args.stream else load(args.model, dtype=dtype)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer; calibration needs one")
+    check_context(model, calib.seq_len)
     from moeslim.pipeline import plan_stage
 
-    plan = plan_stage(model, stage, build_calibration_set(calib, tokenizer), args.model)
-    if plan.kind == "quantize":
-        console.print("note: `moeslim apply` redoes GPTQ on the calibration data recorded in the plan")
+    checkpoint = _resume_checkpoint(args, stage, calib, dtype, device, world) if args.resume else None
+    plan = plan_stage(model, stage, build_calibration_set(calib, tokenizer), args.model, device=device,
+                      checkpoint=checkpoint)
+    if not world.is_main:  # every process computed the same plan; rank 0 writes it
+        if checkpoint is not None:
+            checkpoint.finish()
+        return 0
+    if plan.kind == "quantize" and plan.summary.get("quantizer") == "gptq":
+        console.print("note: GPTQ runs in `moeslim apply`, once, on the calibration windows recorded in the plan")
     path = plan.save(args.out)
+    if checkpoint is not None:
+        checkpoint.finish()
     console.print_json(data={"layers": {str(k): v for k, v in plan.layers.items()}})
     console.print(f"wrote {path}")
     return 0
@@ -180,7 +271,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _prune_fields(args: argparse.Namespace) -> dict[str, object]:
     return {"method": args.method, "keep": args.keep, "mode": args.mode, "budget": args.budget,
-            "beam": args.beam, "seed": args.seed}
+            "beam": args.beam, "seed": args.seed, "max_tokens": args.max_tokens}
 
 
 def _skip_fields(args: argparse.Namespace) -> dict[str, object]:
@@ -191,7 +282,7 @@ def _quantize_fields(args: argparse.Namespace) -> dict[str, object]:
     candidates = tuple(int(b) for b in args.candidates.split(",")) if args.candidates else None
     return {"method": args.method, "bits": args.bits, "candidates": candidates, "alpha": args.alpha,
             "beta": args.beta, "gamma": args.gamma, "group_size": args.group_size, "scope": args.scope,
-            "seed": args.seed}
+            "seed": args.seed, "quantizer": args.quantizer}
 
 
 _PLAN_FIELDS = {"prune": _prune_fields, "skip": _skip_fields, "quantize": _quantize_fields}
@@ -241,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="local directory, hub id (online), or 'demo'")
     _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
     p.add_argument("--out", default="runs/inspect", help="output folder (default runs/inspect)")
+    _add_device_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("eval", help="perplexity per domain, task accuracy, cost and speed of one model")
@@ -257,13 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--name", default=None, help="label of this model in the report")
     p.add_argument("--out", default="runs/eval/result.json", help="result JSON path")
+    _add_device_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("apply", help="apply one or more plans and save a checkpoint")
     p.add_argument("model", help="checkpoint folder, hub id (online), or 'demo'")
     p.add_argument("plans", nargs="+", help="plan JSON files, applied in order")
     p.add_argument("--out", required=True, help="checkpoint folder to write (atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an existing checkpoint folder (swapped atomically)")
+    p.add_argument("--force", action="store_true",
+                   help="apply plans computed on a model with a different config (refused by default)")
+    p.add_argument("--stream", action="store_true",
+                   help="prune/skip plans: read, apply and write one decoder layer at a time (memory: one layer)")
+    _add_device_args(p)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("report", help="side-by-side report.md/json + plots from results or run folders")
@@ -287,8 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default=None, help="layerwise (default) | progressive")
     p.add_argument("--budget", type=int, default=None, help="search: max loss evaluations per layer")
     p.add_argument("--beam", type=int, default=None, help="search: beam width")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="search/reap: cap on the tokens whose expert outputs are kept per layer (default 16384; "
+                        "memory: max-tokens x experts x hidden x 4 bytes; enumerate needs no cap)")
     _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
     p.add_argument("--out", required=True, help="plan JSON path")
+    _add_device_args(p, stream=True)
     p.set_defaults(func=cmd_plan)
 
     p = plan.add_parser("skip", help="per-layer dynamic skipping thresholds")
@@ -298,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of tokens that skip (default 0.5: the median ratio)")
     _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
     p.add_argument("--out", required=True, help="plan JSON path")
+    _add_device_args(p, stream=True)
     p.set_defaults(func=cmd_plan)
 
     p = plan.add_parser("quantize", help="bit-width per expert (PMQ mixed precision or uniform)")
@@ -310,8 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=None)
     p.add_argument("--group-size", type=int, default=None)
     p.add_argument("--scope", default=None, help="layer (the paper: budget per layer) | global")
+    p.add_argument("--quantizer", default=None,
+                   help="gptq (default; runs in apply on the plan's windows) | rtn (round-to-nearest, no data)")
     _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
     p.add_argument("--out", required=True, help="plan JSON path")
+    _add_device_args(p, stream=True)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("demo", help="the main job: original vs compressed variants of the embedded model")
@@ -329,9 +436,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ValueError, OSError) as err:  # our errors are ValueErrors; OSError: missing files/models
-        console.print(f"[bold red]error:[/] {err}")
+    except (ValueError, OSError) as err:  # our errors are ValueErrors; OSError: missing or unreadable files
+        # One unwrapped line on stderr, so scripts can grep it and the message is never cut.
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; outputs that were not finished were not written", file=sys.stderr)
+        return 130
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err.strerror if isinstance(err, OSError) and err.strerror and not err.filename else err)
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -6,13 +6,100 @@ what to change.
 
 from __future__ import annotations
 
+import dataclasses
+import types
 from dataclasses import dataclass, field
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 DEFAULT_CALIBRATION_DATA = ("demo:code", "demo:prose")
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and what to change."""
+
+
+def _type_name(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(hint))
+    if origin is tuple:
+        item = get_args(hint)[0]
+        return f"a list of {_PLURALS.get(item, _type_name(item))}"
+    if hint is type(None):
+        return "null"
+    return _NAMES.get(hint, str(hint))
+
+
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_PLURALS = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in get_args(hint))
+    if origin is tuple:
+        args = get_args(hint)
+        return isinstance(value, tuple) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def check_types(config: Any) -> None:
+    """Refuse a dataclass whose field values do not have their annotated types (bool is not an int).
+
+    Recipes and the Python API hand configs values of any type; without this, ``keep: 6.5`` or
+    ``save: 'no'`` would surface as a TypeError deep inside a method, or be taken as true.
+    """
+    hints = get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in hints and not _matches(value, hints[f.name]):
+            raise ConfigError(f"{f.name}={value!r}: expected {_type_name(hints[f.name])}, "
+                              f"got {type(value).__name__}")
+
+
+def from_mapping(cls: type, values: Any, where: str) -> Any:
+    """Build config dataclass ``cls`` from a recipe/JSON mapping, naming ``where`` in every error.
+
+    Lists become tuples; unknown and missing required fields are named before construction, so the
+    message says what to write, not which Python call failed.
+    """
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of settings, got {type(values).__name__} {values!r}")
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; "
+                          f"known: {', '.join(sorted(known))}")
+    required = [name for name, f in known.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise ConfigError(f"{where}: {', '.join(missing)} is required (no default); add e.g. "
+                          f"{missing[0]}: ... to this section")
+    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return cls(**converted)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -26,6 +113,7 @@ class CalibrationConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not self.data:
             raise ConfigError("data: give at least one source, e.g. --data demo:code")
         if self.samples < 1:
@@ -47,10 +135,13 @@ class EvalConfig:
     task_limit: int | None = None
     speed: bool = False
     speed_repeats: int = 3
+    speed_new_tokens: int = 32  # decode steps timed per repeat
     generate_tokens: int = 24  # greedy continuations of fixed prompts, side by side (0: none)
     batch_size: int = 8
+    seed: int = 0  # which windows are drawn
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not self.data and not self.tasks:
             raise ConfigError("eval: give --data sources, --tasks, or both")
         if self.seq_len < 2:
@@ -61,5 +152,7 @@ class EvalConfig:
             raise ConfigError(f"batch_size={self.batch_size}: use at least 1")
         if self.speed_repeats < 1:
             raise ConfigError(f"speed_repeats={self.speed_repeats}: use at least 1")
+        if self.speed_new_tokens < 1:
+            raise ConfigError(f"speed_new_tokens={self.speed_new_tokens}: time at least 1 decode step")
         if self.generate_tokens < 0:
             raise ConfigError(f"generate_tokens={self.generate_tokens}: use 0 (no generations) or more")

@@ -73,13 +73,15 @@ def demo_variants(config: DemoConfig, calibration: CalibrationConfig) -> list[Va
 def run_demo(config: DemoConfig) -> Path:
     from moeslim.evaluate import write_report
     from moeslim.inspect import expert_loads, plot_expert_load
-    from moeslim.models import load_model
+    from moeslim.models import load_model, resolve_model_path
+    from moeslim.outputs import check_output_file
     from moeslim.runs import write_results
     from moeslim.variants import CalibrationCache, evaluate_variants, print_table
 
     console = Console()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    for name in ("results.json", "report.md", "report.json"):  # fail now, not after the variants ran
+        check_output_file(out / name, inputs=[resolve_model_path(config.model)])
     calibration = CalibrationConfig(samples=config.samples, seq_len=config.seq_len)
     evaluation = EvalConfig(seq_len=config.seq_len, max_windows=config.eval_windows,
                             tasks=("moeslim_code_nextline", "moeslim_prose_continuation"),
@@ -87,6 +89,7 @@ def run_demo(config: DemoConfig) -> Path:
     model, tokenizer = load_model(config.model)
     if tokenizer is None:
         raise ConfigError(f"{config.model} has no tokenizer")
+    out.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]moeslim demo[/] on {config.model}: calibration {calibration.samples} x "
                   f"{calibration.seq_len} tokens from {', '.join(calibration.data)}")
     loads = expert_loads(model, CalibrationCache(tokenizer).get(calibration).input_ids)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +83,9 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
+    def from_dict(cls, data: Any) -> Plan:
+        if not isinstance(data, dict):
+            raise PlanError(f"not a moeslim plan: expected a JSON object, got a JSON {_json_kind(data)}")
         if data.get("format") != PLAN_FORMAT:
             raise PlanError(f"not a moeslim plan (format={data.get('format')!r}, expected {PLAN_FORMAT!r})")
         if data.get("version") != PLAN_VERSION:
@@ -93,29 +93,27 @@ class Plan:
                 f"plan version {data.get('version')} is not supported by moeslim {moeslim.__version__} "
                 f"(reads version {PLAN_VERSION}); recompute the plan"
             )
+        unknown = sorted(set(data) - _PLAN_KEYS)
+        if unknown:
+            raise PlanError(f"plan has unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_PLAN_KEYS))}")
+        raw_layers = data.get("layers")
+        if not isinstance(raw_layers, dict):
+            raise PlanError(f"plan 'layers' must be an object {{layer index: decision}}, got {_json_kind(raw_layers)}")
         try:
-            layers = {int(k): v for k, v in data["layers"].items()}
-        except (KeyError, ValueError, AttributeError) as err:
-            raise PlanError(f"plan layers are malformed: {err}") from err
-        return cls(
-            kind=data.get("kind", ""),
-            layers=layers,
-            provenance=Provenance(**data.get("provenance", {})),
-            summary=data.get("summary", {}),
-        )
+            layers = {int(k): v for k, v in raw_layers.items()}
+        except ValueError as err:
+            raise PlanError(f"plan layer keys must be decoder layer indices: {err}") from err
+        summary = data.get("summary", {})
+        if not isinstance(summary, dict):
+            raise PlanError(f"plan 'summary' must be an object, got {_json_kind(summary)}")
+        return cls(kind=data.get("kind", ""), layers=layers, provenance=_provenance(data.get("provenance")),
+                   summary=summary)
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file + rename) so a killed run never leaves half a plan."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        return path
+        from moeslim.outputs import write_text_atomic
+
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -124,7 +122,41 @@ class Plan:
             raise PlanError(f"plan file {path} does not exist")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise PlanError(f"plan file {path} is not valid JSON: {err}") from err
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except PlanError as err:
+            raise PlanError(f"plan file {path}: {err}") from err
 
+
+
+_PLAN_KEYS = {"format", "version", "kind", "layers", "summary", "provenance"}
+
+
+def _json_kind(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _provenance(raw: Any) -> Provenance:
+    """Provenance from its JSON object: every required key present, no unknown key, types checked."""
+    if not isinstance(raw, dict):
+        raise PlanError(f"plan 'provenance' must be an object, got {_json_kind(raw)}; recompute the plan")
+    known = {f.name: f for f in fields(Provenance)}
+    required = [name for name, f in known.items() if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in raw]
+    if missing:
+        raise PlanError(f"plan provenance lacks {', '.join(missing)}; recompute the plan with moeslim plan")
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise PlanError(f"plan provenance has unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    for name in ("model", "model_config_hash", "method", "moeslim_version"):
+        if name in raw and not isinstance(raw[name], str):
+            raise PlanError(f"plan provenance {name} must be a string, got {_json_kind(raw[name])}")
+    for name in ("data", "data_hash"):
+        if raw.get(name) is not None and not isinstance(raw[name], str):
+            raise PlanError(f"plan provenance {name} must be a string or null, got {_json_kind(raw[name])}")
+    if not isinstance(raw.get("config", {}), dict):
+        raise PlanError(f"plan provenance config must be an object, got {_json_kind(raw['config'])}")
+    return Provenance(**raw)

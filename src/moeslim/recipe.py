@@ -13,16 +13,20 @@ eval: {data: [demo:code:test, demo:prose:test], max_windows: 32, tasks: [moeslim
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from moeslim.config import CalibrationConfig, ConfigError, EvalConfig
+from moeslim.config import CalibrationConfig, ConfigError, EvalConfig, check_types, from_mapping
 from moeslim.pipeline import StageSpec, parse_stage
 
 _TOP_LEVEL = {"name", "model", "calibration", "stages", "eval", "save"}
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 @dataclass(frozen=True)
@@ -35,45 +39,47 @@ class Recipe:
     save: bool = True
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"name={self.name!r}: give a short name without '/' (it names the run folder)")
+        check_types(self)
+        if not _NAME.match(self.name):
+            raise ConfigError(f"name={self.name!r}: give a short folder name of letters, digits, '.', '_' or '-' "
+                              "that starts with a letter or digit (it names the run folder under the run root)")
         if not self.model:
             raise ConfigError("model: give a local directory, a hub id, or 'demo'")
 
 
-def _section(raw: dict[str, Any], key: str, cls: type, where: str) -> Any:
-    values = raw.get(key) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}.{key}: expected a mapping, got {type(values).__name__}")
-    for list_key in ("data", "tasks"):
-        if list_key in values:
-            values[list_key] = tuple(values[list_key]) if isinstance(values[list_key], list) else (values[list_key],)
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise ConfigError(f"{where}.{key}: {err}") from err
-    except ConfigError as err:
-        raise ConfigError(f"{where}.{key}: {err}") from err
-
-
-def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
+def recipe_from_dict(raw: Any, where: str = "recipe") -> Recipe:
+    """Validate the whole recipe (every field's type and range, every stage) before any work starts."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level")
     unknown = sorted(set(raw) - _TOP_LEVEL)
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_TOP_LEVEL))}")
-    stages_raw = raw.get("stages") or []
-    if not isinstance(stages_raw, list):
-        raise ConfigError(f"{where}.stages: expected a list of stages")
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; "
+                          f"known: {', '.join(sorted(_TOP_LEVEL))}")
+    missing = sorted({"name", "model", "stages"} - set(raw))
+    if missing:
+        raise ConfigError(f"{where}: {', '.join(missing)} is required")
+    stages_raw = raw["stages"]
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise ConfigError(f"{where}.stages: expected a non-empty list of stages, e.g. "
+                          "[{prune: {method: enumerate, keep: 6}}]")
     stages = tuple(parse_stage(entry, f"{where}.stages[{i}]") for i, entry in enumerate(stages_raw))
-    return Recipe(
-        name=str(raw.get("name", "")),
-        model=str(raw.get("model", "")),
-        stages=stages,
-        calibration=_section(raw, "calibration", CalibrationConfig, where),
-        eval=_section(raw, "eval", EvalConfig, where),
-        save=bool(raw.get("save", True)),
-    )
+    for key in ("name", "model"):
+        if not isinstance(raw[key], str):
+            raise ConfigError(f"{where}.{key}: expected a string, got {type(raw[key]).__name__} {raw[key]!r}")
+    save = raw.get("save", True)
+    if not isinstance(save, bool):
+        raise ConfigError(f"{where}.save: expected true or false, got {save!r}")
+    try:
+        return Recipe(
+            name=raw["name"],
+            model=raw["model"],
+            stages=stages,
+            calibration=from_mapping(CalibrationConfig, raw.get("calibration"), f"{where}.calibration"),
+            eval=from_mapping(EvalConfig, raw.get("eval"), f"{where}.eval"),
+            save=save,
+        )
+    except ConfigError as err:
+        raise ConfigError(err if str(err).startswith(where) else f"{where}: {err}") from err
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -13,28 +13,36 @@ from moeslim.variants import Variant, evaluate_variants, print_table
 
 
 def write_results(results: list[Any], run_dir: Path) -> Path:
-    path = run_dir / "results.json"
-    path.write_text(json.dumps([r.to_dict() for r in results], indent=1, default=str) + "\n")
-    return path
+    from moeslim.outputs import write_text_atomic
+
+    return write_text_atomic(run_dir / "results.json",
+                             json.dumps([r.to_dict() for r in results], indent=1, default=str) + "\n")
 
 
 def run_recipe(recipe: Recipe, out_root: str | Path = "runs", overwrite: bool = True) -> Path:
     """Original vs the recipe's stages; saves the final checkpoint (if ``save``) and the report."""
     from moeslim.evaluate import disk_bytes, write_report
-    from moeslim.io import save
-    from moeslim.models import load_model
+    from moeslim.io import checkpoint_dtype, save
+    from moeslim.models import load_model, resolve_model_path
+    from moeslim.outputs import check_output_dir, check_output_file
 
     console = Console()
     run_dir = Path(out_root) / recipe.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    inputs = [resolve_model_path(recipe.model)]
+    for name in ("results.json", "report.md"):  # fail before any work, not after the evaluation
+        check_output_file(run_dir / name, inputs=inputs)
+    if recipe.save:
+        check_output_dir(run_dir / "model", overwrite=overwrite, inputs=inputs)
     model, tokenizer = load_model(recipe.model)
     if tokenizer is None:
         raise ValueError(f"{recipe.model} has no tokenizer; a recipe needs one for calibration text")
+    run_dir.mkdir(parents=True, exist_ok=True)
     variant = Variant(name=recipe.name, stages=recipe.stages)
     results, models = evaluate_variants(recipe.model, model, tokenizer, [variant], recipe.calibration,
                                         recipe.eval, run_dir, keep_models=True)
     if recipe.save:
-        checkpoint = save(models[recipe.name], run_dir / "model", tokenizer, overwrite=overwrite)
+        checkpoint = save(models[recipe.name], run_dir / "model", tokenizer, overwrite=overwrite, inputs=inputs,
+                          dtype=checkpoint_dtype(recipe.model))
         results[-1].disk_bytes = disk_bytes(checkpoint)
         console.print(f"wrote checkpoint {checkpoint}")
     write_results(results, run_dir)

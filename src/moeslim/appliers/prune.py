@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from torch import nn
 
 from moeslim.models import find_moe_layers, select_experts
-from moeslim.plans import Plan, PlanError, config_hash
+from moeslim.plans import Plan, PlanError
 
 
 def apply_prune(model: nn.Module, plan: Plan) -> dict[str, Any]:
@@ -19,10 +18,6 @@ def apply_prune(model: nn.Module, plan: Plan) -> dict[str, Any]:
     """
     if plan.kind != "prune":
         raise PlanError(f"apply_prune got a {plan.kind!r} plan")
-    if plan.provenance.model_config_hash != config_hash(model.config):
-        warnings.warn(
-            f"prune plan was computed on a model with config hash {plan.provenance.model_config_hash}, "
-            f"this model has {config_hash(model.config)}; applying it anyway", stacklevel=2)
     kept = {int(idx): [int(e) for e in ids] for idx, ids in plan.layers.items()}
     before = {layer.layer_idx: layer.num_experts for layer in find_moe_layers(model)}
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
@@ -21,6 +22,9 @@ def apply_skip(model: nn.Module, plan: Plan) -> dict[str, Any]:
         betas = {int(idx): float(entry["beta"]) for idx, entry in plan.layers.items()}
     except (KeyError, TypeError, ValueError) as err:
         raise PlanError(f"skip plan layers must be {{idx: {{'beta': float}}}}: {err}") from err
+    bad = {idx: b for idx, b in betas.items() if not math.isfinite(b) or b < 0}
+    if bad:
+        raise PlanError(f"skip plan thresholds must be finite and >= 0 (0 skips nothing); got {bad}")
     protect = float(plan.summary.get("protect") or plan.provenance.config.get("protect", 0.0))
     try:
         if protect > 0:

@@ -93,7 +93,10 @@ def _load_bundled(spec: str, split: str | None) -> TextSource:
 def _read_local(path: Path, text_field: str) -> list[str]:
     if path.suffix == ".txt":
         # Blank-line separated paragraphs would fragment code; a .txt file is one document.
-        return [path.read_text(encoding="utf-8")]
+        try:
+            return [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as err:
+            raise DataSourceError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
     if path.suffix == ".jsonl":
         return _read_jsonl(path, text_field)
     return _read_parquet(path, text_field)
@@ -105,7 +108,14 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataSourceError(f"{path}:{line_no} is not valid JSON ({err.msg}); a .jsonl file holds one "
+                                      f'{{"{text_field}": ...}} object per line') from err
+            if not isinstance(record, dict):
+                raise DataSourceError(f"{path}:{line_no} is a JSON {type(record).__name__}, not an object; a .jsonl "
+                                      f'file holds one {{"{text_field}": ...}} object per line')
             if text_field not in record:
                 raise DataSourceError(
                     f"{path}:{line_no} has no {text_field!r} field (fields: {', '.join(record)}); "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from moeslim.config import EvalConfig
 from moeslim.data import load_source, token_windows
 from moeslim.evaluate._logits import model_device
 from moeslim.evaluate.cost import (
@@ -22,7 +22,7 @@ from moeslim.evaluate.cost import (
 )
 from moeslim.evaluate.perplexity import perplexity
 from moeslim.evaluate.results import VariantResult
-from moeslim.evaluate.tasks import OFFLINE_TASKS, run_tasks
+from moeslim.evaluate.tasks import run_tasks
 
 EVAL_SPLIT = "test"  # bundled sources without an explicit split are evaluated on held-out text
 
@@ -39,61 +39,54 @@ def domain_name(spec: str) -> str:
 def evaluate_model(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    data_specs: Sequence[str] = ("demo:code", "demo:prose"),
-    seq_len: int = 256,
-    max_windows: int | None = 64,
-    tasks: Sequence[str] = OFFLINE_TASKS,
-    limit: int | None = None,
-    speed: bool = False,
+    config: EvalConfig,
     *,
     name: str = "model",
     description: str = "",
     plan: dict[str, Any] | None = None,
     checkpoint_dir: str | Path | None = None,
-    batch_size: int = 8,
     task_dir: str | Path | None = None,
-    new_tokens: int = 32,
-    seed: int = 0,
 ) -> VariantResult:
-    """Evaluate one model; every measurement that is asked for and possible ends up in the result.
+    """Evaluate one model as ``config`` says; every measurement asked for and possible ends up in the result.
 
-    Perplexity: `max_windows` seeded windows of `seq_len` tokens per data spec (demo specs default to
-    the test split). Tasks: see run_tasks (statuses in extra["task_status"]). Speed (optional):
-    prefill / decode tokens/s on a prompt of the first domain; speed_ratio is 1.0 here, ratios
-    between variants come from calling compare_speed on all of them together.
+    Perplexity: ``config.max_windows`` seeded windows of ``config.seq_len`` tokens per data spec (demo specs
+    default to the test split). Tasks: see run_tasks (statuses in extra["task_status"]). Speed (optional):
+    prefill / decode tokens/s on a prompt of the first domain, median of ``config.speed_repeats``;
+    speed_ratio is 1.0 here, ratios between variants come from calling compare_speed on all of them together.
     """
     model.eval()
     result = VariantResult(name=name, description=description, plan=plan)
     first_windows: torch.Tensor | None = None
-    for spec in data_specs:
+    for spec in config.data:
         source = load_source(spec, split=EVAL_SPLIT)
-        windows = token_windows(source, tokenizer, seq_len, num_samples=max_windows, seed=seed)
+        windows = token_windows(source, tokenizer, config.seq_len, num_samples=config.max_windows, seed=config.seed)
         if first_windows is None:
             first_windows = windows
             ppl, memory = peak_memory(
-                perplexity, model, windows, batch_size=batch_size, device=model_device(model)
+                perplexity, model, windows, batch_size=config.batch_size, device=model_device(model)
             )
-            result.extra["peak_memory"] = {**memory, "what": f"perplexity, batch {batch_size} x {seq_len}"}
+            what = f"perplexity, batch {config.batch_size} x {config.seq_len}"
+            result.extra["peak_memory"] = {**memory, "what": what}
         else:
-            ppl = perplexity(model, windows, batch_size=batch_size)
+            ppl = perplexity(model, windows, batch_size=config.batch_size)
         result.perplexity[domain_name(spec)] = ppl["ppl"]
         result.extra.setdefault("perplexity_detail", {})[domain_name(spec)] = {
             **ppl,
             "source": source.name,
             "content_hash": source.content_hash,
         }
-    if tasks:
-        status = run_tasks(
-            model, tokenizer, list(tasks), limit=limit, batch_size=batch_size, task_dir=task_dir
-        )
+    if config.tasks:
+        status = run_tasks(model, tokenizer, list(config.tasks), limit=config.task_limit,
+                           batch_size=config.batch_size, task_dir=task_dir)
         result.tasks = {
             t: s["acc"] for t, s in status.items() if s["status"] == "ran" and s["acc"] is not None
         }
         result.extra["task_status"] = status
     _fill_cost(result, model, first_windows, checkpoint_dir)
-    if speed and first_windows is not None:
-        prompt = first_windows[:1, : min(seq_len, 128)]
-        timing = compare_speed({name: model}, prompt, new_tokens=new_tokens, repeats=3, show=False)[name]
+    if config.speed and first_windows is not None:
+        prompt = first_windows[:1, : min(config.seq_len, 128)]
+        timing = compare_speed({name: model}, prompt, new_tokens=config.speed_new_tokens,
+                               repeats=config.speed_repeats, show=False)[name]
         result.decode_tps, result.prefill_tps, result.speed_ratio = (
             timing["decode_tps"],
             timing["prefill_tps"],

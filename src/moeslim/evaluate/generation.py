@@ -5,10 +5,33 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from moeslim.evaluate.scoring import greedy_continuation
+from moeslim.evaluate._logits import model_device
+
+
+@torch.inference_mode()
+def greedy_continuation(
+    model: torch.nn.Module,
+    input_ids: Sequence[int],
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+) -> list[int]:
+    """Greedy new tokens after input_ids (one prompt, no padding issues)."""
+    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model_device(model))
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id if eos_token_id is not None else 0,
+    )
+    return out[0, ids.shape[1] :].tolist()
+
 
 DEFAULT_PROMPTS = (
     "def fibonacci(n):\n",

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moeslim.evaluate._logits import model_device, next_token_logprobs
+from moeslim.models.loading import check_context, check_token_ids
 
 
 def _result(nll: float, tokens: int, method: str, **extra: int) -> dict:
@@ -35,6 +36,8 @@ def perplexity(
     """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be (N, L>=2), got {tuple(windows.shape)}")
+    check_context(model, int(windows.shape[1]), "eval seq_len")
+    check_token_ids(model, windows, "the evaluation text")
     device = torch.device(device) if device is not None else model_device(model)
     model.eval()
     nll, tokens = 0.0, 0
@@ -66,6 +69,7 @@ def sliding_perplexity(
     """
     if not 0 < stride <= window:
         raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
+    check_context(model, window, "window")
     ids = token_ids.reshape(-1)
     device = torch.device(device) if device is not None else model_device(model)
     model.eval()

@@ -1,6 +1,8 @@
-"""Multiple-choice task accuracy: bundled offline tasks built from the corpus test split, run through
-lm-evaluation-harness when installed (else a built-in scorer with the same acc / acc_norm rules),
-plus standard harness tasks (hellaswag, ...) when their data can be reached."""
+"""Multiple-choice task accuracy through lm-evaluation-harness: bundled offline tasks built from the corpus
+test split, plus standard harness tasks (hellaswag, ...) when their data can be reached.
+
+The in-memory model is wrapped by lm-eval's own ``HFLM(pretrained=model, tokenizer=tokenizer)``, so whatever
+runtime ``apply`` installed on it (skipping, packed low-bit experts) is what the harness scores."""
 
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from moeslim.config import ConfigError
 from moeslim.data.sources import bundled_corpus_dir
-from moeslim.evaluate.scoring import score_continuations
 from moeslim.hub import hub_reachable
 
 OFFLINE_TASKS = ("moeslim_code_nextline", "moeslim_prose_continuation")
@@ -191,37 +193,6 @@ def _offline_env(offline: bool) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _builtin_score(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    data: Path,
-    delimiter: str,
-    limit: int | None,
-    batch_size: int,
-) -> dict:
-    """Same rules as lm-eval multiple_choice: acc = argmax log-likelihood, acc_norm = argmax
-    log-likelihood per byte of the choice text."""
-    items = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
-    items = items[:limit] if limit is not None else items
-    pairs, spans = [], []
-    for it in items:
-        ctx_ids = tokenizer.encode(it["context"], add_special_tokens=False)
-        spans.append((len(pairs), len(it["choices"])))
-        for choice in it["choices"]:
-            whole = tokenizer.encode(it["context"] + delimiter + choice, add_special_tokens=False)
-            pairs.append((whole[: len(ctx_ids)], whole[len(ctx_ids) :]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    scores = [ll for ll, _ in score_continuations(model, pairs, batch_size=batch_size, pad_id=pad)]
-    acc = acc_norm = 0
-    for it, (start, n) in zip(items, spans, strict=True):
-        lls = scores[start : start + n]
-        norm = [ll / max(1, len((delimiter + c).encode())) for ll, c in zip(lls, it["choices"], strict=True)]
-        acc += int(max(range(n), key=lls.__getitem__) == it["label"])
-        acc_norm += int(max(range(n), key=norm.__getitem__) == it["label"])
-    n_items = max(1, len(items))
-    return {"acc": acc / n_items, "acc_norm": acc_norm / n_items, "n": len(items)}
-
-
 def _lm_eval_score(lm: object, task_names: list[str], manager: object, limit: int | None) -> dict:
     from lm_eval import simple_evaluate
 
@@ -256,16 +227,18 @@ def run_tasks(
     corpus_dir: str | Path | None = None,
     n_items: int = 200,
     seed: int = 0,
-    backend: str = "auto",
 ) -> dict[str, dict]:
     """Accuracy per task: {task: {"acc", "acc_norm", "n", "status", "backend"}}.
 
     status is "ran", "skipped: offline" (standard task without network), "skipped: no data" (offline
-    task whose corpus split is missing) or "failed: <error>". backend: "auto" (lm-eval if installed),
-    "lm-eval" or "builtin" (offline tasks only). Offline task files go to task_dir (kept, e.g. in a
-    run folder) or a temporary folder.
+    task whose corpus split is missing) or "failed: <error>". Offline task files go to task_dir (kept,
+    e.g. in a run folder) or a temporary folder. Raises when lm-eval is not installed.
     """
-    use_harness = backend == "lm-eval" or (backend == "auto" and lm_eval_available())
+    if not task_names:
+        return {}
+    if not lm_eval_available():
+        raise ConfigError("task accuracy needs lm-evaluation-harness: pip install 'moeslim[eval]' "
+                           "(or evaluate without tasks: --tasks none)")
     offline = [t for t in task_names if t in _TASK_SPECS]
     standard = [t for t in task_names if t not in _TASK_SPECS]
     results: dict[str, dict] = {}
@@ -275,21 +248,13 @@ def run_tasks(
         for name in offline:
             if name not in written:
                 results[name] = _skipped("skipped: no data")
-        ready = [t for t in offline if t in written]
         online = bool(standard) and hub_reachable()
         for name in standard:
             if not online:
                 results[name] = _skipped("skipped: offline")
-            elif not use_harness:
-                results[name] = _skipped("skipped: lm-eval not installed")
-        harness_tasks = ready + (standard if online and use_harness else [])
-        if use_harness and harness_tasks:
+        harness_tasks = [t for t in offline if t in written] + (standard if online else [])
+        if harness_tasks:
             results.update(_run_harness(model, tokenizer, harness_tasks, folder, limit, batch_size, online))
-        elif ready:
-            for name in ready:
-                delim = _TASK_SPECS[name][2]
-                res = _builtin_score(model, tokenizer, written[name], delim, limit, batch_size)
-                results[name] = {**res, "status": "ran", "backend": "builtin"}
     return {name: results[name] for name in task_names}
 
 
@@ -307,12 +272,11 @@ def _run_harness(
     online: bool,
 ) -> dict[str, dict]:
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from moeslim.evaluate.lm_eval_bridge import MoeslimLM
-
     backend = f"lm-eval {lm_eval.__version__}"
-    lm = MoeslimLM(model, tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     # indexing the harness's thousands of bundled task configs takes seconds: only when needed
     manager = TaskManager(include_path=str(folder), include_defaults=any(n not in _TASK_SPECS for n in names))
     out: dict[str, dict] = {}

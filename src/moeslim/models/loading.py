@@ -9,6 +9,8 @@ import torch
 
 from moeslim.hub import hub_offline, hub_reachable
 
+from .support import check_config_file
+
 DEMO_NAME = "demo"
 
 
@@ -39,13 +41,27 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu
 
     path = resolve_model_path(name)
     local = Path(path).is_dir()
+    if local:
+        check_config_file(Path(path))  # refuse unsupported families before reading any weight
     if name == DEMO_NAME and not local:
         raise FileNotFoundError(
             f"the bundled demo model is missing at {path}; rebuild it with scripts/train_demo_model.py"
         )
+    from safetensors import SafetensorError
+
     cache_only = not local and not hub_reachable()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=cache_only)
+        # Never run code from a model folder (auto_map), never unpickle weights: safetensors only.
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=cache_only, trust_remote_code=False, use_safetensors=True,
+            output_loading_info=True,
+        )
+    except SafetensorError as err:
+        raise OSError(f"cannot load {name!r}: a safetensors file is damaged or truncated ({err}); "
+                      "download or copy the checkpoint again") from err
+    except RuntimeError as err:  # tensors whose shapes do not fit the config
+        raise OSError(f"cannot load {name!r}: its weights do not fit its config.json "
+                      f"({' '.join(str(err).split())[:300]})") from err
     except OSError as err:
         if cache_only:
             reason = (
@@ -55,7 +71,14 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu
                 f"cannot load {name!r}: it is not a local directory, {reason}, "
                 "and it is not in the local cache"
             ) from err
+        if local and not any(Path(path).glob("*.safetensors")):
+            raise OSError(f"cannot load {name!r}: it has no .safetensors weights; moeslim does not unpickle "
+                          ".bin/.pt files (they can run code). Convert them to safetensors first") from err
         raise
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise OSError(f"cannot load {name!r}: {len(missing)} weight(s) are missing from the checkpoint "
+                      f"(e.g. {', '.join(missing[:3])}); it would run with random weights")
     model = model.to(device).eval()
     return model, _load_tokenizer(path, cache_only)
 
@@ -64,6 +87,43 @@ def _load_tokenizer(path: str, cache_only: bool) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=cache_only)
+        return AutoTokenizer.from_pretrained(path, local_files_only=cache_only, trust_remote_code=False)
     except (OSError, ValueError, KeyError):
         return None  # a checkpoint without tokenizer files (e.g. a tiny test model) is still usable
+
+
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model's position encoding was built for, if its config says."""
+    text = getattr(config, "text_config", None) or config
+    for key in _POSITION_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(model: Any, length: int, what: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's maximum positions (they score far worse, with no other sign)."""
+    from moeslim.config import ConfigError
+
+    limit = max_positions(model.config)
+    if limit is not None and length > limit:
+        raise ConfigError(f"{what}={length} is longer than the model's maximum of {limit} positions; "
+                          f"use {what} {limit} or less")
+
+
+def check_token_ids(model: Any, input_ids: Any, what: str = "the calibration text") -> None:
+    """Refuse token ids the model has no embedding row for (a tokenizer larger than the model's vocab)."""
+    from moeslim.config import ConfigError
+
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None or input_ids.numel() == 0:
+        return
+    largest = int(input_ids.max())
+    if largest >= rows:
+        raise ConfigError(f"{what} has token id {largest}, but the model embeds only {rows} tokens: the tokenizer "
+                          "does not belong to this model; use the tokenizer saved with the checkpoint")

@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from moeslim.config import ConfigError
+from moeslim.calibrate.observers import DEFAULT_MAX_TOKENS
+from moeslim.config import ConfigError, check_types
 
 PRUNE_METHODS = ("enumerate", "search", "frequency", "soft-count", "reap", "random")
 LOSS_METHODS = ("enumerate", "search")  # minimise the reconstruction loss
@@ -17,7 +18,7 @@ ROUTING_METHODS = ("frequency", "soft-count")  # need routing statistics only
 PRUNE_MODES = ("layerwise", "progressive")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PruneConfig:
     """How to choose the ``keep`` experts every MoE layer keeps.
 
@@ -29,12 +30,15 @@ class PruneConfig:
     beam / local_search / budget: search settings (budget = max loss evaluations per layer, None = no limit).
     seed: random-subset seed (per layer: seed + layer index) and token-sample seed.
     token_fraction: share of calibration tokens whose expert outputs are kept (memory: T x E x H floats).
+    max_tokens: cap on the tokens whose expert outputs are kept per layer (a seeded uniform subsample chosen by
+        token position, so memory stays max_tokens x E x H floats; None = no cap; error: docs/scale.md).
+        ``enumerate`` needs no sample: it accumulates every kept set's loss batch by batch (exact, O(C(E, keep))).
     chunk_tokens: tokens per chunk when scoring (bounds temporary memory).
     score: also compute the reconstruction loss of the kept set for the baseline methods (costs the sample).
     """
 
+    keep: int  # required: how many experts each MoE layer keeps (no default that could prune by surprise)
     method: str = "enumerate"
-    keep: int = 6
     mode: str = "layerwise"
     max_subsets: int = 20_000
     beam: int = 1
@@ -42,10 +46,12 @@ class PruneConfig:
     budget: int | None = None
     seed: int = 0
     token_fraction: float = 1.0
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
     chunk_tokens: int = 4096
     score: bool = False
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.method not in PRUNE_METHODS:
             raise ConfigError(f"method={self.method!r} is not a pruning method; use one of {', '.join(PRUNE_METHODS)}")
         if self.mode not in PRUNE_MODES:
@@ -60,6 +66,8 @@ class PruneConfig:
             raise ConfigError(f"budget={self.budget}: use at least 1 loss evaluation, or leave unset")
         if not 0 < self.token_fraction <= 1:
             raise ConfigError(f"token_fraction={self.token_fraction}: use a value in (0, 1]")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"max_tokens={self.max_tokens}: use at least 1 token, or leave unset for no cap")
         if self.chunk_tokens < 1:
             raise ConfigError(f"chunk_tokens={self.chunk_tokens}: use at least 1")
 
