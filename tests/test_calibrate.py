@@ -90,3 +90,44 @@ def test_routing_stats_and_expert_outputs_match_direct_computation() -> None:
         routed = layer.combine(sample.outputs, *layer.route(sample.logits))
         with torch.no_grad():
             assert torch.allclose(routed, layer.forward(x), atol=1e-5)
+
+
+class _Inputs:
+    """Keeps every block input it sees (to compare with a real forward)."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def observe(self, layer, x: torch.Tensor) -> None:
+        self.seen.append(x.clone())
+
+    def result(self) -> torch.Tensor:
+        return torch.cat(self.seen)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])
+def test_each_layer_gets_the_arguments_the_model_gives_it(family: str) -> None:
+    """Sliding-window and full-attention layers get their own masks: the block inputs the runner sees equal
+    those of the model's own forward, with windows longer than the sliding window (gpt_oss: 16)."""
+    from tiny_models import sample_ids, tiny_model
+
+    from moeslim.calibrate import run_layerwise
+    from moeslim.models import find_moe_layers
+
+    model = tiny_model(family)
+    ids = sample_ids(seed=5, batch=3, seq=40)
+    expected: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for moe in find_moe_layers(model):
+        def hook(_m, args, _out, idx=moe.layer_idx):
+            expected.setdefault(idx, []).append(args[0].reshape(-1, args[0].shape[-1]).clone())
+        handles.append(moe.block.register_forward_hook(hook))
+    with torch.no_grad():
+        for start in range(0, 3, 2):
+            model(input_ids=ids[start:start + 2], use_cache=False)
+    for h in handles:
+        h.remove()
+    got = run_layerwise(model, ids, make_observers=lambda _l: [_Inputs()], batch_size=2, progress=False)
+    assert sorted(got) == sorted(expected)
+    for idx, entry in got.items():
+        torch.testing.assert_close(entry["_Inputs"], torch.cat(expected[idx]), rtol=1e-5, atol=1e-5)

@@ -245,7 +245,8 @@ def test_torchrun_two_gloo_processes_equal_one(tmp_path: Path) -> None:
     assert main([*args, "--out", str(one)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Own session: on a timeout the whole group (torchrun and its workers) is killed, no orphan stays behind.
-    proc = subprocess.Popen([torchrun, "--standalone", "--nproc-per-node", "2", "--no-python", "moeslim",
+    cli = str(Path(sys.executable).parent / "moeslim")  # CI runs pytest without the venv on PATH
+    proc = subprocess.Popen([torchrun, "--standalone", "--nproc-per-node", "2", "--no-python", cli,
                              *args, "--out", str(two)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:

@@ -10,7 +10,6 @@ tokens; a per-layer callback (the method's search) may return an override of the
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from moeslim.calibrate.distributed import batch_share, sync_observers, world
 from moeslim.calibrate.observers import Observer
 from moeslim.calibrate.resume import LayerCheckpoint
 from moeslim.calibrate.streaming import layer_store
-from moeslim.models import MoELayer, check_layerwise, decoder_layers, find_moe_layers
+from moeslim.models import MoELayer, UnsupportedModelError, check_layerwise, decoder_layers, find_moe_layers
 from moeslim.models.loading import check_context, check_token_ids
 
 Propagate = Literal["original", "compressed"]
@@ -40,13 +39,13 @@ class LayerDecision:
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once the first decoder layer's inputs are recorded."""
+    """Raised by the last recorder once every decoder layer's arguments are recorded."""
 
 
 @dataclass
 class _Batch:
     hidden: torch.Tensor  # (B, S, H)
-    kwargs: dict[str, Any]
+    layer_kwargs: list[dict[str, Any]]  # what the model passes each decoder layer (masks, positions, ...)
     first_window: int = 0  # index of this batch's first window in the calibration set
 
 
@@ -54,28 +53,70 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-@torch.no_grad()
-def capture_first_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int,
-                               share: range | None = None) -> list[_Batch]:
-    """Run the model up to its first decoder layer for every batch (or the batches in ``share``).  # (N, L)"""
-    first = decoder_layers(model)[0]
-    batches: list[_Batch] = []
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index`` during capture: records its arguments, computes nothing.
 
-    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    The model's own forward decides what each layer gets (sliding vs full attention masks, per-layer
+    inputs of hybrids), so recording every layer's arguments keeps those differences; attribute reads the
+    forward makes on its layers (``attention_type``, ...) fall through to the real layer.
+    """
+
+    def __init__(self, layer: nn.Module, index: int, last: int, sink: list[dict[str, Any]]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_wrapped", layer)  # not a submodule: the real layer stays where it is
+        self._index, self._last, self._sink = index, last, sink
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_wrapped"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
-        batches.append(_Batch(hidden=hidden.detach(), kwargs=rest, first_window=start))
-        raise _StopForward
+        self._sink.append({"hidden": hidden, **rest} if self._index == 0 else rest)
+        if self._index == self._last:
+            raise _StopForward
+        return hidden
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int,
+                         share: range | None = None) -> list[_Batch]:
+    """The first decoder layer's hidden states and every layer's other arguments, per batch.  # (N, L)
+
+    Runs the model's forward with each decoder layer replaced by a recorder (no layer computes, so layer
+    weights may still be on the meta device when streamed); the embedding and the model's mask / position
+    code run as in a real forward.
+    """
+    layers = decoder_layers(model)
+    originals = list(layers)
+    batches: list[_Batch] = []
     device = model.get_input_embeddings().weight.device  # (decoder layers may be on meta: streamed)
     starts = range(0, input_ids.shape[0], batch_size)
     try:
         for start in (starts[i] for i in (share if share is not None else range(len(starts)))):
-            with contextlib.suppress(_StopForward):
+            sink: list[dict[str, Any]] = []
+            for i, layer in enumerate(originals):
+                layers[i] = _Recorder(layer, i, len(originals) - 1, sink)
+            try:
                 model(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+            except (TypeError, ValueError) as err:  # the forward wanted more back from a layer than its output
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}: its forward carries values from one decoder layer to the next "
+                    f"({err}); layer-wise calibration cannot replay its layers one at a time") from err
+            if len(sink) != len(originals):
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} called {len(sink)} of its {len(originals)} decoder layers in its "
+                    "forward; layer-wise calibration cannot replay it")
+            hidden = sink[0].pop("hidden").detach()
+            batches.append(_Batch(hidden=hidden, layer_kwargs=sink, first_window=start))
     finally:
-        handle.remove()
+        for i, layer in enumerate(originals):
+            layers[i] = layer
     return batches
 
 
@@ -108,8 +149,8 @@ def _block_hook(block: nn.Module, on_input: Callable[[torch.Tensor], torch.Tenso
         handle.remove()
 
 
-def _run_layer(layer: nn.Module, batch: _Batch, device: torch.device) -> torch.Tensor:
-    out = layer(batch.hidden.to(device), **_to_device(batch.kwargs, device))
+def _run_layer(layer: nn.Module, index: int, batch: _Batch, device: torch.device) -> torch.Tensor:
+    out = layer(batch.hidden.to(device), **_to_device(batch.layer_kwargs[index], device))
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -143,7 +184,7 @@ def run_layerwise(
     moe_by_index = {layer.layer_idx: layer for layer in find_moe_layers(model)}
     # Under torchrun each process runs a contiguous share of the batches; observers merge before deciding.
     share = batch_share(-(-int(input_ids.shape[0]) // batch_size), world())
-    batches = capture_first_layer_inputs(model, input_ids, batch_size, share)
+    batches = capture_layer_inputs(model, input_ids, batch_size, share)
     results: dict[int, Any] = {}
     first = 0
     restored = checkpoint.restore() if checkpoint is not None else None
@@ -160,9 +201,9 @@ def run_layerwise(
         moe = moe_by_index.get(index)
         with store.on_device(index, device) as layer:
             if moe is None:
-                outputs = [_run_layer(layer, b, device) for b in batches]
+                outputs = [_run_layer(layer, index, b, device) for b in batches]
             else:
-                outputs, results[index] = _observe_layer(layer, moe, batches, make_observers, on_layer,
+                outputs, results[index] = _observe_layer(layer, index, moe, batches, make_observers, on_layer,
                                                          propagate, device)
         for batch, out in zip(batches, outputs, strict=True):
             batch.hidden = out.to(batch.hidden.device)
@@ -174,6 +215,7 @@ def run_layerwise(
 
 def _observe_layer(
     layer: nn.Module,
+    index: int,
     moe: MoELayer,
     batches: list[_Batch],
     make_observers: Callable[[MoELayer], Sequence[Observer]],
@@ -194,12 +236,12 @@ def _observe_layer(
                 note = getattr(observer, "at_batch", None)
                 if note is not None:
                     note(batch.first_window, int(batch.hidden.shape[0]))
-            outputs.append(_run_layer(layer, batch, device))
+            outputs.append(_run_layer(layer, index, batch, device))
     sync_observers(observers, device)
     decision = on_layer(moe, observers) if on_layer is not None else LayerDecision(
         result={type(o).__name__: o.result() for o in observers})
     if propagate == "compressed" and decision.override is not None:
         override = decision.override
         with _block_hook(moe.block, override):
-            outputs = [_run_layer(layer, b, device) for b in batches]
+            outputs = [_run_layer(layer, index, b, device) for b in batches]
     return outputs, decision.result

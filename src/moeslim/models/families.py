@@ -230,7 +230,9 @@ _NEW: tuple[FamilySpec, ...] = (
     # sigmoid, group-limited (DeepSeek-V3 router)
     _sigmoid_group("deepseek_v32", dense_rule="first_k_dense_replace"),
     _sigmoid_group("glm4_moe_lite", dense_rule="mlp_layer_types"),
-    _sigmoid_group("glm_moe_dsa", dense_rule="first_k_dense_replace"),
+    _sigmoid_group("glm_moe_dsa", dense_rule="first_k_dense_replace",
+                   layerwise_blocker="each decoder layer passes its sparse-attention top-k indices to the next "
+                   "(prev_topk_indices), which layer-wise calibration does not carry from layer to layer"),
     _sigmoid_group("sarvam_mla", dense_rule="first_k_dense_replace"),
     _sigmoid_group("sarvam_moe", dense_rule="first_k_dense_replace"),
     _sigmoid_group("solar_open"),
