@@ -48,7 +48,7 @@ def test_protected_tokens_takes_the_top_share_per_sequence() -> None:
 
 def _median_betas(model: torch.nn.Module, ids: torch.Tensor) -> dict[int, float]:
     results = run_layerwise(model, ids, lambda layer: [RoutingStats(layer.num_experts)], progress=False)
-    return {i: calibrate_beta(r["RoutingStats"].topk_weights, "top2", 0.5) for i, r in results.items()}
+    return {i: calibrate_beta(r["routing"].topk_weights, "top2", 0.5) for i, r in results.items()}
 
 
 def test_odp_keeps_all_experts_for_protected_tokens() -> None:

@@ -105,7 +105,7 @@ def test_enumeration_accumulated_per_batch_equals_the_cached_sample() -> None:
     results = run_layerwise(model, ids, observers, batch_size=2, progress=False)
     moe = {layer.layer_idx: layer for layer in find_moe_layers(model)}
     for idx, summary in results.items():
-        streamed, cached = summary["SubsetLossAccumulator"], summary["ExpertOutputs"]
+        streamed, cached = summary["subset_losses"], summary["expert_outputs"]
         full = enumerate_best(cached, moe[idx].route, keep=5)
         assert best_subset(subsets, streamed).kept == full.kept
         assert math.isclose(float(streamed.min()), full.loss, rel_tol=1e-12)
@@ -118,7 +118,7 @@ def test_expert_output_sample_is_bounded_and_does_not_depend_on_batching() -> No
     def sample(batch_size: int, cap: int | None) -> Any:
         out = run_layerwise(model, ids, lambda _l: [ExpertOutputs(max_tokens=cap, seed=3)],
                             batch_size=batch_size, progress=False)
-        return next(iter(out.values()))["ExpertOutputs"]
+        return next(iter(out.values()))["expert_outputs"]
 
     whole = sample(8, None)
     assert whole.tokens == 128

@@ -48,7 +48,7 @@ def expert_loads(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8)
         return [RoutingStats(layer.num_experts)]
 
     results = run_layerwise(model, input_ids, observers, batch_size=batch_size)
-    return [LayerLoad.from_summary(i, r["RoutingStats"]) for i, r in sorted(results.items())]
+    return [LayerLoad.from_summary(i, r[RoutingStats.key]) for i, r in sorted(results.items())]
 
 
 def inspect_model(model: nn.Module, input_ids: torch.Tensor | None = None, data: str | None = None,

@@ -76,6 +76,8 @@ class ExpertHessianSummary:
 class ExpertHessians:
     """Accumulates each expert's gate_up-input and down-input Hessians over the tokens routed to it."""
 
+    key = "hessians"
+
     def __init__(self, num_experts: int, weighting: HessianWeighting = "none", keep_inputs: bool = False,
                  up: Tensor | None = None) -> None:
         """``up``: replacement first-projection tensor (E, stored layout) used for the intermediates."""

@@ -25,6 +25,8 @@ class Communicator(Protocol):
 
 
 class Observer(Protocol):
+    key: str  # the name its result has in the runner's default decision ({key: result()})
+
     def observe(self, layer: MoELayer, x: torch.Tensor) -> None:
         """Record what is needed from the block input ``x``.  # (T, H)"""
 
@@ -60,6 +62,8 @@ class RoutingSummary:
 
 class RoutingStats:
     """Counts, soft counts, weight sums and per-token top-k weights."""
+
+    key = "routing"
 
     def __init__(self, num_experts: int) -> None:
         self._counts = torch.zeros(num_experts, dtype=torch.float64)
@@ -123,6 +127,8 @@ class ExpertOutputs:
     The error of a loss estimated on ``m`` of ``T`` tokens: relative standard error ~ cv / sqrt(m) (cv: the
     coefficient of variation of the per-token loss), shrunk by sqrt(1 - m / T); see docs/scale.md.
     """
+
+    key = "expert_outputs"
 
     def __init__(self, fraction: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float32,
                  max_tokens: int | None = DEFAULT_MAX_TOKENS) -> None:

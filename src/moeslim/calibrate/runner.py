@@ -239,7 +239,7 @@ def _observe_layer(
             outputs.append(_run_layer(layer, index, batch, device))
     sync_observers(observers, device)
     decision = on_layer(moe, observers) if on_layer is not None else LayerDecision(
-        result={type(o).__name__: o.result() for o in observers})
+        result={o.key: o.result() for o in observers})
     if propagate == "compressed" and decision.override is not None:
         override = decision.override
         with _block_hook(moe.block, override):

@@ -161,6 +161,8 @@ class SubsetLossAccumulator:
     only round differently, ~1e-15 relative).
     """
 
+    key = "subset_losses"
+
     def __init__(self, subsets: Sequence[Sequence[int]], chunk_tokens: int = 4096) -> None:
         self.subsets = [tuple(s) for s in subsets]
         self._chunk = chunk_tokens
