@@ -8,7 +8,7 @@ produces the same packed format and widths, hence the same speed), group 128.
 
 Variants (each its own model, timed interleaved: every round runs each variant once, in a shuffled order;
 medians over repeats):
-original bf16; uniform 4-bit (int4pack kernel); uniform 8-bit (int8 kernel per group); PMQ 2.5-bit (in each
+original bf16; uniform 4-bit (int4pack kernel); uniform 8-bit (fused int8 decode kernel); PMQ 2.5-bit (in each
 layer a random half of the experts at 3 bits, half at 2: the 2.5-bit average a PMQ allocation has; bit-plane
 storage, fused decode kernel); PMQ 2.5-bit + skipping with per-layer median beta (NAEE top-2 rule, beta =
 median ratio of second to first routing weight on random tokens); pruned to 6 experts per layer (bf16);
@@ -19,8 +19,8 @@ Decode: greedy generation of 128 new tokens at batch 1 from an 8-token prompt, m
 prefill: one forward over 512 tokens. Resident bytes: ``moeslim.evaluate.cost.param_bytes`` (every tensor
 the model holds, each storage once). Fresh RSS: after timing, each variant is saved with ``moeslim.save``
 (then dropped from memory) and loaded with ``moeslim.load`` in a fresh ``python -c`` interpreter, which prints
-its peak RSS (``ru_maxrss``: interpreter + imports + load peak) and the loaded model's resident tensor bytes;
-the bare interpreter's RSS (same imports, no model) is printed for reference.
+its peak RSS (``VmHWM`` of /proc/self/status, else ``ru_maxrss``: interpreter + imports + load peak) and
+the loaded model's resident tensor bytes; the bare interpreter's RSS (same imports, no model) is printed for reference.
 
 Run: OMP_NUM_THREADS=2 python benchmarks/lowbit_speed.py [--repeats 5] [--layers 4]
 """
@@ -101,6 +101,7 @@ def quantize_experts(model: nn.Module, widths: Callable[[int, int], int]) -> nn.
         bits = [widths(layer.layer_idx, e) for e in range(layer.num_experts)]
         for name, w in ((views.up_name, views.up), (views.down_name, views.down)):
             install_lowbit(layer.experts, name, rtn_fused(w, bits, views.transposed))
+    model.config.moeslim = {"quantize": {"group_size": 128}}  # what moeslim.load needs to rebuild the experts
     return model
 
 
@@ -147,7 +148,10 @@ _FRESH_LOAD = textwrap.dedent("""
     if sys.argv[1]:
         model, _ = moeslim.load(sys.argv[1], dtype=torch.bfloat16)
         held = param_bytes(model)["total"]
-    print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "bytes": held}))
+    # VmHWM: this interpreter's own peak (ru_maxrss also counts the forked parent's pages before exec)
+    hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+    peak = int(hwm[0]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"rss": peak, "bytes": held}))
 """)
 
 
