@@ -231,3 +231,23 @@ def test_evaluate_model_end_to_end(tmp_path, monkeypatch) -> None:
     assert res.disk_bytes and res.disk_bytes > 0
     assert res.expert_calls_per_token == 4.0 and res.speed_ratio == 1.0 and res.decode_tps > 0
     assert VariantResult.from_dict(json.loads(json.dumps(res.to_dict()))) == res
+
+
+def test_cost_of_packed_experts_is_found_through_the_moe_layers() -> None:
+    """Packed experts hold no float parameters; counts must still see every MoE layer and expert weight."""
+    from tiny_models import tiny_model
+
+    import moeslim
+    from moeslim.evaluate.cost import activated_params, expert_calls_per_token
+    from moeslim.methods.quant.config import QuantizeConfig
+    from moeslim.methods.quant.driver import plan_quantize
+
+    model = tiny_model("qwen3_moe")
+    before = activated_params(model)
+    calls = expert_calls_per_token(model)
+    plan = plan_quantize(model, torch.randint(3, 64, (2, 8)), QuantizeConfig(method="uniform", bits=4,
+                                                                              quantizer="rtn"))
+    moeslim.apply(model, plan)
+    assert not any(p.ndim == 3 for p in model.parameters())  # the experts are packed
+    assert activated_params(model) == before
+    assert expert_calls_per_token(model) == calls and calls["per_token"] > 0

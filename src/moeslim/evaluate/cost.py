@@ -3,6 +3,7 @@ per token, prefill / decode throughput (models timed interleaved in one process)
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import statistics
@@ -69,18 +70,6 @@ def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     return (str(t.device), t.untyped_storage().data_ptr())
-
-
-def _packed_numel(model: nn.Module) -> list[tuple[int, int]]:
-    """[(weights, experts)] of each packed fused expert tensor (float parameters that are no longer parameters)."""
-    from moeslim.runtime.packed import PackedExperts
-
-    out = []
-    for name, module in model.named_modules():
-        if isinstance(module, PackedExperts) and ".experts." in f".{name}.":
-            e, d1, d2 = module.shape
-            out.append((e * d1 * d2, e))
-    return out
 
 
 def disk_bytes(path: str | Path) -> int:
@@ -169,77 +158,30 @@ def peak_memory(
 
 # ---------------------------------------------------------------- activated parameters, expert calls
 
-_TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_top_k", "num_experts_per_token", "top_k")
+def _weights_of(module: nn.Module) -> int:
+    """Weights a module computes with: its float parameters plus the weights its packed experts stand for."""
+    from moeslim.runtime.packed import PackedExperts
 
-
-def _config_top_k(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    for cfg in (config, getattr(config, "text_config", None)):
-        for key in _TOP_K_KEYS:
-            value = getattr(cfg, key, None) if cfg is not None else None
-            if isinstance(value, int) and value > 0:
-                return value
-    raise ValueError("cannot find top-k (num_experts_per_tok) in the model config")
-
-
-def _routed_expert_groups(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{experts module path: (routed params, experts)}: fused 3D tensors [E, ...] or `experts.<i>.*`
-    submodules. Shared experts (`shared_expert(s)`) are a different path component, so not matched."""
-    groups: dict[str, tuple[int, int]] = {}
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] != "experts":
-            continue
-        numel = sum(p.numel() for p in module.parameters())
-        children = [c for c in module.named_children() if c[0].isdigit()]
-        fused = [p for p in module.parameters(recurse=False) if p.ndim == 3]
-        n_experts = len(children) if children else (fused[0].shape[0] if fused else 0)
-        if n_experts:
-            groups[name] = (numel, n_experts)
-    return groups
+    dense = sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+    packed = sum(math.prod(m.shape) for m in module.modules() if isinstance(m, PackedExperts))
+    return dense + packed
 
 
 def activated_params(model: nn.Module) -> dict[str, Any]:
     """Parameters one token uses: non-expert + shared experts + top_k / E of each MoE layer's routed experts.
 
-    Uses `moeslim.models.moe_summary` when it understands the model; otherwise reads the experts modules
-    directly (per layer E, so a model pruned unevenly across layers is counted right).
+    MoE layers come from ``moeslim.models`` (per layer E and top_k, so a model pruned unevenly across layers
+    is counted right); packed low-bit experts count the weights they stand for.
     """
-    packed = _packed_numel(model)  # packed experts are not parameters any more: count their weights here
-    if packed:
-        top_k = _config_top_k(model)
-        extra = sum(n for n, _ in packed)
-        base = _activated_params_unpacked(model)
-        active = sum(round(n * min(top_k, e) / e) for n, e in packed)
-        return {"total": base["total"] + extra, "expert": base["expert"] + extra,
-                "activated": base["activated"] + active, "source": base["source"] + "+packed"}
-    return _activated_params_unpacked(model)
+    from moeslim.models import find_moe_layers
 
-
-def _activated_params_unpacked(model: nn.Module) -> dict[str, Any]:
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    groups = _routed_expert_groups(model)
-    if groups and len({e for _, e in groups.values()}) == 1:
-        try:
-            from moeslim.models import moe_summary
-
-            params = moe_summary(model)["params"]
-            return {
-                "total": params["total"],
-                "expert": params["expert"],
-                "activated": params["activated_per_token"],
-                "source": "moe_summary",
-            }
-        except Exception:  # noqa: BLE001 - an unknown family falls back to the generic count below
-            pass
-    top_k = _config_top_k(model) if groups else 0
-    routed = sum(n for n, _ in groups.values())
-    active = sum(round(n * min(top_k, e) / e) for n, e in groups.values())
-    return {
-        "total": total,
-        "expert": routed,
-        "activated": total - routed + active,
-        "source": "named_parameters",
-    }
+    total = _weights_of(model)
+    routed = active = 0
+    for layer in find_moe_layers(model):
+        n = _weights_of(layer.experts)
+        routed += n
+        active += round(n * min(layer.top_k, layer.num_experts) / layer.num_experts)
+    return {"total": total, "expert": routed, "activated": total - routed + active, "source": "moe layers"}
 
 
 def _counter_modules(model: nn.Module) -> list[nn.Module]:
@@ -266,9 +208,12 @@ def expert_calls_per_token(model: nn.Module, input_ids: torch.Tensor | None = No
     ]
     if per_layer:
         return {"per_token": sum(per_layer), "per_layer": per_layer, "source": "counted"}
-    n_layers = len(_routed_expert_groups(model))
-    top_k = _config_top_k(model) if n_layers else 0
-    return {"per_token": float(top_k * n_layers), "per_layer": [float(top_k)] * n_layers, "source": "static"}
+    # Without counters every token calls top_k experts in every MoE layer (models/ discovers the layers, so
+    # packed experts, which hold no float parameters, are found too).
+    from moeslim.models import find_moe_layers
+
+    per_layer_static = [float(layer.top_k) for layer in find_moe_layers(model)]
+    return {"per_token": sum(per_layer_static), "per_layer": per_layer_static, "source": "static"}
 
 
 # ---------------------------------------------------------------- speed
