@@ -46,3 +46,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def prune_plan(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A frequency keep-4 prune plan of ``tiny_model_dir`` made by the CLI (for apply / error tests)."""
+    from moeslim.cli import main
+
+    plan = tmp_path_factory.mktemp("plans") / "p.json"
+    calib = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+    assert main(["plan", "prune", str(tiny_model_dir), "--method", "frequency", "--keep", "4", *calib,
+                 "--out", str(plan)]) == 0
+    return plan

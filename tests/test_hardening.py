@@ -28,14 +28,6 @@ def _error(capsys: pytest.CaptureFixture[str]) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def prune_plan(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    plan = tmp_path_factory.mktemp("plans") / "p.json"
-    assert main(["plan", "prune", str(tiny_model_dir), "--method", "frequency", "--keep", "4", *CALIB,
-                 "--out", str(plan)]) == 0
-    return plan
-
-
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -18,14 +18,6 @@ from moeslim.outputs import OutputError, atomic_dir, check_output_dir, check_out
 CALIB = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
 
 
-@pytest.fixture(scope="module")
-def prune_plan(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    plan = tmp_path_factory.mktemp("plans") / "p.json"
-    assert main(["plan", "prune", str(tiny_model_dir), "--method", "frequency", "--keep", "4", *CALIB,
-                 "--out", str(plan)]) == 0
-    return plan
-
-
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -148,12 +140,17 @@ def test_long_valid_name_works_and_too_long_is_refused(tmp_path: Path) -> None:
         check_output_dir(tmp_path / ("x" * 256))
 
 
-def test_pruned_checkpoint_keeps_the_source_dtype(tiny_model_dir: Path, tmp_path: Path) -> None:
-    source = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(torch.bfloat16)
+def _bf16_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """The tiny checkpoint stored in bfloat16 (its config.json still says float32: the tensors decide)."""
     bf16 = tmp_path / "bf16"
-    source.save_pretrained(bf16)
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(torch.bfloat16).save_pretrained(bf16)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (bf16 / name).write_bytes((tiny_model_dir / name).read_bytes())
+    return bf16
+
+
+def test_pruned_checkpoint_keeps_the_source_dtype(tiny_model_dir: Path, tmp_path: Path) -> None:
+    bf16 = _bf16_copy(tiny_model_dir, tmp_path)
     plan = tmp_path / "p.json"
     assert main(["plan", "prune", str(bf16), "--method", "frequency", "--keep", "6", *CALIB, "--out", str(plan)]) == 0
     out = tmp_path / "pruned"
@@ -169,10 +166,7 @@ def test_quantized_checkpoint_keeps_the_source_dtype(tiny_model_dir: Path, tmp_p
 
     import moeslim
 
-    bf16 = tmp_path / "bf16"
-    AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(torch.bfloat16).save_pretrained(bf16)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (bf16 / name).write_bytes((tiny_model_dir / name).read_bytes())
+    bf16 = _bf16_copy(tiny_model_dir, tmp_path)
     plan = tmp_path / "q.json"
     assert main(["plan", "quantize", str(bf16), "--method", "uniform", "--bits", "4", *CALIB, "--out", str(plan)]) == 0
     out = tmp_path / "q4"
