@@ -104,6 +104,17 @@ def softmax_group(
     return weights * scaling, ids
 
 
+def _weigh(scores: Tensor, ids: Tensor, renormalize: bool, scaling: float) -> Tensor:
+    """Sigmoid routers' weights: the uncorrected scores of the chosen experts, optionally renormalised, scaled.
+
+    scores (T, E), ids (T, k) -> (T, k).
+    """
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling
+
+
 def sigmoid_group(
     logits: Tensor,
     *,
@@ -127,10 +138,7 @@ def sigmoid_group(
     group_scores = choice.view(-1, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)  # (T, G)
     choice = choice.masked_fill(~_group_mask(group_scores, topk_group, num_experts), NEG_INF)
     ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]  # (T, k)
-    weights = scores.gather(1, ids)
-    if renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * scaling, ids
+    return _weigh(scores, ids, renormalize, scaling), ids
 
 
 def sigmoid_topk(
@@ -151,10 +159,7 @@ def sigmoid_topk(
     scores = logits.float().sigmoid()  # (T, E)
     choice = scores if correction_bias is None else scores + correction_bias.float()
     ids = torch.topk(_mask_logits(choice, allowed), k=top_k, dim=-1)[1]  # (T, k)
-    weights = scores.gather(1, ids)
-    if renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * scaling, ids
+    return _weigh(scores, ids, renormalize, scaling), ids
 
 
 def softmax_biased_topk(
