@@ -74,9 +74,9 @@ class Bench:
         self.eval = {"code": ids(3, self.args.eval_windows), "prose": ids(4, self.args.eval_windows)}
 
     def _demo(self) -> None:
-        from moeslim.calibration_data import build_calibration_set
         from moeslim.config import CalibrationConfig
         from moeslim.data import load_source, token_windows
+        from moeslim.data.calibration_set import build_calibration_set
         from moeslim.models import load_model
 
         self.model, tokenizer = load_model(self.args.model)

@@ -81,8 +81,8 @@ def _inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, st
 
         ids = torch.randint(3, VOCAB, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
         return tiny_model("mixtral"), ids, "tiny mixtral, random tokens"
-    from moeslim.calibration_data import build_calibration_set
     from moeslim.config import CalibrationConfig
+    from moeslim.data.calibration_set import build_calibration_set
     from moeslim.models import load_model
 
     model, tokenizer = load_model(args.model)

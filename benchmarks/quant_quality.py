@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from moeslim.appliers import apply
-from moeslim.calibration_data import CalibrationSet, build_calibration_set
 from moeslim.config import CalibrationConfig
 from moeslim.data import load_source, token_windows
+from moeslim.data.calibration_set import CalibrationSet, build_calibration_set
 from moeslim.evaluate.perplexity import perplexity
 from moeslim.methods.quant.driver import QuantizeConfig, plan_quantize, pmq_factors
 from moeslim.runtime.lowbit_io import save_quantized

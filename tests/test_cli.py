@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 import moeslim
 from moeslim.cli import main
 from moeslim.config import ConfigError
-from moeslim.recipe import load_recipe
 from moeslim.runtime.skipping import install_skipping
+from moeslim.workflows.recipe import load_recipe
 
 CALIB = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
 
@@ -121,10 +121,10 @@ def test_example_recipes_parse() -> None:
 def test_quantize_plan_then_apply_runs_gptq_once(tiny_model_dir: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import moeslim.appliers.quantize as applier
-    from moeslim.calibration_data import build_calibration_set
     from moeslim.config import CalibrationConfig
-    from moeslim.pipeline import parse_stage, run_stage
+    from moeslim.data.calibration_set import build_calibration_set
     from moeslim.runtime.lowbit_io import lowbit_tensors
+    from moeslim.workflows.stages import parse_stage, run_stage
 
     calls: list[int] = []
     real = applier.gptq_experts

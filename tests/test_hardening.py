@@ -15,7 +15,7 @@ import torch
 from moeslim.cli import main
 from moeslim.config import ConfigError
 from moeslim.hub import hub_reachable
-from moeslim.recipe import recipe_from_dict
+from moeslim.workflows.recipe import recipe_from_dict
 
 CALIB = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
 

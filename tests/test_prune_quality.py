@@ -26,9 +26,9 @@ pytestmark = [
 
 def test_enumerate_beats_frequency_and_random_on_demo() -> None:
     from moeslim.appliers.prune import apply_prune
-    from moeslim.calibration_data import build_calibration_set
     from moeslim.config import CalibrationConfig
     from moeslim.data import load_source, token_windows
+    from moeslim.data.calibration_set import build_calibration_set
     from moeslim.evaluate.perplexity import perplexity
     from moeslim.methods.prune import PruneConfig, plan_prune
     from moeslim.models import load_model

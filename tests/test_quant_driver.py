@@ -201,7 +201,7 @@ def test_config_validation_names_the_field(kwargs: dict, field: str) -> None:
 
 
 def test_config_lists_and_stage_parsing() -> None:
-    from moeslim.pipeline import parse_stage
+    from moeslim.workflows.stages import parse_stage
 
     stage = parse_stage({"quantize": {"method": "pmq", "bits": 2.5, "candidates": [1, 2, 3]}}, "recipe[0]")
     assert stage.config.candidates == (1, 2, 3)
@@ -292,8 +292,8 @@ def test_raw_softmax_routing_factor() -> None:
 
 def test_pipeline_stage_quantizes_with_gptq_once(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     import moeslim.appliers.quantize as applier
-    from moeslim.calibration_data import CalibrationSet
-    from moeslim.pipeline import parse_stage, run_stage
+    from moeslim.data.calibration_set import CalibrationSet
+    from moeslim.workflows.stages import parse_stage, run_stage
 
     calls: list[int] = []
     real = applier.gptq_experts

@@ -133,8 +133,8 @@ def test_expert_output_sample_is_bounded_and_does_not_depend_on_batching() -> No
 
 def test_demo_kept_sets_unchanged_by_the_bounded_statistics() -> None:
     """Enumeration without a (tokens, E, H) cache keeps the same experts on the demo model as with it."""
-    from moeslim.calibration_data import build_calibration_set
     from moeslim.config import DEFAULT_CALIBRATION_DATA, CalibrationConfig
+    from moeslim.data.calibration_set import build_calibration_set
     from moeslim.io import load
 
     model, tokenizer = load("demo")

@@ -38,7 +38,7 @@ _EXPORTS = {
     "QuantizeConfig": "moeslim.methods.quant.driver",
     "plan_quantize": "moeslim.methods.quant.driver",
     "CalibrationConfig": "moeslim.config",
-    "build_calibration_set": "moeslim.calibration_data",
+    "build_calibration_set": "moeslim.data.calibration_set",
     "load_source": "moeslim.data",
     "token_windows": "moeslim.data",
 }

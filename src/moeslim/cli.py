@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from moeslim.calibrate.distributed import World
-    from moeslim.calibration_data import CalibrationSet
+    from moeslim.data.calibration_set import CalibrationSet
     from moeslim.plans import Plan
 
 console = Console()
@@ -101,10 +101,10 @@ def _calibration_config(args: argparse.Namespace, default: Sequence[str], **extr
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from moeslim.calibration_data import build_calibration_set
-    from moeslim.inspect import inspect_model, plot_expert_load
+    from moeslim.data.calibration_set import build_calibration_set
     from moeslim.models import load_model
     from moeslim.outputs import check_output_file, write_text_atomic
+    from moeslim.workflows.expert_load import inspect_model, plot_expert_load
 
     calib = _calibration_config(args, ()) if args.data else None
     out = Path(args.out)
@@ -137,7 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moeslim.io import load
     from moeslim.models.loading import check_context
     from moeslim.outputs import check_output_file, write_text_atomic
-    from moeslim.variants import print_table
+    from moeslim.workflows.variants import print_table
 
     config = EvalConfig(
         data=tuple(args.data or EvalConfig.data), seq_len=args.seq_len, max_windows=args.max_windows,
@@ -177,7 +177,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     device, dtype = _device_and_dtype(args)
     if args.stream:  # one decoder layer at a time, shard by shard (prune and skip plans)
         from moeslim.models import resolve_model_path
-        from moeslim.streamed_apply import apply_streamed
+        from moeslim.workflows.streamed_apply import apply_streamed
 
         apply_streamed(resolve_model_path(args.model), plans, out, dtype=dtype, overwrite=args.overwrite,
                        force=args.force, inputs=inputs)
@@ -202,7 +202,7 @@ def _gptq_calibration(tokenizer: PreTrainedTokenizerBase | None, plan: Plan) -> 
     """A quantize plan made with GPTQ: its calibration windows, redrawn with the model's tokenizer, for the
     GPTQ pass that ``apply`` runs (once). None for plans that need no data."""
     from moeslim.appliers.quantize import needs_calibration
-    from moeslim.calibration_data import build_calibration_set, calibration_config
+    from moeslim.data.calibration_set import build_calibration_set, calibration_config
 
     if not needs_calibration(plan):
         return None
@@ -225,8 +225,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from moeslim.recipe import load_recipe
-    from moeslim.runs import run_recipe
+    from moeslim.workflows.recipe import load_recipe
+    from moeslim.workflows.run_folder import run_recipe
 
     recipe = load_recipe(args.recipe)
     run_recipe(recipe, out_root=args.out)
@@ -234,11 +234,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from moeslim.calibration_data import build_calibration_set
+    from moeslim.data.calibration_set import build_calibration_set
     from moeslim.io import load
     from moeslim.models.loading import check_context
     from moeslim.outputs import check_output_file
-    from moeslim.pipeline import parse_stage
+    from moeslim.workflows.stages import parse_stage
 
     params = {k: v for k, v in _PLAN_FIELDS[args.kind](args).items() if v is not None}
     stage = parse_stage({args.kind: params}, f"plan {args.kind}")  # validates before loading the model
@@ -250,7 +250,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer; calibration needs one")
     check_context(model, calib.seq_len)
-    from moeslim.pipeline import plan_stage
+    from moeslim.workflows.stages import plan_stage
 
     checkpoint = _resume_checkpoint(args, stage, calib, dtype, device, world) if args.resume else None
     plan = plan_stage(model, stage, build_calibration_set(calib, tokenizer), args.model, device=device,
@@ -289,7 +289,7 @@ _PLAN_FIELDS = {"prune": _prune_fields, "skip": _skip_fields, "quantize": _quant
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from moeslim.demo import DemoConfig, run_demo
+    from moeslim.workflows.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(model=args.model, out=args.out, quick=args.quick, speed=not args.no_speed))
     return 0

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeslim.calibration_data import CalibrationSet, check_same_calibration
 from moeslim.config import from_mapping
+from moeslim.data.calibration_set import CalibrationSet, check_same_calibration
 from moeslim.methods.quant.config import QuantizeConfig
 from moeslim.methods.quant.driver import bits_summary
 from moeslim.methods.quant.fused import KEEP_BITS, quantize_fused

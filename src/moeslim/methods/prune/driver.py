@@ -19,7 +19,7 @@ from moeslim.calibrate import (
     run_layerwise,
 )
 from moeslim.calibrate.resume import LayerCheckpoint
-from moeslim.calibration_data import CalibrationSet, calibration_fields
+from moeslim.data.calibration_set import CalibrationSet, calibration_fields
 from moeslim.methods.prune.config import ROUTING_METHODS, PruneConfig
 from moeslim.methods.prune.enumerate import (
     SubsetLossAccumulator,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from moeslim.calibrate import ExpertOutputs, ExpertOutputSample, LayerDecision, run_layerwise
-from moeslim.calibration_data import CalibrationSet, calibration_fields, calibration_spec
+from moeslim.data.calibration_set import CalibrationSet, calibration_fields, calibration_spec
 from moeslim.methods.quant.allocate import (
     AUTHORS_COST_SETTINGS,
     allocate_bits,

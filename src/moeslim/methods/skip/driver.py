@@ -12,8 +12,8 @@ from torch import nn
 
 from moeslim.calibrate import LayerDecision, Observer, RoutingStats, RoutingSummary, run_layerwise
 from moeslim.calibrate.resume import LayerCheckpoint
-from moeslim.calibration_data import CalibrationSet, calibration_fields
 from moeslim.config import ConfigError, check_types
+from moeslim.data.calibration_set import CalibrationSet, calibration_fields
 from moeslim.methods.skip.thresholds import SKIP_RULES, calibrate_beta, skip_rates
 from moeslim.models import MoELayer, find_moe_layers
 from moeslim.plans import Plan, Provenance

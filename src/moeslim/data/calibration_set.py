@@ -10,7 +10,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from moeslim.config import CalibrationConfig, ConfigError, from_mapping
-from moeslim.data import load_source, token_windows
+from moeslim.data.sources import load_source
+from moeslim.data.windows import token_windows
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from moeslim.config import CalibrationConfig, ConfigError, EvalConfig, check_types, from_mapping
-from moeslim.pipeline import StageSpec, parse_stage
+from moeslim.workflows.stages import StageSpec, parse_stage
 
 _TOP_LEVEL = {"name", "model", "calibration", "stages", "eval", "save"}
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from rich.console import Console
 
 from moeslim.config import CalibrationConfig, ConfigError, EvalConfig
-from moeslim.pipeline import StageSpec, parse_stage
-from moeslim.variants import Variant
+from moeslim.workflows.stages import StageSpec, parse_stage
+from moeslim.workflows.variants import Variant
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,11 @@ def demo_variants(config: DemoConfig, calibration: CalibrationConfig) -> list[Va
 
 def run_demo(config: DemoConfig) -> Path:
     from moeslim.evaluate import write_report
-    from moeslim.inspect import expert_loads, plot_expert_load
     from moeslim.models import load_model, resolve_model_path
     from moeslim.outputs import check_output_file
-    from moeslim.runs import write_results
-    from moeslim.variants import CalibrationCache, evaluate_variants, print_table
+    from moeslim.workflows.expert_load import expert_loads, plot_expert_load
+    from moeslim.workflows.run_folder import write_results
+    from moeslim.workflows.variants import CalibrationCache, evaluate_variants, print_table
 
     console = Console()
     out = Path(config.out)

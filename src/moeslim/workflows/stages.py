@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeslim.calibration_data import CalibrationSet, calibration_spec
 from moeslim.config import ConfigError, from_mapping
+from moeslim.data.calibration_set import CalibrationSet, calibration_spec
 from moeslim.plans import Plan
 
 Planner = Callable[[nn.Module, CalibrationSet, Any, str], Plan]

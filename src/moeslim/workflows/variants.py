@@ -18,10 +18,10 @@ from rich.table import Table
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from moeslim.calibration_data import CalibrationSet, build_calibration_set
 from moeslim.config import CalibrationConfig, EvalConfig
-from moeslim.pipeline import StageSpec, describe, run_stage
+from moeslim.data.calibration_set import CalibrationSet, build_calibration_set
 from moeslim.plans import Plan
+from moeslim.workflows.stages import StageSpec, describe, run_stage
 
 
 @dataclass(frozen=True)
