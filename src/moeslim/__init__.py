@@ -20,7 +20,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__version__ = "0.1.0"
+from moeslim._package import __version__
 
 _EXPORTS = {
     "load": "moeslim.io",

@@ -12,7 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import moeslim
+from moeslim._package import __version__
 
 PLAN_FORMAT = "moeslim.plan"
 PLAN_VERSION = 1
@@ -41,7 +41,7 @@ class Provenance:
     config: dict[str, Any] = field(default_factory=dict)
     data: str | None = None
     data_hash: str | None = None
-    moeslim_version: str = moeslim.__version__
+    moeslim_version: str = __version__
 
     @classmethod
     def of(cls, model: Any, model_name: str | None, method: str, config: dict[str, Any], data: str | None,
@@ -90,7 +90,7 @@ class Plan:
             raise PlanError(f"not a moeslim plan (format={data.get('format')!r}, expected {PLAN_FORMAT!r})")
         if data.get("version") != PLAN_VERSION:
             raise PlanError(
-                f"plan version {data.get('version')} is not supported by moeslim {moeslim.__version__} "
+                f"plan version {data.get('version')} is not supported by moeslim {__version__} "
                 f"(reads version {PLAN_VERSION}); recompute the plan"
             )
         unknown = sorted(set(data) - _PLAN_KEYS)

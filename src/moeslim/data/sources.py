@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import moeslim
+from moeslim._package import assets_dir
 from moeslim.hub import hub_reachable
 
 SPLITS = ("calibration", "validation", "test")
@@ -43,7 +43,7 @@ class TextSource:
 
 
 def bundled_corpus_dir() -> Path:
-    return Path(moeslim.__file__).parent / "assets" / "corpus"
+    return assets_dir() / "corpus"
 
 
 def bundled_domains() -> list[str]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from moeslim._package import assets_dir
 from moeslim.hub import hub_offline, hub_reachable
 
 from .support import check_config_file
@@ -16,9 +17,7 @@ DEMO_NAME = "demo"
 
 def demo_model_path() -> Path:
     """Where the bundled demo MoE lives (``moeslim/assets/demo-moe``)."""
-    import moeslim
-
-    return Path(moeslim.__file__).parent / "assets" / "demo-moe"
+    return assets_dir() / "demo-moe"
 
 
 def resolve_model_path(name: str) -> str:
