@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,eval]"
+	$(BIN)/python -m pip install -q -e ".[dev,eval,export]"
 	touch $(STAMP)
 
 demo: setup
@@ -21,9 +21,10 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/mypy src
 
 test: setup lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -7,8 +7,12 @@ its children every 20 ms:
     moeslim plan prune CKPT --method enumerate --stream --dtype bfloat16   (layers streamed from the shards)
     moeslim apply CKPT prune.json --stream --dtype bfloat16     (read, pruned and written layer by layer)
     moeslim plan quantize CKPT --method uniform --bits 4 --quantizer rtn --stream
-    moeslim apply CKPT quantize.json --dtype bfloat16
+    moeslim apply CKPT quantize.json --stream --dtype bfloat16  (read, packed and written layer by layer)
     torchrun --nproc-per-node 2 moeslim plan prune ... (gloo)  vs the one-process plan prune
+
+and, on a separate checkpoint of the same layer shape with --gptq-layers layers (GPTQ takes ~4 min per layer
+of this shape on one core, too long for the big one), a GPTQ plan applied --stream by 1 and by 2 gloo
+processes (windows and per-expert GPTQ split; the two checkpoints are compared tensor by tensor).
 
 Plans compute in bfloat16 (``--dtype bfloat16``: the checkpoint's dtype; on this CPU bfloat16 matmuls are 4x
 faster than float32, and a layer takes half the memory). Ratios are peak RSS / checkpoint bytes.
@@ -16,8 +20,8 @@ Every process runs with OMP_NUM_THREADS=1, so 2 processes use the
 2 cores that one process with 1 thread leaves idle (the speedup is data parallelism, not more threads each).
 The temp dir is removed at the end (also on failure).
 
-    python benchmarks/scale.py                 # >= 6 GB checkpoint (~20 min on 2 CPU cores; ~2x that free disk)
-    python benchmarks/scale.py --gb 0.3        # mechanics only
+    python benchmarks/scale.py                 # >= 6 GB checkpoint (~15 min on 2 CPU cores; ~2x that free disk)
+    python benchmarks/scale.py --gb 0.3 --gptq-layers 0    # mechanics only
 """
 
 from __future__ import annotations
@@ -72,15 +76,16 @@ def _layer_tensors(index: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_checkpoint(folder: Path, gigabytes: float, tokenizer_dir: Path) -> int:
-    """A random Mixtral checkpoint of >= ``gigabytes`` GB, one layer per shard; returns its bytes."""
+def write_checkpoint(folder: Path, gigabytes: float, tokenizer_dir: Path, min_layers: int = 2) -> int:
+    """A random Mixtral checkpoint of >= ``gigabytes`` GB (>= ``min_layers`` layers), one layer per shard;
+    returns its bytes."""
     from transformers import AutoTokenizer, MixtralConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     vocab = len(tokenizer)
     attention = 2 * HIDDEN * HIDDEN + 2 * HIDDEN * HIDDEN * KV_HEADS // HEADS
     per_layer = 2 * (attention + EXPERTS * 3 * HIDDEN * INTERMEDIATE)  # bytes in bfloat16
-    layers = max(2, math.ceil((gigabytes * 1e9 - 4 * vocab * HIDDEN) / per_layer))
+    layers = max(min_layers, math.ceil((gigabytes * 1e9 - 4 * vocab * HIDDEN) / per_layer))
     folder.mkdir(parents=True)
     MixtralConfig(
         vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
@@ -142,26 +147,54 @@ def measure(command: list[str], label: str) -> Measured:
     return Measured(seconds, peak)
 
 
-def measure_if_memory(command: list[str], label: str, need: float) -> Measured | None:
-    """``measure``, unless the machine has less than ``need`` bytes available (apply holds the whole model):
-    then say so and return None, instead of pushing a shared machine into the OOM killer."""
-    available = psutil.virtual_memory().available
-    if available < need:
-        print(f"{label}: skipped, needs ~{need / 1e9:.1f} GB and {available / 1e9:.1f} GB are available", flush=True)
-        return None
-    return measure(command, label)
-
-
-def _ratio(measured: Measured | None, size: int) -> str:
-    return f"{measured.peak_rss / size:.2f}" if measured is not None else "n/a (skipped: not enough memory)"
-
-
 def _same_plan(a: Path, b: Path, rel_tol: float) -> bool:
     one, two = json.loads(a.read_text()), json.loads(b.read_text())
     if one["layers"] != two["layers"]:
         return False
     return all(math.isclose(two["summary"]["layers"][k]["loss"], v["loss"], rel_tol=rel_tol)
                for k, v in one["summary"]["layers"].items())
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    for file in sorted(p.name for p in a.glob("*.safetensors")):
+        ta, tb = load_file(a / file), load_file(b / file)
+        if ta.keys() != tb.keys() or not all(torch.equal(ta[k], tb[k]) for k in ta):
+            return False
+    return True
+
+
+def gptq_section(tmp: Path, args: argparse.Namespace, moeslim: str, torchrun: str, reference_size: int) -> None:
+    """GPTQ apply, streamed, on a checkpoint of ``--gptq-layers`` layers of the same shape: 1 vs 2 processes.
+
+    Its peak memory is one layer + activations + one layer's Hessians whatever the layer count, so it is
+    also given as a share of the big checkpoint. (GPTQ on all its layers would take ~4 min per layer here.)
+    """
+    from moeslim.models import resolve_model_path
+
+    ckpt = tmp / "gptq-source"
+    size = write_checkpoint(ckpt, 0.0, Path(resolve_model_path("demo")), min_layers=args.gptq_layers)
+    layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
+    plan = tmp / "gptq.json"
+    calib = ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    measure([moeslim, "plan", "quantize", str(ckpt), *args.quantize.split(), "--quantizer", "gptq", "--stream",
+             "--dtype", "bfloat16", *calib, "--out", str(plan)], f"GPTQ checkpoint ({layers} layers): plan quantize")
+    apply = ["apply", str(ckpt), str(plan), "--stream", "--dtype", "bfloat16"]
+    one = measure([moeslim, *apply, "--out", str(tmp / "gptq1")], "  apply quantize (gptq, streamed)")
+    two = measure([torchrun, "--standalone", "--nproc-per-node", "2", "--no-python", moeslim, *apply,
+                   "--out", str(tmp / "gptq2")], "  apply quantize (gptq, streamed), 2 gloo processes")
+    same = _same_tensors(tmp / "gptq1", tmp / "gptq2")
+    print(f"  GPTQ per layer: {one.seconds / layers:.0f} s (1 process), {two.seconds / layers:.0f} s (2); "
+          f"speedup {one.seconds / two.seconds:.2f}; 1- and 2-process checkpoints identical: "
+          f"{'yes' if same else 'no'}; peak RSS {one.peak_rss / 2**30:.2f} GiB = {one.peak_rss / size:.2f} of this "
+          f"{size / 1e9:.2f} GB checkpoint, {one.peak_rss / reference_size:.2f} of the big one", flush=True)
+    for name in ("gptq1", "gptq2", "gptq-source"):
+        shutil.rmtree(tmp / name, ignore_errors=True)
 
 
 def main() -> None:
@@ -173,6 +206,11 @@ def main() -> None:
     parser.add_argument("--quantize", default="--method uniform --bits 4",
                         help="plan quantize options (default: uniform 4-bit; e.g. '--method pmq --bits 3 "
                              "--candidates 2,4' also streams the PMQ calibration)")
+    parser.add_argument("--quantizer", default="rtn", choices=("gptq", "rtn"),
+                        help="quantizer of the big checkpoint's quantize line (default rtn: GPTQ takes ~4 min per "
+                             "layer of this shape on one CPU core; its numbers come from --gptq-layers)")
+    parser.add_argument("--gptq-layers", type=int, default=1,
+                        help="layers of the separate GPTQ checkpoint (1 vs 2 processes; 0 skips it)")
     parser.add_argument("--workdir", default=None, help="parent of the temp dir (default: the system temp)")
     args = parser.parse_args()
     from moeslim.models import resolve_model_path
@@ -196,23 +234,29 @@ def main() -> None:
                                "--out", str(tmp / "pruned")], "apply prune (streamed)")
         shutil.rmtree(tmp / "pruned", ignore_errors=True)
         quant_plan = tmp / "quantize.json"
-        plan_quant = measure([moeslim, "plan", "quantize", str(ckpt), *args.quantize.split(), "--quantizer", "rtn",
-                              *streamed, "--out", str(quant_plan)], "plan quantize (streamed)")
-        # Quantized apply is not streamed: it holds the bfloat16 model and its packed copy (measured on a 0.9 GB
-        # checkpoint: ~2.7x the checkpoint above the 0.7 GiB of a bare process).
-        apply_quant = measure_if_memory([moeslim, "apply", str(ckpt), str(quant_plan), "--dtype", "bfloat16",
-                                         "--out", str(tmp / "quantized")], "apply quantize", 3.0 * size + 2e9)
+        plan_quant = measure([moeslim, "plan", "quantize", str(ckpt), *args.quantize.split(), "--quantizer",
+                              args.quantizer, *streamed, "--out", str(quant_plan)], "plan quantize (streamed)")
+        # Each layer is read, quantized (GPTQ: on the plan's windows), packed and written in turn.
+        apply_quant = measure([moeslim, "apply", str(ckpt), str(quant_plan), "--stream", "--dtype", "bfloat16",
+                               "--out", str(tmp / "quantized")], f"apply quantize ({args.quantizer}, streamed)")
+        quantized_bytes = _bytes(tmp / "quantized")
         shutil.rmtree(tmp / "quantized", ignore_errors=True)
         two = measure([torchrun, "--standalone", "--nproc-per-node", "2", "--no-python", moeslim, *prune,
                        "--out", str(prune_plan2)], "plan prune, 2 gloo processes")
         layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
         print(f"per layer (streamed, 1 process): plan prune {plan_prune.seconds / layers:.2f} s, "
-              f"plan quantize {plan_quant.seconds / layers:.2f} s; layer bytes {size / layers / 1e6:.0f} MB")
+              f"plan quantize {plan_quant.seconds / layers:.2f} s, apply quantize {apply_quant.seconds / layers:.2f} s;"
+              f" layer bytes {size / layers / 1e6:.0f} MB; quantized checkpoint {quantized_bytes / 1e9:.2f} GB",
+              flush=True)
+        if args.gptq_layers > 0:
+            gptq_section(tmp, args, moeslim, torchrun, size)
         identical = _same_plan(prune_plan, prune_plan2, rel_tol=1e-9)
+        quantize = max(plan_quant.peak_rss, apply_quant.peak_rss)
+        print(f"(the quantize line: {args.quantizer} on the {size / 1e9:.2f} GB checkpoint; the speedup line: "
+              "plan prune --method enumerate, 1 vs 2 gloo processes)")
         print(f"scale peak-rss ratio plan-prune: {plan_prune.peak_rss / size:.2f}")
-        quantize = Measured(plan_quant.seconds, max(plan_quant.peak_rss, apply_quant.peak_rss)) if apply_quant else None
         print(f"scale peak-rss ratio apply-prune: {apply_prune.peak_rss / size:.2f}")
-        print(f"scale peak-rss ratio quantize: {_ratio(quantize, size)}")
+        print(f"scale peak-rss ratio quantize: {quantize / size:.2f}")
         print(f"scale distributed plans identical: {'yes' if identical else 'no'}")
         print(f"scale distributed speedup 2 procs: {plan_prune.seconds / two.seconds:.2f}")
     finally:

@@ -1,19 +1,28 @@
-"""Train the embedded demo Mixtral-style MoE model from scratch on CPU.
+"""Train an embedded demo MoE model from scratch on CPU.
+
+Two layouts share everything but the config:
+
+* ``--layout mixtral`` (``assets/demo-moe``): ``MixtralForCausalLM``, 8 experts, top-2;
+* ``--layout fine`` (``assets/demo-fine``): ``Qwen3MoeForCausalLM``, many small experts
+  (default 64 experts of intermediate size 80, top-8, renormalised top-k weights), the
+  fine-grained layout of Qwen3-MoE / OLMoE. It reuses the demo-moe tokenizer (``--tokenizer``)
+  so both models share the corpus and evaluation code.
 
 Steps (all seeded and deterministic):
 
 1. train a byte-level BPE tokenizer on the train split of the demo corpus
-   (``scripts/build_demo_corpus.py`` must have been run first);
-2. train ``MixtralForCausalLM`` (8 experts, top-2, per-layer load-balancing loss) on
-   batches that mix the ``code`` and ``prose`` domains in equal parts;
+   (``scripts/build_demo_corpus.py`` must have been run first), or load ``--tokenizer``;
+2. train the model (per-layer load-balancing loss) on batches that mix the ``code`` and
+   ``prose`` domains in equal parts;
 3. save the bf16 model, the tokenizer and ``training_log.jsonl`` to ``--out``.
 
 Usage::
 
     # measure step time without saving anything
     .venv/bin/python scripts/train_demo_model.py --bench 5 --experts-impl eager
-    # the real run
+    # the real runs
     .venv/bin/python scripts/train_demo_model.py --steps 1500
+    .venv/bin/python scripts/train_demo_model.py --layout fine --steps 800
 """
 
 from __future__ import annotations
@@ -30,16 +39,24 @@ import torch
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "src" / "moeslim" / "assets" / "demo-moe"
-DEFAULT_CORPUS = REPO / "src" / "moeslim" / "assets" / "corpus"
+ASSETS = REPO / "src" / "moeslim" / "assets"
+DEFAULT_CORPUS = ASSETS / "corpus"
 DEFAULT_TRAIN_CORPUS = REPO / ".scratch" / "corpus"
-DEFAULT_WORK = REPO / ".scratch" / "demo-train"
 
 DOMAINS = ("code", "prose")
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS, "<|pad|>"]
 VOCAB_SIZE = 8192
 CONTEXT = 256
+# Per layout: output folder, token cache folder, experts per layer, top-k, expert intermediate size, tokenizer to reuse
+# (None = train one). The fine layout follows Qwen3-30B-A3B's ratios scaled to hidden 256:
+# expert width ~0.3 x hidden, top-8 of 64, renormalised top-k weights.
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "mixtral": {"out": ASSETS / "demo-moe", "experts": 8, "top_k": 2, "expert_dim": 448, "tokenizer": None,
+                "work": REPO / ".scratch" / "demo-train"},
+    "fine": {"out": ASSETS / "demo-fine", "experts": 64, "top_k": 8, "expert_dim": 80,
+             "tokenizer": ASSETS / "demo-moe", "work": REPO / ".scratch" / "fine-train"},
+}
 
 
 def read_texts(path: Path) -> list[str]:
@@ -73,9 +90,14 @@ def train_tokenizer(train_corpus: Path, out_dir: Path) -> Any:
     return fast
 
 
-def load_or_train_tokenizer(train_corpus: Path, work: Path) -> Any:
+def load_or_train_tokenizer(train_corpus: Path, work: Path, existing: Path | None = None) -> Any:
+    """``existing`` (a model folder with tokenizer files) wins; else the cached or a newly trained one."""
     from transformers import AutoTokenizer
 
+    if existing is not None:
+        if not (existing / "tokenizer.json").exists():
+            raise FileNotFoundError(f"--tokenizer {existing} has no tokenizer.json; pass a folder that has one")
+        return AutoTokenizer.from_pretrained(str(existing))
     tok_dir = work / "tokenizer"
     if (tok_dir / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(str(tok_dir))
@@ -123,29 +145,26 @@ def sample_batch(streams: dict[str, np.ndarray], per_domain: int, rng: np.random
 
 
 def build_config(tokenizer: Any, args: argparse.Namespace) -> Any:
-    from transformers import MixtralConfig
+    """Same trunk for both layouts (4 layers, hidden 256, GQA 8/4 heads of 32); only the MoE differs."""
+    from transformers import MixtralConfig, Qwen3MoeConfig
 
     eos = tokenizer.convert_tokens_to_ids(EOS)
-    config = MixtralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=args.expert_dim,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=32,
-        max_position_embeddings=CONTEXT,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        output_router_logits=True,
-        router_aux_loss_coef=args.aux_coef,
-        router_jitter_noise=0.0,
-        tie_word_embeddings=True,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-        sliding_window=None,
-    )
+    common: dict[str, Any] = {
+        "vocab_size": len(tokenizer), "hidden_size": 256, "num_hidden_layers": 4,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32,
+        "max_position_embeddings": CONTEXT, "num_experts_per_tok": args.top_k,
+        "output_router_logits": True, "router_aux_loss_coef": args.aux_coef, "tie_word_embeddings": True,
+        "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id,
+        "sliding_window": None,
+    }
+    if args.layout == "mixtral":
+        config = MixtralConfig(**common, intermediate_size=args.expert_dim, num_local_experts=args.experts,
+                               router_jitter_noise=0.0)
+    else:
+        # intermediate_size only sizes dense MLP layers, of which there are none (every layer is MoE).
+        config = Qwen3MoeConfig(**common, moe_intermediate_size=args.expert_dim, intermediate_size=4 * args.expert_dim,
+                                num_experts=args.experts, norm_topk_prob=True, decoder_sparse_step=1,
+                                mlp_only_layers=[], use_sliding_window=False)
     config._attn_implementation = args.attn_impl
     config._experts_implementation = args.experts_impl
     return config
@@ -242,8 +261,10 @@ def train(model: Any, opt: torch.optim.Optimizer, streams: dict[str, np.ndarray]
             log.write(json.dumps(record) + "\n")
             log.flush()
         bar.set_postfix(loss=f"{stats['loss']:.3f}", bal=f"{stats['balance_loss']:.3f}")
-        # Safety net for a shared machine: stop (and still save) rather than miss a deadline.
-        if args.deadline_min and record["elapsed_s"] > args.deadline_min * 60 and not last:
+        # Safety net for a shared machine: stop (and still save) rather than miss a deadline. --max-steps
+        # repeats such a stop exactly (same schedule, same stopping step) on any machine.
+        stop = (args.deadline_min and record["elapsed_s"] > args.deadline_min * 60) or step + 1 == args.max_steps
+        if stop and not last:
             if "val_loss" not in record:
                 record["val_loss"] = validation_loss(model, val, args.batch)
                 log.write(json.dumps(record) + "\n")
@@ -263,16 +284,22 @@ def save(model: Any, tokenizer: Any, out: Path) -> None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--layout", default="mixtral", choices=sorted(LAYOUTS),
+                   help="mixtral: 8 experts top-2 (demo-moe); fine: Qwen3-MoE, 64 small experts top-8 (demo-fine)")
+    p.add_argument("--out", type=Path, default=None, help="default: the layout's asset folder")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="reuse this folder's tokenizer (default for --layout fine: assets/demo-moe)")
+    p.add_argument("--experts", type=int, default=None, help="experts per layer (default: per layout)")
+    p.add_argument("--top-k", type=int, default=None, help="experts per token (default: per layout)")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     p.add_argument("--train-corpus", type=Path, default=DEFAULT_TRAIN_CORPUS)
-    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="tokenizer / token cache")
+    p.add_argument("--work", type=Path, default=None, help="tokenizer / token cache (default: per layout)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=16, help="sequences per step, half per domain")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--expert-dim", type=int, default=448)
+    p.add_argument("--expert-dim", type=int, default=None, help="expert intermediate size (default: per layout)")
     p.add_argument("--aux-coef", type=float, default=0.05, help="per-layer balance loss weight")
     p.add_argument("--experts-impl", default="grouped_mm", choices=["eager", "batched_mm", "grouped_mm"])
     p.add_argument("--attn-impl", default="sdpa", choices=["eager", "sdpa"])
@@ -283,22 +310,31 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--deadline-min", type=float, default=0.0,
                    help="stop early (and save) after this many minutes; 0 = never")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="stop (and save) after this many steps; the lr schedule still follows --steps; 0 = never")
     p.add_argument("--bench", type=int, default=0, help="only time this many steps, save nothing")
-    return p.parse_args()
+    args = p.parse_args()
+    layout = LAYOUTS[args.layout]
+    for key in ("out", "tokenizer", "experts", "top_k", "expert_dim", "work"):
+        if getattr(args, key) is None:
+            setattr(args, key, layout[key])
+    if not 1 <= args.top_k <= args.experts:
+        p.error(f"--top-k {args.top_k} must lie in 1..--experts ({args.experts})")
+    return args
 
 
 def main() -> None:
-    from transformers import MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
 
     args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    tokenizer = load_or_train_tokenizer(args.train_corpus, args.work)
+    tokenizer = load_or_train_tokenizer(args.train_corpus, args.work, args.tokenizer)
     streams = load_streams(tokenizer, args.train_corpus, "train", args.work)
     val_streams = load_streams(tokenizer, args.corpus, "validation", args.work)
     val = {d: eval_windows(s, args.eval_windows) for d, s in val_streams.items()}
     config = build_config(tokenizer, args)
-    model = MixtralForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     if args.bench:
@@ -307,7 +343,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "training_log.jsonl").open("w", encoding="utf-8") as log:
         header = {"event": "config", **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                                        if k not in {"out", "corpus", "train_corpus", "work"}},
+                                        if k not in {"out", "corpus", "train_corpus", "work", "tokenizer"}},
                   "train_tokens_available": {d: int(len(s)) for d, s in streams.items()}}
         log.write(json.dumps(header) + "\n")
         summary = train(model, opt, streams, val, args, log)

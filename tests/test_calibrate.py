@@ -94,3 +94,42 @@ def test_routing_stats_and_expert_outputs_match_direct_computation() -> None:
         routed = layer.combine(sample.outputs, *layer.route(sample.logits))
         with torch.no_grad():
             assert torch.allclose(routed, layer.forward(x), atol=1e-5)
+
+
+class _WhereComputed:
+    """Records where each observed block input lives and where the layer's experts are at that moment."""
+
+    key = "where"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[torch.device, torch.device]] = []
+        self.xs: list[torch.Tensor] = []
+
+    def observe(self, layer: MoELayer, x: torch.Tensor) -> None:
+        self.seen.append((x.device, next(layer.experts.parameters()).device))
+        self.xs.append(x.detach().cpu().clone())
+
+    def result(self) -> dict[str, Any]:
+        return {"seen": self.seen, "x": torch.cat(self.xs)}
+
+
+COMPUTE_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (the GPU check of the device path)"))]
+
+
+@pytest.mark.parametrize("device", COMPUTE_DEVICES)
+def test_runner_computes_each_layer_on_the_given_device_and_moves_it_back(device: str) -> None:
+    # The runner's device path: the model stays where it is (CPU); each decoder layer is moved to ``device``
+    # for its turn, observers see tensors there, and the layer goes back. Results match the default run.
+    model = tiny_model("mixtral", seed=0)
+    ids = sample_ids(seed=2, batch=4, seq=24)
+    reference = run_layerwise(model, ids, lambda layer: [_WhereComputed()], batch_size=2, progress=False,
+                              device="cpu")
+    results = run_layerwise(model, ids, lambda layer: [_WhereComputed()], batch_size=2, progress=False,
+                            device=torch.device(device))
+    want = torch.device(device)
+    for idx, entry in results.items():
+        seen = entry["where"]["seen"]
+        assert len(seen) == 2 and all(x.type == want.type and w.type == want.type for x, w in seen), seen
+        torch.testing.assert_close(entry["where"]["x"], reference[idx]["where"]["x"], rtol=1e-4, atol=1e-4)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}  # every layer went back

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
+from demo_assets import corpus_windows, load_offline
 
 from moeslim.models.loading import demo_model_path
 
@@ -24,7 +24,6 @@ def _assets_dir() -> Path:
 
 ASSETS = _assets_dir()
 MODEL_DIR = ASSETS / "demo-moe"
-CORPUS_DIR = ASSETS / "corpus"
 DOMAINS = ("code", "prose")
 MIN_EXPERT_LOAD = 0.03
 MIN_DOMAIN_EXPERT_LOAD = 0.01
@@ -37,26 +36,7 @@ def reference() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer() -> tuple[Any, Any]:
-    with pytest.MonkeyPatch.context() as mp:
-        # Everything must come from the package folder, never from the Hub.
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        tok = transformers.AutoTokenizer.from_pretrained(str(MODEL_DIR))
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float32)
-    return model.eval(), tok
-
-
-def _slice_windows(tok: Any, domain: str, n_windows: int, context: int) -> Any:
-    """First ``n_windows`` windows of the validation stream, built as the card script does
-    (documents followed by EOS), tokenizing only as many documents as needed."""
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
-    ids: list[int] = []
-    with (CORPUS_DIR / f"{domain}.validation.jsonl").open(encoding="utf-8") as f:
-        for line in f:
-            ids.extend(tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"])
-            ids.append(eos)
-            if len(ids) >= n_windows * context:
-                break
-    return torch.tensor(ids[: n_windows * context]).view(n_windows, context)
+    return load_offline(MODEL_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +47,7 @@ def slice_eval(model_and_tokenizer: tuple[Any, Any], reference: dict[str, Any]) 
     out: dict[str, Any] = {}
     with torch.no_grad():
         for domain in DOMAINS:
-            x = _slice_windows(tok, domain, reference["test_slice_windows"], reference["context"])
+            x = corpus_windows(tok, domain, "validation", reference["test_slice_windows"], reference["context"])
             res = model(input_ids=x, output_router_logits=True)
             logits = res.logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))

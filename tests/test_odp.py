@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tiny_models import sample_ids, tiny_model
 
 from moeslim.calibrate import RoutingStats, run_layerwise
 from moeslim.methods.odp import protected_tokens, token_importance
 from moeslim.methods.skip import calibrate_beta
-from moeslim.runtime.odp import install_odp, protected_share
+from moeslim.runtime.odp import install_odp, protected_share, uninstall_odp
 from moeslim.runtime.skipping import counters, install_skipping, reset_counters
 
 
@@ -72,3 +74,27 @@ def test_odp_keeps_all_experts_for_protected_tokens() -> None:
     install_odp(model, dict.fromkeys(betas, 0.0), "top2", protect=0.02)
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, original, atol=1e-6)
+
+
+def test_odp_checkpoint_save_then_load_reinstalls_protection(tmp_path: Path) -> None:
+    from moeslim.appliers import apply
+    from moeslim.io import load, save
+    from moeslim.methods.skip import SkipConfig, plan_skip
+
+    model = tiny_model("mixtral", seed=0)
+    ids = sample_ids(seed=4, batch=2, seq=16)
+    plan = plan_skip(model, sample_ids(seed=5, batch=4, seq=16), SkipConfig(protect=0.25), "tiny")
+    apply(model, plan)
+    with torch.no_grad():
+        in_memory = model(ids).logits
+    assert abs(protected_share(model) - 0.25) < 1e-6
+    loaded, _ = load(save(model, tmp_path / "odp"))
+    assert loaded.config.moeslim["skip"]["protect"] == 0.25
+    with torch.no_grad():
+        reloaded = loaded(ids).logits
+    assert abs(protected_share(loaded) - 0.25) < 1e-6  # the attention hooks are back, not plain skipping
+    torch.testing.assert_close(reloaded, in_memory, rtol=1e-5, atol=1e-5)
+    uninstall_odp(loaded)  # skipping stays installed with the same thresholds, without protection
+    with torch.no_grad():
+        plain = loaded(ids).logits
+    assert not torch.allclose(plain, in_memory, atol=1e-4)

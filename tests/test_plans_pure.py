@@ -160,3 +160,34 @@ def test_one_way_imports(package: str, forbidden: tuple[str, ...]) -> None:
     assert files
     bad = {str(f.relative_to(SRC)): sorted(m for m in _imports(f) if m.startswith(forbidden)) for f in files}
     assert not {k: v for k, v in bad.items() if v}
+
+
+# The smallest valid settings of every registered stage kind: a kind added to workflows.stages._registry
+# without an entry here fails test_every_registered_kind_is_checked, so no planner escapes the purity check.
+MINIMAL: dict[str, dict[str, Any]] = {
+    "prune": {"keep": 6},
+    "skip": {},
+    "quantize": {"method": "uniform", "bits": 3, "group_size": 16},
+    "merge": {"keep": 6},
+    "lowrank": {"ratio": 0.5},
+}
+
+
+def test_every_registered_kind_is_checked() -> None:
+    from moeslim.workflows.stages import stage_kinds
+
+    assert sorted(stage_kinds()) == sorted(MINIMAL)
+
+
+@pytest.mark.parametrize("kind", sorted(MINIMAL))
+def test_registered_planner_leaves_the_model_unchanged(kind: str) -> None:
+    # Through the registry the CLI and recipes use (for prune: plan_prune plus its optional router fit).
+    from moeslim.workflows.stages import _registry, parse_stage
+
+    model = tiny_model("mixtral")
+    model.train()
+    before = _snapshot(model)
+    _, planner = _registry()[kind]
+    plan = planner(model, CALIB, parse_stage({kind: MINIMAL[kind]}, "test").config, "tiny")
+    assert plan.kind == kind and plan.layers
+    _assert_unchanged(model, before)

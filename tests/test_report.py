@@ -10,6 +10,7 @@ import pytest
 
 from moeslim.evaluate.report import RESULT_FILE, load_results, write_report
 from moeslim.evaluate.results import VariantResult
+from moeslim.evaluate.table import print_table, side_by_side_table
 
 
 def _variants() -> list[VariantResult]:
@@ -82,3 +83,20 @@ def test_run_folders_and_round_trip(tmp_path: Path) -> None:
     assert VariantResult.from_dict(d).extra["future_field"] == 3
     with pytest.raises(ValueError):
         write_report([], tmp_path / "empty")
+
+
+def test_one_table_builder_for_console_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = _variants()
+    text = write_report(results, tmp_path).read_text()
+    detail = side_by_side_table(results, detail=True)
+    for row in detail.rows:  # report.md draws exactly the builder's cells
+        assert "| " + " | ".join((f"**{row[0]}**", *row[1:])) + " |" in text
+    console = side_by_side_table(results)
+    for crow, drow in zip(console.rows, detail.rows, strict=True):  # the console shows a subset of the same cells
+        assert all(drow[detail.header.index(name)] == cell for name, cell in zip(console.header, crow, strict=True))
+    weights = console.header.index("weights MiB")
+    assert [row[weights] for row in console.rows] == ["114.4", "87.7", "114.4", "38.1"]  # bytes / 2**20
+    assert console.rows[1][console.header.index("ppl code")] == "6.60 (+8%)"  # vs the first result
+    print_table(results, "side by side")
+    shown = capsys.readouterr().out
+    assert "87.7" in shown and "6.60 (+8%)" in shown and "code_nextline" in shown

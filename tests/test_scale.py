@@ -339,10 +339,62 @@ def test_streamed_apply_writes_the_same_checkpoint(family: str, tmp_path: Path) 
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
-    # Quantize plans are not streamed: refused with a message, nothing written.
+    # A quantize plan streams on its own (tests/test_scale_quant.py); mixed with others it is refused.
     from moeslim.methods.quant.driver import QuantizeConfig, plan_quantize
 
     quantize_path = tmp_path / "q.json"
     plan_quantize(model, None, QuantizeConfig(method="uniform", bits=4, quantizer="rtn"), "m").save(quantize_path)
-    assert main(["apply", str(folder), str(quantize_path), "--stream", "--out", str(tmp_path / "q")]) == 2
+    both = [str(plan_path), str(quantize_path)]
+    assert main(["apply", str(folder), *both, "--stream", "--out", str(tmp_path / "q")]) == 2
     assert not (tmp_path / "q").exists()
+    assert main(["apply", str(folder), str(quantize_path), "--stream", "--out", str(tmp_path / "q")]) == 0
+    assert main(["apply", str(folder), str(plan_path), "--resume", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_device_map_is_validated_and_passes_through_to_accelerate(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from moeslim.devices import resolve_device_map
+
+    assert resolve_device_map(None) is None
+    assert resolve_device_map("balanced") == "balanced"
+    assert resolve_device_map('{"": "cpu"}') == {"": "cpu"}
+    for bad in ("everywhere", '{"": "tpu"}', "{nope", '{"": true}', "{}"):
+        with pytest.raises(ConfigError, match="--device"):
+            resolve_device_map(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="GPU 0"):
+            resolve_device_map('{"model.layers": 0}')
+    with monkeypatch.context() as patch:
+        real = importlib.util.find_spec
+        patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+        with pytest.raises(ConfigError, match="accelerate"):
+            resolve_device_map("auto")
+
+    # A whole-model map goes through transformers' device_map loading: same plan, same checkpoint.
+    calib = ["--samples", "4", "--seq-len", "32"]
+    placed = ["--device-map", '{"": "cpu"}']
+    plans = [tmp_path / "plain.json", tmp_path / "mapped.json"]
+    assert main(["plan", "prune", "demo", "--keep", "6", "--method", "frequency", *calib, "--out", str(plans[0])]) == 0
+    assert main(["plan", "prune", "demo", "--keep", "6", "--method", "frequency", *calib, *placed,
+                 "--out", str(plans[1])]) == 0
+    a, b = (json.loads(p.read_text()) for p in plans)
+    assert a["layers"] == b["layers"]
+    assert main(["apply", "demo", str(plans[0]), "--out", str(tmp_path / "p")]) == 0
+    assert main(["apply", "demo", str(plans[0]), *placed, "--out", str(tmp_path / "m")]) == 0
+    from moeslim.io import load
+
+    pa, _ = load(str(tmp_path / "p"))
+    pb, _ = load(str(tmp_path / "m"))
+    sa, sb = pa.state_dict(), pb.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # Refused: with --stream, an unknown value, or a checkpoint moeslim's runtime loads itself.
+    assert main(["plan", "skip", "demo", *calib, "--stream", "--device-map", "auto", "--out", str(tmp_path / "x")]) == 2
+    assert main(["apply", "demo", str(plans[0]), "--device-map", "nowhere", "--out", str(tmp_path / "y")]) == 2
+    from moeslim.methods.skip import SkipConfig, plan_skip
+
+    skip = plan_skip(pa, sample_ids(batch=2, seq=8), SkipConfig(), "m")
+    skip.save(tmp_path / "skip.json")
+    assert main(["apply", str(tmp_path / "p"), str(tmp_path / "skip.json"), "--out", str(tmp_path / "s")]) == 0
+    assert main(["eval", str(tmp_path / "s"), *placed, "--tasks", "none", "--out", str(tmp_path / "e.json")]) == 2

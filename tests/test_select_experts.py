@@ -145,8 +145,8 @@ def _bad_plans(moe_ids: list[int]) -> list[tuple[dict, str]]:
         ({first: [0, 1, 2, 3, 4, 99]}, r"out of range \[0, 8\)"),
         ({idx: [0, 0, 1, 2, 3, 4] for idx in moe_ids}, "duplicate expert ids"),
         ({idx: [3] for idx in moe_ids}, "keep=1 is below top_k=2 of .*; keep at least 2 experts"),
-        ({first: good, **{idx: [0, 1, 2, 3] for idx in rest}}, "same number of experts"),
-        ({first: good}, "same number of experts.*unlisted layers keep all 8"),
+        ({first: good, **{idx: [0, 1, 2, 3] for idx in rest}}, "different numbers of experts.*layout='padded'"),
+        ({first: good}, "different numbers of experts.*unlisted layers keep all 8"),
         ({max(moe_ids) + 7: good}, "not MoE layers"),
     ]
 

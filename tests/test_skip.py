@@ -16,8 +16,8 @@ from moeslim.methods.skip import SkipConfig, calibrate_beta, keep_mask, plan_ski
 from moeslim.models import find_moe_layers
 from moeslim.plans import Plan
 from moeslim.runtime.skipping import (
+    calls_per_token_per_layer,
     counters,
-    expert_calls_per_token,
     install_skipping,
     install_skipping_from_section,
     reset_counters,
@@ -110,7 +110,7 @@ def test_median_beta_skips_about_half(family: str, tmp_path) -> None:
         skipped_calls = tokens * 2 - c["expert_calls"]
         assert abs(skipped_calls / tokens - 0.5) < 0.03, (idx, skipped_calls)
         assert abs(plan.summary["layers"][str(idx)]["token_skip_rate"] - 0.5) < 0.03
-    assert expert_calls_per_token(model) < 1.55
+    assert calls_per_token_per_layer(model) < 1.55
     assert not torch.allclose(skipped, reference)
     # re-installing from the config section gives the same model
     fresh = tiny_model(family)
@@ -125,7 +125,7 @@ def test_skip_composes_with_pruning() -> None:
     apply_skip(model, plan)
     reset_counters(model)
     _logits(model)
-    assert expert_calls_per_token(model) < 1.6
+    assert calls_per_token_per_layer(model) < 1.6
     assert all(layer.num_experts == 6 for layer in find_moe_layers(model))
 
 

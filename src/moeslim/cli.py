@@ -7,11 +7,13 @@ library functions with plain values.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from rich.console import Console
 from rich.table import Table
@@ -25,18 +27,23 @@ if TYPE_CHECKING:
     from moeslim.calibrate.distributed import World
     from moeslim.data.calibration_set import CalibrationSet
     from moeslim.plans import Plan
+    from moeslim.workflows.stages import StageSpec
 
 console = Console()
 
 
 def _add_calibration_args(parser: argparse.ArgumentParser, data_default: Sequence[str] | None) -> None:
+    # Defaults None = CalibrationConfig's defaults, so a plan config field fed by the same flag (seed,
+    # batch_size: _SHARED_FIELDS) keeps its own default unless the flag is given.
     parser.add_argument("--data", action="append", default=None,
                         help="text source: demo:DOMAIN[:SPLIT], a .txt/.jsonl/.parquet file, or "
                              f"hf:NAME[:CONFIG][:SPLIT]; repeatable (default: {', '.join(data_default or [])})")
-    parser.add_argument("--samples", type=int, default=64, help="calibration windows (default 64)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the window draw (default 0)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    parser.add_argument("--samples", type=int, default=None, help="calibration windows (default 64)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per window (default 256)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the window draw, and of the plan's own sampling when it has one (default 0)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="windows per forward pass, calibration and the plan's own passes (default 8)")
 
 
 def _add_device_args(parser: argparse.ArgumentParser, stream: bool = False) -> None:
@@ -45,20 +52,40 @@ def _add_device_args(parser: argparse.ArgumentParser, stream: bool = False) -> N
     parser.add_argument("--dtype", default="auto",
                         help="float type of the weights: auto (bfloat16 on cuda, float32 on cpu) | float32 | "
                              "bfloat16 | float16")
+    parser.add_argument("--device-map", default=None,
+                        help="place the model across devices with accelerate (when one device cannot hold it): "
+                             "auto | balanced | balanced_low_0 | sequential | a JSON map such as '{\"\": \"cpu\"}'; "
+                             "layers then run where they were placed")
     if stream:
         parser.add_argument("--resume", action="store_true",
                             help="write each finished layer to .OUT.layers/ and, rerun with the same arguments "
-                                 "after a kill, continue at the next layer (prune and skip plans)")
+                                 "after a kill, continue at the next layer (prune, skip and quantize plans)")
         parser.add_argument("--stream", action="store_true",
                             help="build the model on the meta device and read each decoder layer from the "
                                  "safetensors shards when calibration reaches it (memory: one layer, not the model)")
 
 
 def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    from moeslim.devices import resolve_device, resolve_dtype
+    from moeslim.devices import resolve_device, resolve_device_map, resolve_dtype
 
     device = resolve_device(args.device)
+    if resolve_device_map(args.device_map) is not None and getattr(args, "stream", False):
+        raise ConfigError("--device-map and --stream exclude each other: --stream reads one layer at a time onto "
+                          "--device; --device-map places the whole model across devices")
     return device, resolve_dtype(args.dtype, device)
+
+
+def _load_placed(args: argparse.Namespace, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[Any, Any]:
+    """``moeslim.load`` on ``device``, or, with ``--device-map``, the model placed by accelerate."""
+    from moeslim.devices import check_device_map_checkpoint, resolve_device_map
+    from moeslim.io import load
+    from moeslim.models import load_model
+
+    device_map = resolve_device_map(args.device_map)
+    if device_map is None:
+        return load(args.model, dtype=dtype, device=device)
+    check_device_map_checkpoint(_input_paths(args.model)[0])
+    return load_model(args.model, dtype=dtype, device_map=device_map)
 
 
 def _join_torchrun(device: torch.device) -> tuple[World, torch.device]:
@@ -70,17 +97,15 @@ def _join_torchrun(device: torch.device) -> tuple[World, torch.device]:
     return world, process_device(device, world)
 
 
-def _resume_checkpoint(args: argparse.Namespace, stage: object, calib: CalibrationConfig, dtype: torch.dtype,
+def _resume_checkpoint(args: argparse.Namespace, stage: StageSpec, calib: CalibrationConfig, dtype: torch.dtype,
                        device: torch.device, world: World) -> Any:
     """Per-layer state beside --out (``.NAME.layers/``), keyed by everything the plan depends on."""
-    import dataclasses
-
     from moeslim.calibrate.resume import LayerCheckpoint, run_key
     from moeslim.models import resolve_model_path
 
-    if args.kind == "quantize":
-        raise ConfigError("--resume works for plan prune and plan skip; quantize plans recompute their factors")
-    key = run_key(model=resolve_model_path(args.model), stage=dataclasses.asdict(stage.config),  # type: ignore[attr-defined]
+    if args.kind not in ("prune", "skip", "quantize"):
+        raise ConfigError(f"--resume works for plan prune, skip and quantize, not plan {args.kind}")
+    key = run_key(model=resolve_model_path(args.model), stage=dataclasses.asdict(stage.config),
                   calibration=dataclasses.asdict(calib), dtype=str(dtype), device=device.type, world=world.size,
                   stream=args.stream)
     out = Path(args.out)
@@ -93,26 +118,25 @@ def _load_streamed(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     return load_streamed(name, dtype)
 
 
-def _calibration_config(args: argparse.Namespace, default: Sequence[str], **extra: object) -> CalibrationConfig:
-    return CalibrationConfig(
-        data=tuple(args.data or default), samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-        batch_size=args.batch_size, **extra,  # type: ignore[arg-type]
-    )
+def _calibration_config(args: argparse.Namespace, default: Sequence[str]) -> CalibrationConfig:
+    given = {name: getattr(args, name) for name in ("samples", "seq_len", "seed", "batch_size")
+             if getattr(args, name) is not None}
+    return CalibrationConfig(data=tuple(args.data or default), **given)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from moeslim.data.calibration_set import build_calibration_set
-    from moeslim.models import load_model
     from moeslim.outputs import check_output_file, write_text_atomic
     from moeslim.workflows.expert_load import inspect_model, plot_expert_load
 
     calib = _calibration_config(args, ()) if args.data else None
     out = Path(args.out)
-    for name in ("inspect.json", "expert_load.png"):
-        check_output_file(out / name, inputs=_input_paths(args.model))
+    for file_name in ("inspect.json", "expert_load.png"):
+        check_output_file(out / file_name, inputs=_input_paths(args.model))
     device, dtype = _device_and_dtype(args)
-    model, tokenizer = load_model(args.model, dtype=dtype, device=str(device))
-    input_ids, name = None, None
+    model, tokenizer = _load_placed(args, dtype, str(device))
+    input_ids: torch.Tensor | None = None
+    name: str | None = None
     if calib is not None:
         if tokenizer is None:
             raise ConfigError(f"{args.model} has no tokenizer; --data needs one")
@@ -132,20 +156,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from moeslim.config import EvalConfig
+    from moeslim.config import EvalConfig, from_mapping
     from moeslim.evaluate import evaluate_model
-    from moeslim.io import load
+    from moeslim.evaluate.table import print_table
     from moeslim.models.loading import check_context
     from moeslim.outputs import check_output_file, write_text_atomic
-    from moeslim.workflows.variants import print_table
 
-    config = EvalConfig(
-        data=tuple(args.data or EvalConfig.data), seq_len=args.seq_len, max_windows=args.max_windows,
-        tasks=_task_names(args.tasks), task_limit=args.task_limit, speed=args.speed, batch_size=args.batch_size,
-    )
+    given = _config_values(args, EvalConfig, shared=())
+    if args.data:
+        given["data"] = tuple(args.data)
+    config = from_mapping(EvalConfig, {**given, "tasks": _task_names(args.tasks)}, "eval")
     out = check_output_file(args.out, inputs=_input_paths(args.model))
     device, dtype = _device_and_dtype(args)
-    model, tokenizer = load(args.model, dtype=dtype, device=device)
+    model, tokenizer = _load_placed(args, dtype, device)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer; eval needs one")
     check_context(model, config.seq_len)
@@ -167,7 +190,7 @@ def _task_names(given: list[str] | None) -> tuple[str, ...]:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from moeslim.appliers import apply
-    from moeslim.io import checkpoint_dtype, load, save
+    from moeslim.io import checkpoint_dtype, save
     from moeslim.outputs import check_output_dir
     from moeslim.plans import Plan
 
@@ -175,19 +198,32 @@ def cmd_apply(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # before any work
     plans = [Plan.load(p) for p in args.plans]
     device, dtype = _device_and_dtype(args)
-    if args.stream:  # one decoder layer at a time, shard by shard (prune and skip plans)
-        from moeslim.models import resolve_model_path
-        from moeslim.workflows.streamed_apply import apply_streamed
-
-        apply_streamed(resolve_model_path(args.model), plans, out, dtype=dtype, overwrite=args.overwrite,
-                       force=args.force, inputs=inputs)
-        console.print(f"wrote checkpoint {out}")
-        return 0
-    model, tokenizer = load(args.model, dtype=dtype, device=device)
+    if args.resume and not args.stream:
+        raise ConfigError("apply --resume needs --stream (a resumable apply writes the checkpoint layer by layer)")
+    if args.stream:  # one decoder layer at a time, shard by shard; torchrun splits a GPTQ pass, rank 0 writes
+        return _apply_streamed(args, plans, out, inputs, device, dtype)
+    model, tokenizer = _load_placed(args, dtype, device)
     for plan in plans:
         apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), force=args.force)
     save(model, out, tokenizer, overwrite=args.overwrite, inputs=inputs, dtype=checkpoint_dtype(args.model))
     console.print(f"wrote checkpoint {out}")
+    return 0
+
+
+def _apply_streamed(args: argparse.Namespace, plans: list[Plan], out: Path, inputs: list[str],
+                    device: torch.device, dtype: torch.dtype) -> int:
+    from moeslim.calibrate.resume import run_key
+    from moeslim.models import resolve_model_path
+    from moeslim.workflows.streamed_apply import stream_apply
+
+    world, device = _join_torchrun(device)
+    source = resolve_model_path(args.model)
+    key = run_key(model=source, plans=[p.to_dict() for p in plans], dtype=str(dtype), device=device.type,
+                  world=world.size, force=args.force) if args.resume else None
+    written = stream_apply(source, plans, out, dtype=dtype, device=device, overwrite=args.overwrite,
+                           force=args.force, inputs=inputs, resume=key)
+    if written is not None:
+        console.print(f"wrote checkpoint {out}")
     return 0
 
 
@@ -201,15 +237,16 @@ def _input_paths(model: str, *files: str) -> list[str]:
 def _gptq_calibration(tokenizer: PreTrainedTokenizerBase | None, plan: Plan) -> CalibrationSet | None:
     """A quantize plan made with GPTQ: its calibration windows, redrawn with the model's tokenizer, for the
     GPTQ pass that ``apply`` runs (once). None for plans that need no data."""
-    from moeslim.appliers.quantize import needs_calibration
+    from moeslim.appliers import needs_calibration  # GPTQ, low-rank factors, merged / refitted router rows
     from moeslim.data.calibration_set import build_calibration_set, calibration_config
 
     if not needs_calibration(plan):
         return None
     if tokenizer is None:
-        raise ConfigError("this GPTQ quantize plan needs its calibration windows, which need the model's tokenizer")
+        raise ConfigError(f"this {plan.kind} plan needs its calibration windows, which need the model's tokenizer")
     config = calibration_config(plan.summary.get("calibration") or {})
-    console.print(f"GPTQ on the plan's calibration data ({', '.join(config.data)}, {config.samples} windows)")
+    console.print(f"{plan.kind}: calibration pass on the plan's data ({', '.join(config.data)}, "
+                  f"{config.samples} windows)")
     return build_calibration_set(config, tokenizer)
 
 
@@ -235,18 +272,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from moeslim.data.calibration_set import build_calibration_set
-    from moeslim.io import load
     from moeslim.models.loading import check_context
     from moeslim.outputs import check_output_file
     from moeslim.workflows.stages import parse_stage
 
-    params = {k: v for k, v in _PLAN_FIELDS[args.kind](args).items() if v is not None}
-    stage = parse_stage({args.kind: params}, f"plan {args.kind}")  # validates before loading the model
+    # Validated before the model is loaded.
+    stage = parse_stage({args.kind: _config_values(args, args.config_cls)}, f"plan {args.kind}")
     calib = _calibration_config(args, DEFAULT_CALIBRATION_DATA)
     check_output_file(args.out, inputs=_input_paths(args.model))
     device, dtype = _device_and_dtype(args)
     world, device = _join_torchrun(device)
-    model, tokenizer = _load_streamed(args.model, dtype) if args.stream else load(args.model, dtype=dtype)
+    model, tokenizer = _load_streamed(args.model, dtype) if args.stream else _load_placed(args, dtype)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer; calibration needs one")
     check_context(model, calib.seq_len)
@@ -269,23 +305,149 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prune_fields(args: argparse.Namespace) -> dict[str, object]:
-    return {"method": args.method, "keep": args.keep, "mode": args.mode, "budget": args.budget,
-            "beam": args.beam, "seed": args.seed, "max_tokens": args.max_tokens}
+# ``moeslim plan <kind>`` flags are derived from the config dataclass registered for the kind in
+# ``workflows.stages._registry``: a new kind, or a new field of a config, gets its flags with no edit here.
+# Not transformers' HfArgumentParser: it builds the dataclass itself from defaults it copies (we pass only the
+# flags given and let ``from_mapping`` name the bad field), it rewrites ``field.type`` on the classes it reads,
+# it has no ``tuple[int, ...]`` type (only lists, as ``nargs="+"``), and a field that shares a flag with the
+# calibration options (``--seed``, ``--batch-size``) would be an argparse conflict.
+
+_SHARED_FIELDS = ("seed", "batch_size")
+"""Config fields fed by the calibration flag of the same name (one ``--seed`` for the draw and the plan)."""
+
+_CONFIG_DEST = "config."  # namespace prefix: a field can never overwrite another option's value
 
 
-def _skip_fields(args: argparse.Namespace) -> dict[str, object]:
-    return {"rule": args.rule, "quantile": args.quantile}
+def _add_config_args(parser: argparse.ArgumentParser, config_cls: type,
+                     exclude: Sequence[str] = _SHARED_FIELDS) -> None:
+    """One ``--field-name`` per init field of dataclass ``config_cls`` (except ``exclude``: flags built elsewhere).
+
+    Type hints give the parsing: Literal -> choices, bool -> ``--x/--no-x``, ``tuple[T, ...]`` -> a comma
+    list, ``T | None`` -> T or ``none``. Every flag defaults to None (= the config's default); a field without a default
+    is a required flag, and so is one whose metadata says ``"required_flag": True`` (a value the user should
+    always state, like the bit budget). Help: ``field(metadata={"help": ...})``.
+    """
+    hints = get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if not f.init or f.name in exclude:
+            continue
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        required = not has_default or bool(f.metadata.get("required_flag", False))
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        spec = _parsing(hints[f.name])
+        note = "required" if required else f"default {_shown(default)}"
+        if isinstance(spec.get("type"), _OrNone):
+            note += "; 'none' for None"
+        text = f"{f.metadata.get('help', '')} ({note})".strip().replace("%", "%%")
+        if "choices" not in spec and "action" not in spec:  # argparse shows choices; a flag has no value
+            spec.setdefault("metavar", f.name.upper())
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=_CONFIG_DEST + f.name, default=None,
+                            required=required, help=text, **spec)
 
 
-def _quantize_fields(args: argparse.Namespace) -> dict[str, object]:
-    candidates = tuple(int(b) for b in args.candidates.split(",")) if args.candidates else None
-    return {"method": args.method, "bits": args.bits, "candidates": candidates, "alpha": args.alpha,
-            "beta": args.beta, "gamma": args.gamma, "group_size": args.group_size, "scope": args.scope,
-            "seed": args.seed, "quantizer": args.quantizer}
+def _parsing(hint: Any) -> dict[str, Any]:
+    """argparse ``type``/``choices``/``action`` for one annotated field type."""
+    optional = _without_none(hint) is not hint
+    hint = _without_none(hint)
+    origin = get_origin(hint)
+    spec = _parsing_of(hint, origin)
+    if optional and "type" in spec and "choices" not in spec:
+        spec["type"] = _OrNone(spec["type"])
+    return spec
 
 
-_PLAN_FIELDS = {"prune": _prune_fields, "skip": _skip_fields, "quantize": _quantize_fields}
+def _parsing_of(hint: Any, origin: Any) -> dict[str, Any]:
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is Literal:
+        choices = get_args(hint)
+        return {"type": type(choices[0]), "choices": choices}  # argparse shows the choices as the metavar
+    if origin is tuple:
+        item = get_args(hint)[0]  # other item types arrive as strings; check_types names a wrong one
+        return {"type": _CommaList(item if item in (int, float, str) else str), "metavar": "A,B,..."}
+    if origin in (Union, types.UnionType):  # int | float: the widest number
+        return {"type": float if set(get_args(hint)) <= {int, float} else str}
+    if hint in (int, float, str):
+        return {"type": hint}
+    return {"type": json.loads, "metavar": "JSON"}  # anything else (a mapping): spelled as in a recipe
+
+
+def _without_none(hint: Any) -> Any:
+    if get_origin(hint) in (Union, types.UnionType):
+        rest = tuple(a for a in get_args(hint) if a is not type(None))
+        return rest[0] if len(rest) == 1 else Union[rest]  # noqa: UP007 (a runtime tuple of types)
+    return hint
+
+
+class _Null:
+    """``none`` given for a field that may be None (``--budget none``: no limit); unset flags are plain None."""
+
+
+_NULL = _Null()
+
+
+class _OrNone:
+    """argparse type: ``none``/``null`` -> ``_NULL``, anything else -> ``inner(text)``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.__name__ = f"{getattr(inner, '__name__', inner)} or none"
+
+    def __call__(self, text: str) -> Any:
+        return _NULL if text.strip().lower() in ("none", "null") else self.inner(text)
+
+
+class _CommaList:
+    """argparse type: ``"1,2,3"`` -> ``(1, 2, 3)`` (the item type converts and rejects each element)."""
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+        self.__name__ = f"comma-separated list of {getattr(item, '__name__', item)}"  # argparse's error text
+
+    def __call__(self, text: str) -> tuple[Any, ...]:
+        return tuple(self.item(part) for part in text.split(",") if part.strip())
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "empty"
+    return str(value)
+
+
+def _config_values(args: argparse.Namespace, config_cls: type, shared: Sequence[str] = _SHARED_FIELDS
+                   ) -> dict[str, Any]:
+    """The config fields given on the command line (flags left out take the config's default); ``shared``:
+    fields fed by a shared flag of the same name."""
+    values = {name[len(_CONFIG_DEST):]: None if value is _NULL else value for name, value in vars(args).items()
+              if name.startswith(_CONFIG_DEST) and value is not None}
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    values.update({name: getattr(args, name) for name in shared
+                   if name in fields and getattr(args, name, None) is not None})
+    return values
+
+
+def _add_plan_parsers(sub: argparse._SubParsersAction, with_kinds: bool = True) -> None:
+    """``moeslim plan <kind>`` for every kind in the stage registry (``with_kinds=False``: the ``plan`` entry
+    only, so other commands and ``--help`` do not import every method to list flags they never show)."""
+    plan = sub.add_parser("plan", help="compute a plan (JSON) from calibration data").add_subparsers(
+        dest="kind", required=True)
+    if not with_kinds:
+        return
+    from moeslim.workflows.stages import stage_configs
+
+    for kind, config_cls in stage_configs().items():
+        p = plan.add_parser(kind, help=_first_line(config_cls.__doc__))
+        p.add_argument("model", help="checkpoint folder, hub id (online), or 'demo'")
+        _add_config_args(p, config_cls)
+        _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
+        p.add_argument("--out", required=True, help="plan JSON path")
+        _add_device_args(p, stream=True)
+        p.set_defaults(func=cmd_plan, config_cls=config_cls)
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n")[0].replace("``", "").replace("%", "%%")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -320,7 +482,76 @@ def _print_loads(loads: list) -> None:
     console.print(table)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """``moeslim export``: GGUF for llama.cpp, compressed-tensors for vLLM (moeslim.export)."""
+    p = sub.add_parser("export", help="write a model for an inference engine: GGUF (llama.cpp) or "
+                                      "compressed-tensors (vLLM)")
+    p.add_argument("model", help="checkpoint folder (original, pruned or quantized), hub id (online), or 'demo'")
+    p.add_argument("--format", required=True, choices=("gguf", "compressed-tensors"))
+    p.add_argument("--out", required=True, help="gguf: the .gguf file; compressed-tensors: the folder to write")
+    p.add_argument("--plan", default=None,
+                   help="gguf: a quantize plan made with --scope gguf (one llama.cpp type per expert tensor); "
+                        "compressed-tensors: a uniform quantize plan, applied (GPTQ) before writing")
+    p.add_argument("--type", default="F16",
+                   help="gguf: type of every matrix without a plan type: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, "
+                        "Q5_1 (gguf-py), or a llama.cpp type/preset such as Q4_K_M (needs --llama-quantize)")
+    p.add_argument("--llama-quantize", default=None,
+                   help="gguf: path of llama.cpp's llama-quantize program, for K-quant types and presets")
+    p.add_argument("--imatrix", default=None, help="gguf: importance matrix file for --llama-quantize")
+    p.add_argument("--ct-scheme", default="symmetric", choices=("symmetric", "asymmetric"),
+                   help="compressed-tensors: symmetric (what vLLM's MoE kernels and transformers load; stores "
+                        "b or b+1 bits exactly) or asymmetric (b bits + zero points)")
+    p.add_argument("--overwrite", action="store_true", help="compressed-tensors: replace an existing --out folder")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from moeslim.appliers import apply
+    from moeslim.export import export_compressed_tensors, export_gguf
+    from moeslim.io import load
+    from moeslim.outputs import check_output_dir, check_output_file
+    from moeslim.plans import Plan
+
+    inputs = _input_paths(args.model, *([args.plan] if args.plan else []))
+    gguf = args.format == "gguf"
+    if not gguf and (args.type != "F16" or args.llama_quantize or args.imatrix):
+        raise ConfigError("--type, --llama-quantize and --imatrix are GGUF options; compressed-tensors writes the "
+                          "experts' own codes (quantize them with --plan or moeslim apply)")
+    if gguf and (args.overwrite or args.ct_scheme != "symmetric"):
+        raise ConfigError("--overwrite and --ct-scheme are compressed-tensors options")
+    if gguf:  # before any work
+        check_output_file(args.out, inputs=inputs)
+    else:
+        check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)
+    plan = Plan.load(args.plan) if args.plan else None
+    model, tokenizer = load(args.model)
+    if gguf:
+        result = export_gguf(model, tokenizer, args.out, qtype=args.type, plan=plan, llama_quantize=args.llama_quantize,
+                             imatrix=args.imatrix, inputs=inputs)
+        for line in result.fallbacks:
+            console.print(f"fallback {line}")
+        counts: dict[str, int] = {}
+        for qtype in result.tensor_types.values():
+            counts[qtype] = counts.get(qtype, 0) + 1
+        console.print(f"wrote {args.out} ({result.nbytes / 2**20:.1f} MiB, {result.expert_count} experts, top-"
+                      f"{result.expert_used_count}; tensor types {dict(sorted(counts.items()))}; quantizer "
+                      f"{result.quantizer})")
+        return 0
+    if plan is not None:
+        apply(model, plan, calibration=_gptq_calibration(tokenizer, plan))
+    ct = export_compressed_tensors(model, tokenizer, args.out, scheme=args.ct_scheme, overwrite=args.overwrite,
+                                   inputs=inputs)
+    what = (f"{ct.quantized_tensors} expert weights at {ct.bits} bits, stored as {ct.stored_bits}-bit "
+            f"{'symmetric' if ct.symmetric else 'asymmetric'} groups of {ct.group_size}") if ct.bits else \
+        "no quantized experts: a plain checkpoint"
+    console.print(f"wrote {args.out} (compressed-tensors pack-quantized; {what})")
+    return 0
+
+
+def build_parser(plan_kinds: bool = True) -> argparse.ArgumentParser:
+    """The whole parser; ``plan_kinds=False`` leaves out the per-kind ``plan`` subcommands (see main)."""
+    from moeslim.config import EvalConfig
+
     parser = argparse.ArgumentParser(
         prog="moeslim",
         description="Make Mixture-of-Experts models smaller and faster without retraining: "
@@ -337,16 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity per domain, task accuracy, cost and speed of one model")
     p.add_argument("model", help="checkpoint folder, hub id (online), or 'demo'")
+    # data and tasks stay repeatable flags (and tasks defaults to the bundled offline tasks, not EvalConfig's
+    # empty tuple); every other EvalConfig field is derived like the plan flags.
     p.add_argument("--data", action="append", default=None,
                    help="text source to score (default demo:code and demo:prose, test split); repeatable")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per fixed, non-overlapping window")
-    p.add_argument("--max-windows", type=int, default=64, help="windows per source (seeded draw; default 64)")
     p.add_argument("--tasks", action="append", default=None,
                    help="lm-eval task name, repeatable (default: the bundled offline tasks "
                         "moeslim_code_nextline and moeslim_prose_continuation; 'none' for no tasks)")
-    p.add_argument("--task-limit", type=int, default=None, help="items per task (default all)")
-    p.add_argument("--speed", action="store_true", help="also time prefill and decode")
-    p.add_argument("--batch-size", type=int, default=8)
+    _add_config_args(p, EvalConfig, exclude=("data", "tasks"))
     p.add_argument("--name", default=None, help="label of this model in the report")
     p.add_argument("--out", default="runs/eval/result.json", help="result JSON path")
     _add_device_args(p)
@@ -361,7 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="apply plans computed on a model with a different config (refused by default)")
     p.add_argument("--stream", action="store_true",
-                   help="prune/skip plans: read, apply and write one decoder layer at a time (memory: one layer)")
+                   help="read, apply and write one decoder layer at a time (memory: one layer); a quantize plan "
+                        "on its own; under torchrun a GPTQ pass is split over the processes")
+    p.add_argument("--resume", action="store_true",
+                   help="with --stream, quantize plans: keep finished layers in .OUT.layers/ and, rerun with the "
+                        "same arguments after a kill, continue at the next layer")
     _add_device_args(p)
     p.set_defaults(func=cmd_apply)
 
@@ -376,50 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="parent of the run folder (default runs)")
     p.set_defaults(func=cmd_run)
 
-    plan = sub.add_parser("plan", help="compute a plan (JSON) from calibration data").add_subparsers(
-        dest="kind", required=True)
-    p = plan.add_parser("prune", help="choose which experts each layer keeps")
-    p.add_argument("model")
-    p.add_argument("--method", default="enumerate",
-                   help="enumerate | search | frequency | soft-count | reap | random (default enumerate)")
-    p.add_argument("--keep", type=int, required=True, help="experts to keep per layer")
-    p.add_argument("--mode", default=None, help="layerwise (default) | progressive")
-    p.add_argument("--budget", type=int, default=None, help="search: max loss evaluations per layer")
-    p.add_argument("--beam", type=int, default=None, help="search: beam width")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="search/reap: cap on the tokens whose expert outputs are kept per layer (default 16384; "
-                        "memory: max-tokens x experts x hidden x 4 bytes; enumerate needs no cap)")
-    _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
-    p.add_argument("--out", required=True, help="plan JSON path")
-    _add_device_args(p, stream=True)
-    p.set_defaults(func=cmd_plan)
-
-    p = plan.add_parser("skip", help="per-layer dynamic skipping thresholds")
-    p.add_argument("model")
-    p.add_argument("--rule", default=None, help="top2 (the paper's rule) | topk (appendix rule for k > 2)")
-    p.add_argument("--quantile", type=float, default=None,
-                   help="share of tokens that skip (default 0.5: the median ratio)")
-    _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
-    p.add_argument("--out", required=True, help="plan JSON path")
-    _add_device_args(p, stream=True)
-    p.set_defaults(func=cmd_plan)
-
-    p = plan.add_parser("quantize", help="bit-width per expert (PMQ mixed precision or uniform)")
-    p.add_argument("model")
-    p.add_argument("--method", default="pmq", help="pmq | uniform | random (default pmq)")
-    p.add_argument("--bits", type=float, required=True, help="average bits per expert weight")
-    p.add_argument("--candidates", default=None, help="candidate widths, e.g. 1,2,3")
-    p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--beta", type=float, default=None)
-    p.add_argument("--gamma", type=float, default=None)
-    p.add_argument("--group-size", type=int, default=None)
-    p.add_argument("--scope", default=None, help="layer (the paper: budget per layer) | global")
-    p.add_argument("--quantizer", default=None,
-                   help="gptq (default; runs in apply on the plan's windows) | rtn (round-to-nearest, no data)")
-    _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
-    p.add_argument("--out", required=True, help="plan JSON path")
-    _add_device_args(p, stream=True)
-    p.set_defaults(func=cmd_plan)
+    _add_plan_parsers(sub, with_kinds=plan_kinds)
+    _add_export_parser(sub)
 
     p = sub.add_parser("demo", help="the main job: original vs compressed variants of the embedded model")
     p.add_argument("--model", default="demo", help="model to run the demo on (default: the embedded model)")
@@ -431,8 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(plan_kinds=bool(given) and given[0] == "plan")  # kinds import torch and the methods
+    args = parser.parse_args(given)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -69,8 +69,11 @@ def check_types(config: Any) -> None:
     hints = get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.name in hints and not _matches(value, hints[f.name]):
-            raise ConfigError(f"{f.name}={value!r}: expected {_type_name(hints[f.name])}, "
+        if f.name not in hints or _matches(value, hints[f.name]):
+            continue
+        if get_origin(hints[f.name]) is Literal:  # an enumeration: say what to write instead
+            raise ConfigError(f"{f.name}={value!r}: use one of {', '.join(map(str, get_args(hints[f.name])))}")
+        raise ConfigError(f"{f.name}={value!r}: expected {_type_name(hints[f.name])}, "
                               f"got {type(value).__name__}")
 
 
@@ -128,17 +131,19 @@ class CalibrationConfig:
 class EvalConfig:
     """What ``moeslim eval`` measures."""
 
-    data: tuple[str, ...] = ("demo:code:test", "demo:prose:test")
-    seq_len: int = 256
-    max_windows: int | None = 64
-    tasks: tuple[str, ...] = field(default_factory=tuple)
-    task_limit: int | None = None
-    speed: bool = False
-    speed_repeats: int = 3
-    speed_new_tokens: int = 32  # decode steps timed per repeat
-    generate_tokens: int = 24  # greedy continuations of fixed prompts, side by side (0: none)
-    batch_size: int = 8
-    seed: int = 0  # which windows are drawn
+    data: tuple[str, ...] = field(default=("demo:code:test", "demo:prose:test"), metadata={
+        "help": "text sources to score (default demo:code and demo:prose, test split)"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per fixed, non-overlapping window"})
+    max_windows: int | None = field(default=64, metadata={"help": "windows per source (seeded draw; None: all)"})
+    tasks: tuple[str, ...] = field(default_factory=tuple, metadata={"help": "lm-eval task names"})
+    task_limit: int | None = field(default=None, metadata={"help": "items per task (None: all)"})
+    speed: bool = field(default=False, metadata={"help": "also time prefill and decode"})
+    speed_repeats: int = field(default=3, metadata={"help": "timed repeats (the median is reported)"})
+    speed_new_tokens: int = field(default=32, metadata={"help": "decode steps timed per repeat"})
+    generate_tokens: int = field(default=24, metadata={
+        "help": "greedy continuations of fixed prompts, side by side (0: none)"})
+    batch_size: int = field(default=8, metadata={"help": "windows per forward pass"})
+    seed: int = field(default=0, metadata={"help": "which windows are drawn"})
 
     def __post_init__(self) -> None:
         check_types(self)

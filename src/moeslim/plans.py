@@ -16,7 +16,7 @@ from moeslim._package import __version__
 
 PLAN_FORMAT = "moeslim.plan"
 PLAN_VERSION = 1
-PLAN_KINDS = ("prune", "skip", "quantize")
+PLAN_KINDS = ("prune", "skip", "quantize", "merge", "lowrank")
 
 
 class PlanError(ValueError):
@@ -57,7 +57,8 @@ class Plan:
     """One compression decision.
 
     ``layers`` maps a decoder-layer index to the per-layer decision:
-    prune -> sorted kept expert ids; skip -> {"beta": float}; quantize -> {"bits": [int per expert]}.
+    prune -> sorted kept expert ids; skip -> {"beta": float}; quantize -> {"bits": [int per expert]};
+    merge -> {"groups", "weights", "representatives"}; lowrank -> {"up_ranks", "down_ranks"} (ints per expert).
     ``summary`` holds method-specific extras (losses of alternatives, skip rates, average bits).
     """
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeslim.models.attrs import hf_config
 from moeslim.plans import Plan, PlanError, config_hash
 
 
@@ -31,16 +32,39 @@ Handler = Callable[[nn.Module, Plan, ApplyInputs], dict[str, Any]]
 
 def _handlers() -> dict[str, Handler]:
     # Imported lazily so that importing moeslim does not import every method's runtime.
-    from moeslim.appliers.prune import apply_prune
+    from moeslim.appliers.lowrank import apply_lowrank
+    from moeslim.appliers.merge import apply_merge
     from moeslim.appliers.quantize import apply_quantize
+    from moeslim.appliers.router_fit import apply_prune_refit
     from moeslim.appliers.skip import apply_skip
 
     return {
-        "prune": lambda model, plan, _inputs: apply_prune(model, plan),
+        "prune": lambda model, plan, inputs: apply_prune_refit(model, plan, inputs.calibration, inputs.device,
+                                                               inputs.progress),
         "skip": lambda model, plan, _inputs: apply_skip(model, plan),
         "quantize": lambda model, plan, inputs: apply_quantize(model, plan, inputs.calibration, inputs.device,
                                                                inputs.progress),
+        "merge": lambda model, plan, inputs: apply_merge(model, plan, inputs.calibration, inputs.device,
+                                                         inputs.progress),
+        "lowrank": lambda model, plan, inputs: apply_lowrank(model, plan, inputs.calibration, inputs.device,
+                                                             inputs.progress),
     }
+
+
+def needs_calibration(plan: Plan) -> bool:
+    """Whether applying ``plan`` runs a calibration pass (pass the plan's windows to ``apply``): GPTQ quantize
+    plans, low-rank plans, merge plans with router fits, prune plans with ``recalibrate_router``."""
+    from moeslim.appliers.merge import merge_config
+    from moeslim.appliers.quantize import needs_calibration as gptq_needs_calibration
+    from moeslim.appliers.router_fit import refits_router
+
+    if plan.kind == "quantize":
+        return gptq_needs_calibration(plan)
+    if plan.kind == "lowrank":
+        return True
+    if plan.kind == "merge":
+        return merge_config(plan).needs_data_in_apply
+    return plan.kind == "prune" and refits_router(plan)
 
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
@@ -78,5 +102,5 @@ def apply(model: nn.Module, plan: Plan, calibration: Any = None, *, force: bool 
     history = list(section.get("applied", []))
     history.append({"kind": plan.kind, "method": plan.provenance.method, "data": plan.provenance.data})
     section["applied"] = history
-    model.config.moeslim = section
+    hf_config(model).moeslim = section
     return model

@@ -17,7 +17,7 @@ Each packed ``LowBitTensor`` goes to the runtime through one call, ``runtime.low
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -26,14 +26,15 @@ from moeslim.config import from_mapping
 from moeslim.data.calibration_set import CalibrationSet, check_same_calibration
 from moeslim.methods.quant.config import QuantizeConfig
 from moeslim.methods.quant.driver import bits_summary
-from moeslim.methods.quant.fused import KEEP_BITS, quantize_fused
+from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor, quantize_fused
 from moeslim.methods.quant.transform import QuantizedExperts, gptq_experts, rtn_experts
 from moeslim.models import MoELayer, decoder_layers, find_moe_layers
 from moeslim.models.expert_math import expert_weight_views
 from moeslim.plans import Plan, PlanError
 from moeslim.runtime.lowbit_io import install_lowbit
 
-__all__ = ["apply_quantize", "attention_linears", "needs_calibration"]
+__all__ = ["QuantizeSettings", "apply_quantize", "attention_linears", "gptq_input_ids", "needs_calibration",
+           "quantize_attention_weight", "quantize_section", "quantize_settings"]
 
 
 def _plan_bits(model_layers: dict[int, MoELayer], plan: Plan) -> dict[int, list[int]]:
@@ -95,12 +96,18 @@ def attention_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return found
 
 
-def apply_quantize(model: nn.Module, plan: Plan, calibration: CalibrationSet | torch.Tensor | None = None,
-                   device: torch.device | str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Quantize the experts (and optionally attention) in place; return the ``quantize`` config section.
+class QuantizeSettings(NamedTuple):
+    """What applying a quantize plan to a model needs from the plan, validated against the model."""
 
-    ``calibration``: the windows the plan was made on; required when ``needs_calibration(plan)``.
-    """
+    bits: dict[int, list[int]]  # {decoder layer index: (E,) widths}
+    group_size: int
+    quantizer: str  # "gptq", "rtn", or "none" (every expert kept at 16 bits)
+    config: QuantizeConfig  # the GPTQ settings the plan was made with
+    attention_bits: int | None
+
+
+def quantize_settings(model: nn.Module, plan: Plan) -> QuantizeSettings:
+    """The widths, group size, quantizer and GPTQ settings of ``plan`` (raises PlanError if it does not fit)."""
     layers = {layer.layer_idx: layer for layer in find_moe_layers(model)}
     bits = _plan_bits(layers, plan)
     group_size = int(plan.summary.get("group_size", plan.provenance.config.get("group_size", 128)))
@@ -108,36 +115,65 @@ def apply_quantize(model: nn.Module, plan: Plan, calibration: CalibrationSet | t
     quantizer = _quantizer(plan) if quantized else "none"
     if quantizer not in ("gptq", "rtn", "none"):
         raise PlanError(f"plan quantizer {quantizer!r} is not 'gptq' or 'rtn'")
+    attention = plan.summary.get("quantize_attention")
+    return QuantizeSettings(bits, group_size, quantizer, _gptq_config(plan, group_size),
+                            None if attention is None else int(attention))
+
+
+def gptq_input_ids(plan: Plan, calibration: CalibrationSet | torch.Tensor | None) -> torch.Tensor:
+    """The plan's calibration windows (N, L), checked against its hashes; raises naming what to pass."""
+    if calibration is None:
+        raise _missing_calibration(plan)
+    return check_same_calibration(calibration, plan.summary.get("calibration"), plan.provenance.data_hash)
+
+
+def quantize_attention_weight(linear: nn.Linear, bits: int, group_size: int) -> LowBitTensor:
+    """Round-to-nearest packed weight of one attention projection."""
+    return quantize_fused(linear.weight.detach()[None], [int(bits)], group_size, None, "rtn")
+
+
+def quantize_section(model: nn.Module, settings: QuantizeSettings, fallback: dict[int, list[int]]) -> dict[str, Any]:
+    """The ``quantize`` config section; ``model``'s expert tensors may be real or on meta (only shapes count)."""
+    totals = bits_summary(model, settings.bits, settings.group_size)
+    attention_bits = settings.attention_bits
+    return {"quantize": {
+        "group_size": settings.group_size,
+        "bits": {str(idx): widths for idx, widths in sorted(settings.bits.items())},
+        "avg_bits": totals["avg_bits"],
+        "avg_bits_with_overhead": totals["avg_bits_with_overhead"],
+        "quantizer": settings.quantizer,
+        "quantize_attention": attention_bits,
+        "attention_quantizer": "rtn" if attention_bits is not None else None,
+        # Experts GPTQ could not calibrate (fewer than min_tokens routed tokens): rounded to nearest, listed.
+        "min_tokens": settings.config.min_tokens if settings.quantizer == "gptq" else None,
+        "rtn_fallback": {str(k): v for k, v in sorted(fallback.items()) if v},
+    }}
+
+
+def apply_quantize(model: nn.Module, plan: Plan, calibration: CalibrationSet | torch.Tensor | None = None,
+                   device: torch.device | str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Quantize the experts (and optionally attention) in place; return the ``quantize`` config section.
+
+    ``calibration``: the windows the plan was made on; required when ``needs_calibration(plan)``.
+    (``workflows/streamed_apply.py`` does the same one layer at a time, from and to shards.)
+    """
+    layers = {layer.layer_idx: layer for layer in find_moe_layers(model)}
+    settings = quantize_settings(model, plan)
+    bits, group_size = settings.bits, settings.group_size
     fallback: dict[int, list[int]] = {}
-    config = _gptq_config(plan, group_size)
-    if quantizer == "gptq":
-        if calibration is None:
-            raise _missing_calibration(plan)
-        input_ids = check_same_calibration(calibration, plan.summary.get("calibration"), plan.provenance.data_hash)
-        results = gptq_experts(model, bits, input_ids, config, device, progress)
+    if settings.quantizer == "gptq":
+        input_ids = gptq_input_ids(plan, calibration)
+        results = gptq_experts(model, bits, input_ids, settings.config, device, progress)
         packed: dict[int, QuantizedExperts] = results.experts
         fallback = results.fallback
     else:
         packed = {idx: rtn_experts(layers[idx], widths, group_size) for idx, widths in bits.items()}
-    totals = bits_summary(model, bits, group_size)  # from the float tensors, before the runtime takes them over
+    section = quantize_section(model, settings, fallback)  # from the float tensors, before the runtime takes them
     for idx in bits:
         views = expert_weight_views(layers[idx])
         install_lowbit(layers[idx].experts, views.up_name, packed[idx].up)
         install_lowbit(layers[idx].experts, views.down_name, packed[idx].down)
-    attention_bits = plan.summary.get("quantize_attention")
-    if attention_bits is not None:
+    if settings.attention_bits is not None:
         for _, linear in attention_linears(model):
-            w = linear.weight.detach()
-            install_lowbit(linear, "weight", quantize_fused(w[None], [int(attention_bits)], group_size, None, "rtn"))
-    return {"quantize": {
-        "group_size": group_size,
-        "bits": {str(idx): widths for idx, widths in sorted(bits.items())},
-        "avg_bits": totals["avg_bits"],
-        "avg_bits_with_overhead": totals["avg_bits_with_overhead"],
-        "quantizer": quantizer,
-        "quantize_attention": attention_bits,
-        "attention_quantizer": "rtn" if attention_bits is not None else None,
-        # Experts GPTQ could not calibrate (fewer than min_tokens routed tokens): rounded to nearest, listed.
-        "min_tokens": config.min_tokens if quantizer == "gptq" else None,
-        "rtn_fallback": {str(k): v for k, v in sorted(fallback.items()) if v},
-    }}
+            install_lowbit(linear, "weight", quantize_attention_weight(linear, settings.attention_bits, group_size))
+    return section

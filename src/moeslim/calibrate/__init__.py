@@ -6,6 +6,7 @@ from moeslim.calibrate.observers import (
     Observer,
     RoutingStats,
     RoutingSummary,
+    result_of,
 )
 from moeslim.calibrate.runner import LayerDecision, Propagate, run_layerwise
 
@@ -17,5 +18,6 @@ __all__ = [
     "Propagate",
     "RoutingStats",
     "RoutingSummary",
+    "result_of",
     "run_layerwise",
 ]

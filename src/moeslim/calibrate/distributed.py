@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -61,12 +61,32 @@ def batch_share(batches: int, w: World) -> range:
     return range(start, start + base + (1 if w.rank < extra else 0))
 
 
+def expert_share(items: int, rank: int, size: int) -> range:
+    """The work items (e.g. the quantized experts of a layer, in order) process ``rank`` of ``size`` does:
+    every ``size``-th, so experts of similar cost spread evenly."""
+    return range(rank, items, size)
+
+
+class RankedCommunicator(Protocol):
+    """A ``Communicator`` that also says which process this is (to split per-expert work)."""
+
+    rank: int
+    size: int
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over processes, in place."""
+
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every process's ``value``, in rank order."""
+
+
 class TorchCommunicator:
     """The observers' ``Communicator`` over the default process group."""
 
     def __init__(self, device: torch.device) -> None:
         # gloo reduces CPU tensors, NCCL CUDA tensors.
         self.device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         moved = tensor.to(self.device)
@@ -77,6 +97,11 @@ class TorchCommunicator:
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, value)
         return gathered
+
+
+def process_communicator(device: torch.device) -> TorchCommunicator | None:
+    """The communicator of this torchrun job, or None in a single process."""
+    return TorchCommunicator(device) if world().size > 1 else None
 
 
 def sync_observers(observers: list[Any], device: torch.device) -> None:

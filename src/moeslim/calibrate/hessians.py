@@ -15,12 +15,14 @@ activations the *quantized* gate_up produces. ``keep_inputs=True`` keeps the lay
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from moeslim.calibrate.observers import Communicator
 from moeslim.models import MoELayer
 from moeslim.models.expert_math import expert_intermediate
 
@@ -28,7 +30,7 @@ HessianWeighting = Literal["none", "gate", "gate2"]
 WEIGHTINGS: tuple[str, ...] = ("none", "gate", "gate2")
 
 __all__ = ["WEIGHTINGS", "ExpertHessianSummary", "ExpertHessians", "HessianWeighting", "accumulate_hessian",
-           "down_hessians"]
+           "down_hessian", "down_hessians"]
 
 
 def accumulate_hessian(
@@ -71,6 +73,7 @@ class ExpertHessianSummary:
     down: list[Tensor | None]
     counts: Tensor
     inputs: Tensor | None = None
+    batch_tokens: tuple[int, ...] = ()  # rows of ``inputs`` per observed batch (sums are made batch by batch)
 
 
 class ExpertHessians:
@@ -79,12 +82,19 @@ class ExpertHessians:
     key = "hessians"
 
     def __init__(self, num_experts: int, weighting: HessianWeighting = "none", keep_inputs: bool = False,
-                 up: Tensor | None = None) -> None:
-        """``up``: replacement first-projection tensor (E, stored layout) used for the intermediates."""
+                 up: Tensor | Mapping[int, Tensor] | None = None, down: bool = True,
+                 experts: set[int] | None = None) -> None:
+        """``up``: replacement first-projection slices (E, stored layout; or {expert: slice}) for the intermediates.
+
+        ``down=False`` skips the down Hessians (I x I per expert: the largest term) when they will be
+        recomputed from the kept inputs anyway (true sequential); ``experts``: observe only these experts.
+        """
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={weighting!r}: use one of {', '.join(WEIGHTINGS)}")
         self._weighting = weighting
         self._keep = keep_inputs
+        self._want_down = down
+        self._experts = experts
         self._inputs: list[Tensor] = []
         self._up_weight = up
         self._up: list[Tensor | None] = [None] * num_experts
@@ -96,25 +106,52 @@ class ExpertHessians:
             self._inputs.append(x.detach().cpu())
         weights, ids = layer.route(layer.router_logits(x))  # (T, k), (T, k)
         for e in torch.unique(ids).tolist():
+            if self._experts is not None and e not in self._experts:
+                continue
             hit = ids == e  # (T, k); an expert appears at most once per token
             rows = hit.any(dim=1)
             xe = x[rows].float()  # (n, H)
             g = (weights * hit).sum(dim=1)[rows].float()  # (n,) routing weight of e on its tokens
             tw = None if self._weighting == "none" else (g if self._weighting == "gate" else g * g)
-            up = None if self._up_weight is None else self._up_weight[e]
-            inter = expert_intermediate(layer, x[rows], e, up).float()  # (n, I)
-            # float32 sums on the activation device; moved to CPU once, at result()
-            self._up[e] = accumulate_hessian(self._up[e], xe, tw)
-            self._down[e] = accumulate_hessian(self._down[e], inter, tw)
+            # Each batch's terms in float32, summed in float64 on the activation device: the sum of float32
+            # values is exact in float64 unless their magnitudes differ by more than 2^29, so it does not depend
+            # on the order in which batches (or processes, ``sync``) are added, and 1 or N processes round to
+            # the same float32 Hessian at result() (in the rare other case: to within its last bit).
+            self._up[e] = _add(self._up[e], accumulate_hessian(None, xe, tw))
+            if self._want_down:
+                up = None if self._up_weight is None else self._up_weight[e]
+                inter = expert_intermediate(layer, x[rows], e, up).float()  # (n, I)
+                self._down[e] = _add(self._down[e], accumulate_hessian(None, inter, tw))
             self._counts[e] += int(rows.sum())
+
+    def sync(self, comm: Communicator) -> None:
+        """Sum the Hessians and routed counts over the processes of a torchrun job (``distributed.py``).
+
+        The kept block inputs stay each process's own: ``quantize_layer_experts`` sums the down Hessians it
+        recomputes from them. An expert that no process routed to keeps no Hessian (None).
+        """
+        comm.all_reduce_sum(self._counts)
+        for hessians in (self._up, self._down) if self._want_down else (self._up,):
+            shapes = [s for s in comm.all_gather(next((tuple(h.shape) for h in hessians if h is not None), None))
+                      if s is not None]
+            for e in range(len(hessians)):
+                if int(self._counts[e]) == 0:
+                    continue
+                local = hessians[e]
+                total = local if local is not None else torch.zeros(shapes[0], dtype=torch.float64)
+                comm.all_reduce_sum(total)
+                hessians[e] = total
 
     def result(self) -> ExpertHessianSummary:
         def cpu(h: Tensor | None) -> Tensor | None:
-            return None if h is None else h.cpu()
+            return None if h is None else h.float().cpu()
 
+        # The float64 sums are rounded once and replaced by the float32 Hessians (not held twice: for a large
+        # layer they are the biggest statistic); call result() after the last observe (and sync).
+        self._up, self._down = [cpu(h) for h in self._up], [cpu(h) for h in self._down]
         inputs = torch.cat(self._inputs) if self._inputs else None
-        return ExpertHessianSummary([cpu(h) for h in self._up], [cpu(h) for h in self._down],
-                                    self._counts.clone(), inputs)
+        return ExpertHessianSummary(list(self._up), list(self._down),
+                                    self._counts.clone(), inputs, tuple(int(t.shape[0]) for t in self._inputs))
 
 
 def down_hessians(layer: MoELayer, x: Tensor, up: Tensor, weighting: HessianWeighting = "none",
@@ -126,3 +163,27 @@ def down_hessians(layer: MoELayer, x: Tensor, up: Tensor, weighting: HessianWeig
     for start in range(0, x.shape[0], chunk):
         observer.observe(layer, x[start : start + chunk].to(device))
     return observer.result().down
+
+
+def down_hessian(layer: MoELayer, x: Tensor, expert: int, up: Tensor, weighting: HessianWeighting = "none",
+                 batches: Sequence[int] = ()) -> Tensor | None:
+    """Expert ``expert``'s down-input Hessian (I, I) on block inputs x (T, H) with its first-projection slice
+    ``up`` (stored layout), holding one Hessian: the float64 sums (round with ``.float()`` after adding
+    other processes' sums; ``down_hessians`` gives the rounded ones of every expert).
+
+    ``batches``: rows per calibration batch (``ExpertHessianSummary.batch_tokens``): the float32 terms are
+    made batch by batch, so any split of the batches over processes adds up to the same sums.
+    """
+    observer = ExpertHessians(layer.num_experts, weighting, up={expert: up}, experts={expert})
+    start = 0
+    for rows in batches or [x.shape[0]]:
+        observer.observe(layer, x[start : start + rows].to(up.device))
+        start += rows
+    if start != x.shape[0]:
+        raise ValueError(f"batches cover {start} of the {x.shape[0]} input rows")
+    return observer._down[expert]
+
+
+def _add(total: Tensor | None, update: Tensor) -> Tensor:
+    """``total + update`` in float64 (``update``: one batch's float32 terms)."""
+    return update.double() if total is None else total.add_(update)

@@ -7,7 +7,7 @@ Methods ask for the observers they need; none of them touches the model's weight
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -32,6 +32,17 @@ class Observer(Protocol):
 
     def result(self) -> object:
         """Summary of everything observed so far."""
+
+
+_Result = TypeVar("_Result")
+
+
+def result_of(observer: Observer, kind: type[_Result]) -> _Result:
+    """``observer.result()``, checked to be a ``kind`` (each observer hands back its own summary type)."""
+    result = observer.result()
+    if not isinstance(result, kind):
+        raise TypeError(f"{type(observer).__name__} gave a {type(result).__name__}, expected a {kind.__name__}")
+    return result
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,7 @@ class ExpertOutputSample:
     x: torch.Tensor  # (T, H) block inputs
     logits: torch.Tensor  # (T, E) router logits
     outputs: torch.Tensor  # (T, E, H) unweighted output of every expert
+    target: torch.Tensor | None = None  # (T, H) original model's block output on its own inputs (progressive)
 
     @property
     def tokens(self) -> int:
@@ -147,6 +159,12 @@ class ExpertOutputs:
         self._x: list[torch.Tensor] = []
         self._logits: list[torch.Tensor] = []
         self._outputs: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []  # (t, H) per batch, only when the runner hands targets
+        self._pending: torch.Tensor | None = None
+
+    def at_target(self, target: torch.Tensor) -> None:
+        """The runner's note (progressive targets): the original block output (T, H) of the next batch."""
+        self._pending = target
 
     def at_batch(self, first_window: int, windows: int) -> None:
         """The runner's note: the next ``observe`` sees windows ``first_window .. first_window + windows - 1``."""
@@ -170,6 +188,7 @@ class ExpertOutputs:
 
     def observe(self, layer: MoELayer, x: torch.Tensor) -> None:
         keys, pos = self._token_keys(x.shape[0])
+        target, self._pending = self._pending, None
         keep = keys < self._fraction
         if self._max_tokens is not None and self._keys and sum(k.numel() for k in self._keys) >= self._max_tokens:
             keep &= keys < torch.cat(self._keys).max()  # only tokens that can enter the running sample
@@ -181,6 +200,8 @@ class ExpertOutputs:
         self._x.append(x.to(self._dtype).cpu())
         self._logits.append(layer.router_logits(x).float().cpu())
         self._outputs.append(layer.expert_outputs(x).to(self._dtype).cpu())
+        if target is not None:
+            self._targets.append(target[keep.to(target.device)].to(self._dtype).cpu())
         self._truncate()
 
     def _truncate(self) -> None:
@@ -195,26 +216,30 @@ class ExpertOutputs:
         self._x = [torch.cat(self._x)[chosen]]
         self._logits = [torch.cat(self._logits)[chosen]]
         self._outputs = [torch.cat(self._outputs)[chosen]]
+        if self._targets:
+            self._targets = [torch.cat(self._targets)[chosen]]
 
     def sync(self, comm: Communicator) -> None:
         """Gather every process's sample (in position order), then apply the cap to the union."""
-        parts = comm.all_gather([torch.cat(v) if v else None
-                                 for v in (self._keys, self._pos, self._x, self._logits, self._outputs)])
-        fields: list[list[torch.Tensor]] = [[], [], [], [], []]
+        parts = comm.all_gather([torch.cat(v) if v else None for v in (
+            self._keys, self._pos, self._x, self._logits, self._outputs, self._targets)])
+        fields: list[list[torch.Tensor]] = [[], [], [], [], [], []]
         for part in parts:
             for field, value in zip(fields, part, strict=True):
                 if value is not None:
                     field.append(value)
-        self._keys, self._pos, self._x, self._logits, self._outputs = fields
+        self._keys, self._pos, self._x, self._logits, self._outputs, self._targets = fields
         if self._pos:
             order = torch.cat(self._pos).argsort()
             self._keys, self._pos, self._x, self._logits, self._outputs = (
-                [torch.cat(f)[order]] for f in fields)
+                [torch.cat(f)[order]] for f in fields[:5])
+            self._targets = [torch.cat(self._targets)[order]] if self._targets else []
         self._truncate()
 
     def result(self) -> ExpertOutputSample:
         if not self._x:
             raise ValueError("no tokens were sampled; raise the sample fraction or the number of samples")
         return ExpertOutputSample(
-            x=torch.cat(self._x), logits=torch.cat(self._logits), outputs=torch.cat(self._outputs)
+            x=torch.cat(self._x), logits=torch.cat(self._logits), outputs=torch.cat(self._outputs),
+            target=torch.cat(self._targets) if self._targets else None,
         )

@@ -24,6 +24,7 @@ from moeslim.calibrate.observers import Observer
 from moeslim.calibrate.resume import LayerCheckpoint
 from moeslim.calibrate.streaming import layer_store
 from moeslim.models import MoELayer, UnsupportedModelError, check_layerwise, decoder_layers, find_moe_layers
+from moeslim.models.attrs import pretrained, tensor_attr
 from moeslim.models.loading import check_context, check_token_ids
 
 Propagate = Literal["original", "compressed"]
@@ -93,7 +94,8 @@ def capture_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     layers = decoder_layers(model)
     originals = list(layers)
     batches: list[_Batch] = []
-    device = model.get_input_embeddings().weight.device  # (decoder layers may be on meta: streamed)
+    # (decoder layers may be on meta: streamed)
+    device = tensor_attr(pretrained(model).get_input_embeddings(), "weight").device
     starts = range(0, input_ids.shape[0], batch_size)
     try:
         for start in (starts[i] for i in (share if share is not None else range(len(starts)))):
@@ -149,9 +151,30 @@ def _block_hook(block: nn.Module, on_input: Callable[[torch.Tensor], torch.Tenso
         handle.remove()
 
 
-def _run_layer(layer: nn.Module, index: int, batch: _Batch, device: torch.device) -> torch.Tensor:
-    out = layer(batch.hidden.to(device), **_to_device(batch.layer_kwargs[index], device))
+def _run_layer(layer: nn.Module, index: int, batch: _Batch, device: torch.device,
+               hidden: torch.Tensor | None = None) -> torch.Tensor:
+    source = batch.hidden if hidden is None else hidden
+    out = layer(source.to(device), **_to_device(batch.layer_kwargs[index], device))
     return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def _original_pass(layer: nn.Module, index: int, moe: MoELayer | None, hidden: list[torch.Tensor],
+                   batches: list[_Batch], device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Run the original layer on the original stream: (its outputs, the MoE block's (T, H) outputs per batch)."""
+    captured: list[torch.Tensor] = []
+
+    def record(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+        out = moe.block_output(output) if moe is not None else output
+        captured.append(out.reshape(-1, out.shape[-1]).detach())
+
+    handle = moe.block.register_forward_hook(record) if moe is not None else None
+    try:
+        outputs = [_run_layer(layer, index, b, device, h).to(h.device) for h, b in zip(hidden, batches, strict=True)]
+    finally:
+        if handle is not None:
+            handle.remove()
+    return outputs, (captured if moe is not None else None)
 
 
 @torch.no_grad()
@@ -165,8 +188,13 @@ def run_layerwise(
     device: torch.device | str | None = None,
     progress: bool = True,
     checkpoint: LayerCheckpoint | None = None,
+    targets: bool = False,
 ) -> dict[int, Any]:
     """Observe every MoE layer on ``input_ids`` (N, L); return {decoder layer index: decision result}.
+
+    ``targets`` (with ``propagate="compressed"``): also run the ORIGINAL model alongside and, before each
+    observed batch, hand every observer that has ``at_target`` the original block output on the original
+    inputs of that batch (T, H): progressive pruning scores against it (the paper's target F(X)).
 
     ``on_layer`` runs right after a layer is observed (so only that layer's observations are alive)
     and may return an override of the block forward; with ``propagate="compressed"`` the next layer
@@ -175,6 +203,8 @@ def run_layerwise(
     """
     if propagate not in ("original", "compressed"):
         raise ValueError(f"propagate={propagate!r} must be 'original' or 'compressed'")
+    if targets and propagate != "compressed":
+        raise ValueError("targets=True needs propagate='compressed' (with 'original' the inputs are the originals)")
     check_context(model, int(input_ids.shape[-1]), "calibration seq_len")
     check_token_ids(model, input_ids)
     check_layerwise(model)  # families whose decoder layers cannot run one at a time are refused here
@@ -188,9 +218,12 @@ def run_layerwise(
     results: dict[int, Any] = {}
     first = 0
     restored = checkpoint.restore() if checkpoint is not None else None
+    originals = [b.hidden for b in batches] if targets else None  # the original model's stream
     if restored is not None:  # a killed run: its results and the inputs of its next layer
         results, last, hidden = restored
         first = last + 1
+        if originals is not None:  # saved as [compressed..., original...]
+            hidden, originals = hidden[: len(batches)], list(hidden[len(batches):])
         for batch, h in zip(batches, hidden, strict=True):
             batch.hidden = h.to(batch.hidden.device, batch.hidden.dtype)
     store = layer_store(model)
@@ -200,15 +233,18 @@ def run_layerwise(
     for index in bar:
         moe = moe_by_index.get(index)
         with store.on_device(index, device) as layer:
+            block_targets = None
+            if originals is not None:
+                originals, block_targets = _original_pass(layer, index, moe, originals, batches, device)
             if moe is None:
                 outputs = [_run_layer(layer, index, b, device) for b in batches]
             else:
                 outputs, results[index] = _observe_layer(layer, index, moe, batches, make_observers, on_layer,
-                                                         propagate, device)
+                                                         propagate, device, block_targets)
         for batch, out in zip(batches, outputs, strict=True):
             batch.hidden = out.to(batch.hidden.device)
         if checkpoint is not None:
-            checkpoint.save_layer(index, results, [b.hidden for b in batches])
+            checkpoint.save_layer(index, results, [b.hidden for b in batches] + (originals or []))
     model.train(was_training)
     return results
 
@@ -222,6 +258,7 @@ def _observe_layer(
     on_layer: Callable[[MoELayer, Sequence[Observer]], LayerDecision] | None,
     propagate: Propagate,
     device: torch.device,
+    targets: list[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], Any]:
     observers = list(make_observers(moe))
 
@@ -231,11 +268,14 @@ def _observe_layer(
 
     outputs = []
     with _block_hook(moe.block, observe):
-        for batch in batches:
+        for i, batch in enumerate(batches):
             for observer in observers:  # which windows the next block input holds (position-keyed samples)
                 note = getattr(observer, "at_batch", None)
                 if note is not None:
                     note(batch.first_window, int(batch.hidden.shape[0]))
+                target_note = getattr(observer, "at_target", None)
+                if targets is not None and target_note is not None:
+                    target_note(targets[i])
             outputs.append(_run_layer(layer, index, batch, device))
     sync_observers(observers, device)
     decision = on_layer(moe, observers) if on_layer is not None else LayerDecision(

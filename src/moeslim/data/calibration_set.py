@@ -88,7 +88,8 @@ def check_same_calibration(calibration: CalibrationSet | torch.Tensor, spec: dic
     if data_hash and given_hash != data_hash:
         raise ValueError(f"calibration data {name} has hash {given_hash}, the plan was made on {data_hash}; "
                          "pass the calibration the plan records (summary['calibration'])")
-    expected = (spec or {}).get("windows_hash")
+    spec = spec or {}
+    expected = spec.get("windows_hash")
     if expected and windows_hash(input_ids) != expected:
         raise ValueError(f"calibration windows differ from the plan's ({input_ids.shape[0]} windows given, "
                          f"{spec.get('windows')} recorded): same sources but another tokenizer, samples, "

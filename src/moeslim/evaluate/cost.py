@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from moeslim.evaluate._logits import model_device
+from moeslim.models.attrs import generating, hf_config
 
 # ---------------------------------------------------------------- sizes
 
@@ -118,12 +119,13 @@ def peak_memory(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
+        allocated = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         result = fn(*args, **kwargs)
         torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev)
-        return result, {"method": "cuda_allocated", "peak_bytes": peak - base, "baseline_bytes": base}
+        peak_allocated = torch.cuda.max_memory_allocated(dev)
+        return result, {"method": "cuda_allocated", "peak_bytes": peak_allocated - allocated,
+                        "baseline_bytes": allocated}
     base = _current_rss()
     if base is None:
         before = _max_rss()
@@ -133,7 +135,7 @@ def peak_memory(
             "peak_bytes": max(0, _max_rss() - before),
             "baseline_bytes": before,
         }
-    peak = [base]
+    peak: list[int] = [base]
     high_water = _max_rss()
     done = threading.Event()
 
@@ -184,28 +186,21 @@ def activated_params(model: nn.Module) -> dict[str, Any]:
     return {"total": total, "expert": routed, "activated": total - routed + active, "source": "moe layers"}
 
 
-def _counter_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(getattr(m, "moeslim_counters", None), dict)]
-
-
 @torch.inference_mode()
 def expert_calls_per_token(model: nn.Module, input_ids: torch.Tensor | None = None) -> dict[str, Any]:
     """Routed expert calls per token, summed over MoE layers.
 
-    With a skipping runtime installed (modules carrying `moeslim_counters`, one per MoE layer), the
-    counters are reset, `input_ids` (B, L) is run, and calls / tokens is summed over layers ("counted").
-    Otherwise every token calls top_k experts in every MoE layer ("static": top_k x MoE layers).
+    With a skipping runtime installed (``runtime.skipping`` counts calls per MoE layer), the counters are
+    reset, ``input_ids`` (B, L) is run, and calls / tokens is summed over layers ("counted"). Otherwise every
+    token calls top_k experts in every MoE layer ("static": top_k x MoE layers).
     """
-    modules = _counter_modules(model)
-    if modules and input_ids is not None:
-        for m in modules:
-            m.moeslim_counters = {"expert_calls": 0, "tokens": 0}
+    from moeslim.runtime.skipping import counters, has_counters, reset_counters
+
+    counting = has_counters(model)
+    if counting and input_ids is not None:
+        reset_counters(model)
         model(input_ids=input_ids.to(model_device(model)), use_cache=False)
-    per_layer = [
-        m.moeslim_counters["expert_calls"] / m.moeslim_counters["tokens"]
-        for m in modules
-        if m.moeslim_counters.get("tokens")
-    ]
+    per_layer = [c["expert_calls"] / c["tokens"] for c in counters(model).values() if c["tokens"]] if counting else []
     if per_layer:
         return {"per_token": sum(per_layer), "per_layer": per_layer, "source": "counted"}
     # Without counters every token calls top_k experts in every MoE layer (models/ discovers the layers, so
@@ -234,14 +229,14 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 def _generate(model: nn.Module, ids: torch.Tensor, n: int) -> Any:
     # min_new_tokens pins the length: an early EOS would otherwise make a variant look faster
-    return model.generate(
+    return generating(model).generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=n,
         min_new_tokens=n,
         do_sample=False,
         use_cache=True,
-        pad_token_id=getattr(model.config, "eos_token_id", None) or 0,
+        pad_token_id=getattr(hf_config(model), "eos_token_id", None) or 0,
     )
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from moeslim.evaluate._logits import model_device
+from moeslim.models.attrs import generating
 
 
 @torch.inference_mode()
@@ -21,7 +22,7 @@ def greedy_continuation(
 ) -> list[int]:
     """Greedy new tokens after input_ids (one prompt, no padding issues)."""
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model_device(model))
-    out = model.generate(
+    out = generating(model).generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
@@ -52,10 +53,14 @@ def side_by_side(
     for prompt in prompts:
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         out[prompt] = {
-            name: tokenizer.decode(
-                greedy_continuation(model, ids, max_new_tokens, tokenizer.eos_token_id),
-                skip_special_tokens=True,
-            )
+            name: _decode(tokenizer, greedy_continuation(model, ids, max_new_tokens, tokenizer.eos_token_id))
             for name, model in models.items()
         }
     return out
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=True)  # one sequence in, one string out
+    if not isinstance(text, str):
+        raise TypeError(f"{type(tokenizer).__name__}.decode gave {type(text).__name__} for one sequence")
+    return text

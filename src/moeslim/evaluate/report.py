@@ -10,6 +10,7 @@ from typing import Any
 
 from moeslim.evaluate.plots import mean_ppl, plot_expert_bits, plot_kept_experts, plot_quality_vs_cost, plot_skip_rate
 from moeslim.evaluate.results import VariantResult
+from moeslim.evaluate.table import markdown_table, side_by_side_table
 from moeslim.outputs import write_text_atomic
 
 RESULT_FILE = "result.json"  # a run folder holds its VariantResult here (and its plan in plan.json)
@@ -48,48 +49,6 @@ def load_results(items: Iterable[ResultLike]) -> list[VariantResult]:
     return out
 
 
-def _fmt(value: float | int | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def _mb(n: int | None) -> str:
-    # MiB, like the console table (variants.print_table): one unit everywhere
-    return "–" if n is None else f"{n / 2**20:.1f}"
-
-
-def _table(results: Sequence[VariantResult]) -> list[str]:
-    domains = sorted({d for r in results for d in r.perplexity})
-    tasks = sorted({t for r in results for t in r.tasks})
-    head = [
-        "variant",
-        *[f"ppl {d}" for d in domains],
-        *[f"acc {t}" for t in tasks],
-        "weights MiB",
-        "disk MiB",
-        "activated params",
-        "expert calls/token",
-        "decode tok/s",
-        "decode x",
-        "prefill tok/s",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        row = [
-            f"**{r.name}**",
-            *[_fmt(r.perplexity.get(d), ".3f") for d in domains],
-            *[_fmt(r.tasks.get(t), ".3f") for t in tasks],
-            _mb(r.param_bytes),
-            _mb(r.disk_bytes),
-            _fmt(r.activated_params, ","),
-            _fmt(r.expert_calls_per_token, ".2f"),
-            _fmt(r.decode_tps, ".1f"),
-            _fmt(r.speed_ratio, ".2f"),
-            _fmt(r.prefill_tps, ".1f"),
-        ]
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
-
-
 def _task_lines(results: Sequence[VariantResult]) -> list[str]:
     """Which tasks ran and which were skipped, per variant (from extra["task_status"])."""
     lines = []
@@ -114,7 +73,9 @@ def _slug(name: str) -> str:
 def _plan_plots(results: Sequence[VariantResult], out_dir: Path) -> list[Path]:
     plots = []
     for r in results:
-        kind = (r.plan or {}).get("kind")
+        if r.plan is None:
+            continue
+        kind = r.plan.get("kind")
         if kind == "prune" and r.plan.get("layers"):
             plots.append(plot_kept_experts(r.plan, out_dir / f"kept_experts_{_slug(r.name)}.png", r.name))
         elif kind == "skip" and r.plan.get("skip_rate"):
@@ -153,7 +114,7 @@ def write_report(items: Iterable[ResultLike], out_dir: str | Path, title: str = 
         "plots": [p.name for p in [quality, *plan_plots]],
     }
     write_text_atomic(out_dir / "report.json", json.dumps(payload, indent=2, default=str) + "\n")
-    md = [f"# {title}", "", *_table(results), ""]
+    md = [f"# {title}", "", *markdown_table(side_by_side_table(results, detail=True)), ""]
     md += [f"- **{r.name}**: {r.description}" for r in results if r.description]
     md += [
         "",
@@ -167,9 +128,9 @@ def write_report(items: Iterable[ResultLike], out_dir: str | Path, title: str = 
     md += [line for p in plan_plots for line in (f"![{p.stem}]({p.name})", "")]
     if gen := _generation_lines(results):
         md += ["", "## Greedy continuations", *gen]
-    best = min((r for r in results if mean_ppl(r) is not None), key=mean_ppl, default=None)
-    if best is not None:
-        md += ["", f"Lowest perplexity: **{best.name}**."]
+    scored = [(ppl, r.name) for r in results if (ppl := mean_ppl(r)) is not None]
+    if scored:
+        md += ["", f"Lowest perplexity: **{min(scored, key=lambda pair: pair[0])[1]}**."]
     path = out_dir / "report.md"
     write_text_atomic(path, "\n".join(md) + "\n")
     return path

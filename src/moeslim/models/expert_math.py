@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .attrs import callable_attr, tensor_attr
 from .layer import MoELayer
 
 __all__ = ["ExpertWeights", "expert_forward", "expert_intermediate", "expert_weight_views"]
@@ -50,9 +51,9 @@ def expert_weight_views(layer: MoELayer) -> ExpertWeights:
     up_name = "gate_up_proj" if _has_gate(experts) else "up_proj"
     return ExpertWeights(
         up_name=up_name,
-        up=getattr(experts, up_name),
+        up=tensor_attr(experts, up_name),
         down_name="down_proj",
-        down=experts.down_proj,
+        down=tensor_attr(experts, "down_proj"),
         transposed=bool(getattr(experts, "is_transposed", False)),
     )
 
@@ -80,7 +81,7 @@ def expert_intermediate(layer: MoELayer, x: Tensor, e: int, up: Tensor | None = 
     experts = layer.experts
     w = views.up[e] if up is None else up
     h = _linear(x, w, _bias(experts, views.up_name, e), views.transposed)  # (T, 2I) or (T, I)
-    return experts._apply_gate(h) if views.up_name == "gate_up_proj" else experts.act_fn(h)
+    return callable_attr(experts, "_apply_gate" if views.up_name == "gate_up_proj" else "act_fn")(h)
 
 
 @torch.no_grad()
@@ -96,5 +97,5 @@ def expert_forward(layer: MoELayer, x: Tensor, e: int, up: Tensor | None = None,
     w = views.down[e] if down is None else down
     out = _linear(h, w, _bias(experts, views.down_name, e), views.transposed)
     if getattr(experts, "has_post_expert_norm", False):
-        out = experts.post_expert_norm(out)
+        out = callable_attr(experts, "post_expert_norm")(out)
     return out

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .attrs import tensor_attr
 from .families import (
     FamilySpec,
     UnsupportedModelError,
@@ -87,7 +88,7 @@ class MoELayer:
 
     @property
     def router_weight(self) -> Tensor:
-        return self.router.weight  # (E, H)
+        return tensor_attr(self.router, "weight")  # (E, H)
 
     @property
     def shared_modules(self) -> list[nn.Module]:
@@ -157,7 +158,7 @@ class MoELayer:
             out = self.router(x)
             logits = out[0] if isinstance(out, tuple) else out
         else:
-            logits = nn.functional.linear(x, self.router.weight, getattr(self.router, "bias", None))
+            logits = nn.functional.linear(x, self.router_weight, getattr(self.router, "bias", None))
         return logits.float()
 
     def gate_probs(self, logits: Tensor) -> Tensor:

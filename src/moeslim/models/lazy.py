@@ -49,7 +49,7 @@ def params_on_meta() -> Iterator[None]:
             assert current is not None
             module._parameters[name] = type(current)(current.to("meta"), requires_grad=current.requires_grad)
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
@@ -76,7 +76,7 @@ class CheckpointIndex:
     name lies under decoder layer ``i``; ``other_keys``: everything else (loaded once).
     """
 
-    def __init__(self, folder: str | Path, model: nn.Module) -> None:
+    def __init__(self, folder: str | Path, model: Any) -> None:  # a transformers PreTrainedModel
         from safetensors import safe_open
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -90,7 +90,7 @@ class CheckpointIndex:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
                     self.file_of[key] = file
-        self.weight_mapping = get_model_conversion_mapping(model)
+        self.weight_mapping: Any = get_model_conversion_mapping(model)
         renamings = [m for m in self.weight_mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in self.weight_mapping if isinstance(m, WeightConverter)]
         meta_state = model.state_dict()
@@ -108,7 +108,7 @@ class CheckpointIndex:
             raise StreamingError(f"no checkpoint tensor of {self.folder} maps to decoder layer(s) {empty}; "
                                  "the checkpoint does not fit this model's config")
 
-    def load(self, model: nn.Module, keys: list[str], device: torch.device | str, where: str) -> None:
+    def load(self, model: Any, keys: list[str], device: torch.device | str, where: str) -> None:
         """Read ``keys`` from the shards into ``model`` (converted by transformers' rules) on ``device``.
 
         The shard files are memory-mapped only for this call: closing them unmaps the pages, so the process

@@ -13,24 +13,27 @@ from moeslim.hub import hub_offline, hub_reachable
 from .support import check_config_file
 
 DEMO_NAME = "demo"
+# Names of the bundled demo models -> their asset folders. "demo" is the Mixtral-layout one.
+BUNDLED_MODELS = {DEMO_NAME: "demo-moe", "demo-moe": "demo-moe", "demo-fine": "demo-fine"}
 
 
-def demo_model_path() -> Path:
-    """Where the bundled demo MoE lives (``moeslim/assets/demo-moe``)."""
-    return assets_dir() / "demo-moe"
+def demo_model_path(name: str = DEMO_NAME) -> Path:
+    """Where a bundled demo MoE lives (``moeslim/assets/demo-moe`` for "demo", ``demo-fine`` for the 64-expert one)."""
+    return assets_dir() / BUNDLED_MODELS[name]
 
 
 def resolve_model_path(name: str) -> str:
-    """'demo' -> the bundled demo model dir; an existing local dir -> itself; else a hub id, as-is."""
-    if name == DEMO_NAME:
-        return str(demo_model_path())
+    """'demo' / 'demo-fine' -> the bundled model dir; an existing local dir -> itself; else a hub id, as-is."""
+    if name in BUNDLED_MODELS:
+        return str(demo_model_path(name))
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
     return name
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Any, Any]:
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               device_map: str | dict[str, Any] | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer or None) for "demo", a local dir, or a hub id.
 
     A hub id is only looked up in the local cache when HF_HUB_OFFLINE is set or the hub is unreachable, and a
@@ -42,7 +45,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     local = Path(path).is_dir()
     if local:
         check_config_file(Path(path))  # refuse unsupported families before reading any weight
-    if name == DEMO_NAME and not local:
+    if name in BUNDLED_MODELS and not local:
         raise FileNotFoundError(
             f"the bundled demo model is missing at {path}; rebuild it with scripts/train_demo_model.py"
         )
@@ -51,10 +54,12 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     cache_only = not local and not hub_reachable()
     try:
         # Never run code from a model folder (auto_map), never unpickle weights: safetensors only.
-        model, info = AutoModelForCausalLM.from_pretrained(
+        # output_loading_info=True returns (model, info), which transformers' annotation does not say.
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, local_files_only=cache_only, trust_remote_code=False, use_safetensors=True,
-            output_loading_info=True,
+            output_loading_info=True, **({"device_map": device_map} if device_map is not None else {}),
         )
+        model, info = loaded
     except SafetensorError as err:
         raise OSError(f"cannot load {name!r}: a safetensors file is damaged or truncated ({err}); "
                       "download or copy the checkpoint again") from err
@@ -78,7 +83,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     if missing:
         raise OSError(f"cannot load {name!r}: {len(missing)} weight(s) are missing from the checkpoint "
                       f"(e.g. {', '.join(missing[:3])}); it would run with random weights")
-    model = model.to(device).eval()
+    # ``device_map`` (validated by ``moeslim.devices.resolve_device_map``): accelerate placed the model already.
+    model = (model if device_map is not None else model.to(device)).eval()
     return model, _load_tokenizer(path, cache_only)
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeslim.methods.quant.fused import LowBitTensor
+from moeslim.models.attrs import callable_attr, hf_config
 from moeslim.runtime.packed import PackedExperts
 
 __all__ = ["IMPLEMENTATION", "STORE", "LowBitLinear", "install_packed", "packed_storage"]
@@ -36,7 +37,9 @@ _FALLBACK = "grouped_mm"
 def packed_storage(module: nn.Module) -> dict[str, PackedExperts]:
     """{parameter name: PackedExperts} held by ``module`` itself (empty when none)."""
     store = module._modules.get(STORE)
-    return dict(store.items()) if isinstance(store, nn.ModuleDict) else {}
+    if not isinstance(store, nn.ModuleDict):
+        return {}
+    return {name: packed for name, packed in store.items() if isinstance(packed, PackedExperts)}
 
 
 def _project(experts: nn.Module, name: str, e: int, x: Tensor, store: dict[str, PackedExperts]) -> Tensor:
@@ -60,8 +63,9 @@ def lowbit_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: 
     if not store:  # a layer left in float (the implementation is set on a config shared by all layers)
         return ALL_EXPERTS_FUNCTIONS[_FALLBACK](self, hidden_states, top_k_index, top_k_weights)
     tokens, k = top_k_index.shape
-    n_experts = int(self.num_experts)
-    up_name = "gate_up_proj" if self.has_gate else "up_proj"
+    n_experts = int(getattr(self, "num_experts"))  # noqa: B009 (an int attribute torch types as Tensor | Module)
+    has_gate = bool(getattr(self, "has_gate"))  # noqa: B009
+    up_name = "gate_up_proj" if has_gate else "up_proj"
     flat = top_k_index.reshape(-1)  # (S,) pair p = token p // k, slot p % k
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=n_experts + 1).tolist()  # one host sync per layer
@@ -77,10 +81,10 @@ def lowbit_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: 
             continue
         token_idx = pairs // k
         h = _project(self, up_name, e, hidden_states[token_idx], store)
-        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        h = callable_attr(self, "_apply_gate" if has_gate else "act_fn")(h)
         y = _project(self, "down_proj", e, h, store)
         if getattr(self, "has_post_expert_norm", False):
-            y = self.post_expert_norm(y)
+            y = callable_attr(self, "post_expert_norm")(y)
         y = y * weights[pairs].unsqueeze(-1).to(y.dtype)
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
@@ -90,7 +94,7 @@ class LowBitLinear(nn.Linear):
     """``nn.Linear`` whose weight lives packed in ``moeslim_lowbit["weight"]`` (a one-matrix PackedExperts)."""
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear's signature
-        packed = self._modules[STORE]["weight"]
+        packed = packed_storage(self)["weight"]
         y = packed.matmul(0, input.reshape(-1, input.shape[-1])).reshape(*input.shape[:-1], -1)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -136,9 +140,10 @@ def install_packed(module: nn.Module, name: str, packed: LowBitTensor) -> Packed
         module.__class__ = LowBitLinear
         return storage
     _register()
-    config = module.config
+    config = hf_config(module)
     if config._experts_implementation == _SKIP_IMPLEMENTATION:
-        module.moeslim_inner = IMPLEMENTATION  # skipping keeps deciding which pairs run; we do the matmuls
+        # Skipping keeps deciding which pairs run; we do the matmuls (the runtime/skipping state ``inner``).
+        setattr(module, "moeslim_inner", IMPLEMENTATION)  # noqa: B010 (a plain attribute on a foreign module)
     elif config._experts_implementation != IMPLEMENTATION:
         config._experts_implementation = IMPLEMENTATION
     return storage

@@ -25,10 +25,10 @@ Stock transformers integrations that were checked for loading such a checkpoint 
 - compressed-tensors is the only one that dequantizes fused experts at load (``CompressedTensorsDequantize``),
   from per-expert ``weight_packed`` / ``weight_scale`` / ``weight_shape`` tensors. Its experts path reads no
   ``weight_zero_point``, i.e. it is symmetric, while GPTQ/MC-MoE (and this module) use asymmetric min-max
-  groups with zero points; exporting would re-quantize (changing the weights), needs the
-  ``compressed-tensors`` package (not a moeslim dependency, not installed here), and it supports one width
-  per scheme, not one per expert. So no stock integration is implemented; a future export could target it
-  for symmetric uniform-width results.
+  groups with zero points, and it supports one width per scheme, not one per expert. So mixed-width
+  checkpoints keep this module's own format; ``moeslim export --format compressed-tensors``
+  (``moeslim.export.compressed_tensors``) writes uniform-width results for it, storing the asymmetric codes
+  exactly as symmetric codes one bit wider.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moeslim.methods.quant.fused import LowBitTensor
+from moeslim.models.attrs import hf_config
 from moeslim.runtime.lowbit_forward import STORE, install_packed, packed_storage
 from moeslim.runtime.packed import PackedExperts
 
@@ -129,7 +130,7 @@ def save_quantized(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | N
         base = {k: v.to(dtype) if v.is_floating_point() else v for k, v in base.items()}
     save_file(base, str(out / BASE_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
     save_file(lowbit, str(out / LOWBIT_FILE), metadata={"format": "moeslim-lowbit"})
-    model.config.save_pretrained(out)
+    hf_config(model).save_pretrained(out)
     if dtype is not None:
         config_file = out / "config.json"
         raw = json.loads(config_file.read_text(encoding="utf-8"))

@@ -26,7 +26,8 @@ from torch import nn
 
 from moeslim.methods.odp import protected_tokens, token_importance
 from moeslim.models import attention_module, find_moe_layers
-from moeslim.runtime.skipping import install_skipping
+from moeslim.models.attrs import pretrained
+from moeslim.runtime.skipping import install_skipping, set_state
 
 logger = logging.getLogger(__name__)
 _HANDLES = "_moeslim_odp_handles"
@@ -36,7 +37,7 @@ def _make_hook(experts: nn.Module, share: float, warned: list[bool]) -> Any:
     def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)  # (B, S, H)
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None  # (B, heads, S, S_k)
-        experts.moeslim_protect = None
+        set_state(experts, "protect", None)
         if hidden is None or weights is None:
             if not warned[0]:
                 logger.warning("attention weights are not available: ODP protects no token (plain skipping)")
@@ -45,7 +46,7 @@ def _make_hook(experts: nn.Module, share: float, warned: list[bool]) -> Any:
         if hidden.shape[1] < 2:
             return  # a decode step: see the module docstring
         mask = protected_tokens(token_importance(weights, hidden), share)  # (B, S)
-        experts.moeslim_protect = mask.reshape(-1)
+        set_state(experts, "protect", mask.reshape(-1))
 
     return hook
 
@@ -56,12 +57,12 @@ def install_odp(model: nn.Module, betas: Mapping[int, float], rule: str = "top2"
         raise ValueError(f"protect={protect}: use a share of tokens in (0, 1), e.g. 0.02")
     uninstall_odp(model)
     install_skipping(model, betas, rule)
-    model.set_attn_implementation("eager")
+    pretrained(model).set_attn_implementation("eager")
     warned = [False]
     handles = []
     for layer in find_moe_layers(model):
         attn = attention_module(model, layer.layer_idx)
-        layer.experts.moeslim_protect = None
+        set_state(layer.experts, "protect", None)
         handles.append(attn.register_forward_hook(_make_hook(layer.experts, protect, warned), with_kwargs=True))
     setattr(model, _HANDLES, handles)
 
@@ -73,7 +74,7 @@ def uninstall_odp(model: nn.Module) -> None:
     setattr(model, _HANDLES, [])
     for layer in find_moe_layers(model):
         if hasattr(layer.experts, "moeslim_protect"):
-            layer.experts.moeslim_protect = None
+            set_state(layer.experts, "protect", None)
 
 
 def protected_share(model: nn.Module) -> float:

@@ -282,6 +282,13 @@ def _fmt_for(bits: int, packed: LowBitTensor, device: torch.device) -> str:
 class _WidthGroup(nn.Module):
     """The experts of one width in one layout; buffers stacked over those experts (non-persistent)."""
 
+    # Buffers of the layouts (registered by ``_buf``; which exist depends on ``fmt``).
+    dense: Tensor  # (n, d1, d2) as an integer view
+    scales: Tensor  # (n, N, G) float16 viewed as int16
+    w4: Tensor  # int4pack layout
+    w8: Tensor  # (n, G, N, gs) int8
+    n_zplanes: int
+
     def __init__(self, bits: int, fmt: str, experts: list[int], packed: LowBitTensor) -> None:
         super().__init__()
         self.bits, self.fmt, self.experts = bits, fmt, experts
@@ -290,17 +297,17 @@ class _WidthGroup(nn.Module):
         self.group_size = min(packed.group_size, n_in)
         self.n_planes = 0
         if fmt == "dense":
-            self._buf("dense", _as_int(torch.stack([packed.dense[e] for e in experts])))
+            self._buf("dense", _as_int(torch.stack([packed.stream("dense", e) for e in experts])))
             return
         if fmt == "canonical":
             for i, e in enumerate(experts):
-                self._buf(f"codes{i}", packed.codes[e])
-                self._buf(f"scales{i}", _as_int(packed.scales[e]))
-                self._buf(f"zeros{i}", packed.zeros[e])
+                self._buf(f"codes{i}", packed.stream("codes", e))
+                self._buf(f"scales{i}", _as_int(packed.stream("scales", e)))
+                self._buf(f"zeros{i}", packed.stream("zeros", e))
             return
-        codes = torch.stack([fast_unpack(packed.codes[e], bits, n_out * n_in) for e in experts])  # (n, N*K)
-        zeros = torch.stack([fast_unpack(packed.zeros[e], bits, n_out * self.n_groups) for e in experts])
-        self._buf("scales", _as_int(torch.stack([packed.scales[e] for e in experts])))  # (n, N, G) fp16
+        codes = torch.stack([fast_unpack(packed.stream("codes", e), bits, n_out * n_in) for e in experts])  # (n, N*K)
+        zeros = torch.stack([fast_unpack(packed.stream("zeros", e), bits, n_out * self.n_groups) for e in experts])
+        self._buf("scales", _as_int(torch.stack([packed.stream("scales", e) for e in experts])))  # (n, N, G) fp16
         zplanes = pack_planes(zeros, bits)  # per plane (n, N * G * w / 8)
         for j, z in enumerate(zplanes):
             self._buf(f"zp{j}", z)
@@ -459,21 +466,27 @@ class PackedExperts(nn.Module):
             by_fmt.setdefault((b, _fmt_for(b, packed, dev)), []).append(e)
         self.groups = nn.ModuleList(_WidthGroup(b, fmt, experts, packed) for (b, fmt), experts in by_fmt.items())
         self.slot: dict[int, tuple[int, int]] = {}
-        for gi, group in enumerate(self.groups):
-            for row, e in enumerate(group.experts):
+        for gi in range(len(self.groups)):
+            for row, e in enumerate(self._group(gi).experts):
                 self.slot[e] = (gi, row)
         self.compiled = _Compiled()
 
+    def _group(self, gi: int) -> _WidthGroup:
+        group = self.groups[gi]
+        if not isinstance(group, _WidthGroup):  # only __init__ fills self.groups
+            raise TypeError(f"group {gi} is a {type(group).__name__}, not a width group")
+        return group
+
     def formats(self) -> dict[int, str]:
         """{expert: layout name}."""
-        return {e: self.groups[gi].fmt for e, (gi, _) in self.slot.items()}
+        return {e: self._group(gi).fmt for e, (gi, _) in self.slot.items()}
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def matmul(self, e: int, x: Tensor) -> Tensor:
         """x (M, in) -> (M, out) through expert e."""
-        group = self.groups[self.slot[e][0]]
+        group = self._group(self.slot[e][0])
         row = self.slot[e][1]
         if group.fmt == "dense":
             w = group.dense[row].view(self.dtype).to(x.dtype)  # stored layout (d1, d2)
@@ -482,7 +495,7 @@ class PackedExperts(nn.Module):
 
     def dequantize_expert(self, e: int) -> Tensor:
         """Expert e in the original layout and dtype (d1, d2), equal to ``LowBitTensor.dequantize_expert``."""
-        group = self.groups[self.slot[e][0]]
+        group = self._group(self.slot[e][0])
         row = self.slot[e][1]
         if group.fmt == "dense":
             return group.dense[row].view(self.dtype)
@@ -497,13 +510,13 @@ class PackedExperts(nn.Module):
         zeros: list[Tensor | None] = [None] * n
         dense: list[Tensor | None] = [None] * n
         for e, (gi, row) in self.slot.items():
-            group = self.groups[gi]
+            group = self._group(gi)
             if group.fmt == "dense":
                 dense[e] = group.dense[row].view(self.dtype).cpu().clone()
             else:
                 c, s, z = group.canonical(row)
                 codes[e], scales[e], zeros[e] = c.cpu(), s.cpu(), z.cpu()
-        return LowBitTensor(tuple(self.shape), list(self.bits), self.group_size, self.transposed, self.dtype,
+        return LowBitTensor(self.shape, list(self.bits), self.group_size, self.transposed, self.dtype,
                             codes, scales, zeros, dense)
 
 

@@ -2,7 +2,8 @@
 
 Each runtime that needs more than ``save_pretrained`` registers here by its key in the ``moeslim``
 config section: ``skip`` re-installs the skipping experts forward; ``quantize`` stores packed low-bit
-experts in their own safetensors file and restores them at load.
+experts in their own safetensors file and restores them at load; ``lowrank`` stores the whole state dict with
+the experts' SVD factors in ``moeslim_lowrank.safetensors`` (``runtime/lowrank.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeslim.models.attrs import pretrained
+
 
 def save_pretrained_with_runtime(model: nn.Module, out_dir: Path, dtype: torch.dtype | None = None) -> None:
     """Save ``model`` (and its runtime sections) into ``out_dir``; floating tensors in ``dtype`` if given.
@@ -22,16 +25,31 @@ def save_pretrained_with_runtime(model: nn.Module, out_dir: Path, dtype: torch.d
     float32 for calibration is written back in bfloat16, so compressing never makes a checkpoint bigger.
     """
     section = getattr(model.config, "moeslim", None) or {}
+    from moeslim.runtime.nonuniform import is_compact
+
+    if is_compact(section):
+        if "quantize" in section:
+            raise ValueError("a compact non-uniformly pruned model cannot be saved quantized yet; prune with "
+                             "layout='padded' (where the router allows) or quantize a uniform plan")
+        from moeslim.runtime.nonuniform import save_compact
+
+        save_compact(model, out_dir, dtype=dtype)
+        return
     if "quantize" in section:
         from moeslim.runtime.lowbit_io import save_quantized
 
         save_quantized(model, out_dir, dtype=dtype)
         return
+    if "lowrank" in section:
+        from moeslim.runtime.lowrank import save_lowrank
+
+        save_lowrank(model, out_dir, dtype=dtype)
+        return
     if dtype is None:
-        model.save_pretrained(out_dir)
+        pretrained(model).save_pretrained(out_dir)
         return
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    model.save_pretrained(out_dir, state_dict=state)
+    pretrained(model).save_pretrained(out_dir, state_dict=state)
     # save_pretrained records the dtype of the in-memory parameters; the stored tensors are ``dtype``.
     config_file = Path(out_dir) / "config.json"
     raw = json.loads(config_file.read_text(encoding="utf-8"))
@@ -45,10 +63,18 @@ def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str
 
     path = Path(resolve_model_path(name))
     section = _moeslim_section(path)
-    if "quantize" in section:
+    from moeslim.runtime.nonuniform import is_compact, load_compact
+
+    if is_compact(section):
+        model, tokenizer = load_compact(path, dtype=dtype, device=device)
+    elif "quantize" in section:
         from moeslim.runtime.lowbit_io import load_quantized
 
         model, tokenizer = load_quantized(path, dtype=dtype, device=device)
+    elif "lowrank" in section:
+        from moeslim.runtime.lowrank import load_lowrank
+
+        model, tokenizer = load_lowrank(path, dtype=dtype, device=device)
     else:
         model, tokenizer = load_model(name, dtype=dtype, device=device)
     if "skip" in section:

@@ -22,6 +22,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeslim.methods.skip.thresholds import SKIP_RULES, keep_mask, rescale_kept
 from moeslim.models import FAMILIES, MoELayer, find_moe_layers
+from moeslim.models.attrs import hf_config, pretrained
 
 IMPLEMENTATION = "moeslim_skip"
 _STANDARD_ARGS = 3  # forward(hidden_states, top_k_index, top_k_weights)
@@ -115,21 +116,23 @@ def install_skipping(model: nn.Module, betas: Mapping[int, float], rule: str = "
         raise ValueError(f"betas for layers {unknown} that are not MoE layers; MoE layers: "
                          f"{[layer.layer_idx for layer in layers]}")
     _register()
-    previous = model.config._experts_implementation
+    hf_model = pretrained(model)
+    previous = hf_model.config._experts_implementation
     for layer in layers:
         experts = layer.experts
         if previous != IMPLEMENTATION:
-            experts.moeslim_inner = previous or "grouped_mm"
+            set_state(experts, "inner", previous or "grouped_mm")
         elif not hasattr(experts, "moeslim_inner"):
-            experts.moeslim_inner = "grouped_mm"
-        experts.moeslim_beta = float(betas.get(layer.layer_idx, 0.0))
-        experts.moeslim_rule = rule
-        experts.moeslim_counters = {"expert_calls": 0, "tokens": 0}
-    model.set_experts_implementation(IMPLEMENTATION)
+            set_state(experts, "inner", "grouped_mm")
+        set_state(experts, "beta", float(betas.get(layer.layer_idx, 0.0)))
+        set_state(experts, "rule", rule)
+        set_state(experts, "counters", {"expert_calls": 0, "tokens": 0})
+    hf_model.set_experts_implementation(IMPLEMENTATION)
     for layer in layers:
         # The experts dispatch on their own config; make sure it is the one set (text sub-configs).
-        if layer.experts.config._experts_implementation != IMPLEMENTATION:
-            layer.experts.config._experts_implementation = IMPLEMENTATION
+        config = hf_config(layer.experts)
+        if config._experts_implementation != IMPLEMENTATION:
+            config._experts_implementation = IMPLEMENTATION
 
 
 def uninstall_skipping(model: nn.Module) -> None:
@@ -138,9 +141,9 @@ def uninstall_skipping(model: nn.Module) -> None:
     inner = next((getattr(layer.experts, "moeslim_inner", None) for layer in layers), None)
     if inner is None:
         return
-    model.set_experts_implementation(inner)
+    pretrained(model).set_experts_implementation(inner)
     for layer in layers:
-        layer.experts.config._experts_implementation = inner
+        hf_config(layer.experts)._experts_implementation = inner
         for name in ("moeslim_beta", "moeslim_rule", "moeslim_inner", "moeslim_counters"):
             if hasattr(layer.experts, name):
                 delattr(layer.experts, name)
@@ -160,9 +163,22 @@ def install_skipping_from_section(model: nn.Module, section: Mapping[str, Any]) 
         install_skipping(model, betas, rule)
 
 
+def set_state(experts: nn.Module, name: str, value: object) -> None:
+    """Set the per-module runtime state ``moeslim_<name>`` (listed in the module docstring).
+
+    Plain attributes, not buffers: settings and counters that are never saved or moved with the weights.
+    """
+    setattr(experts, f"moeslim_{name}", value)
+
+
+def has_counters(model: nn.Module) -> bool:
+    """Whether a skipping runtime counts expert calls in this model's MoE layers."""
+    return any(isinstance(getattr(layer.experts, "moeslim_counters", None), dict) for layer in find_moe_layers(model))
+
+
 def reset_counters(model: nn.Module) -> None:
     for layer in find_moe_layers(model):
-        layer.experts.moeslim_counters = {"expert_calls": 0, "tokens": 0}
+        set_state(layer.experts, "counters", {"expert_calls": 0, "tokens": 0})
 
 
 def counters(model: nn.Module) -> dict[int, dict[str, int]]:
@@ -171,7 +187,11 @@ def counters(model: nn.Module) -> dict[int, dict[str, int]]:
             for layer in find_moe_layers(model)}
 
 
-def expert_calls_per_token(model: nn.Module) -> float:
-    """Routed expert calls per token per MoE layer, averaged over layers (top_k without skipping)."""
+def calls_per_token_per_layer(model: nn.Module) -> float:
+    """Routed expert calls per token in ONE MoE layer, averaged over layers (top_k without skipping).
+
+    The per-layer view of the counters; ``evaluate.expert_calls_per_token`` reports the model's total (the sum
+    over layers), which is what the side-by-side table shows.
+    """
     per_layer = [c["expert_calls"] / c["tokens"] for c in counters(model).values() if c["tokens"]]
     return sum(per_layer) / len(per_layer) if per_layer else float("nan")

@@ -1,12 +1,16 @@
-"""``moeslim demo``: the main job. Original vs a set of compressed variants of the embedded model.
+"""``moeslim demo``: the main job. Original vs a set of compressed variants of the embedded models.
 
-Runs offline on the bundled demo model and corpus: pruning (enumeration vs the baselines at two
-keep ratios, task-specific pruning on code), dynamic skipping alone and after pruning, and
-mixed-precision quantization; prints the side-by-side table and writes report.md + plots.
+Runs offline on the bundled demo models and corpus. ``--model demo`` (the default) runs both embedded models,
+each with its own side-by-side table: the Mixtral-layout model (8 experts, top-2; pruning by enumeration vs the
+baselines at two keep ratios, task-specific pruning on code, dynamic skipping alone and after pruning,
+mixed-precision quantization) and the fine-grained Qwen3-MoE model (64 experts, top-8; search vs the baselines
+at 25 % and 50 % expert removal). ``--model demo-moe`` / ``--model demo-fine`` run one of them; any other model
+gets the Mixtral variants when it has 8 experts per layer and the removal-share variants otherwise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +20,20 @@ from moeslim.config import CalibrationConfig, ConfigError, EvalConfig
 from moeslim.workflows.stages import StageSpec, parse_stage
 from moeslim.workflows.variants import Variant
 
+BOTH = "demo"  # the default: both embedded models, one after the other
+FINE_SUBDIR = "fine"  # with --model demo, the fine-grained model's outputs go to OUT/fine
+# Removal shares of the fine-grained variants, and the token sample and budget of their search: search scores
+# ~E^2 kept sets per layer (E = 64: 904 on the greedy path to 48, 1552 to 32, 1024 per swap round), so to stay in
+# the demo's time budget on a 2-core CPU it runs on 512 calibration tokens with 1000 loss evaluations per layer
+# (past the budget the removal path is finished by removal loss). benchmarks/prune_fine.py runs it with more.
+FINE_REMOVAL = (0.25, 0.5)
+FINE_SEARCH_TOKENS = 512
+FINE_SEARCH_BUDGET = 1000
+
 
 @dataclass(frozen=True)
 class DemoConfig:
-    model: str = "demo"
+    model: str = BOTH  # "demo": both embedded models; "demo-moe" | "demo-fine": one; else a checkpoint
     out: str = "runs/demo"
     samples: int = 32
     seq_len: int = 256
@@ -33,6 +47,19 @@ class DemoConfig:
             raise ConfigError("samples, eval_windows and task_limit must be at least 1")
 
 
+VariantsFn = Callable[["DemoConfig", CalibrationConfig, int], list[Variant]]
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """One model the demo runs: its label, what ``load_model`` gets, where its outputs go, its variants."""
+
+    label: str
+    model: str
+    out: Path
+    variants: VariantsFn | None  # None: chosen from the model's expert count once it is loaded
+
+
 def _stage(kind: str, **params: object) -> StageSpec:
     return parse_stage({kind: params}, "demo")
 
@@ -41,8 +68,10 @@ def _prune(method: str, keep: int, **extra: object) -> StageSpec:
     return _stage("prune", method=method, keep=keep, **extra)
 
 
-def demo_variants(config: DemoConfig, calibration: CalibrationConfig) -> list[Variant]:
-    """The variants the demo compares; names are short because they label plot points."""
+def demo_variants(config: DemoConfig, calibration: CalibrationConfig, num_experts: int = 8) -> list[Variant]:
+    """The variants of the 8-expert model; names are short because they label plot points."""
+    if num_experts != 8:
+        raise ConfigError(f"the Mixtral demo variants keep 6 and 4 of 8 experts; this model has {num_experts}")
     code_only = CalibrationConfig(data=("demo:code",), samples=calibration.samples, seq_len=calibration.seq_len,
                                   seed=calibration.seed)
     variants = [
@@ -63,6 +92,10 @@ def demo_variants(config: DemoConfig, calibration: CalibrationConfig) -> list[Va
                 description="PMQ mixed precision, 2.5 bits/expert weight (GPTQ, group 128)"),
         Variant("uniform-3", (_stage("quantize", method="uniform", bits=3),),
                 description="uniform 3-bit GPTQ experts (group 128)"),
+        Variant("merge-hc-4", (_stage("merge", method="hc-smoe", keep=4),),
+                description="HC-SMoE merge 8 -> 4 experts (neuron-aligned, frequency-weighted)"),
+        Variant("lowrank-0.5", (_stage("lowrank", ratio=0.5),),
+                description="low-rank experts: whitened SVD, 50% of the expert weights"),
     ]
     if config.quick:
         keep = {"enum-4", "freq-4", "skip", "pmq-2.5"}
@@ -70,34 +103,83 @@ def demo_variants(config: DemoConfig, calibration: CalibrationConfig) -> list[Va
     return variants
 
 
+def fine_variants(config: DemoConfig, calibration: CalibrationConfig, num_experts: int) -> list[Variant]:
+    """Removal-share variants for a model with many experts (enumeration is out of reach there)."""
+    variants = []
+    for share in FINE_REMOVAL:
+        keep = num_experts - round(share * num_experts)
+        what = f"keep {keep} of {num_experts} ({share:.0%} removed)"
+        variants += [
+            Variant(f"search-{keep}", (_prune("search", keep, max_tokens=FINE_SEARCH_TOKENS,
+                                              budget=FINE_SEARCH_BUDGET),),
+                    description=f"search (greedy removal + swaps, enumerate objective), {what}"),
+            Variant(f"freq-{keep}", (_prune("frequency", keep),), description=f"frequency, {what}"),
+            Variant(f"reap-{keep}", (_prune("reap", keep),), description=f"REAP saliency, {what}"),
+        ]
+    # No random row here (the Mixtral table has them; benchmarks/prune_fine.py has random over seeds): the two
+    # embedded models together stay near the 10-minute demo budget on a 2-core CPU.
+    if config.quick:
+        variants = [v for v in variants if v.name.startswith(("freq-", "reap-"))][:2]
+    return variants
+
+
+def demo_models(config: DemoConfig) -> list[DemoModel]:
+    """What ``config.model`` names: both embedded models, one of them, or any other checkpoint."""
+    out = Path(config.out)
+    moe = DemoModel("demo", "demo", out, demo_variants)
+    fine = DemoModel("demo-fine", "demo-fine", out, fine_variants)
+    if config.model == BOTH:
+        return [moe, DemoModel(fine.label, fine.model, out / FINE_SUBDIR, fine_variants)]
+    if config.model == "demo-moe":
+        return [moe]
+    if config.model == "demo-fine":
+        return [fine]
+    return [DemoModel(config.model, config.model, out, None)]
+
+
 def run_demo(config: DemoConfig) -> Path:
-    from moeslim.evaluate import write_report
-    from moeslim.models import load_model, resolve_model_path
+    """Run every model ``config.model`` names; returns the first model's report."""
+    from moeslim.models import resolve_model_path
     from moeslim.outputs import check_output_file
+
+    models = demo_models(config)
+    for m in models:  # fail now, not after the variants ran
+        for name in ("results.json", "report.md", "report.json"):
+            check_output_file(m.out / name, inputs=[resolve_model_path(m.model)])
+    reports = [run_demo_model(config, m) for m in models]
+    if len(reports) > 1:
+        Console().print("reports: " + ", ".join(str(r) for r in reports))
+    return reports[0]
+
+
+def run_demo_model(config: DemoConfig, demo_model: DemoModel) -> Path:
+    """Original vs the variants of one model: table, report.md, results.json, plans/ and plots."""
+    from moeslim.evaluate import write_report
+    from moeslim.models import find_moe_layers, load_model
     from moeslim.workflows.expert_load import expert_loads, plot_expert_load
     from moeslim.workflows.run_folder import write_results
     from moeslim.workflows.variants import CalibrationCache, evaluate_variants, print_table
 
     console = Console()
-    out = Path(config.out)
-    for name in ("results.json", "report.md", "report.json"):  # fail now, not after the variants ran
-        check_output_file(out / name, inputs=[resolve_model_path(config.model)])
+    out, label = demo_model.out, demo_model.label
     calibration = CalibrationConfig(samples=config.samples, seq_len=config.seq_len)
     evaluation = EvalConfig(seq_len=config.seq_len, max_windows=config.eval_windows,
                             tasks=("moeslim_code_nextline", "moeslim_prose_continuation"),
                             task_limit=config.task_limit, speed=config.speed)
-    model, tokenizer = load_model(config.model)
+    model, tokenizer = load_model(demo_model.model)
     if tokenizer is None:
-        raise ConfigError(f"{config.model} has no tokenizer")
+        raise ConfigError(f"{demo_model.model} has no tokenizer")
+    num_experts = find_moe_layers(model)[0].num_experts
+    make_variants = demo_model.variants or (demo_variants if num_experts == 8 else fine_variants)
     out.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]moeslim demo[/] on {config.model}: calibration {calibration.samples} x "
-                  f"{calibration.seq_len} tokens from {', '.join(calibration.data)}")
+    console.print(f"[bold]moeslim demo[/] on {label} ({num_experts} experts per layer): calibration "
+                  f"{calibration.samples} x {calibration.seq_len} tokens from {', '.join(calibration.data)}")
     loads = expert_loads(model, CalibrationCache(tokenizer).get(calibration).input_ids)
-    plot_expert_load(loads, out / "expert_load.png", f"{config.model}: expert load on calibration text")
-    variants = demo_variants(config, calibration)
-    results, _ = evaluate_variants(config.model, model, tokenizer, variants, calibration, evaluation, out)
+    plot_expert_load(loads, out / "expert_load.png", f"{label}: expert load on calibration text")
+    variants = make_variants(config, calibration, num_experts)
+    results, _ = evaluate_variants(demo_model.model, model, tokenizer, variants, calibration, evaluation, out)
     write_results(results, out)
-    report = write_report(results, out, title=f"moeslim demo: {config.model}")
-    print_table(results, f"moeslim demo: {config.model} (ppl on held-out test text; % vs original)")
+    report = write_report(results, out, title=f"moeslim demo: {label}")
+    print_table(results, f"moeslim demo: {label} (ppl on held-out test text; % vs original)")
     console.print(f"wrote {report}, results.json, plans/ and plots in {out}")
     return report

@@ -8,8 +8,9 @@ from typing import Any
 
 from rich.console import Console
 
+from moeslim.evaluate.table import print_table
 from moeslim.workflows.recipe import Recipe
-from moeslim.workflows.variants import Variant, evaluate_variants, print_table
+from moeslim.workflows.variants import Variant, evaluate_variants
 
 
 def write_results(results: list[Any], run_dir: Path) -> Path:

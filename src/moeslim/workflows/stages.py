@@ -20,7 +20,9 @@ from moeslim.config import ConfigError, from_mapping
 from moeslim.data.calibration_set import CalibrationSet, calibration_spec
 from moeslim.plans import Plan
 
-Planner = Callable[[nn.Module, CalibrationSet, Any, str], Plan]
+# plan_<kind>(model, calibration, config, model_name, device=None, ...) -> Plan; kinds differ in the
+# keywords they take beyond device (checkpoint: the kinds that can resume), hence the open argument list.
+Planner = Callable[..., Plan]
 
 
 @dataclass(frozen=True)
@@ -31,19 +33,29 @@ class StageSpec:
 
 def _registry() -> dict[str, tuple[type, Planner]]:
     # Lazy: a recipe with only pruning stages does not import quantization code.
-    from moeslim.methods.prune import PruneConfig, plan_prune
+    from moeslim.methods.lowrank import LowRankConfig, plan_lowrank
+    from moeslim.methods.merge import MergeConfig, plan_merge
+    from moeslim.methods.prune import PruneConfig
     from moeslim.methods.quant.driver import QuantizeConfig, plan_quantize
+    from moeslim.methods.router_fit import plan_prune_with_router_fit
     from moeslim.methods.skip import SkipConfig, plan_skip
 
     return {
-        "prune": (PruneConfig, plan_prune),
+        "prune": (PruneConfig, plan_prune_with_router_fit),
         "skip": (SkipConfig, plan_skip),
         "quantize": (QuantizeConfig, plan_quantize),
+        "merge": (MergeConfig, plan_merge),
+        "lowrank": (LowRankConfig, plan_lowrank),
     }
 
 
 def stage_kinds() -> list[str]:
     return list(_registry())
+
+
+def stage_configs() -> dict[str, type]:
+    """kind -> its config dataclass (``moeslim plan <kind>`` derives its flags from it)."""
+    return {kind: config_cls for kind, (config_cls, _) in _registry().items()}
 
 
 def parse_stage(entry: Mapping[str, Any], where: str) -> StageSpec:
@@ -96,4 +108,4 @@ def describe(stages: list[StageSpec]) -> str:
     return " -> ".join(parts) or "original"
 
 
-_SHOWN = {"method", "keep", "mode", "bits", "quantile", "rule", "protect", "seed"}
+_SHOWN = {"method", "keep", "mode", "bits", "quantile", "rule", "protect", "seed", "ratio"}

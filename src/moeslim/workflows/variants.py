@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from moeslim.config import CalibrationConfig, EvalConfig
 from moeslim.data.calibration_set import CalibrationSet, build_calibration_set
+from moeslim.evaluate.table import print_table as print_table  # the one table builder; re-exported for callers
 from moeslim.plans import Plan
 from moeslim.workflows.stages import StageSpec, describe, run_stage
 
@@ -128,36 +128,3 @@ def _add_generations(results: list[Any], models: dict[str, nn.Module], tokenizer
     texts = side_by_side(models, tokenizer, max_new_tokens=new_tokens)  # {prompt: {name: text}}
     for result in results:
         result.extra["generations"] = {prompt: by_name[result.name] for prompt, by_name in texts.items()}
-
-
-def print_table(results: list[Any], title: str) -> None:
-    """Side-by-side table: perplexity per domain, task accuracy, size, expert calls, decode speed."""
-    domains = list(dict.fromkeys(d for r in results for d in r.perplexity))
-    tasks = list(dict.fromkeys(t for r in results for t in r.tasks))
-    table = Table(title=title)
-    table.add_column("variant")
-    for d in domains:
-        table.add_column(f"ppl {d}", justify="right")
-    for t in tasks:
-        table.add_column(t.removeprefix("moeslim_"), justify="right")
-    for col in ("weights MiB", "expert calls/tok", "decode x"):
-        table.add_column(col, justify="right")
-    base = results[0]
-    for r in results:
-        cells = [_ppl_cell(r.perplexity.get(d), base.perplexity.get(d)) for d in domains]
-        cells += [f"{100 * r.tasks[t]:.1f}%" if t in r.tasks else "-" for t in tasks]
-        cells.append(f"{r.param_bytes / 2**20:.1f}" if r.param_bytes else "-")
-        cells.append(f"{r.expert_calls_per_token:.2f}" if r.expert_calls_per_token is not None else "-")
-        cells.append(f"{r.speed_ratio:.2f}" if r.speed_ratio is not None else "-")
-        table.add_row(r.name, *cells)
-    # Not a terminal (CI logs, pipes): rich would wrap at 80 columns and cut the headers.
-    console = Console() if Console().is_terminal else Console(width=200)
-    console.print(table)
-
-
-def _ppl_cell(value: float | None, base: float | None) -> str:
-    if value is None:
-        return "-"
-    if base is None or value == base:
-        return f"{value:.2f}"
-    return f"{value:.2f} ({100 * (value / base - 1):+.0f}%)"

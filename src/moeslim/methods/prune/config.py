@@ -3,59 +3,86 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
 
 from torch import nn
 
 from moeslim.calibrate.observers import DEFAULT_MAX_TOKENS
 from moeslim.config import ConfigError, check_types
 
-PRUNE_METHODS = ("enumerate", "search", "frequency", "soft-count", "reap", "random")
+PruneMethod = Literal["enumerate", "search", "frequency", "soft-count", "reap", "random"]
+PruneMode = Literal["layerwise", "progressive"]
+PRUNE_METHODS: tuple[str, ...] = get_args(PruneMethod)
 LOSS_METHODS = ("enumerate", "search")  # minimise the reconstruction loss
 SAMPLE_METHODS = ("enumerate", "search", "reap")  # need every expert's output on the token sample
 ROUTING_METHODS = ("frequency", "soft-count")  # need routing statistics only
-PRUNE_MODES = ("layerwise", "progressive")
+PRUNE_MODES: tuple[str, ...] = get_args(PruneMode)
+
+
+# Default loss evaluations per layer for method="search": covers the whole greedy removal path of a 64-expert layer
+# at 25 % and 50 % removal (904 / 1552 evaluations) with the rest for swaps; layers with more experts are cut by
+# removal loss. One evaluation costs O(tokens x (2 top_k)^2): 0.47 s for 8192 tokens, 64 experts, top-8 on one
+# loaded CPU core, so bound the time with max_tokens as well (docs/results-reap.md has the measurement).
+DEFAULT_SEARCH_BUDGET = 2000
+
+
+def _help(text: str, default: Any = None) -> Any:
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass(frozen=True, kw_only=True)
 class PruneConfig:
-    """How to choose the ``keep`` experts every MoE layer keeps.
+    """How to choose the experts every MoE layer keeps (each field's ``metadata["help"]`` says what it does).
 
-    method: enumerate (all C(E, keep) sets, exact), search (beam removal + swaps, same objective, large E),
-        frequency | soft-count | reap | random (one-pass baselines).
-    mode: layerwise (inputs from the original model) or progressive (inputs from the model with earlier layers
-        already pruned; the target stays the original layer's output on those inputs).
-    max_subsets: enumerate refuses layers with more kept sets than this (use search).
-    beam / local_search / budget: search settings (budget = max loss evaluations per layer, None = no limit).
-    seed: random-subset seed (per layer: seed + layer index) and token-sample seed.
-    token_fraction: share of calibration tokens whose expert outputs are kept (memory: T x E x H floats).
-    max_tokens: cap on the tokens whose expert outputs are kept per layer (a seeded uniform subsample chosen by
-        token position, so memory stays max_tokens x E x H floats; None = no cap; error: docs/scale.md).
-        ``enumerate`` needs no sample: it accumulates every kept set's loss batch by batch (exact, O(C(E, keep))).
-    chunk_tokens: tokens per chunk when scoring (bounds temporary memory).
-    score: also compute the reconstruction loss of the kept set for the baseline methods (costs the sample).
+    ``enumerate`` needs no sample: it accumulates every kept set's loss batch by batch (exact, O(C(E, keep))).
+    ``allocation="global"`` gives layers different counts: each layer's loss curve (best kept set of every size,
+    from enumeration or the search's removal path) goes into an exact dynamic programme that minimises the summed
+    squared reconstruction error of all layers for the total ``total_keep`` (default keep x MoE layers).
     """
 
-    keep: int  # required: how many experts each MoE layer keeps (no default that could prune by surprise)
-    method: str = "enumerate"
-    mode: str = "layerwise"
-    max_subsets: int = 20_000
-    beam: int = 1
-    local_search: bool = True
-    budget: int | None = None
-    seed: int = 0
-    token_fraction: float = 1.0
-    max_tokens: int | None = DEFAULT_MAX_TOKENS
-    chunk_tokens: int = 4096
-    score: bool = False
+    keep: int = field(metadata={"help": "experts each MoE layer keeps (allocation=global: the mean per layer, "
+                                        "total = keep x MoE layers unless total_keep is set)"})
+    method: PruneMethod = _help("enumerate (all kept sets, exact) | search (beam removal + swaps, same objective, "
+                                "large E) | frequency | soft-count | reap | random (one-pass baselines)", "enumerate")
+    mode: PruneMode = _help("layerwise (inputs from the original model) | progressive (inputs from the model with "
+                      "earlier layers pruned; target: the ORIGINAL model's block output on its own inputs)",
+                      "layerwise")
+    allocation: Literal["uniform", "global"] = _help(
+        "uniform (every layer keeps `keep`) | global (per-layer counts from the layers' loss curves, exact DP "
+        "for the least total squared loss at the same total)", "uniform")
+    total_keep: int | None = _help("allocation=global: experts kept over all MoE layers (default keep x MoE "
+                                   "layers)")
+    min_keep: int | None = _help("allocation=global: fewest experts a layer may keep (default top_k)")
+    layout: Literal["auto", "padded", "compact"] = _help(
+        "how unequal per-layer counts are stored: padded (stock transformers loads it; needs a router that can "
+        "exclude experts: a logit or correction bias) | compact (moeslim.load) | auto (padded where possible)",
+        "auto")
+    groups: Literal["auto", "keep", "drop"] = _help(
+        "group-limited routing (n_group > 1): keep (search only kept sets with equal counts per group, so the "
+        "pruned model keeps its groups) | drop (the pruned model routes without group limits; that is what is "
+        "scored) | auto (keep when the kept count allows it)", "auto")
+    max_subsets: int = _help("enumerate refuses layers with more kept sets than this (use search)", 20_000)
+    beam: int = _help("search: states kept per removal step (1 = greedy removal)", 1)
+    local_search: bool = _help("search: improve the removal result by swaps kept <-> dropped", True)
+    budget: int | None = _help("search: max loss evaluations per layer (None = no limit); a cut removal drops "
+                               "the experts whose removal cost least", DEFAULT_SEARCH_BUDGET)
+    seed: int = _help("random-subset seed (per layer: seed + layer index) and token-sample seed", 0)
+    token_fraction: float = _help("share of calibration tokens whose expert outputs are kept", 1.0)
+    max_tokens: int | None = _help("cap on the tokens whose expert outputs are kept per layer (seeded uniform "
+                                   "subsample; None = no cap; error: docs/scale.md)", DEFAULT_MAX_TOKENS)
+    chunk_tokens: int = _help("tokens per chunk when scoring (bounds temporary memory)", 4096)
+    score: bool = _help("also compute the reconstruction loss of the kept set for the baseline methods", False)
+    recalibrate_router: bool = _help("refit the kept experts' router rows so the pruned block's output best matches "
+                                     "the original (methods/router_fit.py); apply re-runs the fit on the plan's "
+                                     "calibration windows (uniform allocation only)", False)
 
     def __post_init__(self) -> None:
-        check_types(self)
         if self.method not in PRUNE_METHODS:
             raise ConfigError(f"method={self.method!r} is not a pruning method; use one of {', '.join(PRUNE_METHODS)}")
         if self.mode not in PRUNE_MODES:
             raise ConfigError(f"mode={self.mode!r}: use 'layerwise' or 'progressive'")
+        check_types(self)
         if self.keep < 1:
             raise ConfigError(f"keep={self.keep}: keep at least 1 expert per layer")
         if self.max_subsets < 1:
@@ -70,6 +97,26 @@ class PruneConfig:
             raise ConfigError(f"max_tokens={self.max_tokens}: use at least 1 token, or leave unset for no cap")
         if self.chunk_tokens < 1:
             raise ConfigError(f"chunk_tokens={self.chunk_tokens}: use at least 1")
+        self._check_allocation()
+
+    def _check_allocation(self) -> None:
+        if self.allocation == "uniform":
+            for name in ("total_keep", "min_keep"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name}={getattr(self, name)} is only used with allocation='global'; "
+                                      f"set allocation='global' or leave {name} unset")
+            return
+        if self.method not in LOSS_METHODS:
+            raise ConfigError(f"allocation='global' needs each layer's loss curve: use method='enumerate' or "
+                              f"'search' (got method={self.method!r})")
+        if self.mode == "progressive":
+            raise ConfigError("allocation='global' decides every layer's count after all layers are scored, so "
+                              "progressive mode (which needs each layer's kept set before the next) cannot "
+                              "run; use mode='layerwise'")
+        if self.min_keep is not None and self.min_keep < 1:
+            raise ConfigError(f"min_keep={self.min_keep}: use at least 1 (default: top_k)")
+        if self.total_keep is not None and self.total_keep < 1:
+            raise ConfigError(f"total_keep={self.total_keep}: use at least 1")
 
     @property
     def needs_sample(self) -> bool:
@@ -78,11 +125,12 @@ class PruneConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def check_model(self, model: nn.Module) -> None:
-        """Fail before calibration when ``keep`` does not fit some MoE layer of ``model``."""
+    def check_model(self, model: nn.Module) -> PruneShape:
+        """Fail before calibration when the settings do not fit ``model``; return what they resolve to."""
         from moeslim.models import find_moe_layers
 
-        for layer in find_moe_layers(model):
+        layers = find_moe_layers(model)
+        for layer in layers:
             experts, top_k, family = layer.num_experts, layer.top_k, layer.family.name
             if self.keep >= experts:
                 raise ConfigError(
@@ -93,6 +141,11 @@ class PruneConfig:
                 raise ConfigError(
                     f"keep={self.keep} is below top_k={top_k} of {family}; keep at least {top_k} experts"
                 )
+            if self.method == "search" and self.budget is not None and self.budget < experts:
+                raise ConfigError(
+                    f"budget={self.budget} cannot score the {experts} single removals of layer {layer.layer_idx} "
+                    f"(a budget cut drops experts by those losses); use budget >= {experts} or leave it unset"
+                )
             subsets = math.comb(experts, self.keep)
             if self.method == "enumerate" and subsets > self.max_subsets:
                 raise ConfigError(
@@ -100,3 +153,58 @@ class PruneConfig:
                     f"(max_subsets={self.max_subsets}); use method='search' (same objective, greedy + local "
                     "search) or raise max_subsets"
                 )
+        return self._shape(model, layers)
+
+    def _shape(self, model: nn.Module, layers: list[Any]) -> PruneShape:
+        from moeslim.models.select import group_limits, padding_refusal, resolve_group_policy
+
+        experts, top_k = layers[0].num_experts, layers[0].top_k
+        limits = group_limits(model)
+        if self.allocation == "uniform":
+            sizes: tuple[int, ...] = (self.keep,)
+            total = None
+        else:
+            low = self.min_keep if self.min_keep is not None else top_k
+            if low < top_k:
+                raise ConfigError(f"min_keep={low} is below top_k={top_k}; use min_keep >= {top_k}")
+            sizes = tuple(k for k in range(low, experts + 1) if limits is None or self.groups == "drop"
+                          or limits.size_ok(k) or k == experts)
+            total = self.total_keep if self.total_keep is not None else self.keep * len(layers)
+            most = len(layers) * experts
+            if not len(layers) * low <= total < most:
+                raise ConfigError(f"total_keep={total} must be in [{len(layers) * low}, {most - 1}] for "
+                                  f"{len(layers)} MoE layers of {experts} experts with min_keep={low}")
+        try:
+            policy = resolve_group_policy(limits, [s for s in sizes if s < experts] or [self.keep], self.groups)
+        except ValueError as err:
+            raise ConfigError(f"keep={self.keep}: {err}") from err
+        if policy == "keep" and self.allocation == "global":
+            sizes = tuple(k for k in sizes if limits is not None and (limits.size_ok(k) or k == experts))
+        if self.allocation == "global" and self.method == "enumerate":
+            count = sum(math.comb(experts, k) for k in sizes if k < experts)
+            if count > self.max_subsets:
+                raise ConfigError(f"allocation='global' with enumerate scores every kept set of sizes "
+                                  f"{min(sizes)}..{experts - 1}: {count} per layer (max_subsets="
+                                  f"{self.max_subsets}); use method='search', raise min_keep or max_subsets")
+        layout: str | None = None
+        if self.allocation == "global":
+            refused = next((why for layer in layers if (why := padding_refusal(layer)) is not None), None)
+            if self.layout == "padded" and refused is not None:
+                raise ConfigError(f"layout='padded': {refused}")
+            layout = "compact" if self.layout == "compact" or refused is not None else "padded"
+        return PruneShape(sizes=sizes, total=total, groups=policy, layout=layout)
+
+
+@dataclass(frozen=True)
+class PruneShape:
+    """What a ``PruneConfig`` resolves to on one model (``check_model``).
+
+    sizes: kept counts a layer may get (uniform: (keep,)); total: allocation=global total (else None);
+    groups: "keep" / "drop" for group-limited routing (None: ungrouped); layout: how unequal counts are stored
+    (None: uniform).
+    """
+
+    sizes: tuple[int, ...]
+    total: int | None
+    groups: Literal["keep", "drop"] | None
+    layout: str | None

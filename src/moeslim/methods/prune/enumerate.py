@@ -8,6 +8,13 @@ Why a Gram matrix: per token, F'(x) - F(x) = sum_j a_j out_j(x) over the (at mos
 (a = +w' for the new routing, -w for the original), so its squared norm is a^T G a with G = out out^T the (E, E)
 Gram matrix of the token's expert outputs. G is computed once (float64, chunked over tokens); scoring a subset then
 costs O(T k^2) gathers instead of O(T k H) multiply-adds, and no expert ever runs again.
+
+Progressive mode (the paper's definition): the candidate runs on the pruned model's inputs x' while the target is
+the ORIGINAL block output z = F(x) on the original inputs. With d = F(x') - z (independent of C),
+||F'(x'; C) - z||^2 = a^T G a + 2 a . (out d) + ||d||^2: one cross term, from the (T, E) products out_j(x') . d.
+
+Group-limited routing: the candidate routing is the one the pruned model runs (``models.select.pruned_routing``),
+which may differ from the target's routing (groups dropped), so scorers take a separate ``candidate_route``.
 """
 
 from __future__ import annotations
@@ -58,12 +65,28 @@ def gram_chunks(outputs: Tensor, chunk_tokens: int, device: torch.device | None 
     return chunks
 
 
-def _quadratic(gram: Tensor, coef: Tensor, idx: Tensor) -> Tensor:
-    """sum over tokens of coef^T G[idx, idx] coef.  gram (T, E, E), coef / idx (T, m) -> scalar float64."""
+def _quadratic(gram: Tensor, coef: Tensor, idx: Tensor, cross: Tensor | None = None) -> Tensor:
+    """sum over tokens of coef^T G[idx, idx] coef (+ 2 coef . cross[idx]).
+
+    gram (T, E, E), coef / idx (T, m), cross (T, E) expert outputs dotted with the progressive offset d
+    -> scalar float64.
+    """
     m, num_experts = idx.shape[1], gram.shape[1]
     rows = gram.gather(1, idx.unsqueeze(-1).expand(-1, m, num_experts))  # (T, m, E)
     sub = rows.gather(2, idx.unsqueeze(1).expand(-1, m, m))  # (T, m, m)
-    return torch.einsum("ti,tij,tj->", coef, sub, coef)
+    total = torch.einsum("ti,tij,tj->", coef, sub, coef)
+    if cross is not None:
+        total = total + 2 * (coef * cross.gather(1, idx)).sum()
+    return total
+
+
+def offset_terms(outputs: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
+    """Progressive-target terms of one chunk: (out_j . d per token (T, E) float64, sum ||d||^2 scalar float64).
+
+    outputs (T, E, H) expert outputs on the pruned model's inputs x'; offset (T, H) d = F(x') - F(x).
+    """
+    d = offset.double()
+    return torch.einsum("teh,th->te", outputs.double(), d), (d * d).sum()
 
 
 class SubsetScorer:
@@ -75,27 +98,42 @@ class SubsetScorer:
     """
 
     def __init__(self, sample: ExpertOutputSample, route_fn: RouteFn, chunk_tokens: int = 4096,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, candidate_route: RouteFn | None = None,
+                 offset: Tensor | None = None) -> None:
+        """``route_fn``: the original routing (the target's); ``candidate_route``: the routing of the pruned
+        model as masked routing (default ``route_fn``); ``offset`` (T, H): progressive d = F(x') - F(x)."""
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
+        if offset is not None and offset.shape != (sample.tokens, sample.outputs.shape[-1]):
+            raise ValueError(f"offset must be (tokens, H) = {(sample.tokens, sample.outputs.shape[-1])}, "
+                             f"got {tuple(offset.shape)}")
         self.num_experts = int(sample.logits.shape[1])
         self.device = torch.device(device) if device is not None else sample.logits.device
         self._route = route_fn
+        self._candidate = candidate_route if candidate_route is not None else route_fn
         self._grams = gram_chunks(sample.outputs, chunk_tokens, self.device)
-        self._logits = [sample.logits[s : s + chunk_tokens].to(self.device)
-                        for s in range(0, sample.tokens, chunk_tokens)]
+        starts = range(0, sample.tokens, chunk_tokens)
+        self._logits = [sample.logits[s : s + chunk_tokens].to(self.device) for s in starts]
         self._full = [self._route(lg, None) for lg in self._logits]  # original routing per chunk
+        self._cross: list[Tensor | None] = [None] * len(self._logits)
+        self._offset_sq = 0.0
+        if offset is not None:
+            for i, s in enumerate(starts):
+                cross, sq = offset_terms(sample.outputs[s : s + chunk_tokens].to(self.device),
+                                         offset[s : s + chunk_tokens].to(self.device))
+                self._cross[i] = cross
+                self._offset_sq += float(sq)
         self.evaluations = 0
 
     def loss(self, kept: Sequence[int]) -> float:
         """||F'(X; kept) - F(X)||_F over the sample's tokens (squared norm accumulated in float64)."""
         allowed = allowed_mask(kept, self.num_experts).to(self.device)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for gram, logits, (w, ids) in zip(self._grams, self._logits, self._full, strict=True):
-            w_new, ids_new = self._route(logits, allowed)  # (Tc, k)
+        total = torch.full((), self._offset_sq, dtype=torch.float64, device=self.device)
+        for gram, logits, (w, ids), cross in zip(self._grams, self._logits, self._full, self._cross, strict=True):
+            w_new, ids_new = self._candidate(logits, allowed)  # (Tc, k)
             coef = torch.cat((w_new.double(), -w.double()), dim=1)  # (Tc, 2k)
             idx = torch.cat((ids_new, ids), dim=1)  # (Tc, 2k)
-            total += _quadratic(gram, coef, idx)
+            total += _quadratic(gram, coef, idx, cross)
         self.evaluations += 1
         # Rounding can leave a tiny negative value where the routing did not change at all.
         return math.sqrt(max(float(total), 0.0))
@@ -111,9 +149,10 @@ def score_all(
     subsets: Sequence[Sequence[int]],
     chunk_tokens: int = 4096,
     device: torch.device | str | None = None,
+    candidate_route: RouteFn | None = None,
 ) -> Tensor:
     """(S,) float64 reconstruction loss of every kept set in ``subsets`` on ``sample``."""
-    return SubsetScorer(sample, route_fn, chunk_tokens, device).losses(subsets)
+    return SubsetScorer(sample, route_fn, chunk_tokens, device, candidate_route).losses(subsets)
 
 
 @dataclass(frozen=True)
@@ -163,24 +202,44 @@ class SubsetLossAccumulator:
 
     key = "subset_losses"
 
-    def __init__(self, subsets: Sequence[Sequence[int]], chunk_tokens: int = 4096) -> None:
+    def __init__(self, subsets: Sequence[Sequence[int]], chunk_tokens: int = 4096,
+                 candidate_route: RouteFn | None = None, targets: bool = False) -> None:
+        """``candidate_route``: the pruned model's routing as masked routing (default: the layer's own);
+        ``targets``: progressive mode, the runner hands each batch's original block outputs (``at_target``)."""
         self.subsets = [tuple(s) for s in subsets]
         self._chunk = chunk_tokens
+        self._candidate = candidate_route
+        self.wants_targets = targets
+        self._target: Tensor | None = None  # (T, H) original block output of the next observed batch
         self._squared: Tensor | None = None  # (S,) float64
         self.tokens = 0
 
+    def at_target(self, target: Tensor) -> None:
+        """The runner's note: the ORIGINAL model's block output on the original inputs of the next batch."""
+        self._target = target
+
     def observe(self, layer: MoELayer, x: Tensor) -> None:
         device = layer.router_weight.device
+        candidate = self._candidate if self._candidate is not None else layer.route
+        target, self._target = self._target, None
+        if self.wants_targets and (target is None or target.shape != x.shape):
+            raise ValueError("progressive scoring needs the original block output of every batch (at_target)")
         for start in range(0, x.shape[0], self._chunk):
             xc = x[start : start + self._chunk]
-            gram = gram_chunks(layer.expert_outputs(xc), xc.shape[0] or 1, device)[0]  # (Tc, E, E)
+            outputs = layer.expert_outputs(xc)  # (Tc, E, H)
+            gram = gram_chunks(outputs, xc.shape[0] or 1, device)[0]  # (Tc, E, E)
             logits = layer.router_logits(xc).float()  # (Tc, E)
             w, ids = layer.route(logits, None)
+            cross, offset_sq = None, 0.0
+            if target is not None:
+                offset = layer.forward(xc) - target[start : start + self._chunk].to(xc.device)  # (Tc, H)
+                cross, sq = offset_terms(outputs, offset)
+                offset_sq = float(sq)
             sums = torch.empty(len(self.subsets), dtype=torch.float64, device=device)
             for i, kept in enumerate(self.subsets):
-                w_new, ids_new = layer.route(logits, allowed_mask(kept, gram.shape[1]).to(device))
+                w_new, ids_new = candidate(logits, allowed_mask(kept, gram.shape[1]).to(device))
                 coef = torch.cat((w_new.double(), -w.double()), dim=1)  # (Tc, 2k)
-                sums[i] = _quadratic(gram, coef, torch.cat((ids_new, ids), dim=1))
+                sums[i] = _quadratic(gram, coef, torch.cat((ids_new, ids), dim=1), cross) + offset_sq
             self._squared = sums.cpu() if self._squared is None else self._squared + sums.cpu()
             self.tokens += int(xc.shape[0])
 

@@ -22,6 +22,16 @@ def top_experts(scores: Tensor, keep: int) -> tuple[int, ...]:
     return tuple(sorted(int(e) for e in order[:keep]))
 
 
+def top_per_group(scores: Tensor, per_group: int, n_group: int) -> tuple[int, ...]:
+    """The ``per_group`` highest-scoring experts of each of ``n_group`` contiguous groups (group-limited routing
+    whose groups are kept), sorted.  scores (E,)"""
+    size = scores.numel() // n_group
+    kept: list[int] = []
+    for g in range(n_group):
+        kept += [g * size + e for e in top_experts(scores[g * size : (g + 1) * size], per_group)]
+    return tuple(sorted(kept))
+
+
 def frequency_scores(routing: RoutingSummary) -> Tensor:
     """(E,) number of tokens that routed to each expert (top-k assignments)."""
     return routing.counts.double()
@@ -48,9 +58,12 @@ def reap_scores(sample: ExpertOutputSample, route_fn: RouteFn, device: torch.dev
     return total / counts.clamp_min(1)
 
 
-def random_subset(num_experts: int, keep: int, seed: int) -> tuple[int, ...]:
-    """A seeded uniformly random kept set."""
+def random_subset(num_experts: int, keep: int, seed: int, n_group: int = 1) -> tuple[int, ...]:
+    """A seeded uniformly random kept set (``n_group`` > 1: keep // n_group experts from each contiguous group)."""
     if not 0 < keep <= num_experts:
         raise ValueError(f"keep={keep} must be in [1, {num_experts}]")
     generator = torch.Generator().manual_seed(seed)
+    if n_group > 1:
+        return top_per_group(torch.rand(num_experts, generator=generator, dtype=torch.float64), keep // n_group,
+                             n_group)
     return tuple(sorted(int(e) for e in torch.randperm(num_experts, generator=generator)[:keep]))

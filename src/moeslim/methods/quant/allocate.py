@@ -14,7 +14,7 @@ All functions are pure: arrays in, arrays out. Shapes: E experts, J candidate wi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, TypedDict
 
 import numpy as np
 
@@ -30,7 +30,17 @@ __all__ = [
 
 # The MC-MoE authors' code (see tests/data/mcmoe_mixtral_8x7b_factors.json `notes`): frequencies and
 # routing-weight sums normalised by their per-layer sums, error raised to alpha (gamma unused), x1000.
-AUTHORS_COST_SETTINGS: dict[str, object] = {
+class CostSettings(TypedDict):
+    """Keyword settings of ``pmq_costs`` beyond the factors (one named set: the authors' code)."""
+
+    alpha: float
+    beta: float
+    normalise: Literal["none", "sum"]
+    eps_exponent: Literal["gamma", "alpha"]
+    scale: float
+
+
+AUTHORS_COST_SETTINGS: CostSettings = {
     "alpha": 1.0,
     "beta": 1.5,
     "normalise": "sum",

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
 
 from torch import nn
 
+from moeslim.calibrate.hessians import HessianWeighting
 from moeslim.calibrate.observers import DEFAULT_MAX_TOKENS
 from moeslim.config import ConfigError, check_types
 from moeslim.methods.quant.allocate import budget_range
 from moeslim.methods.quant.fused import KEEP_BITS
 from moeslim.models import find_moe_layers
 
-QUANT_METHODS = ("pmq", "uniform", "random")
-COSTS = ("paper", "authors")
-SCOPES = ("layer", "global")
-QUANTIZERS = ("gptq", "rtn")
-PROPAGATE = ("original", "compressed")
+QuantMethod = Literal["pmq", "uniform", "random"]
+Cost = Literal["paper", "authors"]
+Scope = Literal["layer", "global", "gguf"]
+Quantizer = Literal["gptq", "rtn"]
+Propagate = Literal["original", "compressed"]
+QUANT_METHODS: tuple[str, ...] = get_args(QuantMethod)
 _DEFAULT_DAMP = 0.01
 
 
@@ -29,66 +30,63 @@ def _valid_width(b: object) -> bool:
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """How to choose and realise per-expert bit-widths.
+    """Choose a bit-width per expert (PMQ mixed precision or uniform) and how to realise it.
 
-    method: pmq (MC-MoE allocation), uniform (every expert at ``bits``), random (random widths at the
-        same budget: the control for PMQ).
-    bits: average code bits per expert weight (pmq/random: per layer, or over the model with
-        scope="global"); uniform needs an integer in 1..8, or 16 to keep the experts.
-    candidates: widths an expert may get (pmq/random); 1..8, or 16 for "keep".
-    alpha, beta, gamma: exponents of the cost phi^alpha * w^beta * eps^gamma (paper: gamma = 2, alpha and
-        beta in {1, 1.5, 2}); ``cost="authors"`` uses the authors' code instead (alpha=1, beta=1.5 on
-        sum-normalised factors, eps^alpha, at least one expert at the two top widths) and ignores them.
-    group_size, damp, act_order: GPTQ settings (paper: 128, 0.01, no act-order; asymmetric min-max).
-    weighted_hessian: weight each token's Hessian term by its squared routing weight (the expert's share
-        of the block output error); default False, the plain GPTQ Hessian as in the paper.
-    sequential: GPTQ's "true sequential" order inside the experts: down_proj is calibrated on the
-        intermediates of the already quantized gate_up (keeps the layer's block inputs in CPU memory).
-    quantizer: gptq (runs in ``apply``, once, on the calibration windows the plan records) or rtn
-        (round-to-nearest, no data).
-    scope: allocate per layer (paper) or one budget for the whole model.
-    seed: random allocation (seed + layer index) and the factor token sample.
-    min_tokens: experts with fewer routed calibration tokens are rounded to nearest instead of GPTQ'd (the
-        applied ``moeslim.quantize`` section lists them under ``rtn_fallback``).
-    token_fraction: share of calibration tokens whose expert outputs the PMQ factors use.
-    max_tokens: cap on those tokens per layer (seeded subsample by token position; None = no cap), which
-        bounds the factor pass's memory at max_tokens x E x H floats (error model: docs/scale.md).
-    quantize_attention: bits for the attention projections (round-to-nearest), None keeps them.
-    propagate: what the GPTQ pass feeds layer l+1: the quantized ("compressed", as GPTQ) or original output.
-    batch_size: calibration batch size.
+    Each field's meaning is its ``metadata["help"]`` (also the ``moeslim plan quantize`` help).
     """
 
-    method: str = "pmq"
-    bits: float = 2.5
-    candidates: tuple[int, ...] = (1, 2, 3)
-    alpha: float = 1.0
-    beta: float = 1.5
-    gamma: float = 2.0
-    cost: str = "paper"
-    group_size: int = 128
-    damp: float = _DEFAULT_DAMP
-    act_order: bool = False
-    weighted_hessian: bool = False
-    sequential: bool = True
-    quantizer: str = "gptq"
-    scope: str = "layer"
-    seed: int = 0
-    min_tokens: int = 1
-    token_fraction: float = 1.0
-    max_tokens: int | None = DEFAULT_MAX_TOKENS
-    quantize_attention: int | None = None
-    propagate: str = "compressed"
-    batch_size: int = 8
+    method: QuantMethod = field(default="pmq", metadata={
+        "help": "pmq (MC-MoE allocation) | uniform (every expert at bits) | random (random widths at the same "
+                "budget: the control for PMQ)"})
+    bits: float = field(default=2.5, metadata={
+        "required_flag": True,
+        "help": "average code bits per expert weight (pmq/random: per layer, or over the model with scope "
+                "global); uniform needs an integer in 1..8, or 16 to keep the experts"})
+    candidates: tuple[int, ...] = field(default=(1, 2, 3), metadata={
+        "help": "widths an expert may get (pmq/random), e.g. 1,2,3; each 1..8, or 16 for keep"})
+    alpha: float = field(default=1.0, metadata={"help": "exponent of phi in the cost phi^alpha * w^beta * eps^gamma"})
+    beta: float = field(default=1.5, metadata={"help": "exponent of w in the cost (paper: alpha, beta in {1, 1.5, 2})"})
+    gamma: float = field(default=2.0, metadata={"help": "exponent of eps in the cost (paper: 2)"})
+    cost: Cost = field(default="paper", metadata={
+        "help": "paper | authors (the authors' code: alpha=1, beta=1.5 on sum-normalised factors, eps^alpha, at "
+                "least one expert at the two top widths; alpha, beta, gamma ignored)"})
+    group_size: int = field(default=128, metadata={"help": "GPTQ group size (paper: 128)"})
+    damp: float = field(default=_DEFAULT_DAMP, metadata={"help": "GPTQ damping fraction (paper: 0.01)"})
+    act_order: bool = field(default=False, metadata={"help": "GPTQ act-order (paper: no)"})
+    weighted_hessian: bool = field(default=False, metadata={
+        "help": "weight each token's Hessian term by its squared routing weight (the expert's share of the block "
+                "output error); off: the plain GPTQ Hessian, as in the paper"})
+    sequential: bool = field(default=True, metadata={
+        "help": "GPTQ's true-sequential order inside the experts: down_proj is calibrated on the intermediates "
+                "of the already quantized gate_up (keeps the layer's block inputs in CPU memory)"})
+    quantizer: Quantizer = field(default="gptq", metadata={
+        "help": "gptq (runs in apply, once, on the calibration windows the plan records) | rtn "
+                "(round-to-nearest, no data)"})
+    scope: Scope = field(default="layer", metadata={
+        "help": "layer (the paper: a budget per layer) | global (one budget for the whole model) | gguf (one "
+                "llama.cpp type per expert tensor, layer x gate/up/down, under a model-wide size budget: bits "
+                "with scales; candidates 2,3,4,5,6,8,16 = Q2_K..Q6_K, Q8_0, F16; for moeslim export --format "
+                "gguf)"})
+    seed: int = field(default=0, metadata={
+        "help": "random allocation (seed + layer index) and the factor token sample"})
+    min_tokens: int = field(default=1, metadata={
+        "help": "experts with fewer routed calibration tokens are rounded to nearest instead of GPTQ'd (the "
+                "applied moeslim.quantize section lists them under rtn_fallback)"})
+    token_fraction: float = field(default=1.0, metadata={
+        "help": "share of calibration tokens whose expert outputs the PMQ factors use"})
+    max_tokens: int | None = field(default=DEFAULT_MAX_TOKENS, metadata={
+        "help": "cap on those tokens per layer (seeded subsample by token position), which bounds the factor "
+                "pass's memory at max-tokens x E x H floats (error model: docs/scale.md)"})
+    quantize_attention: int | None = field(default=None, metadata={
+        "help": "bits for the attention projections (round-to-nearest); unset keeps them"})
+    propagate: Propagate = field(default="compressed", metadata={
+        "help": "what the GPTQ pass feeds layer l+1: the quantized (compressed, as GPTQ) or original output"})
+    batch_size: int = field(default=8, metadata={"help": "calibration batch size"})
 
     def __post_init__(self) -> None:
         # YAML/JSON give lists: normalise to a tuple so the config stays hashable and frozen.
         object.__setattr__(self, "candidates", tuple(self.candidates))
-        check_types(self)
-        _check_choice("method", self.method, QUANT_METHODS)
-        _check_choice("cost", self.cost, COSTS)
-        _check_choice("scope", self.scope, SCOPES)
-        _check_choice("quantizer", self.quantizer, QUANTIZERS)
-        _check_choice("propagate", self.propagate, PROPAGATE)
+        check_types(self)  # also the enumerations (Literal fields)
         if not isinstance(self.bits, (int, float)) or not math.isfinite(self.bits) or self.bits <= 0:
             raise ConfigError(f"bits={self.bits!r}: give a positive average bit-width, e.g. 2.5")
         if self.method == "uniform" and not (float(self.bits).is_integer() and _valid_width(int(self.bits))):
@@ -97,7 +95,9 @@ class QuantizeConfig:
             raise ConfigError(f"candidates={self.candidates}: give distinct integer widths in 1..8 (or 16)")
         if len(set(self.candidates)) != len(self.candidates):
             raise ConfigError(f"candidates={self.candidates}: widths must be distinct")
-        if self.method != "uniform" and not min(self.candidates) <= self.bits <= max(self.candidates):
+        # scope gguf: bits count the types' scales too (Q8_0 = 8.5); plan_gguf_types checks the byte budget
+        if self.method != "uniform" and self.scope != "gguf" and not min(self.candidates) <= self.bits <= max(
+                self.candidates):
             raise ConfigError(
                 f"bits={self.bits}: the average must lie between the smallest and largest candidate "
                 f"{min(self.candidates)}..{max(self.candidates)}")
@@ -121,9 +121,11 @@ class QuantizeConfig:
             raise ConfigError(f"quantize_attention={self.quantize_attention!r}: use an integer in 1..8, or None")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size}: use at least 1")
+        if self.scope == "gguf":
+            _check_gguf_scope(self)
 
     @property
-    def hessian_weighting(self) -> str:
+    def hessian_weighting(self) -> HessianWeighting:
         return "gate2" if self.weighted_hessian else "none"
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,8 +135,8 @@ class QuantizeConfig:
 
     def check_model(self, model: nn.Module) -> None:
         """Fail before calibration when the budget cannot be met by some layer (or the model)."""
-        if self.method == "uniform":
-            return
+        if self.method == "uniform" or self.scope == "gguf":
+            return  # gguf: the budget is in bytes of real llama.cpp types; plan_gguf_types checks it
         layers = find_moe_layers(model)
         require = self.method == "pmq" and self.cost == "authors"
         ranges = [budget_range(layer.num_experts, self.candidates, require) for layer in layers]
@@ -148,6 +150,14 @@ class QuantizeConfig:
                                   f"for candidates {list(self.candidates)}{rule})")
 
 
-def _check_choice(name: str, value: object, options: Sequence[str]) -> None:
-    if value not in options:
-        raise ConfigError(f"{name}={value!r}: use one of {', '.join(options)}")
+
+def _check_gguf_scope(config: QuantizeConfig) -> None:
+    """scope='gguf': PMQ only, candidates that name llama.cpp types (methods/quant/gguf_types.py)."""
+    from moeslim.methods.quant.gguf_types import GGUF_WIDTHS
+
+    if config.method != "pmq":
+        raise ConfigError(f"scope='gguf' allocates with PMQ's factors: use method='pmq', not {config.method!r}")
+    bad = [b for b in config.candidates if b not in GGUF_WIDTHS]
+    if bad:
+        names = ", ".join(f"{w}={t}" for w, t in GGUF_WIDTHS.items())
+        raise ConfigError(f"candidates {bad}: scope='gguf' widths name llama.cpp types ({names})")

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from moeslim.calibrate import ExpertOutputs, ExpertOutputSample, LayerDecision, run_layerwise
+from moeslim.calibrate import ExpertOutputs, ExpertOutputSample, LayerDecision, result_of, run_layerwise
+from moeslim.calibrate.resume import LayerCheckpoint
 from moeslim.data.calibration_set import CalibrationSet, calibration_fields, calibration_spec
 from moeslim.methods.quant.allocate import (
     AUTHORS_COST_SETTINGS,
@@ -84,7 +85,7 @@ def _costs(f: LayerFactors, config: QuantizeConfig) -> np.ndarray:
     if config.cost == "authors":
         # The authors' code works on raw counts and raw-probability sums, normalised per layer.
         return pmq_costs(f.counts.double().numpy(), f.weight_sum.numpy(), err,
-                         **AUTHORS_COST_SETTINGS)  # type: ignore[arg-type]
+                         **AUTHORS_COST_SETTINGS)
     return pmq_costs(f.freq.numpy(), f.weight.numpy(), err, config.alpha, config.beta, config.gamma)
 
 
@@ -122,24 +123,27 @@ def _allocate_random(sizes: dict[int, int], config: QuantizeConfig) -> dict[int,
 
 
 def pmq_factors(model: nn.Module, input_ids: torch.Tensor, config: QuantizeConfig,
-                device: torch.device | str | None = None, progress: bool = False) -> dict[int, LayerFactors]:
+                device: torch.device | str | None = None, progress: bool = False,
+                checkpoint: LayerCheckpoint | None = None) -> dict[int, LayerFactors]:
     """{decoder layer index: LayerFactors} on the calibration ids (N, L), original-model inputs per layer.
 
     Depends on ``candidates``, ``group_size``, ``token_fraction``, ``seed`` and ``batch_size`` only, so
     one result serves several budgets or cost settings (pass it to ``plan_quantize(factors=...)``).
+    ``checkpoint``: resume a killed factor pass at the next layer (``calibrate/resume.py``).
     """
     return run_layerwise(
         model, input_ids,
         make_observers=lambda _layer: [ExpertOutputs(fraction=config.token_fraction, seed=config.seed,
                                                      max_tokens=config.max_tokens)],
-        on_layer=lambda layer, obs: LayerDecision(result=factors_for_layer(layer, obs[0].result(), config)),
-        propagate="original", batch_size=config.batch_size, device=device, progress=progress,
+        on_layer=lambda layer, obs: LayerDecision(
+            result=factors_for_layer(layer, result_of(obs[0], ExpertOutputSample), config)),
+        propagate="original", batch_size=config.batch_size, device=device, progress=progress, checkpoint=checkpoint,
     )
 
 
 def plan_bits(model: nn.Module, input_ids: torch.Tensor | None, config: QuantizeConfig,
               device: torch.device | str | None = None, progress: bool = False,
-              factors: dict[int, LayerFactors] | None = None,
+              factors: dict[int, LayerFactors] | None = None, checkpoint: LayerCheckpoint | None = None,
               ) -> tuple[dict[int, list[int]], dict[int, LayerFactors]]:
     """Widths per MoE layer ({decoder layer index: (E,) widths}) and, for PMQ, the factors used."""
     sizes = {layer.layer_idx: layer.num_experts for layer in find_moe_layers(model)}
@@ -150,7 +154,7 @@ def plan_bits(model: nn.Module, input_ids: torch.Tensor | None, config: Quantize
     if factors is None:
         if input_ids is None:
             raise ValueError("method='pmq' needs calibration data")
-        factors = pmq_factors(model, input_ids, config, device, progress)
+        factors = pmq_factors(model, input_ids, config, device, progress, checkpoint)
     if sorted(factors) != sorted(sizes) or any(f.widths != config.candidates for f in factors.values()):
         raise ValueError(f"precomputed factors do not fit: layers {sorted(factors)} vs {sorted(sizes)}, "
                          f"candidates must be {list(config.candidates)}")
@@ -203,6 +207,7 @@ def plan_quantize(
     device: torch.device | str | None = None,
     progress: bool = False,
     factors: dict[int, LayerFactors] | None = None,
+    checkpoint: LayerCheckpoint | None = None,
 ) -> Plan:
     """Choose per-expert widths; return a "quantize" plan. The model is not modified and no GPTQ runs here.
 
@@ -210,11 +215,16 @@ def plan_quantize(
     ``apply`` will GPTQ on (the plan records how to redraw them and their hashes; pass the same set to
     ``moeslim.apply(model, plan, calibration=...)``). May be None only for uniform/random widths with
     ``quantizer="rtn"``. ``factors``: PMQ factors from ``pmq_factors`` on the same model and data.
+    ``checkpoint``: resume a killed PMQ factor pass at the next layer (``calibrate/resume.py``).
     """
+    if config.scope == "gguf":  # one llama.cpp type per expert tensor, for moeslim export --format gguf
+        from moeslim.methods.quant.gguf_types import plan_gguf_types
+
+        return plan_gguf_types(model, calibration, config, model_name, device, progress)
     config.check_model(model)
     input_ids, data_name, data_hash = calibration_fields(calibration) if calibration is not None else (None, None, None)
     start = time.perf_counter()
-    bits, factors = plan_bits(model, input_ids, config, device, progress, factors)
+    bits, factors = plan_bits(model, input_ids, config, device, progress, factors, checkpoint)
     if calibration is None and _needs_calibration(config, bits):
         raise ValueError("quantizer='gptq' needs calibration data: apply runs GPTQ on the windows the plan records; "
                          "pass calibration=CalibrationSet or (N, L) input ids, or use quantizer='rtn'")
@@ -232,8 +242,8 @@ def plan_quantize(
         entry["objective"] = _objective(f, bits[idx], config)
         entry["factors"] = f.to_dict()
     summary["seconds"] = time.perf_counter() - start
-    if calibration is not None:
-        summary["calibration_windows"] = int(input_ids.shape[0])  # type: ignore[union-attr]
+    if calibration is not None and input_ids is not None:
+        summary["calibration_windows"] = int(input_ids.shape[0])
         summary["calibration"] = calibration_spec(calibration)
     provenance = Provenance.of(model, model_name, config.method, config.to_dict(), data_name, data_hash)
     layers = {idx: {"bits": widths} for idx, widths in sorted(bits.items())}

@@ -63,15 +63,22 @@ class LowBitTensor:
         n_in = self.out_in[1]
         return math.ceil(n_in / min(self.group_size, n_in))
 
+    def stream(self, name: Literal["codes", "scales", "zeros", "dense"], e: int) -> torch.Tensor:
+        """Expert e's stored ``codes``/``scales``/``zeros`` (1..8 bits) or ``dense`` slice (16 bits)."""
+        t = getattr(self, name)[e]
+        if t is None:  # a width stores either the three quantized streams or the dense slice
+            raise ValueError(f"expert {e} at {self.bits[e]} bits stores no {name}")
+        return t
+
     def dequantize_expert(self, e: int) -> torch.Tensor:
         """Expert e's slice in the original layout and dtype: (d1, d2)."""
         if self.bits[e] == KEEP_BITS:
-            return self.dense[e]
+            return self.stream("dense", e)
         n_out, n_in = self.out_in
         b = self.bits[e]
-        codes = unpack_bits(self.codes[e], b, n_out * n_in).reshape(n_out, n_in)
-        zeros = unpack_bits(self.zeros[e], b, n_out * self.n_groups).reshape(n_out, self.n_groups)
-        w = dequantize(codes, self.scales[e], zeros, self.group_size).to(self.dtype)
+        codes = unpack_bits(self.stream("codes", e), b, n_out * n_in).reshape(n_out, n_in)
+        zeros = unpack_bits(self.stream("zeros", e), b, n_out * self.n_groups).reshape(n_out, self.n_groups)
+        w = dequantize(codes, self.stream("scales", e), zeros, self.group_size).to(self.dtype)
         return w.T if self.transposed else w
 
     def dequantize(self) -> torch.Tensor:
@@ -93,11 +100,11 @@ class LowBitTensor:
         }
         for e, b in enumerate(self.bits):
             if b == KEEP_BITS:
-                sd[f"{prefix}.qdense.{e}"] = self.dense[e].contiguous().clone()
+                sd[f"{prefix}.qdense.{e}"] = self.stream("dense", e).contiguous().clone()
             else:
-                sd[f"{prefix}.qcodes.{e}"] = self.codes[e].clone()
-                sd[f"{prefix}.qscales.{e}"] = self.scales[e].contiguous().clone()
-                sd[f"{prefix}.qzeros.{e}"] = self.zeros[e].clone()
+                sd[f"{prefix}.qcodes.{e}"] = self.stream("codes", e).clone()
+                sd[f"{prefix}.qscales.{e}"] = self.stream("scales", e).contiguous().clone()
+                sd[f"{prefix}.qzeros.{e}"] = self.stream("zeros", e).clone()
         return sd
 
     @classmethod

@@ -11,30 +11,40 @@ into packed experts (``fused.LowBitTensor``), once, when the plan is applied:
   quantized by round-to-nearest, and ``GptqResults.fallback`` lists them (``apply`` writes the list into
   the model's ``moeslim.quantize`` section). That is the only place RTN replaces GPTQ.
 - ``rtn_experts`` is the data-free quantizer of plans made with ``quantizer="rtn"``.
+- Streaming (``apply --stream``): ``on_packed`` receives each layer's packed experts while the layer is
+  still on its device (a shard writer), so the packed model is never held whole; with a ``checkpoint`` a
+  killed pass resumes at the next layer (per-layer results are then JSON: fallbacks and counts).
+- Under torchrun the Hessians are summed over the processes (``ExpertHessians.sync``) and each process
+  GPTQs every W-th quantized expert; the packed experts are gathered, so every process holds the same
+  ``QuantizedExperts`` (rank 0 writes them).
 
-Nothing here modifies the model: expert weights are swapped in only for the duration of the calibration
-forward that feeds the next layer, and always restored.
+Nothing here modifies a model in memory: expert weights are swapped in only for the duration of the
+calibration forward that feeds the next layer, and always restored. (A streamed model's layer, read for its
+turn and freed after, gets the dequantized experts written into its own tensors instead: no second copy.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
 
-from moeslim.calibrate import LayerDecision, Observer, run_layerwise
-from moeslim.calibrate.hessians import ExpertHessians, ExpertHessianSummary, down_hessians
+from moeslim.calibrate import LayerDecision, Observer, result_of, run_layerwise
+from moeslim.calibrate.distributed import RankedCommunicator, expert_share, process_communicator
+from moeslim.calibrate.hessians import ExpertHessians, ExpertHessianSummary, down_hessian
+from moeslim.calibrate.resume import LayerCheckpoint
 from moeslim.methods.quant.config import QuantizeConfig
 from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor, quantize_fused
 from moeslim.models import MoELayer
 from moeslim.models.expert_math import expert_weight_views
+from moeslim.models.lazy import is_streamed
 
-__all__ = ["GptqResults", "QuantizedExperts", "gptq_experts", "quantize_layer_experts", "rtn_experts",
-           "swapped_expert_weights"]
+__all__ = ["GptqResults", "PackedSink", "QuantizedExperts", "gptq_experts", "quantize_layer_experts",
+           "rtn_experts", "swapped_expert_weights"]
 
 
 class QuantizedExperts(NamedTuple):
@@ -66,12 +76,51 @@ def swapped_expert_weights(layer: MoELayer, up: torch.Tensor, down: torch.Tensor
         params[0].data, params[1].data = saved
 
 
+HessianOf = Callable[[int], "torch.Tensor | None"]
+
+
+def _pack_experts(weight: torch.Tensor, bits: Sequence[int], group_size: int, hessian_of: HessianOf | None,
+                  method: Literal["gptq", "rtn"], comm: RankedCommunicator | None, **options: Any) -> LowBitTensor:
+    """``quantize_fused`` one expert at a time, each expert's Hessian made only when it is needed.
+
+    ``hessian_of(e)``: expert e's (in, in) Hessian or None (round-to-nearest); it is called for every
+    quantized expert in order on every process (it may run collectives), so only one Hessian is alive.
+    Every expert is quantized on its own, so the result is ``quantize_fused``'s, byte for byte. Under
+    torchrun (``comm``) process r quantizes every W-th quantized expert and the packed experts are gathered;
+    kept (16-bit) experts are copied locally: every process holds the weights.
+    """
+    n = int(weight.shape[0])
+    out = LowBitTensor(shape=(n, int(weight.shape[1]), int(weight.shape[2])), bits=[int(b) for b in bits],
+                       group_size=group_size, transposed=bool(options.get("transposed", False)),
+                       dtype=weight.dtype, codes=[None] * n, scales=[None] * n, zeros=[None] * n,
+                       dense=[weight[e].detach().clone() if b == KEEP_BITS else None for e, b in enumerate(bits)])
+    quantized = [e for e, b in enumerate(bits) if b != KEEP_BITS]
+    size, rank = (comm.size, comm.rank) if comm is not None else (1, 0)
+    mine = {quantized[i] for i in expert_share(len(quantized), rank, size)}
+    for e in quantized:
+        hessian = hessian_of(e) if hessian_of is not None else None
+        if e in mine:
+            part = quantize_fused(weight[e : e + 1].detach(), [bits[e]], group_size,
+                                  None if hessian_of is None else [hessian], method, **options)
+            out.codes[e], out.scales[e], out.zeros[e] = part.codes[0], part.scales[0], part.zeros[0]
+        del hessian
+    if comm is not None and comm.size > 1:
+        shared = comm.all_gather({e: (out.codes[e], out.scales[e], out.zeros[e]) for e in sorted(mine)})
+        for entries in shared:
+            for e, (codes, scales, zeros) in entries.items():
+                out.codes[e], out.scales[e], out.zeros[e] = codes, scales, zeros
+    return out
+
+
 def quantize_layer_experts(layer: MoELayer, bits: Sequence[int], hessians: ExpertHessianSummary | None,
-                           config: QuantizeConfig) -> tuple[QuantizedExperts, list[int]]:
+                           config: QuantizeConfig, comm: RankedCommunicator | None = None
+                           ) -> tuple[QuantizedExperts, list[int]]:
     """Pack one layer's experts at ``bits`` (E,): GPTQ with ``hessians``, round-to-nearest without.
 
     Returns the packed experts and the quantized experts that had fewer than ``config.min_tokens`` routed
     tokens and were therefore rounded to nearest (all quantized experts when ``hessians`` is None).
+    ``comm``: the processes of a torchrun job (``hessians`` already summed over them; the block inputs
+    ``hessians.inputs`` are this process's own): the GPTQ work is split over them and gathered.
     """
     views = expert_weight_views(layer)
     n = layer.num_experts
@@ -80,21 +129,48 @@ def quantize_layer_experts(layer: MoELayer, bits: Sequence[int], hessians: Exper
     else:
         usable = [int(hessians.counts[e]) >= max(config.min_tokens, 1) for e in range(n)]
     fallback = [e for e in range(n) if not usable[e] and bits[e] != KEEP_BITS]
-    method = "gptq" if hessians is not None else "rtn"
+    options: dict[str, Any] = {"transposed": views.transposed, "act_order": config.act_order,
+                               "percdamp": config.damp}
+    if hessians is None:
+        up = _pack_experts(views.up, bits, config.group_size, None, "rtn", comm, **options)
+        return QuantizedExperts(up, _pack_experts(views.down, bits, config.group_size, None, "rtn", comm,
+                                                  **options)), fallback
+    summary = hessians
+    up = _pack_experts(views.up, bits, config.group_size, lambda e: summary.up[e] if usable[e] else None,
+                       "gptq", comm, **options)
+    inputs = summary.inputs
+    sequential = inputs is not None  # the observer kept the block inputs (true sequential)
+    if comm is not None and comm.size > 1:  # a process that got no batch holds none: ask the others
+        flag = torch.tensor([int(sequential)], dtype=torch.int64)
+        comm.all_reduce_sum(flag)
+        sequential = int(flag) > 0
+    if not sequential:
+        def down_of(e: int) -> torch.Tensor | None:
+            return summary.down[e] if usable[e] else None
+    else:
+        # True sequential: down_proj sees what the quantized gate_up produces (one expert's Hessian at a
+        # time; under torchrun each process sums over its own block inputs, none if it had no batch, then
+        # over the processes).
+        def down_of(e: int) -> torch.Tensor | None:
+            if not usable[e]:
+                return None
+            h = None if inputs is None else down_hessian(layer, inputs, e, up.dequantize_expert(e).to(views.up.device),
+                                                         config.hessian_weighting,
+                                                         summary.batch_tokens)
+            total = _summed(h, comm) if comm is not None and comm.size > 1 else h
+            return None if total is None else total.float().cpu()  # rounded once, after every process's sums
+    return QuantizedExperts(up, _pack_experts(views.down, bits, config.group_size, down_of, "gptq", comm,
+                                              **options)), fallback
 
-    def pack(weight: torch.Tensor, hs: list[torch.Tensor | None] | None) -> LowBitTensor:
-        per_expert = None if hs is None else [hs[e] if usable[e] else None for e in range(n)]
-        return quantize_fused(weight.detach(), list(bits), config.group_size, per_expert, method,  # type: ignore[arg-type]
-                              transposed=views.transposed, act_order=config.act_order,
-                              percdamp=config.damp)
 
-    up = pack(views.up, None if hessians is None else hessians.up)
-    down_h = None if hessians is None else hessians.down
-    if hessians is not None and hessians.inputs is not None:
-        # True sequential: down_proj sees what the quantized gate_up produces.
-        deq = up.dequantize().to(views.up.device)
-        down_h = down_hessians(layer, hessians.inputs, deq, config.hessian_weighting)  # type: ignore[arg-type]
-    return QuantizedExperts(up, pack(views.down, down_h)), fallback
+def _summed(hessian: torch.Tensor | None, comm: RankedCommunicator) -> torch.Tensor | None:
+    """One expert's Hessian summed over the processes (None where no process routed a token to it)."""
+    shapes = [s for s in comm.all_gather(None if hessian is None else tuple(hessian.shape)) if s is not None]
+    if not shapes:
+        return None
+    total = hessian if hessian is not None else torch.zeros(shapes[0], dtype=torch.float64)
+    comm.all_reduce_sum(total)
+    return total
 
 
 def rtn_experts(layer: MoELayer, bits: Sequence[int], group_size: int) -> QuantizedExperts:
@@ -103,35 +179,71 @@ def rtn_experts(layer: MoELayer, bits: Sequence[int], group_size: int) -> Quanti
     return quantize_layer_experts(layer, bits, None, config)[0]
 
 
+def _overwrite_experts(layer: MoELayer, packed: QuantizedExperts) -> None:
+    """Write the dequantized experts into the layer's own tensors, one expert at a time (a streamed layer,
+    freed after its turn; the same values ``swapped_expert_weights`` would run with)."""
+    views = expert_weight_views(layer)
+    with torch.no_grad():
+        for e in range(layer.num_experts):
+            views.up[e].copy_(packed.up.dequantize_expert(e))
+            views.down[e].copy_(packed.down.dequantize_expert(e))
+
+
+PackedSink = Callable[[MoELayer, QuantizedExperts], None]
+
+
 def gptq_experts(model: nn.Module, bits: Mapping[int, Sequence[int]], input_ids: torch.Tensor,
-                 config: QuantizeConfig, device: torch.device | str | None = None, progress: bool = False
+                 config: QuantizeConfig, device: torch.device | str | None = None, progress: bool = False,
+                 *, on_packed: PackedSink | None = None, checkpoint: LayerCheckpoint | None = None
                  ) -> GptqResults:
     """GPTQ every MoE layer's experts at ``bits`` ({decoder layer index: (E,) widths}), layer by layer, on
-    the calibration ids (N, L). The model is not modified."""
+    the calibration ids (N, L). The model is not modified.
+
+    ``on_packed(layer, packed)``: called while the layer is on its device; the packed experts are then
+    handed over, not kept (``GptqResults.experts`` is empty). ``checkpoint``: resume a killed pass at the
+    next layer (needs ``on_packed``, which must have kept what it was given: the results hold no tensors).
+    """
+    if checkpoint is not None and on_packed is None:
+        raise ValueError("a resumable GPTQ pass hands each layer's packed experts to on_packed (a writer)")
     widths = {int(idx): [int(b) for b in w] for idx, w in bits.items()}
-    fallback: dict[int, list[int]] = {}
-    counts: dict[int, list[int]] = {}
+    kept: dict[int, QuantizedExperts] = {}
+    streamed = is_streamed(model)
+    dev = torch.device(device) if device is not None else None
 
     def on_layer(layer: MoELayer, observers: Sequence[Observer]) -> LayerDecision:
         if layer.layer_idx not in widths:  # a layer the plan leaves alone
             return LayerDecision(result=None)
-        summary: ExpertHessianSummary = observers[0].result()  # type: ignore[assignment]
-        packed, fallback[layer.layer_idx] = quantize_layer_experts(layer, widths[layer.layer_idx], summary, config)
-        counts[layer.layer_idx] = [int(c) for c in summary.counts]
-        up, down = packed.up.dequantize(), packed.down.dequantize()
+        summary = result_of(observers[0], ExpertHessianSummary)
+        comm = process_communicator(dev if dev is not None else summary.counts.device)
+        packed, fallback = quantize_layer_experts(layer, widths[layer.layer_idx], summary, config, comm)
+        if on_packed is not None:
+            on_packed(layer, packed)
+        else:
+            kept[layer.layer_idx] = packed
+        override: Callable[[torch.Tensor], torch.Tensor]
+        if streamed:  # the layer is read for this pass only and freed after: overwrite it, no second copy
+            _overwrite_experts(layer, packed)
+            override = layer.forward
+        else:
+            up, down = packed.up.dequantize(), packed.down.dequantize()
 
-        def override(x: torch.Tensor) -> torch.Tensor:
-            with swapped_expert_weights(layer, up, down):
-                return layer.forward(x)
+            def swapped(x: torch.Tensor) -> torch.Tensor:
+                with swapped_expert_weights(layer, up, down):
+                    return layer.forward(x)
 
-        return LayerDecision(result=packed, override=override)
+            override = swapped
 
-    experts: dict[int, QuantizedExperts] = run_layerwise(
+        result = {"fallback": fallback, "counts": [int(c) for c in summary.counts]}
+        return LayerDecision(result=result, override=override)
+
+    results: dict[int, Any] = run_layerwise(
         model, input_ids,
-        make_observers=lambda layer: [ExpertHessians(layer.num_experts, config.hessian_weighting,  # type: ignore[arg-type]
-                                                     keep_inputs=config.sequential)],
-        on_layer=on_layer, propagate=config.propagate,  # type: ignore[arg-type]
-        batch_size=config.batch_size, device=device, progress=progress,
+        # True sequential recomputes the down Hessians from the kept inputs: the observer skips them.
+        make_observers=lambda layer: [ExpertHessians(layer.num_experts, config.hessian_weighting,
+                                                     keep_inputs=config.sequential, down=not config.sequential)],
+        on_layer=on_layer, propagate=config.propagate,
+        batch_size=config.batch_size, device=device, progress=progress, checkpoint=checkpoint,
     )
-    experts = {idx: packed for idx, packed in experts.items() if packed is not None}
-    return GptqResults(experts=experts, fallback=fallback, counts=counts)
+    done = {idx: r for idx, r in results.items() if r is not None}
+    return GptqResults(experts=kept, fallback={idx: list(r["fallback"]) for idx, r in done.items()},
+                       counts={idx: list(r["counts"]) for idx, r in done.items()})

@@ -4,37 +4,38 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from moeslim.calibrate import LayerDecision, Observer, RoutingStats, RoutingSummary, run_layerwise
+from moeslim.calibrate import LayerDecision, Observer, RoutingStats, RoutingSummary, result_of, run_layerwise
 from moeslim.calibrate.resume import LayerCheckpoint
 from moeslim.config import ConfigError, check_types
 from moeslim.data.calibration_set import CalibrationSet, calibration_fields
-from moeslim.methods.skip.thresholds import SKIP_RULES, calibrate_beta, skip_rates
+from moeslim.methods.skip.thresholds import SkipRule, calibrate_beta, skip_rates
 from moeslim.models import MoELayer, find_moe_layers
 from moeslim.plans import Plan, Provenance
 
 
 @dataclass(frozen=True)
 class SkipConfig:
-    """rule: "top2" (paper) or "topk" (appendix generalisation); quantile: share of tokens that should skip.
+    """Per-layer dynamic skipping thresholds (optionally with MC-MoE's online dynamic pruning).
 
-    protect > 0 turns skipping into MC-MoE's online dynamic pruning (ODP): in every sequence the top
-    ``protect`` share of tokens by attention-based importance keep all their experts (paper: 0.02).
+    Each field's meaning is its ``metadata["help"]`` (also the ``moeslim plan skip`` help).
     """
 
-    rule: str = "top2"
-    quantile: float = 0.5
-    protect: float = 0.0
+    rule: SkipRule = field(default="top2", metadata={
+        "help": "top2 (the paper's rule, top-2 routing) | topk (appendix generalisation, for k > 2)"})
+    quantile: float = field(default=0.5, metadata={
+        "help": "share of tokens that skip (0.5: the median ratio, as in the paper)"})
+    protect: float = field(default=0.0, metadata={
+        "help": "> 0 turns skipping into MC-MoE's online dynamic pruning (ODP): in every sequence this share of "
+                "tokens, the most important by attention, keep all their experts (paper: 0.02)"})
 
     def __post_init__(self) -> None:
         check_types(self)
-        if self.rule not in SKIP_RULES:
-            raise ConfigError(f"rule={self.rule!r}: use one of {', '.join(SKIP_RULES)}")
         if not 0 <= self.quantile <= 1:
             raise ConfigError(f"quantile={self.quantile}: use a share in [0, 1] (0.5 = the paper's median)")
         if not 0 <= self.protect < 1:
@@ -52,7 +53,7 @@ class SkipConfig:
 
 
 def _decide(layer: MoELayer, observers: Sequence[Observer], config: SkipConfig) -> LayerDecision:
-    routing: RoutingSummary = observers[0].result()  # type: ignore[assignment]
+    routing = result_of(observers[0], RoutingSummary)
     weights = routing.topk_weights  # (T, k) sorted descending
     beta = calibrate_beta(weights, config.rule, config.quantile)
     return LayerDecision(result={"beta": beta, **skip_rates(weights, beta, config.rule), "tokens": routing.tokens})

@@ -18,10 +18,13 @@ top-2 skip gets weight 1, as in the paper).
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
-SKIP_RULES = ("top2", "topk")
+SkipRule = Literal["top2", "topk"]
+SKIP_RULES: tuple[str, ...] = get_args(SkipRule)
 
 
 def sorted_desc(weights: Tensor) -> Tensor:

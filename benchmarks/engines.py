@@ -1,0 +1,379 @@
+"""moeslim's GGUF exports inside llama.cpp: perplexity and decode speed against llama.cpp's own quantizer.
+
+    python benchmarks/engines.py [--work runs/engines] [--models demo] [--threads 2]
+
+1. Makes its OWN virtual environment (``WORK/venv``) and pip-installs llama-cpp-python there, built from source
+   (its sdist's CMake project, configured with llama.cpp's tools; only the library, ``llama-quantize`` and
+   ``llama-imatrix`` are compiled, in ``WORK/build``); an existing working one is reused. llama-cpp-python is not
+   a moeslim dependency. A failed build stops with its exact error lines.
+2. Per model: moeslim writes the original as F16 GGUF (and checks llama.cpp's logits against transformers'),
+   an importance matrix is computed by ``llama-imatrix`` on moeslim's calibration text, and ``llama-quantize``
+   makes the presets Q2_K, Q3_K_M, Q4_K_M without and with it. moeslim's per-tensor PMQ (``--scope gguf``) gets
+   each preset's expert bytes as its budget (the rest of the file as the preset has it, so both files have the
+   same size up to rounding) and is quantized by the same ``llama-quantize`` with one type per expert tensor.
+   A moeslim-pruned model (exact enumeration, keeping half the experts) is exported as F16.
+3. Every file runs in llama.cpp (llama-cpp-python, in a worker process of that venv): perplexity on the
+   bundled test splits with moeslim's own token windows (so tokenisation is identical), and decode tokens/s.
+
+Ends with:
+    engines gguf ppl ratio pmq-vs-preset at Q3_K_M size: X.XX   (both with the importance matrix)
+    engines gguf decode ratio pruned-vs-original: X.XX
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PRESETS = ("Q2_K", "Q3_K_M", "Q4_K_M")
+PMQ_CANDIDATES = (2, 3, 4, 5, 6, 8)
+LLAMA_CPP_VERSION = "0.3.36"
+# llama-cpp-python's CMake project, configured once with llama.cpp's tools: only the targets used here are built
+# (the library and llama-quantize / llama-imatrix; not mtmd, the server or the other tools: 2 cores are slow).
+_CMAKE_COMMON = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                 "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
+_TARGETS = ("llama", "llama-quantize", "llama-imatrix")
+
+
+def _run_logged(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    with log.open("a") as handle:
+        handle.write(f"$ {' '.join(cmd)}\n")
+        handle.flush()
+        rc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd, check=False).returncode
+    if rc != 0:
+        lines = log.read_text(errors="replace").splitlines()
+        errors = [line for line in lines if "error" in line.lower()][-10:] or lines[-10:]
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {rc}); see {log}:\n" + "\n".join(errors))
+
+
+# -- the llama.cpp environment ------------------------------------------------------------------------------
+
+def _venv_ok(venv: Path) -> bool:
+    python = venv / "bin" / "python"
+    return python.is_file() and subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True,
+                                               check=False).returncode == 0
+
+
+def _tool(build: Path, name: str) -> Path | None:
+    found = sorted(p for p in build.rglob(name) if p.is_file() and os.access(p, os.X_OK))
+    return found[0] if found else None
+
+
+def ensure_llama_env(work: Path) -> tuple[Path, Path, Path]:
+    """(venv python, llama-quantize, llama-imatrix) in WORK: builds llama-cpp-python from source when missing.
+
+    1. ``pip download`` the llama-cpp-python sdist and unpack it (WORK/src); 2. configure its CMake project
+    with llama.cpp's tools and build only the library, llama-quantize and llama-imatrix (WORK/build, nice 19);
+    3. ``pip install`` that source into WORK/venv with the same build folder (tools off: nothing is rebuilt).
+    """
+    venv, build, src = work / "venv", work / "build", work / "src"
+    quantize, imatrix = _tool(build, "llama-quantize"), _tool(build, "llama-imatrix")
+    if _venv_ok(venv) and quantize and imatrix:
+        return venv / "bin" / "python", quantize, imatrix
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "build.log"
+    print(f"building llama-cpp-python {LLAMA_CPP_VERSION} from source into {venv} (log: {log}); this takes "
+          "10+ minutes on 2 cores", flush=True)
+    if not (venv / "bin" / "python").is_file():
+        _run_logged([sys.executable, "-m", "venv", str(venv)], log)
+    pip = str(venv / "bin" / "pip")
+    if not (src / "CMakeLists.txt").is_file():
+        _run_logged([pip, "download", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_VERSION}",
+                     "-d", str(work / "sdist")], log)
+        archive = next((work / "sdist").glob("llama_cpp_python-*.tar.gz"))
+        _run_logged(["tar", "xzf", str(archive), "-C", str(work)], log)
+        (work / archive.name.removesuffix(".tar.gz")).rename(src)
+    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
+    _run_logged(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-DLLAMA_BUILD_TOOLS=ON", *_CMAKE_COMMON],
+                log, env)
+    _run_logged(["nice", "-n", "19", "cmake", "--build", str(build), "-j", "2", "--target", *_TARGETS], log, env)
+    env["CMAKE_ARGS"] = " ".join(["-DLLAMA_BUILD_TOOLS=OFF", *_CMAKE_COMMON])
+    _run_logged(["nice", "-n", "19", pip, "install", "-v", f"--config-settings=build-dir={build}", str(src)], log,
+                env)
+    quantize, imatrix = _tool(build, "llama-quantize"), _tool(build, "llama-imatrix")
+    if not (_venv_ok(venv) and quantize and imatrix):
+        raise SystemExit(f"llama.cpp environment incomplete after the build; see {log}")
+    return venv / "bin" / "python", quantize, imatrix
+
+
+# -- the worker: runs in the llama.cpp venv (llama_cpp + numpy only) ----------------------------------------
+
+def worker(job_path: str) -> None:
+    """Perplexity over token windows and decode tokens/s of one GGUF file; writes JSON beside the job."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    job = json.loads(Path(job_path).read_text())
+    if "paired" in job:
+        Path(job["result"]).write_text(json.dumps(_paired_decode(job)))
+        return
+    windows: list[list[int]] = job["windows"]
+    n_ctx = len(windows[0])
+    llm = Llama(model_path=job["model"], n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                n_threads=job["threads"], verbose=False, seed=0)
+    nll, count, first_logits = 0.0, 0, None
+    for window in windows:
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[: len(window)], dtype=np.float64)  # (L, V)
+        if first_logits is None:
+            first_logits = logits[: job.get("compare_tokens", 8)].tolist()
+        shifted = logits[:-1]
+        logz = np.log(np.exp(shifted - shifted.max(axis=1, keepdims=True)).sum(axis=1)) + shifted.max(axis=1)
+        nll += float((logz - shifted[np.arange(len(window) - 1), window[1:]]).sum())
+        count += len(window) - 1
+    del llm
+    dec = Llama(model_path=job["model"], n_ctx=n_ctx, n_threads=job["threads"], verbose=False, seed=0)
+    prompt = windows[0][: job["prompt_tokens"]]
+    steps = job["decode_tokens"]
+    rates = []
+    for _ in range(job["repeats"]):
+        dec.reset()
+        dec.eval(prompt)
+        token = int(np.argmax(dec.eval_logits[-1]))
+        start = time.perf_counter()
+        for _ in range(steps):
+            dec.eval([token])
+            token = int(np.argmax(dec.eval_logits[-1]))
+        rates.append(steps / (time.perf_counter() - start))
+    # best of the repeats: the machine is shared, and other processes only ever slow a run down
+    result = {"ppl": float(np.exp(nll / count)), "tokens": count, "decode_tok_s": float(max(rates)),
+              "decode_tok_s_median": float(np.median(rates)), "first_logits": first_logits}
+    Path(job["result"]).write_text(json.dumps(result))
+
+
+def _paired_decode(job: dict[str, Any]) -> dict[str, float]:
+    """Decode tokens/s of several GGUF files timed in alternating rounds (best round each): on a shared machine
+    a slow spell then hits every file alike instead of whichever happened to run during it."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    models = {path: Llama(model_path=path, n_ctx=len(job["prompt"]) + job["decode_tokens"] + 8,
+                          n_threads=job["threads"], verbose=False, seed=0) for path in job["paired"]}
+    best = dict.fromkeys(models, 0.0)
+    for _ in range(job["rounds"]):
+        for path, llm in models.items():
+            llm.reset()
+            llm.eval(job["prompt"])
+            token = int(np.argmax(llm.eval_logits[-1]))
+            start = time.perf_counter()
+            for _ in range(job["decode_tokens"]):
+                llm.eval([token])
+                token = int(np.argmax(llm.eval_logits[-1]))
+            best[path] = max(best[path], job["decode_tokens"] / (time.perf_counter() - start))
+    return best
+
+
+def paired_decode(python: Path, files: list[Path], prompt: list[int], work: Path, args: argparse.Namespace
+                  ) -> dict[str, float]:
+    job, result = work / "paired.job.json", work / "paired.result.json"
+    job.write_text(json.dumps({"paired": [str(f) for f in files], "prompt": prompt, "threads": args.threads,
+                               "decode_tokens": args.decode_tokens, "rounds": args.rounds, "result": str(result)}))
+    proc = subprocess.run([str(python), __file__, "--worker", str(job)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama.cpp paired decode failed:\n{proc.stderr[-3000:]}")
+    return {Path(k).name: v for k, v in json.loads(result.read_text()).items()}
+
+
+def run_llama(python: Path, model: Path, windows: list[list[int]], work: Path, args: argparse.Namespace,
+              compare_tokens: int = 0) -> dict[str, Any]:
+    job = work / f"{model.stem}.job.json"
+    result = work / f"{model.stem}.result.json"
+    job.write_text(json.dumps({"model": str(model), "windows": windows, "threads": args.threads,
+                               "prompt_tokens": 16, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
+                               "compare_tokens": compare_tokens, "result": str(result)}))
+    proc = subprocess.run([str(python), __file__, "--worker", str(job)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama.cpp worker failed on {model}:\n{proc.stderr[-3000:]}")
+    return json.loads(result.read_text())
+
+
+# -- quantizing -------------------------------------------------------------------------------------------
+
+def _quantize(binary: Path, src: Path, dst: Path, ftype: str, imatrix: Path | None) -> None:
+    cmd = [str(binary)] + (["--imatrix", str(imatrix)] if imatrix else []) + [str(src), str(dst), ftype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+
+
+def _imatrix(binary: Path, f16: Path, text: Path, out: Path, seq_len: int, threads: int) -> None:
+    cmd = [str(binary), "-m", str(f16), "-f", str(text), "-o", str(out), "-c", str(seq_len), "-t", str(threads),
+           "--no-ppl"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stderr or proc.stdout)[-2000:]}")
+
+
+def _expert_bytes(path: Path) -> tuple[int, int]:
+    """(bytes of the ffn_*_exps tensors, bytes of all tensors) of a GGUF file."""
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(str(path)).tensors
+    return sum(int(t.n_bytes) for t in tensors if "_exps." in t.name), sum(int(t.n_bytes) for t in tensors)
+
+
+def _types(path: Path) -> dict[str, int]:
+    from moeslim.export import read_gguf_types
+
+    counts: dict[str, int] = {}
+    for name, qtype in read_gguf_types(path).items():
+        if "_exps." in name:
+            counts[qtype] = counts.get(qtype, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# -- one model ----------------------------------------------------------------------------------------------
+
+def bench_model(name: str, tools: tuple[Path, Path, Path], work: Path, args: argparse.Namespace
+                ) -> list[dict[str, Any]]:
+    import torch
+
+    from moeslim.config import DEFAULT_CALIBRATION_DATA, CalibrationConfig
+    from moeslim.data.calibration_set import build_calibration_set
+    from moeslim.data.sources import load_source
+    from moeslim.data.windows import token_windows
+    from moeslim.export import export_gguf
+    from moeslim.methods.prune.config import PruneConfig
+    from moeslim.methods.prune.driver import plan_prune
+    from moeslim.methods.quant.config import QuantizeConfig
+    from moeslim.methods.quant.gguf_types import gguf_tensor_factors, plan_gguf_types
+    from moeslim.models import find_moe_layers, load_model, select_experts
+
+    python, quantize, imatrix_bin = tools
+    out = work / name.replace("/", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(name)
+    seq_len = min(args.seq_len, int(model.config.max_position_embeddings))
+    windows = torch.cat([token_windows(load_source(src), tokenizer, seq_len, num_samples=args.windows, seed=0)
+                         for src in ("demo:code:test", "demo:prose:test")])
+    win = windows.tolist()
+    calib = build_calibration_set(CalibrationConfig(data=DEFAULT_CALIBRATION_DATA, samples=args.calib_samples,
+                                                    seq_len=seq_len), tokenizer)
+    rows: list[dict[str, Any]] = []
+
+    def measure(label: str, path: Path, compare: int = 0) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        res = run_llama(python, path, win, out, args, compare)
+        row = {"model": name, "variant": label, "file_mib": path.stat().st_size / 2**20, "ppl": res["ppl"],
+               "decode_tok_s": res["decode_tok_s"], "expert_types": _types(path), "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        print(f"  {label:28s} {row['file_mib']:7.2f} MiB  ppl {row['ppl']:8.3f}  decode {row['decode_tok_s']:7.1f} "
+              f"tok/s  experts {row['expert_types']}", flush=True)
+        return res
+
+    f16 = out / "f16.gguf"
+    export_gguf(model, tokenizer, f16, qtype="F16")
+    res = measure("original F16", f16, compare=8)
+    with torch.no_grad():
+        ref = model(windows[:1]).logits[0, :8].double()
+    diff = float((torch.tensor(res["first_logits"], dtype=torch.float64) - ref).abs().max())
+    rows[-1]["max_logit_diff_vs_transformers"] = diff
+    print(f"  llama.cpp F16 vs transformers logits: max |diff| {diff:.4f} (F16 weights)", flush=True)
+
+    text = out / "calibration.txt"
+    text.write_text("\n".join(tokenizer.decode(w) for w in calib.input_ids.tolist()))
+    imat = out / "imatrix.gguf"
+    if not imat.is_file():  # depends only on the model and the calibration text (rerun: delete the file)
+        _imatrix(imatrix_bin, f16, text, imat, seq_len, args.threads)
+
+    n_weights = sum(3 * int(layer.experts.down_proj.numel()) for layer in find_moe_layers(model))
+    factors = None
+    for preset in args.presets.split(","):
+        for use_imatrix in (False, True):
+            tag = f"{preset}{' +imatrix' if use_imatrix else ''}"
+            preset_file = out / f"{preset}{'-imat' if use_imatrix else ''}.gguf"
+            _quantize(quantize, f16, preset_file, preset, imat if use_imatrix else None)
+            measure(f"llama.cpp {tag}", preset_file)
+            expert_bytes, _ = _expert_bytes(preset_file)
+            bits = expert_bytes * 8 / n_weights
+            config = QuantizeConfig(scope="gguf", bits=bits, candidates=PMQ_CANDIDATES, batch_size=4)
+            if factors is None:  # the factors do not depend on the budget: measured once per model
+                factors = gguf_tensor_factors(model, calib.input_ids, config)
+            plan = plan_gguf_types(model, calib, config, model_name=name, factors=factors)
+            pmq_file = out / f"pmq-{preset}{'-imat' if use_imatrix else ''}.gguf"
+            export_gguf(model, tokenizer, pmq_file, qtype=preset, plan=plan, llama_quantize=quantize,
+                        imatrix=imat if use_imatrix else None)
+            measure(f"moeslim PMQ @{tag} size", pmq_file)
+            rows[-1]["target_bits"] = bits
+
+    layer = find_moe_layers(model)[0]
+    keep = max(layer.top_k, layer.num_experts // 2)
+    method = "enumerate" if math.comb(layer.num_experts, keep) <= 20_000 else "search"  # exact where affordable
+    plan = plan_prune(model, calib, PruneConfig(keep=keep, method=method), model_name=name)
+    pruned, _ = load_model(name)
+    select_experts(pruned, {idx: list(kept) for idx, kept in plan.layers.items()})
+    pruned_file = out / f"pruned-keep{keep}-f16.gguf"
+    export_gguf(pruned, tokenizer, pruned_file, qtype="F16")
+    measure(f"moeslim pruned keep {keep} ({method}) F16", pruned_file)
+    paired = paired_decode(python, [f16, pruned_file], win[0][:16], out, args)
+    for row, file in ((rows[0], f16), (rows[-1], pruned_file)):
+        row["paired_decode_tok_s"] = paired[file.name]
+    print(f"  paired decode (alternating rounds, best): original {paired[f16.name]:.1f} tok/s, pruned "
+          f"{paired[pruned_file.name]:.1f} tok/s", flush=True)
+    return rows
+
+
+def _value(rows: list[dict[str, Any]], variant: str, key: str) -> float:
+    return next(float(r[key]) for r in rows if r["variant"] == variant)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--work", default="runs/engines", help="venv, build and outputs (default runs/engines)")
+    parser.add_argument("--models", default="demo", help="comma-separated models (default demo)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--presets", default=",".join(PRESETS), help="llama.cpp presets (must include Q3_K_M)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--windows", type=int, default=32, help="test windows per domain (code, prose)")
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps per timing")
+    parser.add_argument("--repeats", type=int, default=5, help="decode timings per file (the best one counts)")
+    parser.add_argument("--rounds", type=int, default=9, help="alternating decode rounds, original vs pruned")
+    parser.add_argument("--paired-decode", nargs="+", default=None, metavar="GGUF",
+                        help="only time these files' decode in alternating rounds (needs the built venv)")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker)
+        return 0
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work).resolve()
+    tools = ensure_llama_env(work)
+    if args.paired_decode:
+        from moeslim.data.sources import load_source
+        from moeslim.data.windows import token_windows
+        from moeslim.models import load_model
+
+        _, tokenizer = load_model(args.models.split(",")[0])
+        prompt = token_windows(load_source("demo:code:test"), tokenizer, 16, num_samples=1, seed=0)[0].tolist()
+        rates = paired_decode(tools[0], [Path(f).resolve() for f in args.paired_decode], prompt, work, args)
+        for name, rate in rates.items():
+            print(f"{name}: {rate:.1f} tok/s (best of {args.rounds} alternating rounds)")
+        return 0
+    rows: list[dict[str, Any]] = []
+    for name in [m for m in args.models.split(",") if m]:
+        print(f"model {name}", flush=True)
+        rows += bench_model(name, tools, work, args)
+    names = "+".join(Path(m).name for m in args.models.split(",") if m)
+    (work / f"engines-{names}.json").write_text(json.dumps(rows, indent=1))
+    first = [r for r in rows if r["model"] == rows[0]["model"]]
+    ppl = _value(first, "moeslim PMQ @Q3_K_M +imatrix size", "ppl") / _value(first, "llama.cpp Q3_K_M +imatrix", "ppl")
+    pruned = next(r for r in first if r["variant"].startswith("moeslim pruned"))
+    decode = float(pruned["paired_decode_tok_s"]) / _value(first, "original F16", "paired_decode_tok_s")
+    print(f"engines gguf ppl ratio pmq-vs-preset at Q3_K_M size: {ppl:.2f}")
+    print(f"engines gguf decode ratio pruned-vs-original: {decode:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

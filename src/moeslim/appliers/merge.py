@@ -1,0 +1,108 @@
+"""Apply a "merge" plan: every MoE layer keeps K merged experts (a standard checkpoint results).
+
+The plan holds the groups, merge weights and representatives. Here the merged experts are computed
+(``methods.merge.merge_layer``: weight-matching permutations, frequency-weighted averages) and, for
+router='lse-fit' or recalibrate_router, their router rows are fitted on the plan's calibration windows (the
+windows must be passed in, as for GPTQ). Then ``select_experts`` shrinks every layer to the representatives
+(config expert count, router rows, biases, group limits handled as for pruning) and the merged tensors are
+written over them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeslim.appliers.calibrated_pass import calibrated_pass
+from moeslim.calibrate import Observer
+from moeslim.config import from_mapping
+from moeslim.data.calibration_set import CalibrationSet
+from moeslim.methods.merge import LayerGroups, MergeConfig, MergedLayer, merge_layer
+from moeslim.methods.router_fit import TokenInputs, token_inputs
+from moeslim.models import MoELayer, find_moe_layers, masked_routing_is_identity, select_experts
+from moeslim.models.expert_edit import write_experts, write_router
+from moeslim.plans import Plan, PlanError
+
+__all__ = ["apply_merge", "merge_config", "plan_groups"]
+
+
+def merge_config(plan: Plan) -> MergeConfig:
+    """The MergeConfig the plan was made with (its provenance config)."""
+    known = set(MergeConfig.__dataclass_fields__)
+    recorded = {k: v for k, v in plan.provenance.config.items() if k in known}
+    try:
+        return from_mapping(MergeConfig, recorded, "merge plan provenance config")
+    except ValueError as err:
+        raise PlanError(str(err)) from err
+
+
+def plan_groups(plan: Plan, layers: dict[int, MoELayer]) -> dict[int, LayerGroups]:
+    """The plan's per-layer groups, validated against the model (every MoE layer, a partition, same K)."""
+    missing = sorted(set(layers) - set(plan.layers))
+    unknown = sorted(set(plan.layers) - set(layers))
+    if missing or unknown:
+        raise PlanError(f"merge plan layers do not fit this model: MoE layers {sorted(layers)}, "
+                        f"plan layers {sorted(plan.layers)}")
+    out: dict[int, LayerGroups] = {}
+    for idx, entry in plan.layers.items():
+        try:
+            decision = LayerGroups([[int(e) for e in g] for g in entry["groups"]],
+                                   [[float(w) for w in ws] for ws in entry["weights"]],
+                                   [int(r) for r in entry["representatives"]])
+        except (KeyError, TypeError, ValueError) as err:
+            raise PlanError(f"merge plan layer {idx}: need groups, weights, representatives ({err})") from err
+        n = layers[idx].num_experts
+        flat = sorted(e for g in decision.groups for e in g)
+        if flat != list(range(n)):
+            raise PlanError(f"merge plan layer {idx}: groups {decision.groups} are not a partition of {n} experts")
+        if [len(w) for w in decision.weights] != [len(g) for g in decision.groups] or any(
+                r not in g for r, g in zip(decision.representatives, decision.groups, strict=True)):
+            raise PlanError(f"merge plan layer {idx}: weights / representatives do not match the groups")
+        if decision.representatives != sorted(decision.representatives):
+            raise PlanError(f"merge plan layer {idx}: groups must be ordered by representative")
+        if len(decision.groups) < layers[idx].top_k:
+            raise PlanError(f"merge plan layer {idx}: {len(decision.groups)} groups is below top_k "
+                            f"{layers[idx].top_k}")
+        out[idx] = decision
+    if len({len(d.groups) for d in out.values()}) != 1:
+        raise PlanError("merge plan: every MoE layer must keep the same number of experts")
+    return out
+
+
+def apply_merge(model: nn.Module, plan: Plan, calibration: CalibrationSet | torch.Tensor | None = None,
+                device: torch.device | str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Merge the experts in place; return the ``merge`` entry of the moeslim config section."""
+    if plan.kind != "merge":
+        raise PlanError(f"apply_merge got a {plan.kind!r} plan")
+    config = merge_config(plan)
+    layers = {layer.layer_idx: layer for layer in find_moe_layers(model)}
+    decisions = plan_groups(plan, layers)
+    reps = {idx: d.representatives for idx, d in decisions.items()}
+    keep_groups = masked_routing_is_identity(model, reps)
+    before = max(layer.num_experts for layer in layers.values())
+    if config.needs_data_in_apply:
+        def on_layer(layer: MoELayer, observers: Sequence[Observer]) -> MergedLayer:
+            x, _, _ = token_inputs(observers)
+            return merge_layer(layer, decisions[layer.layer_idx], x, config, keep_groups)
+
+        merged: dict[int, MergedLayer] = calibrated_pass(
+            model, plan, calibration, "fits the merged router rows",
+            lambda layer: [TokenInputs(layer.num_experts, config.max_tokens)], on_layer, device, progress)
+    else:
+        merged = {idx: merge_layer(layers[idx], d, None, config, keep_groups) for idx, d in decisions.items()}
+    select_experts(model, reps)
+    for idx, layer in layers.items():  # views stay valid after select_experts
+        m = merged[idx]
+        write_experts(layer, m.experts)
+        write_router(layer, m.router_weight, m.router_bias, m.correction)
+    return {"merge": {
+        "method": plan.provenance.method,
+        "experts_before": before,
+        "experts_after": len(next(iter(reps.values()))),
+        "router": config.router,
+        "recalibrate_router": config.recalibrate_router,
+        "groups": {str(idx): d.groups for idx, d in sorted(decisions.items())},
+    }}

@@ -1,0 +1,296 @@
+"""``export_gguf``: a model (original, pruned, or with a ``scope="gguf"`` PMQ plan) as a GGUF file for llama.cpp.
+
+Layout (as llama.cpp's convert_hf_to_gguf.py writes Mixtral / Qwen3-MoE): one 3D tensor per projection and
+layer, ``blk.N.ffn_gate_exps`` / ``ffn_up_exps`` (E, I, H) and ``ffn_down_exps`` (E, H, I) (GGUF lists the
+dimensions reversed: ne = {H, I, E}), split from transformers' fused ``gate_up_proj`` (gate rows first);
+the router ``ffn_gate_inp`` and all norms in F32; ``expert_count`` / ``expert_used_count`` from the model as
+it is, so a pruned model (fewer experts) needs nothing special; the tokenizer (``gguf_vocab``).
+
+Types: ``qtype`` for every matrix (token embedding, attention, output, experts), the plan's per-tensor types
+for the experts. gguf-py quantizes F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 itself. K-quants and llama.cpp's
+presets (Q4_K_M, ...) need llama.cpp's own quantizer: pass the path of its ``llama-quantize`` program; the
+file is then written in F32 and requantized by it with one ``--tensor-type`` override per planned tensor
+(and ``--imatrix``). A tensor whose rows do not divide into the type's blocks is stored as F16 (what
+llama.cpp does); the result lists every such fallback, and the types actually in the file are read back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moeslim.export.gguf_arch import GgufFamily, UnsupportedExportError, gguf_family, gguf_tensor_name, permute_rotary
+from moeslim.export.gguf_vocab import gguf_vocab
+from moeslim.methods.quant.gguf_types import GGUF_BLOCKS, GPY_QUANTIZABLE, PROJECTIONS
+from moeslim.models import find_moe_layers
+from moeslim.plans import Plan, PlanError, config_hash
+
+__all__ = ["GGUF_DIRECT_TYPES", "LLAMA_QUANTIZE_TYPES", "GgufExport", "export_gguf", "plan_tensor_types",
+           "read_gguf_types"]
+
+GGUF_DIRECT_TYPES = GPY_QUANTIZABLE
+# Types and presets only llama.cpp's quantizer writes (llama-quantize names, case-insensitive there).
+LLAMA_QUANTIZE_TYPES = ("Q2_K", "Q2_K_S", "Q3_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K", "Q4_K_S", "Q4_K_M",
+                        "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS")
+_QUANTIZE_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class GgufExport:
+    """What was written: the file, its tensor types (read back from it), fallbacks to F16, expert count."""
+
+    path: Path
+    tensor_types: dict[str, str]
+    expert_count: int
+    expert_used_count: int
+    fallbacks: list[str] = field(default_factory=list)
+    quantizer: str = "gguf-py"
+
+    @property
+    def nbytes(self) -> int:
+        return self.path.stat().st_size
+
+
+def _config(model: nn.Module) -> Any:
+    """The transformers config of ``model`` (typed loosely: configs differ per family)."""
+    return model.config
+
+
+def _check_qtype(qtype: str) -> str:
+    q = qtype.upper()
+    if q not in GGUF_DIRECT_TYPES and q not in LLAMA_QUANTIZE_TYPES:
+        raise UnsupportedExportError(f"--type {qtype!r}: use one of {', '.join(GGUF_DIRECT_TYPES)} (written by "
+                                     f"gguf-py) or {', '.join(LLAMA_QUANTIZE_TYPES)} (need --llama-quantize)")
+    return q
+
+
+def plan_tensor_types(model: nn.Module, plan: Plan) -> dict[str, str]:
+    """{GGUF expert tensor name: type} of a ``scope="gguf"`` quantize plan, checked against the model."""
+    if plan.kind != "quantize" or plan.summary.get("scope") != "gguf":
+        raise PlanError(f"GGUF export takes a quantize plan with scope 'gguf' (moeslim plan quantize --scope gguf); "
+                        f"this is a {plan.kind!r} plan with scope {plan.summary.get('scope')!r}")
+    if plan.provenance.model_config_hash != config_hash(_config(model)):
+        raise PlanError(f"the plan was made for another model ({plan.provenance.model}, config hash "
+                        f"{plan.provenance.model_config_hash}); this model's config hash is "
+                        f"{config_hash(_config(model))}")
+    moe = sorted(layer.layer_idx for layer in find_moe_layers(model))
+    if sorted(plan.layers) != moe:
+        raise PlanError(f"plan layers {sorted(plan.layers)} are not this model's MoE layers {moe}")
+    out: dict[str, str] = {}
+    for idx, entry in plan.layers.items():
+        types = entry.get("gguf_types") if isinstance(entry, dict) else None
+        if not isinstance(types, dict) or sorted(types) != sorted(PROJECTIONS):
+            raise PlanError(f"plan layer {idx}: need {{'gguf_types': {{gate, up, down}}}}, got {entry!r}")
+        for proj, qtype in types.items():
+            if qtype not in GGUF_BLOCKS:
+                raise PlanError(f"plan layer {idx} {proj}: unknown GGUF type {qtype!r}")
+            out[f"blk.{idx}.ffn_{proj}_exps.weight"] = qtype
+    return out
+
+
+def _gguf_tensors(model: nn.Module, family: GgufFamily) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array in PyTorch order) for every tensor, experts split and q/k permuted."""
+    config = _config(model)
+    n_head = int(config.num_attention_heads)
+    n_kv = int(config.num_key_value_heads)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    from moeslim.runtime.lowbit_io import lowbit_tensors
+
+    # A moeslim-quantized model keeps its packed experts outside the state dict: write them dequantized (the
+    # GGUF type then re-quantizes them; F32 holds them exactly).
+    tensors = {**model.state_dict(), **{name: t.dequantize() for name, t in lowbit_tensors(model).items()}}
+    for key, tensor in tensors.items():
+        if key == "lm_head.weight" and tied:
+            continue  # llama.cpp reuses token_embd when output is absent
+        name = gguf_tensor_name(key)
+        data = tensor.detach().to(torch.float32).cpu()
+        if name is None:  # fused (E, 2I, H): gate rows first (transformers 5 chunks gate, up)
+            half = data.shape[1] // 2
+            prefix = key.split(".mlp.")[0].replace("model.layers.", "blk.")
+            yield f"{prefix}.ffn_gate_exps.weight", data[:, :half].contiguous().numpy()
+            yield f"{prefix}.ffn_up_exps.weight", data[:, half:].contiguous().numpy()
+            continue
+        if family.permute_qk and name.endswith("attn_q.weight"):
+            data = permute_rotary(data, n_head)
+        elif family.permute_qk and name.endswith("attn_k.weight"):
+            data = permute_rotary(data, n_kv)
+        yield name, data.contiguous().numpy()
+
+
+def _write_hparams(writer: Any, model: nn.Module, family: GgufFamily, n_experts: int, top_k: int,
+                   n_ff_exp: int) -> None:
+    config = _config(model)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(int(config.num_attention_heads))
+    writer.add_head_count_kv(int(config.num_key_value_heads))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_expert_count(n_experts)
+    writer.add_expert_used_count(top_k)
+    writer.add_expert_feed_forward_length(n_ff_exp)
+    writer.add_vocab_size(int(config.vocab_size))
+
+
+def _write_vocab(writer: Any, tokenizer: Any, vocab_size: int) -> None:
+    vocab = gguf_vocab(tokenizer, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.token_types)
+    writer.add_token_merges(vocab.merges)
+    for setter, value in ((writer.add_bos_token_id, vocab.bos), (writer.add_eos_token_id, vocab.eos),
+                          (writer.add_pad_token_id, vocab.pad), (writer.add_unk_token_id, vocab.unk)):
+        if value is not None:
+            setter(value)
+    writer.add_add_bos_token(vocab.add_bos)
+
+
+def _encode(data: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
+    """(array to store, raw_dtype or None) for ``qtype``, quantized by gguf-py."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    if qtype == "F32":
+        return data.astype(np.float32), None
+    if qtype == "F16":
+        return data.astype(np.float16), None
+    kind = GGMLQuantizationType[qtype]
+    return quantize(data.astype(np.float32), kind), kind
+
+
+def _moe_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(experts per layer, top-k, expert intermediate size): llama.cpp has one of each for all layers."""
+    from moeslim.models.expert_math import expert_weight_views
+
+    layers = find_moe_layers(model)
+    counts = {layer.layer_idx: layer.num_experts for layer in layers}
+    if len(set(counts.values())) != 1:
+        raise UnsupportedExportError(f"llama.cpp needs the same expert count in every layer; this model has {counts} "
+                                     "(prune with the same number of kept experts per layer)")
+    sizes = {int(expert_weight_views(layer).down.shape[2]) for layer in layers}
+    if len(sizes) != 1:
+        raise UnsupportedExportError(f"llama.cpp needs one expert intermediate size; this model has {sorted(sizes)}")
+    top_k = layers[0].top_k
+    return next(iter(counts.values())), int(top_k), next(iter(sizes))
+
+
+def _write_file(model: nn.Module, tokenizer: Any, path: Path, family: GgufFamily, default: str,
+                overrides: dict[str, str], name: str) -> list[str]:
+    """Write the GGUF at ``path``; returns the tensors that fell back to F16 (rows not divisible by blocks)."""
+    import gguf
+
+    n_experts, top_k, n_ff_exp = _moe_shape(model)
+    writer = gguf.GGUFWriter(str(path), family.arch)
+    writer.add_name(name)
+    _write_hparams(writer, model, family, n_experts, top_k, n_ff_exp)
+    ftype = getattr(gguf.LlamaFileType, f"MOSTLY_{default}", gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(int(ftype))
+    _write_vocab(writer, tokenizer, int(_config(model).vocab_size))
+    fallbacks: list[str] = []
+    for tname, data in _gguf_tensors(model, family):
+        # norms and the router stay exact (llama.cpp never quantizes them)
+        exact = data.ndim == 1 or tname.endswith("ffn_gate_inp.weight")
+        qtype = "F32" if exact else overrides.get(tname, default)
+        if data.shape[-1] % GGUF_BLOCKS[qtype][0]:
+            fallbacks.append(f"{tname}: {qtype} -> F16 (rows of {data.shape[-1]} not divisible by "
+                             f"{GGUF_BLOCKS[qtype][0]})")
+            qtype = "F16"
+        stored, raw = _encode(data, qtype)
+        writer.add_tensor(tname, stored, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return fallbacks
+
+
+def read_gguf_types(path: str | Path) -> dict[str, str]:
+    """{tensor name: type name} as stored in a GGUF file."""
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
+def _llama_quantize(binary: Path, src: Path, dst: Path, ftype: str, overrides: dict[str, str],
+                    imatrix: Path | None, workdir: Path) -> None:
+    """Requantize ``src`` (F32) to ``dst`` with llama.cpp's quantizer: ``ftype`` for every tensor without an
+    exact-name override (anchored regexes, one per planned tensor)."""
+    cmd = [str(binary)]
+    if overrides:
+        spec = workdir / "tensor-types.txt"
+        spec.write_text("".join(f"^{re.escape(n)}$={t.lower()}\n" for n, t in sorted(overrides.items())))
+        cmd += ["--tensor-type-file", str(spec)]
+    if imatrix is not None:
+        cmd += ["--imatrix", str(imatrix)]
+    cmd += [str(src), str(dst), ftype]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=_QUANTIZE_TIMEOUT_S, check=False)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout)[-2000:]
+        raise RuntimeError(f"llama-quantize failed (exit {result.returncode}): {' '.join(cmd)}\n{tail}")
+
+
+def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, qtype: str = "F16", plan: Plan | None = None,
+                llama_quantize: str | Path | None = None, imatrix: str | Path | None = None,
+                name: str | None = None, inputs: Iterable[str | Path] = ()) -> GgufExport:
+    """Write ``model`` as a GGUF file at ``out`` (atomically: temp file in the same folder, then rename).
+
+    qtype: type of every matrix without a plan type (F16 default; K-quant types and presets need
+        ``llama_quantize``). plan: a ``scope="gguf"`` quantize plan for this model (per-tensor expert types).
+    llama_quantize: path of llama.cpp's ``llama-quantize``; imatrix: an importance matrix file for it.
+    inputs: paths the output must not overwrite (the model folder, the plan).
+    """
+    from moeslim.outputs import check_output_file
+
+    family = gguf_family(_config(model))
+    default = _check_qtype(qtype)
+    target = check_output_file(out, inputs=inputs)
+    overrides = plan_tensor_types(model, plan) if plan is not None else {}
+    needs_llama = default not in GGUF_DIRECT_TYPES or any(t not in GGUF_DIRECT_TYPES for t in overrides.values())
+    if imatrix is not None and not needs_llama and llama_quantize is None:
+        raise UnsupportedExportError("--imatrix is used by llama.cpp's quantizer: pass --llama-quantize too")
+    binary = Path(llama_quantize) if llama_quantize is not None else None
+    if needs_llama and binary is None:
+        wanted = sorted({default, *overrides.values()} - set(GGUF_DIRECT_TYPES))
+        raise UnsupportedExportError(f"types {', '.join(wanted)} need llama.cpp's quantizer (gguf-py cannot write "
+                                     "them): pass --llama-quantize PATH of the llama-quantize program")
+    if binary is not None and not (binary.is_file() and os.access(binary, os.X_OK)):
+        raise UnsupportedExportError(f"--llama-quantize {binary}: not an executable file")
+    if imatrix is not None and not Path(imatrix).is_file():
+        raise UnsupportedExportError(f"--imatrix {imatrix}: no such file")
+    n_experts, top_k, _ = _moe_shape(model)
+    title = name or str(getattr(_config(model), "_name_or_path", "") or _config(model).model_type)
+    dest = Path(target).expanduser().resolve()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".moeslim-gguf-") as tmp:
+        work = Path(tmp)
+        staged = work / "out.gguf"
+        if binary is None:
+            fallbacks = _write_file(model, tokenizer, staged, family, default, overrides, title)
+            quantizer = "gguf-py"
+        else:
+            source = work / "f32.gguf"
+            fallbacks = _write_file(model, tokenizer, source, family, "F32", {}, title)
+            _llama_quantize(binary, source, staged, default, overrides,
+                            Path(imatrix) if imatrix is not None else None, work)
+            quantizer = "llama-quantize"
+        types = read_gguf_types(staged)
+        os.replace(staged, dest)
+    return GgufExport(Path(target), types, n_experts, top_k, fallbacks, quantizer)

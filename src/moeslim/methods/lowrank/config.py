@@ -1,0 +1,55 @@
+"""``LowRankConfig``: the validated settings of activation-aware low-rank experts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+from moeslim.config import ConfigError, check_types
+from moeslim.methods.router_fit import FIT_TOKENS
+
+
+@dataclass(frozen=True, kw_only=True)
+class LowRankConfig:
+    """Per-expert ranks of whitened truncated SVD factors under a parameter budget."""
+
+    ratio: float = field(metadata={
+        "help": "share of the expert weight parameters each MoE layer keeps (factors + matrices left dense), "
+                "in (0, 1]; 1 keeps every expert dense (the original)"})
+    min_rank: int = field(default=1, metadata={"help": "smallest rank any expert projection gets"})
+    weighting: Literal["none", "gate", "gate2"] = field(default="gate2", metadata={
+        "help": "token weights of the input covariances: gate2 = routing weight squared (the block's output "
+                "error), gate, or none (plain activation covariance)"})
+    damp: float = field(default=0.01, metadata={
+        "help": "covariance damping, relative to the mean of its diagonal (keeps the whitening invertible)"})
+    max_tokens: int = field(default=FIT_TOKENS, metadata={
+        "help": "calibration tokens per layer used for the reported losses and the router refit"})
+    recalibrate_router: bool = field(default=False, metadata={
+        "help": "refit the router rows so the low-rank block's output best matches the original (Adam on the "
+                "router only); before/after loss in the plan summary; apply re-runs it on the plan's windows"})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if not 0 < self.ratio <= 1:
+            raise ConfigError(f"ratio={self.ratio}: use a share of expert parameters in (0, 1], e.g. 0.5")
+        if self.min_rank < 0:
+            raise ConfigError(f"min_rank={self.min_rank}: use 0 or more")
+        if self.weighting not in ("none", "gate", "gate2"):
+            raise ConfigError(f"weighting={self.weighting!r}: use 'none', 'gate' or 'gate2'")
+        if self.damp <= 0:
+            raise ConfigError(f"damp={self.damp}: use a positive damping, e.g. 0.01")
+        if self.max_tokens < 1:
+            raise ConfigError(f"max_tokens={self.max_tokens}: use at least 1 token")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Fail before calibration on models whose experts are already compressed (quantized / low-rank)."""
+        section = getattr(model.config, "moeslim", None) or {}
+        for kind in ("quantize", "lowrank"):
+            if kind in section:
+                raise ConfigError(f"the model's experts are already {kind}d: apply lowrank before {kind}, "
+                                  "on float experts")

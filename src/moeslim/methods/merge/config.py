@@ -1,0 +1,74 @@
+"""``MergeConfig``: the validated settings of expert merging (HC-SMoE / MC-SMoE), checked before calibration."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+from moeslim.config import ConfigError, check_types
+from moeslim.methods.router_fit import FIT_TOKENS
+
+MERGE_METHODS = ("hc-smoe", "mc-smoe")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeConfig:
+    """How every MoE layer's experts are grouped into ``keep`` merged experts."""
+
+    keep: int = field(metadata={"help": "experts each MoE layer keeps after merging (at least top_k)"})
+    method: Literal["hc-smoe", "mc-smoe"] = field(default="hc-smoe", metadata={
+        "help": "hc-smoe: average-linkage clustering of the experts' mean outputs on calibration tokens; "
+                "mc-smoe: the keep most-routed experts dominate, every other joins its most similar dominant by "
+                "router-logit cosine similarity"})
+    metric: Literal["cosine", "euclidean"] = field(default="cosine", metadata={
+        "help": "hc-smoe distance between mean expert outputs"})
+    align: bool = field(default=True, metadata={
+        "help": "permute each member's intermediate neurons onto the group representative's (weight matching, "
+                "Hungarian) before averaging"})
+    router: Literal["lse-fit", "representative"] = field(default="lse-fit", metadata={
+        "help": "merged expert's router row: lse-fit = least-squares fit of the group's logsumexp logit (softmax: "
+                "the group's summed probability; sigmoid: its noisy-or) on calibration tokens; representative = "
+                "the representative's own row (data-free apply)"})
+    ridge: float = field(default=1e-3, metadata={"help": "ridge of the lse-fit, relative to mean diag(X^T X)"})
+    max_tokens: int = field(default=FIT_TOKENS, metadata={
+        "help": "calibration tokens per layer used for grouping, router fits and losses (the first ones)"})
+    recalibrate_router: bool = field(default=False, metadata={
+        "help": "refit the merged router rows so the block output best matches the original (Adam on the "
+                "router only); before/after loss in the plan summary; apply re-runs it on the plan's windows"})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.method not in MERGE_METHODS:
+            raise ConfigError(f"method={self.method!r}: use one of {', '.join(MERGE_METHODS)}")
+        if self.metric not in ("cosine", "euclidean"):
+            raise ConfigError(f"metric={self.metric!r}: use 'cosine' or 'euclidean'")
+        if self.router not in ("lse-fit", "representative"):
+            raise ConfigError(f"router={self.router!r}: use 'lse-fit' or 'representative'")
+        if self.keep < 1:
+            raise ConfigError(f"keep={self.keep}: keep at least 1 expert per layer")
+        if self.ridge < 0:
+            raise ConfigError(f"ridge={self.ridge}: use a value >= 0")
+        if self.max_tokens < 1:
+            raise ConfigError(f"max_tokens={self.max_tokens}: use at least 1 token")
+
+    @property
+    def needs_data_in_apply(self) -> bool:
+        """Whether apply must see the calibration windows (router fits run there, like GPTQ)."""
+        return self.router == "lse-fit" or self.recalibrate_router
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Fail before calibration when ``keep`` does not fit some MoE layer of ``model``."""
+        from moeslim.models import find_moe_layers
+
+        for layer in find_moe_layers(model):
+            experts, top_k, family = layer.num_experts, layer.top_k, layer.family.name
+            if self.keep >= experts:
+                raise ConfigError(f"keep={self.keep} keeps all {experts} experts of layer {layer.layer_idx} "
+                                  f"({family}): nothing to merge; use keep < {experts}")
+            if self.keep < top_k:
+                raise ConfigError(f"keep={self.keep} is below top_k={top_k} of {family}; keep at least {top_k}")

@@ -1,0 +1,259 @@
+"""Compute with low-rank experts: storage, the ``moeslim_lowrank`` experts forward, save and load.
+
+``install_lowrank(experts, name, projections)`` replaces the fused parameter ``name`` (``gate_up_proj`` /
+``up_proj`` / ``down_proj``) of a transformers experts module by a ``LowRankProjection`` kept in the child
+``experts.moeslim_lowrank[name]``: per expert either the dense matrix ``w{e}`` (out, in) or factors ``a{e}``
+(out, r) and ``b{e}`` (r, in), in (out, in) orientation whatever the family's layout. The attribute ``name``
+becomes a meta-device placeholder of the original shape (no bytes; any use of it fails loudly). The experts
+forward ``moeslim_lowrank`` (registered in transformers' ``ALL_EXPERTS_FUNCTIONS``) computes only the routed
+experts, x -> (x B^T) A^T, with the module's own gate, biases and post-expert norm; under skipping
+(``moeslim_skip``) it becomes skipping's inner implementation.
+
+Saved format (``save_lowrank``): ``config.json`` with the ``moeslim.lowrank`` section (ranks per layer and
+expert), and ``moeslim_lowrank.safetensors`` holding the whole state dict: every non-expert tensor under its
+usual name and the factors as ``...experts.moeslim_lowrank.{name}.{a,b,w}{e}`` (tied aliases written once,
+listed in the metadata). The file is deliberately not ``model.safetensors``: stock ``from_pretrained`` cannot
+run factored experts and must not load a model with random experts; ``moeslim.load`` builds the model on the
+meta device, installs empty projections of the recorded ranks and loads the file into them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from moeslim.models import find_moe_layers
+from moeslim.models.attrs import callable_attr, hf_config, pretrained
+from moeslim.models.expert_math import expert_weight_views
+
+__all__ = ["IMPLEMENTATION", "LOWRANK_FILE", "STORE", "LowRankProjection", "install_lowrank", "load_lowrank",
+           "lowrank_storage", "save_lowrank"]
+
+IMPLEMENTATION = "moeslim_lowrank"
+STORE = "moeslim_lowrank"
+LOWRANK_FILE = "moeslim_lowrank.safetensors"
+_SKIP_IMPLEMENTATION = "moeslim_skip"
+_FALLBACK = "grouped_mm"
+
+
+def _dense(rank: int, out: int, inp: int) -> bool:
+    return rank * (out + inp) >= out * inp  # same rule as methods.lowrank.svd.is_dense
+
+
+class LowRankProjection(nn.Module):
+    """One fused projection of E experts, each dense (out, in) or factored (out, r) x (r, in)."""
+
+    def __init__(self, out: int, inp: int, ranks: Sequence[int], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = int(out), int(inp)
+        self.ranks = [int(r) for r in ranks]
+        for e, r in enumerate(self.ranks):
+            if _dense(r, out, inp):
+                self.register_parameter(f"w{e}", nn.Parameter(torch.empty(out, inp, dtype=dtype, device=device),
+                                                              requires_grad=False))
+            else:
+                self.register_parameter(f"a{e}", nn.Parameter(torch.empty(out, r, dtype=dtype, device=device),
+                                                              requires_grad=False))
+                self.register_parameter(f"b{e}", nn.Parameter(torch.empty(r, inp, dtype=dtype, device=device),
+                                                              requires_grad=False))
+
+    @classmethod
+    def from_projections(cls, projections: Sequence[tuple[Tensor, ...]], dtype: torch.dtype,
+                         device: torch.device | str | None = None) -> LowRankProjection:
+        """From per-expert ``(W,)`` (out, in) or ``(A, B)`` tuples."""
+        first = projections[0]
+        out = int(first[0].shape[0])
+        inp = int(first[0].shape[1] if len(first) == 1 else first[1].shape[1])
+        ranks = [min(out, inp) if len(p) == 1 else int(p[0].shape[1]) for p in projections]
+        module = cls(out, inp, ranks, dtype, device)
+        with torch.no_grad():
+            for e, p in enumerate(projections):
+                if len(p) == 1:
+                    getattr(module, f"w{e}").copy_(p[0])
+                else:
+                    getattr(module, f"a{e}").copy_(p[0])
+                    getattr(module, f"b{e}").copy_(p[1])
+        return module
+
+    def is_dense(self, e: int) -> bool:
+        return f"w{e}" in self._parameters
+
+    def matmul(self, e: int, x: Tensor) -> Tensor:
+        """x (n, in) -> (n, out) through expert e."""
+        if self.is_dense(e):
+            return F.linear(x, getattr(self, f"w{e}").to(x.dtype))
+        return F.linear(F.linear(x, getattr(self, f"b{e}").to(x.dtype)), getattr(self, f"a{e}").to(x.dtype))
+
+    def weight(self, e: int) -> Tensor:
+        """(out, in) the matrix expert e computes with."""
+        return getattr(self, f"w{e}") if self.is_dense(e) else getattr(self, f"a{e}") @ getattr(self, f"b{e}")
+
+    def params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def lowrank_storage(module: nn.Module) -> dict[str, LowRankProjection]:
+    store = module._modules.get(STORE)
+    if not isinstance(store, nn.ModuleDict):
+        return {}
+    return {name: part for name, part in store.items() if isinstance(part, LowRankProjection)}
+
+
+def _project(experts: nn.Module, name: str, e: int, x: Tensor, store: dict[str, LowRankProjection]) -> Tensor:
+    if name in store:
+        y = store[name].matmul(e, x)
+    else:
+        w = getattr(experts, name)[e]
+        y = x @ w.to(x.dtype) if experts.is_transposed else F.linear(x, w.to(x.dtype))
+    if getattr(experts, "has_bias", False):
+        bias = getattr(experts, f"{name}_bias", None)
+        if bias is not None:
+            y = y + bias[e].to(y.dtype)
+    return y
+
+
+def lowrank_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+                            ) -> Tensor:
+    """hidden_states (T, H), top_k_index / top_k_weights (T, k) -> (T, H), only routed experts computed."""
+    store = lowrank_storage(self)
+    if not store:  # a layer left dense (the implementation is set on a config shared by all layers)
+        return ALL_EXPERTS_FUNCTIONS[_FALLBACK](self, hidden_states, top_k_index, top_k_weights)
+    k = top_k_index.shape[1]
+    n_experts = int(getattr(self, "num_experts"))  # noqa: B009 - torch types module attributes as Tensor | Module
+    up_name = "gate_up_proj" if self.has_gate else "up_proj"
+    flat = top_k_index.reshape(-1)  # pair p = token p // k, slot p % k
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts + 1).tolist()
+    weights = top_k_weights.reshape(-1)
+    out = torch.zeros_like(hidden_states)
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start:start + count]
+        start += count
+        if e >= n_experts:  # placeholder index: no expert
+            continue
+        token_idx = pairs // k
+        h = _project(self, up_name, e, hidden_states[token_idx], store)
+        h = callable_attr(self, "_apply_gate" if self.has_gate else "act_fn")(h)
+        y = _project(self, "down_proj", e, h, store)
+        if getattr(self, "has_post_expert_norm", False):
+            y = callable_attr(self, "post_expert_norm")(y)
+        y = y * weights[pairs].unsqueeze(-1).to(y.dtype)
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out
+
+
+def _register() -> None:
+    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, lowrank_experts_forward)
+
+
+def install_lowrank(experts: nn.Module, name: str, projection: LowRankProjection) -> None:
+    """Replace fused parameter ``name`` of ``experts`` by ``projection`` and compute through it."""
+    current = experts._parameters.get(name)
+    if current is None:
+        raise ValueError(f"{type(experts).__name__} has no parameter {name!r} to replace")
+    if not (hasattr(experts, "has_gate") and hasattr(experts, "config")):
+        raise TypeError(f"{type(experts).__name__} is not a transformers fused experts module")
+    transposed = bool(getattr(experts, "is_transposed", False))
+    expected = (current.shape[0], projection.in_features, projection.out_features) if transposed else (
+        current.shape[0], projection.out_features, projection.in_features)
+    if tuple(current.shape) != tuple(expected) or len(projection.ranks) != current.shape[0]:
+        raise ValueError(f"low-rank {name} for shape {expected} does not fit {tuple(current.shape)}")
+    store = experts._modules.get(STORE)
+    if not isinstance(store, nn.ModuleDict):
+        store = nn.ModuleDict()
+        experts.add_module(STORE, store)
+    store[name] = projection
+    del experts._parameters[name]
+    object.__setattr__(experts, name, torch.empty(tuple(current.shape), dtype=current.dtype, device="meta"))
+    _register()
+    config = hf_config(experts)
+    if config._experts_implementation == _SKIP_IMPLEMENTATION:
+        setattr(experts, "moeslim_inner", IMPLEMENTATION)  # noqa: B010 (a plain attribute on a foreign module)
+    elif config._experts_implementation != IMPLEMENTATION:
+        config._experts_implementation = IMPLEMENTATION
+
+
+def _shapes(experts: nn.Module, name: str) -> tuple[int, int]:
+    """(out, in) of one expert's ``name`` projection, from the (placeholder) fused parameter."""
+    w = getattr(experts, name)
+    transposed = bool(getattr(experts, "is_transposed", False))
+    return (int(w.shape[2]), int(w.shape[1])) if transposed else (int(w.shape[1]), int(w.shape[2]))
+
+
+def install_empty(model: nn.Module, layers: Mapping[str, Mapping[str, Sequence[int]]], dtype: torch.dtype) -> None:
+    """Install uninitialised projections of the recorded ranks ({layer: {"up_ranks", "down_ranks"}})."""
+    found = {layer.layer_idx: layer for layer in find_moe_layers(model)}
+    for idx, entry in layers.items():
+        layer = found[int(idx)]
+        views = expert_weight_views(layer)
+        for name, key in ((views.up_name, "up_ranks"), (views.down_name, "down_ranks")):
+            out, inp = _shapes(layer.experts, name)
+            install_lowrank(layer.experts, name, LowRankProjection(out, inp, entry[key], dtype, device="meta"))
+
+
+def save_lowrank(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write config.json and ``moeslim_lowrank.safetensors`` (the whole state dict) into ``out_dir``."""
+    from moeslim.runtime.lowbit_io import _base_tensors
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, aliases = _base_tensors(model, set())
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, str(out / LOWRANK_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    pretrained(model).config.save_pretrained(out)
+    if dtype is not None:
+        config_file = out / "config.json"
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        raw["dtype"] = str(dtype).removeprefix("torch.")
+        config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(out)
+
+
+def load_lowrank(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+                 ) -> tuple[nn.Module, Any]:
+    """(model computing with its low-rank experts, tokenizer or None) from a ``save_lowrank`` folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moeslim.runtime.lowbit_io import _materialize_buffers, _tokenizer
+
+    root = Path(path)
+    if not (root / LOWRANK_FILE).is_file():
+        raise FileNotFoundError(f"{root} is not a moeslim low-rank checkpoint: {LOWRANK_FILE} is missing")
+    config = AutoConfig.from_pretrained(root, trust_remote_code=False)
+    section = (getattr(config, "moeslim", None) or {}).get("lowrank") or {}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    install_empty(model, section.get("layers", {}), dtype)
+    with safe_open(str(root / LOWRANK_FILE), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        meta = dict(handle.metadata() or {})
+    aliases: dict[str, str] = json.loads(meta.get("aliases", "{}"))
+    for alias, source in aliases.items():
+        tensors[alias] = tensors[source]
+    state = model.state_dict(keep_vars=True)
+    left, unexpected = set(state) - set(tensors), set(tensors) - set(state)
+    if left or unexpected:
+        raise ValueError(f"{root}: tensors missing {sorted(left)[:5]} / unexpected {sorted(unexpected)[:5]}")
+    tensors = {k: v.to(state[k].dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=False, assign=True)
+    _materialize_buffers(model, root)
+    if aliases:
+        model.tie_weights()
+    return model.to(device).eval(), _tokenizer(root)

@@ -1,0 +1,127 @@
+"""The compact form of a non-uniformly pruned model: every MoE layer holds only its own kept experts.
+
+Stock transformers has no per-layer expert count for any supported family (one ``num_experts`` in the config),
+so this form is for ``moeslim.load`` only; the padded form (``models.select``, layout="padded") is the one stock
+loaders read. Layout of a saved compact checkpoint:
+
+- ``config.json``: the config with the LARGEST per-layer count as the expert count and, in its ``moeslim.prune``
+  section, ``layout: "compact"`` and ``experts_per_layer`` {layer: count};
+- ``moeslim_nonuniform.safetensors``: the state dict (shared tensors written once, aliases in the metadata).
+  It is not named ``model.safetensors`` on purpose: stock ``from_pretrained`` then fails loudly instead of
+  loading tensors whose shapes do not fit its config.
+
+``load_compact`` builds the model from the config, cuts every layer to its count (``select_experts`` with
+layout="compact"; groups stay balanced where the routing is group-limited) and loads the tensors (strict).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+COMPACT_FILE = "moeslim_nonuniform.safetensors"
+
+
+def is_compact(section: dict[str, Any]) -> bool:
+    """Whether a ``moeslim`` config section describes the compact non-uniform form."""
+    prune = section.get("prune") or {}
+    return prune.get("layout") == "compact"
+
+
+def save_compact(model: nn.Module, out_dir: Path, dtype: torch.dtype | None = None) -> None:
+    """Write ``model`` (non-uniformly pruned, compact) into ``out_dir``; floating tensors in ``dtype`` if given."""
+    from moeslim.models.attrs import pretrained
+
+    out_dir = Path(out_dir)
+    pretrained(model).config.save_pretrained(out_dir)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(out_dir)
+    state: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:  # tied weights: written once
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        value = tensor.detach().cpu()
+        state[name] = (value.to(dtype) if dtype is not None and value.is_floating_point() else value).contiguous()
+    save_file(state, str(out_dir / COMPACT_FILE), metadata={"aliases": json.dumps(aliases), "format": "pt"})
+    if dtype is not None:
+        config_file = out_dir / "config.json"
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        raw["dtype"] = str(dtype).removeprefix("torch.")
+        config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def compact_kept(config: Any, counts: dict[int, int]) -> dict[int, list[int]]:
+    """The ids a full-size model keeps to get the compact shapes: the first experts (of each group)."""
+    from moeslim.models import family_of
+    from moeslim.models.select import group_limits
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    width = int(getattr(text, family_of(text).num_experts_key))
+    limits = group_limits(text)
+    if limits is None:
+        return {idx: list(range(n)) for idx, n in counts.items()}
+    per_old = width // limits.n_group
+    return {idx: [g * per_old + j for g in range(limits.n_group) for j in range(n // limits.n_group)]
+            for idx, n in counts.items()}
+
+
+def load_compact(path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+                 ) -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer or None) of a compact non-uniform checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moeslim.models.select import select_experts
+
+    path = Path(path)
+    file = path / COMPACT_FILE
+    if not file.is_file():
+        raise OSError(f"{path} says it holds a compact non-uniform model but has no {COMPACT_FILE}")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    section = getattr(config, "moeslim", None) or {}
+    counts = {int(k): int(v) for k, v in section["prune"]["experts_per_layer"].items()}
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    select_experts(model, compact_kept(config, counts), layout="compact", groups="keep"
+                   if _grouped(config) else "auto")
+    state = load_file(str(file))
+    aliases = json.loads(_metadata(file).get("aliases", "{}"))
+    for name, source in aliases.items():
+        state[name] = state[source]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise OSError(f"{file} does not fit its config.json: missing {sorted(missing)[:5]}, unexpected "
+                      f"{sorted(unexpected)[:5]}")
+    model = model.to(device).eval()
+    return model, _tokenizer(path)
+
+
+def _grouped(config: Any) -> bool:
+    from moeslim.models.select import group_limits
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return group_limits(text) is not None
+
+
+def _metadata(file: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def _tokenizer(path: Path) -> Any:
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
