@@ -210,3 +210,31 @@ def test_equal_groups_keep_group_limits(family: str, fresh) -> None:
     select_experts(fresh, kept)
     assert all(moe.routing_kwargs()["n_group"] == 2 for moe in find_moe_layers(fresh))
     torch.testing.assert_close(_logits(fresh), _logits(ref), rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lowrank_full_rank_and_merge_reload(family: str, fresh, tmp_path) -> None:
+    """Low-rank at ratio 1 is the original; an HC-SMoE merge to 4 experts saves and reloads in stock transformers
+    with the logits it had in memory."""
+    from moeslim.methods.lowrank import LowRankConfig, plan_lowrank
+    from moeslim.methods.merge import MergeConfig, plan_merge
+
+    merge = MergeConfig(method="hc-smoe", keep=4)
+    if family_of(fresh).layerwise_blocker:
+        with pytest.raises(UnsupportedModelError, match=f"{family}: layer-wise calibration"):
+            plan_merge(fresh, CALIB, merge, "tiny")
+        return
+    original = _logits(fresh)
+    low = copy.deepcopy(fresh)
+    moeslim.apply(low, plan_lowrank(low, CALIB, LowRankConfig(ratio=1.0), "tiny"), calibration=CALIB)
+    torch.testing.assert_close(_logits(low), original, rtol=0, atol=1e-5)
+
+    moeslim.apply(fresh, plan_merge(fresh, CALIB, merge, "tiny"), calibration=CALIB)
+    merged = _logits(fresh)
+    assert all(moe.num_experts == 4 for moe in find_moe_layers(fresh))
+    moeslim.save(fresh, tmp_path / "merged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
+    assert all(moe.num_experts == 4 for moe in find_moe_layers(loaded))
+    torch.testing.assert_close(_logits(loaded), merged, rtol=0, atol=1e-5)
