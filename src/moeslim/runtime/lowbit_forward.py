@@ -18,13 +18,13 @@ computation with it fails loudly instead of using stale weights).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeslim.methods.quant.fused import LowBitTensor
-from moeslim.models.attrs import callable_attr, hf_config
+from moeslim.models.attrs import hf_config
 from moeslim.runtime.packed import PackedExperts
+from moeslim.runtime.routed_experts import routed_forward, stored_parts
 
 __all__ = ["IMPLEMENTATION", "STORE", "LowBitLinear", "install_packed", "packed_storage"]
 
@@ -36,24 +36,7 @@ _FALLBACK = "grouped_mm"
 
 def packed_storage(module: nn.Module) -> dict[str, PackedExperts]:
     """{parameter name: PackedExperts} held by ``module`` itself (empty when none)."""
-    store = module._modules.get(STORE)
-    if not isinstance(store, nn.ModuleDict):
-        return {}
-    return {name: packed for name, packed in store.items() if isinstance(packed, PackedExperts)}
-
-
-def _project(experts: nn.Module, name: str, e: int, x: Tensor, store: dict[str, PackedExperts]) -> Tensor:
-    """x (n, in) -> (n, out) through expert e's ``name`` projection (+ bias)."""
-    if name in store:
-        y = store[name].matmul(e, x)
-    else:
-        w = getattr(experts, name)[e]
-        y = x @ w.to(x.dtype) if experts.is_transposed else F.linear(x, w.to(x.dtype))
-    if getattr(experts, "has_bias", False):
-        bias = getattr(experts, f"{name}_bias", None)
-        if bias is not None:
-            y = y + bias[e].to(y.dtype)
-    return y
+    return stored_parts(module, STORE, PackedExperts)
 
 
 def lowbit_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
@@ -62,32 +45,7 @@ def lowbit_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: 
     store = packed_storage(self)
     if not store:  # a layer left in float (the implementation is set on a config shared by all layers)
         return ALL_EXPERTS_FUNCTIONS[_FALLBACK](self, hidden_states, top_k_index, top_k_weights)
-    tokens, k = top_k_index.shape
-    n_experts = int(getattr(self, "num_experts"))  # noqa: B009 (an int attribute torch types as Tensor | Module)
-    has_gate = bool(getattr(self, "has_gate"))  # noqa: B009
-    up_name = "gate_up_proj" if has_gate else "up_proj"
-    flat = top_k_index.reshape(-1)  # (S,) pair p = token p // k, slot p % k
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts + 1).tolist()  # one host sync per layer
-    weights = top_k_weights.reshape(-1)
-    out = torch.zeros_like(hidden_states)
-    start = 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        pairs = order[start:start + count]
-        start += count
-        if e >= n_experts:  # placeholder index: no expert
-            continue
-        token_idx = pairs // k
-        h = _project(self, up_name, e, hidden_states[token_idx], store)
-        h = callable_attr(self, "_apply_gate" if has_gate else "act_fn")(h)
-        y = _project(self, "down_proj", e, h, store)
-        if getattr(self, "has_post_expert_norm", False):
-            y = callable_attr(self, "post_expert_norm")(y)
-        y = y * weights[pairs].unsqueeze(-1).to(y.dtype)
-        out.index_add_(0, token_idx, y.to(out.dtype))
-    return out
+    return routed_forward(self, hidden_states, top_k_index, top_k_weights, store)
 
 
 class LowBitLinear(nn.Linear):

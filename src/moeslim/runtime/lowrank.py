@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeslim.models import find_moe_layers
-from moeslim.models.attrs import callable_attr, hf_config, pretrained
+from moeslim.models.attrs import hf_config, pretrained
 from moeslim.models.expert_math import expert_weight_views
+from moeslim.runtime.routed_experts import routed_forward, stored_parts
 
 __all__ = ["IMPLEMENTATION", "LOWRANK_FILE", "STORE", "LowRankProjection", "install_lowrank", "load_lowrank",
            "lowrank_storage", "save_lowrank"]
@@ -103,23 +104,7 @@ class LowRankProjection(nn.Module):
 
 
 def lowrank_storage(module: nn.Module) -> dict[str, LowRankProjection]:
-    store = module._modules.get(STORE)
-    if not isinstance(store, nn.ModuleDict):
-        return {}
-    return {name: part for name, part in store.items() if isinstance(part, LowRankProjection)}
-
-
-def _project(experts: nn.Module, name: str, e: int, x: Tensor, store: dict[str, LowRankProjection]) -> Tensor:
-    if name in store:
-        y = store[name].matmul(e, x)
-    else:
-        w = getattr(experts, name)[e]
-        y = x @ w.to(x.dtype) if experts.is_transposed else F.linear(x, w.to(x.dtype))
-    if getattr(experts, "has_bias", False):
-        bias = getattr(experts, f"{name}_bias", None)
-        if bias is not None:
-            y = y + bias[e].to(y.dtype)
-    return y
+    return stored_parts(module, STORE, LowRankProjection)
 
 
 def lowrank_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
@@ -128,31 +113,7 @@ def lowrank_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index:
     store = lowrank_storage(self)
     if not store:  # a layer left dense (the implementation is set on a config shared by all layers)
         return ALL_EXPERTS_FUNCTIONS[_FALLBACK](self, hidden_states, top_k_index, top_k_weights)
-    k = top_k_index.shape[1]
-    n_experts = int(getattr(self, "num_experts"))  # noqa: B009 - torch types module attributes as Tensor | Module
-    up_name = "gate_up_proj" if self.has_gate else "up_proj"
-    flat = top_k_index.reshape(-1)  # pair p = token p // k, slot p % k
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts + 1).tolist()
-    weights = top_k_weights.reshape(-1)
-    out = torch.zeros_like(hidden_states)
-    start = 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        pairs = order[start:start + count]
-        start += count
-        if e >= n_experts:  # placeholder index: no expert
-            continue
-        token_idx = pairs // k
-        h = _project(self, up_name, e, hidden_states[token_idx], store)
-        h = callable_attr(self, "_apply_gate" if self.has_gate else "act_fn")(h)
-        y = _project(self, "down_proj", e, h, store)
-        if getattr(self, "has_post_expert_norm", False):
-            y = callable_attr(self, "post_expert_norm")(y)
-        y = y * weights[pairs].unsqueeze(-1).to(y.dtype)
-        out.index_add_(0, token_idx, y.to(out.dtype))
-    return out
+    return routed_forward(self, hidden_states, top_k_index, top_k_weights, store)
 
 
 def _register() -> None:
