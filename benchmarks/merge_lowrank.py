@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from moeslim.appliers import apply
+from moeslim.evaluate.perplexity import perplexity
 from moeslim.methods.lowrank import LowRankConfig, plan_lowrank
 from moeslim.methods.merge import MergeConfig, plan_merge
 from moeslim.methods.prune import PruneConfig
@@ -32,15 +33,8 @@ from moeslim.plans import Plan
 from moeslim.runtime.lowrank import lowrank_storage
 
 
-@torch.no_grad()
 def _perplexity(model: nn.Module, windows: torch.Tensor, batch: int) -> float:
-    nll, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch):
-        ids = windows[start:start + batch]
-        logp = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
-        nll -= float(logp.gather(-1, ids[:, 1:, None]).double().sum())
-        count += ids[:, 1:].numel()
-    return float(torch.exp(torch.tensor(nll / count)))
+    return float(perplexity(model, windows, batch_size=batch, progress=False)["ppl"])
 
 
 def expert_params(model: nn.Module) -> int:

@@ -31,23 +31,9 @@ from moeslim.runtime.skipping import counters, reset_counters
 
 
 def _perplexity_fn() -> Callable[[nn.Module, torch.Tensor, int], float]:
-    try:
-        from moeslim.evaluate.perplexity import perplexity
+    from moeslim.evaluate.perplexity import perplexity
 
-        return lambda model, windows, batch: float(perplexity(model, windows, batch_size=batch, progress=False)["ppl"])
-    except ImportError:
-        return _local_perplexity
-
-
-@torch.no_grad()
-def _local_perplexity(model: nn.Module, windows: torch.Tensor, batch: int) -> float:
-    nll, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch):
-        ids = windows[start : start + batch]
-        logp = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
-        nll -= float(logp.gather(-1, ids[:, 1:, None]).double().sum())
-        count += ids[:, 1:].numel()
-    return float(torch.exp(torch.tensor(nll / count)))
+    return lambda model, windows, batch: float(perplexity(model, windows, batch_size=batch, progress=False)["ppl"])
 
 
 class Bench:
