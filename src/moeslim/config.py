@@ -7,6 +7,7 @@ what to change.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -55,8 +56,8 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is float:  # NaN and infinity are floats, but no setting means them
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
@@ -71,6 +72,8 @@ def check_types(config: Any) -> None:
         value = getattr(config, f.name)
         if f.name not in hints or _matches(value, hints[f.name]):
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name}={value}: use a finite number")
         if get_origin(hints[f.name]) is Literal:  # an enumeration: say what to write instead
             raise ConfigError(f"{f.name}={value!r}: use one of {', '.join(map(str, get_args(hints[f.name])))}")
         raise ConfigError(f"{f.name}={value!r}: expected {_type_name(hints[f.name])}, "

@@ -12,6 +12,9 @@ from moeslim.models.loading import check_context, check_token_ids
 
 
 def _result(nll: float, tokens: int, method: str, **extra: int) -> dict:
+    if not math.isfinite(nll):  # one NaN/inf log-probability makes every number built on it meaningless
+        raise ValueError(f"perplexity: the model's log-probabilities are {nll} (NaN or infinite) on the scored text; "
+                         "its weights or its compression are broken, so no result is written")
     return {
         "method": method,
         "ppl": math.exp(nll / tokens) if tokens else float("nan"),

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +44,9 @@ from moeslim.export.gguf_arch import UnsupportedExportError
 from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor
 from moeslim.methods.quant.gptq import dequantize
 from moeslim.methods.quant.pack import unpack_bits
+from moeslim.plans import Plan
 
-__all__ = ["CT_EXPERT_TARGET", "CT_SCHEMES", "CtExport", "export_compressed_tensors", "expert_scheme"]
+__all__ = ["CT_EXPERT_TARGET", "CT_SCHEMES", "CtExport", "check_ct_plan", "export_compressed_tensors", "expert_scheme"]
 
 # Per-expert Linear names in the saved checkpoint: (decoder layer, expert, projection).
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.[\w.]*experts\.(\d+)\."
@@ -66,13 +66,33 @@ class CtExport:
     quantized_tensors: int
 
 
+UNIFORM_HINT = ("plan with: moeslim plan quantize --method uniform --bits B, B from 1 to 7 (3 is stored as W4A16 and "
+                "7 as W8A16, the widths vLLM's MoE kernels serve)")
+
+
+def check_ct_plan(plan: Plan, where: str) -> None:
+    """Refuse, before any GPTQ work, a plan whose result compressed-tensors cannot hold: not a quantize plan, per-
+    tensor GGUF types, or more than one expert width (a scheme has one ``num_bits``)."""
+    if plan.kind != "quantize":
+        raise UnsupportedExportError(f"{where}: compressed-tensors export takes a quantize plan, not a {plan.kind} "
+                                     "plan; apply that plan first (moeslim apply) and export the checkpoint")
+    widths: set[int] = set()
+    for entry in plan.layers.values():
+        if not isinstance(entry, dict) or "bits" not in entry:
+            raise UnsupportedExportError(f"{where}: a --scope gguf plan has llama.cpp types, not widths; export it "
+                                         f"with --format gguf, or {UNIFORM_HINT}")
+        widths.update(int(b) for b in entry["bits"])
+    if len(widths) != 1 or KEEP_BITS in widths:
+        raise UnsupportedExportError(f"{where}: compressed-tensors holds one width for every expert; this plan has "
+                                     f"widths {sorted(widths)}; {UNIFORM_HINT}")
+
+
 def _uniform_width(lowbit: dict[str, LowBitTensor]) -> tuple[int, int]:
     widths = {b for t in lowbit.values() for b in t.bits}
     groups = {t.group_size for t in lowbit.values()}
     if len(widths) != 1 or KEEP_BITS in widths:
         raise UnsupportedExportError(f"compressed-tensors holds one width per scheme; this model's experts have "
-                                     f"widths {sorted(widths)} (plan with: moeslim plan quantize --method uniform "
-                                     "--bits 4|8)")
+                                     f"widths {sorted(widths)}; {UNIFORM_HINT}")
     if len(groups) != 1:
         raise UnsupportedExportError(f"one group size is needed, this model has {sorted(groups)}")
     return widths.pop(), groups.pop()
@@ -179,7 +199,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: str | Path,
     """
     from safetensors.torch import load_file, save_file
 
-    from moeslim.outputs import atomic_dir
+    from moeslim.outputs import atomic_dir, temp_dir_beside
     from moeslim.runtime.lowbit_io import lowbit_tensors
 
     lowbit = lowbit_tensors(model)
@@ -193,7 +213,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: str | Path,
     dense: Any = _dense_copy(model) if experts else model
     replaced = 0
     with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
-        with tempfile.TemporaryDirectory() as stage:
+        with temp_dir_beside(out) as stage:  # removed by the next run if this one is killed
             dense.save_pretrained(stage, safe_serialization=True)
             shards = sorted(Path(stage).glob("*.safetensors"))
             for file in Path(stage).iterdir():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from moeslim.export.gguf_arch import GgufFamily, UnsupportedExportError, gguf_fa
 from moeslim.export.gguf_vocab import gguf_vocab
 from moeslim.methods.quant.gguf_types import GGUF_BLOCKS, GPY_QUANTIZABLE, PROJECTIONS
 from moeslim.models import find_moe_layers
+from moeslim.outputs import check_output_file, output_lock, temp_dir_beside
 from moeslim.plans import Plan, PlanError, config_hash
 
 __all__ = ["GGUF_DIRECT_TYPES", "LLAMA_QUANTIZE_TYPES", "GgufExport", "export_gguf", "plan_tensor_types",
@@ -249,19 +249,24 @@ def _llama_quantize(binary: Path, src: Path, dst: Path, ftype: str, overrides: d
 
 def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, qtype: str = "F16", plan: Plan | None = None,
                 llama_quantize: str | Path | None = None, imatrix: str | Path | None = None,
-                name: str | None = None, inputs: Iterable[str | Path] = ()) -> GgufExport:
+                name: str | None = None, inputs: Iterable[str | Path] = (), overwrite: bool = False) -> GgufExport:
     """Write ``model`` as a GGUF file at ``out`` (atomically: temp file in the same folder, then rename).
 
     qtype: type of every matrix without a plan type (F16 default; K-quant types and presets need
         ``llama_quantize``). plan: a ``scope="gguf"`` quantize plan for this model (per-tensor expert types).
     llama_quantize: path of llama.cpp's ``llama-quantize``; imatrix: an importance matrix file for it.
-    inputs: paths the output must not overwrite (the model folder, the plan).
+    inputs: paths the output must not overwrite (the model folder, the plan); overwrite: replace an existing file.
     """
-    from moeslim.outputs import check_output_file
+    with output_lock(out):
+        return _export_gguf(model, tokenizer, out, qtype, plan, llama_quantize, imatrix, name, inputs, overwrite)
 
+
+def _export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, qtype: str, plan: Plan | None,
+                 llama_quantize: str | Path | None, imatrix: str | Path | None, name: str | None,
+                 inputs: Iterable[str | Path], overwrite: bool) -> GgufExport:
     family = gguf_family(_config(model))
     default = _check_qtype(qtype)
-    target = check_output_file(out, inputs=inputs)
+    target = check_output_file(out, overwrite=overwrite, inputs=inputs)
     overrides = plan_tensor_types(model, plan) if plan is not None else {}
     needs_llama = default not in GGUF_DIRECT_TYPES or any(t not in GGUF_DIRECT_TYPES for t in overrides.values())
     if imatrix is not None and not needs_llama and llama_quantize is None:
@@ -279,7 +284,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, qtype: str
     title = name or str(getattr(_config(model), "_name_or_path", "") or _config(model).model_type)
     dest = Path(target).expanduser().resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".moeslim-gguf-") as tmp:
+    with temp_dir_beside(dest) as tmp:
         work = Path(tmp)
         staged = work / "out.gguf"
         if binary is None:

@@ -60,6 +60,7 @@ def save_pretrained_with_runtime(model: nn.Module, out_dir: Path, dtype: torch.d
 def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
                       ) -> tuple[nn.Module, Any]:
     from moeslim.models import load_model, resolve_model_path
+    from moeslim.models.loading import check_finite
 
     path = Path(resolve_model_path(name))
     section = _moeslim_section(path)
@@ -76,7 +77,9 @@ def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str
 
         model, tokenizer = load_lowrank(path, dtype=dtype, device=device)
     else:
-        model, tokenizer = load_model(name, dtype=dtype, device=device)
+        model, tokenizer = load_model(name, dtype=dtype, device=device)  # checks its weights itself
+    if is_compact(section) or "quantize" in section or "lowrank" in section:
+        check_finite([*model.named_parameters(), *model.named_buffers()], name)
     if "skip" in section:
         from moeslim.runtime.skipping import install_skipping_from_section
 

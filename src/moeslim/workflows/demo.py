@@ -10,6 +10,7 @@ gets the Mixtral variants when it has 8 experts per layer and the removal-share 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ class DemoConfig:
     task_limit: int = 100
     speed: bool = True
     quick: bool = False  # fewer variants, for tests and a first look
+    overwrite: bool = False  # replace an earlier demo's results in ``out``
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.eval_windows < 1 or self.task_limit < 1:
@@ -140,13 +142,15 @@ def demo_models(config: DemoConfig) -> list[DemoModel]:
 def run_demo(config: DemoConfig) -> Path:
     """Run every model ``config.model`` names; returns the first model's report."""
     from moeslim.models import resolve_model_path
-    from moeslim.outputs import check_output_file
+    from moeslim.outputs import check_output_file, output_lock
 
     models = demo_models(config)
-    for m in models:  # fail now, not after the variants ran
-        for name in ("results.json", "report.md", "report.json"):
-            check_output_file(m.out / name, inputs=[resolve_model_path(m.model)])
-    reports = [run_demo_model(config, m) for m in models]
+    outputs = [(m, m.out / name) for m in models for name in ("results.json", "report.md", "report.json")]
+    with contextlib.ExitStack() as locks:
+        for m, path in outputs:  # fail now, not after the variants ran
+            locks.enter_context(output_lock(path))
+            check_output_file(path, overwrite=config.overwrite, inputs=[resolve_model_path(m.model)])
+        reports = [run_demo_model(config, m) for m in models]
     if len(reports) > 1:
         Console().print("reports: " + ", ".join(str(r) for r in reports))
     return reports[0]

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from moeslim.config import ConfigError
+from moeslim.outputs import TMP_PREFIX
 from moeslim.plans import Plan
 
 STREAMED_KINDS = ("prune", "skip")  # apply_streamed; quantize: apply_quantize_streamed
@@ -326,8 +327,9 @@ def apply_quantize_streamed(source: str, plan: Plan, out_dir: str | Path, *, dty
     out = Path(out_dir)
     state = out.parent / f".{out.name}.layers" if resume is not None else None
     key = resume or "once"
-    parts = _LayerParts(state if state is not None else out.parent / f".{out.name}.parts-{os.getpid()}", key) \
-        if me.is_main else None
+    # Without --resume the parts are this run's temp files, named so the next run removes them after a kill.
+    parts = _LayerParts(state if state is not None else out.parent / f"{TMP_PREFIX}{os.getpid()}-{out.name}.parts",
+                        key) if me.is_main else None
 
     def write(index: int, packed: Any) -> None:
         if parts is not None:
