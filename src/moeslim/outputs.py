@@ -38,6 +38,7 @@ __all__ = [
     "TMP_PREFIX",
     "OutputError",
     "atomic_dir",
+    "atomic_file",
     "check_output_dir",
     "check_output_file",
     "output_lock",
@@ -374,9 +375,10 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False, inputs: Iterable[str
             raise
 
 
-def write_text_atomic(path: str | Path, text: str, *, overwrite: bool = True,
-                      inputs: Iterable[str | Path] = ()) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename.
+@contextlib.contextmanager
+def atomic_file(path: str | Path, *, overwrite: bool = True, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` (same suffix, so writers that infer a format from it work); when the block
+    succeeds, fsync it and rename it to ``path``. On any error the temp file is removed and ``path`` is untouched.
 
     ``overwrite`` defaults to True here: commands check their outputs (``check_output_file``) before any work,
     with the user's ``--overwrite``, and write at the end; this keeps the structural checks (links, inputs).
@@ -385,18 +387,26 @@ def write_text_atomic(path: str | Path, text: str, *, overwrite: bool = True,
         given = check_output_file(path, overwrite=overwrite, inputs=inputs)
         target = _resolved(given)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{TMP_PREFIX}{os.getpid()}-")
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=target.suffix)
+        os.close(fd)
+        tmp = Path(name)
         try:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
+            yield tmp
+            with tmp.open("rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
         except OSError as err:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
-    return given
+
+
+def write_text_atomic(path: str | Path, text: str, *, overwrite: bool = True,
+                      inputs: Iterable[str | Path] = ()) -> Path:
+    """Write ``text`` to ``path`` through a temp file in the same folder and a rename (``atomic_file``)."""
+    with atomic_file(path, overwrite=overwrite, inputs=inputs) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path).expanduser()

@@ -12,6 +12,7 @@ from torch import nn
 
 from moeslim.calibrate import RoutingStats, RoutingSummary, run_layerwise
 from moeslim.models import MoELayer, moe_summary
+from moeslim.outputs import atomic_file
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def plot_expert_load(loads: list[LayerLoad], path: Path, title: str) -> Path:
     ax.set_title(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:  # a killed run leaves no half-written picture
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 
