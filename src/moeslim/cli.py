@@ -172,24 +172,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data:
         given["data"] = tuple(args.data)
     config = from_mapping(EvalConfig, {**given, "tasks": _task_names(args.tasks)}, "eval")
-    with _claim(args.out):
-        out = check_output_file(args.out, overwrite=args.overwrite, inputs=_input_paths(args.model))
-        return _eval(args, config, out)
+    if args.reference and not config.kl:
+        raise ConfigError("--reference asks for the KL divergence, which --no-kl turns off")
+    inputs = _input_paths(args.model, *([args.reference] if args.reference else []))
+    outputs = [args.out, *([args.save_reference] if args.save_reference else [])]
+    with _claim(*outputs):
+        for path in outputs:
+            check_output_file(path, overwrite=args.overwrite, inputs=inputs)
+        return _eval(args, config, Path(args.out))
+
+
+def _kl_reference(args: argparse.Namespace, config: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """The KL reference: a file written by ``eval --save-reference``, or computed here from a model (loaded,
+    scored on the same windows, and freed before the evaluated model is loaded)."""
+    from moeslim.evaluate.divergence import Reference
+    from moeslim.evaluate.driver import build_reference
+    from moeslim.io import load
+
+    if Path(args.reference).is_file():
+        return Reference.load(args.reference)
+    model, tokenizer = load(args.reference, dtype=dtype, device=device)
+    if tokenizer is None:
+        raise ConfigError(f"--reference {args.reference} has no tokenizer; the reference needs one to draw windows")
+    reference = build_reference(model, tokenizer, config, args.reference)
+    del model
+    return reference
 
 
 def _eval(args: argparse.Namespace, config: Any, out: Path) -> int:
     from moeslim.evaluate import evaluate_model
+    from moeslim.evaluate.driver import build_reference
     from moeslim.evaluate.table import print_table
     from moeslim.models.loading import check_context
     from moeslim.outputs import write_text_atomic
 
     device, dtype = _device_and_dtype(args)
+    reference = _kl_reference(args, config, dtype, device) if args.reference else None
     model, tokenizer = _load_placed(args, dtype, device)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer; eval needs one")
     check_context(model, config.seq_len)
     checkpoint = Path(args.model) if Path(args.model).is_dir() else None
-    result = evaluate_model(model, tokenizer, config, name=args.name or args.model, checkpoint_dir=checkpoint)
+    result = evaluate_model(model, tokenizer, config, name=args.name or args.model, checkpoint_dir=checkpoint,
+                            reference=reference)
+    if args.save_reference:
+        saved = build_reference(model, tokenizer, config, args.model).save(args.save_reference)
+        kept = f"top {config.kl_top_k} tokens" if config.kl_top_k else "every token"
+        console.print(f"wrote {saved} (KL reference: {kept} per position)")
     write_text_atomic(out, json.dumps(result.to_dict(), indent=1, default=str) + "\n")
     print_table([result], f"eval: {args.model}")
     console.print(f"wrote {out}")
@@ -644,6 +673,12 @@ def build_parser(plan_kinds: bool = True) -> argparse.ArgumentParser:
                         "moeslim_code_nextline and moeslim_prose_continuation; 'none' for no tasks)")
     _add_config_args(p, EvalConfig, exclude=("data", "tasks"))
     p.add_argument("--name", default=None, help="label of this model in the report")
+    p.add_argument("--reference", default=None,
+                   help="KL divergence and top-1 agreement to this model's next-token distribution: the original "
+                        "checkpoint (folder, hub id, 'demo') or a file written by --save-reference")
+    p.add_argument("--save-reference", default=None,
+                   help="also write this model's top-k next-token log-probabilities on the eval windows (a "
+                        ".safetensors file), the --reference of later evals without loading it again")
     p.add_argument("--out", default="runs/eval/result.json", help="result JSON path")
     _add_overwrite_arg(p, "an existing result file")
     _add_device_args(p)

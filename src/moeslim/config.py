@@ -147,9 +147,16 @@ class EvalConfig:
         "help": "greedy continuations of fixed prompts, side by side (0: none)"})
     batch_size: int = field(default=8, metadata={"help": "windows per forward pass"})
     seed: int = field(default=0, metadata={"help": "which windows are drawn"})
+    kl: bool = field(default=True, metadata={
+        "help": "KL divergence and top-1 agreement to the original (side-by-side runs) or to --reference"})
+    kl_top_k: int = field(default=0, metadata={
+        "help": "reference tokens kept per position: 0 every token (exact KL, N x L x vocab x 2 bytes), k the top "
+                "k and one bucket for the rest (a lower bound of the KL, for large vocabularies)"})
 
     def __post_init__(self) -> None:
         check_types(self)
+        if self.kl_top_k < 0:
+            raise ConfigError(f"kl_top_k={self.kl_top_k}: use 0 (every token) or the number of top tokens to keep")
         if not self.data and not self.tasks:
             raise ConfigError("eval: give --data sources, --tasks, or both")
         if self.seq_len < 2:

@@ -7,7 +7,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from moeslim.evaluate._logits import model_device, next_token_logprobs
+from moeslim.evaluate._logits import model_device, next_token_distribution, next_token_logprobs
+from moeslim.evaluate.divergence import ReferenceTop
 from moeslim.models.loading import check_context, check_token_ids
 
 
@@ -30,12 +31,16 @@ def perplexity(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     progress: bool = True,
+    reference: ReferenceTop | None = None,
 ) -> dict:
     """Perplexity of `windows` (N, L), each window scored independently (L-1 predictions each).
 
     Returns {"method": "fixed", "ppl", "nll" (summed over all predicted tokens, float64),
     "tokens", "windows", "seq_len"}. Windows are independent, so the first tokens of each window
     have little context: this is the usual, slightly pessimistic, calibration-style number.
+    With ``reference`` (a reference model's distributions on the same windows), also "kl" (mean KL per
+    predicted token, see ``divergence``) and "top1" (share of positions whose most likely token is the
+    reference's), from the same forward passes.
     """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be (N, L>=2), got {tuple(windows.shape)}")
@@ -43,15 +48,25 @@ def perplexity(
     check_token_ids(model, windows, "the evaluation text")
     device = torch.device(device) if device is not None else model_device(model)
     model.eval()
-    nll, tokens = 0.0, 0
+    nll, tokens, kl, agree = 0.0, 0, 0.0, 0
     batches = range(0, windows.shape[0], batch_size)
     for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
         batch = windows[start : start + batch_size].to(device)
-        logp = next_token_logprobs(model, batch)  # (B, L-1)
+        if reference is None:
+            logp = next_token_logprobs(model, batch)  # (B, L-1)
+        else:
+            logp_all = next_token_distribution(model, batch)  # (B, L-1, V)
+            logp = logp_all.gather(-1, batch[:, 1:].unsqueeze(-1)).squeeze(-1)
+            div, hit = reference.divergence(slice(start, start + batch_size), logp_all)
+            kl += div.sum().item()
+            agree += int(hit.sum())
         # float64 sum: millions of float32 terms would otherwise lose digits the comparison needs
         nll -= logp.double().sum().item()
         tokens += logp.numel()
-    return _result(nll, tokens, "fixed", windows=int(windows.shape[0]), seq_len=int(windows.shape[1]))
+    result = _result(nll, tokens, "fixed", windows=int(windows.shape[0]), seq_len=int(windows.shape[1]))
+    if reference is not None and tokens:
+        result.update(kl=kl / tokens, top1=agree / tokens, kl_top_k=reference.top_k)
+    return result
 
 
 def sliding_perplexity(

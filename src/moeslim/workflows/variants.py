@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from moeslim.config import CalibrationConfig, EvalConfig
 from moeslim.data.calibration_set import CalibrationSet, build_calibration_set
+from moeslim.evaluate.divergence import Reference
 from moeslim.evaluate.table import print_table as print_table  # the one table builder; re-exported for callers
 from moeslim.plans import Plan
 from moeslim.workflows.stages import StageSpec, describe, run_stage
@@ -79,17 +80,22 @@ def evaluate_variants(
 ) -> tuple[list[Any], dict[str, nn.Module]]:
     """Evaluate the original plus every variant; returns results (original first) and, if asked, models."""
     from moeslim.evaluate import compare_speed
+    from moeslim.evaluate.driver import build_reference
 
     console = Console()
     calibrations = CalibrationCache(tokenizer)
     models: dict[str, nn.Module] = {"original": base}
-    results = [_evaluate(base, tokenizer, evaluation, "original", "the model as loaded", None)]
+    # Every variant's KL is measured against the original's next-token distribution on the same windows.
+    reference = build_reference(base, tokenizer, evaluation, model_name) \
+        if evaluation.kl and evaluation.data else None
+    results = [_evaluate(base, tokenizer, evaluation, "original", "the model as loaded", None, reference)]
     for variant in variants:
         console.print(f"[bold]variant {variant.name}[/]: {describe(list(variant.stages))}")
         plan_dir = out_dir / "plans" / variant.name
         model, plans = build_variant(base, variant, calibrations, calibration, model_name, plan_dir)
         description = variant.description or describe(list(variant.stages))
-        results.append(_evaluate(model, tokenizer, evaluation, variant.name, description, plan_for_report(plans)))
+        results.append(_evaluate(model, tokenizer, evaluation, variant.name, description, plan_for_report(plans),
+                                 reference))
         models[variant.name] = model
     if evaluation.speed:
         _add_speed(results, models, tokenizer, evaluation, compare_speed)
@@ -99,12 +105,12 @@ def evaluate_variants(
 
 
 def _evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, evaluation: EvalConfig, name: str,
-              description: str, plan: dict[str, Any] | None) -> Any:
+              description: str, plan: dict[str, Any] | None, reference: Reference | None) -> Any:
     from moeslim.evaluate import evaluate_model
 
     # speed is timed for all variants together (interleaved), not one by one
     return evaluate_model(model, tokenizer, dataclasses.replace(evaluation, speed=False), name=name,
-                          description=description, plan=plan)
+                          description=description, plan=plan, reference=reference)
 
 
 def _add_speed(results: list[Any], models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase,
