@@ -81,9 +81,9 @@ def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str
     if is_compact(section) or "quantize" in section or "lowrank" in section:
         check_finite([*model.named_parameters(), *model.named_buffers()], name)
     if "skip" in section:
-        from moeslim.runtime.skipping import install_skipping_from_section
+        from moeslim.runtime.odp import install_skip_section
 
-        install_skipping_from_section(model, section["skip"])
+        install_skip_section(model, section["skip"])
     return model, tokenizer
 
 

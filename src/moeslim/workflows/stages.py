@@ -36,8 +36,8 @@ def _registry() -> dict[str, tuple[type, Planner]]:
     from moeslim.methods.lowrank import LowRankConfig, plan_lowrank
     from moeslim.methods.merge import MergeConfig, plan_merge
     from moeslim.methods.prune import PruneConfig
+    from moeslim.methods.prune.refit import plan_prune_with_router_fit
     from moeslim.methods.quant.driver import QuantizeConfig, plan_quantize
-    from moeslim.methods.router_fit import plan_prune_with_router_fit
     from moeslim.methods.skip import SkipConfig, plan_skip
 
     return {

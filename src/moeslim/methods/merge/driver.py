@@ -48,7 +48,13 @@ from moeslim.methods.router_fit import (
     token_inputs,
 )
 from moeslim.models import MoELayer, find_moe_layers, masked_routing_is_identity
-from moeslim.models.expert_edit import ExpertMatrices, matrices_forward, neuron_rows, read_experts, router_bias
+from moeslim.models.expert_edit import (
+    ExpertMatrices,
+    compressed_outputs,
+    neuron_rows,
+    read_experts,
+    router_bias,
+)
 from moeslim.plans import Plan, Provenance
 
 __all__ = ["LayerGroups", "MergedLayer", "choose_groups", "merge_layer", "plan_merge"]
@@ -108,13 +114,6 @@ def choose_groups(layer: MoELayer, x: Tensor, counts: Tensor, config: MergeConfi
 
 
 @torch.no_grad()
-def compressed_outputs(layer: MoELayer, mats: ExpertMatrices, x: Tensor) -> Tensor:
-    """(T, H) -> (T, K, H) every expert of ``mats`` on every token."""
-    dtype = layer.router_weight.dtype
-    return torch.stack([matrices_forward(layer, mats, e, x.to(dtype)).float().cpu()
-                        for e in range(mats.num_experts)], dim=1)
-
-
 def _merged_experts(layer: MoELayer, decision: LayerGroups, align: bool) -> ExpertMatrices:
     mats = read_experts(layer)
     rows = neuron_rows(layer) if align else None
