@@ -112,6 +112,12 @@ def _resume_checkpoint(args: argparse.Namespace, stage: StageSpec, calib: Calibr
     return LayerCheckpoint(out.parent / f".{out.name}.layers", key, rank=world.rank)
 
 
+def _progress_line(message: str) -> None:
+    from moeslim.progress import note
+
+    note(message)  # stderr, with the per-layer progress lines that follow it
+
+
 def _load_streamed(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from moeslim.models.lazy import load_streamed
 
@@ -289,8 +295,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from moeslim.workflows.stages import plan_stage
 
     checkpoint = _resume_checkpoint(args, stage, calib, dtype, device, world) if args.resume else None
-    plan = plan_stage(model, stage, build_calibration_set(calib, tokenizer), args.model, device=device,
-                      checkpoint=checkpoint)
+    calib_set = build_calibration_set(calib, tokenizer)
+    if world.is_main:
+        _progress_line(f"plan {args.kind}: {calib_set.input_ids.shape[0]} calibration windows of "
+                       f"{calib_set.input_ids.shape[1]} tokens from {calib_set.name}, one decoder layer at a time")
+    plan = plan_stage(model, stage, calib_set, args.model, device=device, checkpoint=checkpoint,
+                      progress=True)
     if not world.is_main:  # every process computed the same plan; rank 0 writes it
         if checkpoint is not None:
             checkpoint.finish()
@@ -300,7 +310,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     path = plan.save(args.out)
     if checkpoint is not None:
         checkpoint.finish()
-    console.print_json(data={"layers": {str(k): v for k, v in plan.layers.items()}})
+    from moeslim.workflows.plan_summary import summarize
+
+    for line in summarize(plan):  # the decision in a few lines; every integer of it is in the file
+        console.print(line, highlight=False, soft_wrap=True)
     console.print(f"wrote {path}")
     return 0
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torch import nn
@@ -46,6 +46,8 @@ def evaluate_model(
     plan: dict[str, Any] | None = None,
     checkpoint_dir: str | Path | None = None,
     task_dir: str | Path | None = None,
+    progress: bool = True,
+    log: TextIO | None = None,
 ) -> VariantResult:
     """Evaluate one model as ``config`` says; every measurement asked for and possible ends up in the result.
 
@@ -53,6 +55,7 @@ def evaluate_model(
     default to the test split). Tasks: see run_tasks (statuses in extra["task_status"]). Speed (optional):
     prefill / decode tokens/s on a prompt of the first domain, median of ``config.speed_repeats``;
     speed_ratio is 1.0 here, ratios between variants come from calling compare_speed on all of them together.
+    ``progress``: perplexity batches on stderr; ``log``: where lm-eval's own output goes (None: nowhere).
     """
     model.eval()
     result = VariantResult(name=name, description=description, plan=plan)
@@ -63,12 +66,14 @@ def evaluate_model(
         if first_windows is None:
             first_windows = windows
             ppl, memory = peak_memory(
-                perplexity, model, windows, batch_size=config.batch_size, device=model_device(model)
+                perplexity, model, windows, batch_size=config.batch_size, device=model_device(model),
+                progress=progress, label=f"perplexity {domain_name(spec)}",
             )
             what = f"perplexity, batch {config.batch_size} x {config.seq_len}"
             result.extra["peak_memory"] = {**memory, "what": what}
         else:
-            ppl = perplexity(model, windows, batch_size=config.batch_size)
+            ppl = perplexity(model, windows, batch_size=config.batch_size, progress=progress,
+                             label=f"perplexity {domain_name(spec)}")
         result.perplexity[domain_name(spec)] = ppl["ppl"]
         result.extra.setdefault("perplexity_detail", {})[domain_name(spec)] = {
             **ppl,
@@ -77,7 +82,7 @@ def evaluate_model(
         }
     if config.tasks:
         status = run_tasks(model, tokenizer, list(config.tasks), limit=config.task_limit,
-                           batch_size=config.batch_size, task_dir=task_dir)
+                           batch_size=config.batch_size, task_dir=task_dir, log=log)
         result.tasks = {
             t: s["acc"] for t, s in status.items() if s["status"] == "ran" and s["acc"] is not None
         }

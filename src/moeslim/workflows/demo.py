@@ -29,6 +29,7 @@ FINE_SUBDIR = "fine"  # with --model demo, the fine-grained model's outputs go t
 FINE_REMOVAL = (0.25, 0.5)
 FINE_SEARCH_TOKENS = 512
 FINE_SEARCH_BUDGET = 1000
+THIRD_PARTY_LOG = "third-party.log"  # lm-eval's progress bars and warnings, kept out of the console
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def run_demo(config: DemoConfig) -> Path:
 
     models = demo_models(config)
     for m in models:  # fail now, not after the variants ran
-        for name in ("results.json", "report.md", "report.json"):
+        for name in ("results.json", "report.md", "report.json", THIRD_PARTY_LOG):
             check_output_file(m.out / name, inputs=[resolve_model_path(m.model)])
     reports = [run_demo_model(config, m) for m in models]
     if len(reports) > 1:
@@ -177,9 +178,11 @@ def run_demo_model(config: DemoConfig, demo_model: DemoModel) -> Path:
     loads = expert_loads(model, CalibrationCache(tokenizer).get(calibration).input_ids)
     plot_expert_load(loads, out / "expert_load.png", f"{label}: expert load on calibration text")
     variants = make_variants(config, calibration, num_experts)
-    results, _ = evaluate_variants(demo_model.model, model, tokenizer, variants, calibration, evaluation, out)
+    with (out / THIRD_PARTY_LOG).open("w", encoding="utf-8") as log:
+        results, _ = evaluate_variants(demo_model.model, model, tokenizer, variants, calibration, evaluation, out,
+                                       log=log)
     write_results(results, out)
     report = write_report(results, out, title=f"moeslim demo: {label}")
     print_table(results, f"moeslim demo: {label} (ppl on held-out test text; % vs original)")
-    console.print(f"wrote {report}, results.json, plans/ and plots in {out}")
+    console.print(f"wrote {report}, results.json, plans/, plots and {THIRD_PARTY_LOG} (lm-eval's output) in {out}")
     return report
