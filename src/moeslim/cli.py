@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from moeslim.plans import Plan
     from moeslim.workflows.stages import StageSpec
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths stay on one line: a person copies them, scripts grep them
 
 
 def _add_calibration_args(parser: argparse.ArgumentParser, data_default: Sequence[str] | None) -> None:
@@ -136,8 +136,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from moeslim.workflows.expert_load import inspect_model, plot_expert_load
 
     calib = _calibration_config(args, ()) if args.data else None
-    out = Path(args.out)
-    for file_name in ("inspect.json", "expert_load.png"):
+    out = Path(args.out) if args.out is not None else None  # without --out inspect only prints
+    for file_name in ("inspect.json", "expert_load.png") if out is not None else ():
         check_output_file(out / file_name, inputs=_input_paths(args.model))
     device, dtype = _device_and_dtype(args)
     model, tokenizer = _load_placed(args, dtype, str(device))
@@ -150,11 +150,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         input_ids, name = calib_set.input_ids, calib_set.name
     report = inspect_model(model, input_ids, data=name, batch_size=calib.batch_size if calib else 8)
     _print_summary(args.model, report.summary)
+    if report.loads:
+        _print_loads(report.loads)
+    if out is None:
+        return 0
     payload = {"model": args.model, "summary": report.summary, "data": report.data,
                "loads": [vars(entry) for entry in report.loads]}
     write_text_atomic(out / "inspect.json", json.dumps(payload, indent=1) + "\n")
     if report.loads:
-        _print_loads(report.loads)
         plot = plot_expert_load(report.loads, out / "expert_load.png", f"{args.model}: expert load on {name}")
         console.print(f"wrote {plot}")
     console.print(f"wrote {out / 'inspect.json'}")
@@ -209,9 +212,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if args.stream:  # one decoder layer at a time, shard by shard; torchrun splits a GPTQ pass, rank 0 writes
         return _apply_streamed(args, plans, out, inputs, device, dtype)
     model, tokenizer = _load_placed(args, dtype, device)
+    from moeslim.workflows.apply_summary import describe_change, model_shape
+
+    before = model_shape(model)
     for plan in plans:
-        apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), force=args.force)
+        apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), force=args.force, progress=True)
     save(model, out, tokenizer, overwrite=args.overwrite, inputs=inputs, dtype=checkpoint_dtype(args.model))
+    for line in describe_change(before, model_shape(model), plans):
+        console.print(line, highlight=False)
     console.print(f"wrote checkpoint {out}")
     return 0
 
@@ -227,8 +235,12 @@ def _apply_streamed(args: argparse.Namespace, plans: list[Plan], out: Path, inpu
     key = run_key(model=source, plans=[p.to_dict() for p in plans], dtype=str(dtype), device=device.type,
                   world=world.size, force=args.force) if args.resume else None
     written = stream_apply(source, plans, out, dtype=dtype, device=device, overwrite=args.overwrite,
-                           force=args.force, inputs=inputs, resume=key)
+                           force=args.force, inputs=inputs, resume=key, progress=True)
     if written is not None:
+        from moeslim.workflows.apply_summary import describe_disk_change
+
+        for line in describe_disk_change(source, out, plans):
+            console.print(line, highlight=False)
         console.print(f"wrote checkpoint {out}")
     return 0
 
@@ -313,7 +325,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from moeslim.workflows.plan_summary import summarize
 
     for line in summarize(plan):  # the decision in a few lines; every integer of it is in the file
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, highlight=False)
     console.print(f"wrote {path}")
     return 0
 
@@ -575,7 +587,8 @@ def build_parser(plan_kinds: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="architecture summary and expert load")
     p.add_argument("model", help="local directory, hub id (online), or 'demo'")
     _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
-    p.add_argument("--out", default="runs/inspect", help="output folder (default runs/inspect)")
+    p.add_argument("--out", default=None,
+                   help="folder for inspect.json and the expert-load heatmap (default: none, only print)")
     _add_device_args(p)
     p.set_defaults(func=cmd_inspect)
 

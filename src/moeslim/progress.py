@@ -29,9 +29,9 @@ def _is_terminal(stream: TextIO) -> bool:
     return bool(isatty is not None and isatty())
 
 
-def steps(items: Iterable[T], label: str, total: int, *, first: int = 0, unit: str = "layer",
+def steps(items: Iterable[T], label: str, total: int, *, first: int = 0, unit: str = "layers",
           enabled: bool = True, stream: TextIO | None = None) -> Iterator[T]:
-    """Yield ``items`` and report each one finished: ``label: k of total units done (elapsed)``.
+    """Yield ``items`` and report each one finished: ``label: k of total units done (elapsed)``; ``unit`` plural.
 
     ``first``: how many of ``total`` were done before (a resumed run starts its count there).
     """
@@ -40,7 +40,7 @@ def steps(items: Iterable[T], label: str, total: int, *, first: int = 0, unit: s
         return
     out = _stream(stream)
     if _is_terminal(out):
-        bar = tqdm(items, desc=label, unit=unit, total=total, initial=first, file=out, dynamic_ncols=True)
+        bar = tqdm(items, desc=label, unit=f" {unit}", total=total, initial=first, file=out, dynamic_ncols=True)
         try:
             yield from bar
         finally:
@@ -49,7 +49,7 @@ def steps(items: Iterable[T], label: str, total: int, *, first: int = 0, unit: s
     start = time.perf_counter()
     for done, item in enumerate(items, start=first + 1):
         yield item
-        print(f"{label}: {done} of {total} {unit}s done ({time.perf_counter() - start:.1f} s)", file=out, flush=True)
+        print(f"{label}: {done} of {total} {unit} done ({time.perf_counter() - start:.1f} s)", file=out, flush=True)
 
 
 def note(message: str, *, enabled: bool = True, stream: TextIO | None = None) -> None:

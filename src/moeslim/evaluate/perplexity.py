@@ -43,7 +43,7 @@ def perplexity(
     model.eval()
     nll, tokens = 0.0, 0
     batches = range(0, windows.shape[0], batch_size)
-    for start in steps(batches, label, len(batches), unit="batch", enabled=progress):
+    for start in steps(batches, label, len(batches), unit="batches", enabled=progress):
         batch = windows[start : start + batch_size].to(device)
         logp = next_token_logprobs(model, batch)  # (B, L-1)
         # float64 sum: millions of float32 terms would otherwise lose digits the comparison needs
@@ -77,7 +77,7 @@ def sliding_perplexity(
     nll, tokens, prev_end = 0.0, 0, 0
     total = ids.numel()
     starts = range(0, total, stride)
-    for begin in steps(starts, "sliding ppl", len(starts), unit="window", enabled=progress):
+    for begin in steps(starts, "sliding ppl", len(starts), unit="windows", enabled=progress):
         end = min(begin + window, total)
         if end - begin < 2:
             break

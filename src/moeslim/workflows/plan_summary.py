@@ -32,7 +32,7 @@ def layer_runs(values: dict[int, Any]) -> list[tuple[list[int], Any]]:
     return runs
 
 
-def _span(layers: Sequence[int]) -> str:
+def layer_span(layers: Sequence[int]) -> str:
     return f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
 
 
@@ -72,7 +72,7 @@ def _prune(plan: Plan) -> list[str]:
     of = f" of {total}" if total else ""
     for layers, count in layer_runs(kept):
         removed = [_ids(sorted(set(range(total)) - set(plan.layers[i]))) for i in layers] if total else []
-        what = f"{_span(layers)}: keep {count}{of}"
+        what = f"{layer_span(layers)}: keep {count}{of}"
         lines.append(f"{what}, removed {_listed(removed)}" if removed else what)
     lines += _loss_line(_per_layer(s, "loss"))
     lines += _router_fit(s)
@@ -112,7 +112,7 @@ def _quantize(plan: Plan) -> list[str]:
     lines = [_header(plan, detail)]
     hist = {idx: tuple(sorted(Counter(int(b) for b in d["bits"]).items())) for idx, d in plan.layers.items()}
     for layers, counts in layer_runs(hist):
-        lines.append(f"{_span(layers)}: " + ", ".join(f"{n} experts at {b} bits" for b, n in counts))
+        lines.append(f"{layer_span(layers)}: " + ", ".join(f"{n} experts at {b} bits" for b, n in counts))
     overall = Counter(int(b) for d in plan.layers.values() for b in d["bits"])
     lines.append("bits histogram: " + ", ".join(f"{b} bits x{n}" for b, n in sorted(overall.items())))
     if "avg_bits" in s:
@@ -128,7 +128,7 @@ def _quantize_gguf(plan: Plan) -> list[str]:
     lines = [_header(plan, f"GGUF types, {s.get('target_bits')} bits target")]
     types = {idx: tuple(sorted(d["gguf_types"].items())) for idx, d in plan.layers.items()}
     for layers, by_proj in layer_runs(types):
-        lines.append(f"{_span(layers)}: " + ", ".join(f"{proj} {qtype}" for proj, qtype in by_proj))
+        lines.append(f"{layer_span(layers)}: " + ", ".join(f"{proj} {qtype}" for proj, qtype in by_proj))
     overall = Counter(q for d in plan.layers.values() for q in d["gguf_types"].values())
     lines.append("types: " + ", ".join(f"{q} x{n}" for q, n in sorted(overall.items())))
     if "avg_bits_with_overhead" in s:
@@ -143,7 +143,7 @@ def _merge(plan: Plan) -> list[str]:
     counts = {idx: len(d["groups"]) for idx, d in plan.layers.items()}
     for layers, count in layer_runs(counts):
         groups = [" ".join("+".join(map(str, g)) for g in plan.layers[i]["groups"]) for i in layers]
-        lines.append(f"{_span(layers)}: {total or '?'} -> {count} experts, groups {_listed(groups)}")
+        lines.append(f"{layer_span(layers)}: {total or '?'} -> {count} experts, groups {_listed(groups)}")
     lines += _loss_line(_per_layer(s, "loss"))
     lines += _router_fit(s)
     return lines
