@@ -137,8 +137,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     calib = _calibration_config(args, ()) if args.data else None
     out = Path(args.out) if args.out is not None else None  # without --out inspect only prints
-    for file_name in ("inspect.json", "expert_load.png") if out is not None else ():
-        check_output_file(out / file_name, inputs=_input_paths(args.model))
+    if out is not None:
+        for file_name in ("inspect.json", "expert_load.png"):
+            check_output_file(out / file_name, inputs=_input_paths(args.model))
     device, dtype = _device_and_dtype(args)
     model, tokenizer = _load_placed(args, dtype, str(device))
     input_ids: torch.Tensor | None = None
