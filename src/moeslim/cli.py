@@ -553,7 +553,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.model)
     if gguf:
         result = export_gguf(model, tokenizer, args.out, qtype=args.type, plan=plan, llama_quantize=args.llama_quantize,
-                             imatrix=args.imatrix, inputs=inputs)
+                             imatrix=args.imatrix, inputs=inputs, progress=True)
         for line in result.fallbacks:
             console.print(f"fallback {line}")
         counts: dict[str, int] = {}
@@ -564,9 +564,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                       f"{result.quantizer})")
         return 0
     if plan is not None:
-        apply(model, plan, calibration=_gptq_calibration(tokenizer, plan))
+        apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), progress=True)
     ct = export_compressed_tensors(model, tokenizer, args.out, scheme=args.ct_scheme, overwrite=args.overwrite,
-                                   inputs=inputs)
+                                   inputs=inputs, progress=True)
     what = (f"{ct.quantized_tensors} expert weights at {ct.bits} bits, stored as {ct.stored_bits}-bit "
             f"{'symmetric' if ct.symmetric else 'asymmetric'} groups of {ct.group_size}") if ct.bits else \
         "no quantized experts: a plain checkpoint"

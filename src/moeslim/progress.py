@@ -30,10 +30,11 @@ def _is_terminal(stream: TextIO) -> bool:
 
 
 def steps(items: Iterable[T], label: str, total: int, *, first: int = 0, unit: str = "layers",
-          enabled: bool = True, stream: TextIO | None = None) -> Iterator[T]:
+          enabled: bool = True, stream: TextIO | None = None, every: int = 1) -> Iterator[T]:
     """Yield ``items`` and report each one finished: ``label: k of total units done (elapsed)``; ``unit`` plural.
 
-    ``first``: how many of ``total`` were done before (a resumed run starts its count there).
+    ``first``: how many of ``total`` were done before (a resumed run starts its count there). ``every``: off a
+    terminal, a line every that many steps (and at the last), for loops over hundreds of tensors.
     """
     if not enabled:
         yield from items
@@ -49,6 +50,8 @@ def steps(items: Iterable[T], label: str, total: int, *, first: int = 0, unit: s
     start = time.perf_counter()
     for done, item in enumerate(items, start=first + 1):
         yield item
+        if done % every and done != total:
+            continue
         print(f"{label}: {done} of {total} {unit} done ({time.perf_counter() - start:.1f} s)", file=out, flush=True)
 
 
