@@ -192,6 +192,7 @@ def test_eval_prints_no_third_party_noise(tiny_model_dir: Path, tmp_path: Path, 
                   "Tokenizing inputs", "Generating test split", "examples/s"):
         assert noise not in err and noise not in out, noise
     assert "perplexity code: 1 of 1 batches done" in err  # our own progress stays
+    assert "tasks: 1 of 2 tasks done" in err and "tasks: 2 of 2 tasks done" in err
     assert "code_nextline" in out and f"wrote {result}" in out
     assert logging.getLogger("lm_eval").propagate  # the loggers are restored after the harness ran
 
@@ -220,3 +221,33 @@ def test_inspect_without_out_only_prints(tiny_model_dir: Path, tmp_path: Path, m
     out = capsys.readouterr().out
     assert "architecture" in out and "expert load" in out and "wrote" not in out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_variants_print_one_line_each_and_send_lm_eval_to_the_log(tiny_model_dir: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    """The demo's loop: per variant what it is and its headline numbers; lm-eval's output in the log file."""
+    pytest.importorskip("lm_eval")
+    import moeslim
+    from moeslim.config import CalibrationConfig, EvalConfig
+    from moeslim.workflows.stages import parse_stage
+    from moeslim.workflows.variants import Variant, evaluate_variants
+
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = moeslim.load(tiny_model_dir)
+    variant = Variant("freq-6", (parse_stage({"prune": {"method": "frequency", "keep": 6}}, "test"),))
+    evaluation = EvalConfig(seq_len=32, max_windows=2, tasks=("moeslim_code_nextline",), task_limit=4, speed=False)
+    capfd.readouterr()
+    with (tmp_path / "third-party.log").open("w") as log:
+        results, _ = evaluate_variants(str(tiny_model_dir), model, tokenizer, [variant],
+                                       CalibrationConfig(data=("demo:code",), samples=4, seq_len=32), evaluation,
+                                       tmp_path / "run", log=log)
+    out, err = capfd.readouterr()
+    assert [r.name for r in results] == ["original", "freq-6"]
+    lines = out.splitlines()
+    assert lines[0] == "1/2 original: evaluating" and lines[2].startswith("2/2 freq-6: prune(keep=6, method=frequency")
+    assert re.match(r"  ppl code [\d.]+, ppl prose [\d.]+, code_nextline \d+ %, weights [\d.]+ MiB$", lines[3]), lines
+    assert len(lines) == 4
+    for noise in ("pretrained", "loglikelihood", "fatal:", "perplexity"):
+        assert noise not in err and noise not in out, noise
+    assert "pretrained" in (tmp_path / "third-party.log").read_text()  # kept, in the run folder

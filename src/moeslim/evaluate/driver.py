@@ -55,7 +55,8 @@ def evaluate_model(
     default to the test split). Tasks: see run_tasks (statuses in extra["task_status"]). Speed (optional):
     prefill / decode tokens/s on a prompt of the first domain, median of ``config.speed_repeats``;
     speed_ratio is 1.0 here, ratios between variants come from calling compare_speed on all of them together.
-    ``progress``: perplexity batches on stderr; ``log``: where lm-eval's own output goes (None: nowhere).
+    ``progress``: perplexity batches and tasks scored on stderr; ``log``: where lm-eval's own output goes
+    (None: nowhere).
     """
     model.eval()
     result = VariantResult(name=name, description=description, plan=plan)
@@ -82,7 +83,8 @@ def evaluate_model(
         }
     if config.tasks:
         status = run_tasks(model, tokenizer, list(config.tasks), limit=config.task_limit,
-                           batch_size=config.batch_size, task_dir=task_dir, log=log)
+                           batch_size=config.batch_size, task_dir=task_dir, log=log,
+                           progress=progress)
         result.tasks = {
             t: s["acc"] for t, s in status.items() if s["status"] == "ran" and s["acc"] is not None
         }

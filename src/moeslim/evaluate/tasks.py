@@ -25,6 +25,7 @@ from moeslim.config import ConfigError
 from moeslim.data.sources import bundled_corpus_dir
 from moeslim.evaluate.quiet import third_party_output
 from moeslim.hub import hub_reachable
+from moeslim.progress import steps
 
 OFFLINE_TASKS = ("moeslim_code_nextline", "moeslim_prose_continuation")
 CONTEXT_LINES = 8  # code task: lines of context before the line to predict
@@ -236,13 +237,15 @@ def run_tasks(
     n_items: int = 200,
     seed: int = 0,
     log: TextIO | None = None,
+    progress: bool = False,
 ) -> dict[str, dict]:
     """Accuracy per task: {task: {"acc", "acc_norm", "n", "status", "backend"}}.
 
     status is "ran", "skipped: offline" (standard task without network), "skipped: no data" (offline
     task whose corpus split is missing) or "failed: <error>". Offline task files go to task_dir (kept,
     e.g. in a run folder) or a temporary folder. What the harness prints (its progress bars and warnings) goes
-    to ``log`` or nowhere, not to the console. Raises when lm-eval is not installed.
+    to ``log`` or nowhere, not to the console; ``progress``: our own line per task scored, on stderr. Raises when
+    lm-eval is not installed.
     """
     if not task_names:
         return {}
@@ -264,7 +267,8 @@ def run_tasks(
                 results[name] = _skipped("skipped: offline")
         harness_tasks = [t for t in offline if t in written] + (standard if online else [])
         if harness_tasks:
-            results.update(_run_harness(model, tokenizer, harness_tasks, folder, limit, batch_size, online, log))
+            results.update(_run_harness(model, tokenizer, harness_tasks, folder, limit, batch_size, online, log,
+                                         progress))
     return {name: results[name] for name in task_names}
 
 
@@ -281,18 +285,23 @@ def _run_harness(
     batch_size: int,
     online: bool,
     log: TextIO | None = None,
+    progress: bool = False,
 ) -> dict[str, dict]:
+    import sys
+
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     backend = f"lm-eval {lm_eval.__version__}"
     out: dict[str, dict] = {}
+    console = sys.stderr  # where our progress goes while the harness's own output is redirected
     with third_party_output(log), _offline_env(not online):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         # indexing the harness's thousands of bundled task configs takes seconds: only when needed
         manager = TaskManager(include_path=str(folder), include_defaults=any(n not in _TASK_SPECS for n in names))
-        for name in names:  # one at a time: a standard task failing must not lose the others
+        # one at a time: a standard task failing must not lose the others
+        for name in steps(names, "tasks", len(names), unit="tasks", enabled=progress, stream=console):
             try:
                 res = _lm_eval_score(lm, [name], manager, limit)[name]
                 out[name] = {**res, "status": "ran", "backend": backend}

@@ -149,7 +149,7 @@ def run_demo(config: DemoConfig) -> Path:
             check_output_file(m.out / name, inputs=[resolve_model_path(m.model)])
     reports = [run_demo_model(config, m) for m in models]
     if len(reports) > 1:
-        Console().print("reports: " + ", ".join(str(r) for r in reports))
+        Console(soft_wrap=True).print("reports: " + ", ".join(str(r) for r in reports))
     return reports[0]
 
 
@@ -161,7 +161,7 @@ def run_demo_model(config: DemoConfig, demo_model: DemoModel) -> Path:
     from moeslim.workflows.run_folder import write_results
     from moeslim.workflows.variants import CalibrationCache, evaluate_variants, print_table
 
-    console = Console()
+    console = Console(soft_wrap=True)  # paths and headlines stay on one line off a terminal
     out, label = demo_model.out, demo_model.label
     calibration = CalibrationConfig(samples=config.samples, seq_len=config.seq_len)
     evaluation = EvalConfig(seq_len=config.seq_len, max_windows=config.eval_windows,

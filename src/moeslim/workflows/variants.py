@@ -84,7 +84,7 @@ def evaluate_variants(
     ``log`` (None: nowhere)."""
     from moeslim.evaluate import compare_speed
 
-    console = Console()
+    console = Console(soft_wrap=True)  # paths and headlines stay on one line off a terminal
     calibrations = CalibrationCache(tokenizer)
     models: dict[str, nn.Module] = {"original": base}
     total = len(variants) + 1
