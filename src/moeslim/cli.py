@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from moeslim.plans import Plan
     from moeslim.workflows.stages import StageSpec
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths stay on one line: a person copies them, scripts grep them
 
 
 def _add_calibration_args(parser: argparse.ArgumentParser, data_default: Sequence[str] | None) -> None:
@@ -113,6 +113,12 @@ def _resume_checkpoint(args: argparse.Namespace, stage: StageSpec, calib: Calibr
     return LayerCheckpoint(out.parent / f".{out.name}.layers", key, rank=world.rank)
 
 
+def _progress_line(message: str) -> None:
+    from moeslim.progress import note
+
+    note(message)  # stderr, with the per-layer progress lines that follow it
+
+
 def _load_streamed(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from moeslim.models.lazy import load_streamed
 
@@ -129,15 +135,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from moeslim.outputs import check_output_file
 
     calib = _calibration_config(args, ()) if args.data else None
-    out = Path(args.out)
-    outputs = [out / "inspect.json", out / "expert_load.png"]
+    out = Path(args.out) if args.out is not None else None  # without --out inspect only prints
+    outputs = [out / "inspect.json", out / "expert_load.png"] if out is not None else []
     with _claim(*outputs):
         for path in outputs:
             check_output_file(path, overwrite=args.overwrite, inputs=_input_paths(args.model))
         return _inspect(args, calib, out)
 
 
-def _inspect(args: argparse.Namespace, calib: CalibrationConfig | None, out: Path) -> int:
+def _inspect(args: argparse.Namespace, calib: CalibrationConfig | None, out: Path | None) -> int:
     from moeslim.data.calibration_set import build_calibration_set
     from moeslim.outputs import write_text_atomic
     from moeslim.workflows.expert_load import inspect_model, plot_expert_load
@@ -153,11 +159,14 @@ def _inspect(args: argparse.Namespace, calib: CalibrationConfig | None, out: Pat
         input_ids, name = calib_set.input_ids, calib_set.name
     report = inspect_model(model, input_ids, data=name, batch_size=calib.batch_size if calib else 8)
     _print_summary(args.model, report.summary)
+    if report.loads:
+        _print_loads(report.loads)
+    if out is None:
+        return 0
     payload = {"model": args.model, "summary": report.summary, "data": report.data,
                "loads": [vars(entry) for entry in report.loads]}
     write_text_atomic(out / "inspect.json", json.dumps(payload, indent=1) + "\n")
     if report.loads:
-        _print_loads(report.loads)
         plot = plot_expert_load(report.loads, out / "expert_load.png", f"{args.model}: expert load on {name}")
         console.print(f"wrote {plot}")
     console.print(f"wrote {out / 'inspect.json'}")
@@ -255,12 +264,17 @@ def _apply(args: argparse.Namespace, inputs: list[str], out: Path, device: torch
     if args.stream:  # one decoder layer at a time, shard by shard; torchrun splits a GPTQ pass, rank 0 writes
         return _apply_streamed(args, plans, out, inputs, device, dtype)
     model, tokenizer = _load_placed(args, dtype, device)
+    from moeslim.workflows.apply_summary import describe_change, model_shape
+
+    before = model_shape(model)
     for path, plan in zip(args.plans, plans, strict=True):
         try:
-            apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), force=args.force)
+            apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), force=args.force, progress=True)
         except PlanError as err:  # name the file: the plan was read from one, the model may not fit it
             raise PlanError(f"plan file {path}: {err}") from err
     save(model, out, tokenizer, overwrite=args.overwrite, inputs=inputs, dtype=checkpoint_dtype(args.model))
+    for line in describe_change(before, model_shape(model), plans):
+        console.print(line, highlight=False)
     console.print(f"wrote checkpoint {out}")
     return 0
 
@@ -276,8 +290,12 @@ def _apply_streamed(args: argparse.Namespace, plans: list[Plan], out: Path, inpu
     key = run_key(model=source, plans=[p.to_dict() for p in plans], dtype=str(dtype), device=device.type,
                   world=world.size, force=args.force) if args.resume else None
     written = stream_apply(source, plans, out, dtype=dtype, device=device, overwrite=args.overwrite,
-                           force=args.force, inputs=inputs, resume=key)
+                           force=args.force, inputs=inputs, resume=key, progress=True)
     if written is not None:
+        from moeslim.workflows.apply_summary import describe_disk_change
+
+        for line in describe_disk_change(source, out, plans):
+            console.print(line, highlight=False)
         console.print(f"wrote checkpoint {out}")
     return 0
 
@@ -365,8 +383,12 @@ def _plan(args: argparse.Namespace, stage: StageSpec, calib: CalibrationConfig, 
     from moeslim.workflows.stages import plan_stage
 
     checkpoint = _resume_checkpoint(args, stage, calib, dtype, device, world) if args.resume else None
-    plan = plan_stage(model, stage, build_calibration_set(calib, tokenizer), args.model, device=device,
-                      checkpoint=checkpoint)
+    calib_set = build_calibration_set(calib, tokenizer)
+    if world.is_main:
+        _progress_line(f"plan {args.kind}: {calib_set.input_ids.shape[0]} calibration windows of "
+                       f"{calib_set.input_ids.shape[1]} tokens from {calib_set.name}, one decoder layer at a time")
+    plan = plan_stage(model, stage, calib_set, args.model, device=device, checkpoint=checkpoint,
+                      progress=True)
     if not world.is_main:  # every process computed the same plan; rank 0 writes it
         if checkpoint is not None:
             checkpoint.finish()
@@ -376,7 +398,10 @@ def _plan(args: argparse.Namespace, stage: StageSpec, calib: CalibrationConfig, 
     path = plan.save(args.out)
     if checkpoint is not None:
         checkpoint.finish()
-    console.print_json(data={"layers": {str(k): v for k, v in plan.layers.items()}})
+    from moeslim.workflows.plan_summary import summarize
+
+    for line in summarize(plan):  # the decision in a few lines; every integer of it is in the file
+        console.print(line, highlight=False)
     console.print(f"wrote {path}")
     return 0
 
@@ -622,7 +647,7 @@ def _export(args: argparse.Namespace, plan: Plan | None, inputs: list[str]) -> i
     model, tokenizer = load(args.model)
     if gguf:
         result = export_gguf(model, tokenizer, args.out, qtype=args.type, plan=plan, llama_quantize=args.llama_quantize,
-                             imatrix=args.imatrix, inputs=inputs, overwrite=args.overwrite)
+                             imatrix=args.imatrix, inputs=inputs, overwrite=args.overwrite, progress=True)
         for line in result.fallbacks:
             console.print(f"fallback {line}")
         counts: dict[str, int] = {}
@@ -633,9 +658,9 @@ def _export(args: argparse.Namespace, plan: Plan | None, inputs: list[str]) -> i
                       f"{result.quantizer})")
         return 0
     if plan is not None:
-        apply(model, plan, calibration=_gptq_calibration(tokenizer, plan))
+        apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), progress=True)
     ct = export_compressed_tensors(model, tokenizer, args.out, scheme=args.ct_scheme, overwrite=args.overwrite,
-                                   inputs=inputs)
+                                   inputs=inputs, progress=True)
     what = (f"{ct.quantized_tensors} expert weights at {ct.bits} bits, stored as {ct.stored_bits}-bit "
             f"{'symmetric' if ct.symmetric else 'asymmetric'} groups of {ct.group_size}") if ct.bits else \
         "no quantized experts: a plain checkpoint"
@@ -657,7 +682,8 @@ def build_parser(plan_kinds: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="architecture summary and expert load")
     p.add_argument("model", help="local directory, hub id (online), or 'demo'")
     _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
-    p.add_argument("--out", default="runs/inspect", help="output folder (default runs/inspect)")
+    p.add_argument("--out", default=None,
+                   help="folder for inspect.json and the expert-load heatmap (default: none, only print)")
     _add_overwrite_arg(p, "inspect.json and expert_load.png")
     _add_device_args(p)
     p.set_defaults(func=cmd_inspect)

@@ -33,7 +33,8 @@ def missing_calibration(plan: Plan, why: str) -> PlanError:
 def calibrated_pass(model: nn.Module, plan: Plan, calibration: CalibrationSet | torch.Tensor | None, why: str,
                     make_observers: Callable[[MoELayer], list[Observer]],
                     on_layer: Callable[[MoELayer, Sequence[Observer]], Any],
-                    device: torch.device | str | None = None, progress: bool = False) -> dict[int, Any]:
+                    device: torch.device | str | None = None, progress: bool = False, label: str = "apply"
+                    ) -> dict[int, Any]:
     """{layer index: on_layer(layer, observers)} over the plan's calibration windows; the model is not modified."""
     if calibration is None:
         raise missing_calibration(plan, why)
@@ -43,4 +44,4 @@ def calibrated_pass(model: nn.Module, plan: Plan, calibration: CalibrationSet | 
         raise PlanError(str(err)) from err
     return run_layerwise(model, input_ids, make_observers=make_observers,
                          on_layer=lambda layer, obs: LayerDecision(result=on_layer(layer, obs)),
-                         propagate="original", device=device, progress=progress)
+                         propagate="original", device=device, progress=progress, label=label)

@@ -85,7 +85,7 @@ def apply_lowrank(model: nn.Module, plan: Plan, calibration: CalibrationSet | to
 
     built: dict[int, LowRankLayer | None] = calibrated_pass(
         model, plan, calibration, "computes whitened SVD factors from calibration covariances",
-        lambda layer: lowrank_observers(layer, config), on_layer, device, progress)
+        lambda layer: lowrank_observers(layer, config), on_layer, device, progress, label="low-rank SVD")
     params_before = params_after = 0
     for idx, result in built.items():
         if result is None:

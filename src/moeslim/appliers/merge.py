@@ -90,7 +90,8 @@ def apply_merge(model: nn.Module, plan: Plan, calibration: CalibrationSet | torc
 
         merged: dict[int, MergedLayer] = calibrated_pass(
             model, plan, calibration, "fits the merged router rows",
-            lambda layer: [TokenInputs(layer.num_experts, config.max_tokens)], on_layer, device, progress)
+            lambda layer: [TokenInputs(layer.num_experts, config.max_tokens)], on_layer, device, progress,
+            label="merge")
     else:
         merged = {idx: merge_layer(layers[idx], d, None, config, keep_groups) for idx, d in decisions.items()}
     select_experts(model, reps)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torch import nn
@@ -67,6 +67,8 @@ def evaluate_model(
     checkpoint_dir: str | Path | None = None,
     task_dir: str | Path | None = None,
     reference: Reference | None = None,
+    progress: bool = True,
+    log: TextIO | None = None,
 ) -> VariantResult:
     """Evaluate one model as ``config`` says; every measurement asked for and possible ends up in the result.
 
@@ -75,7 +77,8 @@ def evaluate_model(
     KL divergence to it and top-1 agreement per domain, from the same forward passes. Tasks: see run_tasks
     (statuses in extra["task_status"]). Speed (optional): prefill / decode tokens/s on a prompt of the first
     domain, median of ``config.speed_repeats``; speed_ratio is 1.0 here, ratios between variants come from calling
-    compare_speed on all of them together.
+    compare_speed on all of them together. ``progress``: perplexity batches and tasks scored on stderr; ``log``:
+    where lm-eval's own output goes (None: nowhere).
     """
     model.eval()
     result = VariantResult(name=name, description=description, plan=plan)
@@ -91,12 +94,14 @@ def evaluate_model(
         if first_windows is None:
             first_windows = windows
             ppl, memory = peak_memory(
-                perplexity, model, windows, batch_size=config.batch_size, device=model_device(model), reference=top
+                perplexity, model, windows, batch_size=config.batch_size, device=model_device(model), reference=top,
+                progress=progress, label=f"perplexity {domain}",
             )
             what = f"perplexity, batch {config.batch_size} x {config.seq_len}"
             result.extra["peak_memory"] = {**memory, "what": what}
         else:
-            ppl = perplexity(model, windows, batch_size=config.batch_size, reference=top)
+            ppl = perplexity(model, windows, batch_size=config.batch_size, reference=top, progress=progress,
+                             label=f"perplexity {domain}")
         result.perplexity[domain] = ppl["ppl"]
         if top is not None:
             result.kl_divergence[domain] = ppl["kl"]
@@ -110,7 +115,8 @@ def evaluate_model(
         result.extra["kl_reference"] = {"model": reference.model, "top_k": reference.k}
     if config.tasks:
         status = run_tasks(model, tokenizer, list(config.tasks), limit=config.task_limit,
-                           batch_size=config.batch_size, task_dir=task_dir)
+                           batch_size=config.batch_size, task_dir=task_dir, log=log,
+                           progress=progress)
         result.tasks = {
             t: s["acc"] for t, s in status.items() if s["status"] == "ran" and s["acc"] is not None
         }

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from moeslim.evaluate._logits import model_device, next_token_distribution, next_token_logprobs
 from moeslim.evaluate.divergence import ReferenceTop
 from moeslim.models.loading import check_context, check_token_ids
+from moeslim.progress import steps
 
 
 def _result(nll: float, tokens: int, method: str, **extra: int) -> dict:
@@ -32,6 +32,7 @@ def perplexity(
     device: torch.device | str | None = None,
     progress: bool = True,
     reference: ReferenceTop | None = None,
+    label: str = "perplexity",
 ) -> dict:
     """Perplexity of `windows` (N, L), each window scored independently (L-1 predictions each).
 
@@ -50,7 +51,7 @@ def perplexity(
     model.eval()
     nll, tokens, kl, agree = 0.0, 0, 0.0, 0
     batches = range(0, windows.shape[0], batch_size)
-    for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
+    for start in steps(batches, label, len(batches), unit="batches", enabled=progress):
         batch = windows[start : start + batch_size].to(device)
         if reference is None:
             logp = next_token_logprobs(model, batch)  # (B, L-1)
@@ -93,7 +94,8 @@ def sliding_perplexity(
     model.eval()
     nll, tokens, prev_end = 0.0, 0, 0
     total = ids.numel()
-    for begin in tqdm(range(0, total, stride), desc="sliding ppl", disable=not progress, leave=False):
+    starts = range(0, total, stride)
+    for begin in steps(starts, "sliding ppl", len(starts), unit="windows", enabled=progress):
         end = min(begin + window, total)
         if end - begin < 2:
             break

@@ -191,15 +191,18 @@ def _dense_copy(model: nn.Module) -> nn.Module:
 
 
 def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: str | Path, *, scheme: str = "symmetric",
-                              overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> CtExport:
+                              overwrite: bool = False, inputs: Iterable[str | Path] = (), progress: bool = False
+                              ) -> CtExport:
     """Write ``model`` to the folder ``out`` in the compressed-tensors pack-quantized layout (see module doc).
 
     scheme: "symmetric" (vLLM / transformers loadable; b or b + 1 stored bits) or "asymmetric" (b bits + zero
     points). overwrite: replace an existing moeslim output folder. inputs: paths ``out`` must not be.
+    progress: a line on stderr per shard written.
     """
     from safetensors.torch import load_file, save_file
 
     from moeslim.outputs import atomic_dir, temp_dir_beside
+    from moeslim.progress import steps
     from moeslim.runtime.lowbit_io import lowbit_tensors
 
     lowbit = lowbit_tensors(model)
@@ -219,7 +222,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: str | Path,
             for file in Path(stage).iterdir():
                 if file.suffix != ".safetensors" and file.name != "config.json":
                     (tmp / file.name).write_bytes(file.read_bytes())
-            for shard in shards:
+            for shard in steps(shards, "compressed-tensors", len(shards), unit="shards", enabled=progress):
                 tensors = load_file(str(shard))
                 if layout is not None:
                     replaced += _replace_experts(tensors, layout)

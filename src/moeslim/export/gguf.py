@@ -34,6 +34,7 @@ from moeslim.methods.quant.gguf_types import GGUF_BLOCKS, GPY_QUANTIZABLE, PROJE
 from moeslim.models import find_moe_layers
 from moeslim.outputs import check_output_file, output_lock, temp_dir_beside
 from moeslim.plans import Plan, PlanError, config_hash
+from moeslim.progress import steps
 
 __all__ = ["GGUF_DIRECT_TYPES", "LLAMA_QUANTIZE_TYPES", "GgufExport", "export_gguf", "plan_tensor_types",
            "read_gguf_types"]
@@ -98,8 +99,9 @@ def plan_tensor_types(model: nn.Module, plan: Plan) -> dict[str, str]:
     return out
 
 
-def _gguf_tensors(model: nn.Module, family: GgufFamily) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array in PyTorch order) for every tensor, experts split and q/k permuted."""
+def _gguf_tensors(model: nn.Module, family: GgufFamily, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array in PyTorch order) for every tensor, experts split and q/k permuted.
+    ``progress``: a line on stderr every ~10 % of the tensors (each is encoded before the next is read)."""
     config = _config(model)
     n_head = int(config.num_attention_heads)
     n_kv = int(config.num_key_value_heads)
@@ -109,7 +111,9 @@ def _gguf_tensors(model: nn.Module, family: GgufFamily) -> Iterator[tuple[str, n
     # A moeslim-quantized model keeps its packed experts outside the state dict: write them dequantized (the
     # GGUF type then re-quantizes them; F32 holds them exactly).
     tensors = {**model.state_dict(), **{name: t.dequantize() for name, t in lowbit_tensors(model).items()}}
-    for key, tensor in tensors.items():
+    count = len(tensors)
+    for key, tensor in steps(tensors.items(), "gguf", count, unit="tensors", enabled=progress,
+                             every=max(1, -(-count // 10))):
         if key == "lm_head.weight" and tied:
             continue  # llama.cpp reuses token_embd when output is absent
         name = gguf_tensor_name(key)
@@ -193,7 +197,7 @@ def _moe_shape(model: nn.Module) -> tuple[int, int, int]:
 
 
 def _write_file(model: nn.Module, tokenizer: Any, path: Path, family: GgufFamily, default: str,
-                overrides: dict[str, str], name: str) -> list[str]:
+                overrides: dict[str, str], name: str, progress: bool = False) -> list[str]:
     """Write the GGUF at ``path``; returns the tensors that fell back to F16 (rows not divisible by blocks)."""
     import gguf
 
@@ -205,7 +209,7 @@ def _write_file(model: nn.Module, tokenizer: Any, path: Path, family: GgufFamily
     writer.add_file_type(int(ftype))
     _write_vocab(writer, tokenizer, int(_config(model).vocab_size))
     fallbacks: list[str] = []
-    for tname, data in _gguf_tensors(model, family):
+    for tname, data in _gguf_tensors(model, family, progress):
         # norms and the router stay exact (llama.cpp never quantizes them)
         exact = data.ndim == 1 or tname.endswith("ffn_gate_inp.weight")
         qtype = "F32" if exact else overrides.get(tname, default)
@@ -249,7 +253,8 @@ def _llama_quantize(binary: Path, src: Path, dst: Path, ftype: str, overrides: d
 
 def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, qtype: str = "F16", plan: Plan | None = None,
                 llama_quantize: str | Path | None = None, imatrix: str | Path | None = None,
-                name: str | None = None, inputs: Iterable[str | Path] = (), overwrite: bool = False) -> GgufExport:
+                name: str | None = None, inputs: Iterable[str | Path] = (), overwrite: bool = False,
+                progress: bool = False) -> GgufExport:
     """Write ``model`` as a GGUF file at ``out`` (atomically: temp file in the same folder, then rename).
 
     qtype: type of every matrix without a plan type (F16 default; K-quant types and presets need
@@ -258,12 +263,13 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, qtype: str
     inputs: paths the output must not overwrite (the model folder, the plan); overwrite: replace an existing file.
     """
     with output_lock(out):
-        return _export_gguf(model, tokenizer, out, qtype, plan, llama_quantize, imatrix, name, inputs, overwrite)
+        return _export_gguf(model, tokenizer, out, qtype, plan, llama_quantize, imatrix, name, inputs, overwrite,
+                            progress)
 
 
 def _export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, qtype: str, plan: Plan | None,
                  llama_quantize: str | Path | None, imatrix: str | Path | None, name: str | None,
-                 inputs: Iterable[str | Path], overwrite: bool) -> GgufExport:
+                 inputs: Iterable[str | Path], overwrite: bool, progress: bool) -> GgufExport:
     family = gguf_family(_config(model))
     default = _check_qtype(qtype)
     target = check_output_file(out, overwrite=overwrite, inputs=inputs)
@@ -288,11 +294,11 @@ def _export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, qtype: str, 
         work = Path(tmp)
         staged = work / "out.gguf"
         if binary is None:
-            fallbacks = _write_file(model, tokenizer, staged, family, default, overrides, title)
+            fallbacks = _write_file(model, tokenizer, staged, family, default, overrides, title, progress)
             quantizer = "gguf-py"
         else:
             source = work / "f32.gguf"
-            fallbacks = _write_file(model, tokenizer, source, family, "F32", {}, title)
+            fallbacks = _write_file(model, tokenizer, source, family, "F32", {}, title, progress)
             _llama_quantize(binary, source, staged, default, overrides,
                             Path(imatrix) if imatrix is not None else None, work)
             quantizer = "llama-quantize"

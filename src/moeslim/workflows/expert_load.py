@@ -48,7 +48,7 @@ def expert_loads(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8)
     def observers(layer: MoELayer) -> list[RoutingStats]:
         return [RoutingStats(layer.num_experts)]
 
-    results = run_layerwise(model, input_ids, observers, batch_size=batch_size)
+    results = run_layerwise(model, input_ids, observers, batch_size=batch_size, label="expert load")
     return [LayerLoad.from_summary(i, r[RoutingStats.key]) for i, r in sorted(results.items())]
 
 

@@ -37,7 +37,7 @@ def _run_recipe(recipe: Recipe, out_root: str | Path, overwrite: bool) -> Path:
     from moeslim.models import load_model, resolve_model_path
     from moeslim.outputs import check_output_dir, check_output_file
 
-    console = Console()
+    console = Console(soft_wrap=True)  # paths and headlines stay on one line off a terminal
     run_dir = Path(out_root) / recipe.name
     inputs = [resolve_model_path(recipe.model)]
     for name in ("results.json", "report.md"):  # fail before any work, not after the evaluation

@@ -71,14 +71,15 @@ def parse_stage(entry: Mapping[str, Any], where: str) -> StageSpec:
 
 
 def plan_stage(model: nn.Module, stage: StageSpec, calib: CalibrationSet, model_name: str,
-               device: torch.device | str | None = None, checkpoint: Any = None) -> Plan:
+               device: torch.device | str | None = None, checkpoint: Any = None, progress: bool = False) -> Plan:
     """Plan on ``calib`` with the model as it is now (the model is not modified); layers run on ``device``.
 
     ``checkpoint``: a ``calibrate.resume.LayerCheckpoint`` (prune and skip plans) to resume a killed run from.
+    ``progress``: a line per finished layer on stderr (``moeslim.progress``).
     """
     _, planner = _registry()[stage.kind]
     extra = {"checkpoint": checkpoint} if checkpoint is not None else {}
-    plan = planner(model, calib, stage.config, model_name, device=device, **extra)
+    plan = planner(model, calib, stage.config, model_name, device=device, progress=progress, **extra)
     # Record how the calibration set was drawn, so the same windows can be drawn again (GPTQ runs in apply).
     return dataclasses.replace(plan, summary={**plan.summary, "calibration": calibration_spec(calib)})
 

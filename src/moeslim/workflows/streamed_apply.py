@@ -30,6 +30,7 @@ from torch import nn
 from moeslim.config import ConfigError
 from moeslim.outputs import TMP_PREFIX
 from moeslim.plans import Plan
+from moeslim.progress import steps
 
 STREAMED_KINDS = ("prune", "skip")  # apply_streamed; quantize: apply_quantize_streamed
 
@@ -76,12 +77,15 @@ def stream_apply(source: str, plans: Sequence[Plan], out_dir: str | Path, *, dty
                                        force=force, inputs=inputs, resume=resume, progress=progress)
     if resume is not None:
         raise ConfigError("--resume with apply --stream is for quantize plans (prune/skip plans stream in one pass)")
-    return apply_streamed(source, plans, out_dir, dtype=dtype, overwrite=overwrite, force=force, inputs=inputs)
+    return apply_streamed(source, plans, out_dir, dtype=dtype, overwrite=overwrite, force=force, inputs=inputs,
+                          progress=progress)
 
 
 def apply_streamed(source: str, plans: Sequence[Plan], out_dir: str | Path, *, dtype: torch.dtype = torch.float32,
-                   overwrite: bool = False, force: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+                   overwrite: bool = False, force: bool = False, inputs: Iterable[str | Path] = (),
+                   progress: bool = False) -> Path:
     """Apply prune/skip ``plans`` to the checkpoint folder ``source`` and write the result to ``out_dir``.
+    ``progress``: a line per written layer on stderr.
 
     Peak memory ~ one decoder layer (in ``dtype``) + the non-layer weights. Tensors are stored in the
     source's storage dtype. The result loads with stock transformers / ``moeslim.load``.
@@ -107,7 +111,7 @@ def apply_streamed(source: str, plans: Sequence[Plan], out_dir: str | Path, *, d
     names = [f"model-{i + 1:05d}-of-{layer_count + 1:05d}.safetensors" for i in range(layer_count + 1)]
     weight_map: dict[str, str] = {}
     with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
-        for i in range(layer_count):
+        for i in steps(range(layer_count), "apply", layer_count, enabled=progress):
             model = _skeleton(original_config, dtype)  # original shapes: layer i's tensors fit
             index.load(model, index.layer_keys[i], "cpu", f"decoder layer {i}")
             _apply_all(model, plans, force)
@@ -353,7 +357,10 @@ def apply_quantize_streamed(source: str, plan: Plan, out_dir: str | Path, *, dty
                 checkpoint.finish()
             return None
         store = ShardedLayers(model)
-        for index in range(len(decoder_layers(model))):  # RTN plans; dense and unplanned layers of GPTQ plans
+        layer_count = len(decoder_layers(model))
+        # RTN plans; dense and unplanned layers of GPTQ plans (a GPTQ plan's pass reported its own layers)
+        rtn = progress and settings.quantizer == "rtn"
+        for index in steps(range(layer_count), "RTN", layer_count, enabled=rtn):
             if parts.done(index):
                 continue
             with store.on_device(index, device):

@@ -36,5 +36,6 @@ def plan_prune_with_router_fit(model: nn.Module, calibration: Any, config: Any, 
         return LayerDecision(result=fit_pruned_layer(layer, plan.layers[layer.layer_idx], x, keep_groups).summary())
 
     fits = run_layerwise(model, input_ids, make_observers=lambda layer: [TokenInputs(layer.num_experts)],
-                         on_layer=on_layer, propagate="original", device=device, progress=False)
+                         on_layer=on_layer, propagate="original", device=device,
+                         progress=bool(kwargs.get("progress", False)), label="router refit")
     return replace(plan, summary={**plan.summary, "router_fit": {str(k): v for k, v in sorted(fits.items())}})

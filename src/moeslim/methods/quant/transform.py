@@ -242,7 +242,7 @@ def gptq_experts(model: nn.Module, bits: Mapping[int, Sequence[int]], input_ids:
         make_observers=lambda layer: [ExpertHessians(layer.num_experts, config.hessian_weighting,
                                                      keep_inputs=config.sequential, down=not config.sequential)],
         on_layer=on_layer, propagate=config.propagate,
-        batch_size=config.batch_size, device=device, progress=progress, checkpoint=checkpoint,
+        batch_size=config.batch_size, device=device, progress=progress, checkpoint=checkpoint, label="GPTQ",
     )
     done = {idx: r for idx, r in results.items() if r is not None}
     return GptqResults(experts=kept, fallback={idx: list(r["fallback"]) for idx, r in done.items()},
