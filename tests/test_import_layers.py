@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "hub": 0,
     "outputs": 1,
     "devices": 1,
+    "progress": 1,
     "plans": 2,
     "models": 3,
     "data": 4,
