@@ -246,7 +246,8 @@ def test_variants_print_one_line_each_and_send_lm_eval_to_the_log(tiny_model_dir
     assert [r.name for r in results] == ["original", "freq-6"]
     lines = out.splitlines()
     assert lines[0] == "1/2 original: evaluating" and lines[2].startswith("2/2 freq-6: prune(keep=6, method=frequency")
-    assert re.match(r"  ppl code [\d.]+, ppl prose [\d.]+, code_nextline \d+ %, weights [\d.]+ MiB$", lines[3]), lines
+    assert re.match(r"  ppl code [\d.]+, ppl prose [\d.]+, KL [\d.]+, code_nextline \d+ %, weights [\d.]+ MiB$",
+                    lines[3]), lines
     assert len(lines) == 4
     for noise in ("pretrained", "loglikelihood", "fatal:", "perplexity"):
         assert noise not in err and noise not in out, noise
