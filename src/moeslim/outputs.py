@@ -222,6 +222,20 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def _usual_modes(root: Path) -> None:
+    """Give every file and folder under ``root`` the mode a plain ``open`` / ``mkdir`` would (0o666 / 0o777 & ~umask).
+
+    Some writers create their file as a 0600 temp file and rename it (safetensors 0.8 ``save_file``, so
+    ``save_pretrained``'s ``model.safetensors``): left so, a server running as another user could read the
+    config but not the weights.
+    """
+    mask = _umask()
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _place(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` folder to ``out``; an existing ``out`` is swapped out, then deleted."""
     if not out.exists():
@@ -255,6 +269,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False, inputs: Iterable[str
     try:
         try:
             yield tmp
+            _usual_modes(tmp)
             _fsync_tree(tmp)
             _place(tmp, target)
         except OSError as err:
