@@ -68,7 +68,7 @@ def _cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str,
         if not tensor.is_floating_point():
             out[name] = tensor
             continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tensor.stride())
         if key not in cast:
             cast[key] = tensor.to(dtype)
         out[name] = cast[key]
