@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get
 from rich.console import Console
 from rich.table import Table
 
-from moeslim.config import DEFAULT_CALIBRATION_DATA, CalibrationConfig, ConfigError
+from moeslim.config import (
+    DEFAULT_CALIBRATION_DATA,
+    DEFAULT_SPACING,
+    SPACING_WHY,
+    SPACINGS,
+    CalibrationConfig,
+    ConfigError,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +52,9 @@ def _add_calibration_args(parser: argparse.ArgumentParser, data_default: Sequenc
                         help="seed of the window draw, and of the plan's own sampling when it has one (default 0)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="windows per forward pass, calibration and the plan's own passes (default 8)")
+    parser.add_argument("--spacing", choices=SPACINGS, default=None,
+                        help=f"which windows: random (seeded draw) | even (one per equal stretch of each source, "
+                             f"offset by the seed) (default {DEFAULT_SPACING}: {SPACING_WHY})")
 
 
 def _add_device_args(parser: argparse.ArgumentParser, stream: bool = False) -> None:
@@ -126,7 +136,7 @@ def _load_streamed(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
 
 
 def _calibration_config(args: argparse.Namespace, default: Sequence[str]) -> CalibrationConfig:
-    given = {name: getattr(args, name) for name in ("samples", "seq_len", "seed", "batch_size")
+    given = {name: getattr(args, name) for name in ("samples", "seq_len", "seed", "batch_size", "spacing")
              if getattr(args, name) is not None}
     return CalibrationConfig(data=tuple(args.data or default), **given)
 

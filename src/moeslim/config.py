@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 DEFAULT_CALIBRATION_DATA = ("demo:code", "demo:prose")
+Spacing = Literal["random", "even"]
+SPACINGS: tuple[str, ...] = get_args(Spacing)
+# How calibration windows are spread over a source by default (benchmarks/prune_modes.py, docs/results-pruning.md).
+DEFAULT_SPACING: Spacing = "random"
+SPACING_WHY = "see docs/results-pruning.md"
 
 
 class ConfigError(ValueError):
@@ -110,13 +115,19 @@ def from_mapping(cls: type, values: Any, where: str) -> Any:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """Which text a method observes: sources, how many windows, how long, which seed."""
+    """Which text a method observes: sources, how many windows, how long, which seed, how they are spread.
+
+    ``spacing``: ``random`` (a seeded draw) or ``even`` (one window from each of ``samples`` equal stretches of
+    a source, at a seed-chosen offset). A plan records it; a plan recorded before the field existed was drawn
+    at random (``data.calibration_set.calibration_config``).
+    """
 
     data: tuple[str, ...] = DEFAULT_CALIBRATION_DATA
     samples: int = 64
     seq_len: int = 256
     seed: int = 0
     batch_size: int = 8
+    spacing: Spacing = DEFAULT_SPACING
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -128,6 +139,8 @@ class CalibrationConfig:
             raise ConfigError(f"seq_len={self.seq_len}: use at least 2 tokens per sample")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size}: use at least 1")
+        if self.spacing not in SPACINGS:
+            raise ConfigError(f"spacing={self.spacing!r}: use 'random' (seeded draw) or 'even' (evenly spaced)")
 
 
 @dataclass(frozen=True)

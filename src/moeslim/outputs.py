@@ -260,6 +260,20 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def _usual_modes(root: Path) -> None:
+    """Give every file and folder under ``root`` the mode a plain ``open`` / ``mkdir`` would (0o666 / 0o777 & ~umask).
+
+    Some writers create their file as a 0600 temp file and rename it (safetensors 0.8 ``save_file``, so
+    ``save_pretrained``'s ``model.safetensors``): left so, a server running as another user could read the
+    config but not the weights.
+    """
+    mask = _umask()
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _place(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` folder to ``out``; an existing ``out`` is swapped out, then deleted."""
     if not out.exists():
@@ -365,6 +379,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False, inputs: Iterable[str
         try:
             try:
                 yield tmp
+                _usual_modes(tmp)
                 _fsync_tree(tmp)
                 _place(tmp, target)
             except OSError as err:
@@ -391,8 +406,8 @@ def atomic_file(path: str | Path, *, overwrite: bool = True, inputs: Iterable[st
         os.close(fd)
         tmp = Path(name)
         try:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
             yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())  # a writer may have replaced it by its own 0600 temp file
             with tmp.open("rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, target)
