@@ -134,7 +134,8 @@ def quantize_attention_weight(linear: nn.Linear, bits: int, group_size: int) -> 
 
 def quantize_section(model: nn.Module, settings: QuantizeSettings, fallback: dict[int, list[int]]) -> dict[str, Any]:
     """The ``quantize`` config section; ``model``'s expert tensors may be real or on meta (only shapes count)."""
-    totals = bits_summary(model, settings.bits, settings.group_size)
+    symmetric = settings.config.symmetric and settings.quantizer != "none"
+    totals = bits_summary(model, settings.bits, settings.group_size, symmetric)
     attention_bits = settings.attention_bits
     return {"quantize": {
         "group_size": settings.group_size,
@@ -142,6 +143,7 @@ def quantize_section(model: nn.Module, settings: QuantizeSettings, fallback: dic
         "avg_bits": totals["avg_bits"],
         "avg_bits_with_overhead": totals["avg_bits_with_overhead"],
         "quantizer": settings.quantizer,
+        "symmetric": symmetric,
         "quantize_attention": attention_bits,
         "attention_quantizer": "rtn" if attention_bits is not None else None,
         # Experts GPTQ could not calibrate (fewer than min_tokens routed tokens): rounded to nearest, listed.
@@ -167,7 +169,8 @@ def apply_quantize(model: nn.Module, plan: Plan, calibration: CalibrationSet | t
         packed: dict[int, QuantizedExperts] = results.experts
         fallback = results.fallback
     else:
-        packed = {idx: rtn_experts(layers[idx], widths, group_size) for idx, widths in bits.items()}
+        packed = {idx: rtn_experts(layers[idx], widths, group_size, settings.config.symmetric)
+                  for idx, widths in bits.items()}
     section = quantize_section(model, settings, fallback)  # from the float tensors, before the runtime takes them
     for idx in bits:
         views = expert_weight_views(layers[idx])

@@ -360,7 +360,7 @@ def apply_quantize_streamed(source: str, plan: Plan, out_dir: str | Path, *, dty
                 widths = settings.bits.get(index)
                 packed = None
                 if widths is not None and settings.quantizer == "rtn":
-                    packed = rtn_experts(moe[index], widths, settings.group_size)
+                    packed = rtn_experts(moe[index], widths, settings.group_size, settings.config.symmetric)
                 elif widths is not None and settings.quantizer == "gptq":
                     raise RuntimeError(f"decoder layer {index} was not GPTQ'd")  # the pass writes every planned layer
                 write(index, packed)

@@ -53,6 +53,10 @@ class QuantizeConfig:
     group_size: int = field(default=128, metadata={"help": "GPTQ group size (paper: 128)"})
     damp: float = field(default=_DEFAULT_DAMP, metadata={"help": "GPTQ damping fraction (paper: 0.01)"})
     act_order: bool = field(default=False, metadata={"help": "GPTQ act-order (paper: no)"})
+    symmetric: bool = field(default=False, metadata={
+        "help": "symmetric groups: one scale per group, no zero points (codes c - 2^(b-1)); the grid vLLM's and "
+                "transformers' MoE kernels read, exported as compressed-tensors W4A16 / W8A16 in exactly b bits; "
+                "off: asymmetric min-max groups with zero points, as in the paper (exported one bit wider)"})
     weighted_hessian: bool = field(default=False, metadata={
         "help": "weight each token's Hessian term by its squared routing weight (the expert's share of the block "
                 "output error); off: the plain GPTQ Hessian, as in the paper"})
@@ -123,6 +127,8 @@ class QuantizeConfig:
             raise ConfigError(f"batch_size={self.batch_size}: use at least 1")
         if self.scope == "gguf":
             _check_gguf_scope(self)
+        if self.symmetric:
+            _check_symmetric(self)
 
     @property
     def hessian_weighting(self) -> HessianWeighting:
@@ -149,6 +155,17 @@ class QuantizeConfig:
                 raise ConfigError(f"bits={self.bits}: below the smallest achievable budget ({lo} bits in total "
                                   f"for candidates {list(self.candidates)}{rule})")
 
+
+
+def _check_symmetric(config: QuantizeConfig) -> None:
+    """symmetric=True: no 1-bit width (a symmetric 1-bit grid is {-2m, 0}), no llama.cpp types."""
+    if config.scope == "gguf":
+        raise ConfigError("symmetric=True: scope='gguf' plans llama.cpp types, whose grids llama.cpp chooses; "
+                          "drop --symmetric")
+    widths = [int(config.bits)] if config.method == "uniform" else list(config.candidates)
+    if 1 in widths:
+        raise ConfigError(f"symmetric=True with 1-bit widths ({widths}): a symmetric 1-bit grid is {{-2m, 0}}; use "
+                          "widths of 2 bits or more (e.g. --candidates 2,3,4)")
 
 
 def _check_gguf_scope(config: QuantizeConfig) -> None:

@@ -93,7 +93,8 @@ def _pack_experts(weight: torch.Tensor, bits: Sequence[int], group_size: int, he
     out = LowBitTensor(shape=(n, int(weight.shape[1]), int(weight.shape[2])), bits=[int(b) for b in bits],
                        group_size=group_size, transposed=bool(options.get("transposed", False)),
                        dtype=weight.dtype, codes=[None] * n, scales=[None] * n, zeros=[None] * n,
-                       dense=[weight[e].detach().clone() if b == KEEP_BITS else None for e, b in enumerate(bits)])
+                       dense=[weight[e].detach().clone() if b == KEEP_BITS else None for e, b in enumerate(bits)],
+                       symmetric=bool(options.get("symmetric", False)))
     quantized = [e for e, b in enumerate(bits) if b != KEEP_BITS]
     size, rank = (comm.size, comm.rank) if comm is not None else (1, 0)
     mine = {quantized[i] for i in expert_share(len(quantized), rank, size)}
@@ -130,7 +131,7 @@ def quantize_layer_experts(layer: MoELayer, bits: Sequence[int], hessians: Exper
         usable = [int(hessians.counts[e]) >= max(config.min_tokens, 1) for e in range(n)]
     fallback = [e for e in range(n) if not usable[e] and bits[e] != KEEP_BITS]
     options: dict[str, Any] = {"transposed": views.transposed, "act_order": config.act_order,
-                               "percdamp": config.damp}
+                               "percdamp": config.damp, "symmetric": config.symmetric}
     if hessians is None:
         up = _pack_experts(views.up, bits, config.group_size, None, "rtn", comm, **options)
         return QuantizedExperts(up, _pack_experts(views.down, bits, config.group_size, None, "rtn", comm,
@@ -173,9 +174,9 @@ def _summed(hessian: torch.Tensor | None, comm: RankedCommunicator) -> torch.Ten
     return total
 
 
-def rtn_experts(layer: MoELayer, bits: Sequence[int], group_size: int) -> QuantizedExperts:
+def rtn_experts(layer: MoELayer, bits: Sequence[int], group_size: int, symmetric: bool = False) -> QuantizedExperts:
     """Round-to-nearest packed experts of one layer at ``bits`` (E,): no calibration data."""
-    config = QuantizeConfig(method="uniform", bits=8, group_size=group_size, quantizer="rtn")
+    config = QuantizeConfig(method="uniform", bits=8, group_size=group_size, quantizer="rtn", symmetric=symmetric)
     return quantize_layer_experts(layer, bits, None, config)[0]
 
 
