@@ -20,6 +20,7 @@ Cost = Literal["paper", "authors"]
 Scope = Literal["layer", "global", "gguf"]
 Quantizer = Literal["gptq", "rtn"]
 Propagate = Literal["original", "compressed"]
+Starved = Literal["all-tokens", "rtn"]
 QUANT_METHODS: tuple[str, ...] = get_args(QuantMethod)
 _DEFAULT_DAMP = 0.01
 
@@ -73,9 +74,16 @@ class QuantizeConfig:
                 "gguf)"})
     seed: int = field(default=0, metadata={
         "help": "random allocation (seed + layer index) and the factor token sample"})
-    min_tokens: int = field(default=1, metadata={
-        "help": "experts with fewer routed calibration tokens are rounded to nearest instead of GPTQ'd (the "
-                "applied moeslim.quantize section lists them under rtn_fallback)"})
+    min_tokens: int | None = field(default=None, metadata={
+        "help": "an expert with fewer routed calibration tokens is starved: GPTQ never uses a Hessian from fewer "
+                "tokens; unset: the group size (a Hessian from fewer tokens than a group has rank below the group)"})
+    starved: Starved = field(default="all-tokens", metadata={
+        "help": "what a starved expert gets: all-tokens (GPTQ with Hessians from every calibration token, routed to "
+                "it or not; keeps the block inputs) | rtn (round-to-nearest); the applied moeslim.quantize section "
+                "lists them (all_token_fallback / rtn_fallback) with every expert's routed token count"})
+    calibrate_all_experts: bool = field(default=False, metadata={
+        "help": "every expert's GPTQ Hessians from all calibration tokens (llm-compressor's calibrate_all_experts); "
+                "the block's outputs stay routed as the model routes them"})
     token_fraction: float = field(default=1.0, metadata={
         "help": "share of calibration tokens whose expert outputs the PMQ factors use"})
     max_tokens: int | None = field(default=DEFAULT_MAX_TOKENS, metadata={
@@ -115,8 +123,11 @@ class QuantizeConfig:
             raise ConfigError(f"group_size={self.group_size!r}: use a positive integer (paper: 128)")
         if not 0 < self.damp < 1:
             raise ConfigError(f"damp={self.damp}: use a damping fraction in (0, 1) (paper: 0.01)")
-        if self.min_tokens < 0:
-            raise ConfigError(f"min_tokens={self.min_tokens}: use 0 or more")
+        if self.min_tokens is not None and self.min_tokens < 1:
+            raise ConfigError(f"min_tokens={self.min_tokens}: use 1 or more, or leave unset for the group size")
+        if self.calibrate_all_experts and self.weighted_hessian:
+            raise ConfigError("calibrate_all_experts=True with weighted_hessian=True: a token not routed to an expert "
+                              "has routing weight 0, so the weighted Hessian would be the routed one; choose one")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"max_tokens={self.max_tokens}: use at least 1 token, or leave unset for no cap")
         if not 0 < self.token_fraction <= 1:
@@ -129,6 +140,19 @@ class QuantizeConfig:
             _check_gguf_scope(self)
         if self.symmetric:
             _check_symmetric(self)
+
+    @property
+    def starved_below(self) -> int:
+        """Routed calibration tokens below which an expert is starved: ``min_tokens``, or the group size."""
+        return self.min_tokens if self.min_tokens is not None else self.group_size
+
+    def starved_rule(self) -> str:
+        """The starved-expert rule in words (plan summary, applied section)."""
+        if self.calibrate_all_experts:
+            return "every expert's Hessians from all calibration tokens (calibrate_all_experts)"
+        fallback = ("GPTQ with all-token Hessians (round-to-nearest if the layer saw fewer tokens)"
+                    if self.starved == "all-tokens" else "round-to-nearest")
+        return f"experts with fewer than {self.starved_below} routed calibration tokens: {fallback}"
 
     @property
     def hessian_weighting(self) -> HessianWeighting:

@@ -239,7 +239,11 @@ def plan_quantize(
         "group_size": config.group_size,
         "quantizer": config.quantizer,
         "symmetric": config.symmetric,
-        "min_tokens": config.min_tokens,
+        "min_tokens": config.starved_below,
+        # Known before any GPTQ: the rule; the experts it applies to and every routed count are in the applied
+        # checkpoint's moeslim.quantize section (PMQ: the counts are also in each layer's factors below).
+        "starved_rule": config.starved_rule() if config.quantizer == "gptq" else None,
+        "calibrate_all_experts": config.calibrate_all_experts,
         "quantize_attention": config.quantize_attention,
         **bits_summary(model, bits, config.group_size, config.symmetric),
     }
