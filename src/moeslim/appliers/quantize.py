@@ -25,7 +25,7 @@ from torch import nn
 
 from moeslim.config import from_mapping
 from moeslim.data.calibration_set import CalibrationSet, check_same_calibration
-from moeslim.methods.quant.config import QuantizeConfig
+from moeslim.methods.quant.config import QuantizeConfig, refuse_lowrank
 from moeslim.methods.quant.driver import bits_summary
 from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor, quantize_fused
 from moeslim.methods.quant.transform import GptqResults, QuantizedExperts, gptq_experts, rtn_experts
@@ -112,7 +112,9 @@ class QuantizeSettings(NamedTuple):
 
 
 def quantize_settings(model: nn.Module, plan: Plan) -> QuantizeSettings:
-    """The widths, group size, quantizer and GPTQ settings of ``plan`` (raises PlanError if it does not fit)."""
+    """The widths, group size, quantizer and GPTQ settings of ``plan`` (raises PlanError if it does not fit, and
+    ConfigError on a model with low-rank experts)."""
+    refuse_lowrank(model)  # before any calibration: a quantize plan applied after a low-rank one
     layers = {layer.layer_idx: layer for layer in find_moe_layers(model)}
     bits = _plan_bits(layers, plan)
     group_size = int(plan.summary.get("group_size", plan.provenance.config.get("group_size", 128)))

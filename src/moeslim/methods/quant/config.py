@@ -164,7 +164,9 @@ class QuantizeConfig:
         return data
 
     def check_model(self, model: nn.Module) -> None:
-        """Fail before calibration when the budget cannot be met by some layer (or the model)."""
+        """Fail before calibration when the model's experts cannot be quantized (low-rank factors) or the budget
+        cannot be met by some layer (or the model)."""
+        refuse_lowrank(model)
         if self.method == "uniform" or self.scope == "gguf":
             return  # gguf: the budget is in bytes of real llama.cpp types; plan_gguf_types checks it
         layers = find_moe_layers(model)
@@ -179,6 +181,23 @@ class QuantizeConfig:
                 raise ConfigError(f"bits={self.bits}: below the smallest achievable budget ({lo} bits in total "
                                   f"for candidates {list(self.candidates)}{rule})")
 
+
+
+def refuse_lowrank(model: nn.Module) -> None:
+    """Raise ConfigError when some MoE layer holds low-rank experts (a low-rank plan was applied).
+
+    GPTQ quantizes one (out, in) matrix per expert with its input Hessian; a low-rank expert is two factors
+    A (out, r) and B (r, in), with no dense weight left, and moeslim has no packed storage or runtime for
+    quantized factors, so quantizing it is refused here, before any calibration, rather than failing mid-pass.
+    """
+    from moeslim.runtime.lowrank import lowrank_storage
+
+    layers = [layer.layer_idx for layer in find_moe_layers(model) if lowrank_storage(layer.experts)]
+    if layers:
+        raise ConfigError(
+            f"quantizing low-rank experts is not supported (decoder layers {layers} hold low-rank factors A (out, r) "
+            "and B (r, in), not the dense expert weights GPTQ quantizes, and there is no packed format for quantized "
+            "factors): quantize the model without the low-rank stage, or keep the low-rank model in 16 bits")
 
 
 def _check_symmetric(config: QuantizeConfig) -> None:

@@ -222,11 +222,11 @@ def plan_quantize(
     ``quantizer="rtn"``. ``factors``: PMQ factors from ``pmq_factors`` on the same model and data.
     ``checkpoint``: resume a killed PMQ factor pass at the next layer (``calibrate/resume.py``).
     """
+    config.check_model(model)
     if config.scope == "gguf":  # one llama.cpp type per expert tensor, for moeslim export --format gguf
         from moeslim.methods.quant.gguf_types import plan_gguf_types
 
         return plan_gguf_types(model, calibration, config, model_name, device, progress)
-    config.check_model(model)
     input_ids, data_name, data_hash = calibration_fields(calibration) if calibration is not None else (None, None, None)
     start = time.perf_counter()
     bits, factors = plan_bits(model, input_ids, config, device, progress, factors, checkpoint)
