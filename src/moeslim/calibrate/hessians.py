@@ -37,7 +37,7 @@ HessianWeighting = Literal["none", "gate", "gate2"]
 WEIGHTINGS: tuple[str, ...] = ("none", "gate", "gate2")
 
 __all__ = ["WEIGHTINGS", "ExpertHessianSummary", "ExpertHessians", "HessianWeighting", "accumulate_hessian",
-           "down_hessian", "down_hessians"]
+           "down_hessian", "down_hessians", "up_hessians"]
 
 
 def accumulate_hessian(
@@ -93,7 +93,8 @@ class ExpertHessians:
 
     def __init__(self, num_experts: int, weighting: HessianWeighting = "none", keep_inputs: bool = False,
                  up: Tensor | Mapping[int, Tensor] | None = None, down: bool = True,
-                 experts: set[int] | None = None, pooled: bool = False, all_tokens: bool = False) -> None:
+                 experts: set[int] | None = None, pooled: bool = False, all_tokens: bool = False,
+                 per_expert: bool = True) -> None:
         """``up``: replacement first-projection slices (E, stored layout; or {expert: slice}) for the intermediates.
 
         ``down=False`` skips the down Hessians (I x I per expert: the largest term) when they will be
@@ -101,11 +102,14 @@ class ExpertHessians:
         ``pooled``: also accumulate the all-token block-input Hessian (one (H, H)); ``all_tokens``: every
         expert's Hessians from all tokens (module docstring): its up Hessians are the pooled one (not copied),
         its down Hessians its intermediates on every token; the weighting must then be "none".
+        ``per_expert=False``: no per-expert Hessian at all (routed counts, the pooled Hessian and the kept inputs
+        only): the expert-group split makes them later from the kept inputs (``up_hessians``, ``down_hessian``).
         """
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={weighting!r}: use one of {', '.join(WEIGHTINGS)}")
         if all_tokens and weighting != "none":
             raise ValueError("all-token Hessians are unweighted: an unrouted token has routing weight 0")
+        self._per_expert = per_expert
         self._pooled_wanted = pooled or all_tokens
         self._all_tokens = all_tokens
         self._pooled: Tensor | None = None
@@ -130,6 +134,9 @@ class ExpertHessians:
         if self._all_tokens:
             self._observe_all(layer, x, ids)
             return
+        if not self._per_expert:
+            self._counts += torch.bincount(ids.reshape(-1).cpu(), minlength=len(self._counts))[: len(self._counts)]
+            return
         for e in torch.unique(ids).tolist():
             if self._experts is not None and e not in self._experts:
                 continue
@@ -153,7 +160,7 @@ class ExpertHessians:
         """Every observed expert's down Hessian from its intermediates on all of x (T, H); routed counts kept."""
         counts = torch.bincount(ids.reshape(-1).cpu(), minlength=len(self._counts))[: len(self._counts)]
         self._counts += counts
-        if not self._want_down:
+        if not self._want_down or not self._per_expert:
             return
         for e in range(len(self._down)):
             if self._experts is not None and e not in self._experts:
@@ -211,6 +218,25 @@ def down_hessians(layer: MoELayer, x: Tensor, up: Tensor, weighting: HessianWeig
     for start in range(0, x.shape[0], chunk):
         observer.observe(layer, x[start : start + chunk].to(device))
     return observer.result().down
+
+
+def up_hessians(layer: MoELayer, x: Tensor, experts: set[int], weighting: HessianWeighting = "none",
+                batches: Sequence[int] = (), device: torch.device | None = None) -> dict[int, Tensor]:
+    """The first-projection Hessians (H, H) of ``experts`` on block inputs x (T, H), as float64 sums (round with
+    ``.float()`` after adding other processes' sums); an expert no row is routed to is left out.
+
+    ``batches``: rows per calibration batch (``ExpertHessianSummary.batch_tokens``): the terms are made batch by
+    batch as the observer made them during the pass, so the result equals ``ExpertHessians``' bit for bit (the
+    expert-group split: only these experts' Hessians are alive).
+    """
+    observer = ExpertHessians(layer.num_experts, weighting, down=False, experts=experts)
+    start = 0
+    for rows in batches or [x.shape[0]]:
+        observer.observe(layer, x[start : start + rows].to(device) if device is not None else x[start : start + rows])
+        start += rows
+    if start != x.shape[0]:
+        raise ValueError(f"batches cover {start} of the {x.shape[0]} input rows")
+    return {e: h for e in sorted(experts) if (h := observer._up[e]) is not None}
 
 
 def down_hessian(layer: MoELayer, x: Tensor, expert: int, up: Tensor, weighting: HessianWeighting = "none",

@@ -81,6 +81,13 @@ class QuantizeConfig:
         "help": "what a starved expert gets: all-tokens (GPTQ with Hessians from every calibration token, routed to "
                 "it or not; keeps the block inputs) | rtn (round-to-nearest); the applied moeslim.quantize section "
                 "lists them (all_token_fallback / rtn_fallback) with every expert's routed token count"})
+    hessian_experts: int | None = field(default=None, metadata={
+        "help": "expert-group split: GPTQ Hessians of at most this many experts alive at once, made group by group "
+                "from the kept block inputs (the same Hessians, bit for bit); unset: every expert's at once, unless "
+                "hessian_memory sets the group (memory model: docs/scale.md)"})
+    hessian_memory: float | None = field(default=None, metadata={
+        "help": "GiB the per-expert gate_up Hessians (H x H float64 sums each) may take: sets the expert-group split "
+                "per layer (at least one expert); unset: no limit"})
     calibrate_all_experts: bool = field(default=False, metadata={
         "help": "every expert's GPTQ Hessians from all calibration tokens (llm-compressor's calibrate_all_experts); "
                 "the block's outputs stay routed as the model routes them"})
@@ -125,6 +132,12 @@ class QuantizeConfig:
             raise ConfigError(f"damp={self.damp}: use a damping fraction in (0, 1) (paper: 0.01)")
         if self.min_tokens is not None and self.min_tokens < 1:
             raise ConfigError(f"min_tokens={self.min_tokens}: use 1 or more, or leave unset for the group size")
+        if self.hessian_experts is not None and self.hessian_experts < 1:
+            raise ConfigError(f"hessian_experts={self.hessian_experts}: use 1 or more experts a group, or leave unset")
+        if self.hessian_memory is not None and not (math.isfinite(self.hessian_memory) and self.hessian_memory > 0):
+            raise ConfigError(f"hessian_memory={self.hessian_memory}: give a positive number of GiB, or leave unset")
+        if self.hessian_experts is not None and self.hessian_memory is not None:
+            raise ConfigError("hessian_experts and hessian_memory both set the expert-group split: give one")
         if self.calibrate_all_experts and self.weighted_hessian:
             raise ConfigError("calibrate_all_experts=True with weighted_hessian=True: a token not routed to an expert "
                               "has routing weight 0, so the weighted Hessian would be the routed one; choose one")
@@ -140,6 +153,21 @@ class QuantizeConfig:
             _check_gguf_scope(self)
         if self.symmetric:
             _check_symmetric(self)
+
+    def hessian_group(self, num_experts: int, hidden: int) -> int | None:
+        """Experts per group of the expert-group split for a layer of ``num_experts`` experts whose gate_up input
+        has ``hidden`` features, or None (no split: every expert's Hessians from the calibration pass)."""
+        if self.hessian_memory is not None:
+            per_expert = hidden * hidden * 8  # one float64 (H, H) sum
+            group = max(1, int(self.hessian_memory * 2**30 // per_expert))
+        else:
+            group = self.hessian_experts if self.hessian_experts is not None else num_experts
+        return None if group >= num_experts else group
+
+    @property
+    def splits_hessians(self) -> bool:
+        """Whether the expert-group split may apply (the pass then keeps the block inputs)."""
+        return self.hessian_experts is not None or self.hessian_memory is not None
 
     @property
     def starved_below(self) -> int:

@@ -38,7 +38,7 @@ from torch import nn
 
 from moeslim.calibrate import LayerDecision, Observer, result_of, run_layerwise
 from moeslim.calibrate.distributed import RankedCommunicator, expert_share, process_communicator
-from moeslim.calibrate.hessians import ExpertHessians, ExpertHessianSummary, down_hessian
+from moeslim.calibrate.hessians import ExpertHessians, ExpertHessianSummary, down_hessian, up_hessians
 from moeslim.calibrate.resume import LayerCheckpoint
 from moeslim.methods.quant.config import QuantizeConfig
 from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor, quantize_fused
@@ -172,12 +172,29 @@ def quantize_layer_experts(layer: MoELayer, bits: Sequence[int], hessians: Exper
         return QuantizedExperts(up, _pack_experts(views.down, bits, config.group_size, None, "rtn", comm,
                                                   **options)), starved
     summary = hessians
+    inputs = summary.inputs
+    group = config.hessian_group(n, int(views.up.shape[2 if not views.transposed else 1]))
+    if group is not None and inputs is None and (comm is None or comm.size == 1):
+        raise ValueError("the expert-group split makes the Hessians from the kept block inputs: observe with "
+                         "ExpertHessians(keep_inputs=True, per_expert=False)")
+    routed = [e for e in quantized if source[e] == "routed"]
+    made: dict[int, torch.Tensor | None] = {}  # the current group's Hessians (expert-group split)
 
     def up_of(e: int) -> torch.Tensor | None:
-        return {"routed": summary.up[e], "all": summary.pooled_up, "rtn": None}[source[e]]
+        if source[e] != "routed" or group is None:
+            return {"routed": summary.up[e], "all": summary.pooled_up, "rtn": None}[source[e]]
+        if e not in made:  # the next group of routed experts (asked for in order, on every process alike)
+            made.clear()
+            members = routed[routed.index(e): routed.index(e) + group]
+            sums = {} if inputs is None else up_hessians(layer, inputs, set(members), config.hessian_weighting,
+                                                         summary.batch_tokens, views.up.device)
+            for m in members:
+                total = _summed(sums.get(m), comm) if comm is not None and comm.size > 1 else sums.get(m)
+                made[m] = None if total is None else total.float().cpu()  # rounded once, after every process's
+            del sums
+        return made.pop(e)
 
     up = _pack_experts(views.up, bits, config.group_size, up_of, "gptq", comm, **options)
-    inputs = summary.inputs
     sequential = inputs is not None  # the observer kept the block inputs (true sequential, or all-token fallback)
     if comm is not None and comm.size > 1:  # a process that got no batch holds none: ask the others
         flag = torch.tensor([int(sequential)], dtype=torch.int64)
@@ -187,11 +204,12 @@ def quantize_layer_experts(layer: MoELayer, bits: Sequence[int], hessians: Exper
     def down_of(e: int) -> torch.Tensor | None:
         if source[e] == "rtn":
             return None
-        if not sequential or (not config.sequential and (source[e] == "routed" or config.calibrate_all_experts)):
+        observed = group is None and (source[e] == "routed" or config.calibrate_all_experts)
+        if not sequential or (not config.sequential and observed):
             return summary.down[e]  # made by the observer (routed, or all-token with calibrate_all_experts)
-        # From the kept block inputs: true sequential (down sees what the quantized gate_up produces), or a starved
-        # expert's all-token down Hessian. One expert's Hessian at a time; under torchrun each process sums over its
-        # own block inputs, none if it had no batch, then over the processes.
+        # From the kept block inputs: true sequential (down sees what the quantized gate_up produces), a starved
+        # expert's all-token down Hessian, or the expert-group split. One expert's Hessian at a time; under
+        # torchrun each process sums over its own block inputs, none if it had no batch, then over the processes.
         first = up.dequantize_expert(e) if config.sequential else views.up[e].detach()
         h = None if inputs is None else down_hessian(layer, inputs, e, first.to(views.up.device),
                                                      config.hessian_weighting, summary.batch_tokens,
@@ -232,6 +250,21 @@ def _overwrite_experts(layer: MoELayer, packed: QuantizedExperts) -> None:
 PackedSink = Callable[[MoELayer, QuantizedExperts], None]
 
 
+def _observer(layer: MoELayer, config: QuantizeConfig) -> ExpertHessians:
+    """The calibration pass's observer for one layer's GPTQ.
+
+    Starved experts on all-token Hessians need the pooled block-input Hessian and the block inputs (for their down
+    Hessians; calibrate_all_experts makes every expert's in the observer). The expert-group split keeps the inputs
+    and no per-expert Hessian (``quantize_layer_experts`` makes them group by group).
+    """
+    views = expert_weight_views(layer)
+    split = config.hessian_group(layer.num_experts, int(views.up.shape[1 if views.transposed else 2])) is not None
+    fallback = config.starved == "all-tokens" and not config.calibrate_all_experts
+    return ExpertHessians(layer.num_experts, "none" if config.calibrate_all_experts else config.hessian_weighting,
+                          keep_inputs=config.sequential or fallback or split, down=not config.sequential,
+                          pooled=fallback, all_tokens=config.calibrate_all_experts, per_expert=not split)
+
+
 def gptq_experts(model: nn.Module, bits: Mapping[int, Sequence[int]], input_ids: torch.Tensor,
                  config: QuantizeConfig, device: torch.device | str | None = None, progress: bool = False,
                  *, on_packed: PackedSink | None = None, checkpoint: LayerCheckpoint | None = None
@@ -247,9 +280,6 @@ def gptq_experts(model: nn.Module, bits: Mapping[int, Sequence[int]], input_ids:
         raise ValueError("a resumable GPTQ pass hands each layer's packed experts to on_packed (a writer)")
     widths = {int(idx): [int(b) for b in w] for idx, w in bits.items()}
     kept: dict[int, QuantizedExperts] = {}
-    # Starved experts on all-token Hessians: the pooled block-input Hessian, and the block inputs for their down
-    # Hessians (calibrate_all_experts makes every expert's in the observer).
-    all_token_fallback = config.starved == "all-tokens" and not config.calibrate_all_experts
     streamed = is_streamed(model)
     dev = torch.device(device) if device is not None else None
 
@@ -283,10 +313,7 @@ def gptq_experts(model: nn.Module, bits: Mapping[int, Sequence[int]], input_ids:
     results: dict[int, Any] = run_layerwise(
         model, input_ids,
         # True sequential recomputes the down Hessians from the kept inputs: the observer skips them.
-        make_observers=lambda layer: [ExpertHessians(
-            layer.num_experts, "none" if config.calibrate_all_experts else config.hessian_weighting,
-            keep_inputs=config.sequential or all_token_fallback, down=not config.sequential,
-            pooled=all_token_fallback, all_tokens=config.calibrate_all_experts)],
+        make_observers=lambda layer: [_observer(layer, config)],
         on_layer=on_layer, propagate=config.propagate,
         batch_size=config.batch_size, device=device, progress=progress, checkpoint=checkpoint,
     )
