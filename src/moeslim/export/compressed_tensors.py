@@ -18,13 +18,15 @@ Schemes. vLLM's fused-MoE kernels (WNA16 Marlin / Triton) and transformers 5's e
 points: MoE experts must be symmetric there. GPTQ/MC-MoE (and moeslim) quantize asymmetrically, so
 ``scheme="symmetric"`` (the default) stores c - z exactly as a signed code: it fits b bits when every zero
 point is 2^(b-1) (a symmetric grid), else b + 1 bits (|c - z| <= 2^b - 1): a 3-bit GPTQ result becomes an
-exact W4A16 checkpoint, a 7-bit one W8A16 (vLLM serves 4 and 8 bits). ``scheme="asymmetric"`` keeps b bits
+exact W4A16 checkpoint, a 7-bit one W8A16 (vLLM serves 4 and 8 bits). A plan made with ``--symmetric`` has
+symmetric grids (no zero points stored at all): it is written in exactly b bits, so a symmetric 4-bit plan is a
+native W4A16 checkpoint and an 8-bit one W8A16, as llm-compressor writes them. ``scheme="asymmetric"`` keeps b bits
 and packed ``weight_zero_point`` (``symmetric: false``), which compressed-tensors itself decompresses
 exactly but vLLM and transformers 5.24 refuse for MoE experts.
 
 Limits: one width for all experts (a compressed-tensors scheme has one num_bits; plan with
 ``--method uniform``), input dimension divisible by the group size, experts only (quantized attention is
-refused). The zero points make the scheme asymmetric (``symmetric: false``), as GPTQ/MC-MoE quantize.
+refused).
 A model without quantized experts (e.g. pruned) is written as a plain checkpoint.
 """
 
@@ -66,8 +68,9 @@ class CtExport:
     quantized_tensors: int
 
 
-UNIFORM_HINT = ("plan with: moeslim plan quantize --method uniform --bits B, B from 1 to 7 (3 is stored as W4A16 and "
-                "7 as W8A16, the widths vLLM's MoE kernels serve)")
+UNIFORM_HINT = ("plan with: moeslim plan quantize --method uniform --symmetric --bits 4 or 8 (stored as W4A16 / "
+                "W8A16, the widths vLLM's MoE kernels serve); or without --symmetric, --bits B, B from 1 to 7 (3 is "
+                "stored as W4A16 and 7 as W8A16)")
 
 
 def check_ct_plan(plan: Plan, where: str) -> None:
@@ -113,8 +116,7 @@ def _expert_streams(t: LowBitTensor, e: int) -> tuple[torch.Tensor, torch.Tensor
     n_out, n_in = t.out_in
     b = t.bits[e]
     codes = unpack_bits(t.stream("codes", e), b, n_out * n_in).reshape(n_out, n_in)
-    zeros = unpack_bits(t.stream("zeros", e), b, n_out * t.n_groups).reshape(n_out, t.n_groups)
-    return codes, t.stream("scales", e), zeros
+    return codes, t.stream("scales", e), t.zero_points(e)
 
 
 def _packed_linear(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, stored_bits: int,
@@ -147,6 +149,8 @@ def _storage(experts: dict[str, LowBitTensor], bits: int, scheme: str) -> tuple[
     """(num_bits, symmetric) of the written scheme for moeslim codes of ``bits`` bits."""
     if scheme == "asymmetric":
         return bits, False
+    if all(t.symmetric for t in experts.values()):  # planned with --symmetric: b bits exactly, no zero points
+        return bits, True
     mid = 1 << (bits - 1)
     on_grid = all(bool((_expert_streams(t, e)[2] == mid).all()) for t in experts.values() for e in range(t.shape[0]))
     if on_grid:

@@ -340,7 +340,7 @@ def apply_quantize_streamed(source: str, plan: Plan, out_dir: str | Path, *, dty
             parts.write(index, *_layer_tensors(model, index, packed, moe.get(index), settings, storage))
 
     try:
-        fallback: dict[int, list[int]] = {}
+        results = None
         device = torch.device(device)
         checkpoint = None
         if settings.quantizer == "gptq":
@@ -351,7 +351,6 @@ def apply_quantize_streamed(source: str, plan: Plan, out_dir: str | Path, *, dty
             results = gptq_experts(model, settings.bits, input_ids, settings.config, device, progress,
                                    on_packed=lambda layer, packed: write(layer.layer_idx, packed),
                                    checkpoint=checkpoint)
-            fallback = results.fallback
         if not me.is_main or parts is None:
             if checkpoint is not None:
                 checkpoint.finish()
@@ -367,12 +366,12 @@ def apply_quantize_streamed(source: str, plan: Plan, out_dir: str | Path, *, dty
                 widths = settings.bits.get(index)
                 packed = None
                 if widths is not None and settings.quantizer == "rtn":
-                    packed = rtn_experts(moe[index], widths, settings.group_size)
+                    packed = rtn_experts(moe[index], widths, settings.group_size, settings.config.symmetric)
                 elif widths is not None and settings.quantizer == "gptq":
                     raise RuntimeError(f"decoder layer {index} was not GPTQ'd")  # the pass writes every planned layer
                 write(index, packed)
         section = dict(getattr(model.config, "moeslim", None) or {})  # what ``moeslim.apply`` records
-        section.update(quantize_section(model, settings, fallback))
+        section.update(quantize_section(model, settings, results))
         section["applied"] = [*section.get("applied", []),
                               {"kind": plan.kind, "method": plan.provenance.method, "data": plan.provenance.data}]
         model.config.moeslim = section
