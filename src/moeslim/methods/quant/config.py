@@ -218,10 +218,11 @@ def refuse_lowrank(model: nn.Module) -> None:
     A (out, r) and B (r, in), with no dense weight left, and moeslim has no packed storage or runtime for
     quantized factors, so quantizing it is refused here, before any calibration, rather than failing mid-pass.
     """
-    from moeslim.runtime.lowrank import lowrank_storage
-
-    layers = [layer.layer_idx for layer in find_moe_layers(model) if lowrank_storage(layer.experts)]
-    if layers:
+    # The low-rank applier records its layers in the model's moeslim config section (what load re-installs).
+    section = getattr(getattr(model, "config", None), "moeslim", None) or {}
+    if "lowrank" in section:
+        layers = sorted(int(idx) for idx in (section["lowrank"] or {}).get("layers", {})) or [
+            layer.layer_idx for layer in find_moe_layers(model)]
         raise ConfigError(
             f"quantizing low-rank experts is not supported (decoder layers {layers} hold low-rank factors A (out, r) "
             "and B (r, in), not the dense expert weights GPTQ quantizes, and there is no packed format for quantized "
