@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeslim.methods.quant.fused import LowBitTensor
-from moeslim.models.attrs import hf_config
 from moeslim.runtime.packed import PackedExperts
-from moeslim.runtime.routed_experts import routed_forward, stored_parts
+from moeslim.runtime.routed_experts import attach_part, fallback_forward, routed_forward, stored_parts
 
 __all__ = ["IMPLEMENTATION", "STORE", "LowBitLinear", "install_packed", "packed_storage"]
 
 IMPLEMENTATION = "moeslim_lowbit"
 STORE = "moeslim_lowbit"  # child nn.ModuleDict {parameter name: PackedExperts}
-_SKIP_IMPLEMENTATION = "moeslim_skip"
-_FALLBACK = "grouped_mm"
 
 
 def packed_storage(module: nn.Module) -> dict[str, PackedExperts]:
@@ -43,8 +39,8 @@ def lowbit_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: 
                            ) -> Tensor:
     """hidden_states (T, H), top_k_index / top_k_weights (T, k) -> (T, H), only routed experts computed."""
     store = packed_storage(self)
-    if not store:  # a layer left in float (the implementation is set on a config shared by all layers)
-        return ALL_EXPERTS_FUNCTIONS[_FALLBACK](self, hidden_states, top_k_index, top_k_weights)
+    if not store:  # a layer left in float
+        return fallback_forward(self, hidden_states, top_k_index, top_k_weights)
     return routed_forward(self, hidden_states, top_k_index, top_k_weights, store)
 
 
@@ -55,11 +51,6 @@ class LowBitLinear(nn.Linear):
         packed = packed_storage(self)["weight"]
         y = packed.matmul(0, input.reshape(-1, input.shape[-1])).reshape(*input.shape[:-1], -1)
         return y if self.bias is None else y + self.bias.to(y.dtype)
-
-
-def _register() -> None:
-    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
-        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, lowbit_experts_forward)
 
 
 def _is_fused_experts(module: nn.Module) -> bool:
@@ -85,23 +76,15 @@ def install_packed(module: nn.Module, name: str, packed: LowBitTensor) -> Packed
         raise ValueError(f"packed tensor of shape {packed.shape} does not fit {name} of shape {shape}")
     device = current.device if current is not None and current.device.type != "meta" else None
     storage = PackedExperts(packed, device=device)
-    store = module._modules.get(STORE)
-    if not isinstance(store, nn.ModuleDict):
-        store = nn.ModuleDict()
-        module.add_module(STORE, store)
-    store[name] = storage
-    if current is not None:
-        del module._parameters[name]
-    placeholder_shape = expected
-    object.__setattr__(module, name, torch.empty(placeholder_shape, dtype=packed.dtype, device="meta"))
     if linear:
+        held = module._modules.get(STORE)
+        if not isinstance(held, nn.ModuleDict):
+            held = nn.ModuleDict()
+            module.add_module(STORE, held)
+        held[name] = storage
+        module._parameters.pop(name, None)
+        object.__setattr__(module, name, torch.empty(expected, dtype=packed.dtype, device="meta"))
         module.__class__ = LowBitLinear
         return storage
-    _register()
-    config = hf_config(module)
-    if config._experts_implementation == _SKIP_IMPLEMENTATION:
-        # Skipping keeps deciding which pairs run; we do the matmuls (the runtime/skipping state ``inner``).
-        setattr(module, "moeslim_inner", IMPLEMENTATION)  # noqa: B010 (a plain attribute on a foreign module)
-    elif config._experts_implementation != IMPLEMENTATION:
-        config._experts_implementation = IMPLEMENTATION
+    attach_part(module, STORE, name, storage, expected, packed.dtype, IMPLEMENTATION, lowbit_experts_forward)
     return storage

@@ -45,6 +45,7 @@ from torch import nn
 
 from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.models.attrs import hf_config
+from moeslim.runtime.checkpoint_files import cast_floating, record_dtype
 from moeslim.runtime.lowbit_forward import STORE, install_packed, packed_storage
 from moeslim.runtime.packed import PackedExperts
 
@@ -127,16 +128,11 @@ def save_quantized(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | N
     for name, tensor in packed.items():
         lowbit.update({k: v.cpu() for k, v in tensor.to_state_dict(name).items()})
     base, aliases = _base_tensors(model, set(packed))
-    if dtype is not None:
-        base = {k: v.to(dtype) if v.is_floating_point() else v for k, v in base.items()}
+    base = cast_floating(base, dtype)
     save_file(base, str(out / BASE_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
     save_file(lowbit, str(out / LOWBIT_FILE), metadata={"format": "moeslim-lowbit"})
     hf_config(model).save_pretrained(out)
-    if dtype is not None:
-        config_file = out / "config.json"
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-        raw["dtype"] = str(dtype).removeprefix("torch.")
-        config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    record_dtype(out, dtype)
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(out)

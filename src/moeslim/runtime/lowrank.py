@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from moeslim.methods.lowrank.svd import is_dense
 from moeslim.models import find_moe_layers
-from moeslim.models.attrs import hf_config, pretrained
+from moeslim.models.attrs import pretrained
 from moeslim.models.expert_math import expert_weight_views
-from moeslim.runtime.routed_experts import routed_forward, stored_parts
+from moeslim.runtime.checkpoint_files import cast_floating, record_dtype
+from moeslim.runtime.routed_experts import attach_part, fallback_forward, routed_forward, stored_parts
 
 __all__ = ["IMPLEMENTATION", "LOWRANK_FILE", "STORE", "LowRankProjection", "install_lowrank", "load_lowrank",
            "lowrank_storage", "save_lowrank"]
@@ -42,13 +43,6 @@ __all__ = ["IMPLEMENTATION", "LOWRANK_FILE", "STORE", "LowRankProjection", "inst
 IMPLEMENTATION = "moeslim_lowrank"
 STORE = "moeslim_lowrank"
 LOWRANK_FILE = "moeslim_lowrank.safetensors"
-_SKIP_IMPLEMENTATION = "moeslim_skip"
-_FALLBACK = "grouped_mm"
-
-
-def _dense(rank: int, out: int, inp: int) -> bool:
-    return rank * (out + inp) >= out * inp  # same rule as methods.lowrank.svd.is_dense
-
 
 class LowRankProjection(nn.Module):
     """One fused projection of E experts, each dense (out, in) or factored (out, r) x (r, in)."""
@@ -59,7 +53,7 @@ class LowRankProjection(nn.Module):
         self.out_features, self.in_features = int(out), int(inp)
         self.ranks = [int(r) for r in ranks]
         for e, r in enumerate(self.ranks):
-            if _dense(r, out, inp):
+            if is_dense(r, out, inp):
                 self.register_parameter(f"w{e}", nn.Parameter(torch.empty(out, inp, dtype=dtype, device=device),
                                                               requires_grad=False))
             else:
@@ -111,14 +105,9 @@ def lowrank_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index:
                             ) -> Tensor:
     """hidden_states (T, H), top_k_index / top_k_weights (T, k) -> (T, H), only routed experts computed."""
     store = lowrank_storage(self)
-    if not store:  # a layer left dense (the implementation is set on a config shared by all layers)
-        return ALL_EXPERTS_FUNCTIONS[_FALLBACK](self, hidden_states, top_k_index, top_k_weights)
+    if not store:  # a layer left dense
+        return fallback_forward(self, hidden_states, top_k_index, top_k_weights)
     return routed_forward(self, hidden_states, top_k_index, top_k_weights, store)
-
-
-def _register() -> None:
-    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
-        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, lowrank_experts_forward)
 
 
 def install_lowrank(experts: nn.Module, name: str, projection: LowRankProjection) -> None:
@@ -133,19 +122,8 @@ def install_lowrank(experts: nn.Module, name: str, projection: LowRankProjection
         current.shape[0], projection.out_features, projection.in_features)
     if tuple(current.shape) != tuple(expected) or len(projection.ranks) != current.shape[0]:
         raise ValueError(f"low-rank {name} for shape {expected} does not fit {tuple(current.shape)}")
-    store = experts._modules.get(STORE)
-    if not isinstance(store, nn.ModuleDict):
-        store = nn.ModuleDict()
-        experts.add_module(STORE, store)
-    store[name] = projection
-    del experts._parameters[name]
-    object.__setattr__(experts, name, torch.empty(tuple(current.shape), dtype=current.dtype, device="meta"))
-    _register()
-    config = hf_config(experts)
-    if config._experts_implementation == _SKIP_IMPLEMENTATION:
-        setattr(experts, "moeslim_inner", IMPLEMENTATION)  # noqa: B010 (a plain attribute on a foreign module)
-    elif config._experts_implementation != IMPLEMENTATION:
-        config._experts_implementation = IMPLEMENTATION
+    attach_part(experts, STORE, name, projection, tuple(current.shape), current.dtype, IMPLEMENTATION,
+                lowrank_experts_forward)
 
 
 def _shapes(experts: nn.Module, name: str) -> tuple[int, int]:
@@ -173,15 +151,10 @@ def save_lowrank(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors, aliases = _base_tensors(model, set())
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    tensors = cast_floating(tensors, dtype)
     save_file(tensors, str(out / LOWRANK_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
     pretrained(model).config.save_pretrained(out)
-    if dtype is not None:
-        config_file = out / "config.json"
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-        raw["dtype"] = str(dtype).removeprefix("torch.")
-        config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    record_dtype(out, dtype)
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(out)

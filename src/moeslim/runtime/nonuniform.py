@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moeslim.runtime.checkpoint_files import record_dtype
+
 COMPACT_FILE = "moeslim_nonuniform.safetensors"
 
 
@@ -54,11 +56,7 @@ def save_compact(model: nn.Module, out_dir: Path, dtype: torch.dtype | None = No
         value = tensor.detach().cpu()
         state[name] = (value.to(dtype) if dtype is not None and value.is_floating_point() else value).contiguous()
     save_file(state, str(out_dir / COMPACT_FILE), metadata={"aliases": json.dumps(aliases), "format": "pt"})
-    if dtype is not None:
-        config_file = out_dir / "config.json"
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-        raw["dtype"] = str(dtype).removeprefix("torch.")
-        config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    record_dtype(out_dir, dtype)
 
 
 def compact_kept(config: Any, counts: dict[int, int]) -> dict[int, list[int]]:

@@ -1,20 +1,30 @@
-"""The routed-experts loop shared by the experts forwards whose projections live outside the fused tensors.
+"""What the experts forwards moeslim registers share: the routed-experts loop, part storage, and dispatch.
 
 Low-bit (``lowbit_forward``) and low-rank (``lowrank``) experts keep some projections in a child
-``nn.ModuleDict`` of parts that compute ``part.matmul(e, x)`` for expert e; this loop computes only the routed
+``nn.ModuleDict`` of parts that compute ``part.matmul(e, x)`` for expert e; the loop computes only the routed
 experts, through a part where there is one and through the fused float tensor otherwise.
+
+Dispatch goes through transformers' extension point: a forward registered in ``ALL_EXPERTS_FUNCTIONS`` and
+chosen by the config's experts implementation. transformers keeps that choice in the private
+``config._experts_implementation``; ``use_implementation`` is the one place moeslim writes it (the experts of
+a layer dispatch on their own config, which can be a text sub-config that ``set_experts_implementation`` of
+the whole model does not reach).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from moeslim.models.attrs import callable_attr
+from moeslim.models.attrs import callable_attr, hf_config
+
+SKIP_IMPLEMENTATION = "moeslim_skip"  # runtime/skipping: decides which (token, expert) pairs run
+FALLBACK_IMPLEMENTATION = "grouped_mm"  # transformers' default on CPU, for layers left as they were
 
 T = TypeVar("T", bound=nn.Module)
 
@@ -29,6 +39,53 @@ def stored_parts(module: nn.Module, store: str, kind: type[T]) -> dict[str, T]:
     if not isinstance(held, nn.ModuleDict):
         return {}
     return {name: part for name, part in held.items() if isinstance(part, kind)}
+
+
+def current_implementation(experts: nn.Module) -> str | None:
+    """The experts implementation ``experts`` dispatches on (None: transformers' default)."""
+    return hf_config(experts)._experts_implementation
+
+
+def use_implementation(experts_or_config: Any, name: str) -> None:
+    """Make ``experts`` (or a config) dispatch to the registered implementation ``name``."""
+    config = experts_or_config if not isinstance(experts_or_config, nn.Module) else hf_config(experts_or_config)
+    if config._experts_implementation != name:
+        config._experts_implementation = name
+
+
+def register_forward(name: str, forward: Callable[..., Tensor]) -> None:
+    """Register an experts forward under ``name`` in transformers' ``ALL_EXPERTS_FUNCTIONS`` (once)."""
+    if name not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(name, forward)
+
+
+def fallback_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+                     ) -> Tensor:
+    """The default forward, for a layer left as it was (the implementation is set on a config all layers share)."""
+    return ALL_EXPERTS_FUNCTIONS[FALLBACK_IMPLEMENTATION](experts, hidden_states, top_k_index, top_k_weights)
+
+
+def attach_part(experts: nn.Module, store: str, name: str, part: nn.Module, placeholder: tuple[int, ...],
+                dtype: torch.dtype, implementation: str, forward: Callable[..., Tensor]) -> None:
+    """Replace parameter ``name`` of ``experts`` by ``part`` (kept in the child ModuleDict ``store``) and compute
+    through ``forward``, registered as ``implementation``.
+
+    The parameter's attribute becomes a meta placeholder of shape ``placeholder`` (code that reads shapes still
+    works; nothing reads its values). When skipping is installed it keeps deciding which pairs run and hands the
+    matmuls to ``implementation`` (its per-module ``moeslim_inner`` state); otherwise the experts dispatch to it.
+    """
+    held = experts._modules.get(store)
+    if not isinstance(held, nn.ModuleDict):
+        held = nn.ModuleDict()
+        experts.add_module(store, held)
+    held[name] = part
+    experts._parameters.pop(name, None)
+    object.__setattr__(experts, name, torch.empty(placeholder, dtype=dtype, device="meta"))
+    register_forward(implementation, forward)
+    if current_implementation(experts) == SKIP_IMPLEMENTATION:
+        setattr(experts, "moeslim_inner", implementation)  # noqa: B010 (a plain attribute on a foreign module)
+    else:
+        use_implementation(experts, implementation)
 
 
 def project(experts: nn.Module, name: str, e: int, x: Tensor, parts: Mapping[str, ExpertPart]) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from moeslim.models.attrs import pretrained
+from moeslim.runtime.checkpoint_files import cast_floating, record_dtype
 
 
 def save_pretrained_with_runtime(model: nn.Module, out_dir: Path, dtype: torch.dtype | None = None) -> None:
@@ -48,31 +49,8 @@ def save_pretrained_with_runtime(model: nn.Module, out_dir: Path, dtype: torch.d
     if dtype is None:
         pretrained(model).save_pretrained(out_dir)
         return
-    pretrained(model).save_pretrained(out_dir, state_dict=_cast_state(model.state_dict(), dtype))
-    # save_pretrained records the dtype of the in-memory parameters; the stored tensors are ``dtype``.
-    config_file = Path(out_dir) / "config.json"
-    raw = json.loads(config_file.read_text(encoding="utf-8"))
-    raw["dtype"] = str(dtype).removeprefix("torch.")
-    config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """``state`` with floating tensors in ``dtype``; tensors that share memory (tied weights) still share it.
-
-    A per-key ``.to(dtype)`` would give ``lm_head.weight`` and the tied embedding two separate copies, which
-    ``save_pretrained`` can no longer recognise as tied, so it would store the matrix twice.
-    """
-    cast: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        if not tensor.is_floating_point():
-            out[name] = tensor
-            continue
-        key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tensor.stride())
-        if key not in cast:
-            cast[key] = tensor.to(dtype)
-        out[name] = cast[key]
-    return out
+    pretrained(model).save_pretrained(out_dir, state_dict=cast_floating(model.state_dict(), dtype))
+    record_dtype(out_dir, dtype)
 
 
 def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
@@ -106,7 +84,6 @@ def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str
 
 
 def _moeslim_section(path: Path) -> dict[str, Any]:
-    import json
 
     config_file = path / "config.json"
     if not config_file.is_file():

@@ -22,9 +22,10 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeslim.methods.skip.thresholds import SKIP_RULES, keep_mask, rescale_kept
 from moeslim.models import FAMILIES, MoELayer, find_moe_layers
-from moeslim.models.attrs import hf_config, pretrained
+from moeslim.models.attrs import pretrained
+from moeslim.runtime.routed_experts import SKIP_IMPLEMENTATION, register_forward, use_implementation
 
-IMPLEMENTATION = "moeslim_skip"
+IMPLEMENTATION = SKIP_IMPLEMENTATION
 _STANDARD_ARGS = 3  # forward(hidden_states, top_k_index, top_k_weights)
 
 
@@ -74,11 +75,6 @@ def skipping_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index
     return out
 
 
-def _register() -> None:
-    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
-        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, skipping_experts_forward)
-
-
 def _supported(layer: MoELayer) -> bool:
     experts = layer.experts
     eager = getattr(type(experts).forward, "__wrapped__", None)
@@ -115,7 +111,7 @@ def install_skipping(model: nn.Module, betas: Mapping[int, float], rule: str = "
     if unknown:
         raise ValueError(f"betas for layers {unknown} that are not MoE layers; MoE layers: "
                          f"{[layer.layer_idx for layer in layers]}")
-    _register()
+    register_forward(IMPLEMENTATION, skipping_experts_forward)
     hf_model = pretrained(model)
     previous = hf_model.config._experts_implementation
     for layer in layers:
@@ -129,10 +125,7 @@ def install_skipping(model: nn.Module, betas: Mapping[int, float], rule: str = "
         set_state(experts, "counters", {"expert_calls": 0, "tokens": 0})
     hf_model.set_experts_implementation(IMPLEMENTATION)
     for layer in layers:
-        # The experts dispatch on their own config; make sure it is the one set (text sub-configs).
-        config = hf_config(layer.experts)
-        if config._experts_implementation != IMPLEMENTATION:
-            config._experts_implementation = IMPLEMENTATION
+        use_implementation(layer.experts, IMPLEMENTATION)
 
 
 def uninstall_skipping(model: nn.Module) -> None:
@@ -143,7 +136,7 @@ def uninstall_skipping(model: nn.Module) -> None:
         return
     pretrained(model).set_experts_implementation(inner)
     for layer in layers:
-        hf_config(layer.experts)._experts_implementation = inner
+        use_implementation(layer.experts, inner)
         for name in ("moeslim_beta", "moeslim_rule", "moeslim_inner", "moeslim_counters"):
             if hasattr(layer.experts, name):
                 delattr(layer.experts, name)

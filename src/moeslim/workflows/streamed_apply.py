@@ -415,15 +415,13 @@ def _write_quantized_config(model: Any, folder: Path, storage: torch.dtype | Non
     """config.json and generation_config.json as ``save_quantized`` writes them for the loaded model."""
     from transformers import GenerationConfig
 
+    from moeslim.runtime.checkpoint_files import record_dtype
     from moeslim.runtime.lowbit_forward import IMPLEMENTATION
+    from moeslim.runtime.routed_experts import use_implementation
 
-    model.config._experts_implementation = IMPLEMENTATION  # what installing the packed experts sets
+    use_implementation(model.config, IMPLEMENTATION)  # what installing the packed experts sets
     model.config.save_pretrained(folder)
-    if storage is not None:
-        config_file = folder / "config.json"
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-        raw["dtype"] = str(storage).removeprefix("torch.")
-        config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    record_dtype(folder, storage)
     generation = (GenerationConfig.from_pretrained(source) if (Path(source) / "generation_config.json").is_file()
                   else getattr(model, "generation_config", None))
     if generation is not None:
