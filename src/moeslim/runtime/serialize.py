@@ -1,14 +1,17 @@
-"""Save/load of models whose runtime state lives beside the standard weights.
+"""Save/load of models whose runtime state lives beside the standard weights: one registry of the forms.
 
-Each runtime that needs more than ``save_pretrained`` registers here by its key in the ``moeslim``
-config section: ``skip`` re-installs the skipping experts forward; ``quantize`` stores packed low-bit
-experts in their own safetensors file and restores them at load; ``lowrank`` stores the whole state dict with
-the experts' SVD factors in ``moeslim_lowrank.safetensors`` (``runtime/lowrank.py``).
+Each runtime that needs more than ``save_pretrained`` is registered here by its key in the ``moeslim`` config
+section (``_FORMS``): compact non-uniform experts (``runtime/nonuniform.py``), packed low-bit experts
+(``runtime/lowbit_io.py``), low-rank experts (``runtime/lowrank.py``); and the runtimes re-installed on any
+form after loading (``_INSTALLED``): ``skip`` (skipping, or online dynamic pruning, ``runtime/odp.py``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +22,54 @@ from moeslim.models.attrs import pretrained
 from moeslim.runtime.checkpoint_files import cast_floating, record_dtype
 
 
+@dataclass(frozen=True)
+class StoredForm:
+    """A checkpoint form that ``save_pretrained`` cannot write: when a model's moeslim section ``holds`` it, its own
+    writer and reader are used (imported when used, so loading a plain model imports none of the runtimes)."""
+
+    name: str
+    holds: Callable[[dict[str, Any]], bool]
+    module: str  # moeslim.runtime.<module>
+    save: str  # its save(model, out_dir, dtype=...)
+    load: str  # its load(path, dtype=..., device=...) -> (model, tokenizer)
+
+    def function(self, which: str) -> Callable[..., Any]:
+        return getattr(importlib.import_module(f"moeslim.runtime.{self.module}"), which)
+
+
+def _compact(section: dict[str, Any]) -> bool:
+    from moeslim.runtime.nonuniform import is_compact
+
+    return is_compact(section)
+
+
+# The forms a saved moeslim checkpoint can take, the first that holds wins; anything else is a plain
+# transformers checkpoint. Runtimes re-installed on top of any form (after loading) are in ``_INSTALLED``.
+_FORMS = (
+    StoredForm("compact non-uniform experts", _compact, "nonuniform", "save_compact", "load_compact"),
+    StoredForm("packed low-bit experts", lambda s: "quantize" in s, "lowbit_io", "save_quantized", "load_quantized"),
+    StoredForm("low-rank experts", lambda s: "lowrank" in s, "lowrank", "save_lowrank", "load_lowrank"),
+)
+_INSTALLED = {"skip": ("odp", "install_skip_section")}  # section key -> (module, install(model, entry))
+
+
+def _form(section: dict[str, Any]) -> StoredForm | None:
+    held = [form for form in _FORMS if form.holds(section)]
+    if len(held) > 1:
+        raise ValueError(f"a model with {' and '.join(f.name for f in held)} cannot be saved or loaded as one "
+                         "checkpoint yet; apply one of them, save, and apply the other to the saved model")
+    return held[0] if held else None
+
+
 def save_pretrained_with_runtime(model: nn.Module, out_dir: Path, dtype: torch.dtype | None = None) -> None:
     """Save ``model`` (and its runtime sections) into ``out_dir``; floating tensors in ``dtype`` if given.
 
     ``dtype`` is how the checkpoint is stored, not how the model computes: a bfloat16 checkpoint loaded in
     float32 for calibration is written back in bfloat16, so compressing never makes a checkpoint bigger.
     """
-    section = getattr(model.config, "moeslim", None) or {}
-    from moeslim.runtime.nonuniform import is_compact
-
-    if is_compact(section):
-        if "quantize" in section:
-            raise ValueError("a compact non-uniformly pruned model cannot be saved quantized yet; prune with "
-                             "layout='padded' (where the router allows) or quantize a uniform plan")
-        from moeslim.runtime.nonuniform import save_compact
-
-        save_compact(model, out_dir, dtype=dtype)
-        return
-    if "quantize" in section:
-        from moeslim.runtime.lowbit_io import save_quantized
-
-        save_quantized(model, out_dir, dtype=dtype)
-        return
-    if "lowrank" in section:
-        from moeslim.runtime.lowrank import save_lowrank
-
-        save_lowrank(model, out_dir, dtype=dtype)
+    form = _form(getattr(model.config, "moeslim", None) or {})
+    if form is not None:
+        form.function(form.save)(model, out_dir, dtype=dtype)
         return
     if dtype is None:
         pretrained(model).save_pretrained(out_dir)
@@ -55,31 +80,21 @@ def save_pretrained_with_runtime(model: nn.Module, out_dir: Path, dtype: torch.d
 
 def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
                       ) -> tuple[nn.Module, Any]:
+    """Load ``name`` in the form its moeslim section says, check its weights, and re-install its runtimes."""
     from moeslim.models import load_model, resolve_model_path
     from moeslim.models.loading import check_finite
 
     path = Path(resolve_model_path(name))
     section = _moeslim_section(path)
-    from moeslim.runtime.nonuniform import is_compact, load_compact
-
-    if is_compact(section):
-        model, tokenizer = load_compact(path, dtype=dtype, device=device)
-    elif "quantize" in section:
-        from moeslim.runtime.lowbit_io import load_quantized
-
-        model, tokenizer = load_quantized(path, dtype=dtype, device=device)
-    elif "lowrank" in section:
-        from moeslim.runtime.lowrank import load_lowrank
-
-        model, tokenizer = load_lowrank(path, dtype=dtype, device=device)
-    else:
+    form = _form(section)
+    if form is None:
         model, tokenizer = load_model(name, dtype=dtype, device=device)  # checks its weights itself
-    if is_compact(section) or "quantize" in section or "lowrank" in section:
+    else:
+        model, tokenizer = form.function(form.load)(path, dtype=dtype, device=device)
         check_finite([*model.named_parameters(), *model.named_buffers()], name)
-    if "skip" in section:
-        from moeslim.runtime.odp import install_skip_section
-
-        install_skip_section(model, section["skip"])
+    for key, (module, install) in _INSTALLED.items():
+        if key in section:
+            getattr(importlib.import_module(f"moeslim.runtime.{module}"), install)(model, section[key])
     return model, tokenizer
 
 

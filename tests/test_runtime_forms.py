@@ -1,0 +1,24 @@
+"""One registry of the checkpoint forms moeslim writes beside save_pretrained (runtime/serialize.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeslim.runtime.serialize import _form
+
+
+@pytest.mark.parametrize("section, form", [
+    ({}, None),
+    ({"skip": {"betas": {}}}, None),  # skipping is re-installed on a plain checkpoint
+    ({"quantize": {}}, "packed low-bit experts"),
+    ({"lowrank": {}, "skip": {}}, "low-rank experts"),
+    ({"prune": {"layout": "compact", "experts_per_layer": {"0": 2}}}, "compact non-uniform experts"),
+])
+def test_the_section_picks_the_form(section: dict, form: str | None) -> None:
+    found = _form(section)
+    assert (found.name if found is not None else None) == form
+
+
+def test_two_forms_in_one_model_are_refused_with_a_way_out() -> None:
+    with pytest.raises(ValueError, match="packed low-bit experts and low-rank experts cannot be saved"):
+        _form({"quantize": {}, "lowrank": {}})
