@@ -94,7 +94,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
 
 @contextmanager
 def quiet_loading() -> Iterator[None]:
-    """transformers' "Loading weights" bar and load report off for the block (its own switches, restored)."""
+    """transformers' "Loading weights" / "Writing model shards" bars and load report off for the block (its own
+    switches, restored)."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()

@@ -67,15 +67,17 @@ def save_pretrained_with_runtime(model: nn.Module, out_dir: Path, dtype: torch.d
     ``dtype`` is how the checkpoint is stored, not how the model computes: a bfloat16 checkpoint loaded in
     float32 for calibration is written back in bfloat16, so compressing never makes a checkpoint bigger.
     """
+    from moeslim.models.loading import quiet_loading
+
     form = _form(getattr(model.config, "moeslim", None) or {})
-    if form is not None:
-        form.function(form.save)(model, out_dir, dtype=dtype)
-        return
-    if dtype is None:
-        pretrained(model).save_pretrained(out_dir)
-        return
-    pretrained(model).save_pretrained(out_dir, state_dict=cast_floating(model.state_dict(), dtype))
-    record_dtype(out_dir, dtype)
+    with quiet_loading():  # transformers' "Writing model shards" bar: the command says what it wrote
+        if form is not None:
+            form.function(form.save)(model, out_dir, dtype=dtype)
+        elif dtype is None:
+            pretrained(model).save_pretrained(out_dir)
+        else:
+            pretrained(model).save_pretrained(out_dir, state_dict=cast_floating(model.state_dict(), dtype))
+            record_dtype(out_dir, dtype)
 
 
 def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
