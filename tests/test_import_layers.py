@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "_package": 0,
     "config": 0,
     "hub": 0,
+    "progress": 0,
     "outputs": 1,
     "devices": 1,
     "plans": 2,
