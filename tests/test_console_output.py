@@ -80,7 +80,7 @@ def test_prune_summary_has_counts_removed_experts_and_losses() -> None:
     assert lines[0].startswith("plan prune (enumerate, layerwise): 3 MoE layers")
     assert "layers 0-1: keep 6 of 8, removed 6,7 | 0,1" in lines
     assert "layer 2: keep 4 of 8, removed 4,5,6,7" in lines
-    assert "loss per layer: 1.5, 2, 4 (sum 7.5)" in lines
+    assert "loss per layer: 1.5, 2.0, 4.0 (sum 7.5)" in lines
 
 
 def test_quantize_summary_is_a_bits_histogram() -> None:
