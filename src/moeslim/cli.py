@@ -112,12 +112,6 @@ def _resume_checkpoint(args: argparse.Namespace, stage: StageSpec, calib: Calibr
     return LayerCheckpoint(out.parent / f".{out.name}.layers", key, rank=world.rank)
 
 
-def _progress_line(message: str) -> None:
-    from moeslim.progress import note
-
-    note(message)  # stderr, with the per-layer progress lines that follow it
-
-
 def _load_streamed(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from moeslim.models.lazy import load_streamed
 
@@ -203,6 +197,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from moeslim.io import checkpoint_dtype, save
     from moeslim.outputs import check_output_dir
     from moeslim.plans import Plan
+    from moeslim.workflows.apply_summary import describe_change, model_shape
 
     inputs = _input_paths(args.model, *args.plans)
     out = check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # before any work
@@ -213,8 +208,6 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if args.stream:  # one decoder layer at a time, shard by shard; torchrun splits a GPTQ pass, rank 0 writes
         return _apply_streamed(args, plans, out, inputs, device, dtype)
     model, tokenizer = _load_placed(args, dtype, device)
-    from moeslim.workflows.apply_summary import describe_change, model_shape
-
     before = model_shape(model)
     for plan in plans:
         apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), force=args.force, progress=True)
@@ -229,6 +222,7 @@ def _apply_streamed(args: argparse.Namespace, plans: list[Plan], out: Path, inpu
                     device: torch.device, dtype: torch.dtype) -> int:
     from moeslim.calibrate.resume import run_key
     from moeslim.models import resolve_model_path
+    from moeslim.workflows.apply_summary import describe_disk_change
     from moeslim.workflows.streamed_apply import stream_apply
 
     world, device = _join_torchrun(device)
@@ -238,8 +232,6 @@ def _apply_streamed(args: argparse.Namespace, plans: list[Plan], out: Path, inpu
     written = stream_apply(source, plans, out, dtype=dtype, device=device, overwrite=args.overwrite,
                            force=args.force, inputs=inputs, resume=key, progress=True)
     if written is not None:
-        from moeslim.workflows.apply_summary import describe_disk_change
-
         for line in describe_disk_change(source, out, plans):
             console.print(line, highlight=False)
         console.print(f"wrote checkpoint {out}")
@@ -293,6 +285,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from moeslim.data.calibration_set import build_calibration_set
     from moeslim.models.loading import check_context
     from moeslim.outputs import check_output_file
+    from moeslim.progress import note
+    from moeslim.workflows.plan_summary import summarize
     from moeslim.workflows.stages import parse_stage
 
     # Validated before the model is loaded.
@@ -309,9 +303,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     checkpoint = _resume_checkpoint(args, stage, calib, dtype, device, world) if args.resume else None
     calib_set = build_calibration_set(calib, tokenizer)
-    if world.is_main:
-        _progress_line(f"plan {args.kind}: {calib_set.input_ids.shape[0]} calibration windows of "
-                       f"{calib_set.input_ids.shape[1]} tokens from {calib_set.name}, one decoder layer at a time")
+    if world.is_main:  # on stderr, with the per-layer progress lines that follow
+        note(f"plan {args.kind}: {calib_set.input_ids.shape[0]} calibration windows of "
+             f"{calib_set.input_ids.shape[1]} tokens from {calib_set.name}, one decoder layer at a time")
     plan = plan_stage(model, stage, calib_set, args.model, device=device, checkpoint=checkpoint,
                       progress=True)
     if not world.is_main:  # every process computed the same plan; rank 0 writes it
@@ -323,8 +317,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     path = plan.save(args.out)
     if checkpoint is not None:
         checkpoint.finish()
-    from moeslim.workflows.plan_summary import summarize
-
     for line in summarize(plan):  # the decision in a few lines; every integer of it is in the file
         console.print(line, highlight=False)
     console.print(f"wrote {path}")
