@@ -80,7 +80,7 @@ def test_prune_summary_has_counts_removed_experts_and_losses() -> None:
     assert lines[0].startswith("plan prune (enumerate, layerwise): 3 MoE layers")
     assert "layers 0-1: keep 6 of 8, removed 6,7 | 0,1" in lines
     assert "layer 2: keep 4 of 8, removed 4,5,6,7" in lines
-    assert "loss per layer: 1.5, 2, 4 (sum 7.5)" in lines
+    assert "loss per layer: 1.5, 2.0, 4.0 (sum 7.5)" in lines
 
 
 def test_quantize_summary_is_a_bits_histogram() -> None:
@@ -252,3 +252,21 @@ def test_variants_print_one_line_each_and_send_lm_eval_to_the_log(tiny_model_dir
     for noise in ("pretrained", "loglikelihood", "fatal:", "perplexity"):
         assert noise not in err and noise not in out, noise
     assert "pretrained" in (tmp_path / "third-party.log").read_text()  # kept, in the run folder
+
+
+def test_streamed_apply_and_gguf_export_show_progress(tiny_model_dir: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("gguf")
+    plan = tmp_path / "p.json"
+    assert main(["plan", "prune", str(tiny_model_dir), "--method", "frequency", "--keep", "6", *CALIB,
+                 "--out", str(plan)]) == 0
+    capsys.readouterr()
+    assert main(["apply", str(tiny_model_dir), str(plan), "--stream", "--out", str(tmp_path / "s")]) == 0
+    out, err = capsys.readouterr()
+    assert "apply: 1 of 2 layers done" in err and "apply: 2 of 2 layers done" in err
+    disk = re.search(r"weights on disk: ([\d.]+) MiB -> ([\d.]+) MiB", out)
+    assert disk is not None and float(disk[2]) < float(disk[1]), out
+    assert main(["export", str(tiny_model_dir), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    out, err = capsys.readouterr()
+    done = re.findall(r"^gguf: (\d+) of (\d+) tensors done", err, re.M)
+    assert done and done[-1][0] == done[-1][1] and 2 <= len(done) <= 11, err  # ~10 lines, the last at the end

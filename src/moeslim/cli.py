@@ -123,12 +123,6 @@ def _resume_checkpoint(args: argparse.Namespace, stage: StageSpec, calib: Calibr
     return LayerCheckpoint(out.parent / f".{out.name}.layers", key, rank=world.rank)
 
 
-def _progress_line(message: str) -> None:
-    from moeslim.progress import note
-
-    note(message)  # stderr, with the per-layer progress lines that follow it
-
-
 def _load_streamed(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from moeslim.models.lazy import load_streamed
 
@@ -267,6 +261,7 @@ def _apply(args: argparse.Namespace, inputs: list[str], out: Path, device: torch
     from moeslim.appliers import apply
     from moeslim.io import checkpoint_dtype, save
     from moeslim.plans import Plan, PlanError
+    from moeslim.workflows.apply_summary import describe_change, model_shape
 
     plans = [Plan.load(p) for p in args.plans]
     if args.resume and not args.stream:
@@ -274,8 +269,6 @@ def _apply(args: argparse.Namespace, inputs: list[str], out: Path, device: torch
     if args.stream:  # one decoder layer at a time, shard by shard; torchrun splits a GPTQ pass, rank 0 writes
         return _apply_streamed(args, plans, out, inputs, device, dtype)
     model, tokenizer = _load_placed(args, dtype, device)
-    from moeslim.workflows.apply_summary import describe_change, model_shape
-
     before = model_shape(model)
     for path, plan in zip(args.plans, plans, strict=True):
         try:
@@ -293,6 +286,7 @@ def _apply_streamed(args: argparse.Namespace, plans: list[Plan], out: Path, inpu
                     device: torch.device, dtype: torch.dtype) -> int:
     from moeslim.calibrate.resume import run_key
     from moeslim.models import resolve_model_path
+    from moeslim.workflows.apply_summary import describe_disk_change
     from moeslim.workflows.streamed_apply import stream_apply
 
     world, device = _join_torchrun(device)  # joined already in cmd_apply; returns the same world
@@ -302,8 +296,6 @@ def _apply_streamed(args: argparse.Namespace, plans: list[Plan], out: Path, inpu
     written = stream_apply(source, plans, out, dtype=dtype, device=device, overwrite=args.overwrite,
                            force=args.force, inputs=inputs, resume=key, progress=True)
     if written is not None:
-        from moeslim.workflows.apply_summary import describe_disk_change
-
         for line in describe_disk_change(source, out, plans):
             console.print(line, highlight=False)
         console.print(f"wrote checkpoint {out}")
@@ -385,6 +377,8 @@ def _plan(args: argparse.Namespace, stage: StageSpec, calib: CalibrationConfig, 
           dtype: torch.dtype) -> int:
     from moeslim.data.calibration_set import build_calibration_set
     from moeslim.models.loading import check_context
+    from moeslim.progress import note
+    from moeslim.workflows.plan_summary import summarize
 
     model, tokenizer = _load_streamed(args.model, dtype) if args.stream else _load_placed(args, dtype)
     if tokenizer is None:
@@ -394,9 +388,9 @@ def _plan(args: argparse.Namespace, stage: StageSpec, calib: CalibrationConfig, 
 
     checkpoint = _resume_checkpoint(args, stage, calib, dtype, device, world) if args.resume else None
     calib_set = build_calibration_set(calib, tokenizer)
-    if world.is_main:
-        _progress_line(f"plan {args.kind}: {calib_set.input_ids.shape[0]} calibration windows of "
-                       f"{calib_set.input_ids.shape[1]} tokens from {calib_set.name}, one decoder layer at a time")
+    if world.is_main:  # on stderr, with the per-layer progress lines that follow
+        note(f"plan {args.kind}: {calib_set.input_ids.shape[0]} calibration windows of "
+             f"{calib_set.input_ids.shape[1]} tokens from {calib_set.name}, one decoder layer at a time")
     plan = plan_stage(model, stage, calib_set, args.model, device=device, checkpoint=checkpoint,
                       progress=True)
     if not world.is_main:  # every process computed the same plan; rank 0 writes it
@@ -408,8 +402,6 @@ def _plan(args: argparse.Namespace, stage: StageSpec, calib: CalibrationConfig, 
     path = plan.save(args.out)
     if checkpoint is not None:
         checkpoint.finish()
-    from moeslim.workflows.plan_summary import summarize
-
     for line in summarize(plan):  # the decision in a few lines; every integer of it is in the file
         console.print(line, highlight=False)
     console.print(f"wrote {path}")

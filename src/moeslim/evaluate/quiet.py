@@ -6,7 +6,8 @@ they land between our progress lines and tables. While the harness runs, its Pyt
 logging's last-resort handler) and the records of the libraries' loggers go to ``log`` (a run folder's log
 file) or nowhere. Only that call is redirected: moeslim prints nothing while it runs, and our own progress and
 tables before and after go to the real stderr/stdout. (The ``git`` child process lm-eval starts for its
-version stamp is avoided at the source: see ``tasks._lm_eval_score``.)
+version stamp is avoided at the source: see ``tasks._lm_eval_score``.) The demo also loads its models inside
+it, so transformers' "Loading weights" bar goes to the run folder's log with the rest.
 """
 
 from __future__ import annotations

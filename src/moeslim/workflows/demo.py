@@ -161,6 +161,7 @@ def run_demo(config: DemoConfig) -> Path:
 def run_demo_model(config: DemoConfig, demo_model: DemoModel) -> Path:
     """Original vs the variants of one model: table, report.md, results.json, plans/ and plots."""
     from moeslim.evaluate import write_report
+    from moeslim.evaluate.quiet import third_party_output
     from moeslim.models import find_moe_layers, load_model
     from moeslim.workflows.expert_load import expert_loads, plot_expert_load
     from moeslim.workflows.run_folder import write_results
@@ -172,22 +173,24 @@ def run_demo_model(config: DemoConfig, demo_model: DemoModel) -> Path:
     evaluation = EvalConfig(seq_len=config.seq_len, max_windows=config.eval_windows,
                             tasks=("moeslim_code_nextline", "moeslim_prose_continuation"),
                             task_limit=config.task_limit, speed=config.speed)
-    model, tokenizer = load_model(demo_model.model)
-    if tokenizer is None:
-        raise ConfigError(f"{demo_model.model} has no tokenizer")
-    num_experts = find_moe_layers(model)[0].num_experts
-    make_variants = demo_model.variants or (demo_variants if num_experts == 8 else fine_variants)
     out.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]moeslim demo[/] on {label} ({num_experts} experts per layer): calibration "
-                  f"{calibration.samples} x {calibration.seq_len} tokens from {', '.join(calibration.data)}")
-    loads = expert_loads(model, CalibrationCache(tokenizer).get(calibration).input_ids)
-    plot_expert_load(loads, out / "expert_load.png", f"{label}: expert load on calibration text")
-    variants = make_variants(config, calibration, num_experts)
     with (out / THIRD_PARTY_LOG).open("w", encoding="utf-8") as log:
+        with third_party_output(log):  # transformers' "Loading weights" bar
+            model, tokenizer = load_model(demo_model.model)
+        if tokenizer is None:
+            raise ConfigError(f"{demo_model.model} has no tokenizer")
+        num_experts = find_moe_layers(model)[0].num_experts
+        make_variants = demo_model.variants or (demo_variants if num_experts == 8 else fine_variants)
+        console.print(f"[bold]moeslim demo[/] on {label} ({num_experts} experts per layer): calibration "
+                      f"{calibration.samples} x {calibration.seq_len} tokens from {', '.join(calibration.data)}")
+        loads = expert_loads(model, CalibrationCache(tokenizer).get(calibration).input_ids)
+        plot_expert_load(loads, out / "expert_load.png", f"{label}: expert load on calibration text")
+        variants = make_variants(config, calibration, num_experts)
         results, _ = evaluate_variants(demo_model.model, model, tokenizer, variants, calibration, evaluation, out,
                                        log=log)
     write_results(results, out)
     report = write_report(results, out, title=f"moeslim demo: {label}")
     print_table(results, f"moeslim demo: {label} (ppl on held-out test text; % vs original)")
-    console.print(f"wrote {report}, results.json, plans/, plots and {THIRD_PARTY_LOG} (lm-eval's output) in {out}")
+    console.print(f"wrote {report}, results.json, plans/, plots and {THIRD_PARTY_LOG} (what lm-eval and "
+                  f"transformers printed) in {out}")
     return report

@@ -53,8 +53,13 @@ def _per_layer(summary: dict[str, Any], key: str) -> dict[int, float]:
 def _loss_line(losses: dict[int, float], what: str = "loss") -> list[str]:
     if not losses:
         return []
-    values = [f"{losses[i]:.4g}" for i in sorted(losses)]
-    return [f"{what} per layer: {_listed(values, ', ')} (sum {sum(losses.values()):.4g})"]
+    values = [_num(losses[i]) for i in sorted(losses)]
+    return [f"{what} per layer: {_listed(values, ', ')} (sum {_num(sum(losses.values()))})"]
+
+
+def _num(value: float) -> str:
+    # one decimal for losses of 1 and more (the demo's are 10-1000); 3 significant digits below 1
+    return f"{value:.1f}" if abs(value) >= 1 else f"{value:.3g}"
 
 
 def _header(plan: Plan, detail: str) -> str:
@@ -84,7 +89,7 @@ def _router_fit(summary: dict[str, Any]) -> list[str]:
     pairs = [(int(k), v) for k, v in fits.items() if isinstance(v, dict) and "loss_before" in v]
     if not pairs:
         return []
-    shown = [f"{v['loss_before']:.4g} -> {v['loss_after']:.4g}" for _, v in sorted(pairs)]
+    shown = [f"{_num(v['loss_before'])} -> {_num(v['loss_after'])}" for _, v in sorted(pairs)]
     return [f"router refit, loss per layer: {_listed(shown, ', ')}"]
 
 
