@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from moeslim.export.gguf_arch import GgufFamily, UnsupportedExportError, gguf_family, gguf_tensor_name, permute_rotary
-from moeslim.export.gguf_vocab import gguf_vocab
+from moeslim.export.gguf_vocab import GgufVocab, gguf_vocab, write_vocab
 from moeslim.methods.quant.gguf_types import GGUF_BLOCKS, GPY_QUANTIZABLE, PROJECTIONS
 from moeslim.models import find_moe_layers
 from moeslim.plans import Plan, PlanError, config_hash
@@ -149,20 +149,6 @@ def _write_hparams(writer: Any, model: nn.Module, family: GgufFamily, n_experts:
     writer.add_vocab_size(int(config.vocab_size))
 
 
-def _write_vocab(writer: Any, tokenizer: Any, vocab_size: int) -> None:
-    vocab = gguf_vocab(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
-    for setter, value in ((writer.add_bos_token_id, vocab.bos), (writer.add_eos_token_id, vocab.eos),
-                          (writer.add_pad_token_id, vocab.pad), (writer.add_unk_token_id, vocab.unk)):
-        if value is not None:
-            setter(value)
-    writer.add_add_bos_token(vocab.add_bos)
-
-
 def _encode(data: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
     """(array to store, raw_dtype or None) for ``qtype``, quantized by gguf-py."""
     from gguf import GGMLQuantizationType
@@ -192,7 +178,7 @@ def _moe_shape(model: nn.Module) -> tuple[int, int, int]:
     return next(iter(counts.values())), int(top_k), next(iter(sizes))
 
 
-def _write_file(model: nn.Module, tokenizer: Any, path: Path, family: GgufFamily, default: str,
+def _write_file(model: nn.Module, vocab: GgufVocab, path: Path, family: GgufFamily, default: str,
                 overrides: dict[str, str], name: str) -> list[str]:
     """Write the GGUF at ``path``; returns the tensors that fell back to F16 (rows not divisible by blocks)."""
     import gguf
@@ -203,7 +189,7 @@ def _write_file(model: nn.Module, tokenizer: Any, path: Path, family: GgufFamily
     _write_hparams(writer, model, family, n_experts, top_k, n_ff_exp)
     ftype = getattr(gguf.LlamaFileType, f"MOSTLY_{default}", gguf.LlamaFileType.ALL_F32)
     writer.add_file_type(int(ftype))
-    _write_vocab(writer, tokenizer, int(_config(model).vocab_size))
+    write_vocab(writer, vocab)
     fallbacks: list[str] = []
     for tname, data in _gguf_tensors(model, family):
         # norms and the router stay exact (llama.cpp never quantizes them)
@@ -276,6 +262,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, qtype: str
     if imatrix is not None and not Path(imatrix).is_file():
         raise UnsupportedExportError(f"--imatrix {imatrix}: no such file")
     n_experts, top_k, _ = _moe_shape(model)
+    vocab = gguf_vocab(tokenizer, int(_config(model).vocab_size), _config(model))  # refuses before any writing
     title = name or str(getattr(_config(model), "_name_or_path", "") or _config(model).model_type)
     dest = Path(target).expanduser().resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -283,11 +270,11 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, qtype: str
         work = Path(tmp)
         staged = work / "out.gguf"
         if binary is None:
-            fallbacks = _write_file(model, tokenizer, staged, family, default, overrides, title)
+            fallbacks = _write_file(model, vocab, staged, family, default, overrides, title)
             quantizer = "gguf-py"
         else:
             source = work / "f32.gguf"
-            fallbacks = _write_file(model, tokenizer, source, family, "F32", {}, title)
+            fallbacks = _write_file(model, vocab, source, family, "F32", {}, title)
             _llama_quantize(binary, source, staged, default, overrides,
                             Path(imatrix) if imatrix is not None else None, work)
             quantizer = "llama-quantize"
