@@ -20,6 +20,7 @@ Ends with, per folder:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +36,16 @@ _EXPECTED = {
     "tokenizer.ggml.scores": "llama.cpp merges by score; the converter writes -1000 for every token of a "
                              "tokenizer.json-only folder, moeslim minus the merge rank",
 }
+
+
+# Families whose multi-token-prediction layers transformers drops (so moeslim's checkpoints never have them).
+_NO_MTP = ("glm4_moe",)
+# Tiny-config changes that make a family's tiny model one llama.cpp runs (every layer MoE where it needs that,
+# V3-style group scores), and the added tokens the converter requires of a family's tokenizer.
+_TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "qwen2_moe": {"mlp_only_layers": []}, "qwen3_moe": {"mlp_only_layers": []},
+    "deepseek_v2": {"n_group": 1, "topk_group": 1}}
+_TINY_TOKENS = {"glm4_moe": ["[gMASK]", "<|user|>", "<|observation|>", "<|endoftext|>"]}
 
 
 def _fields(path: Path) -> dict[str, Any]:
@@ -101,6 +112,8 @@ def convert(folder: Path, out: Path, llama_cpp: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(llama_cpp / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(folder), "--outtype", "f16",
            "--outfile", str(out)]
+    if json.loads((folder / "config.json").read_text())["model_type"] in _NO_MTP:
+        cmd.append("--no-mtp")  # transformers drops the MTP layers on load: neither file has them
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise SystemExit(f"the converter failed on {folder}:\n{result.stderr[-3000:]}")
@@ -124,9 +137,10 @@ def tiny_folder(spec: str, vocab_dir: Path, work: Path) -> Path:
 
     family, vocab = spec.split(":")
     tokenizer = AutoTokenizer.from_pretrained(str(vocab_dir), gguf_file=f"ggml-vocab-{vocab}.gguf")
+    tokenizer.add_special_tokens({"additional_special_tokens": _TINY_TOKENS.get(family, [])})
     config = tiny_config(family, len(tokenizer))
-    if hasattr(config, "mlp_only_layers"):
-        config.mlp_only_layers = []  # llama.cpp's qwen3moe has no dense layers
+    for key, value in _TINY_OVERRIDES.get(family, {}).items():
+        setattr(config, key, value)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(config, key, getattr(tokenizer, key))
     torch.manual_seed(0)

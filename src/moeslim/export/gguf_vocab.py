@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from moeslim.export.gguf_arch import UnsupportedExportError
+from moeslim.export.errors import UnsupportedExportError
 from moeslim.export.gguf_pre import PRE_TOKENIZER_HASHES, pre_tokenizer_hash
 
 __all__ = ["TOKENIZER_KINDS", "GgufVocab", "gguf_vocab", "write_vocab"]
@@ -55,7 +55,7 @@ class GgufVocab:
     special_ids: dict[str, int] = field(default_factory=dict)  # bos, eos, unk, sep, pad, ...
     add_special: dict[str, bool] = field(default_factory=dict)  # add_bos, add_eos, ...
     chat_template: Any = None
-    add_space_prefix: bool | None = None
+    add_space_prefix: bool | None = None  # tokenizer_config's add_prefix_space (written by some architectures)
 
 
 def _looks_special(text: str) -> bool:
@@ -211,7 +211,7 @@ def gguf_vocab(tokenizer: Any, vocab_size: int, config: Any = None) -> GgufVocab
     special, add_prefix = _special_vocab(tokenizer, config, len(vocab.tokens), merges=vocab.model == "gpt2")
     return GgufVocab(vocab.model, vocab.pre, vocab.tokens, vocab.token_types, vocab.scores, list(special.merges),
                      dict(special.special_token_ids), dict(special.add_special_token), special.chat_template,
-                     add_prefix if vocab.model == "llama" and isinstance(add_prefix, bool) else None)
+                     add_prefix if isinstance(add_prefix, bool) else None)
 
 
 def write_vocab(writer: Any, vocab: GgufVocab) -> None:
