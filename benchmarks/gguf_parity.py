@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,11 +34,15 @@ import numpy as np
 _IGNORED = ("general.", "GGUF.")
 # Differences we make on purpose (docs in src/moeslim/export/gguf_vocab.py): reason per key.
 _EXPECTED = {
-    "tokenizer.ggml.scores": "llama.cpp merges by score; the converter writes -1000 for every token of a "
-                             "tokenizer.json-only folder, moeslim minus the merge rank",
+    "tokenizer.ggml.scores": "from tokenizer.json alone the converter writes -1000 for every token (llama.cpp then "
+                             "merges left to right); moeslim rebuilds SentencePiece's scores from the merges (equal "
+                             "to the converter's when tokenizer.model is there)",
+    "tokenizer.ggml.token_type": "from tokenizer.json alone the converter types <unk> CONTROL; moeslim UNKNOWN, as "
+                                 "SentencePiece does (and the converter with tokenizer.model)",
+    "tokenizer.ggml.add_space_prefix": "tokenizer_config.json has add_prefix_space: null, which the converter writes "
+                                       "as False (no leading space, unlike the tokenizer's Metaspace); moeslim "
+                                       "leaves llama.cpp's default",
 }
-
-
 # Families whose multi-token-prediction layers transformers drops (so moeslim's checkpoints never have them).
 _NO_MTP = ("glm4_moe",)
 # Tiny-config changes that make a family's tiny model one llama.cpp runs (every layer MoE where it needs that,
@@ -128,15 +133,41 @@ def export(folder: Path, out: Path) -> None:
         raise SystemExit(f"moeslim export failed on {folder}")
 
 
+def spm_tokenizer(work: Path) -> tuple[Any, Path]:
+    """A SentencePiece BPE model with byte fallback trained on the bundled corpus (600 pieces), and the Hugging
+    Face tokenizer transformers converts from it: a folder with both tokenizer.model and tokenizer.json, as
+    Mixtral's and ERNIE's published ones (needs the sentencepiece and protobuf packages)."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from moeslim.data.sources import load_source
+
+    src = work / "spm-src"
+    src.mkdir(parents=True, exist_ok=True)
+    docs = load_source("demo:prose:test").documents[:50]
+    lines = [line for text in docs for line in text.splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(src / "tokenizer"),
+                                   vocab_size=600, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                                                           "eos_token": "</s>", "unk_token": "<unk>"}))
+    return AutoTokenizer.from_pretrained(str(src)), src / "tokenizer.model"
+
+
 def tiny_folder(spec: str, vocab_dir: Path, work: Path) -> Path:
-    """FAMILY:VOCAB -> a saved tiny checkpoint of FAMILY with llama.cpp's ggml-vocab-VOCAB tokenizer."""
+    """FAMILY:VOCAB -> a saved tiny checkpoint of FAMILY with llama.cpp's ggml-vocab-VOCAB tokenizer (``spm``: a
+    SentencePiece model trained here, written with its tokenizer.model)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import torch
     from tiny_models import _reinit, tiny_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     family, vocab = spec.split(":")
-    tokenizer = AutoTokenizer.from_pretrained(str(vocab_dir), gguf_file=f"ggml-vocab-{vocab}.gguf")
+    sp_model = None
+    if vocab == "spm":
+        tokenizer, sp_model = spm_tokenizer(work)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(vocab_dir), gguf_file=f"ggml-vocab-{vocab}.gguf")
     tokenizer.add_special_tokens({"additional_special_tokens": _TINY_TOKENS.get(family, [])})
     config = tiny_config(family, len(tokenizer))
     for key, value in _TINY_OVERRIDES.get(family, {}).items():
@@ -149,6 +180,8 @@ def tiny_folder(spec: str, vocab_dir: Path, work: Path) -> Path:
     folder = work / f"{family}-{vocab}"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    if sp_model is not None:
+        shutil.copy(sp_model, folder / "tokenizer.model")
     return folder
 
 

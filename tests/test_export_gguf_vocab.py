@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from moeslim.export import UnsupportedExportError, export_gguf
 from moeslim.export import gguf_vocab as vocab_module
 from moeslim.export.gguf_pre import CHECK_TEXT, pre_tokenizer_hash
-from moeslim.export.gguf_vocab import BYTE, CONTROL, NORMAL, UNUSED, USER_DEFINED, gguf_vocab
+from moeslim.export.gguf_vocab import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, gguf_vocab
 
 EXTRA_ROWS = 3  # embedding rows beyond the tokenizer: written as [PADi], type UNUSED
 
@@ -120,17 +120,22 @@ def test_llama_kind(tmp_path: Path) -> None:
     by_id = {i: t for t, i in tok.get_vocab().items()}
     n = len(tok)
     assert tokens[:n] == [by_id[i] for i in range(n)] and len(tokens) == n + EXTRA_ROWS
-    assert types[:3] == [CONTROL] * 3 and types[3:259] == [BYTE] * 256 and set(types[259:n]) == {NORMAL}
+    # SentencePiece's types: <unk> UNKNOWN, <s> </s> CONTROL, <0xNN> BYTE
+    assert types[:3] == [UNKNOWN, CONTROL, CONTROL] and types[3:259] == [BYTE] * 256 and set(types[259:n]) == {NORMAL}
+    assert scores[:259] == [0.0] * 259
     assert fields["tokenizer.ggml.bos_token_id"] == 1 and fields["tokenizer.ggml.eos_token_id"] == 2
     assert fields["tokenizer.ggml.unknown_token_id"] == 0
     assert fields["tokenizer.ggml.add_bos_token"] is True  # the post-processor puts <s> first
     assert fields.get("tokenizer.ggml.add_eos_token", False) is False
-    # scores: minus the rank of the merge that makes the token, so llama.cpp merges in the tokenizer's order
+    # scores: the tokens merges make, in the order of their first merge, then the rest (for a tokenizer converted
+    # from a SentencePiece model, whose pieces are numbered that way, SentencePiece's own scores:
+    # benchmarks/gguf_parity.py --tiny mixtral:spm)
     merges = _backend(tok)["model"]["merges"]
     first = {}
     for rank, m in enumerate(merges):
         first.setdefault("".join(m) if isinstance(m, list) else m.replace(" ", ""), rank)
-    assert all(scores[i] == -first[t] for i, t in by_id.items() if t in first and i >= 259)
+    made = sorted((t for t in first if tok.get_vocab().get(t, 0) >= 259), key=first.__getitem__)
+    assert [scores[tok.get_vocab()[t]] for t in made] == [-float(i) for i in range(len(made))]
     for text in [*TEXT[:3], "naïve fox, 東京!", "the lazy brown dogs"]:
         assert _spm_reference(text, tokens, scores) == tok(text, add_special_tokens=False)["input_ids"], text
     # what equal scores (the converter's tokenizer.json-only placeholder, -1000 each) would do: merge left to

@@ -381,9 +381,48 @@ class GptOssArch(GgufArch):
             yield from super().transform(key, tensor, config)
 
 
+class Ernie45MoeArch(GgufArch):
+    """ERNIE-4.5-MoE: softmax router whose top-k is chosen with a per-expert bias (``moe_statics``) and then
+    renormalised, shared experts, leading dense layers, a MoE layer every ``moe_layer_interval`` layers."""
+
+    name = "ernie4_5-moe"
+    model_types = ("ernie4_5_moe",)
+
+    def check(self, config: Any) -> None:
+        super().check(config)
+        end = _get(config, "moe_layer_end_index")
+        if end is not None and int(end) not in (-1, int(config.num_hidden_layers) - 1):
+            raise UnsupportedExportError(f"llama.cpp's {self.name} runs MoE blocks up to the last layer; this model "
+                                         f"stops them at moe_layer_end_index={end}")
+
+    def vocab(self, vocab: GgufVocab, config: Any) -> GgufVocab:
+        return vocab  # the converter keeps tokenizer_config's add_prefix_space for ERNIE
+
+    def hparams(self, config: Any, moe: MoeShape) -> dict[str, Any]:
+        out = super().hparams(config, moe)
+        out["add_interleave_moe_layer_step"] = int(config.moe_layer_interval)
+        out["add_leading_dense_block_count"] = int(config.moe_layer_start_index)
+        out["add_expert_feed_forward_length"] = moe.n_ff_exp
+        shared = _get(config, "moe_num_shared_experts")
+        if shared is not None:
+            out["add_expert_shared_count"] = int(shared)
+            if shared > 0:  # the converter's value (the shared experts' width over the KV heads), kept for parity
+                out["add_expert_shared_feed_forward_length"] = (int(config.intermediate_size)
+                                                                 // int(config.num_key_value_heads))
+        return out
+
+    def transform(self, key: str, tensor: torch.Tensor, config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        # transformers 5 keeps the selection bias inside the router: the name table knows it as mlp.moe_statics
+        old = ".mlp.gate.moe_statics.e_score_correction_bias"
+        if key.endswith(old):
+            yield key.replace(old, ".mlp.moe_statics.e_score_correction.bias"), tensor
+            return
+        yield from super().transform(key, tensor, config)
+
+
 GGUF_ARCHS: dict[str, GgufArch] = {arch.name: arch for arch in (
     LlamaArch(), Qwen2MoeArch(), Qwen3MoeArch(), OlmoeArch(), GraniteMoeArch(), Glm4MoeArch(), Deepseek2Arch(),
-    GptOssArch())}
+    GptOssArch(), Ernie45MoeArch())}
 # model_type -> architecture
 GGUF_FAMILIES: dict[str, GgufArch] = {mt: arch for arch in GGUF_ARCHS.values() for mt in arch.model_types}
 

@@ -8,12 +8,12 @@ whose ``matches`` accepts the tokenizer.json of the tokenizer and refuses the re
   llama.cpp must re-implement, identified by the converter's hash (gguf_pre.py). An unknown hash is refused with
   the hash; the one exception is a tokenizer.json whose pre-tokenizer *is* the plain GPT-2 byte-level regex
   (moeslim's own demo tokenizers), which llama.cpp's ``gpt-2`` implements exactly.
-- ``llama`` (SentencePiece-style BPE with byte fallback: Mixtral, Llama-2, Mistral): tokens with ``scores`` and
+- ``llama`` (SentencePiece-style BPE with byte fallback: Mixtral, Llama-2, ERNIE): tokens with ``scores`` and
   BYTE types for ``<0xNN>``. llama.cpp's SentencePiece tokenizer merges the adjacent pair whose merged token has
-  the highest score, so the score of a token is minus the rank of the first merge that makes it (0 for tokens no
-  merge makes). With ``tokenizer.model`` beside it the converter writes SentencePiece's own scores (minus the piece
-  index; same order, so the same merges); from tokenizer.json alone it writes -1000 for every token, which makes
-  llama.cpp merge left to right and split words differently from the model, so we do not copy that.
+  the highest score, so scores must order tokens as the merges do (``LlamaKind.scores``); for a tokenizer converted
+  from a SentencePiece BPE model they equal SentencePiece's own, which the converter writes when ``tokenizer.model``
+  is there. From tokenizer.json alone the converter writes -1000 for every token, which makes llama.cpp merge left
+  to right and split words differently from the model, so we do not copy that.
 
 Token types follow the converter: NORMAL 1, UNKNOWN 2, CONTROL 3 (special added tokens and those that look
 special, ``<|...|>``), USER_DEFINED 4 (other added tokens, SentencePiece spaces written as spaces), UNUSED 5 (ids the
@@ -140,13 +140,26 @@ class LlamaKind:
         model = data.get("model") or {}
         return model.get("type") == "BPE" and bool(model.get("byte_fallback", False))
 
+    @staticmethod
+    def scores(data: dict[str, Any], normal: list[str]) -> dict[str, float]:
+        """SentencePiece's scores, rebuilt from the merges: minus the token's place in merge order (the rank of the
+        first merge that makes it), then the tokens no merge makes (single characters) in id order after them. For
+        a tokenizer converted from a SentencePiece BPE model this is its ``-(id - first piece id)``; in any case
+        llama.cpp, which merges the pair whose token scores highest, merges in the tokenizer's order."""
+        first: dict[str, int] = {}
+        for r, (left, right) in enumerate(_merge_pairs(data)):
+            first.setdefault(left + right, r)
+        made = sorted((t for t in normal if t in first), key=first.__getitem__)
+        rest = [t for t in normal if t not in first]
+        return {t: -float(i) for i, t in enumerate(made + rest)}
+
     def build(self, tokenizer: Any, data: dict[str, Any], vocab_size: int) -> GgufVocab:
         by_id = _by_id(tokenizer, vocab_size)
         added = set(tokenizer.get_added_vocab().values())
-        rank: dict[str, int] = {}
-        for r, (left, right) in enumerate(_merge_pairs(data)):
-            rank.setdefault(left + right, r)
+        base = set((data.get("model") or {}).get("vocab") or {})  # the pieces of the model, specials included
         unk = tokenizer.unk_token_id
+        normal = [by_id[i] for i in sorted(by_id) if i not in added and not _BYTE_TOKEN.fullmatch(by_id[i])]
+        piece_scores = self.scores(data, normal)
         tokens, types, scores = [], [], []
         for tid in range(vocab_size):
             text = by_id.get(tid)
@@ -155,14 +168,17 @@ class LlamaKind:
                 types.append(UNUSED)
                 scores.append(-1000.0)
             elif tid in added:
+                # SentencePiece's own special pieces (<unk> <s> </s>) keep its types and score 0; tokens added on
+                # top of the model get -1000, as the converter gives them
+                in_model = text in base
                 text, kind = _added_token(tokenizer, tid, text)
                 tokens.append(text)
-                types.append(kind)
-                scores.append(-1000.0)
+                types.append(UNKNOWN if tid == unk and in_model else kind)
+                scores.append(0.0 if in_model else -1000.0)
             else:
                 tokens.append(text)
                 types.append(UNKNOWN if tid == unk else BYTE if _BYTE_TOKEN.fullmatch(text) else NORMAL)
-                scores.append(-float(rank[text]) if text in rank else 0.0)
+                scores.append(piece_scores.get(text, 0.0))
         return GgufVocab("llama", "default", tokens, types, scores)
 
 
