@@ -39,6 +39,9 @@ _EXPECTED = {
                              "to the converter's when tokenizer.model is there)",
     "tokenizer.ggml.token_type": "from tokenizer.json alone the converter types <unk> CONTROL; moeslim UNKNOWN, as "
                                  "SentencePiece does (and the converter with tokenizer.model)",
+    "tokenizer.ggml.bos_token_id": "HunYuan: moeslim names <|bos|> (the converter's fixed id 127959 is that token in "
+                                   "the published vocabulary); with the generic reader the converter keeps "
+                                   "config.json's id",
     "tokenizer.ggml.add_space_prefix": "tokenizer_config.json has add_prefix_space: null, which the converter writes "
                                        "as False (no leading space, unlike the tokenizer's Metaspace); moeslim "
                                        "leaves llama.cpp's default",
@@ -49,8 +52,13 @@ _NO_MTP = ("glm4_moe",)
 # V3-style group scores), and the added tokens the converter requires of a family's tokenizer.
 _TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen2_moe": {"mlp_only_layers": []}, "qwen3_moe": {"mlp_only_layers": []},
-    "deepseek_v2": {"n_group": 1, "topk_group": 1}}
-_TINY_TOKENS = {"glm4_moe": ["[gMASK]", "<|user|>", "<|observation|>", "<|endoftext|>"]}
+    "deepseek_v2": {"n_group": 1, "topk_group": 1},
+    # the per-layer lists the published HunYuan config.json has (transformers' own config class has ints)
+    "hunyuan_v1_moe": {"moe_intermediate_size": [64] * 3, "moe_topk": [2] * 3, "num_shared_expert": [1] * 3}}
+_TINY_TOKENS = {"glm4_moe": ["[gMASK]", "<|user|>", "<|observation|>", "<|endoftext|>"], "hunyuan_v1_moe": ["<|bos|>"]}
+# Families whose converter reads the vocabulary only through the published tokenizer's remote code (HunYuan's
+# tiktoken): their converter class runs with its generic byte-level BPE reader instead (module, class).
+_GENERIC_VOCAB = {"hunyuan_v1_moe": ("hunyuan", "HunYuanMoEModel")}
 
 
 def _fields(path: Path) -> dict[str, Any]:
@@ -115,10 +123,18 @@ def compare(ours: Path, theirs: Path) -> dict[str, tuple[int, int]]:
 def convert(folder: Path, out: Path, llama_cpp: Path) -> None:
     """llama.cpp's converter on ``folder`` (F16), with the tree's gguf-py ahead of any installed one."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(llama_cpp / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(folder), "--outtype", "f16",
-           "--outfile", str(out)]
-    if json.loads((folder / "config.json").read_text())["model_type"] in _NO_MTP:
-        cmd.append("--no-mtp")  # transformers drops the MTP layers on load: neither file has them
+    model_type = json.loads((folder / "config.json").read_text())["model_type"]
+    args = [str(folder), "--outtype", "f16", "--outfile", str(out)]
+    if model_type in _NO_MTP:
+        args.append("--no-mtp")  # transformers drops the MTP layers on load: neither file has them
+    cmd = [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), *args]
+    if model_type in _GENERIC_VOCAB:
+        cls = _GENERIC_VOCAB[model_type]
+        cmd = [sys.executable, "-c", (
+            f"import sys, runpy; sys.path.insert(0, {str(llama_cpp)!r}); sys.argv = ['convert', *{args!r}]\n"
+            f"import conversion.{cls[0]} as family\nfrom conversion.base import TextModel\n"
+            f"family.{cls[1]}.set_vocab = TextModel._set_vocab_gpt2\n"
+            f"runpy.run_path({str(llama_cpp / 'convert_hf_to_gguf.py')!r}, run_name='__main__')")]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise SystemExit(f"the converter failed on {folder}:\n{result.stderr[-3000:]}")

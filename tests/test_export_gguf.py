@@ -354,3 +354,21 @@ def test_routings_llama_cpp_cannot_run_are_refused(tokenizer, tmp_path: Path) ->
     with pytest.raises(UnsupportedExportError, match="n_group=2 equal groups; this model has 3"):
         export_gguf(model, tokenizer, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_hunyuan_ntk_alpha_rope_is_written_as_llama_cpp_reads_it() -> None:
+    """Hunyuan-A13B's NTK-alpha scaling: llama.cpp takes it as a larger rotary base, base * alpha^(d / (d - 2)),
+    and the 256k context the alpha gives; other alphas have no published context and are refused."""
+    from moeslim.export.gguf_arch import MoeShape, gguf_family
+
+    config = tiny_config("hunyuan_v1_moe")
+    config.hidden_size, config.num_attention_heads = 512, 4  # head dim 128, as the published model
+    config.rope_parameters = {"rope_type": "dynamic", "alpha": 1000.0, "rope_theta": 10000.0}
+    arch = gguf_family(config)
+    hparams = arch.hparams(config, MoeShape(8, 2, 64))
+    assert hparams["add_rope_freq_base"] == pytest.approx(11158839.9251, rel=1e-9)
+    assert hparams["add_context_length"] == hparams["add_rope_scaling_orig_ctx_len"] == 256 * 1024
+    assert hparams["add_rope_scaling_factor"] == 1.0
+    config.rope_parameters = {"rope_type": "dynamic", "alpha": 500.0, "rope_theta": 10000.0}
+    with pytest.raises(UnsupportedExportError, match="alpha=500"):
+        gguf_family(config)

@@ -420,9 +420,54 @@ class Ernie45MoeArch(GgufArch):
         yield from super().transform(key, tensor, config)
 
 
+class HunyuanMoeArch(GgufArch):
+    """HunYuan-MoE (Hunyuan-A13B): softmax top-k renormalised, one shared MLP beside the experts, q/k norms, and
+    NTK-alpha rotary scaling written as llama.cpp reads it (a larger rotary base, 256k context)."""
+
+    name = "hunyuan-moe"
+    model_types = ("hunyuan_v1_moe",)
+    # The one alpha whose context length is published (Hunyuan-A13B's technical report: 256k at alpha 1000).
+    alpha_context: ClassVar[dict[float, int]] = {1000.0: 256 * 1024}
+
+    def check(self, config: Any) -> None:
+        rope = _rope(config)
+        if rope.get("rope_type") == "dynamic":
+            if float(rope.get("alpha", 1000)) not in self.alpha_context:
+                raise UnsupportedExportError(f"llama.cpp's {self.name} context length is known for NTK alpha "
+                                             f"{sorted(self.alpha_context)}; this model has alpha={rope.get('alpha')}")
+            return
+        super().check(config)
+
+    def vocab(self, vocab: GgufVocab, config: Any) -> GgufVocab:
+        # the converter sets BOS to <|bos|> (its config.json bos_token_id names another token)
+        vocab = super().vocab(vocab, config)
+        if "<|bos|>" in vocab.tokens:
+            return replace(vocab, special_ids={**vocab.special_ids, "bos": vocab.tokens.index("<|bos|>")})
+        return vocab
+
+    def hparams(self, config: Any, moe: MoeShape) -> dict[str, Any]:
+        import gguf
+
+        out = super().hparams(config, moe)
+        out["add_expert_shared_feed_forward_length"] = int(config.intermediate_size)
+        out["add_expert_feed_forward_length"] = moe.n_ff_exp
+        out["add_expert_used_count"] = moe.top_k
+        shared = _get(config, "num_shared_expert")
+        out["add_expert_shared_count"] = int(shared[0] if isinstance(shared, list) else shared or 1)
+        rope = _rope(config)
+        if rope.get("rope_type") == "dynamic":
+            alpha, base = float(rope.get("alpha", 1000)), float(rope.get("rope_theta", 10000.0))
+            dim = int(config.hidden_size) // int(config.num_attention_heads)
+            out["add_rope_freq_base"] = base * alpha ** (dim / (dim - 2))
+            out["add_rope_scaling_type"] = gguf.RopeScalingType.NONE
+            out["add_rope_scaling_factor"] = 1.0
+            out["add_rope_scaling_orig_ctx_len"] = out["add_context_length"] = self.alpha_context[alpha]
+        return out
+
+
 GGUF_ARCHS: dict[str, GgufArch] = {arch.name: arch for arch in (
     LlamaArch(), Qwen2MoeArch(), Qwen3MoeArch(), OlmoeArch(), GraniteMoeArch(), Glm4MoeArch(), Deepseek2Arch(),
-    GptOssArch(), Ernie45MoeArch())}
+    GptOssArch(), Ernie45MoeArch(), HunyuanMoeArch())}
 # model_type -> architecture
 GGUF_FAMILIES: dict[str, GgufArch] = {mt: arch for arch in GGUF_ARCHS.values() for mt in arch.model_types}
 
