@@ -8,7 +8,7 @@ each tensor under a name that table knows: fused experts ``mlp.experts.gate_up_p
 ``gate_proj`` / ``up_proj`` (gate rows first), ``down_proj (E, H, I)`` as ``down_proj.weight``. A tensor the table
 has no name for is refused (llama.cpp's graph has no slot for it).
 
-Hyper-parameters are ``(GGUFWriter method, value)`` pairs, so a test can read them without writing a file.
+Hyper-parameters are a ``{GGUFWriter method: value}`` dict, so a test can read them without writing a file.
 """
 
 from __future__ import annotations
@@ -304,6 +304,9 @@ class Deepseek2Arch(GgufArch):
 
     def check(self, config: Any) -> None:
         super().check(config)
+        if int(_get(config, "moe_layer_freq") or 1) != 1:
+            raise UnsupportedExportError(f"llama.cpp's {self.name} runs a MoE block in every layer after the leading "
+                                         f"dense ones; this model has moe_layer_freq={config.moe_layer_freq}")
         groups, used = int(_get(config, "n_group") or 1), int(_get(config, "topk_group") or 1)
         method = _get(config, "topk_method") or "noaux_tc"
         if groups > 1 and used < groups and method != "noaux_tc":
