@@ -27,7 +27,7 @@ from moeslim.evaluate.perplexity import perplexity
 from moeslim.methods.lowrank import LowRankConfig, plan_lowrank
 from moeslim.methods.merge import MergeConfig, plan_merge
 from moeslim.methods.prune import PruneConfig
-from moeslim.methods.router_fit import plan_prune_with_router_fit
+from moeslim.methods.prune.refit import plan_prune_with_router_fit
 from moeslim.models import find_moe_layers
 from moeslim.plans import Plan
 from moeslim.runtime.lowrank import lowrank_storage

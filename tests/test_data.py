@@ -87,3 +87,42 @@ def test_windows_are_deterministic_and_fixed_length(tmp_path: Path, char_tokeniz
     assert all(any(torch.equal(row, full) for full in everything) for row in a)
     with pytest.raises(DataSourceError, match="lower --seq-len"):
         token_windows(source, char_tokenizer, seq_len=10**6)
+
+
+def _window_rows(windows: torch.Tensor, everything: torch.Tensor) -> list[int]:
+    """Which of ``everything``'s windows (by index) each row of ``windows`` is."""
+    return [next(i for i, full in enumerate(everything) if torch.equal(row, full)) for row in windows]
+
+
+def test_even_windows_take_one_per_equal_stretch(tmp_path: Path, char_tokenizer: PreTrainedTokenizerFast) -> None:
+    docs = [f"text {i:03d} " * 7 for i in range(60)]  # distinct windows: every document numbered
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
+    source = load_source(str(tmp_path / "docs.jsonl"))
+    everything = token_windows(source, char_tokenizer, seq_len=16)
+    count = everything.shape[0]
+    assert count == 240  # 60 documents of 63 characters + EOS, 16 per window
+    rows = _window_rows(token_windows(source, char_tokenizer, 16, num_samples=10, spacing="even"), everything)
+    assert rows == [24 * i for i in range(10)]  # window 0 of each stretch of 24 windows
+    shifted = _window_rows(token_windows(source, char_tokenizer, 16, num_samples=10, seed=5, spacing="even"),
+                           everything)
+    assert shifted == [r + 5 for r in rows]
+    wrapped = _window_rows(token_windows(source, char_tokenizer, 16, num_samples=10, seed=24 + 5, spacing="even"),
+                           everything)
+    assert wrapped == shifted  # the offset is taken modulo the stretch length
+    assert rows != _window_rows(token_windows(source, char_tokenizer, 16, num_samples=10, seed=0), everything)
+    with pytest.raises(DataSourceError, match="'random' or 'even'"):
+        token_windows(source, char_tokenizer, 16, num_samples=10, spacing="uneven")
+
+
+def test_plans_record_the_spacing_and_old_plans_mean_random() -> None:
+    from moeslim.config import CalibrationConfig, ConfigError
+    from moeslim.data.calibration_set import calibration_config
+
+    even = CalibrationConfig(data=("demo:code",), samples=8, spacing="even")
+    spec = {"data": ["demo:code"], "samples": 8, "seq_len": 256, "seed": 0, "batch_size": 8, "spacing": "even",
+            "windows": 8, "windows_hash": "x"}
+    assert calibration_config(spec) == even
+    old = {k: v for k, v in spec.items() if k != "spacing"}  # a plan written before the field existed
+    assert calibration_config(old).spacing == "random"
+    with pytest.raises(ConfigError, match="spacing='sparse'"):
+        CalibrationConfig(spacing="sparse")  # type: ignore[arg-type]

@@ -260,7 +260,10 @@ def test_cli_export_gguf(tiny_model_dir: Path, prune_plan: Path, tmp_path: Path,
     assert main(["plan", "quantize", str(tiny_model_dir), "--scope", "gguf", "--bits", "10", "--candidates", "4,8",
                  *calib, "--out", str(plan)]) == 0
     capsys.readouterr()
-    assert main(["export", str(tiny_model_dir), "--format", "gguf", "--plan", str(plan), "--out", str(out)]) == 0
+    assert main(["export", str(tiny_model_dir), "--format", "gguf", "--plan", str(plan), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err  # the Q8_0 file above is kept
+    assert main(["export", str(tiny_model_dir), "--format", "gguf", "--plan", str(plan), "--out", str(out),
+                 "--overwrite"]) == 0
     planned = {f"blk.{i}.ffn_{p}_exps.weight": t for i, e in json.loads(plan.read_text())["layers"].items()
                for p, t in e["gguf_types"].items()}
     assert planned["blk.0.ffn_down_exps.weight"] == "F16"  # rows of 48: no 32-block type fits

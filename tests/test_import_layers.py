@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "hub": 0,
     "outputs": 1,
     "devices": 1,
+    "progress": 1,
     "plans": 2,
     "models": 3,
     "data": 4,
@@ -92,3 +93,99 @@ def test_the_check_sees_imports() -> None:
 def test_no_flat_orchestration_modules(name: str) -> None:
     """Orchestration lives in ``workflows/``; a top-level ``inspect`` would also shadow the stdlib module."""
     assert not (PACKAGE / f"{name}.py").exists()
+
+
+# -- inside a part: modules, not only parts --------------------------------------------------------------------
+
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """moeslim module -> the moeslim modules it imports (lazy imports too; ``from pkg import submodule`` counts
+    as importing the submodule)."""
+    files = {_module_of(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    targets.append(sub if sub in files else base)
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            graph[name].update(t for t in targets if t in files and t != name)
+    return graph
+
+
+def _facade(src: str, dst: str) -> bool:
+    """``dst`` is a package that contains ``src``: importing one's own package's re-exports is not a circle."""
+    return src.startswith(dst + ".")
+
+
+def test_no_import_circles_between_modules() -> None:
+    graph = {src: {d for d in dsts if not _facade(src, d)} for src, dsts in _module_graph().items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    assert not circles, "modules that import each other (directly or around a circle):\n" + "\n".join(
+        " <-> ".join(c) for c in circles)
+
+
+def test_sibling_subpackages_do_not_import_each_other() -> None:
+    """Inside a part (``methods``), a subpackage (``methods.merge``) imports its own modules and the part's shared
+    modules (``methods.router_fit``), never another subpackage; shared modules import no subpackage."""
+    packages = {_module_of(p.parent) for p in PACKAGE.rglob("__init__.py")}
+    wrong = []
+    for src, dsts in _module_graph().items():
+        parts = src.split(".")
+        if len(parts) < 3:
+            continue
+        part = ".".join(parts[:2])
+        own = ".".join(parts[:3]) if ".".join(parts[:3]) in packages else None
+        for dst in dsts:
+            dparts = dst.split(".")
+            if len(dparts) < 3 or ".".join(dparts[:2]) != part:
+                continue
+            sub = ".".join(dparts[:3])
+            if sub in packages and sub != own and src != part:
+                wrong.append(f"{src} imports {dst}")
+    assert not wrong, "imports between sibling subpackages (move the shared code below both):\n" + "\n".join(wrong)
+
+
+def test_the_module_check_sees_circles() -> None:
+    graph = _module_graph()
+    assert "moeslim.runtime.skipping" in graph["moeslim.runtime.odp"]  # a real edge the walk must see
+    assert "moeslim.models.expert_edit" in graph["moeslim.methods.merge.driver"]

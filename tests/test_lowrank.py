@@ -136,3 +136,27 @@ def test_cli_plan_lowrank_then_apply_and_load(tiny_model_dir, tmp_path) -> None:
     model, _ = moeslim.load(ckpt)
     assert model.config.moeslim["lowrank"]["param_ratio"] <= 0.5
     assert all(lowrank_storage(layer.experts) for layer in find_moe_layers(model))
+
+
+def test_quantizing_after_lowrank_is_refused_before_any_work(tmp_path) -> None:
+    from moeslim.methods.quant.config import QuantizeConfig
+    from moeslim.methods.quant.driver import plan_quantize
+    from moeslim.workflows.recipe import recipe_from_dict
+
+    model = tiny_model("mixtral")
+    ids = _ids()
+    quant_plan = plan_quantize(model, ids, QuantizeConfig(method="uniform", bits=3, group_size=16))
+    apply(model, plan_lowrank(model, ids, LowRankConfig(ratio=0.5)), calibration=ids)
+    before = model(ids).logits
+    for method in ("uniform", "pmq"):  # used to crash mid-pass on the meta placeholders
+        with pytest.raises(ConfigError, match=r"low-rank experts is not supported \(decoder layers \[0, 1\]"):
+            plan_quantize(model, ids, QuantizeConfig(method=method, bits=3, candidates=(2, 3, 4), group_size=16))
+    with pytest.raises(ConfigError, match="low-rank factors"):  # a plan made before the low-rank stage
+        apply(model, quant_plan, calibration=ids, force=True)
+    assert torch.equal(model(ids).logits, before) and "quantize" not in model.config.moeslim
+    recipe = {"name": "r", "model": "demo", "stages": [{"lowrank": {"ratio": 0.5}}, {"skip": {}},
+                                                       {"quantize": {"method": "uniform", "bits": 4}}]}
+    with pytest.raises(ConfigError, match=r"stages\[2\].quantize: quantizing after the low-rank stage stages\[0\]"):
+        recipe_from_dict(recipe)
+    recipe["stages"] = recipe["stages"][:2]  # low-rank without a later quantize stage is fine
+    assert [s.kind for s in recipe_from_dict(recipe).stages] == ["lowrank", "skip"]

@@ -151,12 +151,14 @@ def test_unrouted_expert_falls_back_to_rtn_and_is_listed() -> None:
     model = tiny_model("deepseek_v3")
     layer = find_moe_layers(model)[0]
     layer.router.e_score_correction_bias[5] = -100.0  # expert 5 is never selected
-    plan = plan_quantize(model, CALIB, QuantizeConfig(method="uniform", bits=3, group_size=16), "tiny")
+    config = QuantizeConfig(method="uniform", bits=3, group_size=16, min_tokens=1, starved="rtn")
+    plan = plan_quantize(model, CALIB, config, "tiny")
     assert "rtn_fallback" not in plan.summary  # known only once GPTQ ran, in apply
+    assert plan.summary["starved_rule"] == "experts with fewer than 1 routed calibration tokens: round-to-nearest"
     section = apply(model, plan, calibration=CALIB).config.moeslim["quantize"]
     assert section["quantizer"] == "gptq"
-    assert section["rtn_fallback"] == {str(layer.layer_idx): [5]}
-    assert section["min_tokens"] == 1
+    assert section["rtn_fallback"] == {str(layer.layer_idx): [5]} and section["all_token_fallback"] == {}
+    assert section["min_tokens"] == 1 and section["tokens"][str(layer.layer_idx)][5] == 0
     # The fallback expert holds exactly its round-to-nearest codes; a routed one does not.
     from moeslim.methods.quant.transform import rtn_experts
     from moeslim.runtime.lowbit_io import lowbit_tensors
@@ -168,8 +170,8 @@ def test_unrouted_expert_falls_back_to_rtn_and_is_listed() -> None:
     assert not torch.equal(packed.codes[0], rtn.up.codes[0])
     # min_tokens above any count: every expert falls back, and the applied section says so
     everyone = tiny_model("mixtral")
-    plan = plan_quantize(everyone, CALIB,
-                         QuantizeConfig(method="uniform", bits=3, group_size=16, min_tokens=10**6), "tiny")
+    plan = plan_quantize(everyone, CALIB, QuantizeConfig(method="uniform", bits=3, group_size=16, min_tokens=10**6,
+                                                         starved="rtn"), "tiny")
     section = apply(everyone, plan, calibration=CALIB).config.moeslim["quantize"]
     assert section["rtn_fallback"] and all(v == list(range(8)) for v in section["rtn_fallback"].values())
 
@@ -321,7 +323,7 @@ def test_sequential_down_hessians() -> None:
     same = down_hessians(layer, x, layer.experts.gate_up_proj.detach())
     for a, b in zip(same, summary.down, strict=True):
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
-    config = QuantizeConfig(method="uniform", bits=2, group_size=16)
+    config = QuantizeConfig(method="uniform", bits=2, group_size=16, min_tokens=1, starved="rtn")
     seq, _ = quantize_layer_experts(layer, [2] * 8, summary, config)
     plain, _ = quantize_layer_experts(layer, [2] * 8, replace(summary, inputs=None), config)
     assert torch.equal(seq.up.dequantize(), plain.up.dequantize())  # gate_up: same Hessian

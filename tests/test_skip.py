@@ -15,11 +15,11 @@ from moeslim.methods.prune import PruneConfig, plan_prune
 from moeslim.methods.skip import SkipConfig, calibrate_beta, keep_mask, plan_skip, rescale_kept, skip_rates
 from moeslim.models import find_moe_layers
 from moeslim.plans import Plan
+from moeslim.runtime.odp import install_skip_section
 from moeslim.runtime.skipping import (
     calls_per_token_per_layer,
     counters,
     install_skipping,
-    install_skipping_from_section,
     reset_counters,
     uninstall_skipping,
 )
@@ -114,7 +114,7 @@ def test_median_beta_skips_about_half(family: str, tmp_path) -> None:
     assert not torch.allclose(skipped, reference)
     # re-installing from the config section gives the same model
     fresh = tiny_model(family)
-    install_skipping_from_section(fresh, section)
+    install_skip_section(fresh, section)
     torch.testing.assert_close(_logits(fresh), skipped, rtol=0, atol=0)
 
 

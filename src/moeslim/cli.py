@@ -7,6 +7,7 @@ library functions with plain values.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -18,7 +19,14 @@ from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin, get
 from rich.console import Console
 from rich.table import Table
 
-from moeslim.config import DEFAULT_CALIBRATION_DATA, CalibrationConfig, ConfigError
+from moeslim.config import (
+    DEFAULT_CALIBRATION_DATA,
+    DEFAULT_SPACING,
+    SPACING_WHY,
+    SPACINGS,
+    CalibrationConfig,
+    ConfigError,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +37,7 @@ if TYPE_CHECKING:
     from moeslim.plans import Plan
     from moeslim.workflows.stages import StageSpec
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths stay on one line: a person copies them, scripts grep them
 
 
 def _add_calibration_args(parser: argparse.ArgumentParser, data_default: Sequence[str] | None) -> None:
@@ -44,6 +52,9 @@ def _add_calibration_args(parser: argparse.ArgumentParser, data_default: Sequenc
                         help="seed of the window draw, and of the plan's own sampling when it has one (default 0)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="windows per forward pass, calibration and the plan's own passes (default 8)")
+    parser.add_argument("--spacing", choices=SPACINGS, default=None,
+                        help=f"which windows: random (seeded draw) | even (one per equal stretch of each source, "
+                             f"offset by the seed) (default {DEFAULT_SPACING}: {SPACING_WHY})")
 
 
 def _add_device_args(parser: argparse.ArgumentParser, stream: bool = False) -> None:
@@ -112,6 +123,12 @@ def _resume_checkpoint(args: argparse.Namespace, stage: StageSpec, calib: Calibr
     return LayerCheckpoint(out.parent / f".{out.name}.layers", key, rank=world.rank)
 
 
+def _progress_line(message: str) -> None:
+    from moeslim.progress import note
+
+    note(message)  # stderr, with the per-layer progress lines that follow it
+
+
 def _load_streamed(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from moeslim.models.lazy import load_streamed
 
@@ -119,20 +136,28 @@ def _load_streamed(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
 
 
 def _calibration_config(args: argparse.Namespace, default: Sequence[str]) -> CalibrationConfig:
-    given = {name: getattr(args, name) for name in ("samples", "seq_len", "seed", "batch_size")
+    given = {name: getattr(args, name) for name in ("samples", "seq_len", "seed", "batch_size", "spacing")
              if getattr(args, name) is not None}
     return CalibrationConfig(data=tuple(args.data or default), **given)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from moeslim.data.calibration_set import build_calibration_set
-    from moeslim.outputs import check_output_file, write_text_atomic
-    from moeslim.workflows.expert_load import inspect_model, plot_expert_load
+    from moeslim.outputs import check_output_file
 
     calib = _calibration_config(args, ()) if args.data else None
-    out = Path(args.out)
-    for file_name in ("inspect.json", "expert_load.png"):
-        check_output_file(out / file_name, inputs=_input_paths(args.model))
+    out = Path(args.out) if args.out is not None else None  # without --out inspect only prints
+    outputs = [out / "inspect.json", out / "expert_load.png"] if out is not None else []
+    with _claim(*outputs):
+        for path in outputs:
+            check_output_file(path, overwrite=args.overwrite, inputs=_input_paths(args.model))
+        return _inspect(args, calib, out)
+
+
+def _inspect(args: argparse.Namespace, calib: CalibrationConfig | None, out: Path | None) -> int:
+    from moeslim.data.calibration_set import build_calibration_set
+    from moeslim.outputs import write_text_atomic
+    from moeslim.workflows.expert_load import inspect_model, plot_expert_load
+
     device, dtype = _device_and_dtype(args)
     model, tokenizer = _load_placed(args, dtype, str(device))
     input_ids: torch.Tensor | None = None
@@ -144,11 +169,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         input_ids, name = calib_set.input_ids, calib_set.name
     report = inspect_model(model, input_ids, data=name, batch_size=calib.batch_size if calib else 8)
     _print_summary(args.model, report.summary)
+    if report.loads:
+        _print_loads(report.loads)
+    if out is None:
+        return 0
     payload = {"model": args.model, "summary": report.summary, "data": report.data,
                "loads": [vars(entry) for entry in report.loads]}
     write_text_atomic(out / "inspect.json", json.dumps(payload, indent=1) + "\n")
     if report.loads:
-        _print_loads(report.loads)
         plot = plot_expert_load(report.loads, out / "expert_load.png", f"{args.model}: expert load on {name}")
         console.print(f"wrote {plot}")
     console.print(f"wrote {out / 'inspect.json'}")
@@ -157,23 +185,59 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from moeslim.config import EvalConfig, from_mapping
-    from moeslim.evaluate import evaluate_model
-    from moeslim.evaluate.table import print_table
-    from moeslim.models.loading import check_context
-    from moeslim.outputs import check_output_file, write_text_atomic
+    from moeslim.outputs import check_output_file
 
     given = _config_values(args, EvalConfig, shared=())
     if args.data:
         given["data"] = tuple(args.data)
     config = from_mapping(EvalConfig, {**given, "tasks": _task_names(args.tasks)}, "eval")
-    out = check_output_file(args.out, inputs=_input_paths(args.model))
+    if args.reference and not config.kl:
+        raise ConfigError("--reference asks for the KL divergence, which --no-kl turns off")
+    inputs = _input_paths(args.model, *([args.reference] if args.reference else []))
+    outputs = [args.out, *([args.save_reference] if args.save_reference else [])]
+    with _claim(*outputs):
+        for path in outputs:
+            check_output_file(path, overwrite=args.overwrite, inputs=inputs)
+        return _eval(args, config, Path(args.out))
+
+
+def _kl_reference(args: argparse.Namespace, config: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """The KL reference: a file written by ``eval --save-reference``, or computed here from a model (loaded,
+    scored on the same windows, and freed before the evaluated model is loaded)."""
+    from moeslim.evaluate.divergence import Reference
+    from moeslim.evaluate.driver import build_reference
+    from moeslim.io import load
+
+    if Path(args.reference).is_file():
+        return Reference.load(args.reference)
+    model, tokenizer = load(args.reference, dtype=dtype, device=device)
+    if tokenizer is None:
+        raise ConfigError(f"--reference {args.reference} has no tokenizer; the reference needs one to draw windows")
+    reference = build_reference(model, tokenizer, config, args.reference)
+    del model
+    return reference
+
+
+def _eval(args: argparse.Namespace, config: Any, out: Path) -> int:
+    from moeslim.evaluate import evaluate_model
+    from moeslim.evaluate.driver import build_reference
+    from moeslim.evaluate.table import print_table
+    from moeslim.models.loading import check_context
+    from moeslim.outputs import write_text_atomic
+
     device, dtype = _device_and_dtype(args)
+    reference = _kl_reference(args, config, dtype, device) if args.reference else None
     model, tokenizer = _load_placed(args, dtype, device)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer; eval needs one")
     check_context(model, config.seq_len)
     checkpoint = Path(args.model) if Path(args.model).is_dir() else None
-    result = evaluate_model(model, tokenizer, config, name=args.name or args.model, checkpoint_dir=checkpoint)
+    result = evaluate_model(model, tokenizer, config, name=args.name or args.model, checkpoint_dir=checkpoint,
+                            reference=reference)
+    if args.save_reference:
+        saved = build_reference(model, tokenizer, config, args.model).save(args.save_reference)
+        kept = f"top {config.kl_top_k} tokens" if config.kl_top_k else "every token"
+        console.print(f"wrote {saved} (KL reference: {kept} per position)")
     write_text_atomic(out, json.dumps(result.to_dict(), indent=1, default=str) + "\n")
     print_table([result], f"eval: {args.model}")
     console.print(f"wrote {out}")
@@ -189,23 +253,38 @@ def _task_names(given: list[str] | None) -> tuple[str, ...]:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from moeslim.appliers import apply
-    from moeslim.io import checkpoint_dtype, save
     from moeslim.outputs import check_output_dir
-    from moeslim.plans import Plan
 
     inputs = _input_paths(args.model, *args.plans)
-    out = check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # before any work
-    plans = [Plan.load(p) for p in args.plans]
     device, dtype = _device_and_dtype(args)
+    world, device = _join_torchrun(device) if args.stream else (None, device)
+    with _claim(args.out, main=world is None or world.is_main):
+        out = check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)  # before any work
+        return _apply(args, inputs, out, device, dtype)
+
+
+def _apply(args: argparse.Namespace, inputs: list[str], out: Path, device: torch.device, dtype: torch.dtype) -> int:
+    from moeslim.appliers import apply
+    from moeslim.io import checkpoint_dtype, save
+    from moeslim.plans import Plan, PlanError
+
+    plans = [Plan.load(p) for p in args.plans]
     if args.resume and not args.stream:
         raise ConfigError("apply --resume needs --stream (a resumable apply writes the checkpoint layer by layer)")
     if args.stream:  # one decoder layer at a time, shard by shard; torchrun splits a GPTQ pass, rank 0 writes
         return _apply_streamed(args, plans, out, inputs, device, dtype)
     model, tokenizer = _load_placed(args, dtype, device)
-    for plan in plans:
-        apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), force=args.force)
+    from moeslim.workflows.apply_summary import describe_change, model_shape
+
+    before = model_shape(model)
+    for path, plan in zip(args.plans, plans, strict=True):
+        try:
+            apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), force=args.force, progress=True)
+        except PlanError as err:  # name the file: the plan was read from one, the model may not fit it
+            raise PlanError(f"plan file {path}: {err}") from err
     save(model, out, tokenizer, overwrite=args.overwrite, inputs=inputs, dtype=checkpoint_dtype(args.model))
+    for line in describe_change(before, model_shape(model), plans):
+        console.print(line, highlight=False)
     console.print(f"wrote checkpoint {out}")
     return 0
 
@@ -216,13 +295,17 @@ def _apply_streamed(args: argparse.Namespace, plans: list[Plan], out: Path, inpu
     from moeslim.models import resolve_model_path
     from moeslim.workflows.streamed_apply import stream_apply
 
-    world, device = _join_torchrun(device)
+    world, device = _join_torchrun(device)  # joined already in cmd_apply; returns the same world
     source = resolve_model_path(args.model)
     key = run_key(model=source, plans=[p.to_dict() for p in plans], dtype=str(dtype), device=device.type,
                   world=world.size, force=args.force) if args.resume else None
     written = stream_apply(source, plans, out, dtype=dtype, device=device, overwrite=args.overwrite,
-                           force=args.force, inputs=inputs, resume=key)
+                           force=args.force, inputs=inputs, resume=key, progress=True)
     if written is not None:
+        from moeslim.workflows.apply_summary import describe_disk_change
+
+        for line in describe_disk_change(source, out, plans):
+            console.print(line, highlight=False)
         console.print(f"wrote checkpoint {out}")
     return 0
 
@@ -232,6 +315,18 @@ def _input_paths(model: str, *files: str) -> list[str]:
     from moeslim.models import resolve_model_path
 
     return [resolve_model_path(model), *files]
+
+
+def _claim(*outputs: str | Path, main: bool = True) -> contextlib.ExitStack:
+    """Lock the command's outputs for its whole run (``outputs.output_lock``): a second run writing the same
+    output fails at once. Under torchrun only rank 0 writes, so only rank 0 locks (``main``)."""
+    from moeslim.outputs import output_lock
+
+    stack = contextlib.ExitStack()
+    if main:
+        for out in outputs:
+            stack.enter_context(output_lock(out))
+    return stack
 
 
 def _gptq_calibration(tokenizer: PreTrainedTokenizerBase | None, plan: Plan) -> CalibrationSet | None:
@@ -254,10 +349,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from moeslim.evaluate import write_report
     from moeslim.outputs import check_output_file
 
-    for name in ("report.md", "report.json"):
-        check_output_file(Path(args.out) / name, inputs=args.inputs)
-    path = write_report(args.inputs, args.out, title=args.title)
-    console.print(f"wrote {path} (+ report.json and plots in {path.parent})")
+    outputs = [Path(args.out) / name for name in ("report.md", "report.json")]
+    with _claim(*outputs):
+        for path in outputs:
+            check_output_file(path, overwrite=args.overwrite, inputs=args.inputs)
+        written = write_report(args.inputs, args.out, title=args.title)
+    console.print(f"wrote {written} (+ report.json and plots in {written.parent})")
     return 0
 
 
@@ -266,22 +363,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     from moeslim.workflows.run_folder import run_recipe
 
     recipe = load_recipe(args.recipe)
-    run_recipe(recipe, out_root=args.out)
+    run_recipe(recipe, out_root=args.out, overwrite=args.overwrite)
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from moeslim.data.calibration_set import build_calibration_set
-    from moeslim.models.loading import check_context
     from moeslim.outputs import check_output_file
     from moeslim.workflows.stages import parse_stage
 
     # Validated before the model is loaded.
     stage = parse_stage({args.kind: _config_values(args, args.config_cls)}, f"plan {args.kind}")
     calib = _calibration_config(args, DEFAULT_CALIBRATION_DATA)
-    check_output_file(args.out, inputs=_input_paths(args.model))
     device, dtype = _device_and_dtype(args)
     world, device = _join_torchrun(device)
+    with _claim(args.out, main=world.is_main):
+        check_output_file(args.out, overwrite=args.overwrite, inputs=_input_paths(args.model))
+        return _plan(args, stage, calib, world, device, dtype)
+
+
+def _plan(args: argparse.Namespace, stage: StageSpec, calib: CalibrationConfig, world: World, device: torch.device,
+          dtype: torch.dtype) -> int:
+    from moeslim.data.calibration_set import build_calibration_set
+    from moeslim.models.loading import check_context
+
     model, tokenizer = _load_streamed(args.model, dtype) if args.stream else _load_placed(args, dtype)
     if tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer; calibration needs one")
@@ -289,8 +393,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from moeslim.workflows.stages import plan_stage
 
     checkpoint = _resume_checkpoint(args, stage, calib, dtype, device, world) if args.resume else None
-    plan = plan_stage(model, stage, build_calibration_set(calib, tokenizer), args.model, device=device,
-                      checkpoint=checkpoint)
+    calib_set = build_calibration_set(calib, tokenizer)
+    if world.is_main:
+        _progress_line(f"plan {args.kind}: {calib_set.input_ids.shape[0]} calibration windows of "
+                       f"{calib_set.input_ids.shape[1]} tokens from {calib_set.name}, one decoder layer at a time")
+    plan = plan_stage(model, stage, calib_set, args.model, device=device, checkpoint=checkpoint,
+                      progress=True)
     if not world.is_main:  # every process computed the same plan; rank 0 writes it
         if checkpoint is not None:
             checkpoint.finish()
@@ -300,7 +408,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     path = plan.save(args.out)
     if checkpoint is not None:
         checkpoint.finish()
-    console.print_json(data={"layers": {str(k): v for k, v in plan.layers.items()}})
+    from moeslim.workflows.plan_summary import summarize
+
+    for line in summarize(plan):  # the decision in a few lines; every integer of it is in the file
+        console.print(line, highlight=False)
     console.print(f"wrote {path}")
     return 0
 
@@ -442,8 +553,14 @@ def _add_plan_parsers(sub: argparse._SubParsersAction, with_kinds: bool = True) 
         _add_config_args(p, config_cls)
         _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
         p.add_argument("--out", required=True, help="plan JSON path")
+        _add_overwrite_arg(p, "an existing plan file")
         _add_device_args(p, stream=True)
         p.set_defaults(func=cmd_plan, config_cls=config_cls)
+
+
+def _add_overwrite_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} at --out (never an input, nor anything inside an input model folder)")
 
 
 def _first_line(doc: str | None) -> str:
@@ -453,7 +570,8 @@ def _first_line(doc: str | None) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from moeslim.workflows.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(model=args.model, out=args.out, quick=args.quick, speed=not args.no_speed))
+    run_demo(DemoConfig(model=args.model, out=args.out, quick=args.quick, speed=not args.no_speed,
+                        overwrite=args.overwrite))
     return 0
 
 
@@ -501,14 +619,14 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ct-scheme", default="symmetric", choices=("symmetric", "asymmetric"),
                    help="compressed-tensors: symmetric (what vLLM's MoE kernels and transformers load; stores "
                         "b or b+1 bits exactly) or asymmetric (b bits + zero points)")
-    p.add_argument("--overwrite", action="store_true", help="compressed-tensors: replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (gguf: a file; compressed-tensors: a checkpoint folder); never an "
+                        "input, nor anything inside an input model folder")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from moeslim.appliers import apply
-    from moeslim.export import export_compressed_tensors, export_gguf
-    from moeslim.io import load
+    from moeslim.export.compressed_tensors import check_ct_plan
     from moeslim.outputs import check_output_dir, check_output_file
     from moeslim.plans import Plan
 
@@ -517,17 +635,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not gguf and (args.type != "F16" or args.llama_quantize or args.imatrix):
         raise ConfigError("--type, --llama-quantize and --imatrix are GGUF options; compressed-tensors writes the "
                           "experts' own codes (quantize them with --plan or moeslim apply)")
-    if gguf and (args.overwrite or args.ct_scheme != "symmetric"):
-        raise ConfigError("--overwrite and --ct-scheme are compressed-tensors options")
-    if gguf:  # before any work
-        check_output_file(args.out, inputs=inputs)
-    else:
-        check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)
-    plan = Plan.load(args.plan) if args.plan else None
+    if gguf and args.ct_scheme != "symmetric":
+        raise ConfigError("--ct-scheme is a compressed-tensors option")
+    with _claim(args.out):
+        if gguf:  # before any work
+            check_output_file(args.out, overwrite=args.overwrite, inputs=inputs)
+        else:
+            check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)
+        plan = Plan.load(args.plan) if args.plan else None
+        if plan is not None and not gguf:
+            check_ct_plan(plan, args.plan)
+        return _export(args, plan, inputs)
+
+
+def _export(args: argparse.Namespace, plan: Plan | None, inputs: list[str]) -> int:
+    from moeslim.appliers import apply
+    from moeslim.export import export_compressed_tensors, export_gguf
+    from moeslim.io import load
+
+    gguf = args.format == "gguf"
     model, tokenizer = load(args.model)
     if gguf:
         result = export_gguf(model, tokenizer, args.out, qtype=args.type, plan=plan, llama_quantize=args.llama_quantize,
-                             imatrix=args.imatrix, inputs=inputs)
+                             imatrix=args.imatrix, inputs=inputs, overwrite=args.overwrite, progress=True)
         for line in result.fallbacks:
             console.print(f"fallback {line}")
         counts: dict[str, int] = {}
@@ -538,9 +668,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                       f"{result.quantizer})")
         return 0
     if plan is not None:
-        apply(model, plan, calibration=_gptq_calibration(tokenizer, plan))
+        apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), progress=True)
     ct = export_compressed_tensors(model, tokenizer, args.out, scheme=args.ct_scheme, overwrite=args.overwrite,
-                                   inputs=inputs)
+                                   inputs=inputs, progress=True)
     what = (f"{ct.quantized_tensors} expert weights at {ct.bits} bits, stored as {ct.stored_bits}-bit "
             f"{'symmetric' if ct.symmetric else 'asymmetric'} groups of {ct.group_size}") if ct.bits else \
         "no quantized experts: a plain checkpoint"
@@ -562,7 +692,9 @@ def build_parser(plan_kinds: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="architecture summary and expert load")
     p.add_argument("model", help="local directory, hub id (online), or 'demo'")
     _add_calibration_args(p, DEFAULT_CALIBRATION_DATA)
-    p.add_argument("--out", default="runs/inspect", help="output folder (default runs/inspect)")
+    p.add_argument("--out", default=None,
+                   help="folder for inspect.json and the expert-load heatmap (default: none, only print)")
+    _add_overwrite_arg(p, "inspect.json and expert_load.png")
     _add_device_args(p)
     p.set_defaults(func=cmd_inspect)
 
@@ -577,7 +709,14 @@ def build_parser(plan_kinds: bool = True) -> argparse.ArgumentParser:
                         "moeslim_code_nextline and moeslim_prose_continuation; 'none' for no tasks)")
     _add_config_args(p, EvalConfig, exclude=("data", "tasks"))
     p.add_argument("--name", default=None, help="label of this model in the report")
+    p.add_argument("--reference", default=None,
+                   help="KL divergence and top-1 agreement to this model's next-token distribution: the original "
+                        "checkpoint (folder, hub id, 'demo') or a file written by --save-reference")
+    p.add_argument("--save-reference", default=None,
+                   help="also write this model's top-k next-token log-probabilities on the eval windows (a "
+                        ".safetensors file), the --reference of later evals without loading it again")
     p.add_argument("--out", default="runs/eval/result.json", help="result JSON path")
+    _add_overwrite_arg(p, "an existing result file")
     _add_device_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -602,11 +741,13 @@ def build_parser(plan_kinds: bool = True) -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="run folders or result/report JSON files; the first is the reference")
     p.add_argument("--out", default="runs/report", help="output folder (default runs/report)")
     p.add_argument("--title", default="moeslim report")
+    _add_overwrite_arg(p, "report.md, report.json and the plots")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("run", help="run a recipe: stages -> checkpoint -> side-by-side report")
     p.add_argument("recipe", help="recipe YAML/JSON (see examples/)")
     p.add_argument("--out", default="runs", help="parent of the run folder (default runs)")
+    _add_overwrite_arg(p, "the recipe's earlier run folder (plans, checkpoint, results, report)")
     p.set_defaults(func=cmd_run)
 
     _add_plan_parsers(sub, with_kinds=plan_kinds)
@@ -617,6 +758,7 @@ def build_parser(plan_kinds: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="four variants instead of all")
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/decode timing")
+    _add_overwrite_arg(p, "an earlier demo's results, report and plots")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -7,11 +7,17 @@ what to change.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 DEFAULT_CALIBRATION_DATA = ("demo:code", "demo:prose")
+Spacing = Literal["random", "even"]
+SPACINGS: tuple[str, ...] = get_args(Spacing)
+# How calibration windows are spread over a source by default (benchmarks/prune_modes.py, docs/results-pruning.md).
+DEFAULT_SPACING: Spacing = "random"
+SPACING_WHY = "see docs/results-pruning.md"
 
 
 class ConfigError(ValueError):
@@ -55,8 +61,8 @@ def _matches(value: Any, hint: Any) -> bool:
         return isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is float:  # NaN and infinity are floats, but no setting means them
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
@@ -71,6 +77,8 @@ def check_types(config: Any) -> None:
         value = getattr(config, f.name)
         if f.name not in hints or _matches(value, hints[f.name]):
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name}={value}: use a finite number")
         if get_origin(hints[f.name]) is Literal:  # an enumeration: say what to write instead
             raise ConfigError(f"{f.name}={value!r}: use one of {', '.join(map(str, get_args(hints[f.name])))}")
         raise ConfigError(f"{f.name}={value!r}: expected {_type_name(hints[f.name])}, "
@@ -107,13 +115,19 @@ def from_mapping(cls: type, values: Any, where: str) -> Any:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """Which text a method observes: sources, how many windows, how long, which seed."""
+    """Which text a method observes: sources, how many windows, how long, which seed, how they are spread.
+
+    ``spacing``: ``random`` (a seeded draw) or ``even`` (one window from each of ``samples`` equal stretches of
+    a source, at a seed-chosen offset). A plan records it; a plan recorded before the field existed was drawn
+    at random (``data.calibration_set.calibration_config``).
+    """
 
     data: tuple[str, ...] = DEFAULT_CALIBRATION_DATA
     samples: int = 64
     seq_len: int = 256
     seed: int = 0
     batch_size: int = 8
+    spacing: Spacing = DEFAULT_SPACING
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -125,6 +139,8 @@ class CalibrationConfig:
             raise ConfigError(f"seq_len={self.seq_len}: use at least 2 tokens per sample")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size}: use at least 1")
+        if self.spacing not in SPACINGS:
+            raise ConfigError(f"spacing={self.spacing!r}: use 'random' (seeded draw) or 'even' (evenly spaced)")
 
 
 @dataclass(frozen=True)
@@ -144,9 +160,16 @@ class EvalConfig:
         "help": "greedy continuations of fixed prompts, side by side (0: none)"})
     batch_size: int = field(default=8, metadata={"help": "windows per forward pass"})
     seed: int = field(default=0, metadata={"help": "which windows are drawn"})
+    kl: bool = field(default=True, metadata={
+        "help": "KL divergence and top-1 agreement to the original (side-by-side runs) or to --reference"})
+    kl_top_k: int = field(default=0, metadata={
+        "help": "reference tokens kept per position: 0 every token (exact KL, N x L x vocab x 2 bytes), k the top "
+                "k and one bucket for the rest (a lower bound of the KL, for large vocabularies)"})
 
     def __post_init__(self) -> None:
         check_types(self)
+        if self.kl_top_k < 0:
+            raise ConfigError(f"kl_top_k={self.kl_top_k}: use 0 (every token) or the number of top tokens to keep")
         if not self.data and not self.tasks:
             raise ConfigError("eval: give --data sources, --tasks, or both")
         if self.seq_len < 2:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from moeslim._package import __version__
 PLAN_FORMAT = "moeslim.plan"
 PLAN_VERSION = 1
 PLAN_KINDS = ("prune", "skip", "quantize", "merge", "lowrank")
+KEEP_WIDTH = 16  # a quantize plan's width for an expert left as it is
 
 
 class PlanError(ValueError):
@@ -100,14 +102,15 @@ class Plan:
         raw_layers = data.get("layers")
         if not isinstance(raw_layers, dict):
             raise PlanError(f"plan 'layers' must be an object {{layer index: decision}}, got {_json_kind(raw_layers)}")
-        try:
-            layers = {int(k): v for k, v in raw_layers.items()}
-        except ValueError as err:
-            raise PlanError(f"plan layer keys must be decoder layer indices: {err}") from err
+        layers = {_layer_index(k): v for k, v in raw_layers.items()}
+        kind = data.get("kind", "")
+        if kind in _LAYER_CHECKS:
+            for idx, entry in layers.items():
+                _LAYER_CHECKS[kind](entry, f"layers.{idx}")
         summary = data.get("summary", {})
         if not isinstance(summary, dict):
             raise PlanError(f"plan 'summary' must be an object, got {_json_kind(summary)}")
-        return cls(kind=data.get("kind", ""), layers=layers, provenance=_provenance(data.get("provenance")),
+        return cls(kind=kind, layers=layers, provenance=_provenance(data.get("provenance")),
                    summary=summary)
 
     def save(self, path: str | Path) -> Path:
@@ -133,6 +136,98 @@ class Plan:
 
 
 _PLAN_KEYS = {"format", "version", "kind", "layers", "summary", "provenance"}
+
+
+# -- per-layer decisions: JSON types and ranges, checked when a plan is read (before any work) -----------------
+# Model-dependent ranges (expert ids below the expert count, ranks below the projection's full rank) are checked
+# by each applier against the model, also before any work.
+
+def _layer_index(key: str) -> int:
+    if not (key.isascii() and key.isdigit()):
+        raise PlanError(f"plan 'layers' key {key!r} is not a decoder layer index (0, 1, ...)")
+    return int(key)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ints(value: Any, where: str, low: int = 0, allowed: str = "", ok: Any = None) -> list[int]:
+    """A non-empty JSON array of integers >= ``low`` (and accepted by ``ok`` when given, ``allowed`` saying what)."""
+    if not isinstance(value, list) or not value:
+        got = f"{_json_kind(value)} {value!r}"[:120]
+        raise PlanError(f"{where} must be a non-empty array of integers, got {got}")
+    for i, item in enumerate(value):
+        if not _is_int(item):
+            raise PlanError(f"{where}[{i}] = {item!r} is not an integer")
+        if item < low or (ok is not None and not ok(item)):
+            raise PlanError(f"{where}[{i}] = {item} is out of range: {allowed or f'use {low} or more'}")
+    return value
+
+
+def _number(value: Any, where: str, low: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < low:
+        raise PlanError(f"{where} = {value!r} must be a finite number >= {low:g}")
+    return float(value)
+
+
+def _fields(entry: Any, where: str, required: tuple[str, ...]) -> dict[str, Any]:
+    """``entry`` is a JSON object with exactly the fields ``required``."""
+    if not isinstance(entry, dict):
+        got = f"{_json_kind(entry)} {entry!r}"[:120]
+        raise PlanError(f"{where} must be an object with {', '.join(required)}, got {got}")
+    missing = [name for name in required if name not in entry]
+    unknown = sorted(set(entry) - set(required))
+    if missing or unknown:
+        what = f"lacks {', '.join(missing)}" if missing else f"has unknown field(s) {', '.join(unknown)}"
+        raise PlanError(f"{where} {what}; expected {', '.join(required)}")
+    return entry
+
+
+def _check_prune(entry: Any, where: str) -> None:
+    kept = _ints(entry, where, allowed="expert ids are 0 or more")
+    if len(set(kept)) != len(kept):
+        raise PlanError(f"{where} lists an expert more than once: {kept}")
+
+
+def _check_skip(entry: Any, where: str) -> None:
+    _number(_fields(entry, where, ("beta",))["beta"], f"{where}.beta")
+
+
+def _check_quantize(entry: Any, where: str) -> None:
+    if isinstance(entry, dict) and "gguf_types" in entry:
+        types = _fields(entry, where, ("gguf_types",))["gguf_types"]
+        if not isinstance(types, dict) or not all(isinstance(t, str) for t in types.values()):
+            raise PlanError(f"{where}.gguf_types must map a projection to a llama.cpp type name, got {types!r}"[:200])
+        return
+    _ints(_fields(entry, where, ("bits",))["bits"], f"{where}.bits", low=1,
+          allowed=f"widths are whole bits 1..8, or {KEEP_WIDTH} to keep an expert as it is",
+          ok=lambda b: b <= 8 or b == KEEP_WIDTH)
+
+
+def _check_merge(entry: Any, where: str) -> None:
+    fields_ = _fields(entry, where, ("groups", "weights", "representatives"))
+    for name in ("groups", "weights"):
+        if not isinstance(fields_[name], list) or not fields_[name]:
+            raise PlanError(f"{where}.{name} must be a non-empty array of arrays")
+    for g, group in enumerate(fields_["groups"]):
+        _ints(group, f"{where}.groups[{g}]", allowed="expert ids are 0 or more")
+    for g, weights in enumerate(fields_["weights"]):
+        if not isinstance(weights, list):
+            raise PlanError(f"{where}.weights[{g}] must be an array of numbers")
+        for i, w in enumerate(weights):
+            _number(w, f"{where}.weights[{g}][{i}]")
+    _ints(fields_["representatives"], f"{where}.representatives", allowed="expert ids are 0 or more")
+
+
+def _check_lowrank(entry: Any, where: str) -> None:
+    fields_ = _fields(entry, where, ("up_ranks", "down_ranks"))
+    for name in ("up_ranks", "down_ranks"):
+        _ints(fields_[name], f"{where}.{name}", allowed="ranks are 0 or more")
+
+
+_LAYER_CHECKS = {"prune": _check_prune, "skip": _check_skip, "quantize": _check_quantize, "merge": _check_merge,
+                 "lowrank": _check_lowrank}
 
 
 def _json_kind(value: Any) -> str:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from moeslim.calibrate import LayerDecision, Observer, run_layerwise
+from moeslim.calibrate.runner import BlockOverride
 from moeslim.data.calibration_set import CalibrationSet, check_same_calibration
 from moeslim.models import MoELayer
 from moeslim.plans import Plan, PlanError
@@ -33,14 +34,23 @@ def missing_calibration(plan: Plan, why: str) -> PlanError:
 def calibrated_pass(model: nn.Module, plan: Plan, calibration: CalibrationSet | torch.Tensor | None, why: str,
                     make_observers: Callable[[MoELayer], list[Observer]],
                     on_layer: Callable[[MoELayer, Sequence[Observer]], Any],
-                    device: torch.device | str | None = None, progress: bool = False) -> dict[int, Any]:
-    """{layer index: on_layer(layer, observers)} over the plan's calibration windows; the model is not modified."""
+                    device: torch.device | str | None = None, progress: bool = False, label: str = "apply",
+                    override: Callable[[MoELayer, Any], BlockOverride] | None = None) -> dict[int, Any]:
+    """{layer index: on_layer(layer, observers)} over the plan's calibration windows; the model is not modified.
+
+    ``override`` (progressive plans): the compressed block of a layer from its ``on_layer`` result; later
+    layers then see the compressed model's outputs, as they did when the plan was made.
+    """
     if calibration is None:
         raise missing_calibration(plan, why)
     try:
         input_ids = check_same_calibration(calibration, plan.summary.get("calibration"), plan.provenance.data_hash)
     except ValueError as err:
         raise PlanError(str(err)) from err
-    return run_layerwise(model, input_ids, make_observers=make_observers,
-                         on_layer=lambda layer, obs: LayerDecision(result=on_layer(layer, obs)),
-                         propagate="original", device=device, progress=progress)
+    def decide(layer: MoELayer, observers: Sequence[Observer]) -> LayerDecision:
+        result = on_layer(layer, observers)
+        return LayerDecision(result=result, override=None if override is None else override(layer, result))
+
+    return run_layerwise(model, input_ids, make_observers=make_observers, on_layer=decide,
+                         propagate="original" if override is None else "compressed", device=device,
+                         progress=progress, label=label)

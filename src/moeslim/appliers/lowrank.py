@@ -51,6 +51,15 @@ def _plan_ranks(plan: Plan, layers: dict[int, MoELayer]) -> dict[int, tuple[list
             raise PlanError(f"lowrank plan layer {idx}: need up_ranks and down_ranks ({err})") from err
         if len(up) != n or len(down) != n or min(up + down) < 0:
             raise PlanError(f"lowrank plan layer {idx}: need {n} non-negative up and down ranks")
+        views = expert_weight_views(layers[idx])
+        for name, ranks, weight in (("up_ranks", up, views.up), ("down_ranks", down, views.down)):
+            full = min(weight.shape[1:])  # an (out, in) matrix has at most min(out, in) singular directions
+            over = [(e, r) for e, r in enumerate(ranks) if r > full]
+            if over:
+                e, r = over[0]
+                raise PlanError(f"lowrank plan layers.{idx}.{name}[{e}] = {r} is above the full rank {full} of "
+                                f"this model's {views.up_name if name == 'up_ranks' else views.down_name} "
+                                f"({tuple(weight.shape[1:])}); use at most {full}")
         out[idx] = (up, down)
     return out
 
@@ -76,7 +85,7 @@ def apply_lowrank(model: nn.Module, plan: Plan, calibration: CalibrationSet | to
 
     built: dict[int, LowRankLayer | None] = calibrated_pass(
         model, plan, calibration, "computes whitened SVD factors from calibration covariances",
-        lambda layer: lowrank_observers(layer, config), on_layer, device, progress)
+        lambda layer: lowrank_observers(layer, config), on_layer, device, progress, label="low-rank SVD")
     params_before = params_after = 0
     for idx, result in built.items():
         if result is None:

@@ -21,6 +21,7 @@ from moeslim.calibrate import Observer
 from moeslim.config import from_mapping
 from moeslim.data.calibration_set import CalibrationSet
 from moeslim.methods.merge import LayerGroups, MergeConfig, MergedLayer, merge_layer
+from moeslim.methods.merge.driver import merged_block
 from moeslim.methods.router_fit import TokenInputs, token_inputs
 from moeslim.models import MoELayer, find_moe_layers, masked_routing_is_identity, select_experts
 from moeslim.models.expert_edit import write_experts, write_router
@@ -90,7 +91,8 @@ def apply_merge(model: nn.Module, plan: Plan, calibration: CalibrationSet | torc
 
         merged: dict[int, MergedLayer] = calibrated_pass(
             model, plan, calibration, "fits the merged router rows",
-            lambda layer: [TokenInputs(layer.num_experts, config.max_tokens)], on_layer, device, progress)
+            lambda layer: [TokenInputs(layer.num_experts, config.max_tokens)], on_layer, device, progress,
+            label="merge", override=merged_block if config.mode == "progressive" else None)
     else:
         merged = {idx: merge_layer(layers[idx], d, None, config, keep_groups) for idx, d in decisions.items()}
     select_experts(model, reps)

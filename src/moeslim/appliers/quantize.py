@@ -6,8 +6,9 @@ The plan holds widths only. Here the experts are quantized, once:
   calibration windows the plan was made on. They must be passed in (``moeslim.apply(model, plan,
   calibration=...)``; ``moeslim apply`` redraws them from the plan's ``summary["calibration"]``), and their
   hashes must match the plan's. Without them apply raises: it never falls back to round-to-nearest.
-  Experts with fewer than ``min_tokens`` routed calibration tokens have no usable Hessian and are rounded to
-  nearest; the returned section lists them under ``rtn_fallback`` (this is explicit, not a silent fallback).
+  Starved experts (fewer routed calibration tokens than the group size, or ``min_tokens``) get all-token
+  Hessians or are rounded to nearest (``starved``); the returned section states the rule and lists them under
+  ``all_token_fallback`` / ``rtn_fallback`` with every expert's routed token count (explicit, not silent).
 - ``quantizer="rtn"``: round-to-nearest at the plan's widths, no data.
 - ``quantize_attention``: attention projections are rounded to nearest (moeslim has no GPTQ pass for them);
   the section says so (``attention_quantizer``).
@@ -24,10 +25,10 @@ from torch import nn
 
 from moeslim.config import from_mapping
 from moeslim.data.calibration_set import CalibrationSet, check_same_calibration
-from moeslim.methods.quant.config import QuantizeConfig
+from moeslim.methods.quant.config import QuantizeConfig, refuse_lowrank
 from moeslim.methods.quant.driver import bits_summary
 from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor, quantize_fused
-from moeslim.methods.quant.transform import QuantizedExperts, gptq_experts, rtn_experts
+from moeslim.methods.quant.transform import GptqResults, QuantizedExperts, gptq_experts, rtn_experts
 from moeslim.models import MoELayer, decoder_layers, find_moe_layers
 from moeslim.models.expert_math import expert_weight_views
 from moeslim.plans import Plan, PlanError
@@ -67,6 +68,10 @@ def _gptq_config(plan: Plan, group_size: int) -> QuantizeConfig:
     """The GPTQ settings the plan was made with (its provenance config), at the plan's group size."""
     known = set(QuantizeConfig.__dataclass_fields__)
     recorded = {k: v for k, v in plan.provenance.config.items() if k in known}
+    # Plans made before the starved-expert rule recorded min_tokens only and rounded starved experts to nearest.
+    recorded.setdefault("starved", "rtn")
+    if recorded.get("min_tokens") == 0:  # those plans read 0 as 1 (no expert GPTQ'd from zero tokens)
+        recorded["min_tokens"] = 1
     try:
         return from_mapping(QuantizeConfig, {**recorded, "group_size": group_size}, "plan provenance config")
     except ValueError as err:
@@ -107,7 +112,9 @@ class QuantizeSettings(NamedTuple):
 
 
 def quantize_settings(model: nn.Module, plan: Plan) -> QuantizeSettings:
-    """The widths, group size, quantizer and GPTQ settings of ``plan`` (raises PlanError if it does not fit)."""
+    """The widths, group size, quantizer and GPTQ settings of ``plan`` (raises PlanError if it does not fit, and
+    ConfigError on a model with low-rank experts)."""
+    refuse_lowrank(model)  # before any calibration: a quantize plan applied after a low-rank one
     layers = {layer.layer_idx: layer for layer in find_moe_layers(model)}
     bits = _plan_bits(layers, plan)
     group_size = int(plan.summary.get("group_size", plan.provenance.config.get("group_size", 128)))
@@ -132,9 +139,16 @@ def quantize_attention_weight(linear: nn.Linear, bits: int, group_size: int) -> 
     return quantize_fused(linear.weight.detach()[None], [int(bits)], group_size, None, "rtn")
 
 
-def quantize_section(model: nn.Module, settings: QuantizeSettings, fallback: dict[int, list[int]]) -> dict[str, Any]:
-    """The ``quantize`` config section; ``model``'s expert tensors may be real or on meta (only shapes count)."""
-    totals = bits_summary(model, settings.bits, settings.group_size)
+def quantize_section(model: nn.Module, settings: QuantizeSettings, results: GptqResults | None) -> dict[str, Any]:
+    """The ``quantize`` config section; ``model``'s expert tensors may be real or on meta (only shapes count).
+
+    ``results``: the GPTQ pass's (None for round-to-nearest plans): starved experts and routed token counts.
+    """
+    gptq = settings.quantizer == "gptq"
+    fallback = results.fallback if results is not None else {}
+    all_tokens = results.all_tokens if results is not None else {}
+    symmetric = settings.config.symmetric and settings.quantizer != "none"
+    totals = bits_summary(model, settings.bits, settings.group_size, symmetric)
     attention_bits = settings.attention_bits
     return {"quantize": {
         "group_size": settings.group_size,
@@ -142,11 +156,16 @@ def quantize_section(model: nn.Module, settings: QuantizeSettings, fallback: dic
         "avg_bits": totals["avg_bits"],
         "avg_bits_with_overhead": totals["avg_bits_with_overhead"],
         "quantizer": settings.quantizer,
+        "symmetric": symmetric,
         "quantize_attention": attention_bits,
         "attention_quantizer": "rtn" if attention_bits is not None else None,
-        # Experts GPTQ could not calibrate (fewer than min_tokens routed tokens): rounded to nearest, listed.
-        "min_tokens": settings.config.min_tokens if settings.quantizer == "gptq" else None,
+        # Starved experts (fewer routed tokens than min_tokens): the rule, who got which fallback, every count.
+        "min_tokens": settings.config.starved_below if gptq else None,
+        "starved_rule": settings.config.starved_rule() if gptq else None,
+        "calibrate_all_experts": settings.config.calibrate_all_experts if gptq else None,
         "rtn_fallback": {str(k): v for k, v in sorted(fallback.items()) if v},
+        "all_token_fallback": {str(k): v for k, v in sorted(all_tokens.items()) if v},
+        "tokens": {str(k): v for k, v in sorted(results.counts.items())} if results is not None else {},
     }}
 
 
@@ -160,15 +179,15 @@ def apply_quantize(model: nn.Module, plan: Plan, calibration: CalibrationSet | t
     layers = {layer.layer_idx: layer for layer in find_moe_layers(model)}
     settings = quantize_settings(model, plan)
     bits, group_size = settings.bits, settings.group_size
-    fallback: dict[int, list[int]] = {}
+    results: GptqResults | None = None
     if settings.quantizer == "gptq":
         input_ids = gptq_input_ids(plan, calibration)
         results = gptq_experts(model, bits, input_ids, settings.config, device, progress)
         packed: dict[int, QuantizedExperts] = results.experts
-        fallback = results.fallback
     else:
-        packed = {idx: rtn_experts(layers[idx], widths, group_size) for idx, widths in bits.items()}
-    section = quantize_section(model, settings, fallback)  # from the float tensors, before the runtime takes them
+        packed = {idx: rtn_experts(layers[idx], widths, group_size, settings.config.symmetric)
+                  for idx, widths in bits.items()}
+    section = quantize_section(model, settings, results)  # from the float tensors, before the runtime takes them
     for idx in bits:
         views = expert_weight_views(layers[idx])
         install_lowbit(layers[idx].experts, views.up_name, packed[idx].up)

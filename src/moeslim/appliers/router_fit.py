@@ -55,7 +55,7 @@ def apply_prune_refit(model: nn.Module, plan: Plan, calibration: CalibrationSet 
 
     fits: dict[int, RouterFit | None] = calibrated_pass(
         model, plan, calibration, "refits the kept experts' router rows",
-        lambda layer: [TokenInputs(layer.num_experts)], on_layer, device, progress)
+        lambda layer: [TokenInputs(layer.num_experts)], on_layer, device, progress, label="router refit")
     section = apply_prune(model, plan)
     layers = {layer.layer_idx: layer for layer in find_moe_layers(model)}
     for idx, fit in fits.items():

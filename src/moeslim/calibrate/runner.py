@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from moeslim.calibrate.distributed import batch_share, sync_observers, world
 from moeslim.calibrate.observers import Observer
@@ -26,6 +25,8 @@ from moeslim.calibrate.streaming import layer_store
 from moeslim.models import MoELayer, UnsupportedModelError, check_layerwise, decoder_layers, find_moe_layers
 from moeslim.models.attrs import pretrained, tensor_attr
 from moeslim.models.loading import check_context, check_token_ids
+from moeslim.progress import note as progress_note
+from moeslim.progress import steps
 
 Propagate = Literal["original", "compressed"]
 BlockOverride = Callable[[torch.Tensor], torch.Tensor]  # (T, H) -> (T, H)
@@ -189,6 +190,7 @@ def run_layerwise(
     progress: bool = True,
     checkpoint: LayerCheckpoint | None = None,
     targets: bool = False,
+    label: str = "calibrate",
 ) -> dict[int, Any]:
     """Observe every MoE layer on ``input_ids`` (N, L); return {decoder layer index: decision result}.
 
@@ -200,6 +202,8 @@ def run_layerwise(
     and may return an override of the block forward; with ``propagate="compressed"`` the next layer
     sees the overridden output, with ``"original"`` it sees the original model's output.
     ``checkpoint``: write each finished layer's result and output there, and resume from what it holds.
+    ``progress``: one line (or a bar on a terminal) per finished layer on stderr, named ``label``; a resumed
+    run first says at which layer it resumed.
     """
     if propagate not in ("original", "compressed"):
         raise ValueError(f"propagate={propagate!r} must be 'original' or 'compressed'")
@@ -228,9 +232,13 @@ def run_layerwise(
             batch.hidden = h.to(batch.hidden.device, batch.hidden.dtype)
     store = layer_store(model)
     layers = decoder_layers(model)
-    bar = tqdm(range(first, len(layers)), desc="calibrate", unit="layer",
-               disable=not progress or not world().is_main)
-    for index in bar:
+    shown = progress and world().is_main  # under torchrun, rank 0 speaks for every process
+    if checkpoint is not None:
+        progress_note(f"{label}: resumed at layer {first} of {len(layers)} (layers 0-{first - 1} restored from "
+                      f"{checkpoint.folder})" if restored is not None else
+                      f"{label}: nothing to resume in {checkpoint.folder}; starting at layer 0 of {len(layers)}",
+                      enabled=shown)
+    for index in steps(range(first, len(layers)), label, len(layers), first=first, enabled=shown):
         moe = moe_by_index.get(index)
         with store.on_device(index, device) as layer:
             block_targets = None

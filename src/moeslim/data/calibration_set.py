@@ -30,7 +30,8 @@ def build_calibration_set(config: CalibrationConfig, tokenizer: PreTrainedTokeni
     for i, source in enumerate(sources):
         count = share + (1 if i < extra else 0)
         if count:
-            parts.append(token_windows(source, tokenizer, config.seq_len, count, seed=config.seed + i))
+            parts.append(token_windows(source, tokenizer, config.seq_len, count, seed=config.seed + i,
+                                       spacing=config.spacing))
     name = "+".join(s.name for s in sources)
     content_hash = "+".join(s.content_hash for s in sources)
     return CalibrationSet(input_ids=torch.cat(parts), name=name, content_hash=content_hash, config=config)
@@ -54,7 +55,7 @@ def calibration_fields(calibration: CalibrationSet | torch.Tensor) -> tuple[torc
 def calibration_spec(calibration: CalibrationSet | torch.Tensor) -> dict[str, Any]:
     """JSON record of a calibration set for a plan: how to draw it again and hashes to check it by.
 
-    ``data``, ``samples``, ``seq_len``, ``seed``, ``batch_size``: the CalibrationConfig it was drawn with
+    ``data``, ``samples``, ``seq_len``, ``seed``, ``batch_size``, ``spacing``: the CalibrationConfig it was drawn with
     (absent for raw input ids, which cannot be redrawn); ``data_hash``: content hash of the sources;
     ``windows`` and ``windows_hash``: the number of windows and a hash of their token ids.
     """
@@ -74,7 +75,9 @@ def calibration_config(spec: dict[str, Any]) -> CalibrationConfig:
     if not spec or "data" not in spec:
         raise ConfigError("the plan records no calibration sources (it was made from raw input ids); "
                           "pass the same input ids to apply(model, plan, calibration=...)")
-    return from_mapping(CalibrationConfig, {k: v for k, v in spec.items() if k in names}, "plan calibration")
+    recorded = {k: v for k, v in spec.items() if k in names}
+    recorded.setdefault("spacing", "random")  # plans from before the field existed drew their windows at random
+    return from_mapping(CalibrationConfig, recorded, "plan calibration")
 
 
 def check_same_calibration(calibration: CalibrationSet | torch.Tensor, spec: dict[str, Any] | None,

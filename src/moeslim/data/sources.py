@@ -104,8 +104,14 @@ def _read_local(path: Path, text_field: str) -> list[str]:
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     docs: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataSourceError(f"{path}:{line_no} is not UTF-8 text ({err.reason} at byte {err.start} of the "
+                                      'line); a .jsonl file holds one {"' + text_field + '": ...} object per line'
+                                      ) from err
             if not line.strip():
                 continue
             try:

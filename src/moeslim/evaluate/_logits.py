@@ -33,6 +33,13 @@ def next_token_logprobs(
 
 
 @torch.inference_mode()
+def next_token_distribution(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """input_ids (B, L) -> (B, L-1, V) float32 log-probabilities of every vocabulary token at each next position."""
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+@torch.inference_mode()
 def next_token_scores(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

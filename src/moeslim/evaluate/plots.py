@@ -15,6 +15,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from moeslim.evaluate.results import VariantResult  # noqa: E402
+from moeslim.outputs import atomic_file  # noqa: E402
 
 
 def mean_ppl(result: VariantResult) -> float | None:
@@ -86,7 +87,8 @@ def plot_quality_vs_cost(results: Sequence[VariantResult], path: Path) -> Path:
         # Crowded points can hide a text label; the legend names every colour.
         (right if call_pts else left).legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:  # a killed run leaves no half-written picture
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 
@@ -110,7 +112,8 @@ def plot_kept_experts(plan: dict[str, Any], path: Path, title: str = "") -> Path
     kept = sum(map(sum, grid))
     ax.set_title(f"{title + ': ' if title else ''}kept experts (blue), {kept}/{n_experts * len(layers)}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:  # a killed run leaves no half-written picture
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 
@@ -132,7 +135,8 @@ def plot_skip_rate(plan: dict[str, Any], path: Path, title: str = "") -> Path:
     ax.set_title(f"{title + ': ' if title else ''}skip rate per layer")
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:  # a killed run leaves no half-written picture
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 
@@ -162,6 +166,7 @@ def plot_expert_bits(plan: dict[str, Any], path: Path, title: str = "") -> Path:
     mean = sum(map(sum, grid)) / sum(map(len, grid))
     ax.set_title(f"{title + ': ' if title else ''}bits per expert (mean {mean:.2f})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:  # a killed run leaves no half-written picture
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path

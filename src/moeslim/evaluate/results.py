@@ -4,6 +4,8 @@ Schema (every field JSON-serialisable; None = not measured):
     name: str                        variant label ("original", "prune-6", ...)
     description: str                 one line: what was done
     perplexity: {domain: ppl}        e.g. {"code": 7.9, "prose": 12.3}
+    kl_divergence: {domain: nats}    mean KL per token to the reference's next-token distribution (top-k form)
+    top1_agreement: {domain: share}  positions whose most likely token is the reference's, in [0, 1]
     tasks: {task: accuracy}          acc in [0, 1] of tasks that ran (skipped tasks are absent)
     param_bytes: int | None          weight bytes in memory (quantized storage as reported)
     disk_bytes: int | None           bytes of the saved checkpoint folder
@@ -29,6 +31,8 @@ class VariantResult:
     name: str
     description: str = ""
     perplexity: dict[str, float] = field(default_factory=dict)
+    kl_divergence: dict[str, float] = field(default_factory=dict)
+    top1_agreement: dict[str, float] = field(default_factory=dict)
     tasks: dict[str, float] = field(default_factory=dict)
     param_bytes: int | None = None
     disk_bytes: int | None = None

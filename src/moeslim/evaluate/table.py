@@ -28,9 +28,12 @@ def side_by_side_table(results: Sequence[VariantResult], detail: bool = False) -
     decode speed ratio; ``detail`` (report.md) adds disk MiB, activated parameters and the absolute speeds."""
     domains = list(dict.fromkeys(d for r in results for d in r.perplexity))
     tasks = list(dict.fromkeys(t for r in results for t in r.tasks))
+    kl = any(r.kl_divergence for r in results)
     base = results[0] if results else None
-    columns: list[str] = [
-        "variant", *[f"ppl {d}" for d in domains], *[t.removeprefix("moeslim_") for t in tasks], "weights MiB"]
+    columns: list[str] = ["variant", *[f"ppl {d}" for d in domains]]
+    if kl:  # mean over the scored domains: what llama.cpp's --kl-divergence reports per model
+        columns += ["KL", "top-1"]
+    columns += [*[t.removeprefix("moeslim_") for t in tasks], "weights MiB"]
     if detail:
         columns += ["disk MiB", "activated params"]
     columns += ["expert calls/tok", "decode x"]
@@ -40,6 +43,8 @@ def side_by_side_table(results: Sequence[VariantResult], detail: bool = False) -
     for r in results:
         cells = [r.name]
         cells += [_ppl_cell(r.perplexity.get(d), base.perplexity.get(d) if base else None) for d in domains]
+        if kl:
+            cells += [_mean_cell(r.kl_divergence, ".4f"), _mean_cell(r.top1_agreement, ".1%")]
         cells += [f"{100 * r.tasks[t]:.1f}%" if t in r.tasks else MISSING for t in tasks]
         cells.append(_mib(r.param_bytes))
         if detail:
@@ -81,6 +86,10 @@ def _mib(n: int | None) -> str:
 
 def _fmt(value: float | int | None, spec: str) -> str:
     return MISSING if value is None else format(value, spec)
+
+
+def _mean_cell(values: dict[str, float], spec: str) -> str:
+    return MISSING if not values else format(sum(values.values()) / len(values), spec)
 
 
 def _ppl_cell(value: float | None, base: float | None) -> str:

@@ -16,13 +16,16 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from moeslim.config import ConfigError
 from moeslim.data.sources import bundled_corpus_dir
+from moeslim.evaluate.quiet import third_party_output
 from moeslim.hub import hub_reachable
+from moeslim.progress import steps
 
 OFFLINE_TASKS = ("moeslim_code_nextline", "moeslim_prose_continuation")
 CONTEXT_LINES = 8  # code task: lines of context before the line to predict
@@ -194,17 +197,23 @@ def _offline_env(offline: bool) -> Iterator[None]:
 
 
 def _lm_eval_score(lm: object, task_names: list[str], manager: object, limit: int | None) -> dict:
-    from lm_eval import simple_evaluate
+    # lm-eval's ``evaluate``, set up as its ``simple_evaluate`` sets up our tasks (its default seeds, zero-shot
+    # when a task names no shot count), without what simple_evaluate adds after scoring and we never read: a
+    # ``git describe`` child process for its version stamp (which prints "fatal: not a git repository" to the
+    # terminal outside a git checkout) and torch's environment report.
+    import numpy as np
+    from lm_eval import evaluate
 
-    out = simple_evaluate(
-        model=lm,
-        tasks=task_names,
-        task_manager=manager,
-        limit=limit,
-        bootstrap_iters=0,
-        log_samples=False,
-        verbosity=None,
-    )
+    seed, other_seed = 0, 1234  # simple_evaluate's DEFAULT_RANDOM_SEED / DEFAULT_OTHER_SEED
+    random.seed(seed)
+    np.random.seed(other_seed)
+    torch.manual_seed(other_seed)
+    loaded = manager.load(task_names)  # type: ignore[attr-defined]
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=other_seed)
+    out = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False)
     results: dict[str, dict] = {}
     for name in task_names:
         metrics = (out or {}).get("results", {}).get(name, {})
@@ -227,12 +236,16 @@ def run_tasks(
     corpus_dir: str | Path | None = None,
     n_items: int = 200,
     seed: int = 0,
+    log: TextIO | None = None,
+    progress: bool = False,
 ) -> dict[str, dict]:
     """Accuracy per task: {task: {"acc", "acc_norm", "n", "status", "backend"}}.
 
     status is "ran", "skipped: offline" (standard task without network), "skipped: no data" (offline
     task whose corpus split is missing) or "failed: <error>". Offline task files go to task_dir (kept,
-    e.g. in a run folder) or a temporary folder. Raises when lm-eval is not installed.
+    e.g. in a run folder) or a temporary folder. What the harness prints (its progress bars and warnings) goes
+    to ``log`` or nowhere, not to the console; ``progress``: our own line per task scored, on stderr. Raises when
+    lm-eval is not installed.
     """
     if not task_names:
         return {}
@@ -254,7 +267,8 @@ def run_tasks(
                 results[name] = _skipped("skipped: offline")
         harness_tasks = [t for t in offline if t in written] + (standard if online else [])
         if harness_tasks:
-            results.update(_run_harness(model, tokenizer, harness_tasks, folder, limit, batch_size, online))
+            results.update(_run_harness(model, tokenizer, harness_tasks, folder, limit, batch_size, online, log,
+                                         progress))
     return {name: results[name] for name in task_names}
 
 
@@ -270,18 +284,24 @@ def _run_harness(
     limit: int | None,
     batch_size: int,
     online: bool,
+    log: TextIO | None = None,
+    progress: bool = False,
 ) -> dict[str, dict]:
+    import sys
+
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     backend = f"lm-eval {lm_eval.__version__}"
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    # indexing the harness's thousands of bundled task configs takes seconds: only when needed
-    manager = TaskManager(include_path=str(folder), include_defaults=any(n not in _TASK_SPECS for n in names))
     out: dict[str, dict] = {}
-    with _offline_env(not online):
-        for name in names:  # one at a time: a standard task failing must not lose the others
+    console = sys.stderr  # where our progress goes while the harness's own output is redirected
+    with third_party_output(log), _offline_env(not online):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        # indexing the harness's thousands of bundled task configs takes seconds: only when needed
+        manager = TaskManager(include_path=str(folder), include_defaults=any(n not in _TASK_SPECS for n in names))
+        # one at a time: a standard task failing must not lose the others
+        for name in steps(names, "tasks", len(names), unit="tasks", enabled=progress, stream=console):
             try:
                 res = _lm_eval_score(lm, [name], manager, limit)[name]
                 out[name] = {**res, "status": "ran", "backend": backend}

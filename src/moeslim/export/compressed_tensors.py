@@ -18,13 +18,15 @@ Schemes. vLLM's fused-MoE kernels (WNA16 Marlin / Triton) and transformers 5's e
 points: MoE experts must be symmetric there. GPTQ/MC-MoE (and moeslim) quantize asymmetrically, so
 ``scheme="symmetric"`` (the default) stores c - z exactly as a signed code: it fits b bits when every zero
 point is 2^(b-1) (a symmetric grid), else b + 1 bits (|c - z| <= 2^b - 1): a 3-bit GPTQ result becomes an
-exact W4A16 checkpoint, a 7-bit one W8A16 (vLLM serves 4 and 8 bits). ``scheme="asymmetric"`` keeps b bits
+exact W4A16 checkpoint, a 7-bit one W8A16 (vLLM serves 4 and 8 bits). A plan made with ``--symmetric`` has
+symmetric grids (no zero points stored at all): it is written in exactly b bits, so a symmetric 4-bit plan is a
+native W4A16 checkpoint and an 8-bit one W8A16, as llm-compressor writes them. ``scheme="asymmetric"`` keeps b bits
 and packed ``weight_zero_point`` (``symmetric: false``), which compressed-tensors itself decompresses
 exactly but vLLM and transformers 5.24 refuse for MoE experts.
 
 Limits: one width for all experts (a compressed-tensors scheme has one num_bits; plan with
 ``--method uniform``), input dimension divisible by the group size, experts only (quantized attention is
-refused). The zero points make the scheme asymmetric (``symmetric: false``), as GPTQ/MC-MoE quantize.
+refused).
 A model without quantized experts (e.g. pruned) is written as a plain checkpoint.
 """
 
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +46,9 @@ from moeslim.export.errors import UnsupportedExportError
 from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor
 from moeslim.methods.quant.gptq import dequantize
 from moeslim.methods.quant.pack import unpack_bits
+from moeslim.plans import Plan
 
-__all__ = ["CT_EXPERT_TARGET", "CT_SCHEMES", "CtExport", "export_compressed_tensors", "expert_scheme"]
+__all__ = ["CT_EXPERT_TARGET", "CT_SCHEMES", "CtExport", "check_ct_plan", "export_compressed_tensors", "expert_scheme"]
 
 # Per-expert Linear names in the saved checkpoint: (decoder layer, expert, projection).
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.[\w.]*experts\.(\d+)\."
@@ -66,13 +68,34 @@ class CtExport:
     quantized_tensors: int
 
 
+UNIFORM_HINT = ("plan with: moeslim plan quantize --method uniform --symmetric --bits 4 or 8 (stored as W4A16 / "
+                "W8A16, the widths vLLM's MoE kernels serve); or without --symmetric, --bits B, B from 1 to 7 (3 is "
+                "stored as W4A16 and 7 as W8A16)")
+
+
+def check_ct_plan(plan: Plan, where: str) -> None:
+    """Refuse, before any GPTQ work, a plan whose result compressed-tensors cannot hold: not a quantize plan, per-
+    tensor GGUF types, or more than one expert width (a scheme has one ``num_bits``)."""
+    if plan.kind != "quantize":
+        raise UnsupportedExportError(f"{where}: compressed-tensors export takes a quantize plan, not a {plan.kind} "
+                                     "plan; apply that plan first (moeslim apply) and export the checkpoint")
+    widths: set[int] = set()
+    for entry in plan.layers.values():
+        if not isinstance(entry, dict) or "bits" not in entry:
+            raise UnsupportedExportError(f"{where}: a --scope gguf plan has llama.cpp types, not widths; export it "
+                                         f"with --format gguf, or {UNIFORM_HINT}")
+        widths.update(int(b) for b in entry["bits"])
+    if len(widths) != 1 or KEEP_BITS in widths:
+        raise UnsupportedExportError(f"{where}: compressed-tensors holds one width for every expert; this plan has "
+                                     f"widths {sorted(widths)}; {UNIFORM_HINT}")
+
+
 def _uniform_width(lowbit: dict[str, LowBitTensor]) -> tuple[int, int]:
     widths = {b for t in lowbit.values() for b in t.bits}
     groups = {t.group_size for t in lowbit.values()}
     if len(widths) != 1 or KEEP_BITS in widths:
         raise UnsupportedExportError(f"compressed-tensors holds one width per scheme; this model's experts have "
-                                     f"widths {sorted(widths)} (plan with: moeslim plan quantize --method uniform "
-                                     "--bits 4|8)")
+                                     f"widths {sorted(widths)}; {UNIFORM_HINT}")
     if len(groups) != 1:
         raise UnsupportedExportError(f"one group size is needed, this model has {sorted(groups)}")
     return widths.pop(), groups.pop()
@@ -93,8 +116,7 @@ def _expert_streams(t: LowBitTensor, e: int) -> tuple[torch.Tensor, torch.Tensor
     n_out, n_in = t.out_in
     b = t.bits[e]
     codes = unpack_bits(t.stream("codes", e), b, n_out * n_in).reshape(n_out, n_in)
-    zeros = unpack_bits(t.stream("zeros", e), b, n_out * t.n_groups).reshape(n_out, t.n_groups)
-    return codes, t.stream("scales", e), zeros
+    return codes, t.stream("scales", e), t.zero_points(e)
 
 
 def _packed_linear(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, stored_bits: int,
@@ -127,6 +149,8 @@ def _storage(experts: dict[str, LowBitTensor], bits: int, scheme: str) -> tuple[
     """(num_bits, symmetric) of the written scheme for moeslim codes of ``bits`` bits."""
     if scheme == "asymmetric":
         return bits, False
+    if all(t.symmetric for t in experts.values()):  # planned with --symmetric: b bits exactly, no zero points
+        return bits, True
     mid = 1 << (bits - 1)
     on_grid = all(bool((_expert_streams(t, e)[2] == mid).all()) for t in experts.values() for e in range(t.shape[0]))
     if on_grid:
@@ -171,15 +195,18 @@ def _dense_copy(model: nn.Module) -> nn.Module:
 
 
 def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: str | Path, *, scheme: str = "symmetric",
-                              overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> CtExport:
+                              overwrite: bool = False, inputs: Iterable[str | Path] = (), progress: bool = False
+                              ) -> CtExport:
     """Write ``model`` to the folder ``out`` in the compressed-tensors pack-quantized layout (see module doc).
 
     scheme: "symmetric" (vLLM / transformers loadable; b or b + 1 stored bits) or "asymmetric" (b bits + zero
     points). overwrite: replace an existing moeslim output folder. inputs: paths ``out`` must not be.
+    progress: a line on stderr per shard written.
     """
     from safetensors.torch import load_file, save_file
 
-    from moeslim.outputs import atomic_dir
+    from moeslim.outputs import atomic_dir, temp_dir_beside
+    from moeslim.progress import steps
     from moeslim.runtime.lowbit_io import lowbit_tensors
 
     lowbit = lowbit_tensors(model)
@@ -193,13 +220,13 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: str | Path,
     dense: Any = _dense_copy(model) if experts else model
     replaced = 0
     with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
-        with tempfile.TemporaryDirectory() as stage:
+        with temp_dir_beside(out) as stage:  # removed by the next run if this one is killed
             dense.save_pretrained(stage, safe_serialization=True)
             shards = sorted(Path(stage).glob("*.safetensors"))
             for file in Path(stage).iterdir():
                 if file.suffix != ".safetensors" and file.name != "config.json":
                     (tmp / file.name).write_bytes(file.read_bytes())
-            for shard in shards:
+            for shard in steps(shards, "compressed-tensors", len(shards), unit="shards", enabled=progress):
                 tensors = load_file(str(shard))
                 if layout is not None:
                     replaced += _replace_experts(tensors, layout)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,9 @@ from moeslim.export.gguf_arch import (
 from moeslim.export.gguf_vocab import GgufVocab, gguf_vocab, write_vocab
 from moeslim.methods.quant.gguf_types import GGUF_BLOCKS, GPY_QUANTIZABLE, PROJECTIONS
 from moeslim.models import find_moe_layers
+from moeslim.outputs import check_output_file, output_lock, temp_dir_beside
 from moeslim.plans import Plan, PlanError, config_hash
+from moeslim.progress import steps
 
 __all__ = ["GGUF_DIRECT_TYPES", "LLAMA_QUANTIZE_TYPES", "GgufExport", "export_gguf", "plan_tensor_types",
            "read_gguf_types"]
@@ -105,8 +106,9 @@ def plan_tensor_types(model: nn.Module, plan: Plan) -> dict[str, str]:
     return out
 
 
-def _gguf_tensors(model: nn.Module, arch: GgufArch) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array in PyTorch order) for every tensor, in the architecture's layout."""
+def _gguf_tensors(model: nn.Module, arch: GgufArch, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array in PyTorch order) for every tensor, in the architecture's layout.
+    ``progress``: a line on stderr every ~10 % of the tensors (each is encoded before the next is read)."""
     config = _config(model)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     names = tensor_name_map(arch, int(config.num_hidden_layers))
@@ -115,7 +117,9 @@ def _gguf_tensors(model: nn.Module, arch: GgufArch) -> Iterator[tuple[str, np.nd
     # A moeslim-quantized model keeps its packed experts outside the state dict: write them dequantized (the
     # GGUF type then re-quantizes them; F32 holds them exactly).
     tensors = {**model.state_dict(), **{name: t.dequantize() for name, t in lowbit_tensors(model).items()}}
-    for key, tensor in tensors.items():
+    count = len(tensors)
+    for key, tensor in steps(tensors.items(), "gguf", count, unit="tensors", enabled=progress,
+                             every=max(1, -(-count // 10))):
         if key == "lm_head.weight" and tied:
             continue  # llama.cpp reuses token_embd when output is absent
         for hf_key, data in arch.transform(key, tensor.detach().to(torch.float32).cpu(), config):
@@ -164,7 +168,7 @@ def _moe_shape(model: nn.Module) -> MoeShape:
 
 
 def _write_file(model: nn.Module, vocab: GgufVocab, hparams: dict[str, Any], path: Path, arch: GgufArch, default: str,
-                overrides: dict[str, str], name: str) -> list[str]:
+                overrides: dict[str, str], name: str, progress: bool = False) -> list[str]:
     """Write the GGUF at ``path``; returns the tensors that fell back to F16 (rows not divisible by blocks)."""
     import gguf
 
@@ -175,7 +179,7 @@ def _write_file(model: nn.Module, vocab: GgufVocab, hparams: dict[str, Any], pat
     writer.add_file_type(int(ftype))
     write_vocab(writer, vocab)
     fallbacks: list[str] = []
-    for tname, data in _gguf_tensors(model, arch):
+    for tname, data in _gguf_tensors(model, arch, progress):
         qtype = "F32" if _keeps_f32(tname, data) else overrides.get(tname, default)
         if data.shape[-1] % GGUF_BLOCKS[qtype][0]:
             fallbacks.append(f"{tname}: {qtype} -> F16 (rows of {data.shape[-1]} not divisible by "
@@ -217,19 +221,27 @@ def _llama_quantize(binary: Path, src: Path, dst: Path, ftype: str, overrides: d
 
 def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, qtype: str = "F16", plan: Plan | None = None,
                 llama_quantize: str | Path | None = None, imatrix: str | Path | None = None,
-                name: str | None = None, inputs: Iterable[str | Path] = ()) -> GgufExport:
+                name: str | None = None, inputs: Iterable[str | Path] = (), overwrite: bool = False,
+                progress: bool = False) -> GgufExport:
     """Write ``model`` as a GGUF file at ``out`` (atomically: temp file in the same folder, then rename).
 
     qtype: type of every matrix without a plan type (F16 default; K-quant types and presets need
         ``llama_quantize``). plan: a ``scope="gguf"`` quantize plan for this model (per-tensor expert types).
     llama_quantize: path of llama.cpp's ``llama-quantize``; imatrix: an importance matrix file for it.
-    inputs: paths the output must not overwrite (the model folder, the plan).
+    inputs: paths the output must not overwrite (the model folder, the plan); overwrite: replace an existing file.
     """
-    from moeslim.outputs import check_output_file
+    with output_lock(out):
+        return _export_gguf(model, tokenizer, out, qtype, plan, llama_quantize, imatrix, name, inputs, overwrite,
+                            progress)
 
+
+
+def _export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, qtype: str, plan: Plan | None,
+                 llama_quantize: str | Path | None, imatrix: str | Path | None, name: str | None,
+                 inputs: Iterable[str | Path], overwrite: bool, progress: bool) -> GgufExport:
     arch = gguf_family(_config(model))
     default = _check_qtype(qtype)
-    target = check_output_file(out, inputs=inputs)
+    target = check_output_file(out, overwrite=overwrite, inputs=inputs)
     overrides = plan_tensor_types(model, plan) if plan is not None else {}
     needs_llama = default not in GGUF_DIRECT_TYPES or any(t not in GGUF_DIRECT_TYPES for t in overrides.values())
     if imatrix is not None and not needs_llama and llama_quantize is None:
@@ -250,15 +262,15 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, qtype: str
     title = name or str(getattr(_config(model), "_name_or_path", "") or _config(model).model_type)
     dest = Path(target).expanduser().resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".moeslim-gguf-") as tmp:
+    with temp_dir_beside(dest) as tmp:
         work = Path(tmp)
         staged = work / "out.gguf"
         if binary is None:
-            fallbacks = _write_file(model, vocab, hparams, staged, arch, default, overrides, title)
+            fallbacks = _write_file(model, vocab, hparams, staged, arch, default, overrides, title, progress)
             quantizer = "gguf-py"
         else:
             source = work / "f32.gguf"
-            fallbacks = _write_file(model, vocab, hparams, source, arch, "F32", {}, title)
+            fallbacks = _write_file(model, vocab, hparams, source, arch, "F32", {}, title, progress)
             _llama_quantize(binary, source, staged, default, overrides,
                             Path(imatrix) if imatrix is not None else None, work)
             quantizer = "llama-quantize"

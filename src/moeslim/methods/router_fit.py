@@ -19,7 +19,7 @@ not stored in the plan, as GPTQ's weights are not).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from moeslim.plans import Plan
 
 __all__ = ["FIT_LR", "FIT_STEPS", "FIT_TOKENS", "RouterFit", "TokenInputs", "block_loss", "compressed_route",
            "fit_pruned_layer", "fit_router", "is_sigmoid_router", "layer_logits", "original_routed",
-           "plan_prune_with_router_fit", "prune_keeps_groups", "pruned_expert_outputs", "routed_output", "token_inputs"]
+           "prune_keeps_groups", "pruned_expert_outputs", "routed_output", "token_inputs"]
 
 _CHUNK = 4096  # tokens per chunk of the helpers below (bounds temporary memory)
 
@@ -251,27 +251,3 @@ def check_uniform(plan: Plan) -> None:
     if len(sizes) != 1:
         raise ValueError("recalibrate_router supports prune plans where every layer keeps the same count "
                          f"(got {sorted(sizes)}); use allocation='uniform'")
-
-
-def plan_prune_with_router_fit(model: nn.Module, calibration: Any, config: Any, model_name: str | None = None,
-                               device: torch.device | str | None = None, **kwargs: Any) -> Plan:
-    """``plan_prune``, and with ``config.recalibrate_router`` the router fit's before/after loss per layer in
-    ``summary["router_fit"]`` (the fit itself is re-run by apply on the same windows)."""
-    from moeslim.calibrate import LayerDecision, run_layerwise
-    from moeslim.data.calibration_set import calibration_fields
-    from moeslim.methods.prune import plan_prune
-
-    plan = plan_prune(model, calibration, config, model_name, device=device, **kwargs)
-    if not getattr(config, "recalibrate_router", False):
-        return plan
-    check_uniform(plan)
-    input_ids, _, _ = calibration_fields(calibration)
-    keep_groups = prune_keeps_groups(model, plan)
-
-    def on_layer(layer: MoELayer, observers: Sequence[Any]) -> LayerDecision:
-        x = token_inputs(observers)[0]
-        return LayerDecision(result=fit_pruned_layer(layer, plan.layers[layer.layer_idx], x, keep_groups).summary())
-
-    fits = run_layerwise(model, input_ids, make_observers=lambda layer: [TokenInputs(layer.num_experts)],
-                         on_layer=on_layer, propagate="original", device=device, progress=False)
-    return replace(plan, summary={**plan.summary, "router_fit": {str(k): v for k, v in sorted(fits.items())}})

@@ -23,8 +23,8 @@ from .attrs import callable_attr
 from .expert_math import expert_weight_views
 from .layer import MoELayer
 
-__all__ = ["ExpertMatrices", "matrices_forward", "neuron_rows", "read_experts", "router_bias", "write_experts",
-           "write_router"]
+__all__ = ["ExpertMatrices", "compressed_outputs", "matrices_forward", "neuron_rows", "read_experts", "router_bias",
+           "write_experts", "write_router"]
 
 
 @dataclass(frozen=True)
@@ -162,3 +162,10 @@ def matrices_forward(layer: MoELayer, mats: ExpertMatrices, e: int, x: Tensor) -
     if getattr(experts, "has_post_expert_norm", False):
         out = callable_attr(experts, "post_expert_norm")(out.to(x.dtype)).float()
     return out
+
+
+def compressed_outputs(layer: MoELayer, mats: ExpertMatrices, x: Tensor) -> Tensor:
+    """(T, H) -> (T, K, H) every expert of ``mats`` on every token."""
+    dtype = layer.router_weight.dtype
+    return torch.stack([matrices_forward(layer, mats, e, x.to(dtype)).float().cpu()
+                        for e in range(mats.num_experts)], dim=1)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .layer import decoder_layers
-from .loading import resolve_model_path
+from .loading import check_finite, resolve_model_path
 
 
 class StreamingError(OSError):
@@ -87,7 +87,7 @@ class CheckpointIndex:
             raise StreamingError(f"{self.folder} has no .safetensors files; streaming reads safetensors shards")
         self.file_of: dict[str, Path] = {}
         for file in files:
-            with safe_open(str(file), framework="pt") as handle:
+            with _damaged_shard(file), safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
                     self.file_of[key] = file
         self.weight_mapping: Any = get_model_conversion_mapping(model)
@@ -121,8 +121,9 @@ class CheckpointIndex:
         config = LoadStateDictConfig(device_map={"": str(device)}, dtype=_floating_dtype(model),
                                      weight_mapping=self.weight_mapping)
         with ExitStack() as stack:
-            handles = {f: stack.enter_context(safe_open(str(f), framework="pt"))
-                       for f in sorted({self.file_of[k] for k in keys})}
+            files = sorted({self.file_of[k] for k in keys})
+            stack.enter_context(_damaged_shard(*files))
+            handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
             state = {k: handles[self.file_of[k]].get_slice(k) for k in keys}
             with _quiet_transformers():
                 info, _ = convert_and_load_state_dict_in_model(model, state, config)
@@ -130,6 +131,19 @@ class CheckpointIndex:
         if problems or info.conversion_errors:
             raise StreamingError(f"cannot stream {where} of {self.folder}: tensors that fit no parameter "
                                  f"or convert with errors ({', '.join(problems[:3]) or info.conversion_errors})")
+
+
+@contextmanager
+def _damaged_shard(*files: Path) -> Iterator[None]:
+    """A truncated or overwritten shard gets the same clean error as a full load, naming the files."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        names = ", ".join(str(f) for f in files)
+        raise StreamingError(f"cannot read {names}: a safetensors file is damaged or truncated ({err}); download or "
+                             "copy the checkpoint again") from err
 
 
 def _floating_dtype(model: nn.Module) -> torch.dtype:
@@ -192,6 +206,12 @@ class ShardedLayers:
             raise StreamingError(f"decoder layer {index}: {len(left)} parameter(s) are not in the checkpoint "
                                  f"(e.g. {left[0]}); it would run with empty weights")
         try:
+            check_finite(layer.named_parameters(prefix=self.index.layer_prefixes[index].rstrip(".")),
+                         str(self.index.folder))
+        except OSError:
+            free_module(layer)
+            raise
+        try:
             yield layer
         finally:
             free_module(layer)
@@ -223,4 +243,5 @@ def load_streamed(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Mod
     if missing:
         raise StreamingError(f"cannot stream {name!r}: {len(missing)} weight(s) outside the decoder layers are "
                              f"missing from the checkpoint (e.g. {', '.join(missing[:3])})")
+    check_finite(model.named_parameters(), name)
     return model.eval(), _load_tokenizer(path, cache_only=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +57,11 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     try:
         # Never run code from a model folder (auto_map), never unpickle weights: safetensors only.
         # output_loading_info=True returns (model, info), which transformers' annotation does not say.
-        loaded: Any = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, local_files_only=cache_only, trust_remote_code=False, use_safetensors=True,
-            output_loading_info=True, **({"device_map": device_map} if device_map is not None else {}),
-        )
+        with quiet_loading():  # our own error names what is missing; no load report or bar before it
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, local_files_only=cache_only, trust_remote_code=False, use_safetensors=True,
+                output_loading_info=True, **({"device_map": device_map} if device_map is not None else {}),
+            )
         model, info = loaded
     except SafetensorError as err:
         raise OSError(f"cannot load {name!r}: a safetensors file is damaged or truncated ({err}); "
@@ -83,9 +86,46 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     if missing:
         raise OSError(f"cannot load {name!r}: {len(missing)} weight(s) are missing from the checkpoint "
                       f"(e.g. {', '.join(missing[:3])}); it would run with random weights")
+    check_finite(model.named_parameters(), name)
     # ``device_map`` (validated by ``moeslim.devices.resolve_device_map``): accelerate placed the model already.
     model = (model if device_map is not None else model.to(device)).eval()
     return model, _load_tokenizer(path, cache_only)
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' "Loading weights" bar and load report off for the block (its own switches, restored)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+_FINITE_CHUNK = 1 << 24  # elements per check: bounds the boolean temporaries on large tensors
+
+
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """Refuse weights that hold NaN or +inf (damaged bytes read as floats): they evaluate to NaN with no other sign.
+
+    -inf is allowed: it is how a padded non-uniform checkpoint keeps the router from choosing a padding expert.
+    """
+    for key, tensor in tensors:
+        if tensor.is_meta or not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        for start in range(0, flat.numel(), _FINITE_CHUNK):
+            chunk = flat[start:start + _FINITE_CHUNK]
+            if bool(torch.isnan(chunk).any()) or bool(torch.isposinf(chunk).any()):
+                raise OSError(f"cannot load {source!r}: weight {key} holds NaN or infinite values; the checkpoint "
+                              "is damaged, copy or download it again")
 
 
 def _load_tokenizer(path: str, cache_only: bool) -> Any:

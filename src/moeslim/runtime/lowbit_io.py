@@ -7,7 +7,8 @@ Layout of a saved checkpoint (``save_quantized``):
   aliases written once, listed in the file metadata);
 - ``moeslim_lowbit.safetensors``: each quantized parameter ``{name}`` as ``LowBitTensor.to_state_dict``
   tensors ``{name}.qmeta``, ``.qbits``, ``.qcodes.{e}`` (bit-packed codes), ``.qscales.{e}`` (float16 group
-  scales), ``.qzeros.{e}`` (bit-packed zero points), ``.qdense.{e}`` (experts kept at 16 bits).
+  scales), ``.qzeros.{e}`` (bit-packed zero points; none in a symmetric tensor, whose qmeta says so),
+  ``.qdense.{e}`` (experts kept at 16 bits).
   Its payload is exactly the bits that ``bits_accounting`` reports (plus a few int64 metadata tensors), so
   bytes on disk match the accounting.
 
@@ -197,7 +198,8 @@ def _packed_to(packed: LowBitTensor, device: torch.device) -> LowBitTensor:
         return [None if t is None else t.to(device) for t in ts]
 
     return LowBitTensor(packed.shape, packed.bits, packed.group_size, packed.transposed, packed.dtype,
-                        move(packed.codes), move(packed.scales), move(packed.zeros), move(packed.dense))
+                        move(packed.codes), move(packed.scales), move(packed.zeros), move(packed.dense),
+                        packed.symmetric)
 
 
 def _materialize_buffers(model: nn.Module, root: Path) -> None:

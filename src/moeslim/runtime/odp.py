@@ -82,3 +82,15 @@ def protected_share(model: nn.Module) -> float:
     masks = [m for m in (getattr(layer.experts, "moeslim_protect", None) for layer in find_moe_layers(model))
              if isinstance(m, torch.Tensor)]
     return float(torch.cat(masks).float().mean()) if masks else 0.0
+
+
+def install_skip_section(model: nn.Module, section: Mapping[str, Any]) -> None:
+    """Re-install from the ``skip`` entry of config.json's moeslim section: {"rule", "betas": {"0": b, ...}}
+    (+ "protect" for online dynamic pruning: skipping with protected tokens, else plain skipping)."""
+    betas = {int(k): float(v) for k, v in dict(section.get("betas", {})).items()}
+    rule = str(section.get("rule", "top2"))
+    protect = float(section.get("protect", 0.0))
+    if protect > 0:
+        install_odp(model, betas, rule, protect)
+    else:
+        install_skipping(model, betas, rule)

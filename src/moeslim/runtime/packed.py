@@ -15,6 +15,8 @@ width) as buffers grouped by width, in the layout the fastest kernel for that wi
   is available and the matrix is large enough to pay for it): it reads the packed bytes once and never
   materialises a dequantized weight; longer inputs dequantize the routed expert once and run a float matmul.
 - ``dense``: experts kept at 16 bits, their original slice.
+- symmetric tensors (``LowBitTensor.symmetric``) store no zero points: the kernels take the grid's constant
+  zero point 2^(b-1) as a number instead of zero-point planes (``ZeroPoints``), so nothing is held for them.
 - ``canonical``: the ``LowBitTensor``'s own packed streams, for shapes the layouts above do not cover
   (input not a multiple of the group size, group size not a multiple of 8, ...): dequantized per routed
   expert with ``pack.unpack_bits`` (slow, exact).
@@ -52,6 +54,22 @@ _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.floa
 # (below, the eager path is already fast and a compile would cost more).
 FUSED_MAX_ROWS = 8
 FUSED_MIN_WEIGHTS = 1 << 18
+
+
+# Zero points of one expert: bit planes (per plane (N * G * w / 8,) uint8), or the constant 2^(b-1) of a
+# symmetric grid, which is stored nowhere.
+ZeroPoints = tuple[Tensor, ...] | int
+
+
+def _zero_grid(zero_planes: ZeroPoints, bits: int, n_out: int, n_groups: int) -> Tensor | float:
+    """(N, G) float32 zero points from their planes, or a symmetric grid's constant as a number (broadcasts)."""
+    if isinstance(zero_planes, int):
+        return float(zero_planes)
+    return unpack_planes(zero_planes, bits).reshape(n_out, n_groups).float()
+
+
+def _column(z: Tensor | float) -> Tensor | float:
+    return z.unsqueeze(-1) if isinstance(z, Tensor) else z
 
 
 def plane_split(bits: int) -> list[tuple[int, int]]:
@@ -127,7 +145,7 @@ def planes_inputs(x: Tensor, bits: int, group_size: int) -> tuple[tuple[Tensor, 
 
 
 def planes_matmul_kernel(xp: tuple[Tensor, ...], xsum: Tensor, planes: tuple[Tensor, ...],
-                         zero_planes: tuple[Tensor, ...], scales: Tensor, bits: int, group_size: int) -> Tensor:
+                         zero_planes: ZeroPoints, scales: Tensor, bits: int, group_size: int) -> Tensor:
     """(M, N) float32 = x @ W^T, W = s * (codes - z) per group, from ``planes_inputs(x)`` and the bit planes.
 
     planes: per plane (N, G, gs * w / 8) uint8; zero_planes: per plane (N * G * w / 8,); scales (N, G) float16.
@@ -145,29 +163,30 @@ def planes_matmul_kernel(xp: tuple[Tensor, ...], xsum: Tensor, planes: tuple[Ten
             t = xq[:, :, :, a, :] * vals  # (M, N, G, per)
             term = t if term is None else term + t
     assert term is not None
-    zeros = unpack_planes(zero_planes, bits).reshape(n_out, n_groups).float()  # (N, G)
+    zeros = _zero_grid(zero_planes, bits, n_out, n_groups)  # (N, G)
     return (scales.float() * (term.sum(-1) - zeros * xsum)).sum(-1)  # (M, N)
 
 
-def planes_matmul(x: Tensor, planes: tuple[Tensor, ...], zero_planes: tuple[Tensor, ...], scales: Tensor,
+def planes_matmul(x: Tensor, planes: tuple[Tensor, ...], zero_planes: ZeroPoints, scales: Tensor,
                   bits: int, group_size: int) -> Tensor:
     """x (M, K) -> (M, N) in x's dtype: ``planes_matmul_kernel`` run eagerly (the reference of the compiled one)."""
     xp, xsum = planes_inputs(x, bits, group_size)
     return planes_matmul_kernel(xp, xsum, planes, zero_planes, scales, bits, group_size).to(x.dtype)
 
 
-def int8_matmul_kernel(xg: Tensor, xsum: Tensor, w8: Tensor, zero_planes: tuple[Tensor, ...], scales: Tensor
+def int8_matmul_kernel(xg: Tensor, xsum: Tensor, w8: Tensor, zero_planes: ZeroPoints, scales: Tensor
                        ) -> Tensor:
     """xg (M, G, gs) float32 grouped input, xsum (M, G) its group sums, w8 (G, N, gs) int8 = code - 128 ->
     (M, N) float32 = sum_g s_g * (x_g . (q_g - 128) + (128 - z_g) * sum(x_g)); one fused pass over the int8
     bytes under ``torch.compile`` (1 byte a weight read, nothing dequantized in memory)."""
     n_groups, n_out, _ = w8.shape
     dot = (xg[:, :, None, :] * w8.float()[None]).sum(-1)  # (M, G, N)
-    zeros = unpack_planes(zero_planes, 8).reshape(n_out, n_groups).float().T  # (G, N)
+    zeros = _zero_grid(zero_planes, 8, n_out, n_groups)
+    zeros = zeros.T if isinstance(zeros, Tensor) else zeros  # (G, N)
     return (scales.float().T * (dot + (128 - zeros) * xsum[:, :, None])).sum(1)
 
 
-def planes_dequant(planes: tuple[Tensor, ...], zero_planes: tuple[Tensor, ...], scales: Tensor, bits: int,
+def planes_dequant(planes: tuple[Tensor, ...], zero_planes: ZeroPoints, scales: Tensor, bits: int,
                    group_size: int, dtype: torch.dtype) -> Tensor:
     """(N, K) weights s * (codes - z) in ``dtype`` from bit planes, computed in float32 as ``gptq.dequantize``."""
     n_out, n_groups = scales.shape
@@ -178,32 +197,32 @@ def planes_dequant(planes: tuple[Tensor, ...], zero_planes: tuple[Tensor, ...], 
         slots = [((p >> (width * slot)) & (2**width - 1)) for slot in range(8 // width)]
         codes = codes + float(2**offset) * torch.cat(slots, dim=2).float()  # (N, G, 8, per)
     codes = codes.reshape(n_out, n_groups, group_size)
-    zeros = unpack_planes(zero_planes, bits).reshape(n_out, n_groups, 1).float()
+    zeros = _column(_zero_grid(zero_planes, bits, n_out, n_groups))
     return (scales.float().unsqueeze(-1) * (codes - zeros)).reshape(n_out, n_groups * group_size).to(dtype)
 
 
-def int8_dequant(w8: Tensor, zero_planes: tuple[Tensor, ...], scales: Tensor, dtype: torch.dtype) -> Tensor:
+def int8_dequant(w8: Tensor, zero_planes: ZeroPoints, scales: Tensor, dtype: torch.dtype) -> Tensor:
     """(N, K) weights from int8 codes (G, N, gs) holding code - 128."""
     n_groups, n_out, group_size = w8.shape
-    zeros = unpack_planes(zero_planes, 8).reshape(n_out, n_groups, 1).float()
+    zeros = _column(_zero_grid(zero_planes, 8, n_out, n_groups))
     codes = w8.permute(1, 0, 2).float() + 128  # (N, G, gs)
     return (scales.float().unsqueeze(-1) * (codes - zeros)).reshape(n_out, n_groups * group_size).to(dtype)
 
 
-def int4_scales_and_zeros(scales: Tensor, zero_planes: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+def int4_scales_and_zeros(scales: Tensor, zero_planes: ZeroPoints, dtype: torch.dtype) -> Tensor:
     """(G, N, 2) (scale, zero) pairs of the int4pack kernel, w = (q - 8) * scale + zero, from s (N, G) and 4-bit
     zero points z: zero = s * (8 - z), so w = s * (q - z)."""
     n_out, n_groups = scales.shape
     s = scales.float()
-    z = unpack_planes(zero_planes, 4).reshape(n_out, n_groups).float()
+    z = _zero_grid(zero_planes, 4, n_out, n_groups)
     return torch.stack([s, s * (8 - z)], -1).transpose(0, 1).contiguous().to(dtype)
 
 
-def int8_scales(scales: Tensor, zero_planes: tuple[Tensor, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def int8_scales(scales: Tensor, zero_planes: ZeroPoints, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """((G, N) per-group scales, (G, N) shifts s * (128 - z)) for the per-group int8 kernel calls."""
     n_out, n_groups = scales.shape
     s = scales.float()
-    z = unpack_planes(zero_planes, 8).reshape(n_out, n_groups).float()
+    z = _zero_grid(zero_planes, 8, n_out, n_groups)
     return s.T.contiguous().to(dtype), (s * (128 - z)).T.contiguous().to(dtype)
 
 
@@ -292,6 +311,7 @@ class _WidthGroup(nn.Module):
     def __init__(self, bits: int, fmt: str, experts: list[int], packed: LowBitTensor) -> None:
         super().__init__()
         self.bits, self.fmt, self.experts = bits, fmt, experts
+        self.symmetric = packed.symmetric
         n_out, n_in = packed.out_in
         self.n_out, self.n_in, self.n_groups = n_out, n_in, packed.n_groups
         self.group_size = min(packed.group_size, n_in)
@@ -303,15 +323,18 @@ class _WidthGroup(nn.Module):
             for i, e in enumerate(experts):
                 self._buf(f"codes{i}", packed.stream("codes", e))
                 self._buf(f"scales{i}", _as_int(packed.stream("scales", e)))
-                self._buf(f"zeros{i}", packed.stream("zeros", e))
+                if not self.symmetric:
+                    self._buf(f"zeros{i}", packed.stream("zeros", e))
             return
         codes = torch.stack([fast_unpack(packed.stream("codes", e), bits, n_out * n_in) for e in experts])  # (n, N*K)
-        zeros = torch.stack([fast_unpack(packed.stream("zeros", e), bits, n_out * self.n_groups) for e in experts])
+        self.n_zplanes = 0
         self._buf("scales", _as_int(torch.stack([packed.stream("scales", e) for e in experts])))  # (n, N, G) fp16
-        zplanes = pack_planes(zeros, bits)  # per plane (n, N * G * w / 8)
-        for j, z in enumerate(zplanes):
-            self._buf(f"zp{j}", z)
-        self.n_zplanes = len(zplanes)
+        if not self.symmetric:  # symmetric: the kernels take the constant zero point (``_zplanes``)
+            zeros = torch.stack([fast_unpack(packed.stream("zeros", e), bits, n_out * self.n_groups) for e in experts])
+            zplanes = pack_planes(zeros, bits)  # per plane (n, N * G * w / 8)
+            for j, z in enumerate(zplanes):
+                self._buf(f"zp{j}", z)
+            self.n_zplanes = len(zplanes)
         if fmt == "int4pack":
             q = codes.reshape(len(experts), n_out, n_in).to(torch.int32)
             self._buf("w4", torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(qe, 1) for qe in q]))
@@ -331,9 +354,18 @@ class _WidthGroup(nn.Module):
     def _scales(self, row: int) -> Tensor:
         return self.scales[row].view(torch.float16)  # (N, G)
 
+    def _zplanes(self, row: int) -> ZeroPoints:
+        """Zero points of expert ``row``: its planes, or the symmetric grid's constant 2^(b-1)."""
+        if self.symmetric:
+            return 1 << (self.bits - 1)
+        return tuple(getattr(self, f"zp{j}")[row] for j in range(self.n_zplanes))
+
     def _zeros(self, row: int) -> Tensor:
-        planes = [getattr(self, f"zp{j}")[row] for j in range(self.n_zplanes)]
-        return unpack_planes(planes, self.bits).reshape(self.n_out, self.n_groups)  # (N, G)
+        """(N, G) uint8 zero points of expert ``row``."""
+        zp = self._zplanes(row)
+        if isinstance(zp, int):
+            return torch.full((self.n_out, self.n_groups), zp, dtype=torch.uint8, device=self.scales.device)
+        return unpack_planes(list(zp), self.bits).reshape(self.n_out, self.n_groups)
 
     def _codes(self, row: int) -> Tensor:
         """(N, K) uint8 codes of the group's expert ``row`` (the layouts' inverse; used by saving)."""
@@ -348,8 +380,11 @@ class _WidthGroup(nn.Module):
         """(N, K) weights of expert ``row`` in (out, in) orientation, as the canonical dequantization gives."""
         if self.fmt == "canonical":
             codes = unpack_bits(getattr(self, f"codes{row}"), self.bits, self.n_out * self.n_in)
-            zeros = unpack_bits(getattr(self, f"zeros{row}"), self.bits, self.n_out * self.n_groups)
             scales = getattr(self, f"scales{row}").view(torch.float16)
+            if self.symmetric:
+                zeros = torch.full((self.n_out * self.n_groups,), 1 << (self.bits - 1), device=codes.device)
+            else:
+                zeros = unpack_bits(getattr(self, f"zeros{row}"), self.bits, self.n_out * self.n_groups)
             codes, zeros = codes.reshape(self.n_out, self.n_in), zeros.reshape(self.n_out, self.n_groups)
             cols = torch.arange(self.n_in, device=codes.device) // self.group_size
             return (scales.float()[:, cols] * (codes.float() - zeros.float()[:, cols])).to(dtype)
@@ -364,7 +399,7 @@ class _WidthGroup(nn.Module):
             if x.device.type != "cpu":
                 raise RuntimeError(f"4-bit experts were packed in the CPU int4pack layout; to run on {x.device}, "
                                    f"load the checkpoint with device={x.device.type!r} instead of moving the model")
-            zplanes = tuple(getattr(self, f"zp{j}")[row] for j in range(self.n_zplanes))
+            zplanes = self._zplanes(row)
             args = (self._scales(row), zplanes, x.dtype)
             sz = compiled(int4_scales_and_zeros, *args) if self.n_out * self.n_in >= FUSED_MIN_WEIGHTS else None
             sz = sz if sz is not None else int4_scales_and_zeros(*args)
@@ -377,12 +412,12 @@ class _WidthGroup(nn.Module):
         if self.fmt == "int8":
             if x.shape[0] <= FUSED_MAX_ROWS or not big:
                 return self._int8_matmul(row, x, compiled)
-            zplanes = tuple(getattr(self, f"zp{j}")[row] for j in range(self.n_zplanes))
+            zplanes = self._zplanes(row)
             w = compiled(int8_dequant, self.w8[row], zplanes, self._scales(row), x.dtype)
             return F.linear(x, w if w is not None else self.dequantize(row, x.dtype))
         if self.fmt == "planes" and big:
             planes = tuple(getattr(self, f"p{j}")[row] for j in range(self.n_planes))
-            zplanes = tuple(getattr(self, f"zp{j}")[row] for j in range(self.n_zplanes))
+            zplanes = self._zplanes(row)
             w = compiled(planes_dequant, planes, zplanes, self._scales(row), self.bits, self.group_size, x.dtype)
             if w is not None:
                 return F.linear(x, w)
@@ -391,7 +426,7 @@ class _WidthGroup(nn.Module):
     def _fused_rows(self, row: int, x: Tensor, compiled: _Compiled) -> Tensor | None:
         """x (M, K), M <= FUSED_MAX_ROWS -> (M, N) through the compiled one-row decode kernel, row by row
         (None when this machine cannot compile)."""
-        zplanes = tuple(getattr(self, f"zp{j}")[row] for j in range(self.n_zplanes))
+        zplanes = self._zplanes(row)
         scales = self._scales(row)
         outs = []
         for i in range(x.shape[0]):
@@ -410,7 +445,7 @@ class _WidthGroup(nn.Module):
 
     def _int8_matmul(self, row: int, x: Tensor, compiled: _Compiled) -> Tensor:
         # W = s * (q - z) = s * (q - 128) + s * (128 - z): one int8 kernel call per group, plus a rank-1 term.
-        zplanes = tuple(getattr(self, f"zp{j}")[row] for j in range(self.n_zplanes))
+        zplanes = self._zplanes(row)
         args = (self._scales(row), zplanes, x.dtype)
         prepared = compiled(int8_scales, *args) if self.n_out * self.n_in >= FUSED_MIN_WEIGHTS else None
         s, shift = prepared if prepared is not None else int8_scales(*args)  # (G, N), (G, N)
@@ -421,13 +456,15 @@ class _WidthGroup(nn.Module):
             y = y + torch.ops.aten._weight_int8pack_mm(xg[:, g].contiguous(), w8[g], s[g])
         return y
 
-    def canonical(self, row: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(packed codes, float16 scales, packed zeros) of expert ``row`` in the LowBitTensor format."""
+    def canonical(self, row: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(packed codes, float16 scales, packed zeros or None when symmetric) of expert ``row`` in the
+        LowBitTensor format."""
         if self.fmt == "canonical":
-            return (getattr(self, f"codes{row}").clone(), getattr(self, f"scales{row}").view(torch.float16).clone(),
-                    getattr(self, f"zeros{row}").clone())
+            zeros = None if self.symmetric else getattr(self, f"zeros{row}").clone()
+            scales = getattr(self, f"scales{row}").view(torch.float16).clone()
+            return getattr(self, f"codes{row}").clone(), scales, zeros
         return (fast_pack(self._codes(row), self.bits), self._scales(row).clone(),
-                fast_pack(self._zeros(row), self.bits))
+                None if self.symmetric else fast_pack(self._zeros(row), self.bits))
 
 
 def _int4pack_codes(w4: Tensor, n_out: int, n_in: int) -> Tensor:
@@ -460,7 +497,7 @@ class PackedExperts(nn.Module):
         super().__init__()
         dev = torch.device(device) if device is not None else _device_of(packed)
         self.shape, self.transposed, self.dtype = packed.shape, packed.transposed, packed.dtype
-        self.group_size, self.bits = packed.group_size, list(packed.bits)
+        self.group_size, self.bits, self.symmetric = packed.group_size, list(packed.bits), packed.symmetric
         by_fmt: dict[tuple[int, str], list[int]] = {}
         for e, b in enumerate(packed.bits):
             by_fmt.setdefault((b, _fmt_for(b, packed, dev)), []).append(e)
@@ -515,9 +552,9 @@ class PackedExperts(nn.Module):
                 dense[e] = group.dense[row].view(self.dtype).cpu().clone()
             else:
                 c, s, z = group.canonical(row)
-                codes[e], scales[e], zeros[e] = c.cpu(), s.cpu(), z.cpu()
+                codes[e], scales[e], zeros[e] = c.cpu(), s.cpu(), None if z is None else z.cpu()
         return LowBitTensor(self.shape, list(self.bits), self.group_size, self.transposed, self.dtype,
-                            codes, scales, zeros, dense)
+                            codes, scales, zeros, dense, self.symmetric)
 
 
 def _device_of(packed: LowBitTensor) -> torch.device:

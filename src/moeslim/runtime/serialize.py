@@ -48,8 +48,7 @@ def save_pretrained_with_runtime(model: nn.Module, out_dir: Path, dtype: torch.d
     if dtype is None:
         pretrained(model).save_pretrained(out_dir)
         return
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    pretrained(model).save_pretrained(out_dir, state_dict=state)
+    pretrained(model).save_pretrained(out_dir, state_dict=_cast_state(model.state_dict(), dtype))
     # save_pretrained records the dtype of the in-memory parameters; the stored tensors are ``dtype``.
     config_file = Path(out_dir) / "config.json"
     raw = json.loads(config_file.read_text(encoding="utf-8"))
@@ -57,9 +56,29 @@ def save_pretrained_with_runtime(model: nn.Module, out_dir: Path, dtype: torch.d
     config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``state`` with floating tensors in ``dtype``; tensors that share memory (tied weights) still share it.
+
+    A per-key ``.to(dtype)`` would give ``lm_head.weight`` and the tied embedding two separate copies, which
+    ``save_pretrained`` can no longer recognise as tied, so it would store the matrix twice.
+    """
+    cast: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            out[name] = tensor
+            continue
+        key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tensor.stride())
+        if key not in cast:
+            cast[key] = tensor.to(dtype)
+        out[name] = cast[key]
+    return out
+
+
 def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
                       ) -> tuple[nn.Module, Any]:
     from moeslim.models import load_model, resolve_model_path
+    from moeslim.models.loading import check_finite
 
     path = Path(resolve_model_path(name))
     section = _moeslim_section(path)
@@ -76,11 +95,13 @@ def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str
 
         model, tokenizer = load_lowrank(path, dtype=dtype, device=device)
     else:
-        model, tokenizer = load_model(name, dtype=dtype, device=device)
+        model, tokenizer = load_model(name, dtype=dtype, device=device)  # checks its weights itself
+    if is_compact(section) or "quantize" in section or "lowrank" in section:
+        check_finite([*model.named_parameters(), *model.named_buffers()], name)
     if "skip" in section:
-        from moeslim.runtime.skipping import install_skipping_from_section
+        from moeslim.runtime.odp import install_skip_section
 
-        install_skipping_from_section(model, section["skip"])
+        install_skip_section(model, section["skip"])
     return model, tokenizer
 
 

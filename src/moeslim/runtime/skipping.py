@@ -149,20 +149,6 @@ def uninstall_skipping(model: nn.Module) -> None:
                 delattr(layer.experts, name)
 
 
-def install_skipping_from_section(model: nn.Module, section: Mapping[str, Any]) -> None:
-    """Re-install from the ``skip`` entry of config.json's moeslim section: {"rule", "betas": {"0": b, ...}}
-    (+ "protect" for online dynamic pruning)."""
-    betas = {int(k): float(v) for k, v in dict(section.get("betas", {})).items()}
-    rule = str(section.get("rule", "top2"))
-    protect = float(section.get("protect", 0.0))
-    if protect > 0:
-        from moeslim.runtime.odp import install_odp
-
-        install_odp(model, betas, rule, protect)
-    else:
-        install_skipping(model, betas, rule)
-
-
 def set_state(experts: nn.Module, name: str, value: object) -> None:
     """Set the per-module runtime state ``moeslim_<name>`` (listed in the module docstring).
 

@@ -10,6 +10,7 @@ gets the Mixtral variants when it has 8 experts per layer and the removal-share 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ FINE_SUBDIR = "fine"  # with --model demo, the fine-grained model's outputs go t
 FINE_REMOVAL = (0.25, 0.5)
 FINE_SEARCH_TOKENS = 512
 FINE_SEARCH_BUDGET = 1000
+THIRD_PARTY_LOG = "third-party.log"  # lm-eval's progress bars and warnings, kept out of the console
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class DemoConfig:
     task_limit: int = 100
     speed: bool = True
     quick: bool = False  # fewer variants, for tests and a first look
+    overwrite: bool = False  # replace an earlier demo's results in ``out``
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.eval_windows < 1 or self.task_limit < 1:
@@ -140,15 +143,18 @@ def demo_models(config: DemoConfig) -> list[DemoModel]:
 def run_demo(config: DemoConfig) -> Path:
     """Run every model ``config.model`` names; returns the first model's report."""
     from moeslim.models import resolve_model_path
-    from moeslim.outputs import check_output_file
+    from moeslim.outputs import check_output_file, output_lock
 
     models = demo_models(config)
-    for m in models:  # fail now, not after the variants ran
-        for name in ("results.json", "report.md", "report.json"):
-            check_output_file(m.out / name, inputs=[resolve_model_path(m.model)])
-    reports = [run_demo_model(config, m) for m in models]
+    names = ("results.json", "report.md", "report.json", THIRD_PARTY_LOG)
+    outputs = [(m, m.out / name) for m in models for name in names]
+    with contextlib.ExitStack() as locks:
+        for m, path in outputs:  # fail now, not after the variants ran
+            locks.enter_context(output_lock(path))
+            check_output_file(path, overwrite=config.overwrite, inputs=[resolve_model_path(m.model)])
+        reports = [run_demo_model(config, m) for m in models]
     if len(reports) > 1:
-        Console().print("reports: " + ", ".join(str(r) for r in reports))
+        Console(soft_wrap=True).print("reports: " + ", ".join(str(r) for r in reports))
     return reports[0]
 
 
@@ -160,7 +166,7 @@ def run_demo_model(config: DemoConfig, demo_model: DemoModel) -> Path:
     from moeslim.workflows.run_folder import write_results
     from moeslim.workflows.variants import CalibrationCache, evaluate_variants, print_table
 
-    console = Console()
+    console = Console(soft_wrap=True)  # paths and headlines stay on one line off a terminal
     out, label = demo_model.out, demo_model.label
     calibration = CalibrationConfig(samples=config.samples, seq_len=config.seq_len)
     evaluation = EvalConfig(seq_len=config.seq_len, max_windows=config.eval_windows,
@@ -177,9 +183,11 @@ def run_demo_model(config: DemoConfig, demo_model: DemoModel) -> Path:
     loads = expert_loads(model, CalibrationCache(tokenizer).get(calibration).input_ids)
     plot_expert_load(loads, out / "expert_load.png", f"{label}: expert load on calibration text")
     variants = make_variants(config, calibration, num_experts)
-    results, _ = evaluate_variants(demo_model.model, model, tokenizer, variants, calibration, evaluation, out)
+    with (out / THIRD_PARTY_LOG).open("w", encoding="utf-8") as log:
+        results, _ = evaluate_variants(demo_model.model, model, tokenizer, variants, calibration, evaluation, out,
+                                       log=log)
     write_results(results, out)
     report = write_report(results, out, title=f"moeslim demo: {label}")
     print_table(results, f"moeslim demo: {label} (ppl on held-out test text; % vs original)")
-    console.print(f"wrote {report}, results.json, plans/ and plots in {out}")
+    console.print(f"wrote {report}, results.json, plans/, plots and {THIRD_PARTY_LOG} (lm-eval's output) in {out}")
     return report

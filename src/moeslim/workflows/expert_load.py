@@ -12,6 +12,7 @@ from torch import nn
 
 from moeslim.calibrate import RoutingStats, RoutingSummary, run_layerwise
 from moeslim.models import MoELayer, moe_summary
+from moeslim.outputs import atomic_file
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def expert_loads(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8)
     def observers(layer: MoELayer) -> list[RoutingStats]:
         return [RoutingStats(layer.num_experts)]
 
-    results = run_layerwise(model, input_ids, observers, batch_size=batch_size)
+    results = run_layerwise(model, input_ids, observers, batch_size=batch_size, label="expert load")
     return [LayerLoad.from_summary(i, r[RoutingStats.key]) for i, r in sorted(results.items())]
 
 
@@ -81,7 +82,8 @@ def plot_expert_load(loads: list[LayerLoad], path: Path, title: str) -> Path:
     ax.set_title(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:  # a killed run leaves no half-written picture
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 

@@ -42,6 +42,13 @@ class Recipe:
                               "that starts with a letter or digit (it names the run folder under the run root)")
         if not self.model:
             raise ConfigError("model: give a local directory, a hub id, or 'demo'")
+        kinds = [stage.kind for stage in self.stages]
+        if "lowrank" in kinds and "quantize" in kinds[kinds.index("lowrank"):]:
+            # Refused here, before the low-rank stage runs, not when the quantize stage meets the factors.
+            raise ConfigError(f"stages[{kinds.index('quantize', kinds.index('lowrank'))}].quantize: quantizing after "
+                              f"the low-rank stage stages[{kinds.index('lowrank')}] is not supported (GPTQ quantizes "
+                              "dense expert weights; low-rank experts are factors A (out, r) and B (r, in), with no "
+                              "packed format for quantized factors): drop one of the two stages")
 
 
 def recipe_from_dict(raw: Any, where: str = "recipe") -> Recipe:

@@ -20,18 +20,28 @@ def write_results(results: list[Any], run_dir: Path) -> Path:
                              json.dumps([r.to_dict() for r in results], indent=1, default=str) + "\n")
 
 
-def run_recipe(recipe: Recipe, out_root: str | Path = "runs", overwrite: bool = True) -> Path:
-    """Original vs the recipe's stages; saves the final checkpoint (if ``save``) and the report."""
+def run_recipe(recipe: Recipe, out_root: str | Path = "runs", overwrite: bool = False) -> Path:
+    """Original vs the recipe's stages; saves the final checkpoint (if ``save``) and the report.
+
+    ``overwrite``: replace an earlier run of the recipe in ``out_root/<name>`` (refused otherwise, before any work).
+    """
+    from moeslim.outputs import output_lock
+
+    with output_lock(Path(out_root) / recipe.name):
+        return _run_recipe(recipe, out_root, overwrite)
+
+
+def _run_recipe(recipe: Recipe, out_root: str | Path, overwrite: bool) -> Path:
     from moeslim.evaluate import disk_bytes, write_report
     from moeslim.io import checkpoint_dtype, save
     from moeslim.models import load_model, resolve_model_path
     from moeslim.outputs import check_output_dir, check_output_file
 
-    console = Console()
+    console = Console(soft_wrap=True)  # paths and headlines stay on one line off a terminal
     run_dir = Path(out_root) / recipe.name
     inputs = [resolve_model_path(recipe.model)]
     for name in ("results.json", "report.md"):  # fail before any work, not after the evaluation
-        check_output_file(run_dir / name, inputs=inputs)
+        check_output_file(run_dir / name, overwrite=overwrite, inputs=inputs)
     if recipe.save:
         check_output_dir(run_dir / "model", overwrite=overwrite, inputs=inputs)
     model, tokenizer = load_model(recipe.model)

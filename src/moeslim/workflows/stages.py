@@ -36,8 +36,8 @@ def _registry() -> dict[str, tuple[type, Planner]]:
     from moeslim.methods.lowrank import LowRankConfig, plan_lowrank
     from moeslim.methods.merge import MergeConfig, plan_merge
     from moeslim.methods.prune import PruneConfig
+    from moeslim.methods.prune.refit import plan_prune_with_router_fit
     from moeslim.methods.quant.driver import QuantizeConfig, plan_quantize
-    from moeslim.methods.router_fit import plan_prune_with_router_fit
     from moeslim.methods.skip import SkipConfig, plan_skip
 
     return {
@@ -71,14 +71,15 @@ def parse_stage(entry: Mapping[str, Any], where: str) -> StageSpec:
 
 
 def plan_stage(model: nn.Module, stage: StageSpec, calib: CalibrationSet, model_name: str,
-               device: torch.device | str | None = None, checkpoint: Any = None) -> Plan:
+               device: torch.device | str | None = None, checkpoint: Any = None, progress: bool = False) -> Plan:
     """Plan on ``calib`` with the model as it is now (the model is not modified); layers run on ``device``.
 
     ``checkpoint``: a ``calibrate.resume.LayerCheckpoint`` (prune and skip plans) to resume a killed run from.
+    ``progress``: a line per finished layer on stderr (``moeslim.progress``).
     """
     _, planner = _registry()[stage.kind]
     extra = {"checkpoint": checkpoint} if checkpoint is not None else {}
-    plan = planner(model, calib, stage.config, model_name, device=device, **extra)
+    plan = planner(model, calib, stage.config, model_name, device=device, progress=progress, **extra)
     # Record how the calibration set was drawn, so the same windows can be drawn again (GPTQ runs in apply).
     return dataclasses.replace(plan, summary={**plan.summary, "calibration": calibration_spec(calib)})
 

@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 from moeslim.config import ConfigError
+from moeslim.outputs import TMP_PREFIX
 from moeslim.plans import Plan
+from moeslim.progress import steps
 
 STREAMED_KINDS = ("prune", "skip")  # apply_streamed; quantize: apply_quantize_streamed
 
@@ -75,12 +77,15 @@ def stream_apply(source: str, plans: Sequence[Plan], out_dir: str | Path, *, dty
                                        force=force, inputs=inputs, resume=resume, progress=progress)
     if resume is not None:
         raise ConfigError("--resume with apply --stream is for quantize plans (prune/skip plans stream in one pass)")
-    return apply_streamed(source, plans, out_dir, dtype=dtype, overwrite=overwrite, force=force, inputs=inputs)
+    return apply_streamed(source, plans, out_dir, dtype=dtype, overwrite=overwrite, force=force, inputs=inputs,
+                          progress=progress)
 
 
 def apply_streamed(source: str, plans: Sequence[Plan], out_dir: str | Path, *, dtype: torch.dtype = torch.float32,
-                   overwrite: bool = False, force: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+                   overwrite: bool = False, force: bool = False, inputs: Iterable[str | Path] = (),
+                   progress: bool = False) -> Path:
     """Apply prune/skip ``plans`` to the checkpoint folder ``source`` and write the result to ``out_dir``.
+    ``progress``: a line per written layer on stderr.
 
     Peak memory ~ one decoder layer (in ``dtype``) + the non-layer weights. Tensors are stored in the
     source's storage dtype. The result loads with stock transformers / ``moeslim.load``.
@@ -106,7 +111,7 @@ def apply_streamed(source: str, plans: Sequence[Plan], out_dir: str | Path, *, d
     names = [f"model-{i + 1:05d}-of-{layer_count + 1:05d}.safetensors" for i in range(layer_count + 1)]
     weight_map: dict[str, str] = {}
     with atomic_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
-        for i in range(layer_count):
+        for i in steps(range(layer_count), "apply", layer_count, enabled=progress):
             model = _skeleton(original_config, dtype)  # original shapes: layer i's tensors fit
             index.load(model, index.layer_keys[i], "cpu", f"decoder layer {i}")
             _apply_all(model, plans, force)
@@ -326,15 +331,16 @@ def apply_quantize_streamed(source: str, plan: Plan, out_dir: str | Path, *, dty
     out = Path(out_dir)
     state = out.parent / f".{out.name}.layers" if resume is not None else None
     key = resume or "once"
-    parts = _LayerParts(state if state is not None else out.parent / f".{out.name}.parts-{os.getpid()}", key) \
-        if me.is_main else None
+    # Without --resume the parts are this run's temp files, named so the next run removes them after a kill.
+    parts = _LayerParts(state if state is not None else out.parent / f"{TMP_PREFIX}{os.getpid()}-{out.name}.parts",
+                        key) if me.is_main else None
 
     def write(index: int, packed: Any) -> None:
         if parts is not None:
             parts.write(index, *_layer_tensors(model, index, packed, moe.get(index), settings, storage))
 
     try:
-        fallback: dict[int, list[int]] = {}
+        results = None
         device = torch.device(device)
         checkpoint = None
         if settings.quantizer == "gptq":
@@ -345,25 +351,27 @@ def apply_quantize_streamed(source: str, plan: Plan, out_dir: str | Path, *, dty
             results = gptq_experts(model, settings.bits, input_ids, settings.config, device, progress,
                                    on_packed=lambda layer, packed: write(layer.layer_idx, packed),
                                    checkpoint=checkpoint)
-            fallback = results.fallback
         if not me.is_main or parts is None:
             if checkpoint is not None:
                 checkpoint.finish()
             return None
         store = ShardedLayers(model)
-        for index in range(len(decoder_layers(model))):  # RTN plans; dense and unplanned layers of GPTQ plans
+        layer_count = len(decoder_layers(model))
+        # RTN plans; dense and unplanned layers of GPTQ plans (a GPTQ plan's pass reported its own layers)
+        rtn = progress and settings.quantizer == "rtn"
+        for index in steps(range(layer_count), "RTN", layer_count, enabled=rtn):
             if parts.done(index):
                 continue
             with store.on_device(index, device):
                 widths = settings.bits.get(index)
                 packed = None
                 if widths is not None and settings.quantizer == "rtn":
-                    packed = rtn_experts(moe[index], widths, settings.group_size)
+                    packed = rtn_experts(moe[index], widths, settings.group_size, settings.config.symmetric)
                 elif widths is not None and settings.quantizer == "gptq":
                     raise RuntimeError(f"decoder layer {index} was not GPTQ'd")  # the pass writes every planned layer
                 write(index, packed)
         section = dict(getattr(model.config, "moeslim", None) or {})  # what ``moeslim.apply`` records
-        section.update(quantize_section(model, settings, fallback))
+        section.update(quantize_section(model, settings, results))
         section["applied"] = [*section.get("applied", []),
                               {"kind": plan.kind, "method": plan.provenance.method, "data": plan.provenance.data}]
         model.config.moeslim = section

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from torch import nn
@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from moeslim.config import CalibrationConfig, EvalConfig
 from moeslim.data.calibration_set import CalibrationSet, build_calibration_set
+from moeslim.evaluate.divergence import Reference
 from moeslim.evaluate.table import print_table as print_table  # the one table builder; re-exported for callers
 from moeslim.plans import Plan
 from moeslim.workflows.stages import StageSpec, describe, run_stage
@@ -76,22 +77,37 @@ def evaluate_variants(
     evaluation: EvalConfig,
     out_dir: Path,
     keep_models: bool = False,
+    log: TextIO | None = None,
 ) -> tuple[list[Any], dict[str, nn.Module]]:
-    """Evaluate the original plus every variant; returns results (original first) and, if asked, models."""
-    from moeslim.evaluate import compare_speed
+    """Evaluate the original plus every variant; returns results (original first) and, if asked, models.
 
-    console = Console()
+    The console gets one line per variant (what it is, then its headline numbers); lm-eval's own output goes to
+    ``log`` (None: nowhere)."""
+    from moeslim.evaluate import compare_speed
+    from moeslim.evaluate.driver import build_reference
+
+    console = Console(soft_wrap=True)  # paths and headlines stay on one line off a terminal
     calibrations = CalibrationCache(tokenizer)
     models: dict[str, nn.Module] = {"original": base}
-    results = [_evaluate(base, tokenizer, evaluation, "original", "the model as loaded", None)]
-    for variant in variants:
-        console.print(f"[bold]variant {variant.name}[/]: {describe(list(variant.stages))}")
+    total = len(variants) + 1
+    console.print(f"[bold]1/{total} original[/]: evaluating")
+    # Every variant's KL is measured against the original's next-token distribution on the same windows.
+    reference = build_reference(base, tokenizer, evaluation, model_name) \
+        if evaluation.kl and evaluation.data else None
+    results = [_evaluate(base, tokenizer, evaluation, "original", "the model as loaded", None, log, reference)]
+    console.print(f"  {headline(results[-1])}")
+    for i, variant in enumerate(variants, start=2):
+        console.print(f"[bold]{i}/{total} {variant.name}[/]: {describe(list(variant.stages))}")
         plan_dir = out_dir / "plans" / variant.name
         model, plans = build_variant(base, variant, calibrations, calibration, model_name, plan_dir)
         description = variant.description or describe(list(variant.stages))
-        results.append(_evaluate(model, tokenizer, evaluation, variant.name, description, plan_for_report(plans)))
+        results.append(_evaluate(model, tokenizer, evaluation, variant.name, description, plan_for_report(plans),
+                                 log, reference))
+        console.print(f"  {headline(results[-1])}")
         models[variant.name] = model
     if evaluation.speed:
+        console.print(f"timing decode speed of {len(models)} models together (interleaved, median of "
+                      f"{evaluation.speed_repeats})")
         _add_speed(results, models, tokenizer, evaluation, compare_speed)
     if evaluation.generate_tokens:
         _add_generations(results, models, tokenizer, evaluation.generate_tokens)
@@ -99,12 +115,25 @@ def evaluate_variants(
 
 
 def _evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, evaluation: EvalConfig, name: str,
-              description: str, plan: dict[str, Any] | None) -> Any:
+              description: str, plan: dict[str, Any] | None, log: TextIO | None, reference: Reference | None
+              ) -> Any:
     from moeslim.evaluate import evaluate_model
 
-    # speed is timed for all variants together (interleaved), not one by one
+    # speed is timed for all variants together (interleaved), not one by one; a per-batch perplexity line for
+    # each of a dozen variants would bury the one line per variant the console shows
     return evaluate_model(model, tokenizer, dataclasses.replace(evaluation, speed=False), name=name,
-                          description=description, plan=plan)
+                          description=description, plan=plan, progress=False, log=log, reference=reference)
+
+
+def headline(result: Any) -> str:
+    """One line of a variant's numbers for the console while the run goes on (the table comes at the end)."""
+    parts = [f"ppl {domain} {value:.1f}" for domain, value in result.perplexity.items()]
+    if result.kl_divergence:
+        parts.append(f"KL {sum(result.kl_divergence.values()) / len(result.kl_divergence):.4f}")
+    parts += [f"{task.removeprefix('moeslim_')} {100 * acc:.0f} %" for task, acc in result.tasks.items()]
+    if result.param_bytes:
+        parts.append(f"weights {result.param_bytes / 2**20:.1f} MiB")
+    return ", ".join(parts) or "evaluated"
 
 
 def _add_speed(results: list[Any], models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase,

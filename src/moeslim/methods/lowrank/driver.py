@@ -21,7 +21,6 @@ from moeslim.data.calibration_set import CalibrationSet, calibration_fields
 from moeslim.methods.lowrank.allocate import allocate_ranks, projection_params
 from moeslim.methods.lowrank.config import LowRankConfig
 from moeslim.methods.lowrank.svd import WhitenedSVD, is_dense, whitened_svd, whitening
-from moeslim.methods.merge.driver import compressed_outputs
 from moeslim.methods.router_fit import (
     TokenInputs,
     block_loss,
@@ -31,7 +30,7 @@ from moeslim.methods.router_fit import (
     token_inputs,
 )
 from moeslim.models import MoELayer
-from moeslim.models.expert_edit import ExpertMatrices, read_experts, router_bias
+from moeslim.models.expert_edit import ExpertMatrices, compressed_outputs, read_experts, router_bias
 from moeslim.plans import Plan, Provenance
 
 __all__ = ["LowRankLayer", "Projection", "layer_svds", "lowrank_layer", "lowrank_observers", "plan_lowrank"]

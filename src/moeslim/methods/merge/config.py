@@ -11,6 +11,10 @@ from moeslim.config import ConfigError, check_types
 from moeslim.methods.router_fit import FIT_TOKENS
 
 MERGE_METHODS = ("hc-smoe", "mc-smoe")
+MergeMode = Literal["layerwise", "progressive"]
+# Measured by benchmarks/prune_modes.py on both demo models (docs/results-pruning.md).
+DEFAULT_MERGE_MODE: MergeMode = "layerwise"
+MERGE_MODE_WHY = "see docs/results-pruning.md"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,6 +26,10 @@ class MergeConfig:
         "help": "hc-smoe: average-linkage clustering of the experts' mean outputs on calibration tokens; "
                 "mc-smoe: the keep most-routed experts dominate, every other joins its most similar dominant by "
                 "router-logit cosine similarity"})
+    mode: MergeMode = field(default=DEFAULT_MERGE_MODE, metadata={
+        "help": "layerwise: every layer grouped (and its router rows fitted) on the original model's inputs | "
+                "progressive: on the inputs of the model with the earlier layers already merged (apply runs its "
+                f"fits the same way); default {DEFAULT_MERGE_MODE}: {MERGE_MODE_WHY}"})
     metric: Literal["cosine", "euclidean"] = field(default="cosine", metadata={
         "help": "hc-smoe distance between mean expert outputs"})
     align: bool = field(default=True, metadata={
@@ -42,6 +50,8 @@ class MergeConfig:
         check_types(self)
         if self.method not in MERGE_METHODS:
             raise ConfigError(f"method={self.method!r}: use one of {', '.join(MERGE_METHODS)}")
+        if self.mode not in ("layerwise", "progressive"):
+            raise ConfigError(f"mode={self.mode!r}: use 'layerwise' or 'progressive'")
         if self.metric not in ("cosine", "euclidean"):
             raise ConfigError(f"metric={self.metric!r}: use 'cosine' or 'euclidean'")
         if self.router not in ("lse-fit", "representative"):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from moeslim.calibrate import LayerDecision, Observer, run_layerwise
+from moeslim.calibrate.runner import BlockOverride
 from moeslim.data.calibration_set import CalibrationSet, calibration_fields
 from moeslim.methods.merge.combine import (
     group_logit,
@@ -45,13 +46,20 @@ from moeslim.methods.router_fit import (
     is_sigmoid_router,
     layer_logits,
     original_routed,
+    routed_output,
     token_inputs,
 )
 from moeslim.models import MoELayer, find_moe_layers, masked_routing_is_identity
-from moeslim.models.expert_edit import ExpertMatrices, matrices_forward, neuron_rows, read_experts, router_bias
+from moeslim.models.expert_edit import (
+    ExpertMatrices,
+    compressed_outputs,
+    neuron_rows,
+    read_experts,
+    router_bias,
+)
 from moeslim.plans import Plan, Provenance
 
-__all__ = ["LayerGroups", "MergedLayer", "choose_groups", "merge_layer", "plan_merge"]
+__all__ = ["LayerGroups", "MergedLayer", "choose_groups", "merge_layer", "merged_block", "plan_merge"]
 
 _CHUNK = 4096
 
@@ -108,13 +116,6 @@ def choose_groups(layer: MoELayer, x: Tensor, counts: Tensor, config: MergeConfi
 
 
 @torch.no_grad()
-def compressed_outputs(layer: MoELayer, mats: ExpertMatrices, x: Tensor) -> Tensor:
-    """(T, H) -> (T, K, H) every expert of ``mats`` on every token."""
-    dtype = layer.router_weight.dtype
-    return torch.stack([matrices_forward(layer, mats, e, x.to(dtype)).float().cpu()
-                        for e in range(mats.num_experts)], dim=1)
-
-
 def _merged_experts(layer: MoELayer, decision: LayerGroups, align: bool) -> ExpertMatrices:
     mats = read_experts(layer)
     rows = neuron_rows(layer) if align else None
@@ -212,6 +213,24 @@ def merge_layer(layer: MoELayer, decision: LayerGroups, x: Tensor | None, config
     return MergedLayer(experts, weight, bias, correction, info)
 
 
+def merged_block(layer: MoELayer, merged: MergedLayer) -> BlockOverride:
+    """(T, H) -> (T, H): the merged block of ``layer`` as the merged model computes it (shared experts included)."""
+    route = compressed_route(layer, merged.correction, bool(merged.info["keep_groups"]))
+    weight = merged.router_weight.float()
+    bias = None if merged.router_bias is None else merged.router_bias.float()
+
+    @torch.no_grad()
+    def forward(x: Tensor) -> Tensor:
+        logits = x.float() @ weight.T.to(x.device)  # (T, K)
+        w, ids = route(logits if bias is None else logits + bias.to(x.device))
+        out = routed_output(compressed_outputs(layer, merged.experts, x), w.float().cpu(), ids.cpu())  # (T, H)
+        out = out.to(device=x.device, dtype=x.dtype)
+        shared = layer.shared_output(x)
+        return out if shared is None else out + shared
+
+    return forward
+
+
 def plan_merge(
     model: nn.Module,
     calibration: CalibrationSet | torch.Tensor,
@@ -229,22 +248,28 @@ def plan_merge(
     input_ids, data_name, data_hash = calibration_fields(calibration)
     start = time.perf_counter()
 
+    progressive = config.mode == "progressive"
+
     def on_layer(layer: MoELayer, observers: Sequence[Observer]) -> LayerDecision:
         x, counts, tokens = token_inputs(observers)
         decision = choose_groups(layer, x, counts, config)
         merged = merge_layer(layer, decision, x, config)
-        return LayerDecision(result={**decision.to_json(), **merged.info, "calibration_tokens": tokens})
+        result = {**decision.to_json(), **merged.info, "calibration_tokens": tokens}
+        # Progressive: later layers see this one as the merged model computes it.
+        return LayerDecision(result=result, override=merged_block(layer, merged) if progressive else None)
 
     results: dict[int, dict[str, Any]] = run_layerwise(
         model, input_ids,
         make_observers=lambda layer: [TokenInputs(layer.num_experts, config.max_tokens)],
-        on_layer=on_layer, propagate="original", batch_size=batch_size, device=device, progress=progress,
+        on_layer=on_layer, propagate="compressed" if progressive else "original", batch_size=batch_size,
+        device=device, progress=progress,
     )
     layers = {idx: {k: r[k] for k in ("groups", "weights", "representatives")} for idx, r in results.items()}
     summary = {
         "method": config.method,
         "num_experts": find_moe_layers(model)[0].num_experts,
         "keep": config.keep,
+        "mode": config.mode,
         "router": config.router,
         "align": config.align,
         "recalibrate_router": config.recalibrate_router,

@@ -19,6 +19,15 @@ SAMPLE_METHODS = ("enumerate", "search", "reap")  # need every expert's output o
 ROUTING_METHODS = ("frequency", "soft-count")  # need routing statistics only
 PRUNE_MODES: tuple[str, ...] = get_args(PruneMode)
 
+# Each method's mode when none is given, and why: the measurement of benchmarks/prune_modes.py (held-out perplexity
+# on both demo models, 3 calibration seeds, both window spacings; docs/results-pruning.md). soft-count and random
+# were not measured and keep layerwise (random ignores the data unless score=True).
+DEFAULT_MODES: dict[str, PruneMode] = {
+    "enumerate": "layerwise", "search": "layerwise", "frequency": "layerwise", "soft-count": "layerwise",
+    "reap": "layerwise", "random": "layerwise",
+}
+MODE_WHY: dict[str, str] = {}
+
 
 # Default loss evaluations per layer for method="search": covers the whole greedy removal path of a 64-expert layer
 # at 25 % and 50 % removal (904 / 1552 evaluations) with the rest for swaps; layers with more experts are cut by
@@ -45,9 +54,11 @@ class PruneConfig:
                                         "total = keep x MoE layers unless total_keep is set)"})
     method: PruneMethod = _help("enumerate (all kept sets, exact) | search (beam removal + swaps, same objective, "
                                 "large E) | frequency | soft-count | reap | random (one-pass baselines)", "enumerate")
-    mode: PruneMode = _help("layerwise (inputs from the original model) | progressive (inputs from the model with "
-                      "earlier layers pruned; target: the ORIGINAL model's block output on its own inputs)",
-                      "layerwise")
+    mode: PruneMode | None = _help(
+        "layerwise (inputs from the original model) | progressive (inputs from the model with earlier layers "
+        "pruned; target: the ORIGINAL model's block output on its own inputs) | unset: the method's measured best, "
+        + "; ".join(f"{m} {d}" + (f" ({MODE_WHY[m]})" if m in MODE_WHY else "") for m, d in DEFAULT_MODES.items())
+        + "; allocation=global is always layerwise")
     allocation: Literal["uniform", "global"] = _help(
         "uniform (every layer keeps `keep`) | global (per-layer counts from the layers' loss curves, exact DP "
         "for the least total squared loss at the same total)", "uniform")
@@ -80,8 +91,8 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if self.method not in PRUNE_METHODS:
             raise ConfigError(f"method={self.method!r} is not a pruning method; use one of {', '.join(PRUNE_METHODS)}")
-        if self.mode not in PRUNE_MODES:
-            raise ConfigError(f"mode={self.mode!r}: use 'layerwise' or 'progressive'")
+        if self.mode is not None and self.mode not in PRUNE_MODES:
+            raise ConfigError(f"mode={self.mode!r}: use 'layerwise' or 'progressive' (or leave it unset)")
         check_types(self)
         if self.keep < 1:
             raise ConfigError(f"keep={self.keep}: keep at least 1 expert per layer")
@@ -122,8 +133,16 @@ class PruneConfig:
     def needs_sample(self) -> bool:
         return self.method in SAMPLE_METHODS or self.score
 
+    @property
+    def effective_mode(self) -> PruneMode:
+        """``mode``, or when unset the method's default (layerwise for allocation='global', which needs it)."""
+        if self.mode is not None:
+            return self.mode
+        return "layerwise" if self.allocation == "global" else DEFAULT_MODES[self.method]
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings with the mode resolved, so a plan records the mode it was made with."""
+        return {**asdict(self), "mode": self.effective_mode}
 
     def check_model(self, model: nn.Module) -> PruneShape:
         """Fail before calibration when the settings do not fit ``model``; return what they resolve to."""

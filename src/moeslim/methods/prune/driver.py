@@ -73,7 +73,7 @@ class _Context:
 
     @property
     def progressive(self) -> bool:
-        return self.config.mode == "progressive"
+        return self.config.effective_mode == "progressive"
 
 
 def _observers(ctx: _Context, layer: MoELayer) -> list[Observer]:
@@ -248,7 +248,7 @@ def plan_prune(
         "method": config.method,
         "num_experts": find_moe_layers(model)[0].num_experts,
         "keep": config.keep,
-        "mode": config.mode,
+        "mode": config.effective_mode,
         "allocation": config.allocation,
         "groups": shape.groups,
     }

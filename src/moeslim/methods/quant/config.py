@@ -20,6 +20,7 @@ Cost = Literal["paper", "authors"]
 Scope = Literal["layer", "global", "gguf"]
 Quantizer = Literal["gptq", "rtn"]
 Propagate = Literal["original", "compressed"]
+Starved = Literal["all-tokens", "rtn"]
 QUANT_METHODS: tuple[str, ...] = get_args(QuantMethod)
 _DEFAULT_DAMP = 0.01
 
@@ -53,6 +54,10 @@ class QuantizeConfig:
     group_size: int = field(default=128, metadata={"help": "GPTQ group size (paper: 128)"})
     damp: float = field(default=_DEFAULT_DAMP, metadata={"help": "GPTQ damping fraction (paper: 0.01)"})
     act_order: bool = field(default=False, metadata={"help": "GPTQ act-order (paper: no)"})
+    symmetric: bool = field(default=False, metadata={
+        "help": "symmetric groups: one scale per group, no zero points (codes c - 2^(b-1)); the grid vLLM's and "
+                "transformers' MoE kernels read, exported as compressed-tensors W4A16 / W8A16 in exactly b bits; "
+                "off: asymmetric min-max groups with zero points, as in the paper (exported one bit wider)"})
     weighted_hessian: bool = field(default=False, metadata={
         "help": "weight each token's Hessian term by its squared routing weight (the expert's share of the block "
                 "output error); off: the plain GPTQ Hessian, as in the paper"})
@@ -69,9 +74,23 @@ class QuantizeConfig:
                 "gguf)"})
     seed: int = field(default=0, metadata={
         "help": "random allocation (seed + layer index) and the factor token sample"})
-    min_tokens: int = field(default=1, metadata={
-        "help": "experts with fewer routed calibration tokens are rounded to nearest instead of GPTQ'd (the "
-                "applied moeslim.quantize section lists them under rtn_fallback)"})
+    min_tokens: int | None = field(default=None, metadata={
+        "help": "an expert with fewer routed calibration tokens is starved: GPTQ never uses a Hessian from fewer "
+                "tokens; unset: the group size (a Hessian from fewer tokens than a group has rank below the group)"})
+    starved: Starved = field(default="all-tokens", metadata={
+        "help": "what a starved expert gets: all-tokens (GPTQ with Hessians from every calibration token, routed to "
+                "it or not; keeps the block inputs) | rtn (round-to-nearest); the applied moeslim.quantize section "
+                "lists them (all_token_fallback / rtn_fallback) with every expert's routed token count"})
+    hessian_experts: int | None = field(default=None, metadata={
+        "help": "expert-group split: GPTQ Hessians of at most this many experts alive at once, made group by group "
+                "from the kept block inputs (the same Hessians, bit for bit); unset: every expert's at once, unless "
+                "hessian_memory sets the group (memory model: docs/scale.md)"})
+    hessian_memory: float | None = field(default=None, metadata={
+        "help": "GiB the per-expert gate_up Hessians (H x H float64 sums each) may take: sets the expert-group split "
+                "per layer (at least one expert); unset: no limit"})
+    calibrate_all_experts: bool = field(default=False, metadata={
+        "help": "every expert's GPTQ Hessians from all calibration tokens (llm-compressor's calibrate_all_experts); "
+                "the block's outputs stay routed as the model routes them"})
     token_fraction: float = field(default=1.0, metadata={
         "help": "share of calibration tokens whose expert outputs the PMQ factors use"})
     max_tokens: int | None = field(default=DEFAULT_MAX_TOKENS, metadata={
@@ -111,8 +130,17 @@ class QuantizeConfig:
             raise ConfigError(f"group_size={self.group_size!r}: use a positive integer (paper: 128)")
         if not 0 < self.damp < 1:
             raise ConfigError(f"damp={self.damp}: use a damping fraction in (0, 1) (paper: 0.01)")
-        if self.min_tokens < 0:
-            raise ConfigError(f"min_tokens={self.min_tokens}: use 0 or more")
+        if self.min_tokens is not None and self.min_tokens < 1:
+            raise ConfigError(f"min_tokens={self.min_tokens}: use 1 or more, or leave unset for the group size")
+        if self.hessian_experts is not None and self.hessian_experts < 1:
+            raise ConfigError(f"hessian_experts={self.hessian_experts}: use 1 or more experts a group, or leave unset")
+        if self.hessian_memory is not None and not (math.isfinite(self.hessian_memory) and self.hessian_memory > 0):
+            raise ConfigError(f"hessian_memory={self.hessian_memory}: give a positive number of GiB, or leave unset")
+        if self.hessian_experts is not None and self.hessian_memory is not None:
+            raise ConfigError("hessian_experts and hessian_memory both set the expert-group split: give one")
+        if self.calibrate_all_experts and self.weighted_hessian:
+            raise ConfigError("calibrate_all_experts=True with weighted_hessian=True: a token not routed to an expert "
+                              "has routing weight 0, so the weighted Hessian would be the routed one; choose one")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"max_tokens={self.max_tokens}: use at least 1 token, or leave unset for no cap")
         if not 0 < self.token_fraction <= 1:
@@ -123,6 +151,36 @@ class QuantizeConfig:
             raise ConfigError(f"batch_size={self.batch_size}: use at least 1")
         if self.scope == "gguf":
             _check_gguf_scope(self)
+        if self.symmetric:
+            _check_symmetric(self)
+
+    def hessian_group(self, num_experts: int, hidden: int) -> int | None:
+        """Experts per group of the expert-group split for a layer of ``num_experts`` experts whose gate_up input
+        has ``hidden`` features, or None (no split: every expert's Hessians from the calibration pass)."""
+        if self.hessian_memory is not None:
+            per_expert = hidden * hidden * 8  # one float64 (H, H) sum
+            group = max(1, int(self.hessian_memory * 2**30 // per_expert))
+        else:
+            group = self.hessian_experts if self.hessian_experts is not None else num_experts
+        return None if group >= num_experts else group
+
+    @property
+    def splits_hessians(self) -> bool:
+        """Whether the expert-group split may apply (the pass then keeps the block inputs)."""
+        return self.hessian_experts is not None or self.hessian_memory is not None
+
+    @property
+    def starved_below(self) -> int:
+        """Routed calibration tokens below which an expert is starved: ``min_tokens``, or the group size."""
+        return self.min_tokens if self.min_tokens is not None else self.group_size
+
+    def starved_rule(self) -> str:
+        """The starved-expert rule in words (plan summary, applied section)."""
+        if self.calibrate_all_experts:
+            return "every expert's Hessians from all calibration tokens (calibrate_all_experts)"
+        fallback = ("GPTQ with all-token Hessians (round-to-nearest if the layer saw fewer tokens)"
+                    if self.starved == "all-tokens" else "round-to-nearest")
+        return f"experts with fewer than {self.starved_below} routed calibration tokens: {fallback}"
 
     @property
     def hessian_weighting(self) -> HessianWeighting:
@@ -134,7 +192,9 @@ class QuantizeConfig:
         return data
 
     def check_model(self, model: nn.Module) -> None:
-        """Fail before calibration when the budget cannot be met by some layer (or the model)."""
+        """Fail before calibration when the model's experts cannot be quantized (low-rank factors) or the budget
+        cannot be met by some layer (or the model)."""
+        refuse_lowrank(model)
         if self.method == "uniform" or self.scope == "gguf":
             return  # gguf: the budget is in bytes of real llama.cpp types; plan_gguf_types checks it
         layers = find_moe_layers(model)
@@ -149,6 +209,35 @@ class QuantizeConfig:
                 raise ConfigError(f"bits={self.bits}: below the smallest achievable budget ({lo} bits in total "
                                   f"for candidates {list(self.candidates)}{rule})")
 
+
+
+def refuse_lowrank(model: nn.Module) -> None:
+    """Raise ConfigError when some MoE layer holds low-rank experts (a low-rank plan was applied).
+
+    GPTQ quantizes one (out, in) matrix per expert with its input Hessian; a low-rank expert is two factors
+    A (out, r) and B (r, in), with no dense weight left, and moeslim has no packed storage or runtime for
+    quantized factors, so quantizing it is refused here, before any calibration, rather than failing mid-pass.
+    """
+    # The low-rank applier records its layers in the model's moeslim config section (what load re-installs).
+    section = getattr(getattr(model, "config", None), "moeslim", None) or {}
+    if "lowrank" in section:
+        layers = sorted(int(idx) for idx in (section["lowrank"] or {}).get("layers", {})) or [
+            layer.layer_idx for layer in find_moe_layers(model)]
+        raise ConfigError(
+            f"quantizing low-rank experts is not supported (decoder layers {layers} hold low-rank factors A (out, r) "
+            "and B (r, in), not the dense expert weights GPTQ quantizes, and there is no packed format for quantized "
+            "factors): quantize the model without the low-rank stage, or keep the low-rank model in 16 bits")
+
+
+def _check_symmetric(config: QuantizeConfig) -> None:
+    """symmetric=True: no 1-bit width (a symmetric 1-bit grid is {-2m, 0}), no llama.cpp types."""
+    if config.scope == "gguf":
+        raise ConfigError("symmetric=True: scope='gguf' plans llama.cpp types, whose grids llama.cpp chooses; "
+                          "drop --symmetric")
+    widths = [int(config.bits)] if config.method == "uniform" else list(config.candidates)
+    if 1 in widths:
+        raise ConfigError(f"symmetric=True with 1-bit widths ({widths}): a symmetric 1-bit grid is {{-2m, 0}}; use "
+                          "widths of 2 bits or more (e.g. --candidates 2,3,4)")
 
 
 def _check_gguf_scope(config: QuantizeConfig) -> None:

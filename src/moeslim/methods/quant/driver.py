@@ -56,11 +56,12 @@ __all__ = [
 
 # -- allocation ----------------------------------------------------------------------------------------------
 
-def _rtn_slice(w: torch.Tensor, bits: int, group_size: int, transposed: bool) -> torch.Tensor:
+def _rtn_slice(w: torch.Tensor, bits: int, group_size: int, transposed: bool, symmetric: bool = False
+               ) -> torch.Tensor:
     """One expert slice (stored layout) -> its round-to-nearest dequantized copy, same layout."""
     mat = w.detach().float()
     mat = mat.T if transposed else mat  # (out, in): groups run along the input dimension
-    deq = rtn_quantize(mat, bits, group_size, scale_dtype=torch.float16).weight
+    deq = rtn_quantize(mat, bits, group_size, scale_dtype=torch.float16, symmetric=symmetric).weight
     return (deq.T if transposed else deq).to(w.dtype)
 
 
@@ -72,8 +73,9 @@ def factors_for_layer(layer: MoELayer, sample: ExpertOutputSample, config: Quant
     x = sample.x.to(views.up.device, views.up.dtype)
 
     def quantized_output(e: int, bits: int, rows: torch.Tensor) -> torch.Tensor:
-        up = _rtn_slice(views.up[e], bits, config.group_size, views.transposed)
-        down = _rtn_slice(views.down[e], bits, config.group_size, views.transposed)
+        # The error factor is measured on the grid apply will use (symmetric or not).
+        up = _rtn_slice(views.up[e], bits, config.group_size, views.transposed, config.symmetric)
+        down = _rtn_slice(views.down[e], bits, config.group_size, views.transposed, config.symmetric)
         return expert_forward(layer, x[rows.to(x.device)], e, up=up, down=down).float().cpu()
 
     return layer_factors(sample.outputs.float(), weights.cpu(), ids.cpu(), probs.cpu(), quantized_output,
@@ -163,8 +165,10 @@ def plan_bits(model: nn.Module, input_ids: torch.Tensor | None, config: Quantize
 
 # -- the plan ------------------------------------------------------------------------------------------------
 
-def bits_summary(model: nn.Module, bits: dict[int, list[int]], group_size: int) -> dict[str, Any]:
-    """Average bits per expert weight over all MoE layers, without and with group scales/zeros."""
+def bits_summary(model: nn.Module, bits: dict[int, list[int]], group_size: int, symmetric: bool = False
+                 ) -> dict[str, Any]:
+    """Average bits per expert weight over all MoE layers, without and with group scales (and zero points,
+    unless ``symmetric``: those store none)."""
     code = overhead = params = 0
     per_layer: dict[str, dict[str, float]] = {}
     for layer in find_moe_layers(model):
@@ -173,7 +177,8 @@ def bits_summary(model: nn.Module, bits: dict[int, list[int]], group_size: int) 
         acc_total = [0, 0, 0]
         for w in (views.up, views.down):
             n_in = w.shape[1] if views.transposed else w.shape[2]
-            acc = bits_accounting(widths, int(w[0].numel()), group_size, in_features=int(n_in))
+            acc = bits_accounting(widths, int(w[0].numel()), group_size, zero_bits=0 if symmetric else None,
+                                  in_features=int(n_in))
             acc_total = [acc_total[0] + acc.code_bits, acc_total[1] + acc.overhead_bits, acc_total[2] + acc.n_params]
         code, overhead, params = code + acc_total[0], overhead + acc_total[1], params + acc_total[2]
         per_layer[str(layer.layer_idx)] = {
@@ -217,11 +222,11 @@ def plan_quantize(
     ``quantizer="rtn"``. ``factors``: PMQ factors from ``pmq_factors`` on the same model and data.
     ``checkpoint``: resume a killed PMQ factor pass at the next layer (``calibrate/resume.py``).
     """
+    config.check_model(model)
     if config.scope == "gguf":  # one llama.cpp type per expert tensor, for moeslim export --format gguf
         from moeslim.methods.quant.gguf_types import plan_gguf_types
 
         return plan_gguf_types(model, calibration, config, model_name, device, progress)
-    config.check_model(model)
     input_ids, data_name, data_hash = calibration_fields(calibration) if calibration is not None else (None, None, None)
     start = time.perf_counter()
     bits, factors = plan_bits(model, input_ids, config, device, progress, factors, checkpoint)
@@ -233,9 +238,14 @@ def plan_quantize(
         "target_bits": config.bits,
         "group_size": config.group_size,
         "quantizer": config.quantizer,
-        "min_tokens": config.min_tokens,
+        "symmetric": config.symmetric,
+        "min_tokens": config.starved_below,
+        # Known before any GPTQ: the rule; the experts it applies to and every routed count are in the applied
+        # checkpoint's moeslim.quantize section (PMQ: the counts are also in each layer's factors below).
+        "starved_rule": config.starved_rule() if config.quantizer == "gptq" else None,
+        "calibrate_all_experts": config.calibrate_all_experts,
         "quantize_attention": config.quantize_attention,
-        **bits_summary(model, bits, config.group_size),
+        **bits_summary(model, bits, config.group_size, config.symmetric),
     }
     for idx, f in factors.items():
         entry = summary["layers"][str(idx)]

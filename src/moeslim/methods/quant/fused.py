@@ -6,8 +6,9 @@ the experts module) store ``[E, H, 2I]`` and ``[E, I, H]``. With ``transposed=Tr
 as (in, out), so quantization groups always run along the input dimension, which is what GPTQ's
 Hessian (in, in) describes.
 
-Each quantized expert keeps its bit-packed codes, float16 group scales and bit-packed zero points; an
-expert at 16 bits keeps its original slice untouched. ``to_state_dict`` gives flat tensors that
+Each quantized expert keeps its bit-packed codes, float16 group scales and bit-packed zero points; a
+symmetric tensor (``symmetric=True``: every zero point is 2^(b-1), gptq.symmetric_params) stores no zero
+points at all; an expert at 16 bits keeps its original slice untouched. ``to_state_dict`` gives flat tensors that
 safetensors can save; ``from_state_dict`` rebuilds the same object, so dequantization after a round
 trip is bit-identical to dequantization in memory.
 """
@@ -21,13 +22,13 @@ from typing import Literal
 
 import torch
 
-from moeslim.methods.quant.gptq import QuantizedWeight, dequantize, gptq_quantize, rtn_quantize
+from moeslim.methods.quant.gptq import QuantizedWeight, dequantize, gptq_quantize, rtn_quantize, symmetric_zero
 from moeslim.methods.quant.pack import pack_bits, unpack_bits
 
 __all__ = ["KEEP_BITS", "LowBitTensor", "quantize_fused"]
 
 KEEP_BITS = 16  # an expert at this width is stored as its original slice
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2 adds the symmetric flag to qmeta; version 1 files (asymmetric) still load
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SCALE_DTYPE = torch.float16
 
@@ -38,8 +39,9 @@ class LowBitTensor:
 
     shape: the original (E, d1, d2) layout; (E, out, in), or (E, in, out) when ``transposed``.
     For expert e: bits[e] in 1..8 gives codes[e] (packed (out * in) codes, row-major over (out, in)),
-    scales[e] (out, n_groups) float16 and zeros[e] (packed (out * n_groups) zero points);
-    bits[e] == 16 gives dense[e], the untouched (d1, d2) slice.
+    scales[e] (out, n_groups) float16 and zeros[e] (packed (out * n_groups) zero points; None for every
+    expert when ``symmetric``: the zero point is 2^(bits[e]-1)); bits[e] == 16 gives dense[e], the untouched
+    (d1, d2) slice.
     """
 
     shape: tuple[int, int, int]
@@ -51,6 +53,7 @@ class LowBitTensor:
     scales: list[torch.Tensor | None]
     zeros: list[torch.Tensor | None]
     dense: list[torch.Tensor | None]
+    symmetric: bool = False
 
     @property
     def out_in(self) -> tuple[int, int]:
@@ -66,9 +69,18 @@ class LowBitTensor:
     def stream(self, name: Literal["codes", "scales", "zeros", "dense"], e: int) -> torch.Tensor:
         """Expert e's stored ``codes``/``scales``/``zeros`` (1..8 bits) or ``dense`` slice (16 bits)."""
         t = getattr(self, name)[e]
-        if t is None:  # a width stores either the three quantized streams or the dense slice
+        if t is None:  # a width stores either the three quantized streams (two: symmetric) or the dense slice
             raise ValueError(f"expert {e} at {self.bits[e]} bits stores no {name}")
         return t
+
+    def zero_points(self, e: int) -> torch.Tensor:
+        """Expert e's (out, n_groups) uint8 zero points: unpacked from storage, or 2^(b-1) when symmetric."""
+        n_out = self.out_in[0]
+        b = self.bits[e]
+        if self.symmetric:
+            device = self.stream("codes", e).device
+            return torch.full((n_out, self.n_groups), symmetric_zero(b), dtype=torch.uint8, device=device)
+        return unpack_bits(self.stream("zeros", e), b, n_out * self.n_groups).reshape(n_out, self.n_groups)
 
     def dequantize_expert(self, e: int) -> torch.Tensor:
         """Expert e's slice in the original layout and dtype: (d1, d2)."""
@@ -77,8 +89,7 @@ class LowBitTensor:
         n_out, n_in = self.out_in
         b = self.bits[e]
         codes = unpack_bits(self.stream("codes", e), b, n_out * n_in).reshape(n_out, n_in)
-        zeros = unpack_bits(self.stream("zeros", e), b, n_out * self.n_groups).reshape(n_out, self.n_groups)
-        w = dequantize(codes, self.stream("scales", e), zeros, self.group_size).to(self.dtype)
+        w = dequantize(codes, self.stream("scales", e), self.zero_points(e), self.group_size).to(self.dtype)
         return w.T if self.transposed else w
 
     def dequantize(self) -> torch.Tensor:
@@ -93,7 +104,7 @@ class LowBitTensor:
     def to_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
         """Flat, safetensors-friendly tensors named ``{prefix}.q*``, contiguous and unshared."""
         dtype_id = _DTYPES.index(self.dtype)
-        meta = [_FORMAT_VERSION, *self.shape, self.group_size, int(self.transposed), dtype_id]
+        meta = [_FORMAT_VERSION, *self.shape, self.group_size, int(self.transposed), dtype_id, int(self.symmetric)]
         sd = {
             f"{prefix}.qmeta": torch.tensor(meta, dtype=torch.int64),
             f"{prefix}.qbits": torch.tensor(self.bits, dtype=torch.int64),
@@ -104,15 +115,17 @@ class LowBitTensor:
             else:
                 sd[f"{prefix}.qcodes.{e}"] = self.stream("codes", e).clone()
                 sd[f"{prefix}.qscales.{e}"] = self.stream("scales", e).contiguous().clone()
-                sd[f"{prefix}.qzeros.{e}"] = self.stream("zeros", e).clone()
+                if not self.symmetric:
+                    sd[f"{prefix}.qzeros.{e}"] = self.stream("zeros", e).clone()
         return sd
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str) -> LowBitTensor:
         """Inverse of ``to_state_dict``; raises KeyError naming the first missing tensor."""
         meta = [int(v) for v in _get(sd, f"{prefix}.qmeta")]
-        if meta[0] != _FORMAT_VERSION:
+        if meta[0] not in (1, _FORMAT_VERSION):
             raise ValueError(f"unsupported low-bit format version {meta[0]} for {prefix}")
+        symmetric = meta[0] >= 2 and bool(meta[7])
         shape, group_size = (meta[1], meta[2], meta[3]), meta[4]
         bits = [int(b) for b in _get(sd, f"{prefix}.qbits")]
         n = shape[0]
@@ -126,8 +139,8 @@ class LowBitTensor:
             else:
                 codes[e] = _get(sd, f"{prefix}.qcodes.{e}")
                 scales[e] = _get(sd, f"{prefix}.qscales.{e}")
-                zeros[e] = _get(sd, f"{prefix}.qzeros.{e}")
-        return cls(shape, bits, group_size, bool(meta[5]), _DTYPES[meta[6]], codes, scales, zeros, dense)
+                zeros[e] = None if symmetric else _get(sd, f"{prefix}.qzeros.{e}")
+        return cls(shape, bits, group_size, bool(meta[5]), _DTYPES[meta[6]], codes, scales, zeros, dense, symmetric)
 
 
 def _get(sd: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -156,13 +169,14 @@ def _check_fused_args(
 
 def _quantize_one(
     W: torch.Tensor, bits: int, group_size: int, H: torch.Tensor | None, method: str, act_order: bool,
-    percdamp: float = 0.01,
+    percdamp: float = 0.01, symmetric: bool = False,
 ) -> QuantizedWeight:
     # An expert that saw no calibration token has H == 0: GPTQ would zero every (dead) column, so such
     # experts, like experts without a Hessian, fall back to round-to-nearest.
     if method == "rtn" or H is None or float(torch.diag(H).sum()) == 0.0:
-        return rtn_quantize(W, bits, group_size, scale_dtype=_SCALE_DTYPE)
-    return gptq_quantize(W, H, bits, group_size, percdamp=percdamp, act_order=act_order, scale_dtype=_SCALE_DTYPE)
+        return rtn_quantize(W, bits, group_size, scale_dtype=_SCALE_DTYPE, symmetric=symmetric)
+    return gptq_quantize(W, H, bits, group_size, percdamp=percdamp, act_order=act_order, scale_dtype=_SCALE_DTYPE,
+                         symmetric=symmetric)
 
 
 def quantize_fused(
@@ -175,6 +189,7 @@ def quantize_fused(
     transposed: bool = False,
     act_order: bool = False,
     percdamp: float = 0.01,
+    symmetric: bool = False,
 ) -> LowBitTensor:
     """Quantize each expert slice of a fused tensor at its own width.
 
@@ -188,6 +203,7 @@ def quantize_fused(
         transposed: the family stores expert matrices as (in, out).
         act_order: GPTQ column order by decreasing Hessian diagonal (static groups).
         percdamp: GPTQ damping, as a fraction of the mean Hessian diagonal.
+        symmetric: symmetric grids (zero point 2^(b-1), not stored); widths 2..8.
 
     Scales are rounded to float16 before quantizing, so GPTQ's error feedback sees the stored scales.
     """
@@ -205,6 +221,7 @@ def quantize_fused(
         scales=[None] * n,
         zeros=[None] * n,
         dense=[None] * n,
+        symmetric=symmetric,
     )
     for e, b in enumerate(out.bits):
         if b == KEEP_BITS:
@@ -213,8 +230,8 @@ def quantize_fused(
         W = tensor[e].detach().float()
         W = W.T if transposed else W  # (out, in)
         H = None if hessians is None else hessians[e]
-        q = _quantize_one(W, b, group_size, H, method, act_order, percdamp)
+        q = _quantize_one(W, b, group_size, H, method, act_order, percdamp, symmetric)
         out.codes[e] = pack_bits(q.codes, b)
         out.scales[e] = q.scales.to(_SCALE_DTYPE)
-        out.zeros[e] = pack_bits(q.zeros, b)
+        out.zeros[e] = None if symmetric else pack_bits(q.zeros, b)
     return out

@@ -8,12 +8,18 @@ upper Cholesky factor of (H + damp I)^-1. Updates are applied lazily in blocks o
 (in-block updates immediately, the rest of the matrix once per block).
 
 This follows the reference implementation (IST-DASLab/gptq, ``GPTQ.fasterquant`` + ``Quantizer``):
-asymmetric min-max quantizer whose range always includes 0, all-zero groups mapped to [-1, 1], damping
+min-max quantizer whose range always includes 0, all-zero groups mapped to [-1, 1], damping
 ``percdamp * mean(diag H)``, dead columns (diag H == 0) set to zero with H_jj = 1. Two deliberate
 differences, both documented where they happen: the Cholesky factorisation runs in float64 (fewer
 failures on ill-conditioned Hessians), and the block size is rounded to a multiple of the group size so
 each group's min-max sees every earlier error update (the reference reads stale columns when a group
 starts in the middle of a block; with group 128 and block 128 both agree).
+
+Two grids, as the reference's ``Quantizer(sym=...)``: asymmetric (the default; MC-MoE) has a scale and an
+integer zero point per group, symmetric (``symmetric=True``) has a scale m * 2 / (2^b - 1), m = max |w| of the
+group, and the fixed zero point 2^(b-1), i.e. signed codes in [-2^(b-1), 2^(b-1) - 1] with no zero point to
+store: the grid of compressed-tensors' symmetric int schemes (llm-compressor's W4A16 / W8A16), which vLLM's
+fused-MoE kernels and transformers' experts loader read.
 
 Shapes: W (out, in); H (in, in); groups run along the input dimension, n_groups = ceil(in / group).
 """
@@ -33,6 +39,8 @@ __all__ = [
     "n_groups",
     "quantize_codes",
     "rtn_quantize",
+    "symmetric_params",
+    "symmetric_zero",
 ]
 
 
@@ -41,7 +49,8 @@ class QuantizedWeight:
     """Result of quantizing one matrix.
 
     codes: (out, in) uint8 in [0, 2^bits - 1]; scales: (out, n_groups) float32; zeros: (out, n_groups)
-    uint8 integer zero points; weight: (out, in) float32 dequantized weight, scales * (codes - zeros).
+    uint8 integer zero points (all 2^(bits-1) when ``symmetric``: nothing to store); weight: (out, in) float32
+    dequantized weight, scales * (codes - zeros).
     """
 
     codes: torch.Tensor
@@ -50,6 +59,7 @@ class QuantizedWeight:
     weight: torch.Tensor
     bits: int
     group_size: int
+    symmetric: bool = False
 
 
 def _check_bits(bits: int) -> None:
@@ -95,6 +105,38 @@ def minmax_params(
     return scale, zero
 
 
+def symmetric_zero(bits: int) -> int:
+    """The fixed zero point of a symmetric ``bits``-bit grid: code c stands for the signed value c - 2^(bits-1)."""
+    return 1 << (bits - 1)
+
+
+def symmetric_params(
+    w: torch.Tensor, bits: int, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric parameters per row of ``w`` (out, g): scale (out,) float32 = 2 m / (2^bits - 1), m = max |w|
+    (an all-zero row: m = 1), and the zero (out,) fixed at 2^(bits-1).
+
+    The reference ``Quantizer(sym=True)`` grid, equal to compressed-tensors' symmetric int scale
+    m / ((q_max - q_min) / 2): rounding w / scale and clamping to [-2^(b-1), 2^(b-1) - 1] gives the same codes
+    (offset by 2^(b-1)) as llm-compressor's quantizer.
+    """
+    if bits < 2:
+        raise ValueError("a symmetric grid needs at least 2 bits (1 bit would be {-2m, 0})")
+    maxq = 2**bits - 1
+    m = w.float().abs().amax(dim=1)
+    m = torch.where(m == 0, torch.ones_like(m), m)
+    scale = 2 * m / maxq
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).float().clamp_min(torch.finfo(scale_dtype).tiny)
+    return scale, torch.full_like(scale, float(symmetric_zero(bits)))
+
+
+def _params(
+    w: torch.Tensor, bits: int, scale_dtype: torch.dtype | None, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return symmetric_params(w, bits, scale_dtype) if symmetric else minmax_params(w, bits, scale_dtype)
+
+
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes clamp(round(w / scale) + zero, 0, 2^bits - 1); w (out, g), scale and zero (out,)."""
     return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 2**bits - 1)
@@ -113,7 +155,8 @@ def dequantize(
 
 
 def _result(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, q: torch.Tensor, bits: int, gs: int
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, q: torch.Tensor, bits: int, gs: int,
+    symmetric: bool,
 ) -> QuantizedWeight:
     return QuantizedWeight(
         codes=codes.to(torch.uint8),
@@ -122,13 +165,15 @@ def _result(
         weight=q,
         bits=bits,
         group_size=gs,
+        symmetric=symmetric,
     )
 
 
 def rtn_quantize(
-    W: torch.Tensor, bits: int, group_size: int | None = 128, scale_dtype: torch.dtype | None = None
+    W: torch.Tensor, bits: int, group_size: int | None = 128, scale_dtype: torch.dtype | None = None,
+    symmetric: bool = False,
 ) -> QuantizedWeight:
-    """Round-to-nearest with the same min-max quantizer as GPTQ. W (out, in) -> QuantizedWeight."""
+    """Round-to-nearest with the same quantizer as GPTQ (min-max, or symmetric). W (out, in) -> QuantizedWeight."""
     _check_bits(bits)
     W = W.float()
     n_out, n_in = W.shape
@@ -136,12 +181,12 @@ def rtn_quantize(
     scales, zeros, codes = [], [], []
     for start in range(0, n_in, gs):
         chunk = W[:, start : start + gs]
-        s, z = minmax_params(chunk, bits, scale_dtype)
+        s, z = _params(chunk, bits, scale_dtype, symmetric)
         scales.append(s)
         zeros.append(z)
         codes.append(quantize_codes(chunk, s, z, bits))
     S, Z, C = torch.stack(scales, 1), torch.stack(zeros, 1), torch.cat(codes, 1)
-    return _result(C, S, Z, dequantize(C, S, Z, gs), bits, gs)
+    return _result(C, S, Z, dequantize(C, S, Z, gs), bits, gs, symmetric)
 
 
 def _inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -178,6 +223,7 @@ def gptq_quantize(
     blocksize: int = 128,
     act_order: bool = False,
     scale_dtype: torch.dtype | None = None,
+    symmetric: bool = False,
 ) -> QuantizedWeight:
     """GPTQ-quantize W (out, in) given the Hessian H (in, in) = sum_t x_t x_t^T.
 
@@ -185,7 +231,7 @@ def gptq_quantize(
     ``static_groups=True``): each group's scale/zero is computed once from the contiguous original
     columns before any update, so storage needs no g_idx and groups stay contiguous along the input.
     Without act_order, a group's parameters are computed when GPTQ reaches its first column, from the
-    error-updated weights (the reference's default).
+    error-updated weights (the reference's default). ``symmetric``: the symmetric grid (module docstring).
 
     Returns QuantizedWeight with codes (out, in), scales/zeros (out, n_groups) and the dequantized
     weight as computed inside the GPTQ loop (equal to ``dequantize(codes, scales, zeros)``).
@@ -208,7 +254,7 @@ def gptq_quantize(
     zeros = torch.zeros(n_out, n_grp, device=W.device)
     if act_order:
         for g in range(n_grp):
-            scales[:, g], zeros[:, g] = minmax_params(W[:, g * gs : (g + 1) * gs], bits, scale_dtype)
+            scales[:, g], zeros[:, g] = _params(W[:, g * gs : (g + 1) * gs], bits, scale_dtype, symmetric)
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     else:
@@ -231,7 +277,7 @@ def gptq_quantize(
                 # a block start, where W is fully updated.
                 end = min(col + gs, n_in)
                 group_w = W1[:, i : end - i1] if end <= i2 else W[:, col:end]
-                scales[:, g], zeros[:, g] = minmax_params(group_w, bits, scale_dtype)
+                scales[:, g], zeros[:, g] = _params(group_w, bits, scale_dtype, symmetric)
             w = W1[:, i]
             c = quantize_codes(w[:, None], scales[:, g], zeros[:, g], bits)[:, 0]
             q = scales[:, g] * (c - zeros[:, g])
@@ -244,4 +290,4 @@ def gptq_quantize(
     if act_order:
         inv = torch.argsort(perm)
         Q, codes = Q[:, inv], codes[:, inv]
-    return _result(codes, scales, zeros, Q, bits, gs)
+    return _result(codes, scales, zeros, Q, bits, gs, symmetric)
