@@ -375,3 +375,11 @@ def test_hunyuan_ntk_alpha_rope_is_written_as_llama_cpp_reads_it() -> None:
     config.rope_parameters = {"rope_type": "dynamic", "alpha": 500.0, "rope_theta": 10000.0}
     with pytest.raises(UnsupportedExportError, match="alpha=500"):
         gguf_family(config)
+
+
+def test_a_tensor_llama_cpp_has_no_slot_for_is_refused_before_writing(tokenizer, tmp_path: Path) -> None:
+    model = export_model("qwen3_moe", len(tokenizer))
+    model.model.layers[0].self_attn.register_buffer("extra_scale", torch.ones(4))  # a tensor llama.cpp lacks
+    with pytest.raises(UnsupportedExportError, match="extra_scale.*no slot"):
+        export_gguf(model, tokenizer, tmp_path / "x.gguf")
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temp folder

@@ -126,6 +126,16 @@ def _gguf_tensors(model: nn.Module, arch: GgufArch, progress: bool = False) -> I
             yield gguf_tensor_name(names, hf_key), data.contiguous().numpy()
 
 
+def _check_tensor_names(model: nn.Module, arch: GgufArch) -> None:
+    """Refuse, before any work, a tensor llama.cpp has no slot for: the transforms run on meta copies (shapes
+    only), so every name is known without touching the data."""
+    config = _config(model)
+    names = tensor_name_map(arch, int(config.num_hidden_layers))
+    for key, tensor in model.state_dict().items():
+        for hf_key, _ in arch.transform(key, tensor.detach().to("meta"), config):
+            gguf_tensor_name(names, hf_key)
+
+
 def _write_hparams(writer: Any, items: dict[str, Any]) -> None:
     for method, value in items.items():
         getattr(writer, method)(value)
@@ -257,6 +267,7 @@ def _export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, qtype: str, 
         raise UnsupportedExportError(f"--imatrix {imatrix}: no such file")
     moe = _moe_shape(model)
     hparams = arch.hparams(_config(model), moe)
+    _check_tensor_names(model, arch)
     # the tokenizer is read (and refused) before any writing
     vocab = arch.vocab(gguf_vocab(tokenizer, int(_config(model).vocab_size), _config(model)), _config(model))
     title = name or str(getattr(_config(model), "_name_or_path", "") or _config(model).model_type)
