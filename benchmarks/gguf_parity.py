@@ -39,6 +39,9 @@ _EXPECTED = {
                              "to the converter's when tokenizer.model is there)",
     "tokenizer.ggml.token_type": "from tokenizer.json alone the converter types <unk> CONTROL; moeslim UNKNOWN, as "
                                  "SentencePiece does (and the converter with tokenizer.model)",
+    "deepseek2.expert_gating_func": "transformers 5 configs carry no scoring_func and llama.cpp then assumes softmax; "
+                                    "moeslim names the router transformers runs (V3: sigmoid), the converter "
+                                    "writes nothing (llama.cpp's logits then differ)",
     "tokenizer.ggml.bos_token_id": "HunYuan: moeslim names <|bos|> (the converter's fixed id 127959 is that token in "
                                    "the published vocabulary); with the generic reader the converter keeps "
                                    "config.json's id",
@@ -52,7 +55,8 @@ _NO_MTP = ("glm4_moe",)
 # V3-style group scores), and the added tokens the converter requires of a family's tokenizer.
 _TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen2_moe": {"mlp_only_layers": []}, "qwen3_moe": {"mlp_only_layers": []},
-    "deepseek_v2": {"n_group": 1, "topk_group": 1},
+    "deepseek_v2": {"n_group": 1, "topk_group": 1, "q_lora_rank": 16}, "deepseek_v3": {"q_lora_rank": 16},
+    "olmoe": {"num_key_value_heads": 4},
     # the per-layer lists the published HunYuan config.json has (transformers' own config class has ints)
     "hunyuan_v1_moe": {"moe_intermediate_size": [64] * 3, "moe_topk": [2] * 3, "num_shared_expert": [1] * 3}}
 _TINY_TOKENS = {"glm4_moe": ["[gMASK]", "<|user|>", "<|observation|>", "<|endoftext|>"], "hunyuan_v1_moe": ["<|bos|>"]}

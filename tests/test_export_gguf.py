@@ -289,7 +289,8 @@ def test_moeslim_quantized_model_exports_its_dequantized_experts(tokenizer, tmp_
 # Tiny-config changes that give a model llama.cpp runs: every layer MoE where its graph needs that, V3-style
 # group scores (benchmarks/gguf_parity.py makes the same ones for its converter comparison).
 _RUNNABLE = {"qwen2_moe": {"mlp_only_layers": []}, "qwen3_moe": {"mlp_only_layers": []},
-             "deepseek_v2": {"n_group": 1, "topk_group": 1}}
+             "deepseek_v2": {"n_group": 1, "topk_group": 1, "q_lora_rank": 16}, "deepseek_v3": {"q_lora_rank": 16},
+             "olmoe": {"num_key_value_heads": 4}}
 
 
 def _runnable_model(family: str, vocab: int) -> torch.nn.Module:
@@ -339,9 +340,11 @@ def test_every_gguf_family_exports_its_layout(family: str, tokenizer, tmp_path: 
 
 def test_routings_llama_cpp_cannot_run_are_refused(tokenizer, tmp_path: Path) -> None:
     cases = [
-        ("deepseek_v2", {}, "top-2 scores.*group_limited_greedy"),  # V2 scores a group by its best expert
+        ("deepseek_v2", {"q_lora_rank": 16}, "top-2 scores.*group_limited_greedy"),  # V2: a group's best expert
+        ("deepseek_v3", {}, "q_lora_rank=None.*3 layers"),  # llama.cpp tells Lite models by their layer count
         ("qwen2_moe", {"mlp_only_layers": [], "norm_topk_prob": True}, "does not renormalise"),
         ("olmoe", {"norm_topk_prob": True}, "does not renormalise"),
+        ("olmoe", {}, "2 KV heads for 4 query heads"),
         ("qwen3_moe", {"mlp_only_layers": [], "norm_topk_prob": False}, "renormalises"),
         ("mixtral", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}, "dynamic"),
     ]

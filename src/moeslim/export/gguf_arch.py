@@ -222,6 +222,10 @@ class OlmoeArch(GgufArch):
     def check(self, config: Any) -> None:
         super().check(config)
         _require_norm_topk(self.name, config, want=False)
+        if int(config.num_key_value_heads) != int(config.num_attention_heads):
+            raise UnsupportedExportError(
+                f"llama.cpp's {self.name} normalises k over the full hidden width (no grouped KV heads); this model "
+                f"has {config.num_key_value_heads} KV heads for {config.num_attention_heads} query heads")
 
     def hparams(self, config: Any, moe: MoeShape) -> dict[str, Any]:
         # the converter writes rms eps 1e-5 for every OLMoE (the published value), whatever config.json says
@@ -307,6 +311,12 @@ class Deepseek2Arch(GgufArch):
         if int(_get(config, "moe_layer_freq") or 1) != 1:
             raise UnsupportedExportError(f"llama.cpp's {self.name} runs a MoE block in every layer after the leading "
                                          f"dense ones; this model has moe_layer_freq={config.moe_layer_freq}")
+        layers, vocab = int(config.num_hidden_layers), int(config.vocab_size)
+        lite = layers in (26, 27) or (layers == 48 and vocab == 128256)
+        if _get(config, "q_lora_rank") is None and not lite:
+            raise UnsupportedExportError(
+                f"llama.cpp's {self.name} takes a model without a q LoRA (q_lora_rank=None) only at the layer counts "
+                f"of the published Lite models (26, 27; 48 with 128256 tokens); this model has {layers} layers")
         groups, used = int(_get(config, "n_group") or 1), int(_get(config, "topk_group") or 1)
         method = _get(config, "topk_method") or "noaux_tc"
         if groups > 1 and used < groups and method != "noaux_tc":
@@ -315,6 +325,8 @@ class Deepseek2Arch(GgufArch):
                 f"model's topk_method={method!r} with n_group={groups}, topk_group={used} picks them differently")
 
     def hparams(self, config: Any, moe: MoeShape) -> dict[str, Any]:
+        import gguf
+
         out = super().hparams(config, moe)
         out["add_head_count_kv"] = 1  # MLA: one latent KV head
         out.setdefault("add_layer_norm_rms_eps", 1e-6)
@@ -336,6 +348,11 @@ class Deepseek2Arch(GgufArch):
         if _get(config, "norm_topk_prob"):
             out["add_expert_weights_norm"] = True
         out["add_rope_dimension_count"] = rope_dim
+        if "add_expert_gating_func" not in out:
+            # transformers 5 configs carry no scoring_func, and llama.cpp then assumes softmax: name the router
+            # transformers runs (V2 softmax, V3 sigmoid) instead of leaving V3 misrouted (the converter leaves it)
+            func = "SIGMOID" if config.model_type == "deepseek_v3" else "SOFTMAX"
+            out["add_expert_gating_func"] = gguf.ExpertGatingFuncType[func]
         mscale = _rope(config).get("mscale_all_dim")
         if mscale is not None:
             out["add_rope_scaling_yarn_log_mul"] = 0.1 * float(mscale)
