@@ -106,7 +106,7 @@ def compare(ours: Path, theirs: Path) -> dict[str, tuple[int, int]]:
         groups[group].append(equal)
         if not equal:
             note = f"  (expected: {_EXPECTED[key]})" if key in _EXPECTED else ""
-            if key not in b:
+            if key not in b and key not in _EXPECTED:
                 note = "  (moeslim only: llama.cpp derives the same value when the key is absent)"
             print(f"  {key}: moeslim {_show(a.get(key, '<absent>'))} | converter {_show(b.get(key, '<absent>'))}{note}")
     ta, tb = _tensors(ours), _tensors(theirs)
