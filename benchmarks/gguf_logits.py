@@ -1,11 +1,14 @@
 """llama.cpp's logits through moeslim's GGUF files against transformers', per exported family (tiny models).
 
-    python benchmarks/gguf_logits.py [--families mixtral qwen2_moe ...] [--work runs/gguf-logits]
+    python benchmarks/gguf_logits.py [--families mixtral qwen2_moe ...] [--keep K] [--bits B] [--work runs/gguf-logits]
 
 Each family's tiny model (tests/tiny_models.py, with the tiny changes llama.cpp needs: every layer MoE where its
 graph wants that, V3-style group scores) carries a tiny byte-level BPE tokenizer (tests/tiny_tokenizers.py), is
 written as F32 by ``export_gguf`` and run by llama.cpp (llama-cpp-python from benchmarks/engines.py's venv) on the
-same 12 token ids as transformers (eager attention, float32).
+same 12 token ids as transformers (eager attention, float32). ``--keep K`` first prunes every MoE layer to its
+experts 0..K-1 (moeslim's ``select_experts``), so the pruned layout is what both run; ``--bits B`` then quantizes
+the experts with moeslim (uniform B-bit GPTQ, groups of 16, on sample ids): the file holds them dequantized in F32,
+and transformers runs moeslim's quantized model.
 
 Ends with, per family:
     gguf logits FAMILY: max |diff| X.XXe-XX (logits' max |value| Y.YY)
@@ -40,11 +43,17 @@ def main() -> int:
     from tiny_tokenizers import byte_level_bpe
     from transformers import AutoModelForCausalLM
 
+    import moeslim
     from moeslim.export import GGUF_FAMILIES, export_gguf
+    from moeslim.methods.quant.config import QuantizeConfig
+    from moeslim.methods.quant.driver import plan_quantize
+    from moeslim.models import find_moe_layers, select_experts
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", nargs="*", default=sorted(GGUF_FAMILIES))
     parser.add_argument("--work", type=Path, default=Path("runs/gguf-logits"))
+    parser.add_argument("--keep", type=int, default=None, help="prune every MoE layer to experts 0..K-1 first")
+    parser.add_argument("--bits", type=int, default=None, help="quantize the experts with moeslim first")
     parser.add_argument("--engines-work", type=Path, default=Path("runs/engines"))
     args = parser.parse_args()
     python, _, _ = ensure_llama_env(args.engines_work)
@@ -63,6 +72,12 @@ def main() -> int:
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
         _reinit(model, 0)
         model.eval()
+        if args.keep is not None:
+            select_experts(model, {layer.layer_idx: list(range(args.keep)) for layer in find_moe_layers(model)})
+        if args.bits is not None:
+            calib = sample_ids(1, 4, 16) % len(tokenizer)
+            plan = plan_quantize(model, calib, QuantizeConfig(method="uniform", bits=args.bits, group_size=16))
+            moeslim.apply(model, plan, calibration=calib)
         path = args.work / f"{family}.gguf"
         path.unlink(missing_ok=True)
         export_gguf(model, tokenizer, path, qtype="F32")
