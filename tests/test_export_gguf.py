@@ -21,7 +21,7 @@ from tiny_models import _reinit, sample_ids, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeslim.config import ConfigError
-from moeslim.export import UnsupportedExportError, export_gguf, read_gguf_types
+from moeslim.export import GGUF_FAMILIES, UnsupportedExportError, export_gguf, read_gguf_types
 from moeslim.export.gguf_arch import permute_rotary
 from moeslim.methods.quant.config import QuantizeConfig
 from moeslim.methods.quant.driver import plan_quantize
@@ -221,8 +221,8 @@ def test_gguf_scope_config_errors() -> None:
 
 def test_export_errors(tokenizer, tmp_path: Path) -> None:
     model = export_model("qwen3_moe", len(tokenizer))
-    with pytest.raises(UnsupportedExportError, match="mixtral, qwen3_moe.*'olmoe'"):
-        export_gguf(tiny_model("olmoe"), tokenizer, tmp_path / "x.gguf")
+    with pytest.raises(UnsupportedExportError, match="families .*mixtral.*'phimoe'"):
+        export_gguf(tiny_model("phimoe"), tokenizer, tmp_path / "x.gguf")
     with pytest.raises(UnsupportedExportError, match="dense"):
         export_gguf(tiny_model("qwen3_moe"), tokenizer, tmp_path / "x.gguf")  # layer 0 is dense
     with pytest.raises(UnsupportedExportError, match="tokenizer"):
@@ -284,3 +284,105 @@ def test_moeslim_quantized_model_exports_its_dequantized_experts(tokenizer, tmp_
     packed = lowbit_tensors(model)["model.layers.1.mlp.experts.down_proj"].dequantize()
     out = export_gguf(model, tokenizer, tmp_path / "q.gguf", qtype="F32")
     np.testing.assert_array_equal(_tensor(GGUFReader(str(out.path)), "blk.1.ffn_down_exps.weight"), packed.numpy())
+
+
+# Tiny-config changes that give a model llama.cpp runs: every layer MoE where its graph needs that, V3-style
+# group scores (benchmarks/gguf_parity.py makes the same ones for its converter comparison).
+_RUNNABLE = {"qwen2_moe": {"mlp_only_layers": []}, "qwen3_moe": {"mlp_only_layers": []},
+             "deepseek_v2": {"n_group": 1, "topk_group": 1, "q_lora_rank": 16}, "deepseek_v3": {"q_lora_rank": 16},
+             "olmoe": {"num_key_value_heads": 4}}
+
+
+def _runnable_model(family: str, vocab: int) -> torch.nn.Module:
+    config = tiny_config(family, vocab)
+    for key, value in _RUNNABLE.get(family, {}).items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    _reinit(model, 0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", sorted(GGUF_FAMILIES))
+def test_every_gguf_family_exports_its_layout(family: str, tokenizer, tmp_path: Path) -> None:
+    """Names, shapes and data of the expert tensors in llama.cpp's layout (E, I, H) / (E, H, I), nothing dropped
+    or duplicated, and the architecture's counts. Names and hyper-parameters equal llama.cpp's converter's for the
+    same folders (benchmarks/gguf_parity.py, recorded in docs/results-gguf-parity.md)."""
+    from moeslim.models import find_moe_layers
+    from moeslim.models.expert_math import expert_weight_views
+
+    model = _runnable_model(family, len(tokenizer))
+    out = export_gguf(model, tokenizer, tmp_path / "m.gguf", qtype="F32")
+    reader = GGUFReader(str(out.path))
+    arch = GGUF_FAMILIES[family].name
+    assert _field(reader, "general.architecture") == arch
+    assert _field(reader, f"{arch}.block_count") == model.config.num_hidden_layers
+    assert _field(reader, f"{arch}.expert_count") == 8 and _field(reader, f"{arch}.expert_used_count") == 2
+    names = [t.name for t in reader.tensors]
+    assert len(names) == len(set(names))
+    state = model.state_dict()
+    split = sum(k.endswith(("gate_up_proj", "gate_up_proj_bias", "kv_b_proj.weight")) for k in state)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    assert len(names) == len(state) + split - tied  # every tensor written once, the fused ones as two
+    for layer in find_moe_layers(model):
+        views = expert_weight_views(layer)
+        fused = views.up.detach()
+        fused = fused.transpose(-1, -2) if views.transposed else fused  # (E, 2I, H)
+        # gpt-oss interleaves gate and up rows; the others put the gate rows first
+        gate, up = (fused[:, ::2], fused[:, 1::2]) if family == "gpt_oss" else fused.chunk(2, dim=1)
+        down = views.down.detach().transpose(-1, -2) if views.transposed else views.down.detach()  # (E, H, I)
+        prefix = f"blk.{layer.layer_idx}"
+        np.testing.assert_array_equal(_tensor(reader, f"{prefix}.ffn_gate_exps.weight"), gate.numpy())
+        np.testing.assert_array_equal(_tensor(reader, f"{prefix}.ffn_up_exps.weight"), up.numpy())
+        np.testing.assert_array_equal(_tensor(reader, f"{prefix}.ffn_down_exps.weight"), down.numpy())
+        assert out.tensor_types[f"{prefix}.ffn_gate_inp.weight"] == "F32"
+
+
+def test_routings_llama_cpp_cannot_run_are_refused(tokenizer, tmp_path: Path) -> None:
+    cases = [
+        ("deepseek_v2", {"q_lora_rank": 16}, "top-2 scores.*group_limited_greedy"),  # V2: a group's best expert
+        ("deepseek_v3", {}, "q_lora_rank=None.*3 layers"),  # llama.cpp tells Lite models by their layer count
+        ("qwen2_moe", {"mlp_only_layers": [], "norm_topk_prob": True}, "does not renormalise"),
+        ("olmoe", {"norm_topk_prob": True}, "does not renormalise"),
+        ("olmoe", {}, "2 KV heads for 4 query heads"),
+        ("qwen3_moe", {"mlp_only_layers": [], "norm_topk_prob": False}, "renormalises"),
+        ("mixtral", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}, "dynamic"),
+    ]
+    for family, changes, message in cases:
+        model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)), dtype=torch.float32)
+        for key, value in changes.items():  # the export reads the config: no need to build another model
+            setattr(model.config, key, value)
+        with pytest.raises(UnsupportedExportError, match=message):
+            export_gguf(model, tokenizer, tmp_path / "x.gguf")
+    model = _runnable_model("deepseek_v3", len(tokenizer))  # 2 groups of 4 experts
+    select_experts(model, {layer: [0, 1, 2] for layer in (1, 2)})  # moeslim drops the groups (n_group=1) ...
+    model.config.n_group = 2  # ... a config that keeps them cannot split 3 experts
+    with pytest.raises(UnsupportedExportError, match="n_group=2 equal groups; this model has 3"):
+        export_gguf(model, tokenizer, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_hunyuan_ntk_alpha_rope_is_written_as_llama_cpp_reads_it() -> None:
+    """Hunyuan-A13B's NTK-alpha scaling: llama.cpp takes it as a larger rotary base, base * alpha^(d / (d - 2)),
+    and the 256k context the alpha gives; other alphas have no published context and are refused."""
+    from moeslim.export.gguf_arch import MoeShape, gguf_family
+
+    config = tiny_config("hunyuan_v1_moe")
+    config.hidden_size, config.num_attention_heads = 512, 4  # head dim 128, as the published model
+    config.rope_parameters = {"rope_type": "dynamic", "alpha": 1000.0, "rope_theta": 10000.0}
+    arch = gguf_family(config)
+    hparams = arch.hparams(config, MoeShape(8, 2, 64))
+    assert hparams["add_rope_freq_base"] == pytest.approx(11158839.9251, rel=1e-9)
+    assert hparams["add_context_length"] == hparams["add_rope_scaling_orig_ctx_len"] == 256 * 1024
+    assert hparams["add_rope_scaling_factor"] == 1.0
+    config.rope_parameters = {"rope_type": "dynamic", "alpha": 500.0, "rope_theta": 10000.0}
+    with pytest.raises(UnsupportedExportError, match="alpha=500"):
+        gguf_family(config)
+
+
+def test_a_tensor_llama_cpp_has_no_slot_for_is_refused_before_writing(tokenizer, tmp_path: Path) -> None:
+    model = export_model("qwen3_moe", len(tokenizer))
+    model.model.layers[0].self_attn.register_buffer("extra_scale", torch.ones(4))  # a tensor llama.cpp lacks
+    with pytest.raises(UnsupportedExportError, match="extra_scale.*no slot"):
+        export_gguf(model, tokenizer, tmp_path / "x.gguf")
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temp folder

@@ -5,8 +5,9 @@
 """
 
 from moeslim.export.compressed_tensors import CtExport, export_compressed_tensors
+from moeslim.export.errors import UnsupportedExportError
 from moeslim.export.gguf import GgufExport, export_gguf, read_gguf_types
-from moeslim.export.gguf_arch import GGUF_FAMILIES, UnsupportedExportError
+from moeslim.export.gguf_arch import GGUF_FAMILIES
 
 __all__ = ["GGUF_FAMILIES", "CtExport", "GgufExport", "UnsupportedExportError", "export_compressed_tensors",
            "export_gguf", "read_gguf_types"]

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeslim.export.gguf_arch import UnsupportedExportError
+from moeslim.export.errors import UnsupportedExportError
 from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor
 from moeslim.methods.quant.gptq import dequantize
 from moeslim.methods.quant.pack import unpack_bits

@@ -28,8 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from moeslim.export.gguf_arch import GgufFamily, UnsupportedExportError, gguf_family, gguf_tensor_name, permute_rotary
-from moeslim.export.gguf_vocab import gguf_vocab
+from moeslim.export.gguf_arch import (
+    GgufArch,
+    MoeShape,
+    UnsupportedExportError,
+    gguf_family,
+    gguf_tensor_name,
+    tensor_name_map,
+)
+from moeslim.export.gguf_vocab import GgufVocab, gguf_vocab, write_vocab
 from moeslim.methods.quant.gguf_types import GGUF_BLOCKS, GPY_QUANTIZABLE, PROJECTIONS
 from moeslim.models import find_moe_layers
 from moeslim.outputs import check_output_file, output_lock, temp_dir_beside
@@ -99,13 +106,12 @@ def plan_tensor_types(model: nn.Module, plan: Plan) -> dict[str, str]:
     return out
 
 
-def _gguf_tensors(model: nn.Module, family: GgufFamily, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array in PyTorch order) for every tensor, experts split and q/k permuted.
+def _gguf_tensors(model: nn.Module, arch: GgufArch, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array in PyTorch order) for every tensor, in the architecture's layout.
     ``progress``: a line on stderr every ~10 % of the tensors (each is encoded before the next is read)."""
     config = _config(model)
-    n_head = int(config.num_attention_heads)
-    n_kv = int(config.num_key_value_heads)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    names = tensor_name_map(arch, int(config.num_hidden_layers))
     from moeslim.runtime.lowbit_io import lowbit_tensors
 
     # A moeslim-quantized model keeps its packed experts outside the state dict: write them dequantized (the
@@ -116,55 +122,30 @@ def _gguf_tensors(model: nn.Module, family: GgufFamily, progress: bool = False) 
                              every=max(1, -(-count // 10))):
         if key == "lm_head.weight" and tied:
             continue  # llama.cpp reuses token_embd when output is absent
-        name = gguf_tensor_name(key)
-        data = tensor.detach().to(torch.float32).cpu()
-        if name is None:  # fused (E, 2I, H): gate rows first (transformers 5 chunks gate, up)
-            half = data.shape[1] // 2
-            prefix = key.split(".mlp.")[0].replace("model.layers.", "blk.")
-            yield f"{prefix}.ffn_gate_exps.weight", data[:, :half].contiguous().numpy()
-            yield f"{prefix}.ffn_up_exps.weight", data[:, half:].contiguous().numpy()
-            continue
-        if family.permute_qk and name.endswith("attn_q.weight"):
-            data = permute_rotary(data, n_head)
-        elif family.permute_qk and name.endswith("attn_k.weight"):
-            data = permute_rotary(data, n_kv)
-        yield name, data.contiguous().numpy()
+        for hf_key, data in arch.transform(key, tensor.detach().to(torch.float32).cpu(), config):
+            yield gguf_tensor_name(names, hf_key), data.contiguous().numpy()
 
 
-def _write_hparams(writer: Any, model: nn.Module, family: GgufFamily, n_experts: int, top_k: int,
-                   n_ff_exp: int) -> None:
+def _check_tensor_names(model: nn.Module, arch: GgufArch) -> None:
+    """Refuse, before any work, a tensor llama.cpp has no slot for: the transforms run on meta copies (shapes
+    only), so every name is known without touching the data."""
     config = _config(model)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_block_count(int(config.num_hidden_layers))
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(int(config.hidden_size))
-    writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_head_count(int(config.num_attention_heads))
-    writer.add_head_count_kv(int(config.num_key_value_heads))
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_expert_count(n_experts)
-    writer.add_expert_used_count(top_k)
-    writer.add_expert_feed_forward_length(n_ff_exp)
-    writer.add_vocab_size(int(config.vocab_size))
+    names = tensor_name_map(arch, int(config.num_hidden_layers))
+    for key, tensor in model.state_dict().items():
+        for hf_key, _ in arch.transform(key, tensor.detach().to("meta"), config):
+            gguf_tensor_name(names, hf_key)
 
 
-def _write_vocab(writer: Any, tokenizer: Any, vocab_size: int) -> None:
-    vocab = gguf_vocab(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
-    for setter, value in ((writer.add_bos_token_id, vocab.bos), (writer.add_eos_token_id, vocab.eos),
-                          (writer.add_pad_token_id, vocab.pad), (writer.add_unk_token_id, vocab.unk)):
-        if value is not None:
-            setter(value)
-    writer.add_add_bos_token(vocab.add_bos)
+def _write_hparams(writer: Any, items: dict[str, Any]) -> None:
+    for method, value in items.items():
+        getattr(writer, method)(value)
+
+
+def _keeps_f32(name: str, data: np.ndarray) -> bool:
+    """Tensors the converter (and llama.cpp's quantizer) never store below F32: 1D tensors, norms, biases and
+    other non-``.weight`` tensors, the routers."""
+    return (data.ndim <= 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight"))
+            or not name.endswith(".weight"))
 
 
 def _encode(data: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
@@ -180,7 +161,7 @@ def _encode(data: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
     return quantize(data.astype(np.float32), kind), kind
 
 
-def _moe_shape(model: nn.Module) -> tuple[int, int, int]:
+def _moe_shape(model: nn.Module) -> MoeShape:
     """(experts per layer, top-k, expert intermediate size): llama.cpp has one of each for all layers."""
     from moeslim.models.expert_math import expert_weight_views
 
@@ -189,30 +170,27 @@ def _moe_shape(model: nn.Module) -> tuple[int, int, int]:
     if len(set(counts.values())) != 1:
         raise UnsupportedExportError(f"llama.cpp needs the same expert count in every layer; this model has {counts} "
                                      "(prune with the same number of kept experts per layer)")
-    sizes = {int(expert_weight_views(layer).down.shape[2]) for layer in layers}
+    views = [expert_weight_views(layer) for layer in layers]
+    sizes = {int(v.down.shape[1] if v.transposed else v.down.shape[2]) for v in views}  # (E, I, H) or (E, H, I)
     if len(sizes) != 1:
         raise UnsupportedExportError(f"llama.cpp needs one expert intermediate size; this model has {sorted(sizes)}")
-    top_k = layers[0].top_k
-    return next(iter(counts.values())), int(top_k), next(iter(sizes))
+    return MoeShape(next(iter(counts.values())), int(layers[0].top_k), next(iter(sizes)))
 
 
-def _write_file(model: nn.Module, tokenizer: Any, path: Path, family: GgufFamily, default: str,
+def _write_file(model: nn.Module, vocab: GgufVocab, hparams: dict[str, Any], path: Path, arch: GgufArch, default: str,
                 overrides: dict[str, str], name: str, progress: bool = False) -> list[str]:
     """Write the GGUF at ``path``; returns the tensors that fell back to F16 (rows not divisible by blocks)."""
     import gguf
 
-    n_experts, top_k, n_ff_exp = _moe_shape(model)
-    writer = gguf.GGUFWriter(str(path), family.arch)
+    writer = gguf.GGUFWriter(str(path), arch.name)
     writer.add_name(name)
-    _write_hparams(writer, model, family, n_experts, top_k, n_ff_exp)
+    _write_hparams(writer, hparams)
     ftype = getattr(gguf.LlamaFileType, f"MOSTLY_{default}", gguf.LlamaFileType.ALL_F32)
     writer.add_file_type(int(ftype))
-    _write_vocab(writer, tokenizer, int(_config(model).vocab_size))
+    write_vocab(writer, vocab)
     fallbacks: list[str] = []
-    for tname, data in _gguf_tensors(model, family, progress):
-        # norms and the router stay exact (llama.cpp never quantizes them)
-        exact = data.ndim == 1 or tname.endswith("ffn_gate_inp.weight")
-        qtype = "F32" if exact else overrides.get(tname, default)
+    for tname, data in _gguf_tensors(model, arch, progress):
+        qtype = "F32" if _keeps_f32(tname, data) else overrides.get(tname, default)
         if data.shape[-1] % GGUF_BLOCKS[qtype][0]:
             fallbacks.append(f"{tname}: {qtype} -> F16 (rows of {data.shape[-1]} not divisible by "
                              f"{GGUF_BLOCKS[qtype][0]})")
@@ -267,10 +245,11 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, qtype: str
                             progress)
 
 
+
 def _export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, qtype: str, plan: Plan | None,
                  llama_quantize: str | Path | None, imatrix: str | Path | None, name: str | None,
                  inputs: Iterable[str | Path], overwrite: bool, progress: bool) -> GgufExport:
-    family = gguf_family(_config(model))
+    arch = gguf_family(_config(model))
     default = _check_qtype(qtype)
     target = check_output_file(out, overwrite=overwrite, inputs=inputs)
     overrides = plan_tensor_types(model, plan) if plan is not None else {}
@@ -286,7 +265,11 @@ def _export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, qtype: str, 
         raise UnsupportedExportError(f"--llama-quantize {binary}: not an executable file")
     if imatrix is not None and not Path(imatrix).is_file():
         raise UnsupportedExportError(f"--imatrix {imatrix}: no such file")
-    n_experts, top_k, _ = _moe_shape(model)
+    moe = _moe_shape(model)
+    hparams = arch.hparams(_config(model), moe)
+    _check_tensor_names(model, arch)
+    # the tokenizer is read (and refused) before any writing
+    vocab = arch.vocab(gguf_vocab(tokenizer, int(_config(model).vocab_size), _config(model)), _config(model))
     title = name or str(getattr(_config(model), "_name_or_path", "") or _config(model).model_type)
     dest = Path(target).expanduser().resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -294,14 +277,14 @@ def _export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, qtype: str, 
         work = Path(tmp)
         staged = work / "out.gguf"
         if binary is None:
-            fallbacks = _write_file(model, tokenizer, staged, family, default, overrides, title, progress)
+            fallbacks = _write_file(model, vocab, hparams, staged, arch, default, overrides, title, progress)
             quantizer = "gguf-py"
         else:
             source = work / "f32.gguf"
-            fallbacks = _write_file(model, tokenizer, source, family, "F32", {}, title, progress)
+            fallbacks = _write_file(model, vocab, hparams, source, arch, "F32", {}, title, progress)
             _llama_quantize(binary, source, staged, default, overrides,
                             Path(imatrix) if imatrix is not None else None, work)
             quantizer = "llama-quantize"
         types = read_gguf_types(staged)
         os.replace(staged, dest)
-    return GgufExport(Path(target), types, n_experts, top_k, fallbacks, quantizer)
+    return GgufExport(Path(target), types, moe.n_experts, moe.top_k, fallbacks, quantizer)
