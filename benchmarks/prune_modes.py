@@ -154,7 +154,15 @@ def table(runs: Sequence[Run]) -> list[str]:
     groups: dict[tuple[str, int, str, str, str], list[Run]] = {}
     for r in runs:
         groups.setdefault((r.model, r.keep, r.method, r.mode, r.spacing), []).append(r)
-    for (model, keep, method, mode, spacing), rs in groups.items():
+    models = list(dict.fromkeys(r.model for r in runs))
+    methods = ["enumerate", "search", "frequency", "reap", "hc-smoe"]
+
+    def order(key: tuple[str, int, str, str, str]) -> tuple[Any, ...]:
+        model, keep, method, mode, spacing = key
+        rank = methods.index(method) if method in methods else len(methods)
+        return models.index(model), -keep, rank, method, MODES.index(mode), SPACINGS.index(spacing)
+
+    for (model, keep, method, mode, spacing), rs in sorted(groups.items(), key=lambda kv: order(kv[0])):
         cells = [model, str(keep), method, mode, spacing, _fmt([r.ppl["code"] for r in rs]),
                  _fmt([r.ppl["prose"] for r in rs]), _fmt([geo_ppl(r.ppl) for r in rs]),
                  f"{mean_pairwise_jaccard(rs):.2f}", f"{statistics.mean(r.seconds for r in rs):.0f}"]
@@ -250,6 +258,7 @@ def main() -> None:
     parser.add_argument("--jsonl", default=None, help="also append every run as a JSON line here")
     parser.add_argument("--from-jsonl", nargs="+", default=None,
                         help="measure nothing: write the tables and choices from the runs in these JSON lines files")
+    parser.add_argument("--note", default=None, help="text that says how the runs were made (with --from-jsonl)")
     parser.add_argument("--out", default="docs/results-pruning.md",
                         help="markdown page whose section between the prune_modes markers is replaced (or appended)")
     args = parser.parse_args()
@@ -286,15 +295,17 @@ def main() -> None:
     modes, spacing, summary = choices(runs)
     elapsed = time.perf_counter() - start
     took = "" if args.from_jsonl else f" in {elapsed / 60:.0f} min"
+    settings = args.note or (
+        f"Calibration: code + prose calibration splits, {args.samples} windows x {args.seq_len} tokens on the 8-expert "
+        f"model, {args.fine_samples} on the 64-expert one, seeds 0..{args.seeds - 1}; scored on {args.eval_windows} "
+        "held-out test windows per domain.")
     lines = [
         SECTION_START,
         "## Defaults: layerwise vs progressive, random vs evenly spaced windows, spread over calibration seeds",
         "",
-        f"Produced by `python benchmarks/prune_modes.py {' '.join(sys.argv[1:])}`{took}. "
-        f"Calibration: code + prose calibration splits, {args.samples} windows x {args.seq_len} tokens on the 8-expert "
-        f"model, {args.fine_samples} on the 64-expert one, seeds 0..{args.seeds - 1}; scored on {args.eval_windows} "
-        "held-out test windows per domain. Cells: mean ± standard deviation over seeds (range); kept-set Jaccard: "
-        "mean over layers and seed pairs (1.00: every seed keeps the same experts).",
+        f"Produced by `python benchmarks/prune_modes.py {' '.join(sys.argv[1:])}`{took}. {settings} "
+        "Cells: mean ± standard deviation over seeds (range); kept-set Jaccard: mean over layers and seed pairs "
+        "(1.00: every seed keeps the same experts).",
         "",
         *table(runs),
         "",
