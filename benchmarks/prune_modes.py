@@ -240,6 +240,15 @@ def with_section(page: str, section: str) -> str:
     return page.rstrip("\n") + ("\n\n" if page else "") + section + "\n"
 
 
+def _shown_args(argv: list[str]) -> list[str]:
+    """The command line without ``--note TEXT`` (the note is printed as it is)."""
+    shown = list(argv)
+    while "--note" in shown:
+        i = shown.index("--note")
+        del shown[i:i + 2]
+    return shown
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["demo", "demo-fine"])
@@ -303,7 +312,7 @@ def main() -> None:
         SECTION_START,
         "## Defaults: layerwise vs progressive, random vs evenly spaced windows, spread over calibration seeds",
         "",
-        f"Produced by `python benchmarks/prune_modes.py {' '.join(sys.argv[1:])}`{took}. {settings} "
+        f"Produced by `python benchmarks/prune_modes.py {' '.join(_shown_args(sys.argv[1:]))}`{took}. {settings} "
         "Cells: mean ± standard deviation over seeds (range); kept-set Jaccard: mean over layers and seed pairs "
         "(1.00: every seed keeps the same experts).",
         "",
