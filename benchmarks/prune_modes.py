@@ -7,12 +7,16 @@ both domains. Reported per (model, keep, method, mode, spacing): perplexity mean
 its range, and how much the kept sets move with the windows (mean pairwise Jaccard similarity of the kept sets of
 every two seeds, averaged over layers; for merging, of the groups' representatives). Every run is also written as
 one JSON line (``--jsonl``), so a killed run keeps what it measured. The last lines give the defaults the
-measurement picks: per method the mode, and the spacing, with the lower mean log perplexity over everything else.
+measurement picks: per method the mode, and the spacing, compared on paired runs (equal in everything else);
+progressive (even) replaces layerwise (random) only when it lowers the geometric-mean perplexity on average and in
+most pairs.
 
 Usage::
 
-    python benchmarks/prune_modes.py --out docs/results-pruning-modes.md
+    python benchmarks/prune_modes.py --out docs/results-pruning.md    # replaces its own section of that page
     python benchmarks/prune_modes.py --models demo --keep-demo 4 --seeds 1 --out /tmp/m.md   # a quick look
+    python benchmarks/prune_modes.py --jsonl runs.jsonl ...     # rerun after a kill: recorded runs are not redone
+    python benchmarks/prune_modes.py --from-jsonl a.jsonl b.jsonl --out docs/results-pruning.md  # tables only
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +49,8 @@ from moeslim.models import find_moe_layers, load_model
 from moeslim.plans import Plan
 
 MODES = ("layerwise", "progressive")
+SECTION_START = "<!-- prune_modes.py: start -->"
+SECTION_END = "<!-- prune_modes.py: end -->"
 SPACINGS = ("random", "even")
 
 
@@ -120,7 +127,8 @@ class Bench:
             plan = plan_merge(self.model, calib, config, model_name=self.name, batch_size=self.args.batch_size)
             apply_merge(model, plan, calibration=calib)
         else:
-            prune = PruneConfig(method=method, keep=keep, mode=mode, max_tokens=self.args.max_tokens)  # type: ignore[arg-type]
+            prune = PruneConfig(method=method, keep=keep, mode=mode, max_tokens=self.args.max_tokens,  # type: ignore[arg-type]
+                                budget=self.args.budget)
             plan = plan_prune(self.model, calib, prune, model_name=self.name, batch_size=self.args.batch_size)
             apply_prune(model, plan)
         seconds = time.perf_counter() - start
@@ -146,7 +154,15 @@ def table(runs: Sequence[Run]) -> list[str]:
     groups: dict[tuple[str, int, str, str, str], list[Run]] = {}
     for r in runs:
         groups.setdefault((r.model, r.keep, r.method, r.mode, r.spacing), []).append(r)
-    for (model, keep, method, mode, spacing), rs in groups.items():
+    models = list(dict.fromkeys(r.model for r in runs))
+    methods = ["enumerate", "search", "frequency", "reap", "hc-smoe"]
+
+    def order(key: tuple[str, int, str, str, str]) -> tuple[Any, ...]:
+        model, keep, method, mode, spacing = key
+        rank = methods.index(method) if method in methods else len(methods)
+        return models.index(model), -keep, rank, method, MODES.index(mode), SPACINGS.index(spacing)
+
+    for (model, keep, method, mode, spacing), rs in sorted(groups.items(), key=lambda kv: order(kv[0])):
         cells = [model, str(keep), method, mode, spacing, _fmt([r.ppl["code"] for r in rs]),
                  _fmt([r.ppl["prose"] for r in rs]), _fmt([geo_ppl(r.ppl) for r in rs]),
                  f"{mean_pairwise_jaccard(rs):.2f}", f"{statistics.mean(r.seconds for r in rs):.0f}"]
@@ -154,53 +170,83 @@ def table(runs: Sequence[Run]) -> list[str]:
     return lines
 
 
-def _mean_log(runs: Sequence[Run]) -> float:
-    return statistics.mean(math.log(geo_ppl(r.ppl)) for r in runs)
+def paired_change(runs: Sequence[Run], field: str, base: str, other: str) -> tuple[float, int, int]:
+    """Mean change of log geometric-mean perplexity from ``field`` = base to other over paired runs.
+
+    Runs pair when they differ in ``field`` only (same model, keep, method, mode / spacing and seed). Returns
+    (mean of log ppl(other) - log ppl(base): below 0 means ``other`` is better, pairs where other is better, pairs).
+    """
+    def key(r: Run) -> tuple[Any, ...]:
+        return tuple(getattr(r, k) for k in ("model", "keep", "method", "mode", "spacing", "seed") if k != field)
+
+    others = {key(r): r for r in runs if getattr(r, field) == other}
+    pairs = [(r, others[key(r)]) for r in runs if getattr(r, field) == base and key(r) in others]
+    if not pairs:
+        return float("nan"), 0, 0
+    changes = [math.log(geo_ppl(b.ppl)) - math.log(geo_ppl(a.ppl)) for a, b in pairs]
+    return statistics.mean(changes), sum(c < 0 for c in changes), len(changes)
 
 
 def choices(runs: Sequence[Run]) -> tuple[dict[str, str], str, list[str]]:
-    """Per method the mode, and the spacing, with the lower mean log perplexity; summary lines saying by how much.
+    """Per method the mode, and the spacing, by perplexity on paired runs; summary lines saying how much.
 
-    A mode is compared on the cells both modes ran (all models, keeps, spacings, seeds of that method); the spacing
-    on all methods and modes.
+    A mode is compared on runs that differ only in the mode (every model, keep, spacing and seed of that method);
+    the spacing on runs that differ only in the spacing (every method and mode).
     """
     lines: list[str] = []
     modes: dict[str, str] = {}
     for method in dict.fromkeys(r.method for r in runs):
-        by_mode = {m: [r for r in runs if r.method == method and r.mode == m] for m in MODES}
-        if not all(by_mode.values()):
+        change, wins, pairs = paired_change([r for r in runs if r.method == method], "mode", "layerwise",
+                                            "progressive")
+        if not pairs:
             continue
-        logs = {m: _mean_log(rs) for m, rs in by_mode.items()}
-        modes[method] = min(logs, key=lambda m: logs[m])
-        wins = sum(_mean_log([a]) > _mean_log([b]) for a, b in _paired(by_mode["layerwise"], by_mode["progressive"]))
-        pairs = len(_paired(by_mode["layerwise"], by_mode["progressive"]))
-        lines.append(f"{method}: default mode {modes[method]} (geometric-mean perplexity "
-                     f"{math.exp(logs['layerwise']):.1f} layerwise vs {math.exp(logs['progressive']):.1f} progressive "
-                     f"over {len(by_mode['layerwise'])} runs; progressive lower in {wins} of {pairs} paired runs)")
-    by_spacing = {s: [r for r in runs if r.spacing == s] for s in SPACINGS}
-    spacing = "random"
-    if all(by_spacing.values()):
-        logs = {s: _mean_log(rs) for s, rs in by_spacing.items()}
-        spacing = min(logs, key=lambda s: logs[s])
-        lines.append(f"windows: default {spacing} (geometric-mean perplexity {math.exp(logs['random']):.1f} random vs "
-                     f"{math.exp(logs['even']):.1f} even over {len(by_spacing['random'])} runs each)")
-        for s, rs in by_spacing.items():
-            groups: dict[tuple[str, int, str, str], list[Run]] = {}
-            for r in rs:
+        # Layerwise is the cheaper pass (the original model's inputs only): progressive must win on average AND in
+        # most paired runs to displace it, so noise-level differences keep the cheaper mode.
+        modes[method] = "progressive" if change < 0 and 2 * wins > pairs else "layerwise"
+        lines.append(f"{method}: default mode {modes[method]} (progressive vs layerwise: geometric-mean perplexity "
+                     f"{math.exp(change) - 1:+.1%} on average, lower in {wins} of {pairs} paired runs)")
+    change, wins, pairs = paired_change(runs, "spacing", "random", "even")
+    spacing = "even" if pairs and change < 0 and 2 * wins > pairs else "random"  # the same rule, random kept
+    if pairs:
+        lines.append(f"windows: default {spacing} (even vs random: geometric-mean perplexity "
+                     f"{math.exp(change) - 1:+.1%} on average, lower in {wins} of {pairs} paired runs)")
+    for s in SPACINGS:
+        groups: dict[tuple[str, int, str, str], list[Run]] = {}
+        for r in runs:
+            if r.spacing == s:
                 groups.setdefault((r.model, r.keep, r.method, r.mode), []).append(r)
+        several = [g for g in groups.values() if len(g) > 1]
+        if several:
             spreads = [statistics.stdev([geo_ppl(r.ppl) for r in g]) / statistics.mean([geo_ppl(r.ppl) for r in g])
-                       for g in groups.values() if len(g) > 1]
-            jac = [mean_pairwise_jaccard(g) for g in groups.values() if len(g) > 1]
-            if spreads:
-                lines.append(f"windows {s}: perplexity spread over seeds {statistics.mean(spreads):.1%} of the "
-                             "mean (std / mean, averaged over cells), kept-set Jaccard over seeds "
-                             f"{statistics.mean(jac):.2f}")
+                       for g in several]
+            lines.append(f"windows {s}: geometric-mean perplexity moves {statistics.mean(spreads):.1%} over seeds "
+                         f"(standard deviation / mean, averaged over {len(several)} settings), kept-set Jaccard over "
+                         f"seeds {statistics.mean(mean_pairwise_jaccard(g) for g in several):.2f}")
     return modes, spacing, lines
 
 
-def _paired(a: Sequence[Run], b: Sequence[Run]) -> list[tuple[Run, Run]]:
-    index = {(r.model, r.keep, r.spacing, r.seed): r for r in b}
-    return [(r, index[k]) for r in a if (k := (r.model, r.keep, r.spacing, r.seed)) in index]
+def read_runs(file: Path) -> list[Run]:
+    """The runs recorded as JSON lines in ``file`` (none when it does not exist)."""
+    if not file.is_file():
+        return []
+    return [Run(**json.loads(line)) for line in file.read_text(encoding="utf-8").splitlines() if line]
+
+
+def with_section(page: str, section: str) -> str:
+    """``page`` with its prune_modes section replaced by ``section`` (appended when it has none)."""
+    if SECTION_START in page and SECTION_END in page:
+        head, rest = page.split(SECTION_START, 1)
+        return head + section + rest.split(SECTION_END, 1)[1]
+    return page.rstrip("\n") + ("\n\n" if page else "") + section + "\n"
+
+
+def _shown_args(argv: list[str]) -> list[str]:
+    """The command line without ``--note TEXT`` (the note is printed as it is)."""
+    shown = list(argv)
+    while "--note" in shown:
+        i = shown.index("--note")
+        del shown[i:i + 2]
+    return shown
 
 
 def main() -> None:
@@ -216,20 +262,25 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows per domain")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=None, help="PruneConfig.max_tokens (default: its own)")
+    parser.add_argument("--budget", type=int, default=None, help="PruneConfig.budget of search (default: its own)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--jsonl", default=None, help="also append every run as a JSON line here")
     parser.add_argument("--from-jsonl", nargs="+", default=None,
                         help="measure nothing: write the tables and choices from the runs in these JSON lines files")
-    parser.add_argument("--out", default="docs/results-pruning-modes.md")
+    parser.add_argument("--note", default=None, help="text that says how the runs were made (with --from-jsonl)")
+    parser.add_argument("--out", default="docs/results-pruning.md",
+                        help="markdown page whose section between the prune_modes markers is replaced (or appended)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.max_tokens is None:
-        args.max_tokens = PruneConfig(keep=1).max_tokens
+    defaults = PruneConfig(keep=1)
+    args.max_tokens = defaults.max_tokens if args.max_tokens is None else args.max_tokens
+    args.budget = defaults.budget if args.budget is None else args.budget
     start = time.perf_counter()
     runs: list[Run] = []
     for file in args.from_jsonl or []:
-        runs += [Run(**json.loads(line)) for line in Path(file).read_text(encoding="utf-8").splitlines() if line]
+        runs += read_runs(Path(file))
+    done = {(r.model, r.keep, r.method, r.mode, r.spacing, r.seed) for r in read_runs(Path(args.jsonl or ""))}
     for name in [] if args.from_jsonl else args.models:
         bench_args = argparse.Namespace(**vars(args))
         bench = Bench(name, bench_args)
@@ -238,6 +289,11 @@ def main() -> None:
         keeps = args.keep_demo if bench.experts == 8 else args.keep_fine
         for keep, method in itertools.product(keeps, args.methods or methods_for(bench.experts)):
             for mode, spacing, seed in itertools.product(MODES, SPACINGS, range(args.seeds)):
+                if (name, keep, method, mode, spacing, seed) in done:  # measured by an earlier, killed run
+                    runs += [r for r in read_runs(Path(args.jsonl)) if (r.model, r.keep, r.method, r.mode,
+                                                                         r.spacing, r.seed) ==
+                             (name, keep, method, mode, spacing, seed)][:1]
+                    continue
                 run = bench.run(keep, method, mode, spacing, seed)
                 runs.append(run)
                 print(f"{name} keep {keep} {method} {mode} {spacing} seed {seed}: code {run.ppl['code']:.1f} "
@@ -248,21 +304,27 @@ def main() -> None:
     modes, spacing, summary = choices(runs)
     elapsed = time.perf_counter() - start
     took = "" if args.from_jsonl else f" in {elapsed / 60:.0f} min"
-    lines = [
-        f"Produced by `python benchmarks/prune_modes.py {' '.join(sys.argv[1:])}`{took}. "
+    settings = args.note or (
         f"Calibration: code + prose calibration splits, {args.samples} windows x {args.seq_len} tokens on the 8-expert "
         f"model, {args.fine_samples} on the 64-expert one, seeds 0..{args.seeds - 1}; scored on {args.eval_windows} "
-        "held-out test windows per domain. Cells: mean ± standard deviation over seeds (range); kept-set Jaccard: "
-        "mean over layers and seed pairs (1.00: every seed keeps the same experts).",
+        "held-out test windows per domain.")
+    lines = [
+        SECTION_START,
+        "## Defaults: layerwise vs progressive, random vs evenly spaced windows, spread over calibration seeds",
+        "",
+        f"Produced by `python benchmarks/prune_modes.py {' '.join(_shown_args(sys.argv[1:]))}`{took}. {settings} "
+        "Cells: mean ± standard deviation over seeds (range); kept-set Jaccard: mean over layers and seed pairs "
+        "(1.00: every seed keeps the same experts).",
         "",
         *table(runs),
         "",
         *[f"- {line}" for line in summary],
-        "",
+        SECTION_END,
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines), encoding="utf-8")
+    out.write_text(with_section(out.read_text(encoding="utf-8") if out.is_file() else "", "\n".join(lines)),
+                   encoding="utf-8")
     print("\n".join(summary))
     print(f"chosen: modes {modes}, windows {spacing}")
     print(f"wrote {out}")

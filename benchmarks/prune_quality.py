@@ -29,6 +29,8 @@ from moeslim.methods.skip import plan_skip
 from moeslim.plans import Plan
 from moeslim.runtime.skipping import counters, reset_counters
 
+MODES_SECTION = "<!-- prune_modes.py: start -->"
+
 
 def _perplexity_fn() -> Callable[[nn.Module, torch.Tensor, int], float]:
     from moeslim.evaluate.perplexity import perplexity
@@ -180,7 +182,10 @@ def main() -> None:
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines), encoding="utf-8")
+    # Keep the section benchmarks/prune_modes.py writes into the same page.
+    old = out.read_text(encoding="utf-8") if out.is_file() else ""
+    kept = old[old.index(MODES_SECTION):] if MODES_SECTION in old else ""
+    out.write_text("\n".join(lines) + ("\n" + kept if kept else ""), encoding="utf-8")
     print(f"wrote {out}")
 
 

@@ -54,7 +54,7 @@ def _add_calibration_args(parser: argparse.ArgumentParser, data_default: Sequenc
                         help="windows per forward pass, calibration and the plan's own passes (default 8)")
     parser.add_argument("--spacing", choices=SPACINGS, default=None,
                         help=f"which windows: random (seeded draw) | even (one per equal stretch of each source, "
-                             f"offset by the seed) (default {DEFAULT_SPACING}: {SPACING_WHY})")
+                             f"offset by the seed) (default {DEFAULT_SPACING}: {SPACING_WHY.replace('%', '%%')})")
 
 
 def _add_device_args(parser: argparse.ArgumentParser, stream: bool = False) -> None:

@@ -17,7 +17,8 @@ Spacing = Literal["random", "even"]
 SPACINGS: tuple[str, ...] = get_args(Spacing)
 # How calibration windows are spread over a source by default (benchmarks/prune_modes.py, docs/results-pruning.md).
 DEFAULT_SPACING: Spacing = "random"
-SPACING_WHY = "see docs/results-pruning.md"
+SPACING_WHY = ("even windows gave +0.9 % held-out perplexity on average over 72 paired plans, lower in only 32, "
+               "though they move 1.8 % over seeds against 5.2 % for random draws")
 
 
 class ConfigError(ValueError):

@@ -22,11 +22,17 @@ PRUNE_MODES: tuple[str, ...] = get_args(PruneMode)
 # Each method's mode when none is given, and why: the measurement of benchmarks/prune_modes.py (held-out perplexity
 # on both demo models, 3 calibration seeds, both window spacings; docs/results-pruning.md). soft-count and random
 # were not measured and keep layerwise (random ignores the data unless score=True).
+# Progressive replaces layerwise (the cheaper pass) only when it lowers perplexity on average and in most pairs.
 DEFAULT_MODES: dict[str, PruneMode] = {
-    "enumerate": "layerwise", "search": "layerwise", "frequency": "layerwise", "soft-count": "layerwise",
-    "reap": "layerwise", "random": "layerwise",
+    "enumerate": "layerwise", "search": "progressive", "frequency": "layerwise", "soft-count": "layerwise",
+    "reap": "progressive", "random": "layerwise",
 }
-MODE_WHY: dict[str, str] = {}
+MODE_WHY: dict[str, str] = {
+    "enumerate": "progressive +0.0 % perplexity, lower in 5 of 12 paired runs",
+    "search": "progressive -0.3 % on the 64-expert model, lower in 6 of 6",
+    "frequency": "progressive -0.3 %, lower in only 9 of 18",
+    "reap": "progressive -1.0 %, lower in 10 of 18; llm-compressor's REAP runs this way",
+}
 
 
 # Default loss evaluations per layer for method="search": covers the whole greedy removal path of a 64-expert layer
