@@ -215,6 +215,29 @@ def _ratio(a: Row, b: Row) -> float:
     return math.exp(_mean_log_ppl(a) - _mean_log_ppl(b))
 
 
+def _write_sym4(args: argparse.Namespace, group: int, sections: list[str], finals: list[str]) -> None:
+    text = "\n".join([
+        "# Symmetric 4-bit expert GPTQ: moeslim vs llm-compressor",
+        "",
+        f"Experts only, uniform 4 bits, groups of {group}, damping 0.01, calibration {args.calib_samples} x "
+        f"{args.seq_len} tokens (the same windows for both tools), held-out ppl on {args.windows} windows of "
+        f"{args.seq_len} tokens per domain, all evaluated by moeslim.evaluate.perplexity in float32. "
+        "llm-compressor: GPTQModifier defaults (act-order static, every expert calibrated on all tokens) with a "
+        "symmetric int4 group scheme on the expert projections, run in its own venv; bits incl. scales count "
+        "float16 scales.",
+        "",
+        *sections,
+        "",
+        *finals,
+        "",
+    ])
+    print(text, flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}", flush=True)
+
+
 def _sym4(args: argparse.Namespace) -> int:
     group = args.group_size
     sections, finals = [], []
@@ -248,26 +271,7 @@ def _sym4(args: argparse.Namespace) -> int:
             finals.append(f"quant sym4 ppl ratio moeslim-vs-llmcompressor: not measured ({name}: no "
                           "--llmcompressor-python)")
         sections.append("\n".join(lines))
-    text = "\n".join([
-        "# Symmetric 4-bit expert GPTQ: moeslim vs llm-compressor",
-        "",
-        f"Experts only, uniform 4 bits, groups of {group}, damping 0.01, calibration {args.calib_samples} x "
-        f"{args.seq_len} tokens (the same windows for both tools), held-out ppl on {args.windows} windows of "
-        f"{args.seq_len} tokens per domain, all evaluated by moeslim.evaluate.perplexity in float32. "
-        "llm-compressor: GPTQModifier defaults (act-order static, every expert calibrated on all tokens) with a "
-        "symmetric int4 group scheme on the expert projections, run in its own venv; bits incl. scales count "
-        "float16 scales (what vLLM reads; its file stores them in float32 for some layouts).",
-        "",
-        *sections,
-        "",
-        *finals,
-        "",
-    ])
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"wrote {out}")
+        _write_sym4(args, group, sections, finals)  # after each model: a long run keeps what it measured
     for line in finals:
         print(line)
     return 0

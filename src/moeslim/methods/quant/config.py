@@ -53,7 +53,9 @@ class QuantizeConfig:
                 "least one expert at the two top widths; alpha, beta, gamma ignored)"})
     group_size: int = field(default=128, metadata={"help": "GPTQ group size (paper: 128)"})
     damp: float = field(default=_DEFAULT_DAMP, metadata={"help": "GPTQ damping fraction (paper: 0.01)"})
-    act_order: bool = field(default=False, metadata={"help": "GPTQ act-order (paper: no)"})
+    act_order: bool = field(default=False, metadata={
+        "help": "GPTQ act-order with static groups (llm-compressor's actorder 'static': groups stay contiguous, "
+                "so no g_idx is stored and vLLM's kernels read it as is; paper: no)"})
     symmetric: bool = field(default=False, metadata={
         "help": "symmetric groups: one scale per group, no zero points (codes c - 2^(b-1)); the grid vLLM's and "
                 "transformers' MoE kernels read, exported as compressed-tensors W4A16 / W8A16 in exactly b bits; "
