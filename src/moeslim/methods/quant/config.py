@@ -217,12 +217,18 @@ def refuse_lowrank(model: nn.Module) -> None:
     """Raise ConfigError when some MoE layer holds low-rank experts (a low-rank plan was applied).
 
     GPTQ quantizes one (out, in) matrix per expert with its input Hessian; a low-rank expert is two factors
-    A (out, r) and B (r, in), with no dense weight left, and moeslim has no packed storage or runtime for
-    quantized factors, so quantizing it is refused here, before any calibration, rather than failing mid-pass.
+    A (out, r) and B (r, in), with no dense weight left (the fused parameters are meta placeholders), and moeslim
+    has no packed storage or runtime for quantized factors, so quantizing it is refused here, before any
+    calibration, rather than failing mid-pass. (Read from the placeholders and the model's ``moeslim`` section:
+    methods do not import the runtime.)
     """
-    from moeslim.runtime.lowrank import lowrank_storage
+    from moeslim.models.expert_math import expert_weight_views
 
-    layers = [layer.layer_idx for layer in find_moe_layers(model) if lowrank_storage(layer.experts)]
+    section = getattr(getattr(model, "config", None), "moeslim", None) or {}
+    if "lowrank" not in section:
+        return
+    layers = [layer.layer_idx for layer in find_moe_layers(model)
+              if any(t.is_meta for t in (expert_weight_views(layer).up, expert_weight_views(layer).down))]
     if layers:
         raise ConfigError(
             f"quantizing low-rank experts is not supported (decoder layers {layers} hold low-rank factors A (out, r) "
