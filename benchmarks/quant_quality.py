@@ -89,9 +89,11 @@ def _load(args: argparse.Namespace) -> tuple[nn.Module, CalibrationSet, dict[str
 
 
 def _model_path(name: str) -> str:
+    """A folder or hub id: 'fine' is the bundled 64-expert demo model, 'demo' the 8-expert one."""
     from moeslim._package import assets_dir
+    from moeslim.models import resolve_model_path
 
-    return str(assets_dir() / "demo-fine") if name == "fine" else name
+    return str(assets_dir() / "demo-fine") if name == "fine" else str(resolve_model_path(name))
 
 
 def _load_model(args: argparse.Namespace, name: str) -> tuple[nn.Module, CalibrationSet, dict[str, torch.Tensor]]:
@@ -191,24 +193,34 @@ def _ct_experts_into(model: nn.Module, folder: Path) -> int:
 
 
 def _llmcompressor_row(python: str, name: str, base: nn.Module, calib: CalibrationSet, group: int,
-                       windows: dict[str, torch.Tensor], batch_size: int, work: Path) -> Row:
-    from safetensors.torch import save_file
+                       windows: dict[str, torch.Tensor], batch_size: int, work: Path, done: Path | None) -> Row:
+    """llm-compressor's folder for these windows: made by its venv's ``python``, or ``done`` (made earlier by
+    benchmarks/llmcompressor_gptq.py on the same windows, checked by their hash)."""
+    from safetensors.torch import load_file, save_file
 
     start = time.perf_counter()
-    work.mkdir(parents=True, exist_ok=True)
-    ids = work / "calib.safetensors"
-    save_file({"input_ids": calib.input_ids.contiguous()}, str(ids))
-    out = work / "llmcompressor"
-    script = Path(__file__).resolve().parent / "llmcompressor_gptq.py"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own venv, not moeslim's packages
-    subprocess.run([python, str(script), "--model", _model_path(name), "--calib", str(ids), "--group-size",
-                    str(group), "--out", str(out)], check=True, env=env)
+    if done is not None:
+        if not torch.equal(load_file(str(done / "calib.safetensors"))["input_ids"], calib.input_ids):
+            raise SystemExit(f"{done} was calibrated on other windows")
+        out = done
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        ids = work / "calib.safetensors"
+        save_file({"input_ids": calib.input_ids.contiguous()}, str(ids))
+        out = work / "llmcompressor"
+        script = Path(__file__).resolve().parent / "llmcompressor_gptq.py"
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own venv, not moeslim's packages
+        subprocess.run([python, str(script), "--model", _model_path(name), "--calib", str(ids), "--group-size",
+                        str(group), "--out", str(out)], check=True, env=env)
     model = copy.deepcopy(base)
     count = _ct_experts_into(model, out)
     size = _dir_bytes(out)
     ppl = _ppl(model, windows, batch_size)
     print(f"llm-compressor: {count} packed expert matrices, {size / 2**20:.2f} MiB", flush=True)
     return Row("llm-compressor GPTQ W4A16", 4.0, 4.0 + 16 / group, ppl, size, time.perf_counter() - start)
+
+
+MATCHED = "moeslim GPTQ W4A16 symmetric, act-order, all experts"  # llm-compressor's GPTQ defaults
 
 
 def _ratio(a: Row, b: Row) -> float:
@@ -248,20 +260,22 @@ def _sym4(args: argparse.Namespace) -> int:
         variants = {
             "moeslim GPTQ 4-bit asymmetric (5 bits stored)": {},
             "moeslim GPTQ W4A16 symmetric": {"symmetric": True},
-            "moeslim GPTQ W4A16 symmetric, act-order, all experts": {"symmetric": True, "act_order": True,
-                                                                      "calibrate_all_experts": True},
+            MATCHED: {"symmetric": True, "act_order": True, "calibrate_all_experts": True},
         }
         for label, extra in variants.items():
+            if args.sym4_rows != "all" and extra != variants[MATCHED]:
+                continue
             rows[label] = _quant_row(label, base, calib, QuantizeConfig(**common, **extra), windows, args.batch_size)
             print(f"done {name}: {label}", flush=True)
-        if args.llmcompressor_python:
+        done = dict(item.split("=", 1) for item in args.llmcompressor_done).get(name)
+        if args.llmcompressor_python or done:
             with tempfile.TemporaryDirectory() as tmp:
                 rows["llmc"] = _llmcompressor_row(args.llmcompressor_python, name, base, calib, group, windows,
-                                                  args.batch_size, Path(tmp))
+                                                  args.batch_size, Path(tmp), Path(done) if done else None)
         domains = list(windows)
         lines = [f"## {name}", "", _table(list(rows.values()), domains), ""]
         if "llmc" in rows:
-            ours = rows["moeslim GPTQ W4A16 symmetric, act-order, all experts"]
+            ours = rows[MATCHED]
             for label, row in rows.items():
                 if label.startswith("moeslim"):
                     ratio = _ratio(row, rows["llmc"])
@@ -297,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                              "'fine' = the 64-expert demo model); group size 64 unless --group-size")
     parser.add_argument("--llmcompressor-python", default=None,
                         help="python of a venv with llmcompressor installed (runs benchmarks/llmcompressor_gptq.py)")
+    parser.add_argument("--llmcompressor-done", action="append", default=[], metavar="MODEL=DIR",
+                        help="reuse llm-compressor's folder for MODEL (its calib.safetensors must be these windows)")
+    parser.add_argument("--sym4-rows", default="all", choices=["all", "matched"],
+                        help="matched: only moeslim with llm-compressor's settings (act-order, all experts)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
