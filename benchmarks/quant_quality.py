@@ -7,13 +7,24 @@ whether PMQ beat uniform / random at equal budget, whatever the answer.
 
     python benchmarks/quant_quality.py                  # the bundled demo model
     python benchmarks/quant_quality.py --tiny           # a random tiny Mixtral (mechanics only)
+
+Symmetric 4-bit side by side with llm-compressor (``--sym4``; issue 22): moeslim's symmetric GPTQ W4A16 (group 64)
+and llm-compressor's GPTQ W4A16 on the same calibration windows, llm-compressor run in its own venv
+(``--llmcompressor-python``, benchmarks/llmcompressor_gptq.py) and its folder evaluated here, experts decompressed
+by compressed-tensors. Ends with one ``quant sym4 ppl ratio moeslim-vs-llmcompressor: X`` line per model.
+
+    python benchmarks/quant_quality.py --sym4 --model demo,fine --llmcompressor-python VENV/bin/python \
+        --out docs/results-quant-sym4.md
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,6 +85,18 @@ def _quant_row(name: str, base: nn.Module, calib: CalibrationSet, config: Quanti
 
 
 def _load(args: argparse.Namespace) -> tuple[nn.Module, CalibrationSet, dict[str, torch.Tensor]]:
+    return _load_model(args, args.model)
+
+
+def _model_path(name: str) -> str:
+    """A folder or hub id: 'fine' is the bundled 64-expert demo model, 'demo' the 8-expert one."""
+    from moeslim._package import assets_dir
+    from moeslim.models import resolve_model_path
+
+    return str(assets_dir() / "demo-fine") if name == "fine" else str(resolve_model_path(name))
+
+
+def _load_model(args: argparse.Namespace, name: str) -> tuple[nn.Module, CalibrationSet, dict[str, torch.Tensor]]:
     if args.tiny:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from tiny_models import VOCAB, tiny_model
@@ -84,7 +107,7 @@ def _load(args: argparse.Namespace) -> tuple[nn.Module, CalibrationSet, dict[str
         return tiny_model("mixtral"), CalibrationSet(ids, "random", "tiny"), windows
     from moeslim.models import load_model
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(_model_path(name))
     calib = build_calibration_set(CalibrationConfig(samples=args.calib_samples, seq_len=args.seq_len), tok)
     windows = {
         domain: token_windows(load_source(f"demo:{domain}:test"), tok, args.seq_len, args.windows)
@@ -123,6 +146,151 @@ def _verdicts(rows: dict[str, Row], budgets: list[float]) -> list[str]:
     return out
 
 
+# -- symmetric 4-bit vs llm-compressor (--sym4) ---------------------------------------------------------------
+
+def _ct_experts_into(model: nn.Module, folder: Path) -> int:
+    """Write the experts of a compressed-tensors folder (per-expert Linear names, as llm-compressor saves them)
+    into ``model``'s fused expert tensors, decompressed by compressed-tensors itself; returns how many matrices.
+
+    transformers 5.24 does not load llm-compressor's Mixtral folder (it saves linearized ``gate_proj``/``up_proj``
+    names where Mixtral's loader expects ``w1``/``w3``), so the experts are read here; every other tensor is the
+    base model's (llm-compressor quantized the experts only).
+    """
+    import re
+
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    from moeslim.models import find_moe_layers
+    from moeslim.models.expert_math import expert_weight_views
+
+    config = QuantizationConfig.model_validate(json.loads((folder / "config.json").read_text())["quantization_config"])
+    scheme = config.config_groups["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(config.format)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    key = re.compile(r"^model\.layers\.(\d+)\..*experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight_packed$")
+    found: dict[tuple[int, int, str], torch.Tensor] = {}
+    for name in tensors:
+        m = key.match(name)
+        if m:
+            prefix = name.removesuffix("weight_packed")
+            local = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+            proj = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(m.group(3), m.group(3))
+            found[(int(m.group(1)), int(m.group(2)), proj)] = compressor.decompress(local, scheme)["weight"]
+    with torch.no_grad():
+        for layer in find_moe_layers(model):
+            views = expert_weight_views(layer)
+            for e in range(layer.num_experts):
+                gate, up, down = (found.pop((layer.layer_idx, e, p)) for p in ("gate_proj", "up_proj", "down_proj"))
+                views.up[e].copy_(torch.cat([gate, up]).to(views.up.dtype))
+                views.down[e].copy_(down.to(views.down.dtype))
+    if found:
+        raise RuntimeError(f"experts left over: {sorted(found)[:4]}")
+    return sum(1 for k in tensors if k.endswith("weight_packed"))
+
+
+def _llmcompressor_row(python: str, name: str, base: nn.Module, calib: CalibrationSet, group: int,
+                       windows: dict[str, torch.Tensor], batch_size: int, work: Path, done: Path | None) -> Row:
+    """llm-compressor's folder for these windows: made by its venv's ``python``, or ``done`` (made earlier by
+    benchmarks/llmcompressor_gptq.py on the same windows, checked by their hash)."""
+    from safetensors.torch import load_file, save_file
+
+    start = time.perf_counter()
+    if done is not None:
+        if not torch.equal(load_file(str(done / "calib.safetensors"))["input_ids"], calib.input_ids):
+            raise SystemExit(f"{done} was calibrated on other windows")
+        out = done
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        ids = work / "calib.safetensors"
+        save_file({"input_ids": calib.input_ids.contiguous()}, str(ids))
+        out = work / "llmcompressor"
+        script = Path(__file__).resolve().parent / "llmcompressor_gptq.py"
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own venv, not moeslim's packages
+        subprocess.run([python, str(script), "--model", _model_path(name), "--calib", str(ids), "--group-size",
+                        str(group), "--out", str(out)], check=True, env=env)
+    model = copy.deepcopy(base)
+    count = _ct_experts_into(model, out)
+    size = _dir_bytes(out)
+    ppl = _ppl(model, windows, batch_size)
+    print(f"llm-compressor: {count} packed expert matrices, {size / 2**20:.2f} MiB", flush=True)
+    return Row("llm-compressor GPTQ W4A16", 4.0, 4.0 + 16 / group, ppl, size, time.perf_counter() - start)
+
+
+MATCHED = "moeslim GPTQ W4A16 symmetric, act-order, all experts"  # llm-compressor's GPTQ defaults
+
+
+def _ratio(a: Row, b: Row) -> float:
+    return math.exp(_mean_log_ppl(a) - _mean_log_ppl(b))
+
+
+def _write_sym4(args: argparse.Namespace, group: int, sections: list[str], finals: list[str]) -> None:
+    text = "\n".join([
+        "# Symmetric 4-bit expert GPTQ: moeslim vs llm-compressor",
+        "",
+        f"Experts only, uniform 4 bits, groups of {group}, damping 0.01, calibration {args.calib_samples} x "
+        f"{args.seq_len} tokens (the same windows for both tools), held-out ppl on {args.windows} windows of "
+        f"{args.seq_len} tokens per domain, all evaluated by moeslim.evaluate.perplexity in float32. "
+        "llm-compressor: GPTQModifier defaults (act-order static, every expert calibrated on all tokens) with a "
+        "symmetric int4 group scheme on the expert projections, run in its own venv; bits incl. scales count "
+        "float16 scales.",
+        "",
+        *sections,
+        "",
+        *finals,
+        "",
+    ])
+    print(text, flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}", flush=True)
+
+
+def _sym4(args: argparse.Namespace) -> int:
+    group = args.group_size
+    sections, finals = [], []
+    for name in args.model.split(","):
+        base, calib, windows = _load_model(args, name)
+        rows: dict[str, Row] = {"FP32": _float_row("FP32", base, windows, args.batch_size)}
+        common = {"method": "uniform", "bits": 4, "group_size": group, "batch_size": args.batch_size}
+        variants = {
+            "moeslim GPTQ 4-bit asymmetric (5 bits stored)": {},
+            "moeslim GPTQ W4A16 symmetric": {"symmetric": True},
+            MATCHED: {"symmetric": True, "act_order": True, "calibrate_all_experts": True},
+        }
+        for label, extra in variants.items():
+            if args.sym4_rows != "all" and extra != variants[MATCHED]:
+                continue
+            rows[label] = _quant_row(label, base, calib, QuantizeConfig(**common, **extra), windows, args.batch_size)
+            print(f"done {name}: {label}", flush=True)
+        done = dict(item.split("=", 1) for item in args.llmcompressor_done).get(name)
+        if args.llmcompressor_python or done:
+            with tempfile.TemporaryDirectory() as tmp:
+                rows["llmc"] = _llmcompressor_row(args.llmcompressor_python, name, base, calib, group, windows,
+                                                  args.batch_size, Path(tmp), Path(done) if done else None)
+        domains = list(windows)
+        lines = [f"## {name}", "", _table(list(rows.values()), domains), ""]
+        if "llmc" in rows:
+            ours = rows[MATCHED]
+            for label, row in rows.items():
+                if label.startswith("moeslim"):
+                    ratio = _ratio(row, rows["llmc"])
+                    lines.append(f"- {label} / llm-compressor: geometric-mean ppl ratio {ratio:.4f}")
+            finals.append(f"quant sym4 ppl ratio moeslim-vs-llmcompressor: {_ratio(ours, rows['llmc']):.4f} ({name})")
+        else:
+            finals.append(f"quant sym4 ppl ratio moeslim-vs-llmcompressor: not measured ({name}: no "
+                          "--llmcompressor-python)")
+        sections.append("\n".join(lines))
+        _write_sym4(args, group, sections, finals)  # after each model: a long run keeps what it measured
+    for line in finals:
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
@@ -138,9 +306,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost", default="paper", choices=["paper", "authors"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="docs/results-quant.md")
+    parser.add_argument("--sym4", action="store_true",
+                        help="only the symmetric 4-bit comparison with llm-compressor (--model may list several, "
+                             "'fine' = the 64-expert demo model); group size 64 unless --group-size")
+    parser.add_argument("--llmcompressor-python", default=None,
+                        help="python of a venv with llmcompressor installed (runs benchmarks/llmcompressor_gptq.py)")
+    parser.add_argument("--llmcompressor-done", action="append", default=[], metavar="MODEL=DIR",
+                        help="reuse llm-compressor's folder for MODEL (its calib.safetensors must be these windows)")
+    parser.add_argument("--sym4-rows", default="all", choices=["all", "matched"],
+                        help="matched: only moeslim with llm-compressor's settings (act-order, all experts)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sym4:
+        if "--group-size" not in (argv if argv is not None else sys.argv):
+            args.group_size = 64
+        return _sym4(args)
     if args.tiny:
         args.seq_len, args.calib_samples, args.windows = min(args.seq_len, 32), min(args.calib_samples, 8), 4
         args.group_size = min(args.group_size, 16)

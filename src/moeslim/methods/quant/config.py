@@ -53,7 +53,9 @@ class QuantizeConfig:
                 "least one expert at the two top widths; alpha, beta, gamma ignored)"})
     group_size: int = field(default=128, metadata={"help": "GPTQ group size (paper: 128)"})
     damp: float = field(default=_DEFAULT_DAMP, metadata={"help": "GPTQ damping fraction (paper: 0.01)"})
-    act_order: bool = field(default=False, metadata={"help": "GPTQ act-order (paper: no)"})
+    act_order: bool = field(default=False, metadata={
+        "help": "GPTQ act-order with static groups (llm-compressor's actorder 'static': groups stay contiguous, "
+                "so no g_idx is stored and vLLM's kernels read it as is; paper: no)"})
     symmetric: bool = field(default=False, metadata={
         "help": "symmetric groups: one scale per group, no zero points (codes c - 2^(b-1)); the grid vLLM's and "
                 "transformers' MoE kernels read, exported as compressed-tensors W4A16 / W8A16 in exactly b bits; "
@@ -215,14 +217,19 @@ def refuse_lowrank(model: nn.Module) -> None:
     """Raise ConfigError when some MoE layer holds low-rank experts (a low-rank plan was applied).
 
     GPTQ quantizes one (out, in) matrix per expert with its input Hessian; a low-rank expert is two factors
-    A (out, r) and B (r, in), with no dense weight left, and moeslim has no packed storage or runtime for
-    quantized factors, so quantizing it is refused here, before any calibration, rather than failing mid-pass.
+    A (out, r) and B (r, in), with no dense weight left (the fused parameters are meta placeholders), and moeslim
+    has no packed storage or runtime for quantized factors, so quantizing it is refused here, before any
+    calibration, rather than failing mid-pass. (Read from the placeholders and the model's ``moeslim`` section:
+    methods do not import the runtime.)
     """
-    # The low-rank applier records its layers in the model's moeslim config section (what load re-installs).
+    from moeslim.models.expert_math import expert_weight_views
+
     section = getattr(getattr(model, "config", None), "moeslim", None) or {}
-    if "lowrank" in section:
-        layers = sorted(int(idx) for idx in (section["lowrank"] or {}).get("layers", {})) or [
-            layer.layer_idx for layer in find_moe_layers(model)]
+    if "lowrank" not in section:
+        return
+    layers = [layer.layer_idx for layer in find_moe_layers(model)
+              if any(t.is_meta for t in (expert_weight_views(layer).up, expert_weight_views(layer).down))]
+    if layers:
         raise ConfigError(
             f"quantizing low-rank experts is not supported (decoder layers {layers} hold low-rank factors A (out, r) "
             "and B (r, in), not the dense expert weights GPTQ quantizes, and there is no packed format for quantized "
