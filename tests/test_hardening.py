@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import error_line
 
 from moeslim.cli import main
 from moeslim.config import ConfigError
@@ -19,13 +20,6 @@ from moeslim.workflows.recipe import recipe_from_dict
 
 CALIB = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
 
-
-def _error(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -38,7 +32,7 @@ def test_truncated_safetensors(tiny_model_dir: Path, tmp_path: Path, capsys: pyt
     weights = next(broken.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     assert main(["eval", str(broken), "--tasks", "none", "--out", str(tmp_path / "r.json")]) == 2
-    assert "damaged or truncated" in _error(capsys)
+    assert "damaged or truncated" in error_line(capsys)
 
 
 def test_pickle_weights_are_refused(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -47,7 +41,7 @@ def test_pickle_weights_are_refused(tiny_model_dir: Path, tmp_path: Path, capsys
     shutil.copy(tiny_model_dir / "config.json", folder / "config.json")
     torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, folder / "pytorch_model.bin")
     assert main(["inspect", str(folder), "--out", str(tmp_path / "i")]) == 2
-    assert "does not unpickle" in _error(capsys)
+    assert "does not unpickle" in error_line(capsys)
 
 
 def test_missing_weights_are_refused(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,7 +54,7 @@ def test_missing_weights_are_refused(tiny_model_dir: Path, tmp_path: Path, capsy
     assert dropped
     save_file({k: v for k, v in tensors.items() if k not in dropped}, weights, metadata={"format": "pt"})
     assert main(["inspect", str(partial), "--out", str(tmp_path / "i")]) == 2
-    assert "missing from the checkpoint" in _error(capsys)
+    assert "missing from the checkpoint" in error_line(capsys)
 
 
 def test_remote_code_is_never_run(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,7 +66,7 @@ def test_remote_code_is_never_run(tiny_model_dir: Path, tmp_path: Path, capsys: 
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     assert main(["inspect", str(folder), "--out", str(tmp_path / "i")]) == 2
-    _error(capsys)
+    error_line(capsys)
     assert not marker.exists()
 
 
@@ -89,7 +83,7 @@ def test_malformed_plans(tiny_model_dir: Path, prune_plan: Path, tmp_path: Path,
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(edit(json.loads(prune_plan.read_text()))))
     assert main(["apply", str(tiny_model_dir), str(bad), "--out", str(tmp_path / "o")]) == 2
-    line = _error(capsys)
+    line = error_line(capsys)
     assert message in line and str(bad) in line
     assert not (tmp_path / "o").exists()
 
@@ -101,7 +95,7 @@ def test_plan_for_another_model_is_refused_unless_forced(tiny_model_dir: Path, p
     other = tmp_path / "other.json"
     other.write_text(json.dumps(data))
     assert main(["apply", str(tiny_model_dir), str(other), "--out", str(tmp_path / "o")]) == 2
-    assert "--force" in _error(capsys)
+    assert "--force" in error_line(capsys)
     assert not (tmp_path / "o").exists()
     assert main(["apply", str(tiny_model_dir), str(other), "--out", str(tmp_path / "o"), "--force"]) == 0
 
@@ -114,13 +108,13 @@ def test_skip_plan_checks(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.C
     bad = tmp_path / "neg.json"
     bad.write_text(json.dumps(negative))
     assert main(["apply", str(tiny_model_dir), str(bad), "--out", str(tmp_path / "o")]) == 2
-    assert ">= 0" in _error(capsys)
+    assert ">= 0" in error_line(capsys)
     # a skip plan made on the 8-expert model does not fit a 4-expert pruned one
     pruned_plan = tmp_path / "p.json"
     assert main(["plan", "prune", str(tiny_model_dir), "--method", "frequency", "--keep", "4", *CALIB,
                  "--out", str(pruned_plan)]) == 0
     assert main(["apply", str(tiny_model_dir), str(pruned_plan), str(plan), "--out", str(tmp_path / "o")]) == 2
-    assert "config hash" in _error(capsys)
+    assert "config hash" in error_line(capsys)
 
 
 def test_quantize_plan_for_another_model_is_refused(tiny_model_dir: Path, prune_plan: Path, tmp_path: Path,
@@ -129,7 +123,7 @@ def test_quantize_plan_for_another_model_is_refused(tiny_model_dir: Path, prune_
     assert main(["plan", "quantize", str(tiny_model_dir), "--method", "uniform", "--bits", "4", *CALIB,
                  "--out", str(plan)]) == 0
     assert main(["apply", str(tiny_model_dir), str(prune_plan), str(plan), "--out", str(tmp_path / "o")]) == 2
-    assert "config hash" in _error(capsys)
+    assert "config hash" in error_line(capsys)
 
 
 def test_jsonl_lines_must_be_objects(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -137,11 +131,11 @@ def test_jsonl_lines_must_be_objects(tiny_model_dir: Path, tmp_path: Path, capsy
     data.write_text('{"text": "hello world"}\n[1, 2]\n')
     assert main(["plan", "prune", str(tiny_model_dir), "--keep", "4", "--data", str(data), "--samples", "1",
                  "--seq-len", "8", "--out", str(tmp_path / "p.json")]) == 2
-    assert f"{data}:2 is a JSON list, not an object" in _error(capsys)
+    assert f"{data}:2 is a JSON list, not an object" in error_line(capsys)
     data.write_text('{"text": "hello"}\n{broken\n')
     assert main(["plan", "prune", str(tiny_model_dir), "--keep", "4", "--data", str(data), "--samples", "1",
                  "--seq-len", "8", "--out", str(tmp_path / "p.json")]) == 2
-    assert f"{data}:2 is not valid JSON" in _error(capsys)
+    assert f"{data}:2 is not valid JSON" in error_line(capsys)
 
 
 def test_seq_len_beyond_the_model_is_refused(tiny_model_dir: Path, tmp_path: Path,
@@ -149,10 +143,10 @@ def test_seq_len_beyond_the_model_is_refused(tiny_model_dir: Path, tmp_path: Pat
     # the tiny model has max_position_embeddings=512
     assert main(["eval", str(tiny_model_dir), "--seq-len", "600", "--tasks", "none",
                  "--out", str(tmp_path / "r.json")]) == 2
-    assert "maximum of 512 positions" in _error(capsys)
+    assert "maximum of 512 positions" in error_line(capsys)
     assert main(["plan", "skip", str(tiny_model_dir), "--seq-len", "1024", "--samples", "1",
                  "--out", str(tmp_path / "s.json")]) == 2
-    assert "maximum of 512 positions" in _error(capsys)
+    assert "maximum of 512 positions" in error_line(capsys)
     assert not (tmp_path / "s.json").exists()
 
 
@@ -193,7 +187,7 @@ def test_bad_recipe_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.Mo
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\nmodel: demo\nstages:\n  - prune: {method: frequency, keep: 6.5}\n")
     assert main(["run", str(recipe), "--out", str(tmp_path / "runs")]) == 2
-    assert "keep=6.5" in _error(capsys)
+    assert "keep=6.5" in error_line(capsys)
     assert not (tmp_path / "runs").exists()  # no empty run folder
 
 
@@ -226,7 +220,7 @@ def test_tokenizer_larger_than_the_model_vocab(tiny_model_dir: Path, tmp_path: P
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, small / name)
     assert main(["plan", "prune", str(small), "--keep", "4", *CALIB, "--out", str(tmp_path / "p.json")]) == 2
-    assert "does not belong to this model" in _error(capsys)
+    assert "does not belong to this model" in error_line(capsys)
     assert main(["eval", str(small), "--tasks", "none", "--max-windows", "1", "--seq-len", "16",
                  "--out", str(tmp_path / "r.json")]) == 2
-    assert "does not belong to this model" in _error(capsys)
+    assert "does not belong to this model" in error_line(capsys)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from cli_checks import error_line, never_load
 
 from moeslim.cli import main
 from moeslim.outputs import OutputError, check_output_dir, check_output_file, output_lock
@@ -22,22 +23,6 @@ from moeslim.outputs import OutputError, check_output_dir, check_output_file, ou
 CALIB = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
 
 
-def _error(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
-
-
-def _never_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if a command gets as far as loading a model."""
-    def refuse(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("the model was loaded before the output / plan was checked")
-
-    monkeypatch.setattr("moeslim.io.load", refuse)
-    monkeypatch.setattr("moeslim.models.load_model", refuse)
-    monkeypatch.setattr("moeslim.models.lazy.load_streamed", refuse)
 
 
 @pytest.fixture()
@@ -58,13 +43,13 @@ def quant_plan(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 def test_a_plan_never_replaces_a_file_inside_the_input_model(model_copy: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     config = (model_copy / "config.json").read_bytes()
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     for extra in ([], ["--overwrite"]):
         assert main(["plan", "skip", str(model_copy), *CALIB, "--out", str(model_copy / "config.json"), *extra]) == 2
-        assert "inside the input folder" in _error(capsys)
+        assert "inside the input folder" in error_line(capsys)
     # a new file inside the model folder is refused too: the folder is an input, never written into
     assert main(["plan", "skip", str(model_copy), *CALIB, "--out", str(model_copy / "skip.json")]) == 2
-    assert "inside the input folder" in _error(capsys)
+    assert "inside the input folder" in error_line(capsys)
     assert (model_copy / "config.json").read_bytes() == config
     assert not (model_copy / "skip.json").exists()
 
@@ -82,15 +67,15 @@ def test_an_existing_output_file_is_refused_without_overwrite(command: list[str]
     existing.write_text("an unrelated file")
     args = [a.replace("{model}", str(tiny_model_dir)) for a in command]
     with monkeypatch.context() as patch:
-        _never_load(patch)
+        never_load(patch)
         start = time.perf_counter()
         assert main([*args, "--out", str(existing)]) == 2
         assert time.perf_counter() - start < 2.0  # refused before any work
-    assert "already exists" in _error(capsys) and existing.read_text() == "an unrelated file"
+    assert "already exists" in error_line(capsys) and existing.read_text() == "an unrelated file"
     out = tmp_path / "again.out"
     assert main([*args, "--out", str(out)]) == 0
     assert main([*args, "--out", str(out)]) == 2
-    assert "--overwrite" in _error(capsys)
+    assert "--overwrite" in error_line(capsys)
     assert main([*args, "--out", str(out), "--overwrite"]) == 0  # gguf takes --overwrite like every command
     assert out.is_file() and out.stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.out", "notes.txt"]  # no temp file left
@@ -103,7 +88,7 @@ def test_an_input_file_is_never_an_output(tiny_model_dir: Path, prune_plan: Path
     before = plan.read_bytes()
     assert main(["export", str(tiny_model_dir), "--format", "gguf", "--plan", str(plan), "--out", str(plan),
                  "--overwrite"]) == 2
-    assert "input of this run" in _error(capsys)
+    assert "input of this run" in error_line(capsys)
     assert plan.read_bytes() == before
 
 
@@ -113,12 +98,12 @@ def test_out_through_a_symlinked_folder_is_refused(tiny_model_dir: Path, prune_p
     real = tmp_path / "real"
     real.mkdir()
     (tmp_path / "via").symlink_to(real)
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     assert main(["plan", "prune", str(tiny_model_dir), "--keep", "4", *CALIB,
                  "--out", str(tmp_path / "via" / "p.json")]) == 2
-    assert "goes through the symbolic link" in _error(capsys)
+    assert "goes through the symbolic link" in error_line(capsys)
     assert main(["apply", str(tiny_model_dir), str(prune_plan), "--out", str(tmp_path / "via" / "ck")]) == 2
-    assert "goes through the symbolic link" in _error(capsys)
+    assert "goes through the symbolic link" in error_line(capsys)
     assert list(real.iterdir()) == []
     # a link to the input model folder cannot smuggle a write into it
     (tmp_path / "model-link").symlink_to(tiny_model_dir)
@@ -145,7 +130,7 @@ def test_a_second_apply_to_the_same_out_fails_while_the_first_runs(tiny_model_di
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         assert main(["apply", str(tiny_model_dir), str(prune_plan), "--out", str(out)]) == 2
-        line = _error(capsys)
+        line = error_line(capsys)
         assert "being written by another moeslim run" in line and f"pid {holder.pid}" in line
         assert not out.exists()
     finally:
@@ -183,9 +168,9 @@ def test_bad_quantize_widths_fail_before_gptq(edit: Any, message: str, tiny_mode
                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     bad = _edited(quant_plan, tmp_path, edit)
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     assert main(["apply", str(tiny_model_dir), str(bad), "--out", str(tmp_path / "o")]) == 2
-    line = _error(capsys)
+    line = error_line(capsys)
     assert message in line and str(bad) in line
 
 
@@ -200,9 +185,9 @@ def test_bad_prune_plans_fail_before_any_work(edit: Any, message: str, tiny_mode
                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     bad = _edited(prune_plan, tmp_path, edit)
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     assert main(["apply", str(tiny_model_dir), str(bad), "--out", str(tmp_path / "o")]) == 2
-    line = _error(capsys)
+    line = error_line(capsys)
     assert message in line and str(bad) in line
 
 
@@ -218,7 +203,7 @@ def test_a_rank_above_full_rank_fails_before_the_svd(tiny_model_dir: Path, tmp_p
 
     monkeypatch.setattr("moeslim.appliers.lowrank.calibrated_pass", no_svd)
     assert main(["apply", str(tiny_model_dir), str(bad), "--out", str(tmp_path / "o")]) == 2
-    line = _error(capsys)
+    line = error_line(capsys)
     assert "layers.1.down_ranks[3] = 100000 is above the full rank 32" in line and str(bad) in line
 
 
@@ -226,10 +211,10 @@ def test_compressed_tensors_refuses_mixed_widths_before_gptq(tiny_model_dir: Pat
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     mixed = _edited(quant_plan, tmp_path, lambda d: d["layers"]["0"]["bits"].__setitem__(0, 2))
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     assert main(["export", str(tiny_model_dir), "--format", "compressed-tensors", "--plan", str(mixed),
                  "--out", str(tmp_path / "ct")]) == 2
-    line = _error(capsys)
+    line = error_line(capsys)
     assert "widths [2, 3]" in line and "--bits B, B from 1 to 7" in line and "4|8" not in line
     assert str(mixed) in line and not (tmp_path / "ct").exists()
 
@@ -249,7 +234,7 @@ def test_a_truncated_shard_with_stream_gets_the_clean_error(model_copy: Path, tm
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     assert main(["plan", "prune", str(model_copy), "--keep", "4", "--stream", *CALIB,
                  "--out", str(tmp_path / "p.json")]) == 2
-    line = _error(capsys)
+    line = error_line(capsys)
     assert "damaged or truncated" in line and str(weights) in line
 
 
@@ -286,7 +271,7 @@ def test_corrupted_weights_are_refused_not_evaluated_to_nan(stream: bool, model_
     else:
         args = ["eval", str(model_copy), "--tasks", "none", "--out", str(tmp_path / "r.json")]
     assert main(args) == 2
-    line = _error(capsys)
+    line = error_line(capsys)
     assert "model.layers.0.self_attn.q_proj.weight holds NaN or infinite values" in line
     assert not any(tmp_path.glob("*.json"))
 
@@ -306,12 +291,12 @@ def test_settings_and_text_errors_name_the_field_or_file(tiny_model_dir: Path, t
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "skip", str(tiny_model_dir), *CALIB, "--protect", "nan",
                  "--out", str(tmp_path / "s.json")]) == 2
-    assert "protect=nan: use a finite number" in _error(capsys)
+    assert "protect=nan: use a finite number" in error_line(capsys)
     binary = tmp_path / "data.jsonl"
     binary.write_bytes(b'{"text": "ok"}\n\xff\xfe\x00binary\n')
     assert main(["plan", "prune", str(tiny_model_dir), "--keep", "4", "--data", str(binary), "--samples", "2",
                  "--seq-len", "4", "--out", str(tmp_path / "p.json")]) == 2
-    line = _error(capsys)
+    line = error_line(capsys)
     assert f"{binary}:2 is not UTF-8 text" in line
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import never_load
 from transformers import AutoModelForCausalLM
 
 from moeslim.cli import main
@@ -22,14 +23,6 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _never_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if a command gets as far as loading a model."""
-    def refuse(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("the model was loaded before the output was checked")
-
-    monkeypatch.setattr("moeslim.io.load", refuse)
-    monkeypatch.setattr("moeslim.models.load_model", refuse)
-
 
 def test_overwrite_refuses_the_working_directory_and_keeps_its_files(
         tiny_model_dir: Path, prune_plan: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -40,7 +33,7 @@ def test_overwrite_refuses_the_working_directory_and_keeps_its_files(
     (work / "config.json").write_text("{}")  # even a folder that looks like a checkpoint
     before = _tree(work)
     monkeypatch.chdir(work)
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     for out in (".", str(work), str(tmp_path)):
         assert main(["apply", str(tiny_model_dir), str(prune_plan), "--out", out, "--overwrite"]) == 2
         assert "working directory" in capsys.readouterr().err
@@ -50,7 +43,7 @@ def test_overwrite_refuses_the_working_directory_and_keeps_its_files(
 def test_overwrite_refuses_non_checkpoints_and_inputs(tiny_model_dir: Path, prune_plan: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     data = tmp_path / "data"
     data.mkdir()
     (data / "keep.txt").write_text("do not delete")
@@ -94,7 +87,7 @@ def test_failed_save_leaves_old_checkpoint_and_names_user_path(tmp_path: Path) -
 def test_unwritable_or_symlinked_out_fails_before_loading(tiny_model_dir: Path, prune_plan: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    _never_load(monkeypatch)
+    never_load(monkeypatch)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     assert main(["apply", str(tiny_model_dir), str(prune_plan), "--out", str(blocker / "ckpt")]) == 2

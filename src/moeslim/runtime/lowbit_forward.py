@@ -17,12 +17,11 @@ computation with it fails loudly instead of using stale weights).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.runtime.packed import PackedExperts
-from moeslim.runtime.routed_experts import attach_part, fallback_forward, routed_forward, stored_parts
+from moeslim.runtime.routed_experts import attach_part, fallback_forward, routed_forward, store_part, stored_parts
 
 __all__ = ["IMPLEMENTATION", "STORE", "LowBitLinear", "install_packed", "packed_storage"]
 
@@ -77,13 +76,7 @@ def install_packed(module: nn.Module, name: str, packed: LowBitTensor) -> Packed
     device = current.device if current is not None and current.device.type != "meta" else None
     storage = PackedExperts(packed, device=device)
     if linear:
-        held = module._modules.get(STORE)
-        if not isinstance(held, nn.ModuleDict):
-            held = nn.ModuleDict()
-            module.add_module(STORE, held)
-        held[name] = storage
-        module._parameters.pop(name, None)
-        object.__setattr__(module, name, torch.empty(expected, dtype=packed.dtype, device="meta"))
+        store_part(module, STORE, name, storage, expected, packed.dtype)
         module.__class__ = LowBitLinear
         return storage
     attach_part(module, STORE, name, storage, expected, packed.dtype, IMPLEMENTATION, lowbit_experts_forward)

@@ -65,22 +65,29 @@ def fallback_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Ten
     return ALL_EXPERTS_FUNCTIONS[FALLBACK_IMPLEMENTATION](experts, hidden_states, top_k_index, top_k_weights)
 
 
+def store_part(module: nn.Module, store: str, name: str, part: nn.Module, placeholder: tuple[int, ...],
+               dtype: torch.dtype) -> None:
+    """Keep ``part`` in ``module``'s child ModuleDict ``store`` in place of parameter ``name``, whose attribute becomes
+    a meta placeholder of shape ``placeholder`` (code that reads shapes still works; nothing reads its values)."""
+    held = module._modules.get(store)
+    if not isinstance(held, nn.ModuleDict):
+        held = nn.ModuleDict()
+        module.add_module(store, held)
+    held[name] = part
+    module._parameters.pop(name, None)
+    object.__setattr__(module, name, torch.empty(placeholder, dtype=dtype, device="meta"))
+
+
 def attach_part(experts: nn.Module, store: str, name: str, part: nn.Module, placeholder: tuple[int, ...],
                 dtype: torch.dtype, implementation: str, forward: Callable[..., Tensor]) -> None:
     """Replace parameter ``name`` of ``experts`` by ``part`` (kept in the child ModuleDict ``store``) and compute
     through ``forward``, registered as ``implementation``.
 
-    The parameter's attribute becomes a meta placeholder of shape ``placeholder`` (code that reads shapes still
-    works; nothing reads its values). When skipping is installed it keeps deciding which pairs run and hands the
-    matmuls to ``implementation`` (its per-module ``moeslim_inner`` state); otherwise the experts dispatch to it.
+    The parameter's attribute becomes a meta placeholder (``store_part``). When skipping is installed it keeps
+    deciding which pairs run and hands the matmuls to ``implementation`` (its per-module ``moeslim_inner`` state);
+    otherwise the experts dispatch to it.
     """
-    held = experts._modules.get(store)
-    if not isinstance(held, nn.ModuleDict):
-        held = nn.ModuleDict()
-        experts.add_module(store, held)
-    held[name] = part
-    experts._parameters.pop(name, None)
-    object.__setattr__(experts, name, torch.empty(placeholder, dtype=dtype, device="meta"))
+    store_part(experts, store, name, part, placeholder, dtype)
     register_forward(implementation, forward)
     if current_implementation(experts) == SKIP_IMPLEMENTATION:
         setattr(experts, "moeslim_inner", implementation)  # noqa: B010 (a plain attribute on a foreign module)
