@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .layer import decoder_layers
-from .loading import check_finite, resolve_model_path
+from .loading import check_finite, quiet_loading, resolve_model_path
 
 
 class StreamingError(OSError):
@@ -157,21 +157,16 @@ def _quiet_transformers() -> Iterator[None]:
     transformers materialises tensors on a thread pool unless ``HF_DEACTIVATE_ASYNC_LOAD`` is set; for one
     layer that only raises the peak (measured: +0.5 GiB on a 0.9 GB layer) for no speed we need.
     """
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
     previous = os.environ.get(_SEQUENTIAL)
-    hf_logging.disable_progress_bar()
     os.environ[_SEQUENTIAL] = "1"
     try:
-        yield
+        with quiet_loading():
+            yield
     finally:
         if previous is None:
             os.environ.pop(_SEQUENTIAL, None)
         else:
             os.environ[_SEQUENTIAL] = previous
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 _SEQUENTIAL = "HF_DEACTIVATE_ASYNC_LOAD"
