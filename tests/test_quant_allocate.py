@@ -13,6 +13,7 @@ from moeslim.methods.quant.allocate import (
     AUTHORS_COST_SETTINGS,
     allocate_bits,
     allocate_bits_global,
+    allocate_layer_widths,
     budget_range,
     pmq_costs,
     random_allocation,
@@ -134,6 +135,44 @@ def test_global_dp_equals_enumeration(seed: int, require_top_two: bool) -> None:
         if require_top_two:
             assert all(3 in r and 2 in r for r in (result[:3], result[3:]))
         assert best_bits is not None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_layer_granularity_equals_enumeration_of_tied_widths(seed: int) -> None:
+    """One width per layer (the engine-scoped program): the optimum over all per-layer width tuples, layers of
+    different expert counts, random real costs, every budget from the smallest to the largest total."""
+    rng = np.random.default_rng(700 + seed)
+    widths = (2, 3, 4)
+    sizes = (3, 5, 4)
+    layers = [rng.random((n, 3)) * 10.0 ** rng.integers(-3, 3) for n in sizes]
+    lo, hi = sum(n * 2 for n in sizes), sum(n * 4 for n in sizes)
+    for budget in np.arange(lo, hi + 1, 0.5):
+        best = None
+        for choice in itertools.product(range(3), repeat=len(sizes)):
+            bits = sum(n * widths[j] for n, j in zip(sizes, choice, strict=True))
+            if bits > budget:
+                continue
+            cost = sum(float(layer[:, j].sum()) for layer, j in zip(layers, choice, strict=True))
+            if best is None or (cost, -bits) < best[:2]:
+                best = (cost, -bits, [widths[j] for j in choice])
+        result = allocate_layer_widths(layers, widths, float(budget))
+        assert best is not None
+        assert [len(set(r.tolist())) for r in result] == [1, 1, 1]  # tied: one width per layer
+        assert [int(r[0]) for r in result] == best[2]
+        assert sum(int(r.sum()) for r in result) == -best[1] <= budget
+
+
+def test_layer_granularity_costs_at_least_the_per_expert_optimum() -> None:
+    """Tying variables can only raise the optimum of the same program: the engine scope's cost in one line."""
+    rng = np.random.default_rng(9)
+    layers = [rng.random((6, 3)) for _ in range(3)]
+    for budget in range(36, 73, 3):
+        free = allocate_bits_global(layers, (2, 3, 4), budget)
+        tied = allocate_layer_widths(layers, (2, 3, 4), budget)
+        cost = [sum(_objective(c, (2, 3, 4), a) for c, a in zip(layers, alloc, strict=True)) for alloc in (free, tied)]
+        assert cost[0] <= cost[1] + 1e-12
+    with pytest.raises(ValueError, match="infeasible budget 35 bits for 3 layers of one width each"):
+        allocate_layer_widths(layers, (2, 3, 4), 35)
 
 
 @pytest.mark.parametrize("seed", range(4))

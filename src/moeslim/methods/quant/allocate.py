@@ -22,6 +22,7 @@ __all__ = [
     "AUTHORS_COST_SETTINGS",
     "allocate_bits",
     "allocate_bits_global",
+    "allocate_layer_widths",
     "budget_range",
     "pmq_costs",
     "random_allocation",
@@ -298,8 +299,17 @@ def allocate_bits_global(
     lo, hi = sum(r[0] for r in ranges), sum(r[1] for r in ranges)
     _check_budget(lo, hi, budget_total, f"{len(blocks)} layers and widths {w.tolist()}")
     curves = [_layer_curve(b, w, require_top_two) for b in blocks]
-    # Second DP over layers: best[l][t] = min cost of layers l..L-1 using exactly t bits, summed from the
-    # last layer to the first like the experts inside a layer (exact, float64, no rescaling).
+    totals = _combine_layers(curves, budget_total)
+    return [_reconstruct(b, w, require_top_two, s) for b, s in zip(blocks, totals, strict=True)]
+
+
+def _combine_layers(curves: Sequence[np.ndarray], budget_total: float) -> list[int]:
+    """Per-layer bit totals of the cheapest model within ``budget_total``, given each layer's exact cost curve
+    (curve[s]: minimum cost of the layer at exactly s bits, inf where unreachable).
+
+    A second DP over layers: best[l][t] = min cost of layers l..L-1 using exactly t bits, summed from the last
+    layer to the first like the experts inside a layer (exact, float64, no rescaling).
+    """
     size = sum(c.size - 1 for c in curves) + 1
     best = [np.full(size, np.inf) for _ in range(len(curves) + 1)]
     best[-1][0] = 0.0
@@ -314,9 +324,55 @@ def allocate_bits_global(
         nxt = best[layer + 1]
         s = max(s for s in np.flatnonzero(np.isfinite(curve)).tolist()
                 if s <= total and curve[s] + nxt[total - s] == best[layer][total])
-        out.append(_reconstruct(blocks[layer], w, require_top_two, s))
+        out.append(s)
         total -= s
     return out
+
+
+def allocate_layer_widths(
+    costs: Sequence[np.ndarray],
+    widths: Sequence[int] | np.ndarray,
+    budget_total: float,
+) -> list[np.ndarray]:
+    """PMQ at engine granularity: one width for every expert of a layer, under one model-wide bit budget.
+
+    The same program as ``allocate_bits_global`` with the variables of a layer's experts tied (x_ij = x_j for
+    every expert i of layer l): layer l at width w costs sum_i cost[i, w] and takes E_l * w bits. Each layer's
+    cost curve then has one point per width, and the exact layer DP (``_combine_layers``) picks them.
+
+    Args:
+        costs: L arrays of shape (E_l, J), comparable across layers (as for ``allocate_bits_global``).
+        widths: (J,) candidate widths shared by all layers.
+        budget_total: total bits summed over all experts of all layers.
+
+    Returns:
+        L arrays (E_l,) int64, each constant (the layer's width). Experts are assumed to have equal parameter
+        counts. Raises ValueError when even the narrowest width everywhere exceeds the budget.
+    """
+    w = _check_widths(widths)
+    if len(costs) == 0:
+        raise ValueError("costs must hold at least one layer")
+    blocks = [_check_costs(c, w.size) for c in costs]
+    lo = sum(b.shape[0] * int(w.min()) for b in blocks)
+    hi = sum(b.shape[0] * int(w.max()) for b in blocks)
+    _check_budget(lo, hi, budget_total, f"{len(blocks)} layers of one width each and widths {w.tolist()}")
+    curves = []
+    for b in blocks:
+        curve = np.full(b.shape[0] * int(w.max()) + 1, np.inf)
+        # A layer's cost at width j: its experts' costs summed in the order the expert DP sums them.
+        for j, width in enumerate(w.tolist()):
+            curve[b.shape[0] * width] = _right_to_left_sum(b[:, j])
+        curves.append(curve)
+    totals = _combine_layers(curves, budget_total)
+    return [np.full(b.shape[0], s // b.shape[0], dtype=np.int64) for b, s in zip(blocks, totals, strict=True)]
+
+
+def _right_to_left_sum(values: np.ndarray) -> float:
+    """v_0 + (v_1 + (... + v_{n-1})): float sums in the allocator's order, so ties are exact."""
+    total = 0.0
+    for v in values[::-1].tolist():
+        total = v + total
+    return total
 
 
 def uniform_allocation(n_experts: int, widths: Sequence[int] | np.ndarray, budget_total: float) -> np.ndarray:

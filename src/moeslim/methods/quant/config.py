@@ -18,6 +18,7 @@ from moeslim.models import find_moe_layers
 QuantMethod = Literal["pmq", "uniform", "random"]
 Cost = Literal["paper", "authors"]
 Scope = Literal["layer", "global", "gguf"]
+Granularity = Literal["expert", "layer"]
 Quantizer = Literal["gptq", "rtn"]
 Propagate = Literal["original", "compressed"]
 Starved = Literal["all-tokens", "rtn"]
@@ -74,6 +75,12 @@ class QuantizeConfig:
                 "llama.cpp type per expert tensor, layer x gate/up/down, under a model-wide size budget: bits "
                 "with scales; candidates 2,3,4,5,6,8,16 = Q2_K..Q6_K, Q8_0, F16; for moeslim export --format "
                 "gguf)"})
+    granularity: Granularity = field(default="expert", metadata={
+        "help": "what one PMQ width covers: expert (the paper: every expert its own width; served by moeslim's "
+                "own runtime) | layer (every expert of a MoE layer one width, chosen under the model-wide "
+                "budget of scope global: the mixed widths vLLM serves from compressed-tensors, whose fused-MoE "
+                "kernel takes one scheme per layer). No per-projection choice: vLLM refuses different schemes for "
+                "gate, up and down of one MoE layer"})
     seed: int = field(default=0, metadata={
         "help": "random allocation (seed + layer index) and the factor token sample"})
     min_tokens: int | None = field(default=None, metadata={
@@ -151,6 +158,8 @@ class QuantizeConfig:
             raise ConfigError(f"quantize_attention={self.quantize_attention!r}: use an integer in 1..8, or None")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size}: use at least 1")
+        if self.granularity == "layer":
+            _check_layer_granularity(self)
         if self.scope == "gguf":
             _check_gguf_scope(self)
         if self.symmetric:
@@ -234,6 +243,20 @@ def refuse_lowrank(model: nn.Module) -> None:
             f"quantizing low-rank experts is not supported (decoder layers {layers} hold low-rank factors A (out, r) "
             "and B (r, in), not the dense expert weights GPTQ quantizes, and there is no packed format for quantized "
             "factors): quantize the model without the low-rank stage, or keep the low-rank model in 16 bits")
+
+
+def _check_layer_granularity(config: QuantizeConfig) -> None:
+    """granularity='layer': PMQ's allocation, one budget for the model (a layer budget would fix every width)."""
+    if config.method != "pmq":
+        raise ConfigError(f"granularity='layer' ties PMQ's allocation per layer: use method='pmq', not "
+                          f"{config.method!r} (a uniform plan already has one width per layer)")
+    if config.scope != "global":
+        raise ConfigError(f"granularity='layer' with scope={config.scope!r}: one width per layer leaves a per-layer "
+                          "budget nothing to choose, so the budget is the model's: use scope='global' "
+                          "(--scope global)")
+    if config.cost == "authors":
+        raise ConfigError("granularity='layer' with cost='authors': the authors' rule puts experts of one layer at "
+                          "the two top widths, which one width per layer cannot; use cost='paper'")
 
 
 def _check_symmetric(config: QuantizeConfig) -> None:

@@ -32,6 +32,7 @@ from moeslim.methods.quant.allocate import (
     AUTHORS_COST_SETTINGS,
     allocate_bits,
     allocate_bits_global,
+    allocate_layer_widths,
     pmq_costs,
     random_allocation,
 )
@@ -98,6 +99,10 @@ def _allocate_pmq(factors: dict[int, LayerFactors], sizes: dict[int, int], confi
     # Exact allocation: rarely routed experts with costs ~1e-9 of the layer's largest still count, and exact
     # ties (experts never routed cost 0 at every width) go to the wider widths, so the budget is used.
     costs = {idx: _costs(factors[idx], config) for idx in order}
+    if config.granularity == "layer":  # one width per layer (config: scope global)
+        total = sum(sizes[idx] for idx in order) * config.bits
+        tied = allocate_layer_widths([costs[i] for i in order], config.candidates, total)
+        return {idx: [int(b) for b in w] for idx, w in zip(order, tied, strict=True)}
     if config.scope == "global":
         total = sum(sizes[idx] for idx in order) * config.bits
         widths = allocate_bits_global([costs[i] for i in order], config.candidates, total, require_top_two=require)
