@@ -100,7 +100,7 @@ def test_pruned_model_is_a_plain_checkpoint(tmp_path: Path) -> None:
 
 
 def test_export_ct_errors(tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedExportError, match="one width per scheme"):
+    with pytest.raises(UnsupportedExportError, match="one width per MoE layer"):
         export_compressed_tensors(quantized("qwen3_moe", 2.5, method="pmq"), None, tmp_path / "a")
     with pytest.raises(UnsupportedExportError, match="9 signed bits"):
         export_compressed_tensors(quantized("qwen3_moe", 8), None, tmp_path / "b")

@@ -601,7 +601,8 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="gguf: the .gguf file; compressed-tensors: the folder to write")
     p.add_argument("--plan", default=None,
                    help="gguf: a quantize plan made with --scope gguf (one llama.cpp type per expert tensor); "
-                        "compressed-tensors: a uniform quantize plan, applied (GPTQ) before writing")
+                        "compressed-tensors: a quantize plan with one width per layer (uniform, or --granularity "
+                        "layer), applied (GPTQ) before writing")
     p.add_argument("--type", default="F16",
                    help="gguf: type of every matrix without a plan type: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, "
                         "Q5_1 (gguf-py), or a llama.cpp type/preset such as Q4_K_M (needs --llama-quantize)")
@@ -663,10 +664,7 @@ def _export(args: argparse.Namespace, plan: Plan | None, inputs: list[str]) -> i
         apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), progress=True)
     ct = export_compressed_tensors(model, tokenizer, args.out, scheme=args.ct_scheme, overwrite=args.overwrite,
                                    inputs=inputs, progress=True)
-    what = (f"{ct.quantized_tensors} expert weights at {ct.bits} bits, stored as {ct.stored_bits}-bit "
-            f"{'symmetric' if ct.symmetric else 'asymmetric'} groups of {ct.group_size}") if ct.bits else \
-        "no quantized experts: a plain checkpoint"
-    console.print(f"wrote {args.out} (compressed-tensors pack-quantized; {what})")
+    console.print(f"wrote {args.out} (compressed-tensors pack-quantized; {ct.describe()})")
     return 0
 
 

@@ -24,9 +24,16 @@ native W4A16 checkpoint and an 8-bit one W8A16, as llm-compressor writes them. `
 and packed ``weight_zero_point`` (``symmetric: false``), which compressed-tensors itself decompresses
 exactly but vLLM and transformers 5.24 refuse for MoE experts.
 
-Limits: one width for all experts (a compressed-tensors scheme has one num_bits; plan with
-``--method uniform``), input dimension divisible by the group size, experts only (quantized attention is
-refused).
+Mixed widths per layer (``plan quantize --granularity layer --scope global``, or a layer kept at 16 bits): one
+config group per stored width, whose targets name that width's layers (``layer_target``: a regex matching one
+layer's per-expert projections); a layer at 16 bits is in no group and stays dense. That is what vLLM serves: its
+fused-MoE layer takes the scheme of its expert 0's ``gate_proj``/``up_proj``/``down_proj`` names (one scheme per
+layer, the three projections equal). transformers 5.24 reads one experts scheme for the whole model (the first
+config group naming experts, ``get_experts_scheme``), so it cannot load mixed widths: load such a folder with vLLM
+or compressed-tensors (``ct_layer_schemes`` gives each layer's scheme). Per-expert mixed widths (a compressed-
+tensors scheme has one num_bits for a fused layer) are refused.
+
+Limits: input dimension divisible by the group size, experts only (quantized attention is refused).
 A model without quantized experts (e.g. pruned) is written as a plain checkpoint.
 """
 
@@ -35,7 +42,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +55,8 @@ from moeslim.methods.quant.gptq import dequantize
 from moeslim.methods.quant.pack import unpack_bits
 from moeslim.plans import Plan
 
-__all__ = ["CT_EXPERT_TARGET", "CT_SCHEMES", "CtExport", "check_ct_plan", "export_compressed_tensors", "expert_scheme"]
+__all__ = ["CT_EXPERT_TARGET", "CT_SCHEMES", "CtExport", "check_ct_plan", "ct_layer_schemes", "expert_scheme",
+           "export_compressed_tensors", "layer_target"]
 
 # Per-expert Linear names in the saved checkpoint: (decoder layer, expert, projection).
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.[\w.]*experts\.(\d+)\."
@@ -58,14 +66,35 @@ CT_SCHEMES = ("symmetric", "asymmetric")
 CT_EXPERT_TARGET = r"re:.*experts\.\d+\.(w1|w2|w3|gate_proj|up_proj|down_proj)$"
 
 
+def layer_target(layer: int) -> str:
+    """The compressed-tensors target of one decoder layer's per-expert projections (a ``re:`` regex)."""
+    return rf"re:.*layers\.{layer}\.[\w.]*experts\.\d+\.(w1|w2|w3|gate_proj|up_proj|down_proj)$"
+
+
 @dataclass(frozen=True)
 class CtExport:
     path: Path
-    bits: int | None  # moeslim's code width
-    stored_bits: int | None  # num_bits of the compressed-tensors scheme
+    bits: int | None  # moeslim's code width (None: none quantized, or widths differ by layer)
+    stored_bits: int | None  # num_bits of the compressed-tensors scheme (None likewise)
     symmetric: bool
     group_size: int | None
     quantized_tensors: int
+    layers: dict[int, tuple[int, int]] = field(default_factory=dict)  # decoder layer: (bits, stored bits)
+
+    def describe(self) -> str:
+        """What was written, in words (the CLI's line)."""
+        if not self.layers:
+            return "no quantized experts: a plain checkpoint"
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        if self.bits is not None:
+            return (f"{self.quantized_tensors} expert weights at {self.bits} bits, stored as {self.stored_bits}-bit "
+                    f"{kind} groups of {self.group_size}")
+        by_width: dict[tuple[int, int], list[int]] = {}
+        for layer, widths in sorted(self.layers.items()):
+            by_width.setdefault(widths, []).append(layer)
+        parts = "; ".join(f"{b} bits stored as {s} in layers {ls}" for (b, s), ls in sorted(by_width.items()))
+        return (f"{self.quantized_tensors} expert weights in {kind} groups of {self.group_size}, one width per layer: "
+                f"{parts}")
 
 
 UNIFORM_HINT = ("plan with: moeslim plan quantize --method uniform --symmetric --bits 4 or 8 (stored as W4A16 / "
@@ -73,42 +102,88 @@ UNIFORM_HINT = ("plan with: moeslim plan quantize --method uniform --symmetric -
                 "stored as W4A16 and 7 as W8A16)")
 
 
+MIXED_HINT = ("mixed widths compressed-tensors can hold are one width per MoE layer: plan with moeslim plan quantize "
+              "--method pmq --granularity layer --scope global (vLLM's fused-MoE kernel takes one scheme per layer)")
+
+
 def check_ct_plan(plan: Plan, where: str) -> None:
     """Refuse, before any GPTQ work, a plan whose result compressed-tensors cannot hold: not a quantize plan, per-
-    tensor GGUF types, or more than one expert width (a scheme has one ``num_bits``)."""
+    tensor GGUF types, experts of one layer at different widths (a layer's scheme has one ``num_bits``), or no
+    quantized expert at all."""
     if plan.kind != "quantize":
         raise UnsupportedExportError(f"{where}: compressed-tensors export takes a quantize plan, not a {plan.kind} "
                                      "plan; apply that plan first (moeslim apply) and export the checkpoint")
-    widths: set[int] = set()
-    for entry in plan.layers.values():
+    per_layer: dict[int, set[int]] = {}
+    for idx, entry in plan.layers.items():
         if not isinstance(entry, dict) or "bits" not in entry:
             raise UnsupportedExportError(f"{where}: a --scope gguf plan has llama.cpp types, not widths; export it "
                                          f"with --format gguf, or {UNIFORM_HINT}")
-        widths.update(int(b) for b in entry["bits"])
-    if len(widths) != 1 or KEEP_BITS in widths:
-        raise UnsupportedExportError(f"{where}: compressed-tensors holds one width for every expert; this plan has "
-                                     f"widths {sorted(widths)}; {UNIFORM_HINT}")
+        per_layer[int(idx)] = {int(b) for b in entry["bits"]}
+    mixed = {idx: sorted(w) for idx, w in sorted(per_layer.items()) if len(w) > 1}
+    if mixed:
+        first = next(iter(mixed.items()))
+        raise UnsupportedExportError(f"{where}: compressed-tensors holds one width per MoE layer; this plan gives the "
+                                     f"experts of {len(mixed)} layer(s) different widths (layer {first[0]}: "
+                                     f"{first[1]}); {MIXED_HINT}; or {UNIFORM_HINT}")
+    if all(w == {KEEP_BITS} for w in per_layer.values()):
+        raise UnsupportedExportError(f"{where}: this plan keeps every expert at {KEEP_BITS} bits (nothing to "
+                                     f"pack); {UNIFORM_HINT}")
 
 
-def _uniform_width(lowbit: dict[str, LowBitTensor]) -> tuple[int, int]:
-    widths = {b for t in lowbit.values() for b in t.bits}
-    groups = {t.group_size for t in lowbit.values()}
-    if len(widths) != 1 or KEEP_BITS in widths:
-        raise UnsupportedExportError(f"compressed-tensors holds one width per scheme; this model's experts have "
-                                     f"widths {sorted(widths)}; {UNIFORM_HINT}")
+def _layer_widths(experts: dict[str, LowBitTensor]) -> tuple[dict[int, int], int]:
+    """{decoder layer: the one width of its experts} and the group size; refuses per-expert mixed widths."""
+    widths: dict[int, set[int]] = {}
+    for name, t in experts.items():
+        widths.setdefault(_layer_of(name), set()).update(t.bits)
+    groups = {t.group_size for t in experts.values()}
+    mixed = {idx: sorted(w) for idx, w in sorted(widths.items()) if len(w) > 1}
+    if mixed:
+        raise UnsupportedExportError(f"compressed-tensors holds one width per MoE layer; this model's experts have "
+                                     f"per-expert widths (layer: widths) {mixed}; {MIXED_HINT}; or {UNIFORM_HINT}")
     if len(groups) != 1:
         raise UnsupportedExportError(f"one group size is needed, this model has {sorted(groups)}")
-    return widths.pop(), groups.pop()
+    return {idx: w.pop() for idx, w in widths.items()}, groups.pop()
 
 
-def expert_scheme(bits: int, group_size: int, symmetric: bool) -> Any:
-    """The compressed-tensors QuantizationConfig of the experts (int groups, pack-quantized)."""
+def expert_scheme(bits: int | dict[int, int], group_size: int, symmetric: bool) -> Any:
+    """The compressed-tensors QuantizationConfig of the experts (int groups, pack-quantized).
+
+    bits: the stored width of every quantized expert (one config group targeting all experts), or {decoder layer:
+    stored width} (one config group per width, targeting its layers; layers not listed stay dense).
+    """
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
-    scheme = QuantizationScheme(targets=[CT_EXPERT_TARGET], weights=args, format="pack-quantized")
-    return QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
-                              quantization_status="compressed", ignore=["lm_head"])
+    def scheme(width: int, targets: list[str]) -> QuantizationScheme:
+        args = QuantizationArgs(num_bits=width, type="int", symmetric=symmetric, strategy="group",
+                                group_size=group_size)
+        return QuantizationScheme(targets=targets, weights=args, format="pack-quantized")
+
+    if isinstance(bits, int):
+        groups = {"group_0": scheme(bits, [CT_EXPERT_TARGET])}
+    else:
+        widths = sorted(set(bits.values()))
+        groups = {f"group_{i}": scheme(w, [layer_target(idx) for idx, b in sorted(bits.items()) if b == w])
+                  for i, w in enumerate(widths)}
+    return QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
+                              ignore=["lm_head"])
+
+
+def ct_layer_schemes(config: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """{module name: the QuantizationScheme whose targets match it} for per-expert Linear names (as vLLM reads a
+    layer's scheme from its expert 0's projection names), by compressed-tensors' own matcher; names no group
+    targets are left out. ``config``: a folder's ``quantization_config``."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import is_match
+
+    ct = QuantizationConfig.model_validate(config)
+    out: dict[str, Any] = {}
+    for name in names:
+        found = [g for g in ct.config_groups.values() if is_match(name, nn.Linear(1, 1), g.targets, ct.ignore or ())]
+        if len(found) > 1:
+            raise RuntimeError(f"{name}: matched by {len(found)} config groups")
+        if found:
+            out[name] = found[0]
+    return out
 
 
 def _expert_streams(t: LowBitTensor, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,14 +220,14 @@ def _packed_linear(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     return out
 
 
-def _storage(experts: dict[str, LowBitTensor], bits: int, scheme: str) -> tuple[int, bool]:
+def _storage(experts: list[LowBitTensor], bits: int, scheme: str) -> tuple[int, bool]:
     """(num_bits, symmetric) of the written scheme for moeslim codes of ``bits`` bits."""
     if scheme == "asymmetric":
         return bits, False
-    if all(t.symmetric for t in experts.values()):  # planned with --symmetric: b bits exactly, no zero points
+    if all(t.symmetric for t in experts):  # planned with --symmetric: b bits exactly, no zero points
         return bits, True
     mid = 1 << (bits - 1)
-    on_grid = all(bool((_expert_streams(t, e)[2] == mid).all()) for t in experts.values() for e in range(t.shape[0]))
+    on_grid = all(bool((_expert_streams(t, e)[2] == mid).all()) for t in experts for e in range(t.shape[0]))
     if on_grid:
         return bits, True
     if bits + 1 > 8:
@@ -235,29 +310,35 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: str | Path,
                 _rewrite_index(Path(stage), tmp)
             config = json.loads((Path(stage) / "config.json").read_text())
             if layout is not None:
-                ct = expert_scheme(layout.stored_bits, layout.group_size, layout.symmetric)
+                ct = expert_scheme(layout.stored_bits if layout.stored_bits is not None else layout.stored,
+                                   layout.group_size, layout.symmetric)
                 config["quantization_config"] = ct.to_dict()
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    expected = sum(t.shape[0] * (2 if n.endswith("gate_up_proj") else 1) for n, t in experts.items())
-    if replaced != expected:
-        raise RuntimeError(f"wrote {replaced} packed expert weights, expected {expected}")
     if layout is None:
         return CtExport(Path(out), None, None, False, None, 0)
-    return CtExport(Path(out), layout.bits, layout.stored_bits, layout.symmetric, layout.group_size, replaced)
+    expected = sum(t.shape[0] * (2 if n.endswith("gate_up_proj") else 1) for n, t in experts.items()
+                   if _layer_of(n) in layout.stored)
+    if replaced != expected:
+        raise RuntimeError(f"wrote {replaced} packed expert weights, expected {expected}")
+    layers = {idx: (layout.bits[idx], layout.stored[idx]) for idx in sorted(layout.stored)}
+    bits, stored = next(iter(layers.values())) if layout.stored_bits is not None else (None, None)
+    return CtExport(Path(out), bits, stored, layout.symmetric, layout.group_size, replaced, layers)
 
 
 @dataclass(frozen=True)
 class _Layout:
-    """The experts to write: fused tensors by decoder layer, moeslim's width, the stored scheme."""
+    """The experts to write: fused tensors by decoder layer, moeslim's width and the stored width per quantized layer
+    (layers at 16 bits are absent: they stay dense)."""
 
     gate_up: dict[int, LowBitTensor]
     down: dict[int, LowBitTensor]
-    bits: int
+    bits: dict[int, int]
     group_size: int
-    stored_bits: int
+    stored: dict[int, int]
     symmetric: bool
+    stored_bits: int | None  # the one stored width when every layer is quantized alike (one target for all experts)
 
 
 def _layer_of(name: str) -> int:
@@ -270,15 +351,22 @@ def _layer_of(name: str) -> int:
 def _layout(experts: dict[str, LowBitTensor], scheme: str) -> _Layout:
     if any(t.transposed for t in experts.values()):
         raise UnsupportedExportError("compressed-tensors export needs (E, out, in) expert tensors")
-    bits, group = _uniform_width(experts)
-    if any(t.out_in[1] % group for t in experts.values()):
+    widths, group = _layer_widths(experts)
+    bits = {idx: b for idx, b in widths.items() if b != KEEP_BITS}
+    if not bits:
+        raise UnsupportedExportError(f"every expert is kept at {KEEP_BITS} bits: nothing to pack; {UNIFORM_HINT}")
+    if any(t.out_in[1] % group for n, t in experts.items() if _layer_of(n) in bits):
         sizes = sorted({t.out_in[1] for t in experts.values()})
         raise UnsupportedExportError(f"group size {group} must divide every expert input size {sizes} (the "
                                      "compressed-tensors group strategy); plan with a group size that does")
-    stored, symmetric = _storage(experts, bits, scheme)
-    gate_up = {_layer_of(k): t for k, t in experts.items() if k.endswith("gate_up_proj")}
-    down = {_layer_of(k): t for k, t in experts.items() if k.endswith("down_proj")}
-    return _Layout(gate_up, down, bits, group, stored, symmetric)
+    storage = {idx: _storage([t for n, t in experts.items() if _layer_of(n) == idx], b, scheme)
+               for idx, b in bits.items()}
+    stored = {idx: s for idx, (s, _) in storage.items()}
+    symmetric = {sym for _, sym in storage.values()}.pop()  # the scheme decides it, alike for every layer
+    gate_up = {_layer_of(k): t for k, t in experts.items() if k.endswith("gate_up_proj") and _layer_of(k) in bits}
+    down = {_layer_of(k): t for k, t in experts.items() if k.endswith("down_proj") and _layer_of(k) in bits}
+    one = len(set(stored.values())) == 1 and len(bits) == len(widths)
+    return _Layout(gate_up, down, bits, group, stored, symmetric, next(iter(stored.values())) if one else None)
 
 
 def _replace_experts(tensors: dict[str, torch.Tensor], layout: _Layout) -> int:
@@ -286,6 +374,8 @@ def _replace_experts(tensors: dict[str, torch.Tensor], layout: _Layout) -> int:
     count = 0
     for key, match in [(k, m) for k in tensors if (m := _EXPERT_KEY.match(k))]:
         layer, e, name = match.groups()
+        if int(layer) not in layout.stored:  # a layer kept at 16 bits: its float weights stay
+            continue
         proj = _PROJ[name]
         source = layout.down[int(layer)] if proj == "down" else layout.gate_up[int(layer)]
         codes, scales, zeros = _split(source, int(e), proj)
@@ -294,7 +384,7 @@ def _replace_experts(tensors: dict[str, torch.Tensor], layout: _Layout) -> int:
         deq = dequantize(codes, scales, zeros, layout.group_size).to(saved.dtype)
         if saved.shape != deq.shape or not torch.equal(saved, deq):
             raise RuntimeError(f"{key}: the saved weight is not moeslim's expert {e} {proj}")
-        packed = _packed_linear(codes, scales, zeros, layout.group_size, layout.stored_bits, layout.symmetric)
+        packed = _packed_linear(codes, scales, zeros, layout.group_size, layout.stored[int(layer)], layout.symmetric)
         tensors.update({f"{key.removesuffix('.weight')}.{n}": v for n, v in packed.items()})
         count += 1
     return count
