@@ -15,6 +15,14 @@ by compressed-tensors. Ends with one ``quant sym4 ppl ratio moeslim-vs-llmcompre
 
     python benchmarks/quant_quality.py --sym4 --model demo,fine --llmcompressor-python VENV/bin/python \
         --out docs/results-quant-sym4.md
+
+What the engine scope costs (``--granularity``; issue 22): symmetric GPTQ with PMQ at one average width, per expert
+(the paper: a budget per layer; and the same model-wide budget as the engine scope) against one width per MoE layer
+(``--granularity layer --scope global``, the mixed widths compressed-tensors/vLLM serve). Ends with one
+``quant granularity ppl ratio layer-vs-expert: X`` line per model (the tied program over the untied one, equal bits).
+
+    python benchmarks/quant_quality.py --granularity --model demo,fine --budgets 3 --candidates 2,3,4 \
+        --group-size 16 --out docs/results-quant-granularity.md
 """
 
 from __future__ import annotations
@@ -291,6 +299,60 @@ def _sym4(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- engine scope: one width per layer vs per expert (--granularity) -------------------------------------------
+
+def _granularity(args: argparse.Namespace) -> int:
+    candidates = tuple(int(c) for c in args.candidates.split(","))
+    budget = float(args.budgets.split(",")[0])
+    common = {"group_size": args.group_size, "batch_size": args.batch_size, "symmetric": True}
+    sections, finals = [], []
+    for name in args.model.split(","):
+        base, calib, windows = _load_model(args, name)
+        rows: dict[str, Row] = {"FP32": _float_row("FP32", base, windows, args.batch_size)}
+        if budget.is_integer():
+            config = QuantizeConfig(method="uniform", bits=int(budget), **common)
+            rows["uniform"] = _quant_row(f"uniform {int(budget)}", base, calib, config, windows, args.batch_size)
+        # One factor pass serves every PMQ row (the factors do not depend on budget, scope or granularity).
+        factors = pmq_factors(base, calib.input_ids, QuantizeConfig(candidates=candidates, **common))
+        variants = {
+            "expert": ("pmq per expert, budget per layer (paper)", {"scope": "layer"}),
+            "expert-global": ("pmq per expert, model budget", {"scope": "global"}),
+            "layer": ("pmq one width per layer, model budget (engine scope)", {"scope": "global",
+                                                                               "granularity": "layer"}),
+        }
+        for key, (label, extra) in variants.items():
+            config = QuantizeConfig(method="pmq", bits=budget, candidates=candidates, **common, **extra)
+            rows[key] = _quant_row(label, base, calib, config, windows, args.batch_size, factors)
+            print(f"done {name}: {label}", flush=True)
+        lines = [f"## {name}", "", _table(list(rows.values()), list(windows)), ""]
+        for rival in ("expert-global", "expert", "uniform"):
+            if rival in rows:
+                lines.append(f"- {rows['layer'].name} / {rows[rival].name}: geometric-mean ppl ratio "
+                             f"{_ratio(rows['layer'], rows[rival]):.4f}")
+        sections.append("\n".join(lines))
+        finals.append(f"quant granularity ppl ratio layer-vs-expert: {_ratio(rows['layer'], rows['expert-global']):.4f}"
+                      f" ({name}, {budget:g} bits)")
+        text = "\n".join([
+            "# What the engine scope costs: PMQ one width per MoE layer vs per expert, equal bits",
+            "",
+            f"Symmetric GPTQ of the experts, groups of {args.group_size}, damping 0.01, PMQ candidates "
+            f"{list(candidates)} at {budget:g} average code bits, calibration {args.calib_samples} x {args.seq_len} "
+            f"tokens, held-out ppl on {args.windows} windows of {args.seq_len} tokens per domain. The layer rows are "
+            "what compressed-tensors export writes as one config group per width (vLLM: one scheme per fused-MoE "
+            "layer); per-expert rows only run in moeslim's own runtime.",
+            "",
+            *sections,
+            "",
+            *finals,
+            "",
+        ])
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)  # after each model: a long run keeps what it measured
+    print(text, flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
@@ -315,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse llm-compressor's folder for MODEL (its calib.safetensors must be these windows)")
     parser.add_argument("--sym4-rows", default="all", choices=["all", "matched"],
                         help="matched: only moeslim with llm-compressor's settings (act-order, all experts)")
+    parser.add_argument("--granularity", action="store_true",
+                        help="only PMQ per expert vs one width per layer at the first of --budgets (symmetric)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -325,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.seq_len, args.calib_samples, args.windows = min(args.seq_len, 32), min(args.calib_samples, 8), 4
         args.group_size = min(args.group_size, 16)
+    if args.granularity:
+        return _granularity(args)
     candidates = tuple(int(c) for c in args.candidates.split(","))
     budgets = [float(b) for b in args.budgets.split(",")]
     common = {"group_size": args.group_size, "batch_size": args.batch_size}

@@ -148,9 +148,12 @@ def _applied(family: str, bits: int, group: int = 16, **kwargs: object) -> torch
     return model
 
 
-@pytest.mark.parametrize(("family", "bits"), [("qwen3_moe", 4), ("mixtral", 4), ("qwen3_moe", 8)])
-def test_symmetric_plan_exports_native_bits_and_loads_in_transformers(family: str, bits: int, tmp_path: Path) -> None:
-    model = _applied(family, bits)
+# act-order is GPTQ's static order (compressed-tensors' actorder "weight"): groups stay contiguous, no g_idx
+@pytest.mark.parametrize(("family", "bits", "act_order"), [("qwen3_moe", 4, False), ("mixtral", 4, False),
+                                                           ("qwen3_moe", 8, False), ("mixtral", 4, True)])
+def test_symmetric_plan_exports_native_bits_and_loads_in_transformers(family: str, bits: int, act_order: bool,
+                                                                      tmp_path: Path) -> None:
+    model = _applied(family, bits, act_order=act_order)
     moeslim.save(model, tmp_path / "q")
     with safe_open(str(tmp_path / "q" / LOWBIT_FILE), framework="pt") as handle:
         keys = list(handle.keys())  # noqa: SIM118
