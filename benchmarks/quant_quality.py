@@ -21,7 +21,7 @@ What the engine scope costs (``--granularity``; issue 22): symmetric GPTQ with P
 (``--granularity layer --scope global``, the mixed widths compressed-tensors/vLLM serve). Ends with one
 ``quant granularity ppl ratio layer-vs-expert: X`` line per model (the tied program over the untied one, equal bits).
 
-    python benchmarks/quant_quality.py --granularity --model demo,fine --budgets 3 --candidates 2,3,4 \
+    python benchmarks/quant_quality.py --granularity --model demo,fine --budgets 3,2.5 --candidates 2,3,4 \
         --group-size 16 --out docs/results-quant-granularity.md
 """
 
@@ -303,46 +303,53 @@ def _sym4(args: argparse.Namespace) -> int:
 
 def _granularity(args: argparse.Namespace) -> int:
     candidates = tuple(int(c) for c in args.candidates.split(","))
-    budget = float(args.budgets.split(",")[0])
+    budgets = [float(b) for b in args.budgets.split(",")]
     common = {"group_size": args.group_size, "batch_size": args.batch_size, "symmetric": True}
+    variants = {
+        "expert": ("pmq per expert, budget per layer (paper)", {"scope": "layer"}),
+        "expert-global": ("pmq per expert, model budget", {"scope": "global"}),
+        "layer": ("pmq one width per layer, model budget (engine scope)", {"scope": "global", "granularity": "layer"}),
+    }
     sections, finals = [], []
     for name in args.model.split(","):
         base, calib, windows = _load_model(args, name)
         rows: dict[str, Row] = {"FP32": _float_row("FP32", base, windows, args.batch_size)}
-        if budget.is_integer():
-            config = QuantizeConfig(method="uniform", bits=int(budget), **common)
-            rows["uniform"] = _quant_row(f"uniform {int(budget)}", base, calib, config, windows, args.batch_size)
         # One factor pass serves every PMQ row (the factors do not depend on budget, scope or granularity).
         factors = pmq_factors(base, calib.input_ids, QuantizeConfig(candidates=candidates, **common))
-        variants = {
-            "expert": ("pmq per expert, budget per layer (paper)", {"scope": "layer"}),
-            "expert-global": ("pmq per expert, model budget", {"scope": "global"}),
-            "layer": ("pmq one width per layer, model budget (engine scope)", {"scope": "global",
-                                                                               "granularity": "layer"}),
-        }
-        for key, (label, extra) in variants.items():
-            config = QuantizeConfig(method="pmq", bits=budget, candidates=candidates, **common, **extra)
-            rows[key] = _quant_row(label, base, calib, config, windows, args.batch_size, factors)
-            print(f"done {name}: {label}", flush=True)
-        lines = [f"## {name}", "", _table(list(rows.values()), list(windows)), ""]
-        for rival in ("expert-global", "expert", "uniform"):
-            if rival in rows:
-                lines.append(f"- {rows['layer'].name} / {rows[rival].name}: geometric-mean ppl ratio "
-                             f"{_ratio(rows['layer'], rows[rival]):.4f}")
-        sections.append("\n".join(lines))
-        finals.append(f"quant granularity ppl ratio layer-vs-expert: {_ratio(rows['layer'], rows['expert-global']):.4f}"
-                      f" ({name}, {budget:g} bits)")
+        notes = []
+        for budget in budgets:
+            if budget.is_integer():
+                config = QuantizeConfig(method="uniform", bits=int(budget), **common)
+                rows[f"uniform {budget:g}"] = _quant_row(f"uniform {int(budget)}", base, calib, config, windows,
+                                                         args.batch_size)
+            for key, (label, extra) in variants.items():
+                config = QuantizeConfig(method="pmq", bits=budget, candidates=candidates, **common, **extra)
+                rows[f"{key} {budget:g}"] = _quant_row(f"{label} {budget:g}", base, calib, config, windows,
+                                                       args.batch_size, factors)
+                print(f"done {name}: {label} {budget:g}", flush=True)
+            tied = plan_quantize(base, calib, QuantizeConfig(method="pmq", bits=budget, candidates=candidates,
+                                                             **common, **variants["layer"][1]), factors=factors)
+            layer = rows[f"layer {budget:g}"]
+            notes.append(f"- {budget:g} bits, engine scope widths per layer: "
+                         f"{[tied.layers[i]['bits'][0] for i in sorted(tied.layers)]}")
+            for rival in (f"expert-global {budget:g}", f"expert {budget:g}", f"uniform {budget:g}"):
+                if rival in rows:
+                    notes.append(f"- {layer.name} / {rows[rival].name}: geometric-mean ppl ratio "
+                                 f"{_ratio(layer, rows[rival]):.4f}")
+            finals.append(f"quant granularity ppl ratio layer-vs-expert: "
+                          f"{_ratio(layer, rows[f'expert-global {budget:g}']):.4f} ({name}, {budget:g} bits)")
+        sections.append("\n".join([f"## {name}", "", _table(list(rows.values()), list(windows)), "", *notes, ""]))
         text = "\n".join([
             "# What the engine scope costs: PMQ one width per MoE layer vs per expert, equal bits",
             "",
             f"Symmetric GPTQ of the experts, groups of {args.group_size}, damping 0.01, PMQ candidates "
-            f"{list(candidates)} at {budget:g} average code bits, calibration {args.calib_samples} x {args.seq_len} "
-            f"tokens, held-out ppl on {args.windows} windows of {args.seq_len} tokens per domain. The layer rows are "
-            "what compressed-tensors export writes as one config group per width (vLLM: one scheme per fused-MoE "
-            "layer); per-expert rows only run in moeslim's own runtime.",
+            f"{list(candidates)}, calibration {args.calib_samples} x {args.seq_len} tokens, held-out ppl on "
+            f"{args.windows} windows of {args.seq_len} tokens per domain. The engine-scope rows are what "
+            "compressed-tensors export writes as one config group per width (vLLM: one scheme per fused-MoE layer); "
+            "per-expert rows run in moeslim's own runtime only. The ratio lines compare the engine scope with "
+            "per-expert PMQ under the same model-wide budget (the same program, untied).",
             "",
             *sections,
-            "",
             *finals,
             "",
         ])
@@ -378,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sym4-rows", default="all", choices=["all", "matched"],
                         help="matched: only moeslim with llm-compressor's settings (act-order, all experts)")
     parser.add_argument("--granularity", action="store_true",
-                        help="only PMQ per expert vs one width per layer at the first of --budgets (symmetric)")
+                        help="only PMQ per expert vs one width per layer at each of --budgets (symmetric grids)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
