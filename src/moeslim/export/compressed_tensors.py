@@ -94,7 +94,8 @@ class CtExport:
             by_width.setdefault(widths, []).append(layer)
         parts = "; ".join(f"{b} bits stored as {s} in layers {ls}" for (b, s), ls in sorted(by_width.items()))
         return (f"{self.quantized_tensors} expert weights in {kind} groups of {self.group_size}, one width per layer: "
-                f"{parts}")
+                f"{parts}; a config group per width: vLLM loads it, transformers 5.24 cannot (one experts scheme "
+                "per model)")
 
 
 UNIFORM_HINT = ("plan with: moeslim plan quantize --method uniform --symmetric --bits 4 or 8 (stored as W4A16 / "
