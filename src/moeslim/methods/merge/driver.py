@@ -3,7 +3,9 @@
 The planner records per layer the groups, the members' merge weights (routed-token shares) and the
 representative of each group. Everything else is recomputed deterministically by ``merge_layer``, in the planner
 (to report the losses) and again in ``apply``: the neuron permutations (weight matching needs only the weights),
-the merged weights, and the router rows (fitted on the plan's calibration windows, as GPTQ runs in apply).
+the merged weights, and with router='fit' the K router rows (fitted on the plan's calibration windows, as GPTQ
+runs in apply). With router='keep' (the papers') the E router rows stay and every slot computes its group's
+merged expert. MC-SMoE's global group counts come from a first pass over all layers' routing counts.
 """
 
 from __future__ import annotations
