@@ -138,8 +138,8 @@ def run_model(bench: Bench, shares: list[float], rows: list[list[str]], write: C
     columns = list(scores)
 
     def row(label: str, share: str, unique: float, stored: float, values: dict[str, float], seconds: str) -> None:
-        rows.append([f"`{bench.name}`", label, share, f"{unique:.3f}", f"{stored:.3f}",
-                     *[f"{values[c]:.4f}" if c.startswith("KL") else f"{values[c]:.2f}" for c in columns], seconds])
+        cells = [f"{max(values[c], 0.0):.4f}" if c.startswith("KL") else f"{values[c]:.2f}" for c in columns]
+        rows.append([f"`{bench.name}`", label, share, f"{unique:.3f}", f"{stored:.3f}", *cells, seconds])
         print(" | ".join(rows[-1]), flush=True)
         write()
 

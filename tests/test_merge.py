@@ -331,3 +331,21 @@ def test_cli_plan_merge_then_apply(tiny_model_dir, tmp_path) -> None:
     assert main(["apply", str(tiny_model_dir), str(plan), "--out", str(ckpt)]) == 0
     stock = AutoModelForCausalLM.from_pretrained(ckpt)
     assert stock.config.num_local_experts == 4
+
+
+def test_cli_plan_merge_router_keep_applies_without_windows(tiny_model_dir, tmp_path) -> None:
+    """The default router='keep' plan is data-free in apply and saves E slots; --counts is a flag."""
+    from moeslim.cli import main
+
+    calib = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+    plan = tmp_path / "merge.json"
+    assert main(["plan", "merge", str(tiny_model_dir), "--method", "mc-smoe", "--keep", "3", "--counts", "uniform",
+                 *calib, "--out", str(plan)]) == 0
+    loaded = Plan.load(plan)
+    assert loaded.provenance.config["router"] == "keep" and loaded.provenance.config["align"] is True
+    assert all(len(entry["groups"]) == 3 for entry in loaded.layers.values())
+    assert not needs_calibration(loaded)
+    ckpt = tmp_path / "merged"
+    assert main(["apply", str(tiny_model_dir), str(plan), "--out", str(ckpt)]) == 0
+    stock = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert stock.config.num_local_experts == 8
