@@ -9,7 +9,9 @@ Rows per budget (share s of the expert weights; K = s * E experts):
   experts, router-logit similarity, weight-matching alignment, global group counts);
 - the same two with the fitted router (``router='fit'``: K experts and K least-squares router rows, the hybrid);
 - low-rank svd-llm (per-expert whitened SVD) and d2moe (Fisher-weighted shared base + per-expert deltas) at
-  ratio s.
+  ratio s;
+- two ablations: HC-SMoE with cosine instead of Euclidean distance, D2-MoE with greedy instead of uniform delta
+  ranks.
 
 "unique expert params" is what the method keeps; for router='keep' the saved stock checkpoint still stores E
 experts (members repeat their group's merged weights), see the "stored" column. Usage:
@@ -81,6 +83,11 @@ def variants(keep: int, experts: int, share: float) -> list[Variant]:
                 MergeConfig(keep=keep, method="mc-smoe", router="fit")),
         Variant("low-rank svd-llm (per expert)", plan_lowrank, LowRankConfig(ratio=share, method="svd-llm")),
         Variant("low-rank d2moe (shared base + deltas)", plan_lowrank, LowRankConfig(ratio=share, method="d2moe")),
+        # ablations: one setting changed from the row above its name
+        Variant("ablation: merge hc-smoe, router keep, cosine distance", plan_merge,
+                MergeConfig(keep=keep, method="hc-smoe", metric="cosine")),
+        Variant("ablation: low-rank d2moe, greedy delta ranks", plan_lowrank,
+                LowRankConfig(ratio=share, method="d2moe", delta_ranks="greedy")),
     ]
     return rows
 

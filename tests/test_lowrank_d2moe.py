@@ -69,14 +69,17 @@ def test_d2moe_at_full_rank_equals_the_original(family: str, tmp_path) -> None:
         assert torch.allclose(again(ids).logits, want, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
-def test_d2moe_keeps_its_budget_and_reports_the_applied_loss(family: str, tmp_path) -> None:
+@pytest.mark.parametrize(("family", "delta_ranks"), [("qwen3_moe", "uniform"), ("gpt_oss", "uniform"),
+                                                    ("qwen3_moe", "greedy")])
+def test_d2moe_keeps_its_budget_and_reports_the_applied_loss(family: str, delta_ranks: str, tmp_path) -> None:
     model = tiny_model(family)
     ids = _ids()
-    plan = plan_lowrank(model, ids, LowRankConfig(ratio=0.5, method="d2moe"))
+    config = LowRankConfig(ratio=0.5, method="d2moe", delta_ranks=delta_ranks)  # type: ignore[arg-type]
+    plan = plan_lowrank(model, ids, config)
     assert 0.3 < plan.summary["param_ratio"] <= 0.5
-    for entry in plan.layers.values():  # one delta rank per projection kind
-        assert len(set(entry["up_ranks"])) == 1 and len(set(entry["down_ranks"])) == 1
+    for entry in plan.layers.values():  # uniform: one delta rank per projection kind
+        distinct = len(set(entry["up_ranks"])) + len(set(entry["down_ranks"]))
+        assert distinct == 2 if delta_ranks == "uniform" else distinct > 2
     low = copy.deepcopy(model)
     apply(low, plan, calibration=ids)
     old, layer = find_moe_layers(model)[0], find_moe_layers(low)[0]
@@ -98,6 +101,8 @@ def test_d2moe_keeps_its_budget_and_reports_the_applied_loss(family: str, tmp_pa
 def test_d2moe_refuses_a_ratio_below_its_base() -> None:
     with pytest.raises(ConfigError, match="shared base"):
         LowRankConfig(ratio=0.1, method="d2moe").check_model(tiny_model("mixtral"))  # 8 experts: base = 1/8
+    with pytest.raises(ConfigError, match="delta_ranks"):
+        LowRankConfig(ratio=0.5, delta_ranks="greedy")
 
 
 def test_d2moe_at_the_base_alone_saves_and_loads(tmp_path) -> None:

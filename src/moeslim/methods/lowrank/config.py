@@ -20,6 +20,9 @@ class LowRankConfig:
                 "experts | d2moe: a Fisher-weighted average of the layer's experts as a shared base (Fisher = the "
                 "routed tokens' gate^2 x input^2 per input column, layer-local, no backprop) plus every expert's "
                 "whitened SVD of its delta, one delta rank for all experts (D2-MoE's)"})
+    delta_ranks: Literal["uniform", "greedy"] = field(default="uniform", metadata={
+        "help": "d2moe only: uniform = one delta rank for every expert (the paper's) | greedy = ranks allocated "
+                "across the layer's experts by whitened error removed per parameter, as svd-llm does"})
     ratio: float = field(metadata={
         "help": "share of the expert weight parameters each MoE layer keeps (factors + matrices left dense), "
                 "in (0, 1]; 1 keeps every expert dense (the original)"})
@@ -49,6 +52,8 @@ class LowRankConfig:
             raise ConfigError(f"max_tokens={self.max_tokens}: use at least 1 token")
         if self.method not in ("svd-llm", "d2moe"):
             raise ConfigError(f"method={self.method!r}: use 'svd-llm' or 'd2moe'")
+        if self.delta_ranks == "greedy" and self.method != "d2moe":
+            raise ConfigError("delta_ranks applies to method='d2moe' (svd-llm always allocates greedily)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

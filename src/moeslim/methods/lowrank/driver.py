@@ -89,9 +89,12 @@ def choose_ranks(mats: ExpertMatrices, svds: tuple[list[WhitenedSVD], list[White
     for kind, weights in zip(svds, (mats.up, mats.down), strict=True):
         n, out, inp = weights.shape
         budget = int(config.ratio * n * out * inp)
-        if config.method == "d2moe":  # the base is paid once; every expert's delta gets the same rank (the paper's)
+        if config.method == "d2moe" and config.delta_ranks == "uniform":  # the paper's: one rank for every delta
             ranks.append([shared_base_rank(n, out, inp, budget, config.min_rank)] * n)
             continue
+        if config.method == "d2moe":  # the base is paid once; the deltas share what is left
+            shared_base_rank(n, out, inp, budget, config.min_rank)  # refuses a budget the base does not fit
+            budget -= out * inp
         # An expert no calibration token reached adds nothing to the calibration loss: its directions gain zero.
         energies = [torch.zeros_like(s.s) if e in unrouted else s.energies for e, s in enumerate(kind)]
         ranks.append(allocate_ranks(energies, [(out, inp)] * n, budget, config.min_rank))
