@@ -97,6 +97,7 @@ class Bench:
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
         self.args, self.name = args, name
+        self.tokenizer: Any = None
         if name == "tiny":
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
             from tiny_models import VOCAB, tiny_model
@@ -113,7 +114,8 @@ class Bench:
             from moeslim.data.calibration_set import build_calibration_set
             from moeslim.models import load_model
 
-            self.model, tokenizer = load_model(name)
+            self.model, self.tokenizer = load_model(name)
+            tokenizer = self.tokenizer
             self.calibration = build_calibration_set(
                 CalibrationConfig(data=("demo:code", "demo:prose"), samples=args.samples, seq_len=args.seq_len),
                 tokenizer)
@@ -130,6 +132,13 @@ class Bench:
         for d, w in self.eval.items():
             r = perplexity(model, w, batch_size=self.args.batch_size, progress=False, reference=self.reference[d])
             out[f"ppl {d}"], out[f"KL {d}"] = float(r["ppl"]), float(r["kl"])
+        if self.args.task_items and self.tokenizer is not None:
+            from moeslim.evaluate.tasks import OFFLINE_TASKS, run_tasks
+
+            scores = run_tasks(model, self.tokenizer, OFFLINE_TASKS, n_items=self.args.task_items,
+                               batch_size=self.args.batch_size)
+            for task, result in scores.items():
+                out[task.removeprefix("moeslim_") + " acc"] = float(result.get("acc") or float("nan"))
         return out
 
     def unique_share(self, plan: Plan, model: nn.Module) -> float:
@@ -140,12 +149,17 @@ class Bench:
         return expert_params(model) / self.base_params
 
 
-def run_model(bench: Bench, shares: list[float], rows: list[list[str]], write: Callable[[], None]) -> None:
+def run_model(bench: Bench, shares: list[float], rows: list[list[str]], columns: list[str],
+              write: Callable[[], None]) -> None:
     scores = bench.evaluate(bench.model)
-    columns = list(scores)
+    if not columns:
+        columns.extend(scores)
+    elif list(scores) != columns:
+        raise ValueError(f"{bench.name} scores {list(scores)}, the table has {columns}")
 
     def row(label: str, share: str, unique: float, stored: float, values: dict[str, float], seconds: str) -> None:
-        cells = [f"{max(values[c], 0.0):.4f}" if c.startswith("KL") else f"{values[c]:.2f}" for c in columns]
+        cells = [f"{max(values[c], 0.0):.4f}" if c.startswith("KL") else
+                 f"{values[c]:.3f}" if c.endswith("acc") else f"{values[c]:.2f}" for c in columns]
         rows.append([f"`{bench.name}`", label, share, f"{unique:.3f}", f"{stored:.3f}", *cells, seconds])
         print(" | ".join(rows[-1]), flush=True)
         write()
@@ -173,6 +187,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=16, help="held-out windows per domain")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--task-items", type=int, default=0,
+                        help="items per bundled offline task (lm-eval); 0: perplexity and KL only")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--out", default="docs/results-merge.md")
     args = parser.parse_args()
@@ -180,10 +196,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     rows: list[list[str]] = []
-    header = ["model", "method", "share", "unique expert params", "stored expert params", "ppl code", "KL code",
-              "ppl prose", "KL prose", "plan+apply"]
+    columns: list[str] = []
 
     def write() -> None:
+        header = ["model", "method", "share", "unique expert params", "stored expert params", *columns, "plan+apply"]
         lines = [
             "# Pruning vs merging vs low-rank experts at 25 % and 50 % of the expert parameters",
             "",
@@ -191,7 +207,9 @@ def main() -> None:
             f"(`python benchmarks/merge_lowrank.py {' '.join(sys.argv[1:])}`). Calibration: {args.samples} windows x "
             f"{args.seq_len} tokens (demo code + prose); evaluation: {args.eval_windows} held-out windows of "
             f"{args.seq_len} tokens per domain (fewer than the other results files: shared 2-core machine). "
-            "KL: mean KL(original || compressed) per predicted token over the full vocabulary.",
+            "KL: mean KL(original || compressed) per predicted token over the full vocabulary."
+            + (f" Task accuracy: the bundled offline tasks, {args.task_items} items each (one standard error is "
+               f"about {50 / args.task_items ** 0.5:.0f} points)." if args.task_items else ""),
             "",
             "unique expert params: the expert weights the method keeps, relative to the original (merged experts "
             "counted once; low-rank: factors + shared bases + matrices left dense). stored expert params: what the "
@@ -208,7 +226,7 @@ def main() -> None:
         out.write_text("\n".join(lines), encoding="utf-8")
 
     for name in args.models:
-        run_model(Bench(name, args), args.shares, rows, write)
+        run_model(Bench(name, args), args.shares, rows, columns, write)
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
 
 
