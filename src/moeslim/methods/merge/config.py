@@ -41,14 +41,14 @@ class MergeConfig:
                 "logsumexp logit (softmax: the group's summed probability; sigmoid: its noisy-or) on calibration "
                 "tokens; representative = the representative's own row (data-free apply)"})
     metric: Literal["cosine", "euclidean"] | None = field(default=None, metadata={
-        "help": "hc-smoe distance between the experts' mean outputs; default: euclidean (HC-SMoE's)"})
+        "help": "hc-smoe distance between the experts' mean outputs; None = euclidean (HC-SMoE's)"})
     align: bool | None = field(default=None, metadata={
         "help": "permute each member's intermediate neurons onto the group representative's (weight matching, "
-                "Hungarian) before averaging; default: on for mc-smoe, off for hc-smoe (each paper's choice)"})
+                "Hungarian) before averaging; None = on for mc-smoe, off for hc-smoe (each paper's choice)"})
     counts: Literal["uniform", "global"] | None = field(default=None, metadata={
         "help": "groups per layer: uniform = keep in every layer | global = MC-SMoE's: keep x layers groups in "
                 "all, given to the most-routed experts of the whole model (normalised per layer, each layer at "
-                "least one); default: global for mc-smoe with router=keep, else uniform"})
+                "least one); None = global for mc-smoe with router=keep, else uniform"})
     ridge: float = field(default=1e-3, metadata={"help": "ridge of the lse-fit, relative to mean diag(X^T X)"})
     max_tokens: int = field(default=FIT_TOKENS, metadata={
         "help": "calibration tokens per layer used for grouping, router fits and losses (the first ones)"})
