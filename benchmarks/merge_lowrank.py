@@ -1,21 +1,34 @@
-"""Pruning vs merging vs low-rank experts at equal expert parameter count, each with and without router
-re-calibration; held-out perplexity per domain and the bundled offline tasks; writes a markdown table.
+"""Pruning vs merging vs low-rank experts at 25 % and 50 % of the expert parameters, on both demo models:
+held-out perplexity per domain and KL divergence to the original; writes one markdown file.
 
-At ``keep`` K of E experts, pruning (enumerate, REAP) and merging (HC-SMoE, MC-SMoE) keep exactly K/E of the expert
-weights; low-rank experts get ratio = K/E of them (factors + matrices left dense, what is stored). Usage:
+Rows per budget (share s of the expert weights; K = s * E experts):
 
-    python benchmarks/merge_lowrank.py --out docs/results-merge.md                  # the demo model
-    python benchmarks/merge_lowrank.py --model src/moeslim/assets/demo-fine --out docs/results-merge-fine.md
-    python benchmarks/merge_lowrank.py --tiny --no-tasks     # a tiny random Mixtral (develop the script)
+- prune enumerate (exact loss minimiser; only where C(E, K) is small) and prune reap;
+- merge hc-smoe / mc-smoe with the authors' router (``router='keep'``: E router rows, every slot computes its
+  group's merged expert; HC-SMoE Euclidean + average linkage + frequency weights; MC-SMoE frequency-dominant
+  experts, router-logit similarity, weight-matching alignment, global group counts);
+- the same two with the fitted router (``router='fit'``: K experts and K least-squares router rows, the hybrid);
+- low-rank svd-llm (per-expert whitened SVD) and d2moe (Fisher-weighted shared base + per-expert deltas) at
+  ratio s;
+- two ablations: HC-SMoE with cosine instead of Euclidean distance, D2-MoE with greedy instead of uniform delta
+  ranks.
+
+"unique expert params" is what the method keeps; for router='keep' the saved stock checkpoint still stores E
+experts (members repeat their group's merged weights), see the "stored" column. Usage:
+
+    python benchmarks/merge_lowrank.py --threads 1 --out docs/results-merge.md        # both demo models
+    python benchmarks/merge_lowrank.py --tiny --models tiny     # a tiny random Mixtral (develop the script)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +36,7 @@ import torch
 from torch import nn
 
 from moeslim.appliers import apply
+from moeslim.evaluate.divergence import ReferenceTop, reference_top
 from moeslim.evaluate.perplexity import perplexity
 from moeslim.methods.lowrank import LowRankConfig, plan_lowrank
 from moeslim.methods.merge import MergeConfig, plan_merge
@@ -32,13 +46,11 @@ from moeslim.models import find_moe_layers
 from moeslim.plans import Plan
 from moeslim.runtime.lowrank import lowrank_storage
 
-
-def _perplexity(model: nn.Module, windows: torch.Tensor, batch: int) -> float:
-    return float(perplexity(model, windows, batch_size=batch, progress=False)["ppl"])
+ENUMERATE_LIMIT = 5_000  # kept sets per layer above which the enumerate row is left out
 
 
 def expert_params(model: nn.Module) -> int:
-    """Stored expert weight parameters (fused tensors, or the low-rank factors / dense matrices that replace them)."""
+    """Stored expert weight parameters (fused tensors, or the low-rank factors / bases / dense matrices)."""
     total = 0
     for layer in find_moe_layers(model):
         store = lowrank_storage(layer.experts)
@@ -50,138 +62,159 @@ def expert_params(model: nn.Module) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    planner: Callable[..., Plan]
+    config: Any
+
+
+def variants(keep: int, experts: int, share: float) -> list[Variant]:
+    rows = []
+    if math.comb(experts, keep) <= ENUMERATE_LIMIT:
+        rows.append(Variant("prune enumerate", plan_prune_with_router_fit, PruneConfig(keep=keep, method="enumerate")))
+    rows += [
+        Variant("prune reap", plan_prune_with_router_fit, PruneConfig(keep=keep, method="reap", score=True)),
+        Variant("merge hc-smoe, router keep (authors')", plan_merge, MergeConfig(keep=keep, method="hc-smoe")),
+        Variant("merge mc-smoe, router keep (authors')", plan_merge, MergeConfig(keep=keep, method="mc-smoe")),
+        Variant("merge hc-smoe, router fit (hybrid)", plan_merge,
+                MergeConfig(keep=keep, method="hc-smoe", router="fit")),
+        Variant("merge mc-smoe, router fit (hybrid)", plan_merge,
+                MergeConfig(keep=keep, method="mc-smoe", router="fit")),
+        Variant("low-rank svd-llm (per expert)", plan_lowrank, LowRankConfig(ratio=share, method="svd-llm")),
+        Variant("low-rank d2moe (shared base + deltas)", plan_lowrank, LowRankConfig(ratio=share, method="d2moe")),
+        # ablations: one setting changed from the row above its name
+        Variant("ablation: merge hc-smoe, router keep, cosine distance", plan_merge,
+                MergeConfig(keep=keep, method="hc-smoe", metric="cosine")),
+        Variant("ablation: low-rank d2moe, greedy delta ranks", plan_lowrank,
+                LowRankConfig(ratio=share, method="d2moe", delta_ranks="greedy")),
+    ]
+    return rows
+
+
 class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    """One model: its calibration windows, held-out windows per domain and the original's distributions."""
+
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        self.args, self.name = args, name
         self.tokenizer: Any = None
-        if args.tiny:
+        if name == "tiny":
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
             from tiny_models import VOCAB, tiny_model
 
             def ids(seed: int, n: int) -> torch.Tensor:
                 return torch.randint(3, VOCAB, (n, args.seq_len), generator=torch.Generator().manual_seed(seed))
 
-            self.model, self.name = tiny_model("mixtral"), "tiny-mixtral"
+            self.model: nn.Module = tiny_model("mixtral")
             self.calibration: Any = ids(0, args.samples)
             self.eval = {"code": ids(3, args.eval_windows), "prose": ids(4, args.eval_windows)}
-            return
-        from moeslim.config import CalibrationConfig
-        from moeslim.data import load_source, token_windows
-        from moeslim.data.calibration_set import build_calibration_set
-        from moeslim.models import load_model
+        else:
+            from moeslim.config import CalibrationConfig
+            from moeslim.data import load_source, token_windows
+            from moeslim.data.calibration_set import build_calibration_set
+            from moeslim.models import load_model
 
-        self.model, self.tokenizer = load_model(args.model)
-        self.name = args.model
-        self.calibration = build_calibration_set(
-            CalibrationConfig(data=("demo:code", "demo:prose"), samples=args.samples, seq_len=args.seq_len),
-            self.tokenizer)
-        self.eval = {d: token_windows(load_source(f"demo:{d}:test"), self.tokenizer, args.seq_len, args.eval_windows)
-                     for d in ("code", "prose")}
+            self.model, self.tokenizer = load_model(name)
+            tokenizer = self.tokenizer
+            self.calibration = build_calibration_set(
+                CalibrationConfig(data=("demo:code", "demo:prose"), samples=args.samples, seq_len=args.seq_len),
+                tokenizer)
+            self.eval = {d: token_windows(load_source(f"demo:{d}:test"), tokenizer, args.seq_len, args.eval_windows)
+                         for d in ("code", "prose")}
+        self.reference: dict[str, ReferenceTop] = {
+            d: reference_top(self.model, w, k=0, batch_size=args.batch_size) for d, w in self.eval.items()}
+        self.experts = find_moe_layers(self.model)[0].num_experts
+        self.layers = len(find_moe_layers(self.model))
+        self.base_params = expert_params(self.model)
 
-    def evaluate(self, model: nn.Module) -> dict[str, float | None]:
-        out: dict[str, float | None] = {d: _perplexity(model, w, self.args.batch_size) for d, w in self.eval.items()}
-        if self.args.tasks and self.tokenizer is not None:
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for d, w in self.eval.items():
+            r = perplexity(model, w, batch_size=self.args.batch_size, progress=False, reference=self.reference[d])
+            out[f"ppl {d}"], out[f"KL {d}"] = float(r["ppl"]), float(r["kl"])
+        if self.args.task_items and self.tokenizer is not None:
             from moeslim.evaluate.tasks import OFFLINE_TASKS, run_tasks
 
             scores = run_tasks(model, self.tokenizer, OFFLINE_TASKS, n_items=self.args.task_items,
                                batch_size=self.args.batch_size)
-            for task, r in scores.items():
-                out[task] = r.get("acc")
+            for task, result in scores.items():
+                out[task.removeprefix("moeslim_") + " acc"] = float(result.get("acc") or float("nan"))
         return out
 
-    def run(self, planner: Callable[..., Plan], config: Any) -> tuple[Plan, nn.Module, float]:
-        start = time.perf_counter()
-        plan = planner(self.model, self.calibration, config, self.name)
-        model = copy.deepcopy(self.model)
-        apply(model, plan, calibration=self.calibration)
-        return plan, model, time.perf_counter() - start
+    def unique_share(self, plan: Plan, model: nn.Module) -> float:
+        """Share of the original expert parameters the method keeps (merged experts counted once)."""
+        if plan.kind == "merge":
+            groups = sum(len(entry["groups"]) for entry in plan.layers.values())
+            return groups / (self.experts * self.layers)
+        return expert_params(model) / self.base_params
 
 
-def _loss(plan: Plan) -> float:
-    """Summed reconstruction loss over layers (after the router fit where there is one)."""
-    fits = plan.summary.get("router_fit")
-    if fits:  # prune plans with recalibrate_router
-        return sum(float(f["loss_after"]) for f in fits.values())
-    return sum(float(e.get("loss", float("nan"))) for e in plan.summary["layers"].values())
+def run_model(bench: Bench, shares: list[float], rows: list[list[str]], columns: list[str],
+              write: Callable[[], None]) -> None:
+    scores = bench.evaluate(bench.model)
+    if not columns:
+        columns.extend(scores)
+    elif list(scores) != columns:
+        raise ValueError(f"{bench.name} scores {list(scores)}, the table has {columns}")
 
+    def row(label: str, share: str, unique: float, stored: float, values: dict[str, float], seconds: str) -> None:
+        cells = [f"{max(values[c], 0.0):.4f}" if c.startswith("KL") else
+                 f"{values[c]:.3f}" if c.endswith("acc") else f"{values[c]:.2f}" for c in columns]
+        rows.append([f"`{bench.name}`", label, share, f"{unique:.3f}", f"{stored:.3f}", *cells, seconds])
+        print(" | ".join(rows[-1]), flush=True)
+        write()
 
-def _loss_before(plan: Plan) -> float | None:
-    fits = plan.summary.get("router_fit")
-    if fits:
-        return sum(float(f["loss_before"]) for f in fits.values())
-    layer_fits = [e.get("router_fit") for e in plan.summary["layers"].values()]
-    if all(layer_fits):
-        return sum(float(f["loss_before"]) for f in layer_fits)  # type: ignore[index]
-    return None
-
-
-def variants(keep: int, experts: int, loss_method: str) -> list[tuple[str, Callable[..., Plan], Callable[[bool], Any]]]:
-    ratio = keep / experts
-    loss_pruning = [] if loss_method == "none" else [
-        (f"prune {loss_method}", plan_prune_with_router_fit,
-         lambda rc: PruneConfig(keep=keep, method=loss_method, recalibrate_router=rc)),  # type: ignore[arg-type]
-    ]
-    return [
-        *loss_pruning,
-        ("prune reap", plan_prune_with_router_fit,
-         lambda rc: PruneConfig(keep=keep, method="reap", score=True, recalibrate_router=rc)),
-        ("merge hc-smoe", plan_merge, lambda rc: MergeConfig(keep=keep, method="hc-smoe", recalibrate_router=rc)),
-        ("merge mc-smoe", plan_merge, lambda rc: MergeConfig(keep=keep, method="mc-smoe", recalibrate_router=rc)),
-        (f"low-rank ratio {ratio:.2f}", plan_lowrank, lambda rc: LowRankConfig(ratio=ratio, recalibrate_router=rc)),
-    ]
+    row("original", "1.00", 1.0, 1.0, scores, "")
+    for share in shares:
+        keep = round(share * bench.experts)
+        for v in variants(keep, bench.experts, share):
+            start = time.perf_counter()
+            plan = v.planner(bench.model, bench.calibration, v.config, bench.name)
+            model = copy.deepcopy(bench.model)
+            apply(model, plan, calibration=bench.calibration)
+            seconds = time.perf_counter() - start
+            row(v.label, f"{share:.2f}", bench.unique_share(plan, model), expert_params(model) / bench.base_params,
+                bench.evaluate(model), f"{seconds:.0f} s")
+            del model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--keep", type=int, nargs="+", default=[4, 6])
-    parser.add_argument("--samples", type=int, default=32, help="calibration windows")
+    parser.add_argument("--models", nargs="+", default=["demo", "demo-fine"], help="'tiny' for a tiny random Mixtral")
+    parser.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5],
+                        help="shares of the expert parameters kept")
+    parser.add_argument("--samples", type=int, default=16, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows per domain")
+    parser.add_argument("--eval-windows", type=int, default=16, help="held-out windows per domain")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--no-tasks", dest="tasks", action="store_false", help="perplexity only")
-    parser.add_argument("--task-items", type=int, default=200)
-    parser.add_argument("--prune-method", choices=("enumerate", "search", "none"), default="enumerate",
-                        help="loss-minimising pruning method (search for many experts: C(64, 32) sets cannot be "
-                             "enumerated; none: REAP is the only pruning row)")
-    parser.add_argument("--no-refit", dest="refit", action="store_false", help="skip the router-refit rows")
+    parser.add_argument("--task-items", type=int, default=0,
+                        help="items per bundled offline task (lm-eval); 0: perplexity and KL only")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--out", default="docs/results-merge.md")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    bench = Bench(args)
-    experts = find_moe_layers(bench.model)[0].num_experts
-    base_params = expert_params(bench.model)
     rows: list[list[str]] = []
     columns: list[str] = []
 
-    def row(label: str, keep: str, scores: dict[str, float | None], params: int, loss: str, notes: str) -> None:
-        if not columns:
-            columns.extend(scores)
-        cells = [label, keep, f"{params / base_params:.3f}",
-                 *["n/a" if scores.get(c) is None else f"{scores[c]:.3f}" for c in columns], loss, notes]
-        rows.append(cells)
-        print(" | ".join(cells), flush=True)
-        write()  # after every row: a long run leaves its finished rows on disk
-
     def write() -> None:
-        scored = [f"ppl {c} (test)" if c in bench.eval else f"{c} acc" for c in columns]
-        header = ["method", "keep", "expert params", *scored, "calib. recon. loss (sum over layers)", "notes"]
+        header = ["model", "method", "share", "unique expert params", "stored expert params", *columns, "plan+apply"]
         lines = [
-            "# Pruning vs merging vs low-rank experts on the "
-            + ("tiny random Mixtral (random tokens)" if args.tiny else f"`{args.model}` model"),
+            "# Pruning vs merging vs low-rank experts at 25 % and 50 % of the expert parameters",
             "",
-            f"Calibration: {args.samples} windows x {args.seq_len} tokens (code + prose); evaluation: "
-            f"{args.eval_windows} held-out windows per domain"
-            + (f", offline tasks with {args.task_items} items each" if args.tasks and not args.tiny else "")
-            + f". Produced by `benchmarks/merge_lowrank.py` in {time.perf_counter() - start:.0f} s "
-            f"(`python benchmarks/merge_lowrank.py {' '.join(sys.argv[1:])}`).",
-            "Expert params: stored expert weights relative to the original (router rows excluded). Router refit: "
-            "Adam on the router rows only, 200 full-batch steps on 8192 calibration tokens per layer, best iterate "
-            "kept (the loss in brackets is before the refit).",
+            f"Produced by `benchmarks/merge_lowrank.py` in {time.perf_counter() - start:.0f} s "
+            f"(`python benchmarks/merge_lowrank.py {' '.join(sys.argv[1:])}`). Calibration: {args.samples} windows x "
+            f"{args.seq_len} tokens (demo code + prose); evaluation: {args.eval_windows} held-out windows of "
+            f"{args.seq_len} tokens per domain (fewer than the other results files: shared 2-core machine). "
+            "KL: mean KL(original || compressed) per predicted token over the full vocabulary."
+            + (f" Task accuracy: the bundled offline tasks, {args.task_items} items each (one standard error is "
+               f"about {50 / args.task_items ** 0.5:.0f} points)." if args.task_items else ""),
+            "",
+            "unique expert params: the expert weights the method keeps, relative to the original (merged experts "
+            "counted once; low-rank: factors + shared bases + matrices left dense). stored expert params: what the "
+            "saved checkpoint holds. Merging with router keep writes every group's merged expert into each member's "
+            "slot so that stock transformers runs it: the checkpoint keeps all E experts and the original bytes.",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),
@@ -192,16 +225,9 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("\n".join(lines), encoding="utf-8")
 
-    row("original", str(experts), bench.evaluate(bench.model), base_params, "", "")
-    for keep in args.keep:
-        for label, planner, make in variants(keep, experts, args.prune_method):
-            for refit in (False, True) if args.refit else (False,):
-                plan, model, seconds = bench.run(planner, make(refit))
-                before = _loss_before(plan)
-                loss = f"{_loss(plan):.2f}" + (f" (from {before:.2f})" if refit and before is not None else "")
-                row(label + (" + router refit" if refit else ""), str(keep), bench.evaluate(model),
-                    expert_params(model), loss, f"plan+apply {seconds:.1f} s")
-    print(f"wrote {args.out}")
+    for name in args.models:
+        run_model(Bench(name, args), args.shares, rows, columns, write)
+    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

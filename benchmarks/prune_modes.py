@@ -123,7 +123,9 @@ class Bench:
         start = time.perf_counter()
         model = copy.deepcopy(self.model)
         if method == "hc-smoe":
-            config = MergeConfig(keep=keep, method="hc-smoe", mode=mode)  # type: ignore[arg-type]
+            # The settings docs/results-pruning.md measured (the fitted router, cosine distance, aligned neurons).
+            config = MergeConfig(keep=keep, method="hc-smoe", mode=mode,  # type: ignore[arg-type]
+                                 router="fit", metric="cosine", align=True)
             plan = plan_merge(self.model, calib, config, model_name=self.name, batch_size=self.args.batch_size)
             apply_merge(model, plan, calibration=calib)
         else:

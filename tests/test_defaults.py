@@ -55,9 +55,9 @@ def test_progressive_prune_is_what_the_default_mode_table_says() -> None:
 def test_progressive_merge_propagates_the_merged_block() -> None:
     """The block a progressive merge plan propagates is the block the applied model computes."""
     model = tiny_model("mixtral")
-    config = MergeConfig(keep=4, router="representative", mode="progressive")
+    config = MergeConfig(keep=4, router="fit", fit_rows="representative", mode="progressive")
     plan = plan_merge(model, IDS, config)
-    layerwise = plan_merge(model, IDS, MergeConfig(keep=4, router="representative"))
+    layerwise = plan_merge(model, IDS, MergeConfig(keep=4, router="fit", fit_rows="representative"))
     first = min(plan.layers)
     assert plan.layers[first] == layerwise.layers[first]  # the first layer sees the same inputs in both modes
     assert plan.summary["mode"] == "progressive"
@@ -79,7 +79,8 @@ def test_progressive_merge_propagates_the_merged_block() -> None:
 def test_apply_redraws_even_windows_of_a_progressive_merge_plan(tiny_model_dir: Path, tmp_path: Path) -> None:
     """apply reruns the router fits on the plan's windows: the spacing is recorded and redrawn, or the hashes differ."""
     plan = tmp_path / "m.json"
-    assert main(["plan", "merge", str(tiny_model_dir), "--keep", "4", "--mode", "progressive", "--spacing", "even",
+    assert main(["plan", "merge", str(tiny_model_dir), "--keep", "4", "--router", "fit", "--mode", "progressive",
+                 "--spacing", "even",
                  *CALIB, "--out", str(plan)]) == 0
     summary = json.loads(plan.read_text())["summary"]
     assert summary["calibration"]["spacing"] == "even" and summary["mode"] == "progressive"

@@ -12,10 +12,16 @@ from transformers import AutoModelForCausalLM
 
 import moeslim
 from moeslim.appliers import apply, needs_calibration
+from moeslim.appliers.merge import merge_config
 from moeslim.config import ConfigError
 from moeslim.methods.merge import MergeConfig, plan_merge
 from moeslim.methods.merge.combine import group_logit, permute_expert
-from moeslim.methods.merge.grouping import average_linkage_groups, dominant_groups, pairwise_distance
+from moeslim.methods.merge.grouping import (
+    average_linkage_groups,
+    dominant_groups,
+    global_group_counts,
+    pairwise_distance,
+)
 from moeslim.models import find_moe_layers
 from moeslim.models.expert_edit import matrices_forward, neuron_rows, read_experts
 from moeslim.plans import Plan, PlanError
@@ -89,7 +95,8 @@ def test_merged_block_equals_hand_computed_merge() -> None:
     """Mixtral: weight-matching permutation, frequency-weighted average and representative router rows, by hand."""
     model = tiny_model("mixtral")
     ids = _ids()
-    plan = plan_merge(model, ids, MergeConfig(keep=4, method="hc-smoe", router="representative"))
+    config = MergeConfig(keep=4, method="hc-smoe", router="fit", fit_rows="representative", align=True)
+    plan = plan_merge(model, ids, config)
     merged = copy.deepcopy(model)
     apply(merged, plan, calibration=ids)
     for layer, new in zip(find_moe_layers(model), find_moe_layers(merged), strict=True):
@@ -153,28 +160,91 @@ def _paired_model(family: str) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])  # softmax; sigmoid + correction bias + shared
-def test_merging_identical_experts_is_lossless(family: str) -> None:
+@pytest.mark.parametrize(("family", "router"), [
+    ("mixtral", "fit"), ("deepseek_v3", "fit"),  # softmax; sigmoid + correction bias + shared experts
+    ("mixtral", "keep"), ("deepseek_v3", "keep"), ("qwen3_moe", "keep")])
+def test_merging_identical_experts_is_lossless(family: str, router: str) -> None:
     """HC-SMoE groups twins (distance 0). (MC-SMoE need not: top-k ties split the counts between twins, so both
     twins of a pair can be dominant; that is the method, not a defect.)"""
     model = _paired_model(family)
     ids = _ids()
-    plan = plan_merge(model, ids, MergeConfig(keep=4, method="hc-smoe", router="representative"))
+    config = MergeConfig(keep=4, method="hc-smoe", router=router, fit_rows="representative")  # type: ignore[arg-type]
+    plan = plan_merge(model, ids, config)
     assert all(entry["groups"] == [[0, 1], [2, 3], [4, 5], [6, 7]] for entry in plan.layers.values())
+    assert not needs_calibration(plan)
     merged = copy.deepcopy(model)
-    apply(merged, plan)  # router="representative": no calibration needed in apply
+    apply(merged, plan)  # router="keep" / fit_rows="representative": no calibration needed in apply
     with torch.no_grad():
         want, got = model(ids).logits, merged(ids).logits
     assert torch.allclose(got, want, atol=1e-5)
     assert all(v["loss"] < 1e-4 for v in plan.summary["layers"].values())
+    assert find_moe_layers(merged)[0].num_experts == (8 if router == "keep" else 4)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gpt_oss"])  # shared experts; sigmoid; biases
-def test_plan_loss_is_what_the_applied_block_computes(family: str) -> None:
-    """lse-fit router rows and the router refit are recomputed in apply: the applied block has the plan's loss."""
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])  # softmax; sigmoid + groups; biases
+def test_router_keep_saves_a_stock_checkpoint_of_slot_copies(family: str, tmp_path) -> None:
+    """router='keep': E slots, each holding its group's merged expert; stock transformers computes the same logits."""
     model = tiny_model(family)
     ids = _ids()
-    plan = plan_merge(model, ids, MergeConfig(keep=4, method="mc-smoe", recalibrate_router=True))
+    plan = plan_merge(model, ids, MergeConfig(keep=3, method="mc-smoe"))  # global counts: layers may differ
+    original = copy.deepcopy(model)
+    apply(model, plan)
+    moeslim.save(model, tmp_path / "merged")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(stock(ids).logits, model(ids).logits, atol=1e-5)
+    assert sum(len(e["groups"]) for e in plan.layers.values()) == 3 * len(plan.layers)
+    for old, new in zip(find_moe_layers(original), find_moe_layers(stock), strict=True):
+        assert new.num_experts == old.num_experts
+        assert torch.equal(new.router_weight, old.router_weight)
+        for group in plan.layers[old.layer_idx]["groups"]:
+            slots = new.experts.down_proj[group]
+            assert all(torch.equal(slots[0], s) for s in slots)
+    section = stock.config.moeslim["merge"]
+    assert section["router"] == "keep" and section["unique_expert_ratio"] == pytest.approx(3 / 8)
+
+
+def test_global_group_counts_follow_routing_spread() -> None:
+    """Layer 0 routes almost everything to one expert, layer 1 evenly: layer 1 gets the groups."""
+    counts = {0: torch.tensor([97.0, 1, 1, 1]), 1: torch.tensor([25.0, 25, 25, 25])}
+    assert global_group_counts(counts, 2) == {0: 1, 1: 3}
+    assert global_group_counts(counts, 4) == {0: 4, 1: 4}
+    assert global_group_counts(counts, 1) == {0: 1, 1: 1}  # each layer's most-routed expert always dominates
+
+
+def test_method_defaults_are_the_papers() -> None:
+    hc, mc = MergeConfig(keep=4), MergeConfig(keep=4, method="mc-smoe")
+    assert (hc.router, hc.metric, hc.align, hc.counts) == ("keep", "euclidean", False, "uniform")
+    assert (mc.router, mc.align, mc.counts) == ("keep", True, "global")
+    assert MergeConfig(keep=4, method="mc-smoe", router="fit").counts == "uniform"
+
+
+def test_plans_from_before_router_keep_still_apply() -> None:
+    """Old plans recorded router='lse-fit' / 'representative': they are router='fit' plans."""
+    model = tiny_model("mixtral")
+    ids = _ids()
+    plan = plan_merge(model, ids, MergeConfig(keep=4, router="fit", fit_rows="representative"))
+    raw = plan.to_dict()
+    raw["provenance"]["config"]["router"] = "representative"
+    del raw["provenance"]["config"]["fit_rows"]
+    old = Plan.from_dict(raw)
+    assert merge_config(old) == MergeConfig(keep=4, router="fit", fit_rows="representative")
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    apply(a, plan)
+    apply(b, old)
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+@pytest.mark.parametrize(("family", "router"), [("qwen2_moe", "fit"), ("deepseek_v3", "fit"), ("gpt_oss", "fit"),
+                                               ("deepseek_v3", "keep"), ("gpt_oss", "keep")])
+def test_plan_loss_is_what_the_applied_block_computes(family: str, router: str) -> None:
+    """lse-fit router rows and the router refit are recomputed in apply: the applied block has the plan's loss.
+    (shared experts; sigmoid routing with groups and correction bias; router biases, interleaved gate/up)"""
+    model = tiny_model(family)
+    ids = _ids()
+    plan = plan_merge(model, ids, MergeConfig(keep=4, method="mc-smoe", router=router,  # type: ignore[arg-type]
+                                              recalibrate_router=True))
     first = str(find_moe_layers(model)[0].layer_idx)
     fit = plan.summary["layers"][first]["router_fit"]
     assert fit["loss_after"] <= fit["loss_before"]
@@ -190,7 +260,7 @@ def test_plan_loss_is_what_the_applied_block_computes(family: str) -> None:
 def test_merged_checkpoint_loads_in_stock_transformers(tmp_path) -> None:
     model = tiny_model("qwen3_moe")
     ids = _ids()
-    plan = plan_merge(model, ids, MergeConfig(keep=4, method="hc-smoe"))
+    plan = plan_merge(model, ids, MergeConfig(keep=4, method="hc-smoe", router="fit"))
     plan = Plan.from_dict(plan.to_dict())  # pure JSON
     apply(model, plan, calibration=ids)
     moeslim.save(model, tmp_path / "merged")
@@ -217,7 +287,10 @@ def test_plan_merge_leaves_the_model_unchanged() -> None:
 def test_bad_configs_fail_before_calibration() -> None:
     model = tiny_model("mixtral")
     with pytest.raises(ConfigError, match="below top_k"):
-        MergeConfig(keep=1).check_model(model)
+        MergeConfig(keep=1, router="fit").check_model(model)
+    MergeConfig(keep=1).check_model(model)  # router=keep: top-2 of 8 slots that all compute one merged expert
+    with pytest.raises(ConfigError, match="counts='global'"):
+        MergeConfig(keep=4, method="mc-smoe", router="fit", counts="global")
     with pytest.raises(ConfigError, match="nothing to merge"):
         MergeConfig(keep=8).check_model(model)
     with pytest.raises(ConfigError, match="method"):
@@ -229,7 +302,7 @@ def test_bad_configs_fail_before_calibration() -> None:
 def test_apply_refuses_missing_calibration_and_bad_groups() -> None:
     model = tiny_model("mixtral")
     ids = _ids()
-    plan = plan_merge(model, ids, MergeConfig(keep=4))
+    plan = plan_merge(model, ids, MergeConfig(keep=4, router="fit"))
     assert needs_calibration(plan)
     with pytest.raises(PlanError, match="calibration"):
         apply(copy.deepcopy(model), plan)
@@ -237,7 +310,9 @@ def test_apply_refuses_missing_calibration_and_bad_groups() -> None:
         apply(copy.deepcopy(model), plan, calibration=_ids(seed=5))
     raw = plan.to_dict()
     first = next(iter(raw["layers"]))
-    raw["layers"][first]["groups"][0] = raw["layers"][first]["groups"][0][:1]  # an expert in no group
+    groups = raw["layers"][first]["groups"]
+    j = next(i for i, g in enumerate(groups) if len(g) > 1)
+    groups[j] = groups[j][:1]  # an expert in no group
     with pytest.raises(PlanError, match="partition"):
         apply(copy.deepcopy(model), Plan.from_dict(raw), calibration=ids)
 
@@ -248,7 +323,7 @@ def test_cli_plan_merge_then_apply(tiny_model_dir, tmp_path) -> None:
 
     calib = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
     plan = tmp_path / "merge.json"
-    assert main(["plan", "merge", str(tiny_model_dir), "--method", "mc-smoe", "--keep", "4",
+    assert main(["plan", "merge", str(tiny_model_dir), "--method", "mc-smoe", "--keep", "4", "--router", "fit",
                  "--recalibrate-router", *calib, "--out", str(plan)]) == 0
     loaded = Plan.load(plan)
     assert loaded.kind == "merge" and loaded.provenance.config["recalibrate_router"] is True
@@ -256,3 +331,21 @@ def test_cli_plan_merge_then_apply(tiny_model_dir, tmp_path) -> None:
     assert main(["apply", str(tiny_model_dir), str(plan), "--out", str(ckpt)]) == 0
     stock = AutoModelForCausalLM.from_pretrained(ckpt)
     assert stock.config.num_local_experts == 4
+
+
+def test_cli_plan_merge_router_keep_applies_without_windows(tiny_model_dir, tmp_path) -> None:
+    """The default router='keep' plan is data-free in apply and saves E slots; --counts is a flag."""
+    from moeslim.cli import main
+
+    calib = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+    plan = tmp_path / "merge.json"
+    assert main(["plan", "merge", str(tiny_model_dir), "--method", "mc-smoe", "--keep", "3", "--counts", "uniform",
+                 *calib, "--out", str(plan)]) == 0
+    loaded = Plan.load(plan)
+    assert loaded.provenance.config["router"] == "keep" and loaded.provenance.config["align"] is True
+    assert all(len(entry["groups"]) == 3 for entry in loaded.layers.values())
+    assert not needs_calibration(loaded)
+    ckpt = tmp_path / "merged"
+    assert main(["apply", str(tiny_model_dir), str(plan), "--out", str(ckpt)]) == 0
+    stock = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert stock.config.num_local_experts == 8

@@ -6,6 +6,7 @@ gives the in-memory quantized model. Public API only."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import warnings
 from collections.abc import Iterator
@@ -214,12 +215,12 @@ def test_equal_groups_keep_group_limits(family: str, fresh) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lowrank_full_rank_and_merge_reload(family: str, fresh, tmp_path) -> None:
-    """Low-rank at ratio 1 is the original; an HC-SMoE merge to 4 experts saves and reloads in stock transformers
-    with the logits it had in memory."""
+    """Low-rank at ratio 1 is the original; an HC-SMoE merge to 4 experts (router fit: 4 experts; router keep: E
+    slots) saves and reloads in stock transformers with the logits it had in memory."""
     from moeslim.methods.lowrank import LowRankConfig, plan_lowrank
     from moeslim.methods.merge import MergeConfig, plan_merge
 
-    merge = MergeConfig(method="hc-smoe", keep=4)
+    merge = MergeConfig(method="hc-smoe", keep=4, router="fit")
     if family_of(fresh).layerwise_blocker:
         with pytest.raises(UnsupportedModelError, match=f"{family}: layer-wise calibration"):
             plan_merge(fresh, CALIB, merge, "tiny")
@@ -229,12 +230,17 @@ def test_lowrank_full_rank_and_merge_reload(family: str, fresh, tmp_path) -> Non
     moeslim.apply(low, plan_lowrank(low, CALIB, LowRankConfig(ratio=1.0), "tiny"), calibration=CALIB)
     torch.testing.assert_close(_logits(low), original, rtol=0, atol=1e-5)
 
+    experts = find_moe_layers(fresh)[0].num_experts
+    keep = copy.deepcopy(fresh)  # router='keep' (the papers'): E slots holding their group's merged expert
+    moeslim.apply(keep, plan_merge(keep, CALIB, dataclasses.replace(merge, router="keep"), "tiny"))
     moeslim.apply(fresh, plan_merge(fresh, CALIB, merge, "tiny"), calibration=CALIB)
-    merged = _logits(fresh)
-    assert all(moe.num_experts == 4 for moe in find_moe_layers(fresh))
-    moeslim.save(fresh, tmp_path / "merged")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
-    assert all(moe.num_experts == 4 for moe in find_moe_layers(loaded))
-    torch.testing.assert_close(_logits(loaded), merged, rtol=0, atol=1e-5)
+    for model, count in ((fresh, 4), (keep, experts)):
+        merged = _logits(model)
+        assert all(moe.num_experts == count for moe in find_moe_layers(model))
+        moeslim.save(model, tmp_path / f"merged{count}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = AutoModelForCausalLM.from_pretrained(tmp_path / f"merged{count}",
+                                                          attn_implementation="eager").eval()
+        assert all(moe.num_experts == count for moe in find_moe_layers(loaded))
+        torch.testing.assert_close(_logits(loaded), merged, rtol=0, atol=1e-5)

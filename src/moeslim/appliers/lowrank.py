@@ -1,4 +1,5 @@
-"""Apply a "lowrank" plan: every MoE layer's experts become whitened-SVD factors of the planned ranks.
+"""Apply a "lowrank" plan: every MoE layer's experts become whitened-SVD factors of the planned ranks (method
+'svd-llm': of each expert; 'd2moe': of each expert's delta from the layer's shared base).
 
 The plan holds ranks only. The factors are computed here from the per-expert input covariances on the plan's
 calibration windows (which must be passed in, as for GPTQ), then handed to the runtime
@@ -86,6 +87,7 @@ def apply_lowrank(model: nn.Module, plan: Plan, calibration: CalibrationSet | to
     built: dict[int, LowRankLayer | None] = calibrated_pass(
         model, plan, calibration, "computes whitened SVD factors from calibration covariances",
         lambda layer: lowrank_observers(layer, config), on_layer, device, progress, label="low-rank SVD")
+    shared = config.method == "d2moe"
     params_before = params_after = 0
     for idx, result in built.items():
         if result is None:
@@ -96,11 +98,14 @@ def apply_lowrank(model: nn.Module, plan: Plan, calibration: CalibrationSet | to
         params_before += views.up.numel() + views.down.numel()
         if result.router_weight is not None:
             write_router(layer, result.router_weight, result.router_bias)
-        for name, projections in ((views.up_name, result.up), (views.down_name, result.down)):
-            install_lowrank(layer.experts, name, LowRankProjection.from_projections(projections, dtype, where))
+        for name, projections, base in ((views.up_name, result.up, result.up_base),
+                                        (views.down_name, result.down, result.down_base)):
+            install_lowrank(layer.experts, name, LowRankProjection.from_projections(projections, dtype, where, base))
         params_after += sum(p.params() for p in lowrank_storage(layer.experts).values())
     return {"lowrank": {
-        "layers": {str(idx): {"up_ranks": up, "down_ranks": down} for idx, (up, down) in sorted(ranks.items())},
+        "layers": {str(idx): {"up_ranks": up, "down_ranks": down, **({"shared_base": True} if shared else {})}
+                   for idx, (up, down) in sorted(ranks.items())},
+        "method": config.method,
         "ratio": config.ratio,
         "param_ratio": params_after / max(params_before, 1),
         "recalibrate_router": config.recalibrate_router,

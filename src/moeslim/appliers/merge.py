@@ -1,11 +1,15 @@
-"""Apply a "merge" plan: every MoE layer keeps K merged experts (a standard checkpoint results).
+"""Apply a "merge" plan (a standard checkpoint results either way).
 
 The plan holds the groups, merge weights and representatives. Here the merged experts are computed
-(``methods.merge.merge_layer``: weight-matching permutations, frequency-weighted averages) and, for
-router='lse-fit' or recalibrate_router, their router rows are fitted on the plan's calibration windows (the
-windows must be passed in, as for GPTQ). Then ``select_experts`` shrinks every layer to the representatives
-(config expert count, router rows, biases, group limits handled as for pruning) and the merged tensors are
-written over them.
+(``methods.merge.merge_layer``: weight-matching permutations, frequency-weighted averages). Then:
+
+- router='keep' (the papers'): the router is untouched (refitted only with recalibrate_router) and every
+  expert slot gets its group's merged weights. The model keeps E experts per layer, so the saved checkpoint has
+  the original size: fused (E, ...) tensors cannot share rows, and stock transformers has no slot -> expert map.
+- router='fit': with fit_rows='lse-fit' or recalibrate_router the K router rows are fitted on the plan's
+  calibration windows (passed in, as for GPTQ); ``select_experts`` shrinks every layer to the representatives
+  (config expert count, router rows, biases, group limits handled as for pruning) and the merged tensors are
+  written over them.
 """
 
 from __future__ import annotations
@@ -34,14 +38,17 @@ def merge_config(plan: Plan) -> MergeConfig:
     """The MergeConfig the plan was made with (its provenance config)."""
     known = set(MergeConfig.__dataclass_fields__)
     recorded = {k: v for k, v in plan.provenance.config.items() if k in known}
+    if recorded.get("router") in ("lse-fit", "representative"):  # plans from before router='keep' existed
+        recorded["fit_rows"], recorded["router"] = recorded["router"], "fit"
     try:
         return from_mapping(MergeConfig, recorded, "merge plan provenance config")
     except ValueError as err:
         raise PlanError(str(err)) from err
 
 
-def plan_groups(plan: Plan, layers: dict[int, MoELayer]) -> dict[int, LayerGroups]:
-    """The plan's per-layer groups, validated against the model (every MoE layer, a partition, same K)."""
+def plan_groups(plan: Plan, layers: dict[int, MoELayer], router: str = "fit") -> dict[int, LayerGroups]:
+    """The plan's per-layer groups, validated against the model (every MoE layer, a partition; router='fit':
+    the same K in every layer, at least top_k)."""
     missing = sorted(set(layers) - set(plan.layers))
     unknown = sorted(set(plan.layers) - set(layers))
     if missing or unknown:
@@ -64,11 +71,11 @@ def plan_groups(plan: Plan, layers: dict[int, MoELayer]) -> dict[int, LayerGroup
             raise PlanError(f"merge plan layer {idx}: weights / representatives do not match the groups")
         if decision.representatives != sorted(decision.representatives):
             raise PlanError(f"merge plan layer {idx}: groups must be ordered by representative")
-        if len(decision.groups) < layers[idx].top_k:
+        if router == "fit" and len(decision.groups) < layers[idx].top_k:
             raise PlanError(f"merge plan layer {idx}: {len(decision.groups)} groups is below top_k "
                             f"{layers[idx].top_k}")
         out[idx] = decision
-    if len({len(d.groups) for d in out.values()}) != 1:
+    if router == "fit" and len({len(d.groups) for d in out.values()}) != 1:
         raise PlanError("merge plan: every MoE layer must keep the same number of experts")
     return out
 
@@ -80,7 +87,7 @@ def apply_merge(model: nn.Module, plan: Plan, calibration: CalibrationSet | torc
         raise PlanError(f"apply_merge got a {plan.kind!r} plan")
     config = merge_config(plan)
     layers = {layer.layer_idx: layer for layer in find_moe_layers(model)}
-    decisions = plan_groups(plan, layers)
+    decisions = plan_groups(plan, layers, config.router)
     reps = {idx: d.representatives for idx, d in decisions.items()}
     keep_groups = masked_routing_is_identity(model, reps)
     before = max(layer.num_experts for layer in layers.values())
@@ -95,15 +102,19 @@ def apply_merge(model: nn.Module, plan: Plan, calibration: CalibrationSet | torc
             label="merge", override=merged_block if config.mode == "progressive" else None)
     else:
         merged = {idx: merge_layer(layers[idx], d, None, config, keep_groups) for idx, d in decisions.items()}
-    select_experts(model, reps)
+    if config.router == "fit":
+        select_experts(model, reps)
     for idx, layer in layers.items():  # views stay valid after select_experts
         m = merged[idx]
-        write_experts(layer, m.experts)
+        write_experts(layer, m.slot_experts())
         write_router(layer, m.router_weight, m.router_bias, m.correction)
+    unique = sum(len(d.groups) for d in decisions.values())
     return {"merge": {
         "method": plan.provenance.method,
         "experts_before": before,
-        "experts_after": len(next(iter(reps.values()))),
+        "experts_after": max(layer.num_experts for layer in layers.values()),
+        "unique_experts": {str(idx): len(d.groups) for idx, d in sorted(decisions.items())},
+        "unique_expert_ratio": unique / (before * len(decisions)),
         "router": config.router,
         "recalibrate_router": config.recalibrate_router,
         "groups": {str(idx): d.groups for idx, d in sorted(decisions.items())},

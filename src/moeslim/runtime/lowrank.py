@@ -3,7 +3,8 @@
 ``install_lowrank(experts, name, projections)`` replaces the fused parameter ``name`` (``gate_up_proj`` /
 ``up_proj`` / ``down_proj``) of a transformers experts module by a ``LowRankProjection`` kept in the child
 ``experts.moeslim_lowrank[name]``: per expert either the dense matrix ``w{e}`` (out, in) or factors ``a{e}``
-(out, r) and ``b{e}`` (r, in), in (out, in) orientation whatever the family's layout. The attribute ``name``
+(out, r) and ``b{e}`` (r, in), in (out, in) orientation whatever the family's layout; with a shared ``base``
+(out, in) (D2-MoE) expert e computes base + its own (dense or factored) delta. The attribute ``name``
 becomes a meta-device placeholder of the original shape (no bytes; any use of it fails loudly). The experts
 forward ``moeslim_lowrank`` (registered in transformers' ``ALL_EXPERTS_FUNCTIONS``) computes only the routed
 experts, x -> (x B^T) A^T, with the module's own gate, biases and post-expert norm; under skipping
@@ -45,13 +46,17 @@ STORE = "moeslim_lowrank"
 LOWRANK_FILE = "moeslim_lowrank.safetensors"
 
 class LowRankProjection(nn.Module):
-    """One fused projection of E experts, each dense (out, in) or factored (out, r) x (r, in)."""
+    """One fused projection of E experts, each dense (out, in) or factored (out, r) x (r, in), optionally added to
+    a ``base`` (out, in) shared by the layer's experts (then rank 0 means the base alone)."""
 
     def __init__(self, out: int, inp: int, ranks: Sequence[int], dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, shared_base: bool = False) -> None:
         super().__init__()
         self.out_features, self.in_features = int(out), int(inp)
         self.ranks = [int(r) for r in ranks]
+        self.shared_base = bool(shared_base)
+        if self.shared_base:
+            self.base = nn.Parameter(torch.empty(out, inp, dtype=dtype, device=device), requires_grad=False)
         for e, r in enumerate(self.ranks):
             if is_dense(r, out, inp):
                 self.register_parameter(f"w{e}", nn.Parameter(torch.empty(out, inp, dtype=dtype, device=device),
@@ -64,14 +69,17 @@ class LowRankProjection(nn.Module):
 
     @classmethod
     def from_projections(cls, projections: Sequence[tuple[Tensor, ...]], dtype: torch.dtype,
-                         device: torch.device | str | None = None) -> LowRankProjection:
-        """From per-expert ``(W,)`` (out, in) or ``(A, B)`` tuples."""
+                         device: torch.device | str | None = None, base: Tensor | None = None
+                         ) -> LowRankProjection:
+        """From per-expert ``(W,)`` (out, in) or ``(A, B)`` tuples; with ``base`` (out, in) they are deltas."""
         first = projections[0]
         out = int(first[0].shape[0])
         inp = int(first[0].shape[1] if len(first) == 1 else first[1].shape[1])
         ranks = [min(out, inp) if len(p) == 1 else int(p[0].shape[1]) for p in projections]
-        module = cls(out, inp, ranks, dtype, device)
+        module = cls(out, inp, ranks, dtype, device, shared_base=base is not None)
         with torch.no_grad():
+            if base is not None:
+                module.base.copy_(base)
             for e, p in enumerate(projections):
                 if len(p) == 1:
                     getattr(module, f"w{e}").copy_(p[0])
@@ -86,12 +94,15 @@ class LowRankProjection(nn.Module):
     def matmul(self, e: int, x: Tensor) -> Tensor:
         """x (n, in) -> (n, out) through expert e."""
         if self.is_dense(e):
-            return F.linear(x, getattr(self, f"w{e}").to(x.dtype))
-        return F.linear(F.linear(x, getattr(self, f"b{e}").to(x.dtype)), getattr(self, f"a{e}").to(x.dtype))
+            own = F.linear(x, getattr(self, f"w{e}").to(x.dtype))
+        else:
+            own = F.linear(F.linear(x, getattr(self, f"b{e}").to(x.dtype)), getattr(self, f"a{e}").to(x.dtype))
+        return own + F.linear(x, self.base.to(x.dtype)) if self.shared_base else own
 
     def weight(self, e: int) -> Tensor:
         """(out, in) the matrix expert e computes with."""
-        return getattr(self, f"w{e}") if self.is_dense(e) else getattr(self, f"a{e}") @ getattr(self, f"b{e}")
+        own = getattr(self, f"w{e}") if self.is_dense(e) else getattr(self, f"a{e}") @ getattr(self, f"b{e}")
+        return own + self.base if self.shared_base else own
 
     def params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -134,14 +145,16 @@ def _shapes(experts: nn.Module, name: str) -> tuple[int, int]:
 
 
 def install_empty(model: nn.Module, layers: Mapping[str, Mapping[str, Sequence[int]]], dtype: torch.dtype) -> None:
-    """Install uninitialised projections of the recorded ranks ({layer: {"up_ranks", "down_ranks"}})."""
+    """Install uninitialised projections of the recorded ranks ({layer: {"up_ranks", "down_ranks"}, and
+    "shared_base": true for D2-MoE layers})."""
     found = {layer.layer_idx: layer for layer in find_moe_layers(model)}
     for idx, entry in layers.items():
         layer = found[int(idx)]
         views = expert_weight_views(layer)
         for name, key in ((views.up_name, "up_ranks"), (views.down_name, "down_ranks")):
             out, inp = _shapes(layer.experts, name)
-            install_lowrank(layer.experts, name, LowRankProjection(out, inp, entry[key], dtype, device="meta"))
+            install_lowrank(layer.experts, name, LowRankProjection(out, inp, entry[key], dtype, device="meta",
+                                                                   shared_base=bool(entry.get("shared_base"))))
 
 
 def save_lowrank(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:

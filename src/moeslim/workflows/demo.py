@@ -95,10 +95,11 @@ def demo_variants(config: DemoConfig, calibration: CalibrationConfig, num_expert
                 description="PMQ mixed precision, 2.5 bits/expert weight (GPTQ, group 128)"),
         Variant("uniform-3", (_stage("quantize", method="uniform", bits=3),),
                 description="uniform 3-bit GPTQ experts (group 128)"),
-        Variant("merge-hc-4", (_stage("merge", method="hc-smoe", keep=4),),
-                description="HC-SMoE merge 8 -> 4 experts (neuron-aligned, frequency-weighted)"),
+        Variant("merge-hc-4", (_stage("merge", method="hc-smoe", keep=4, router="fit"),),
+                description="HC-SMoE merge 8 -> 4 experts (frequency-weighted, 4 fitted router rows: a smaller "
+                            "checkpoint)"),
         Variant("lowrank-0.5", (_stage("lowrank", ratio=0.5),),
-                description="low-rank experts: whitened SVD, 50% of the expert weights"),
+                description="low-rank experts: per-expert whitened SVD (SVD-LLM), 50% of the expert weights"),
     ]
     if config.quick:
         keep = {"enum-4", "freq-4", "skip", "pmq-2.5"}

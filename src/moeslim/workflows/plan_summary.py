@@ -148,7 +148,8 @@ def _merge(plan: Plan) -> list[str]:
     counts = {idx: len(d["groups"]) for idx, d in plan.layers.items()}
     for layers, count in layer_runs(counts):
         groups = [" ".join("+".join(map(str, g)) for g in plan.layers[i]["groups"]) for i in layers]
-        lines.append(f"{layer_span(layers)}: {total or '?'} -> {count} experts, groups {_listed(groups)}")
+        kept = f"{count} merged experts in {total} slots" if s.get("router") == "keep" else f"{count} experts"
+        lines.append(f"{layer_span(layers)}: {total or '?'} -> {kept}, groups {_listed(groups)}")
     lines += _loss_line(_per_layer(s, "loss"))
     lines += _router_fit(s)
     return lines

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from moeslim.methods.lowrank.svd import is_dense
 
-__all__ = ["allocate_ranks", "projection_params"]
+__all__ = ["allocate_ranks", "projection_params", "shared_base_rank"]
 
 
 def projection_params(rank: int, out: int, inp: int) -> int:
@@ -64,3 +64,19 @@ def allocate_ranks(energies: Sequence[Tensor], shapes: Sequence[tuple[int, int]]
         if nxt is not None:
             heapq.heappush(heap, nxt)
     return ranks
+
+
+def shared_base_rank(experts: int, out: int, inp: int, budget: int, min_rank: int) -> int:
+    """D2-MoE: the one delta rank of every expert when a shared base (out, in) is stored once.
+
+    Largest r with out * in + experts * projection_params(r, out, inp) <= budget (min(out, in): deltas kept
+    dense). Raises ValueError when the base and ``min_rank`` deltas do not fit.
+    """
+    spare = budget - out * inp
+    full = min(out, inp)
+    rank = full if spare >= experts * out * inp else max(spare, 0) // (experts * (out + inp))
+    rank = full if is_dense(rank, out, inp) else rank
+    if spare < 0 or rank < min(min_rank, full):
+        raise ValueError(f"a shared base ({out * inp} parameters) and rank-{min_rank} deltas for {experts} experts "
+                         f"do not fit the budget of {budget}; raise the ratio or lower min_rank")
+    return rank

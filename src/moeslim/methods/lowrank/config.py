@@ -13,8 +13,16 @@ from moeslim.methods.router_fit import FIT_TOKENS
 
 @dataclass(frozen=True, kw_only=True)
 class LowRankConfig:
-    """Per-expert ranks of whitened truncated SVD factors under a parameter budget."""
+    """Low-rank experts under a parameter budget: per-expert whitened SVD (SVD-LLM) or D2-MoE's shared base + deltas."""
 
+    method: Literal["svd-llm", "d2moe"] = field(default="svd-llm", metadata={
+        "help": "svd-llm: every expert's own whitened truncated SVD, ranks allocated greedily across the layer's "
+                "experts | d2moe: a Fisher-weighted average of the layer's experts as a shared base (Fisher = the "
+                "routed tokens' gate^2 x input^2 per input column, layer-local, no backprop) plus every expert's "
+                "whitened SVD of its delta, one delta rank for all experts (D2-MoE's)"})
+    delta_ranks: Literal["uniform", "greedy"] = field(default="uniform", metadata={
+        "help": "d2moe only: uniform = one delta rank for every expert (the paper's) | greedy = ranks allocated "
+                "across the layer's experts by whitened error removed per parameter, as svd-llm does"})
     ratio: float = field(metadata={
         "help": "share of the expert weight parameters each MoE layer keeps (factors + matrices left dense), "
                 "in (0, 1]; 1 keeps every expert dense (the original)"})
@@ -42,6 +50,10 @@ class LowRankConfig:
             raise ConfigError(f"damp={self.damp}: use a positive damping, e.g. 0.01")
         if self.max_tokens < 1:
             raise ConfigError(f"max_tokens={self.max_tokens}: use at least 1 token")
+        if self.method not in ("svd-llm", "d2moe"):
+            raise ConfigError(f"method={self.method!r}: use 'svd-llm' or 'd2moe'")
+        if self.delta_ranks == "greedy" and self.method != "d2moe":
+            raise ConfigError("delta_ranks applies to method='d2moe' (svd-llm always allocates greedily)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,3 +65,11 @@ class LowRankConfig:
             if kind in section:
                 raise ConfigError(f"the model's experts are already {kind}d: apply lowrank before {kind}, "
                                   "on float experts")
+        if self.method == "d2moe":
+            from moeslim.models import find_moe_layers
+
+            for layer in find_moe_layers(model):
+                if self.ratio * layer.num_experts < 1:
+                    raise ConfigError(f"ratio={self.ratio}: d2moe's shared base alone costs one expert of "
+                                      f"{layer.num_experts} (layer {layer.layer_idx}); use ratio >= "
+                                      f"{1 / layer.num_experts:.3f} or method='svd-llm'")

@@ -1,5 +1,9 @@
 """``plan_lowrank``: per-expert ranks of whitened SVD factors per MoE layer; ``lowrank_layer`` builds them.
 
+method 'svd-llm': each expert's own whitened SVD, ranks allocated greedily across the layer's experts.
+method 'd2moe': a Fisher-weighted shared base per projection kind (``shared_base.fisher_base``) and each expert's
+whitened SVD of its delta, one delta rank for every expert (``allocate.shared_base_rank``).
+
 The plan holds the ranks. The factors are recomputed deterministically by ``lowrank_layer`` from the layer's
 per-expert input covariances on the plan's calibration windows, in the planner (to report the losses) and in
 ``apply`` (as GPTQ runs in apply): nothing but integers goes into the JSON.
@@ -18,8 +22,9 @@ from torch import Tensor, nn
 from moeslim.calibrate import LayerDecision, Observer, result_of, run_layerwise
 from moeslim.calibrate.hessians import ExpertHessians, ExpertHessianSummary
 from moeslim.data.calibration_set import CalibrationSet, calibration_fields
-from moeslim.methods.lowrank.allocate import allocate_ranks, projection_params
+from moeslim.methods.lowrank.allocate import allocate_ranks, projection_params, shared_base_rank
 from moeslim.methods.lowrank.config import LowRankConfig
+from moeslim.methods.lowrank.shared_base import fisher_base
 from moeslim.methods.lowrank.svd import WhitenedSVD, is_dense, whitened_svd, whitening
 from moeslim.methods.router_fit import (
     TokenInputs,
@@ -41,14 +46,17 @@ Projection = tuple[Tensor] | tuple[Tensor, Tensor]
 
 @dataclass(frozen=True)
 class LowRankLayer:
-    """One layer's low-rank experts: per expert the stored up / down projections ((out, in) orientation), the
-    router rows (E, H) (+ bias) when refitted, and the summary entry."""
+    """One layer's low-rank experts: per expert the stored up / down projections ((out, in) orientation; deltas
+    from ``up_base`` / ``down_base`` (out, in) when those are set, D2-MoE), the router rows (E, H) (+ bias) when
+    refitted, and the summary entry."""
 
     up: list[Projection]
     down: list[Projection]
     router_weight: Tensor | None
     router_bias: Tensor | None
     info: dict[str, Any]
+    up_base: Tensor | None = None
+    down_base: Tensor | None = None
 
 
 def lowrank_observers(layer: MoELayer, config: LowRankConfig) -> list[Observer]:
@@ -80,9 +88,15 @@ def choose_ranks(mats: ExpertMatrices, svds: tuple[list[WhitenedSVD], list[White
     ranks = []
     for kind, weights in zip(svds, (mats.up, mats.down), strict=True):
         n, out, inp = weights.shape
+        budget = int(config.ratio * n * out * inp)
+        if config.method == "d2moe" and config.delta_ranks == "uniform":  # the paper's: one rank for every delta
+            ranks.append([shared_base_rank(n, out, inp, budget, config.min_rank)] * n)
+            continue
+        if config.method == "d2moe":  # the base is paid once; the deltas share what is left
+            shared_base_rank(n, out, inp, budget, config.min_rank)  # refuses a budget the base does not fit
+            budget -= out * inp
         # An expert no calibration token reached adds nothing to the calibration loss: its directions gain zero.
         energies = [torch.zeros_like(s.s) if e in unrouted else s.energies for e, s in enumerate(kind)]
-        budget = int(config.ratio * n * out * inp)
         ranks.append(allocate_ranks(energies, [(out, inp)] * n, budget, config.min_rank))
     return ranks[0], ranks[1]
 
@@ -106,7 +120,13 @@ def lowrank_layer(layer: MoELayer, hessians: ExpertHessianSummary, x: Tensor | N
     and the router refit.
     """
     start = time.perf_counter()
-    mats = read_experts(layer)
+    original = read_experts(layer)
+    up_base = down_base = None
+    mats = original
+    if config.method == "d2moe":
+        up_base, down_base = fisher_base(original.up, hessians.up), fisher_base(original.down, hessians.down)
+        mats = ExpertMatrices(up=original.up - up_base, down=original.down - down_base,  # the deltas
+                              up_bias=original.up_bias, down_bias=original.down_bias)
     svds = layer_svds(mats, hessians, config.damp)
     unrouted = _unrouted(hessians)
     up_r, down_r = ranks if ranks is not None else choose_ranks(mats, svds, unrouted, config)
@@ -117,12 +137,17 @@ def lowrank_layer(layer: MoELayer, hessians: ExpertHessianSummary, x: Tensor | N
     down = [_stored(svds[1][e], mats.down[e], down_r[e]) for e in range(n)]
     params = sum(projection_params(up_r[e], *mats.up.shape[1:]) + projection_params(down_r[e], *mats.down.shape[1:])
                  for e in range(n))
+    params += sum(b.numel() for b in (up_base, down_base) if b is not None)
     dense_params = n * (mats.up.shape[1] * mats.up.shape[2] + mats.down.shape[1] * mats.down.shape[2])
     info: dict[str, Any] = {"up_ranks": list(up_r), "down_ranks": list(down_r), "param_ratio": params / dense_params,
                             "unrouted": unrouted}
     weight = bias = None
     if x is not None:
-        approx = ExpertMatrices(up=torch.stack([_dense(p) for p in up]), down=torch.stack([_dense(p) for p in down]),
+        def full(p: Projection, base: Tensor | None) -> Tensor:
+            return _dense(p) if base is None else _dense(p) + base
+
+        approx = ExpertMatrices(up=torch.stack([full(p, up_base) for p in up]),
+                                down=torch.stack([full(p, down_base) for p in down]),
                                 up_bias=mats.up_bias, down_bias=mats.down_bias)
         route = compressed_route(layer, layer.correction_bias(), keep_groups=True)
         outputs = compressed_outputs(layer, approx, x)  # (T, E, H)
@@ -138,7 +163,7 @@ def lowrank_layer(layer: MoELayer, hessians: ExpertHessianSummary, x: Tensor | N
             info["router_fit"] = fit.summary()
             info["loss"] = fit.loss_after
     info["seconds"] = time.perf_counter() - start
-    return LowRankLayer(up, down, weight, bias, info)
+    return LowRankLayer(up, down, weight, bias, info, up_base, down_base)
 
 
 def plan_lowrank(
@@ -170,6 +195,7 @@ def plan_lowrank(
     layers = {idx: {"up_ranks": r["up_ranks"], "down_ranks": r["down_ranks"]} for idx, r in results.items()}
     ratios = [r["param_ratio"] for r in results.values()]
     summary = {
+        "method": config.method,
         "ratio": config.ratio,
         "param_ratio": sum(ratios) / len(ratios),
         "recalibrate_router": config.recalibrate_router,
@@ -180,5 +206,5 @@ def plan_lowrank(
         "calibration_windows": int(input_ids.shape[0]),
         "calibration_seq_len": int(input_ids.shape[1]),
     }
-    provenance = Provenance.of(model, model_name, "whitened-svd", config.to_dict(), data_name, data_hash)
+    provenance = Provenance.of(model, model_name, config.method, config.to_dict(), data_name, data_hash)
     return Plan(kind="lowrank", layers=layers, provenance=provenance, summary=summary)

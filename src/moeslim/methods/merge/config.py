@@ -19,9 +19,10 @@ MERGE_MODE_WHY = "hc-smoe progressive was +0.3 % perplexity, lower in 8 of 18 pa
 
 @dataclass(frozen=True, kw_only=True)
 class MergeConfig:
-    """How every MoE layer's experts are grouped into ``keep`` merged experts."""
+    """How every MoE layer's experts are grouped into ``keep`` merged experts (HC-SMoE / MC-SMoE)."""
 
-    keep: int = field(metadata={"help": "experts each MoE layer keeps after merging (at least top_k)"})
+    keep: int = field(metadata={"help": "merged (unique) experts per MoE layer: the average over layers with "
+                                        "counts=global; at least top_k with router=fit"})
     method: Literal["hc-smoe", "mc-smoe"] = field(default="hc-smoe", metadata={
         "help": "hc-smoe: average-linkage clustering of the experts' mean outputs on calibration tokens; "
                 "mc-smoe: the keep most-routed experts dominate, every other joins its most similar dominant by "
@@ -30,15 +31,24 @@ class MergeConfig:
         "help": "layerwise: every layer grouped (and its router rows fitted) on the original model's inputs | "
                 "progressive: on the inputs of the model with the earlier layers already merged (apply runs its "
                 f"fits the same way); default {DEFAULT_MERGE_MODE}: {MERGE_MODE_WHY}"})
-    metric: Literal["cosine", "euclidean"] = field(default="cosine", metadata={
-        "help": "hc-smoe distance between mean expert outputs"})
-    align: bool = field(default=True, metadata={
+    router: Literal["keep", "fit"] = field(default="keep", metadata={
+        "help": "keep = the authors' way: the router keeps its E rows and every member of a group computes the "
+                "group's merged expert (saved for stock transformers by writing the merged weights into every "
+                "member's slot: the checkpoint keeps E experts and the original bytes; only the unique experts "
+                "shrink) | fit = a smaller model: K experts and K router rows (see fit_rows)"})
+    fit_rows: Literal["lse-fit", "representative"] = field(default="lse-fit", metadata={
+        "help": "router=fit only: each merged expert's router row: lse-fit = least-squares fit of the group's "
+                "logsumexp logit (softmax: the group's summed probability; sigmoid: its noisy-or) on calibration "
+                "tokens; representative = the representative's own row (data-free apply)"})
+    metric: Literal["cosine", "euclidean"] | None = field(default=None, metadata={
+        "help": "hc-smoe distance between the experts' mean outputs; None = euclidean (HC-SMoE's)"})
+    align: bool | None = field(default=None, metadata={
         "help": "permute each member's intermediate neurons onto the group representative's (weight matching, "
-                "Hungarian) before averaging"})
-    router: Literal["lse-fit", "representative"] = field(default="lse-fit", metadata={
-        "help": "merged expert's router row: lse-fit = least-squares fit of the group's logsumexp logit (softmax: "
-                "the group's summed probability; sigmoid: its noisy-or) on calibration tokens; representative = "
-                "the representative's own row (data-free apply)"})
+                "Hungarian) before averaging; None = on for mc-smoe, off for hc-smoe (each paper's choice)"})
+    counts: Literal["uniform", "global"] | None = field(default=None, metadata={
+        "help": "groups per layer: uniform = keep in every layer | global = MC-SMoE's: keep x layers groups in "
+                "all, given to the most-routed experts of the whole model (normalised per layer, each layer at "
+                "least one); None = global for mc-smoe with router=keep, else uniform"})
     ridge: float = field(default=1e-3, metadata={"help": "ridge of the lse-fit, relative to mean diag(X^T X)"})
     max_tokens: int = field(default=FIT_TOKENS, metadata={
         "help": "calibration tokens per layer used for grouping, router fits and losses (the first ones)"})
@@ -52,21 +62,29 @@ class MergeConfig:
             raise ConfigError(f"method={self.method!r}: use one of {', '.join(MERGE_METHODS)}")
         if self.mode not in ("layerwise", "progressive"):
             raise ConfigError(f"mode={self.mode!r}: use 'layerwise' or 'progressive'")
-        if self.metric not in ("cosine", "euclidean"):
-            raise ConfigError(f"metric={self.metric!r}: use 'cosine' or 'euclidean'")
-        if self.router not in ("lse-fit", "representative"):
-            raise ConfigError(f"router={self.router!r}: use 'lse-fit' or 'representative'")
         if self.keep < 1:
             raise ConfigError(f"keep={self.keep}: keep at least 1 expert per layer")
         if self.ridge < 0:
             raise ConfigError(f"ridge={self.ridge}: use a value >= 0")
         if self.max_tokens < 1:
             raise ConfigError(f"max_tokens={self.max_tokens}: use at least 1 token")
+        if self.counts == "global" and self.router == "fit":
+            raise ConfigError("counts='global' gives layers different expert counts, which router='fit' cannot save "
+                              "as a stock checkpoint (one expert count per model); use router='keep' or "
+                              "counts='uniform'")
+        # The method's own defaults, resolved here so that the plan's provenance records what ran.
+        hc = self.method == "hc-smoe"
+        if self.metric is None:
+            object.__setattr__(self, "metric", "euclidean")
+        if self.align is None:
+            object.__setattr__(self, "align", not hc)
+        if self.counts is None:
+            object.__setattr__(self, "counts", "global" if not hc and self.router == "keep" else "uniform")
 
     @property
     def needs_data_in_apply(self) -> bool:
         """Whether apply must see the calibration windows (router fits run there, like GPTQ)."""
-        return self.router == "lse-fit" or self.recalibrate_router
+        return (self.router == "fit" and self.fit_rows == "lse-fit") or self.recalibrate_router
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,5 +98,7 @@ class MergeConfig:
             if self.keep >= experts:
                 raise ConfigError(f"keep={self.keep} keeps all {experts} experts of layer {layer.layer_idx} "
                                   f"({family}): nothing to merge; use keep < {experts}")
-            if self.keep < top_k:
-                raise ConfigError(f"keep={self.keep} is below top_k={top_k} of {family}; keep at least {top_k}")
+            # router=keep still routes top_k of E slots (two slots of one group just add their weights).
+            if self.router == "fit" and self.keep < top_k:
+                raise ConfigError(f"keep={self.keep} is below top_k={top_k} of {family}; keep at least {top_k} "
+                                  "with router='fit'")

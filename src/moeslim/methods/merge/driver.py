@@ -3,7 +3,9 @@
 The planner records per layer the groups, the members' merge weights (routed-token shares) and the
 representative of each group. Everything else is recomputed deterministically by ``merge_layer``, in the planner
 (to report the losses) and again in ``apply``: the neuron permutations (weight matching needs only the weights),
-the merged weights, and the router rows (fitted on the plan's calibration windows, as GPTQ runs in apply).
+the merged weights, and with router='fit' the K router rows (fitted on the plan's calibration windows, as GPTQ
+runs in apply). With router='keep' (the papers') the E router rows stay and every slot computes its group's
+merged expert. MC-SMoE's global group counts come from a first pass over all layers' routing counts.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moeslim.calibrate import LayerDecision, Observer, run_layerwise
+from moeslim.calibrate import LayerDecision, Observer, RoutingStats, RoutingSummary, result_of, run_layerwise
 from moeslim.calibrate.runner import BlockOverride
 from moeslim.data.calibration_set import CalibrationSet, calibration_fields
 from moeslim.methods.merge.combine import (
@@ -34,6 +36,7 @@ from moeslim.methods.merge.grouping import (
     average_linkage_groups,
     dominant_groups,
     frequency_weights,
+    global_group_counts,
     pairwise_distance,
     representative,
 )
@@ -81,13 +84,34 @@ class LayerGroups:
 
 @dataclass(frozen=True)
 class MergedLayer:
-    """The merged block of one layer: K experts, router rows (K, H) (+ bias, correction bias (K,))."""
+    """The merged block of one layer: K merged experts and the router.
+
+    router='fit': router rows (K, H) (+ bias, correction bias (K,)), ``slots`` None. router='keep': the E original
+    router rows (refitted with recalibrate_router), ``slots`` (E,) the merged expert each original slot computes.
+    """
 
     experts: ExpertMatrices
     router_weight: Tensor
     router_bias: Tensor | None
     correction: Tensor | None
     info: dict[str, Any]
+    slots: list[int] | None = None
+
+    def slot_experts(self) -> ExpertMatrices:
+        """The experts as the saved model stores them: K for router='fit', E (members repeat their merge) for
+        router='keep'."""
+        if self.slots is None:
+            return self.experts
+        index = torch.tensor(self.slots)
+        m = self.experts
+        return ExpertMatrices(up=m.up[index], down=m.down[index],
+                              up_bias=None if m.up_bias is None else m.up_bias[index],
+                              down_bias=None if m.down_bias is None else m.down_bias[index])
+
+    def outputs(self, layer: MoELayer, x: Tensor) -> Tensor:
+        """(T, H) -> (T, K or E, H) what every router row's expert outputs (merged experts computed once)."""
+        out = compressed_outputs(layer, self.experts, x)  # (T, K, H)
+        return out if self.slots is None else out[:, self.slots]
 
 
 @torch.no_grad()
@@ -101,14 +125,17 @@ def _mean_outputs(layer: MoELayer, x: Tensor) -> Tensor:
     return total / max(x.shape[0], 1)
 
 
-def choose_groups(layer: MoELayer, x: Tensor, counts: Tensor, config: MergeConfig) -> LayerGroups:
-    """Group the layer's experts into ``config.keep`` groups on tokens x (T, H) with routed counts (E,)."""
+def choose_groups(layer: MoELayer, x: Tensor, counts: Tensor, config: MergeConfig, keep: int | None = None
+                  ) -> LayerGroups:
+    """Group the layer's experts into ``keep`` (default ``config.keep``) groups on tokens x (T, H) with routed
+    counts (E,)."""
+    k = config.keep if keep is None else keep
     if config.method == "hc-smoe":
-        groups = average_linkage_groups(pairwise_distance(_mean_outputs(layer, x), config.metric), config.keep)
+        groups = average_linkage_groups(pairwise_distance(_mean_outputs(layer, x), str(config.metric)), k)
     else:
         logits = layer_logits(layer, x)  # (T, E)
         unit = logits.double() / logits.double().norm(dim=0, keepdim=True).clamp_min(1e-12)
-        groups = dominant_groups(unit.T @ unit, counts, config.keep)
+        groups = dominant_groups(unit.T @ unit, counts, k)
     weights = [frequency_weights(g, counts) for g in groups]
     reps = [representative(g, w) for g, w in zip(groups, weights, strict=True)]
     order = sorted(range(len(groups)), key=lambda i: reps[i])
@@ -153,13 +180,13 @@ def _one(mats: ExpertMatrices, e: int) -> ExpertMatrices:
 
 def _router_rows(layer: MoELayer, decision: LayerGroups, x: Tensor | None, config: MergeConfig
                  ) -> tuple[Tensor, Tensor | None]:
-    """Merged router rows (K, H) and bias (K,): lse-fit on x, or the representatives' rows."""
+    """Merged router rows (K, H) and bias (K,): lse-fit on x, or the representatives' rows (router='fit')."""
     weight = layer.router_weight.detach().float().cpu()
     rbias = router_bias(layer)
     rbias = None if rbias is None else rbias.detach().float().cpu()
     reps = torch.tensor(decision.representatives)
     rows, bias = weight[reps].clone(), None if rbias is None else rbias[reps].clone()
-    if config.router == "representative":
+    if config.fit_rows == "representative":
         return rows, bias
     if x is None:
         raise ValueError("router='lse-fit' needs the calibration tokens")
@@ -192,15 +219,28 @@ def merge_layer(layer: MoELayer, decision: LayerGroups, x: Tensor | None, config
     ``keep_groups``: whether group limits survive (default: decided from this layer's representatives).
     """
     start = time.perf_counter()
-    experts = _merged_experts(layer, decision, config.align)
-    weight, bias = _router_rows(layer, decision, x, config)
-    correction = _correction(layer, decision)
-    if keep_groups is None:
-        keep_groups = masked_routing_is_identity(layer.config, {layer.layer_idx: decision.representatives})
+    experts = _merged_experts(layer, decision, bool(config.align))
+    slots: list[int] | None = None
+    if config.router == "keep":  # every slot keeps its router row and computes its group's merged expert
+        slots = [0] * layer.num_experts
+        for j, group in enumerate(decision.groups):
+            for e in group:
+                slots[e] = j
+        weight = layer.router_weight.detach().float().cpu().clone()
+        rbias = router_bias(layer)
+        bias = None if rbias is None else rbias.detach().float().cpu().clone()
+        corr = layer.correction_bias()
+        correction = None if corr is None else corr.detach().float().cpu().reshape(-1).clone()
+        keep_groups = True  # all E experts stay, so do the routing groups
+    else:
+        weight, bias = _router_rows(layer, decision, x, config)
+        correction = _correction(layer, decision)
+        if keep_groups is None:
+            keep_groups = masked_routing_is_identity(layer.config, {layer.layer_idx: decision.representatives})
     info: dict[str, Any] = {"keep_groups": bool(keep_groups)}
     if x is not None:
         route = compressed_route(layer, correction, keep_groups)
-        outputs = compressed_outputs(layer, experts, x)  # (T, K, H)
+        outputs = MergedLayer(experts, weight, bias, correction, info, slots).outputs(layer, x)  # (T, K or E, H)
         target = original_routed(layer, x)
         info["loss"] = block_loss(x, outputs, target, route, weight, bias)
         info["tokens"] = int(x.shape[0])
@@ -210,7 +250,7 @@ def merge_layer(layer: MoELayer, decision: LayerGroups, x: Tensor | None, config
             info["router_fit"] = fit.summary()
             info["loss"] = fit.loss_after
     info["seconds"] = time.perf_counter() - start
-    return MergedLayer(experts, weight, bias, correction, info)
+    return MergedLayer(experts, weight, bias, correction, info, slots)
 
 
 def merged_block(layer: MoELayer, merged: MergedLayer) -> BlockOverride:
@@ -223,12 +263,25 @@ def merged_block(layer: MoELayer, merged: MergedLayer) -> BlockOverride:
     def forward(x: Tensor) -> Tensor:
         logits = x.float() @ weight.T.to(x.device)  # (T, K)
         w, ids = route(logits if bias is None else logits + bias.to(x.device))
-        out = routed_output(compressed_outputs(layer, merged.experts, x), w.float().cpu(), ids.cpu())  # (T, H)
+        out = routed_output(merged.outputs(layer, x), w.float().cpu(), ids.cpu())  # (T, H)
         out = out.to(device=x.device, dtype=x.dtype)
         shared = layer.shared_output(x)
         return out if shared is None else out + shared
 
     return forward
+
+
+def _global_counts(model: nn.Module, input_ids: Tensor, config: MergeConfig, batch_size: int,
+                   device: torch.device | str | None, progress: bool) -> dict[int, int]:
+    """MC-SMoE's per-layer group counts from every layer's routed counts on the original model (one extra
+    calibration pass: the allocation needs all layers before the first is grouped)."""
+    def on_layer(layer: MoELayer, observers: Sequence[Observer]) -> LayerDecision:
+        return LayerDecision(result=result_of(observers[0], RoutingSummary).counts)
+
+    counts: dict[int, Tensor] = run_layerwise(
+        model, input_ids, make_observers=lambda layer: [RoutingStats(layer.num_experts)], on_layer=on_layer,
+        propagate="original", batch_size=batch_size, device=device, progress=progress, label="routing counts")
+    return global_group_counts(counts, config.keep)
 
 
 def plan_merge(
@@ -249,10 +302,12 @@ def plan_merge(
     start = time.perf_counter()
 
     progressive = config.mode == "progressive"
+    per_layer = _global_counts(model, input_ids, config, batch_size, device, progress) \
+        if config.counts == "global" else {}
 
     def on_layer(layer: MoELayer, observers: Sequence[Observer]) -> LayerDecision:
         x, counts, tokens = token_inputs(observers)
-        decision = choose_groups(layer, x, counts, config)
+        decision = choose_groups(layer, x, counts, config, per_layer.get(layer.layer_idx))
         merged = merge_layer(layer, decision, x, config)
         result = {**decision.to_json(), **merged.info, "calibration_tokens": tokens}
         # Progressive: later layers see this one as the merged model computes it.
@@ -271,6 +326,8 @@ def plan_merge(
         "keep": config.keep,
         "mode": config.mode,
         "router": config.router,
+        "counts": config.counts,
+        "groups_per_layer": {str(idx): len(r["groups"]) for idx, r in sorted(results.items())},
         "align": config.align,
         "recalibrate_router": config.recalibrate_router,
         "apply_needs_calibration": config.needs_data_in_apply,

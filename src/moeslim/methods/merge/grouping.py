@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["average_linkage_groups", "dominant_groups", "frequency_weights", "pairwise_distance", "representative"]
+__all__ = ["average_linkage_groups", "dominant_groups", "frequency_weights", "global_group_counts", "pairwise_distance",
+           "representative"]
 
 
 def pairwise_distance(features: Tensor, metric: str) -> Tensor:
@@ -73,3 +74,29 @@ def frequency_weights(group: list[int], counts: Tensor) -> list[float]:
 def representative(group: list[int], weights: list[float]) -> int:
     """The member with the largest merge weight (ties: lowest id): neurons are aligned onto it."""
     return min(zip(group, weights, strict=True), key=lambda item: (-item[1], item[0]))[0]
+
+
+def global_group_counts(counts: dict[int, Tensor], keep: int) -> dict[int, int]:
+    """MC-SMoE's global group counts: {layer: routed counts (E,)} -> {layer: groups}, ``keep`` per layer on average.
+
+    Every layer's counts are normalised to routing frequencies; the ``keep * layers`` most frequent experts of the
+    whole model become dominant (ties: lower layer, then lower expert id), so layers whose routing is spread over
+    many experts keep more groups. Each layer's most-routed expert is always dominant (at least one group).
+    """
+    if not counts:
+        return {}
+    layers = sorted(counts)
+    experts = {int(counts[i].numel()) for i in layers}
+    if len(experts) != 1 or not 1 <= keep <= next(iter(experts)):
+        raise ValueError(f"keep={keep} must be in [1, experts] and every layer must have the same expert count")
+    entries: list[tuple[float, int, int]] = []
+    for i in layers:
+        c = counts[i].double()
+        freq = c / c.sum().clamp_min(1e-300)
+        top = int(torch.argmax(freq))  # lowest id among ties
+        entries += [(float("inf") if e == top else float(freq[e]), i, e) for e in range(freq.numel())]
+    chosen = sorted(entries, key=lambda t: (-t[0], t[1], t[2]))[:keep * len(layers)]
+    out = dict.fromkeys(layers, 0)
+    for _, i, _ in chosen:
+        out[i] += 1
+    return out
