@@ -133,16 +133,18 @@ def solve_joint(options: Mapping[int, Sequence[SizeOption]], widths: Sequence[in
     n = len(costs)
     eq = coo_array((vals, (rows, cols)), shape=(n_eq + len(layer_rows), n)).tocsr()
     rhs = np.concatenate([np.zeros(n_eq), np.ones(len(layer_rows))])
-    # Byte rows scaled to O(1) coefficients, their bounds tightened by a margin above HiGHS's feasibility
-    # tolerance (1e-7), so a solution within tolerance still holds exactly <= target bytes (checked below).
+    # Byte rows scaled to O(1) coefficients. Savings are integers, so a solution within HiGHS's feasibility
+    # tolerance (1e-7 of the scale) holds exactly <= target bytes while the scale is below 5e6 bytes; above, the
+    # bound is tightened by 1e-6 of the scale (a few KiB of a multi-GiB model). Checked below either way.
     save = np.asarray(saving)
     unit = float(save.max()) if save.size and save.max() > 0 else 1.0
+    margin = 0.0 if unit < 5e6 else _MARGIN
     constraints = [LinearConstraint(eq, rhs, rhs),
-                   LinearConstraint(save[None, :] / unit, (base - target) / unit + _MARGIN, np.inf)]
+                   LinearConstraint(save[None, :] / unit, (base - target) / unit + margin, np.inf)]
     if active_target is not None:
         reads = np.asarray(active)
         read_unit = float(reads.max()) if reads.size and reads.max() > 0 else 1.0
-        constraints.append(LinearConstraint(reads[None, :] / read_unit, -np.inf, active_target / read_unit - _MARGIN))
+        constraints.append(LinearConstraint(reads[None, :] / read_unit, -np.inf, active_target / read_unit))
     c = np.asarray(costs, dtype=np.float64)
     scale = float(c.max()) if c.size and c.max() > 0 else 1.0
     # Scaled so HiGHS's absolute gap (1e-6) is far below any cost difference that matters.
