@@ -29,7 +29,7 @@ from scipy.sparse import coo_array
 
 from moeslim.methods.joint.sizes import LayerBytes
 
-_MARGIN = 1e-6
+_RETRIES = 4
 
 __all__ = ["JointChoice", "LayerChoice", "SizeOption", "min_held_bytes", "solve_joint"]
 
@@ -133,26 +133,44 @@ def solve_joint(options: Mapping[int, Sequence[SizeOption]], widths: Sequence[in
     n = len(costs)
     eq = coo_array((vals, (rows, cols)), shape=(n_eq + len(layer_rows), n)).tocsr()
     rhs = np.concatenate([np.zeros(n_eq), np.ones(len(layer_rows))])
-    # Byte rows scaled to O(1) coefficients. Savings are integers, so a solution within HiGHS's feasibility
-    # tolerance (1e-7 of the scale) holds exactly <= target bytes while the scale is below 5e6 bytes; above, the
-    # bound is tightened by 1e-6 of the scale (a few KiB of a multi-GiB model). Checked below either way.
+    # Byte rows scaled to O(1) coefficients. HiGHS accepts a solution within its feasibility tolerance (1e-7 of the
+    # scale), which on a large model is more than a byte: a decision over the target is solved again with the
+    # bound tightened by the overshoot, so the target is met exactly (savings are integers).
     save = np.asarray(saving)
     unit = float(save.max()) if save.size and save.max() > 0 else 1.0
-    margin = 0.0 if unit < 5e6 else _MARGIN
-    constraints = [LinearConstraint(eq, rhs, rhs),
-                   LinearConstraint(save[None, :] / unit, (base - target) / unit + margin, np.inf)]
-    if active_target is not None:
-        reads = np.asarray(active)
-        read_unit = float(reads.max()) if reads.size and reads.max() > 0 else 1.0
-        constraints.append(LinearConstraint(reads[None, :] / read_unit, -np.inf, active_target / read_unit))
     c = np.asarray(costs, dtype=np.float64)
     scale = float(c.max()) if c.size and c.max() > 0 else 1.0
-    # Scaled so HiGHS's absolute gap (1e-6) is far below any cost difference that matters.
-    result = milp(c * (1e6 / scale), integrality=np.ones(n), bounds=Bounds(0, 1), constraints=constraints,
-                  options={"mip_rel_gap": 0.0, "time_limit": time_limit, "presolve": True})
-    if result.x is None:
-        raise ValueError(f"no joint decision fits: {result.message}")
-    chosen = np.round(result.x).astype(int)
+    tighten = 0
+    for _ in range(_RETRIES):
+        constraints = [LinearConstraint(eq, rhs, rhs),
+                       LinearConstraint(save[None, :] / unit, (base - target + tighten) / unit, np.inf)]
+        if active_target is not None:
+            reads = np.asarray(active)
+            read_unit = float(reads.max()) if reads.size and reads.max() > 0 else 1.0
+            constraints.append(LinearConstraint(reads[None, :] / read_unit, -np.inf, active_target / read_unit))
+        # Costs scaled so HiGHS's absolute gap (1e-6) is far below any cost difference that matters.
+        result = milp(c * (1e6 / scale), integrality=np.ones(n), bounds=Bounds(0, 1), constraints=constraints,
+                      options={"mip_rel_gap": 0.0, "time_limit": time_limit, "presolve": True})
+        if result.x is None:
+            raise ValueError(f"no joint decision fits: {result.message}")
+        chosen = np.round(result.x).astype(int)
+        layers = _decode(chosen, options, order, widths, x_index, y_index)
+        held = _held(base, sizes, layers)
+        if held <= target:
+            break
+        tighten += held - target
+    else:
+        raise ValueError(f"the solver's decisions stay above the target {target} bytes (last: {held})")
+    read = sum((float(options[idx][s].freq[e]) * sizes[idx].width[widths[j]]
+                for (idx, s, e, j), col in y_index.items() if chosen[col]), 0.0)
+    return JointChoice(layers=layers, error=sum(c.error for c in layers.values()), held_bytes=held,
+                       active_bytes=read, mip_gap=float(getattr(result, "mip_gap", 0.0) or 0.0))
+
+
+def _decode(chosen: np.ndarray, options: Mapping[int, Sequence[SizeOption]], order: list[int], widths: list[int],
+            x_index: dict[tuple[int, int], int], y_index: dict[tuple[int, int, int, int], int]
+            ) -> dict[int, LayerChoice]:
+    """The layers' decisions from the 0/1 solution vector."""
     layers: dict[int, LayerChoice] = {}
     for idx in order:
         s = next(s for s in range(len(options[idx])) if chosen[x_index[idx, s]])
@@ -161,10 +179,4 @@ def solve_joint(options: Mapping[int, Sequence[SizeOption]], widths: Sequence[in
                 for e in range(len(opt.kept))]
         err = float(opt.prune_err) + sum(float(opt.quant_err[e, widths.index(b)]) for e, b in enumerate(bits))
         layers[idx] = LayerChoice(kept=tuple(opt.kept), bits=tuple(bits), error=err)
-    held = _held(base, sizes, layers)
-    read = sum((float(options[idx][s].freq[e]) * sizes[idx].width[widths[j]]
-                for (idx, s, e, j), col in y_index.items() if chosen[col]), 0.0)
-    if held > target:  # integrality is exact for 0/1 solutions; a violation means the solver's tolerance slipped
-        raise ValueError(f"the solver's decision holds {held} bytes, above the target {target}")
-    return JointChoice(layers=layers, error=sum(c.error for c in layers.values()), held_bytes=held,
-                       active_bytes=read, mip_gap=float(getattr(result, "mip_gap", 0.0) or 0.0))
+    return layers
