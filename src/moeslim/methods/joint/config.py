@@ -46,7 +46,8 @@ class JointConfig:
     group_size: int = _help("quantization group size along the input dimension", 128)
     symmetric: bool = _help("symmetric groups (no zero points; widths 2..8)", False)
     quantizer: Literal["gptq", "rtn"] = _help(
-        "gptq (runs in apply, on the plan's calibration windows) | rtn (round-to-nearest, no data)", "gptq")
+        "gptq (runs in apply, on the plan's calibration windows; the planner weighs GPTQ's errors too) | rtn "
+        "(round-to-nearest, no data)", "gptq")
     max_tokens: int | None = _help("cap on the calibration tokens whose expert outputs are measured per layer",
                                    DEFAULT_MAX_TOKENS)
     token_fraction: float = _help("share of calibration tokens measured", 1.0)

@@ -34,7 +34,7 @@ def _layer_options(layer: MoELayer, observers: Any, config: JointConfig, targets
     entry = decide_layer(layer, observers, targets.prune, ctx)
     sample = result_of(observers[0], ExpertOutputSample)
     return size_options(entry["curve"], targets.kept_sizes, layer, sample, ctx.route(layer), config.widths,
-                        config.group_size, config.symmetric)
+                        config.group_size, config.symmetric, config.quantizer)
 
 
 def measure_options(model: nn.Module, input_ids: torch.Tensor, config: JointConfig, targets: JointTargets,
