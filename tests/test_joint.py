@@ -167,6 +167,10 @@ def test_target_below_the_minimum_names_the_minimum() -> None:
         JointConfig(target_mib=10.0).check_model(model)
     with pytest.raises(ConfigError, match="below the least a token reads"):
         JointConfig(target_active_mib=1e-6).check_model(model)
+    with torch.device("meta"):
+        skeleton = tiny_model("mixtral")
+    with pytest.raises(ConfigError, match="drop --stream"):
+        JointConfig(target_ratio=0.5).check_model(skeleton)
 
 
 @pytest.mark.parametrize(("values", "message"), [

@@ -43,6 +43,9 @@ def _prune_config(config: JointConfig, num_experts: int, min_keep: int) -> Prune
 
 
 def resolve_targets(model: nn.Module, config: JointConfig) -> JointTargets:
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise ConfigError("the joint planner measures the held bytes of the whole model, and some of its tensors are "
+                          "not loaded (meta: a streamed or partly loaded model); load it whole (drop --stream)")
     layers = find_moe_layers(model)
     experts, top_k = layers[0].num_experts, layers[0].top_k
     if any(layer.num_experts != experts for layer in layers):
