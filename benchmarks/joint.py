@@ -18,6 +18,9 @@ the planner's error estimate against measured KL over the budgets (Spearman rank
 ``joint ppl ratio vs best single at 25%: X (model)`` line per model (goal: <= 1.0).
 
     python benchmarks/joint.py --out docs/results-joint.md
+    python benchmarks/joint.py --plot-only --out docs/results-joint.md   # redraw the frontier plot from the table
+
+The frontier plot (quality vs MiB held, one panel per model) is drawn from the written table into the PNG beside it.
 """
 
 from __future__ import annotations
@@ -260,6 +263,62 @@ def _table(name: str, bench: Bench, original: Measured, rows: list[Any]) -> list
     return lines
 
 
+PLOT_LINK = "![perplexity vs MiB held](results-joint.png)"
+
+
+def _parse_tables(text: str) -> dict[str, list[tuple[str, str, float, float]]]:
+    """{model: [(variant, method, MiB held, ppl geo)]} from the written report's tables."""
+    out: dict[str, list[tuple[str, str, float, float]]] = {}
+    model = None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            model = line[4:].split(" (")[0]
+            out[model] = []
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if model is None or len(cells) < 8 or not cells[3] or cells[1] in ("variant", "-") or cells[0] == "---":
+            continue
+        try:
+            out[model].append((cells[1].replace(" (best single)", ""), cells[2], float(cells[3]), float(cells[7])))
+        except ValueError:
+            continue
+    return out
+
+
+def plot_frontier(md_path: Path) -> Path:
+    """Perplexity (geometric mean over domains) vs MiB held: the joint plans' frontier and the single methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = _parse_tables(md_path.read_text(encoding="utf-8"))
+    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), squeeze=False)
+    kinds = {"joint": ("joint", "o-"), "quantize-only uniform": ("uniform", "s"), "quantize-only PMQ": ("PMQ", "^"),
+             "prune-only REAP": ("REAP", "x")}
+    for ax, (model, rows) in zip(axes[0], tables.items(), strict=True):
+        groups: dict[str, list[tuple[float, float]]] = {}
+        for _name, method, mib, ppl in rows:
+            key = "joint" if method.startswith("joint") else ("prune-only" if method.startswith("prune-only")
+                                                              and "REAP" not in method else method)
+            groups.setdefault(key, []).append((mib, ppl))
+        for key, points in groups.items():
+            label, style = kinds.get(key, ("prune-only enumerate/search (global)" if key == "prune-only" else key, "d"))
+            pts = sorted(set(points))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, alpha=0.8)
+        ax.set_xlabel("MiB held (measured)")
+        ax.set_ylabel("perplexity (geometric mean, code + prose)")
+        ax.set_yscale("log")
+        ax.set_title(model)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = md_path.with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="demo,demo-fine")
@@ -273,7 +332,16 @@ def main() -> None:
                         help="kept-set size step on models with more than 16 experts (a smaller MILP)")
     parser.add_argument("--widths", default="2,3,4,8,16", help="the joint planner's candidate widths")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the table in --out")
     args = parser.parse_args()
+    if args.plot_only:
+        md = Path(args.out)
+        text = md.read_text(encoding="utf-8")
+        if PLOT_LINK not in text:  # a table written before the plot existed
+            head, _, rest = text.partition("\n\n")
+            md.write_text(f"{head}\n\n{PLOT_LINK}\n\n{rest}", encoding="utf-8")
+        print(f"wrote {plot_frontier(md)}")
+        return
     torch.manual_seed(0)
     budgets = [float(b) for b in args.budgets.split(",")]
     start = time.perf_counter()
@@ -298,6 +366,8 @@ def main() -> None:
         "widths). Total run time "
         f"{total / 60:.1f} min.",
         "",
+        PLOT_LINK,
+        "",
         *body,
     ]
     for name, s in summary.items():
@@ -308,6 +378,7 @@ def main() -> None:
     print(output)
     if args.out:
         Path(args.out).write_text(output, encoding="utf-8")
+        plot_frontier(Path(args.out))
 
 
 if __name__ == "__main__":
