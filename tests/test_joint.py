@@ -119,6 +119,14 @@ def test_applied_model_holds_at_most_the_target(family: str) -> None:
     assert held <= target
 
 
+def test_symmetric_widths_bytes_are_exact() -> None:
+    model = tiny_model("qwen3_moe")
+    target = _target_between(model, 0.2)
+    plan = plan_joint(model, CALIB, JointConfig(target_mib=target / MIB, symmetric=True, group_size=16), "tiny")
+    apply(model, plan, calibration=CALIB)
+    assert param_bytes(model)["total"] == plan.summary["held_bytes"] <= target
+
+
 def test_nonuniform_quantized_plan_saves_and_loads(tmp_path: Path) -> None:
     model = tiny_model("olmoe")
     target = _target_between(model, 0.05)
