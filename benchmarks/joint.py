@@ -362,8 +362,8 @@ def main() -> None:
         "apply on the same calibration windows. Single methods hold at least the joint plan's measured bytes, "
         "each at its smallest such setting (PMQ's average bits bisected to the bytes closest to the joint's; the "
         "original itself is not a single method); the best single method is the one of lowest perplexity among "
-        "them. 'est. error' is the planner's estimate (summed squared block-output errors, RTN errors for the "
-        "widths). Total run time "
+        "them. 'est. error' is the planner's estimate (summed squared block-output errors; each width's error that of "
+        "GPTQ on the sample, as apply runs it). Total run time "
         f"{total / 60:.1f} min.",
         "",
         PLOT_LINK,
