@@ -208,3 +208,12 @@ def test_cli_plan_joint_then_apply(tiny_model_dir: Path, tmp_path: Path, capsys:
     assert main(["plan", "joint", str(tiny_model_dir), "--target-ratio", "0.01", *calib,
                  "--out", str(tmp_path / "no.json")]) == 2
     assert "MiB" in error_line(capsys) and not (tmp_path / "no.json").exists()
+
+
+def test_recipe_stage_joint_is_validated_before_work() -> None:
+    from moeslim.workflows.stages import parse_stage
+
+    stage = parse_stage({"joint": {"target_ratio": 0.3, "widths": [2, 4, 16]}}, "r.yaml.stages[0]")
+    assert stage.kind == "joint" and stage.config.widths == (2, 4, 16)
+    with pytest.raises(ConfigError, match="give a target"):
+        parse_stage({"joint": {}}, "r.yaml.stages[0]")
