@@ -170,6 +170,7 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "quantize": {"method": "uniform", "bits": 3, "group_size": 16},
     "merge": {"keep": 6},
     "lowrank": {"ratio": 0.5},
+    "joint": {"target_ratio": 0.5, "quantizer": "rtn"},
 }
 
 

@@ -13,6 +13,8 @@ from moeslim.runtime.serialize import _form
     ({"quantize": {}}, "packed low-bit experts"),
     ({"lowrank": {}, "skip": {}}, "low-rank experts"),
     ({"prune": {"layout": "compact", "experts_per_layer": {"0": 2}}}, "compact non-uniform experts"),
+    # compact and then quantized (a joint plan): the low-bit form cuts the layers to their counts itself
+    ({"prune": {"layout": "compact", "experts_per_layer": {"0": 2}}, "quantize": {}}, "packed low-bit experts"),
 ])
 def test_the_section_picks_the_form(section: dict, form: str | None) -> None:
     found = _form(section)

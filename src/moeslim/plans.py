@@ -17,7 +17,7 @@ from moeslim._package import __version__
 
 PLAN_FORMAT = "moeslim.plan"
 PLAN_VERSION = 1
-PLAN_KINDS = ("prune", "skip", "quantize", "merge", "lowrank")
+PLAN_KINDS = ("prune", "skip", "quantize", "merge", "lowrank", "joint")
 KEEP_WIDTH = 16  # a quantize plan's width for an expert left as it is
 
 
@@ -60,7 +60,8 @@ class Plan:
 
     ``layers`` maps a decoder-layer index to the per-layer decision:
     prune -> sorted kept expert ids; skip -> {"beta": float}; quantize -> {"bits": [int per expert]};
-    merge -> {"groups", "weights", "representatives"}; lowrank -> {"up_ranks", "down_ranks"} (ints per expert).
+    merge -> {"groups", "weights", "representatives"}; lowrank -> {"up_ranks", "down_ranks"} (ints per expert);
+    joint -> {"kept": [expert ids], "bits": [one width per kept expert]} (prune, then quantize).
     ``summary`` holds method-specific extras (losses of alternatives, skip rates, average bits).
     """
 
@@ -226,8 +227,17 @@ def _check_lowrank(entry: Any, where: str) -> None:
         _ints(fields_[name], f"{where}.{name}", allowed="ranks are 0 or more")
 
 
+def _check_joint(entry: Any, where: str) -> None:
+    fields_ = _fields(entry, where, ("kept", "bits"))
+    _check_prune(fields_["kept"], f"{where}.kept")
+    _check_quantize({"bits": fields_["bits"]}, where)
+    if len(fields_["bits"]) != len(fields_["kept"]):
+        raise PlanError(f"{where}: {len(fields_['kept'])} kept experts but {len(fields_['bits'])} widths; give one "
+                        "width per kept expert")
+
+
 _LAYER_CHECKS = {"prune": _check_prune, "skip": _check_skip, "quantize": _check_quantize, "merge": _check_merge,
-                 "lowrank": _check_lowrank}
+                 "lowrank": _check_lowrank, "joint": _check_joint}
 
 
 def _json_kind(value: Any) -> str:

@@ -32,6 +32,7 @@ Handler = Callable[[nn.Module, Plan, ApplyInputs], dict[str, Any]]
 
 def _handlers() -> dict[str, Handler]:
     # Imported lazily so that importing moeslim does not import every method's runtime.
+    from moeslim.appliers.joint import apply_joint
     from moeslim.appliers.lowrank import apply_lowrank
     from moeslim.appliers.merge import apply_merge
     from moeslim.appliers.quantize import apply_quantize
@@ -48,12 +49,15 @@ def _handlers() -> dict[str, Handler]:
                                                          inputs.progress),
         "lowrank": lambda model, plan, inputs: apply_lowrank(model, plan, inputs.calibration, inputs.device,
                                                              inputs.progress),
+        "joint": lambda model, plan, inputs: apply_joint(model, plan, inputs.calibration, inputs.device,
+                                                         inputs.progress),
     }
 
 
 def needs_calibration(plan: Plan) -> bool:
     """Whether applying ``plan`` runs a calibration pass (pass the plan's windows to ``apply``): GPTQ quantize
-    plans, low-rank plans, merge plans with router fits, prune plans with ``recalibrate_router``."""
+    plans, low-rank plans, merge plans with router fits, prune plans with ``recalibrate_router``, GPTQ joint plans."""
+    from moeslim.appliers.joint import needs_calibration as joint_needs_calibration
     from moeslim.appliers.merge import merge_config
     from moeslim.appliers.quantize import needs_calibration as gptq_needs_calibration
     from moeslim.appliers.router_fit import refits_router
@@ -62,6 +66,8 @@ def needs_calibration(plan: Plan) -> bool:
         return gptq_needs_calibration(plan)
     if plan.kind == "lowrank":
         return True
+    if plan.kind == "joint":
+        return joint_needs_calibration(plan)
     if plan.kind == "merge":
         return merge_config(plan).needs_data_in_apply
     return plan.kind == "prune" and refits_router(plan)

@@ -160,6 +160,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     config = AutoConfig.from_pretrained(root, trust_remote_code=False)  # never run code from a folder
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _cut_compact(model, config)
     base, meta = _read(root / BASE_FILE)
     lowbit, _ = _read(root / LOWBIT_FILE)
     prefixes = [k[: -len(_META_SUFFIX)] for k in lowbit if k.endswith(_META_SUFFIX)]
@@ -187,6 +188,20 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
         model.tie_weights()
     model = model.to(device).eval()
     return model, _tokenizer(root)
+
+
+def _cut_compact(model: nn.Module, config: Any) -> None:
+    """A model pruned to unequal per-layer counts (compact layout) and then quantized: cut the meta skeleton's layers
+    to their counts, as ``runtime/nonuniform.load_compact`` does, before its tensors are installed."""
+    from moeslim.runtime.nonuniform import compact_kept, compact_select_groups, is_compact
+
+    section = getattr(config, "moeslim", None) or {}
+    if not is_compact(section):
+        return
+    from moeslim.models.select import select_experts
+
+    counts = {int(k): int(v) for k, v in section["prune"]["experts_per_layer"].items()}
+    select_experts(model, compact_kept(config, counts), layout="compact", groups=compact_select_groups(config))
 
 
 def _packed_to(packed: LowBitTensor, device: torch.device) -> LowBitTensor:

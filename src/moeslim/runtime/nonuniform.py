@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -89,8 +89,7 @@ def load_compact(path: Path, dtype: torch.dtype = torch.float32, device: str | t
     section = getattr(config, "moeslim", None) or {}
     counts = {int(k): int(v) for k, v in section["prune"]["experts_per_layer"].items()}
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    select_experts(model, compact_kept(config, counts), layout="compact", groups="keep"
-                   if _grouped(config) else "auto")
+    select_experts(model, compact_kept(config, counts), layout="compact", groups=compact_select_groups(config))
     state = load_file(str(file))
     aliases = json.loads(_metadata(file).get("aliases", "{}"))
     for name, source in aliases.items():
@@ -101,6 +100,11 @@ def load_compact(path: Path, dtype: torch.dtype = torch.float32, device: str | t
                       f"{sorted(unexpected)[:5]}")
     model = model.to(device).eval()
     return model, _tokenizer(path)
+
+
+def compact_select_groups(config: Any) -> Literal["keep", "auto"]:
+    """How ``select_experts`` cuts a compact checkpoint's skeleton: balanced groups where routing is grouped."""
+    return "keep" if _grouped(config) else "auto"
 
 
 def _grouped(config: Any) -> bool:

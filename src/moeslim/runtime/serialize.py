@@ -38,9 +38,11 @@ class StoredForm:
 
 
 def _compact(section: dict[str, Any]) -> bool:
+    """Compact non-uniform experts in floating point (quantized ones are the low-bit form's: it cuts the layers to
+    their counts before installing the packed experts)."""
     from moeslim.runtime.nonuniform import is_compact
 
-    return is_compact(section)
+    return is_compact(section) and "quantize" not in section
 
 
 # The forms a saved moeslim checkpoint can take, the first that holds wins; anything else is a plain

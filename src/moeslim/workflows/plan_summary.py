@@ -174,6 +174,22 @@ def _range(ranks: Sequence[int]) -> str:
     return f"{ordered[0]}-{ordered[-1]} (median {ordered[len(ordered) // 2]})" if ordered else "-"
 
 
+def _joint(plan: Plan) -> list[str]:
+    s = plan.summary
+    mib = 2**20
+    detail = f"{s['held_mib']:.3f} MiB held, {s['held_ratio']:.1%} of the original" if "held_mib" in s else ""
+    lines = [_header(plan, detail)]
+    decided = {idx: (len(d["kept"]), tuple(sorted(Counter(int(b) for b in d["bits"]).items())))
+               for idx, d in plan.layers.items()}
+    for layers, (count, widths) in layer_runs(decided):
+        shown = ", ".join(f"{n} at {'16 (untouched)' if b == 16 else f'{b} bits'}" for b, n in widths)
+        lines.append(f"{layer_span(layers)}: keep {count}: {shown}")
+    if s.get("target_bytes") is not None:
+        lines.append(f"target {s['target_bytes'] / mib:.3f} MiB; estimated error {_num(s['estimated_error'])} "
+                     f"(summed squared block-output errors; HiGHS gap {s.get('mip_gap', 0):.2g})")
+    return lines
+
+
 _SUMMARIES: dict[str, Callable[[Plan], list[str]]] = {
-    "prune": _prune, "skip": _skip, "quantize": _quantize, "merge": _merge, "lowrank": _lowrank,
+    "prune": _prune, "skip": _skip, "quantize": _quantize, "merge": _merge, "lowrank": _lowrank, "joint": _joint,
 }

@@ -33,6 +33,7 @@ class StageSpec:
 
 def _registry() -> dict[str, tuple[type, Planner]]:
     # Lazy: a recipe with only pruning stages does not import quantization code.
+    from moeslim.methods.joint import JointConfig, plan_joint
     from moeslim.methods.lowrank import LowRankConfig, plan_lowrank
     from moeslim.methods.merge import MergeConfig, plan_merge
     from moeslim.methods.prune import PruneConfig
@@ -46,6 +47,7 @@ def _registry() -> dict[str, tuple[type, Planner]]:
         "quantize": (QuantizeConfig, plan_quantize),
         "merge": (MergeConfig, plan_merge),
         "lowrank": (LowRankConfig, plan_lowrank),
+        "joint": (JointConfig, plan_joint),
     }
 
 

@@ -1,0 +1,98 @@
+"""``JointConfig``: validated settings of the joint planner (experts kept and widths under one byte target)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+from moeslim.calibrate.observers import DEFAULT_MAX_TOKENS
+from moeslim.config import ConfigError, check_types
+from moeslim.methods.quant.fused import KEEP_BITS
+
+MIB = 2**20
+PruneSearch = Literal["auto", "enumerate", "search"]
+
+
+def _help(text: str, default: Any = None) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    """Keep/drop experts per layer and a width per kept expert, under one target, for the least estimated error.
+
+    Targets: ``target_mib`` or ``target_ratio`` (held bytes of the compressed model, as ``moeslim.load`` holds
+    them) and/or ``target_active_mib`` (routed-expert bytes read per token at decode, expected over the
+    calibration tokens' routing).
+    """
+
+    target_mib: float | None = _help("held MiB (2**20 bytes) of the compressed model, as moeslim.load holds it")
+    target_ratio: float | None = _help("held bytes as a share of the original's, e.g. 0.25")
+    target_active_mib: float | None = _help(
+        "MiB of routed-expert weights read per token at decode (expected over the calibration routing)")
+    widths: tuple[int, ...] = _help("widths a kept expert may get, 1..8 bits, 16 = untouched", (2, 3, 4, 8, 16))
+    min_keep: int | None = _help("fewest experts a layer may keep (default top_k)")
+    size_step: int = _help("kept-set sizes considered per layer: min_keep, then every size_step-th size up to all "
+                           "experts (1: every size; larger for many experts, a smaller planning problem)", 1)
+    prune_method: PruneSearch = _help(
+        "how the kept set of each size is chosen: enumerate (every kept set, exact) | search (greedy removal "
+        "path + swaps, the same loss; large expert counts) | auto (enumerate while it scores at most "
+        "max_subsets sets per layer)", "auto")
+    max_subsets: int = _help("auto: enumerate up to this many kept sets per layer, else search", 20_000)
+    search_budget: int | None = _help("search: max loss evaluations per layer (None: no limit)", 2000)
+    group_size: int = _help("quantization group size along the input dimension", 128)
+    symmetric: bool = _help("symmetric groups (no zero points; widths 2..8)", False)
+    quantizer: Literal["gptq", "rtn"] = _help(
+        "gptq (runs in apply, on the plan's calibration windows; the planner weighs GPTQ's errors too) | rtn "
+        "(round-to-nearest, no data)", "gptq")
+    max_tokens: int | None = _help("cap on the calibration tokens whose expert outputs are measured per layer",
+                                   DEFAULT_MAX_TOKENS)
+    token_fraction: float = _help("share of calibration tokens measured", 1.0)
+    seed: int = _help("token-sample seed", 0)
+    batch_size: int = _help("calibration batch size", 8)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(self.widths))
+        check_types(self)
+        if self.target_mib is None and self.target_ratio is None and self.target_active_mib is None:
+            raise ConfigError("give a target: target_mib (held MiB), target_ratio (share of the original's held "
+                              "bytes) or target_active_mib (expert MiB read per token)")
+        if self.target_mib is not None and self.target_ratio is not None:
+            raise ConfigError(f"target_mib={self.target_mib} and target_ratio={self.target_ratio} both set the held "
+                              "bytes: give one")
+        for name in ("target_mib", "target_ratio", "target_active_mib"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name}={value}: give a positive number")
+        if self.target_ratio is not None and self.target_ratio >= 1:
+            raise ConfigError(f"target_ratio={self.target_ratio}: give a share below 1 of the original's bytes")
+        if not self.widths or len(set(self.widths)) != len(self.widths) or not all(
+                1 <= b <= 8 or b == KEEP_BITS for b in self.widths):
+            raise ConfigError(f"widths={list(self.widths)}: give distinct widths in 1..8, or 16 for untouched")
+        if self.symmetric and 1 in self.widths:
+            raise ConfigError("symmetric=True with width 1: a symmetric 1-bit grid is {-2m, 0}; use widths >= 2")
+        if self.min_keep is not None and self.min_keep < 1:
+            raise ConfigError(f"min_keep={self.min_keep}: keep at least 1 expert (default: top_k)")
+        for name, low in (("size_step", 1), ("max_subsets", 1), ("group_size", 1), ("batch_size", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}={getattr(self, name)}: use {low} or more")
+        if self.search_budget is not None and self.search_budget < 1:
+            raise ConfigError(f"search_budget={self.search_budget}: use 1 or more, or leave unset")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"max_tokens={self.max_tokens}: use at least 1 token, or leave unset for no cap")
+        if not 0 < self.token_fraction <= 1:
+            raise ConfigError(f"token_fraction={self.token_fraction}: use a value in (0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["widths"] = list(self.widths)
+        return data
+
+    def check_model(self, model: nn.Module) -> Any:
+        """Fail before calibration when the targets cannot be met; return the resolved ``JointTargets``."""
+        from moeslim.methods.joint.targets import resolve_targets
+
+        return resolve_targets(model, self)

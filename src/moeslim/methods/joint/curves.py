@@ -1,0 +1,118 @@
+"""One layer's options for the joint planner, measured on its calibration token sample.
+
+For each kept-set size k the pruning method gives the best kept set S_k and its loss
+||F'(X; S_k) - F(X)||_F (``methods/prune``: enumeration, or the search's removal path). For every kept
+expert e in S_k and candidate width b the quantization error is measured under the pruned routing g^k:
+
+    Q_keb = ||g^k_e(X) * (f_e(X) - f~_eb(X))||_F^2 = sum_t g^k_e(t)^2 d_eb(t),  d_eb(t) = ||f_e(x_t) - f~_eb(x_t)||^2
+
+with f~_eb the expert at b bits, quantized by the quantizer apply runs (GPTQ with Hessians of the sample tokens
+routed to it, or round-to-nearest; the grid apply uses). GPTQ's errors are several times below round-to-nearest's
+at 2-3 bits, so measuring them with round-to-nearest (PMQ's proxy) would price quantization too high against
+pruning. The per-token distances d (T, E, J) are computed once for all experts and widths,
+so every kept set's errors are sums over its routing, not new expert runs. An expert's share of tokens under
+g^k gives the bytes read per token at decode.
+
+Shapes: T sample tokens, E experts, H hidden, J widths, k top-k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moeslim.calibrate import ExpertOutputSample
+from moeslim.methods.joint.solve import SizeOption
+from moeslim.methods.prune.enumerate import RouteFn, allowed_mask
+from moeslim.methods.quant.driver import _rtn_slice
+from moeslim.methods.quant.factors import expert_gate
+from moeslim.methods.quant.fused import KEEP_BITS
+from moeslim.methods.quant.gptq import gptq_quantize
+from moeslim.models import MoELayer
+from moeslim.models.expert_math import expert_forward, expert_intermediate, expert_weight_views
+
+__all__ = ["quant_distances", "size_options"]
+
+
+def _gptq_slice(w: Tensor, hessian: Tensor, bits: int, group_size: int, transposed: bool, symmetric: bool
+                ) -> Tensor:
+    """One expert slice (stored layout) -> its GPTQ-dequantized copy given its input Hessian (in, in)."""
+    mat = w.detach().float()
+    mat = mat.T if transposed else mat  # (out, in)
+    deq = gptq_quantize(mat, hessian, bits, group_size, scale_dtype=torch.float16, symmetric=symmetric).weight
+    return (deq.T if transposed else deq).to(w.dtype)
+
+
+def _quantized_slices(layer: MoELayer, x: Tensor, rows: Tensor, e: int, bits: int, group_size: int,
+                      symmetric: bool, quantizer: str) -> tuple[Tensor, Tensor]:
+    """Expert e's (up, down) at ``bits``: round-to-nearest, or GPTQ with Hessians of the sample tokens ``rows``
+    (T,) bool that route to e, the second projection on the intermediates of the quantized first (as apply)."""
+    views = expert_weight_views(layer)
+    if quantizer == "rtn":
+        return (_rtn_slice(views.up[e], bits, group_size, views.transposed, symmetric),
+                _rtn_slice(views.down[e], bits, group_size, views.transposed, symmetric))
+    xe = x[rows].float()
+    up = _gptq_slice(views.up[e], xe.T @ xe, bits, group_size, views.transposed, symmetric)
+    h = expert_intermediate(layer, x[rows], e, up=up).float()
+    return up, _gptq_slice(views.down[e], h.T @ h, bits, group_size, views.transposed, symmetric)
+
+
+def quant_distances(layer: MoELayer, sample: ExpertOutputSample, widths: Sequence[int], group_size: int,
+                    symmetric: bool, quantizer: str = "rtn") -> Tensor:
+    """(T, E, J) float64 squared distance between each expert's output and its output at each width (0 at 16).
+
+    ``quantizer`` "gptq": each expert is GPTQ'd on the sample tokens routed to it, or on every sample token when
+    fewer than ``group_size`` route to it (apply's rule for starved experts), so the errors are those of the
+    quantizer apply runs; "rtn": round-to-nearest (PMQ's cheap proxy).
+    """
+    views = expert_weight_views(layer)
+    x = sample.x.to(views.up.device, views.up.dtype)
+    tokens, num_experts, _ = sample.outputs.shape
+    _, ids = layer.route(sample.logits.to(layer.router_weight.device))
+    ids = ids.to(x.device)
+    dist = torch.zeros(tokens, num_experts, len(widths), dtype=torch.float64)
+    for e in range(num_experts):
+        rows = (ids == e).any(dim=1)
+        if int(rows.sum()) < group_size:  # starved: all-token Hessians, as apply's GPTQ does
+            rows = torch.ones_like(rows)
+        for j, bits in enumerate(widths):
+            if bits == KEEP_BITS:
+                continue
+            up, down = _quantized_slices(layer, x, rows, e, int(bits), group_size, symmetric, quantizer)
+            out = expert_forward(layer, x, e, up=up, down=down).double().cpu()
+            dist[:, e, j] = (sample.outputs[:, e].double() - out).pow(2).sum(dim=-1)
+    return dist
+
+
+def size_option(kept: Sequence[int], prune_loss: float, logits: Tensor, route: RouteFn, dist: Tensor
+                ) -> SizeOption:
+    """The option of keeping ``kept``: squared pruning loss, kept experts' squared quantization errors (k, J)
+    under the pruned routing of the sample's ``logits`` (T, E), and their token shares (k,)."""
+    num_experts = int(logits.shape[1])
+    allowed = allowed_mask(kept, num_experts).to(logits.device)
+    weights, ids = route(logits, allowed)  # (T, top-k) as the pruned model routes
+    weights, ids = weights.double().cpu(), ids.cpu()
+    errs = np.zeros((len(kept), dist.shape[2]))
+    freq = np.zeros(len(kept))
+    for i, e in enumerate(kept):
+        gate = expert_gate(weights, ids, e)  # (T,)
+        errs[i] = (gate.pow(2)[:, None] * dist[:, e]).sum(dim=0).numpy()
+        freq[i] = float((ids == e).any(dim=1).double().mean())
+    return SizeOption(kept=tuple(int(e) for e in kept), prune_err=float(prune_loss) ** 2, quant_err=errs, freq=freq)
+
+
+def size_options(curve: dict[str, dict[str, object]], sizes: Sequence[int], layer: MoELayer,
+                 sample: ExpertOutputSample, route: RouteFn, widths: Sequence[int], group_size: int,
+                 symmetric: bool, quantizer: str = "rtn") -> list[SizeOption]:
+    """Every option of one layer: ``curve`` is the pruning method's {size: {"kept", "loss"}} (all experts at 0)."""
+    dist = quant_distances(layer, sample, widths, group_size, symmetric, quantizer)
+    logits = sample.logits.to(layer.router_weight.device)  # routing may read router buffers (correction bias)
+    out = []
+    for size in sizes:
+        entry = curve[str(size)]
+        kept = [int(e) for e in entry["kept"]]  # type: ignore[attr-defined]
+        out.append(size_option(sorted(kept), float(entry["loss"]), logits, route, dist))  # type: ignore[arg-type]
+    return out

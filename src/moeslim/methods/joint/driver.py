@@ -1,0 +1,95 @@
+"""``plan_joint``: one layer-wise calibration pass, each layer's options measured, one exact choice over layers.
+
+Flow: targets resolved and checked (``targets.py``, before any work) -> the layer-wise runner gives each MoE
+layer its token sample -> the pruning method's loss curve (best kept set of every size) and every kept
+expert's quantization error at every width under that kept set's routing (``curves.py``) -> the MILP over all
+layers (``solve.py``) -> a "joint" plan: per layer the kept experts and one width per kept expert. ``apply``
+prunes, then quantizes (GPTQ on the plan's windows, or round-to-nearest) in one call.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeslim.calibrate import ExpertOutputs, ExpertOutputSample, LayerDecision, result_of, run_layerwise
+from moeslim.data.calibration_set import CalibrationSet, calibration_fields, calibration_spec
+from moeslim.methods.joint.config import MIB, JointConfig
+from moeslim.methods.joint.curves import size_options
+from moeslim.methods.joint.solve import SizeOption, solve_joint
+from moeslim.methods.joint.targets import JointTargets
+from moeslim.methods.prune.driver import _Context, decide_layer
+from moeslim.models import MoELayer
+from moeslim.models.select import group_limits
+from moeslim.plans import Plan, Provenance
+
+__all__ = ["measure_options", "plan_joint"]
+
+
+def _layer_options(layer: MoELayer, observers: Any, config: JointConfig, targets: JointTargets, ctx: _Context
+                   ) -> list[SizeOption]:
+    entry = decide_layer(layer, observers, targets.prune, ctx)
+    sample = result_of(observers[0], ExpertOutputSample)
+    return size_options(entry["curve"], targets.kept_sizes, layer, sample, ctx.route(layer), config.widths,
+                        config.group_size, config.symmetric, config.quantizer)
+
+
+def measure_options(model: nn.Module, input_ids: torch.Tensor, config: JointConfig, targets: JointTargets,
+                    device: torch.device | str | None = None, progress: bool = False
+                    ) -> dict[int, list[SizeOption]]:
+    """{decoder layer index: the layer's options} from one layer-wise pass (original-model inputs per layer)."""
+    ctx = _Context(targets.prune, targets.shape, group_limits(model))
+    return run_layerwise(
+        model, input_ids,
+        make_observers=lambda _layer: [ExpertOutputs(fraction=config.token_fraction, seed=config.seed,
+                                                     max_tokens=config.max_tokens)],
+        on_layer=lambda layer, obs: LayerDecision(result=_layer_options(layer, obs, config, targets, ctx)),
+        propagate="original", batch_size=config.batch_size, device=device, progress=progress, label="joint",
+    )
+
+
+def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, config: JointConfig,
+               model_name: str | None = None, device: torch.device | str | None = None, progress: bool = False,
+               options: dict[int, list[SizeOption]] | None = None) -> Plan:
+    """Choose kept experts and widths per layer for the least estimated error under the targets; a "joint" plan.
+
+    The model is not modified. ``options``: the layers' options from ``measure_options`` on the same model and
+    calibration (one pass serves several targets).
+    """
+    targets: JointTargets = config.check_model(model)
+    input_ids, data_name, data_hash = calibration_fields(calibration)
+    start = time.perf_counter()
+    if options is None:
+        options = measure_options(model, input_ids, config, targets, device, progress)
+    measured = time.perf_counter() - start
+    choice = solve_joint(options, config.widths, targets.sizes, targets.base, targets.target, targets.active)
+    layers = {idx: {"kept": list(c.kept), "bits": list(c.bits)} for idx, c in sorted(choice.layers.items())}
+    summary: dict[str, Any] = {
+        "target_bytes": targets.target,
+        "target_active_bytes": targets.active,
+        "original_bytes": targets.base,
+        "held_bytes": choice.held_bytes,
+        "held_mib": choice.held_bytes / MIB,
+        "held_ratio": choice.held_bytes / targets.base,
+        "active_bytes": choice.active_bytes,
+        "estimated_error": choice.error,
+        "mip_gap": choice.mip_gap,
+        "prune_method": targets.prune.method,
+        "group_size": config.group_size,
+        "symmetric": config.symmetric,
+        "quantizer": config.quantizer,
+        "layout": "compact",
+        "groups": targets.shape.groups,
+        "bytes": {str(idx): lb.to_dict() for idx, lb in sorted(targets.sizes.items())},
+        "layers": {str(idx): {"error": c.error, "curve": {str(len(o.kept)): {
+            "prune_err": o.prune_err,
+            "quant_err_min": float(o.quant_err.min(axis=1).sum()),
+        } for o in options[idx]}} for idx, c in sorted(choice.layers.items())},
+        "seconds": {"measure": measured, "solve": time.perf_counter() - start - measured},
+        "calibration": calibration_spec(calibration),
+    }
+    provenance = Provenance.of(model, model_name, "joint", config.to_dict(), data_name, data_hash)
+    return Plan(kind="joint", layers=layers, provenance=provenance, summary=summary)

@@ -1,0 +1,105 @@
+"""Bytes a compressed model holds, per decision, exactly as ``moeslim.load`` holds them.
+
+A joint plan changes three things a layer holds: the experts it keeps, the width of each kept expert, and
+the per-expert rows of the router (and any per-expert bias) that pruning slices away. Everything else
+(attention, embeddings, shared experts, dense layers) is untouched, so the held bytes of a plan are
+
+    base - sum_l [ dropped_l * (row_l + dense_l) + sum_{kept e} (dense_l - width_l(b_e)) ]
+
+with ``base`` the model's measured bytes (``evaluate.cost.param_bytes``), ``row_l`` the bytes of one expert's
+router rows and biases, ``dense_l`` one expert's two weight matrices as stored, and ``width_l(b)`` one expert
+stored at b bits: codes, float16 group scales and packed zero points, measured on the real packed format
+(``LowBitTensor.nbytes`` of one quantized slice of that shape), so scale and zero overhead are included
+exactly. Tests compare this accounting with the bytes measured on applied models of every family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeslim.methods.quant.fused import KEEP_BITS, quantize_fused
+from moeslim.models import MoELayer, find_moe_layers
+from moeslim.models.expert_math import expert_weight_views
+
+__all__ = ["LayerBytes", "layer_bytes", "model_layer_bytes"]
+
+
+@dataclass(frozen=True)
+class LayerBytes:
+    """Per-expert bytes of one MoE layer: ``row`` router rows and per-expert biases, ``width[b]`` the two weight
+    matrices at width b (``width[16]``: as stored, no quantization)."""
+
+    num_experts: int
+    row: int
+    width: dict[int, int]
+
+    @property
+    def dense(self) -> int:
+        return self.width[KEEP_BITS]
+
+    def saving(self, kept_bits: Sequence[int]) -> int:
+        """Bytes saved against the original layer by keeping ``len(kept_bits)`` experts at those widths."""
+        dropped = self.num_experts - len(kept_bits)
+        return dropped * (self.row + self.dense) + sum(self.dense - self.width[b] for b in kept_bits)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"num_experts": self.num_experts, "row": self.row, "width": {str(b): n for b, n in self.width.items()}}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return int(t.numel()) * t.element_size()
+
+
+def _row_bytes(moe: MoELayer) -> int:
+    """Bytes of one expert's slice of every tensor pruning slices, besides the two fused weight matrices: the
+    router rows, router / correction biases and per-expert expert biases (what ``models.select`` cuts)."""
+    views = expert_weight_views(moe)
+    skip = {id(views.up), id(views.down)}
+    seen: set[int] = set()
+    total, n = 0, moe.num_experts
+    for module in (moe.experts, *moe.routing_owners()):
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        for t in tensors:
+            if t is None or id(t) in skip or t.is_meta:
+                continue
+            if (t.ndim and t.shape[0] == n) or tuple(t.shape) == (1, n):
+                total += _nbytes(t) // n
+    return total
+
+
+def _slice_bytes(slice_: torch.Tensor, bits: int, group_size: int, transposed: bool, symmetric: bool) -> int:
+    """Bytes of one expert matrix (d1, d2) stored at ``bits`` in the packed format (codes, scales, zeros)."""
+    if bits == KEEP_BITS:
+        return _nbytes(slice_)
+    zeros = torch.zeros((1, *slice_.shape), dtype=slice_.dtype)  # the size does not depend on the values
+    return quantize_fused(zeros, [bits], group_size, None, "rtn", transposed=transposed, symmetric=symmetric).nbytes()
+
+
+def layer_bytes(moe: MoELayer, widths: Sequence[int], group_size: int, symmetric: bool) -> LayerBytes:
+    """Per-expert bytes of ``moe`` at every width in ``widths`` (16 is always included)."""
+    views = expert_weight_views(moe)
+    width = {}
+    for b in sorted({*widths, KEEP_BITS}):
+        width[b] = sum(_slice_bytes(w[0], b, group_size, views.transposed, symmetric) for w in (views.up, views.down))
+    return LayerBytes(num_experts=moe.num_experts, row=_row_bytes(moe), width=width)
+
+
+def model_layer_bytes(model: nn.Module, widths: Sequence[int], group_size: int, symmetric: bool
+                      ) -> dict[int, LayerBytes]:
+    """{decoder layer index: LayerBytes}; layers of one shape are measured once."""
+    cache: dict[tuple[object, ...], LayerBytes] = {}
+    out = {}
+    for moe in find_moe_layers(model):
+        views = expert_weight_views(moe)
+        key = (moe.num_experts, tuple(views.up.shape), tuple(views.down.shape), views.up.dtype, _row_bytes(moe))
+        if key not in cache:
+            cache[key] = layer_bytes(moe, widths, group_size, symmetric)
+        out[moe.layer_idx] = cache[key]
+    return out

@@ -1,0 +1,182 @@
+"""The joint choice over layers: a multiple-choice knapsack solved exactly as a MILP (scipy's HiGHS).
+
+Each MoE layer l offers kept sets of several sizes (``SizeOption``: the best kept set of that size, its
+squared pruning loss, and for every kept expert its squared quantization error at every candidate width, all
+measured with the pruned routing). A layer's decision is one size and one width per kept expert; its
+estimated error is the pruning loss plus the kept experts' quantization errors (the three are taken as
+independent, so their squares add). The model's estimate is the sum over layers, as in the global allocation
+of pruning counts (``methods/prune/allocate.py``).
+
+    minimise    sum_{l,k} x_lk P_lk + sum_{l,k,e,j} y_lkej Q_lkej
+    subject to  sum_k x_lk = 1                          (one size per layer)
+                sum_j y_lkej = x_lk      for e in S_lk  (one width per kept expert of the chosen size)
+                sum saving(x, y) >= base - target       (held bytes, exact integers: ``sizes.LayerBytes``)
+                sum_{l,k,e,j} y_lkej f_lke width_l(j) <= active target   (optional)
+
+Binary x, y. The byte constraint is the exact held bytes, not a rounded quantum; HiGHS proves optimality with
+a relative gap of 0 (the gap it reports is returned), and a test checks it against brute force on small cases.
+Pure: numbers in, decisions out. Shapes: L layers, K sizes per layer, k kept experts, J widths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_array
+
+from moeslim.methods.joint.sizes import LayerBytes
+
+_RETRIES = 4
+
+__all__ = ["JointChoice", "LayerChoice", "SizeOption", "min_held_bytes", "solve_joint"]
+
+
+@dataclass(frozen=True)
+class SizeOption:
+    """One kept set of a layer: ``kept`` (k,) expert ids, ``prune_err`` squared pruning loss, ``quant_err``
+    (k, J) squared quantization error of each kept expert at each width, ``freq`` (k,) share of tokens that
+    route to each kept expert (the pruned routing; for the bytes read per token)."""
+
+    kept: tuple[int, ...]
+    prune_err: float
+    quant_err: np.ndarray
+    freq: np.ndarray
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    kept: tuple[int, ...]
+    bits: tuple[int, ...]  # one width per kept expert, in ``kept`` order
+    error: float  # this layer's estimated squared error
+
+
+@dataclass(frozen=True)
+class JointChoice:
+    layers: dict[int, LayerChoice]
+    error: float  # the objective: estimated summed squared error
+    held_bytes: int
+    active_bytes: float  # expected routed-expert bytes read per token (calibration routing)
+    mip_gap: float
+
+
+def _held(base: int, sizes: dict[int, LayerBytes], layers: dict[int, LayerChoice]) -> int:
+    return base - sum(sizes[idx].saving(c.bits) for idx, c in layers.items())
+
+
+def min_held_bytes(base: int, sizes: dict[int, LayerBytes], min_keep: dict[int, int], widths: Sequence[int]) -> int:
+    """The smallest held bytes any plan reaches: every layer at its fewest experts, all at the cheapest width."""
+    total = base
+    for idx, lb in sizes.items():
+        cheapest = min(widths, key=lambda b: lb.width[b])
+        total -= lb.saving([cheapest] * min_keep[idx])
+    return total
+
+
+def solve_joint(options: Mapping[int, Sequence[SizeOption]], widths: Sequence[int], sizes: dict[int, LayerBytes],
+                base: int, target: int, active_target: float | None = None, time_limit: float = 600.0
+                ) -> JointChoice:
+    """The decision of least estimated error whose held bytes are <= ``target`` (and expected expert bytes read
+    per token <= ``active_target``). Raises ValueError when no decision fits."""
+    widths = [int(b) for b in widths]
+    order = sorted(options)
+    costs: list[float] = []
+    saving: list[float] = []
+    active: list[float] = []
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    lows: list[float] = []
+    x_index: dict[tuple[int, int], int] = {}
+    y_index: dict[tuple[int, int, int, int], int] = {}
+
+    def var(cost: float, save: float, read: float) -> int:
+        costs.append(cost)
+        saving.append(save)
+        active.append(read)
+        return len(costs) - 1
+
+    def equality(entries: list[tuple[int, float]]) -> None:
+        row = len(lows)
+        for col, value in entries:
+            rows.append(row)
+            cols.append(col)
+            vals.append(value)
+        lows.append(0.0)
+
+    layer_rows: list[list[tuple[int, float]]] = []
+    for idx in order:
+        lb = sizes[idx]
+        one_size: list[tuple[int, float]] = []
+        for s, opt in enumerate(options[idx]):
+            dropped = lb.num_experts - len(opt.kept)
+            x = var(float(opt.prune_err), float(dropped * (lb.row + lb.dense)), 0.0)
+            x_index[idx, s] = x
+            one_size.append((x, 1.0))
+            for e in range(len(opt.kept)):
+                entry = [(x, -1.0)]
+                for j, b in enumerate(widths):
+                    y = var(float(opt.quant_err[e, j]), float(lb.dense - lb.width[b]),
+                            float(opt.freq[e]) * lb.width[b])
+                    y_index[idx, s, e, j] = y
+                    entry.append((y, 1.0))
+                equality(entry)
+        layer_rows.append(one_size)
+    n_eq = len(lows)
+    for r, entries in enumerate(layer_rows):
+        for col, value in entries:
+            rows.append(n_eq + r)
+            cols.append(col)
+            vals.append(value)
+    n = len(costs)
+    eq = coo_array((vals, (rows, cols)), shape=(n_eq + len(layer_rows), n)).tocsr()
+    rhs = np.concatenate([np.zeros(n_eq), np.ones(len(layer_rows))])
+    # Byte rows scaled to O(1) coefficients. HiGHS accepts a solution within its feasibility tolerance (1e-7 of the
+    # scale), which on a large model is more than a byte: a decision over the target is solved again with the
+    # bound tightened by the overshoot, so the target is met exactly (savings are integers).
+    save = np.asarray(saving)
+    unit = float(save.max()) if save.size and save.max() > 0 else 1.0
+    c = np.asarray(costs, dtype=np.float64)
+    scale = float(c.max()) if c.size and c.max() > 0 else 1.0
+    tighten = 0
+    for _ in range(_RETRIES):
+        constraints = [LinearConstraint(eq, rhs, rhs),
+                       LinearConstraint(save[None, :] / unit, (base - target + tighten) / unit, np.inf)]
+        if active_target is not None:
+            reads = np.asarray(active)
+            read_unit = float(reads.max()) if reads.size and reads.max() > 0 else 1.0
+            constraints.append(LinearConstraint(reads[None, :] / read_unit, -np.inf, active_target / read_unit))
+        # Costs scaled so HiGHS's absolute gap (1e-6) is far below any cost difference that matters.
+        result = milp(c * (1e6 / scale), integrality=np.ones(n), bounds=Bounds(0, 1), constraints=constraints,
+                      options={"mip_rel_gap": 0.0, "time_limit": time_limit, "presolve": True})
+        if result.x is None:
+            raise ValueError(f"no joint decision fits: {result.message}")
+        chosen = np.round(result.x).astype(int)
+        layers = _decode(chosen, options, order, widths, x_index, y_index)
+        held = _held(base, sizes, layers)
+        if held <= target:
+            break
+        tighten += held - target
+    else:
+        raise ValueError(f"the solver's decisions stay above the target {target} bytes (last: {held})")
+    read = sum((float(options[idx][s].freq[e]) * sizes[idx].width[widths[j]]
+                for (idx, s, e, j), col in y_index.items() if chosen[col]), 0.0)
+    return JointChoice(layers=layers, error=sum(c.error for c in layers.values()), held_bytes=held,
+                       active_bytes=read, mip_gap=float(getattr(result, "mip_gap", 0.0) or 0.0))
+
+
+def _decode(chosen: np.ndarray, options: Mapping[int, Sequence[SizeOption]], order: list[int], widths: list[int],
+            x_index: dict[tuple[int, int], int], y_index: dict[tuple[int, int, int, int], int]
+            ) -> dict[int, LayerChoice]:
+    """The layers' decisions from the 0/1 solution vector."""
+    layers: dict[int, LayerChoice] = {}
+    for idx in order:
+        s = next(s for s in range(len(options[idx])) if chosen[x_index[idx, s]])
+        opt = options[idx][s]
+        bits = [next(widths[j] for j in range(len(widths)) if chosen[y_index[idx, s, e, j]])
+                for e in range(len(opt.kept))]
+        err = float(opt.prune_err) + sum(float(opt.quant_err[e, widths.index(b)]) for e, b in enumerate(bits))
+        layers[idx] = LayerChoice(kept=tuple(opt.kept), bits=tuple(bits), error=err)
+    return layers
