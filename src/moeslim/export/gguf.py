@@ -169,65 +169,6 @@ def _encode(data: np.ndarray, qtype: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Planned:
-    """One tensor of the file: name, shape (PyTorch order) and the type it is stored in."""
-
-    name: str
-    shape: tuple[int, ...]
-    qtype: str
-
-
-def _plan_types(meta: Iterable[tuple[str, torch.Tensor]], config: Any, arch: GgufArch, default: str,
-                overrides: dict[str, str]) -> tuple[list[_Planned], list[str]]:
-    """(every tensor with its stored type, in file order; the F16 fallbacks), from shapes alone."""
-    planned: list[_Planned] = []
-    fallbacks: list[str] = []
-    for tname, data in _gguf_tensors(meta, config, arch):
-        shape = tuple(int(d) for d in data.shape)
-        qtype = "F32" if _keeps_f32(tname, shape) else overrides.get(tname, default)
-        if shape[-1] % GGUF_BLOCKS[qtype][0]:
-            fallbacks.append(f"{tname}: {qtype} -> F16 (rows of {shape[-1]} not divisible by "
-                             f"{GGUF_BLOCKS[qtype][0]})")
-            qtype = "F16"
-        planned.append(_Planned(tname, shape, qtype))
-    return planned, fallbacks
-
-
-def _declare(writer: Any, tensor: _Planned) -> None:
-    """The tensor's info as ``GGUFWriter.add_tensor`` records it for the encoded array (so the header is the
-    same whether the data is held or streamed)."""
-    import gguf
-    from gguf.quants import quant_shape_to_byte_shape
-
-    if tensor.qtype in ("F32", "F16"):
-        dtype = np.dtype(np.float32 if tensor.qtype == "F32" else np.float16)
-        writer.add_tensor_info(tensor.name, tensor.shape, dtype, int(np.prod(tensor.shape)) * dtype.itemsize)
-        return
-    kind = gguf.GGMLQuantizationType[tensor.qtype]
-    byte_shape = quant_shape_to_byte_shape(tensor.shape, kind)
-    writer.add_tensor_info(tensor.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
-
-
-def _keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
-    """Tensors the converter (and llama.cpp's quantizer) never store below F32: 1D tensors, norms, biases and
-    other non-``.weight`` tensors, the routers."""
-    return (len(shape) <= 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight"))
-            or not name.endswith(".weight"))
-
-
-def _encode(data: np.ndarray, qtype: str) -> np.ndarray:
-    """The bytes to store for ``qtype`` (float arrays for F32 / F16, uint8 blocks otherwise), by gguf-py."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
-
-    if qtype == "F32":
-        return data.astype(np.float32)
-    if qtype == "F16":
-        return data.astype(np.float16)
-    return quantize(data.astype(np.float32), GGMLQuantizationType[qtype])
-
-
-@dataclass(frozen=True)
-class _Planned:
     """One tensor of the file: name, shape (PyTorch order), the type it is stored in; ``exact``: the type must
     hold every value exactly (the 16-bit intermediate for llama-quantize)."""
 
