@@ -11,8 +11,9 @@ for the experts. gguf-py quantizes F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 itself.
 presets (Q4_K_M, ...) need llama.cpp's own quantizer: pass the path of its ``llama-quantize`` program; the
 file is then written with every matrix in the 16-bit type it is held in (BF16 for a bfloat16 checkpoint
 streamed, F16 for float16; else F32: exact either way, see ``write_gguf``) and requantized by it with one
-``--tensor-type`` override per planned tensor (and ``--imatrix``). A tensor whose rows do not divide into the type's blocks is stored as F16 (what
-llama.cpp does); the result lists every such fallback, and the types actually in the file are read back.
+``--tensor-type`` override per planned tensor (and ``--imatrix``). A tensor whose rows do not divide into the
+type's blocks is stored as F16 (what llama.cpp does); the result lists every such fallback, and the types
+actually in the file are read back.
 """
 
 from __future__ import annotations
@@ -263,8 +264,8 @@ def _write_file(tensors: Tensors, planned: list[_Planned], config: Any, vocab: G
     ftype = getattr(gguf.LlamaFileType, f"MOSTLY_{default}", gguf.LlamaFileType.ALL_F32)
     writer.add_file_type(int(ftype))
     write_vocab(writer, vocab)
-    for tensor in planned:
-        _declare(writer, tensor)
+    for info in planned:
+        _declare(writer, info)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
