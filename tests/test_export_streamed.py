@@ -1,0 +1,123 @@
+"""``moeslim export --stream`` (moeslim.export.streamed): a checkpoint folder exported one decoder layer at a time
+gives what the in-memory export of ``moeslim.load(folder)`` gives: the same GGUF bytes, the same compressed-tensors
+tensors and config. Peak memory is measured by benchmarks/scale.py, not here."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGUFReader
+from test_export_gguf import _runnable_model, export_model
+from tiny_models import sample_ids
+from transformers import AutoTokenizer
+
+import moeslim
+from moeslim.export import export_gguf, read_gguf_types
+from moeslim.export.streamed import StreamingExportError, export_gguf_streamed
+from moeslim.io import load, save
+from moeslim.methods.quant.config import QuantizeConfig
+from moeslim.methods.quant.driver import plan_quantize
+from moeslim.models import resolve_model_path, select_experts
+
+IDS = sample_ids(0, 4, 16)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model_path("demo"))
+
+
+def _folder(model: torch.nn.Module, tokenizer, folder: Path, dtype: torch.dtype | None = None) -> Path:
+    """``model`` saved as a several-shard checkpoint (layers span files), with the demo tokenizer."""
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(folder, max_shard_size="60KB")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _in_memory_gguf(folder: Path, out: Path, **options) -> Path:
+    model, tok = load(str(folder))
+    export_gguf(model, tok, out, **options)
+    return out
+
+
+@pytest.mark.parametrize(("family", "dtype"), [("mixtral", None), ("qwen3_moe", torch.bfloat16),
+                                               ("deepseek_v3", None), ("gpt_oss", None)])
+def test_streamed_gguf_is_the_in_memory_file(family: str, dtype, tokenizer, tmp_path: Path) -> None:
+    folder = _folder(_runnable_model(family, len(tokenizer)), tokenizer, tmp_path / "src", dtype)
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    ref = _in_memory_gguf(folder, tmp_path / "ref.gguf", qtype="Q8_0")
+    got = export_gguf_streamed(str(folder), tmp_path / "got.gguf", qtype="Q8_0")
+    assert got.path.read_bytes() == ref.read_bytes()
+    assert got.expert_count == 8 and got.tensor_types == read_gguf_types(ref)
+
+
+def test_streamed_gguf_of_a_pruned_and_of_a_quantized_checkpoint(tokenizer, tmp_path: Path) -> None:
+    model = export_model("mixtral", len(tokenizer))
+    select_experts(model, {i: [0, 2, 5, 7] for i in range(model.config.num_hidden_layers)})
+    pruned = _folder(model, tokenizer, tmp_path / "pruned")
+    ref = _in_memory_gguf(pruned, tmp_path / "pruned-ref.gguf", qtype="F16")
+    got = export_gguf_streamed(str(pruned), tmp_path / "pruned.gguf", qtype="F16")
+    assert got.expert_count == 4 and got.path.read_bytes() == ref.read_bytes()
+
+    model = export_model("qwen3_moe", len(tokenizer))
+    moeslim.apply(model, plan_quantize(model, IDS, QuantizeConfig(method="uniform", bits=3, group_size=16,
+                                                                  quantizer="rtn")), calibration=IDS)
+    quantized = save(model, tmp_path / "quantized", tokenizer=tokenizer)
+    ref = _in_memory_gguf(quantized, tmp_path / "q-ref.gguf", qtype="F32")
+    got = export_gguf_streamed(str(quantized), tmp_path / "q.gguf", qtype="F32")
+    assert got.path.read_bytes() == ref.read_bytes()
+
+
+def test_streamed_gguf_with_a_gguf_scope_plan(tokenizer, tmp_path: Path) -> None:
+    model = _runnable_model("qwen3_moe", len(tokenizer))
+    plan = plan_quantize(model, IDS, QuantizeConfig(scope="gguf", bits=6.0, candidates=(2, 4, 8)))
+    folder = _folder(model, tokenizer, tmp_path / "src")
+    ref = _in_memory_gguf(folder, tmp_path / "ref.gguf", qtype="Q8_0", plan=plan)
+    got = export_gguf_streamed(str(folder), tmp_path / "got.gguf", qtype="Q8_0", plan=plan)
+    assert got.path.read_bytes() == ref.read_bytes()
+    assert len(set(got.tensor_types.values())) > 2  # the plan's mix, not one type
+
+
+def _recording_quantizer(folder: Path) -> Path:
+    """A stand-in for llama-quantize that keeps the file it is given (and writes it as its output)."""
+    script = folder / "llama-quantize"
+    script.write_text('#!/bin/sh\neval src=\\${$(($# - 2))} dst=\\${$(($# - 1))}\n'
+                      f'cp "$src" "{folder}/intermediate.gguf"\ncp "$src" "$dst"\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script
+
+
+def test_llama_quantize_gets_a_bf16_intermediate_of_a_bf16_checkpoint(tokenizer, tmp_path: Path) -> None:
+    model = _runnable_model("mixtral", len(tokenizer))
+    folder = _folder(model, tokenizer, tmp_path / "src", torch.bfloat16)
+    quantizer = _recording_quantizer(tmp_path)
+    export_gguf_streamed(str(folder), tmp_path / "q.gguf", qtype="Q4_K_M", llama_quantize=quantizer)
+    types = read_gguf_types(tmp_path / "intermediate.gguf")
+    assert types["blk.0.ffn_down_exps.weight"] == types["token_embd.weight"] == "BF16"
+    assert types["blk.0.ffn_gate_inp.weight"] == types["output_norm.weight"] == "F32"  # as llama.cpp keeps them
+    assert "F16" not in types.values()
+    # exact: the same values as the F32 file of the in-memory export
+    f32 = _in_memory_gguf(folder, tmp_path / "f32.gguf", qtype="F32")
+    from gguf.quants import dequantize
+
+    full = {t.name: t for t in GGUFReader(str(f32)).tensors}
+    for t in GGUFReader(str(tmp_path / "intermediate.gguf")).tensors:
+        assert (dequantize(t.data, t.tensor_type) == dequantize(full[t.name].data, full[t.name].tensor_type)).all()
+
+
+def test_stream_refuses_what_it_cannot_read(tokenizer, tmp_path: Path) -> None:
+    with pytest.raises(StreamingExportError, match="local checkpoint folder"):
+        export_gguf_streamed("no/such/folder", tmp_path / "x.gguf")
+    folder = _folder(export_model("mixtral", len(tokenizer)), tokenizer, tmp_path / "skip")
+    raw = json.loads((folder / "config.json").read_text())
+    raw["moeslim"] = {"skip": {"threshold": 0.1}}
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(StreamingExportError, match="skipping: export it without --stream"):
+        export_gguf_streamed(str(folder), tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
