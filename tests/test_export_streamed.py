@@ -4,6 +4,7 @@ tensors and config. Peak memory is measured by benchmarks/scale.py, not here."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 from pathlib import Path
@@ -121,3 +122,71 @@ def test_stream_refuses_what_it_cannot_read(tokenizer, tmp_path: Path) -> None:
     with pytest.raises(StreamingExportError, match="skipping: export it without --stream"):
         export_gguf_streamed(str(folder), tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def _ct_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def _same_ct(a: Path, b: Path) -> None:
+    ta, tb = _ct_tensors(a), _ct_tensors(b)
+    assert ta.keys() == tb.keys()
+    for key, tensor in ta.items():
+        assert tensor.dtype == tb[key].dtype and torch.equal(tensor, tb[key]), key
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    assert (a / "generation_config.json").read_text() == (b / "generation_config.json").read_text()
+
+
+@pytest.mark.parametrize(("family", "config", "scheme"), [
+    ("mixtral", QuantizeConfig(method="uniform", bits=3, group_size=16, quantizer="rtn"), "symmetric"),
+    ("qwen3_moe", QuantizeConfig(method="uniform", bits=4, group_size=16, symmetric=True), "symmetric"),
+    ("qwen3_moe", QuantizeConfig(method="uniform", bits=4, group_size=16, quantizer="rtn"), "asymmetric"),
+])
+def test_streamed_compressed_tensors_is_the_in_memory_checkpoint(family: str, config: QuantizeConfig, scheme: str,
+                                                                 tokenizer, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from moeslim.export import export_compressed_tensors
+    from moeslim.export.streamed import export_compressed_tensors_streamed
+
+    model = export_model(family, len(tokenizer))
+    moeslim.apply(model, plan_quantize(model, IDS, config), calibration=IDS)
+    folder = save(model, tmp_path / "quantized", tokenizer=tokenizer)
+    loaded, tok = load(str(folder))
+    ref = export_compressed_tensors(loaded, tok, tmp_path / "ref", scheme=scheme)
+    got = export_compressed_tensors_streamed(str(folder), tmp_path / "got", scheme=scheme)
+    assert got == dataclasses.replace(ref, path=got.path)
+    assert got.quantized_tensors == model.config.num_hidden_layers * 8 * 3
+    _same_ct(tmp_path / "ref", tmp_path / "got")
+    assert (tmp_path / "got" / "tokenizer.json").is_file()
+    if scheme == "symmetric":  # loads in stock transformers with moeslim's logits
+        ct = AutoModelForCausalLM.from_pretrained(tmp_path / "got", dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ct(IDS).logits, loaded(IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_streamed_compressed_tensors_of_a_pruned_checkpoint_and_refusals(tokenizer, tmp_path: Path) -> None:
+    from moeslim.export import UnsupportedExportError, export_compressed_tensors
+    from moeslim.export.streamed import export_compressed_tensors_streamed
+
+    model = export_model("mixtral", len(tokenizer))
+    select_experts(model, {i: [1, 3, 4, 6] for i in range(model.config.num_hidden_layers)})
+    folder = _folder(model, tokenizer, tmp_path / "pruned")
+    loaded, tok = load(str(folder))
+    export_compressed_tensors(loaded, tok, tmp_path / "ref")
+    got = export_compressed_tensors_streamed(str(folder), tmp_path / "got")
+    assert got.bits is None and got.quantized_tensors == 0
+    _same_ct(tmp_path / "ref", tmp_path / "got")
+
+    model = export_model("qwen3_moe", len(tokenizer))
+    moeslim.apply(model, plan_quantize(model, IDS, QuantizeConfig(method="pmq", bits=2.5, candidates=(2, 3),
+                                                                  group_size=16)), calibration=IDS)
+    mixed = save(model, tmp_path / "mixed", tokenizer=tokenizer)
+    with pytest.raises(UnsupportedExportError, match="one width per scheme"):
+        export_compressed_tensors_streamed(str(mixed), tmp_path / "x")
+    assert not (tmp_path / "x").exists()

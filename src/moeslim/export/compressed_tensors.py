@@ -48,7 +48,8 @@ from moeslim.methods.quant.gptq import dequantize
 from moeslim.methods.quant.pack import unpack_bits
 from moeslim.plans import Plan
 
-__all__ = ["CT_EXPERT_TARGET", "CT_SCHEMES", "CtExport", "check_ct_plan", "export_compressed_tensors", "expert_scheme"]
+__all__ = ["CT_EXPERT_TARGET", "CT_SCHEMES", "CtExport", "check_ct_plan", "export_compressed_tensors", "expert_scheme",
+           "on_grid", "stored_scheme", "uniform_width"]
 
 # Per-expert Linear names in the saved checkpoint: (decoder layer, expert, projection).
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.[\w.]*experts\.(\d+)\."
@@ -91,14 +92,17 @@ def check_ct_plan(plan: Plan, where: str) -> None:
 
 
 def _uniform_width(lowbit: dict[str, LowBitTensor]) -> tuple[int, int]:
-    widths = {b for t in lowbit.values() for b in t.bits}
-    groups = {t.group_size for t in lowbit.values()}
+    return uniform_width({b for t in lowbit.values() for b in t.bits}, {t.group_size for t in lowbit.values()})
+
+
+def uniform_width(widths: set[int], groups: set[int]) -> tuple[int, int]:
+    """(width, group size) of experts with these ``widths`` and ``groups``; refuses more than one of either."""
     if len(widths) != 1 or KEEP_BITS in widths:
         raise UnsupportedExportError(f"compressed-tensors holds one width per scheme; this model's experts have "
                                      f"widths {sorted(widths)}; {UNIFORM_HINT}")
     if len(groups) != 1:
         raise UnsupportedExportError(f"one group size is needed, this model has {sorted(groups)}")
-    return widths.pop(), groups.pop()
+    return next(iter(widths)), next(iter(groups))
 
 
 def expert_scheme(bits: int, group_size: int, symmetric: bool) -> Any:
@@ -147,13 +151,22 @@ def _packed_linear(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
 def _storage(experts: dict[str, LowBitTensor], bits: int, scheme: str) -> tuple[int, bool]:
     """(num_bits, symmetric) of the written scheme for moeslim codes of ``bits`` bits."""
+    symmetric = all(t.symmetric for t in experts.values())
+    return stored_scheme(bits, scheme, symmetric, symmetric or on_grid(experts, bits))
+
+
+def on_grid(experts: dict[str, LowBitTensor], bits: int) -> bool:
+    """Every zero point of ``experts`` is 2^(bits-1): asymmetric codes on a symmetric grid."""
+    mid = 1 << (bits - 1)
+    return all(bool((t.zero_points(e) == mid).all()) for t in experts.values() for e in range(t.shape[0]))
+
+
+def stored_scheme(bits: int, scheme: str, symmetric: bool, grid: bool) -> tuple[int, bool]:
+    """(num_bits, symmetric) of the written scheme for moeslim codes of ``bits`` bits; ``symmetric``: planned with
+    --symmetric (no zero points); ``grid``: every zero point is 2^(bits-1)."""
     if scheme == "asymmetric":
         return bits, False
-    if all(t.symmetric for t in experts.values()):  # planned with --symmetric: b bits exactly, no zero points
-        return bits, True
-    mid = 1 << (bits - 1)
-    on_grid = all(bool((_expert_streams(t, e)[2] == mid).all()) for t in experts.values() for e in range(t.shape[0]))
-    if on_grid:
+    if symmetric or grid:  # b bits exactly
         return bits, True
     if bits + 1 > 8:
         raise UnsupportedExportError(f"{bits}-bit asymmetric codes need {bits + 1} signed bits in a symmetric "

@@ -215,3 +215,152 @@ def export_gguf_streamed(source: str, out: str | Path, **options: Any) -> Any:
         defaults: dict[str, Any] = {"qtype": "F16", "plan": None, "llama_quantize": None, "imatrix": None,
                                     "name": None, "inputs": (), "overwrite": False, "progress": False}
         return write_gguf(checkpoint.model, checkpoint.tokenizer, checkpoint.tensors, out, **{**defaults, **options})
+
+
+def _layer_experts(checkpoint: StreamedCheckpoint, index: int) -> dict[str, Any]:
+    """The packed experts of decoder layer ``index`` ({parameter name: LowBitTensor})."""
+    return checkpoint.read_lowbit([n for n in checkpoint.lowbit_order if checkpoint.layer_of(n) == index])
+
+
+def _ct_scheme(checkpoint: StreamedCheckpoint, scheme: str) -> tuple[int, int, int, bool] | None:
+    """(bits, group size, stored bits, symmetric) of the packed experts, read one layer at a time, or None when
+    there are none; refuses what ``export_compressed_tensors`` refuses, with its messages."""
+    from moeslim.export.compressed_tensors import CT_SCHEMES, on_grid, stored_scheme, uniform_width
+
+    other = [n for n in checkpoint.lowbit_order if ".experts." not in n]
+    if other:
+        raise UnsupportedExportError(f"compressed-tensors export writes quantized experts only; also quantized: "
+                                     f"{other[:4]} (plan without quantize_attention)")
+    if scheme not in CT_SCHEMES:
+        raise UnsupportedExportError(f"scheme={scheme!r}: use one of {', '.join(CT_SCHEMES)}")
+    if not checkpoint.quantized:
+        return None
+    widths: set[int] = set()
+    groups: set[int] = set()
+    sizes: set[int] = set()
+    symmetric, grid = True, True
+    for index in range(len(checkpoint.layer_prefixes)):
+        experts = _layer_experts(checkpoint, index)
+        if any(t.transposed for t in experts.values()):
+            raise UnsupportedExportError("compressed-tensors export needs (E, out, in) expert tensors")
+        widths |= {b for t in experts.values() for b in t.bits}
+        groups |= {t.group_size for t in experts.values()}
+        sizes |= {t.out_in[1] for t in experts.values()}
+        symmetric = symmetric and all(t.symmetric for t in experts.values())
+        if len(widths) == 1 and not symmetric:
+            grid = grid and on_grid(experts, next(iter(widths)))
+    bits, group = uniform_width(widths, groups)
+    if any(size % group for size in sizes):
+        raise UnsupportedExportError(f"group size {group} must divide every expert input size {sorted(sizes)} (the "
+                                     "compressed-tensors group strategy); plan with a group size that does")
+    return (bits, group, *stored_scheme(bits, scheme, symmetric, grid))
+
+
+def _dense_skeleton(checkpoint: StreamedCheckpoint, dtype: torch.dtype) -> nn.Module:
+    """A meta model of the checkpoint's config without its moeslim section (the in-memory export's dense copy)."""
+    from transformers import AutoModelForCausalLM
+
+    source: Any = checkpoint.model.config
+    config = source.__class__.from_dict({k: v for k, v in source.to_dict().items() if k != "moeslim"})
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def export_compressed_tensors_streamed(source: str, out: str | Path, *, scheme: str = "symmetric",
+                                       overwrite: bool = False, inputs: Iterable[str | Path] = (),
+                                       progress: bool = False) -> Any:
+    """``export_compressed_tensors`` of the checkpoint folder ``source`` (a moeslim quantized checkpoint, or a
+    transformers one: then a plain checkpoint), one decoder layer at a time: each layer's tensors are put in the
+    checkpoint's on-disk layout (transformers' ``revert_weight_conversion``), its experts replaced by their
+    pack-quantized tensors (the same functions, the same checks) and written as a part; the parts are merged
+    (bytes copied) into the shards. The same tensors and config.json as the in-memory export; the dense tensors
+    are stored in the checkpoint's floating dtype (a bfloat16 checkpoint stays bfloat16; ``moeslim.load``
+    computes in float32, so the in-memory export writes float32 there: the same values)."""
+    from safetensors.torch import save_file
+
+    from moeslim.export.compressed_tensors import CtExport, _Layout, _replace_experts, expert_scheme
+    from moeslim.models.loading import quiet_loading
+    from moeslim.outputs import atomic_dir, output_lock, temp_dir_beside
+    from moeslim.progress import steps
+    from moeslim.workflows.streamed_apply import _on_disk, merge_safetensors
+
+    with output_lock(out):
+        from moeslim.outputs import check_output_dir
+
+        check_output_dir(out, overwrite=overwrite, inputs=inputs)
+        checkpoint = open_checkpoint(source)
+        found = _ct_scheme(checkpoint, scheme)
+        dtype = checkpoint.storage or torch.float32
+        dense: Any = _dense_skeleton(checkpoint, dtype)
+        tied = bool(getattr(dense.config, "tie_word_embeddings", False))
+        replaced = 0
+        layers = len(checkpoint.layer_prefixes)
+        with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp, temp_dir_beside(out) as stage:
+            parts = Path(stage)
+            with quiet_loading():  # config.json and generation_config.json as save_pretrained writes them
+                dense.save_pretrained(parts, state_dict={})
+            rest = {k: v for k, v in checkpoint.rest_state().items() if not (tied and k == "lm_head.weight")}
+            save_file(_on_disk(dense, rest, dtype), str(parts / "rest.safetensors"), metadata={"format": "pt"})
+            del rest
+            for index in steps(range(layers), "compressed-tensors", layers, unit="layers", enabled=progress):
+                with checkpoint.layer_state(index) as held:
+                    state = dict(held)
+                experts = _layer_experts(checkpoint, index)
+                state.update({name: t.dequantize() for name, t in experts.items()})
+                tensors = _on_disk(dense, state, dtype)
+                del state
+                if found is not None and experts:
+                    bits, group, stored, symmetric = found
+                    fused = {n.rpartition(".")[2]: t for n, t in experts.items()}
+                    layout = _Layout({index: fused["gate_up_proj"]}, {index: fused["down_proj"]}, bits, group,
+                                     stored, symmetric)
+                    replaced += _replace_experts(tensors, layout)
+                save_file(tensors, str(parts / f"layer-{index}.safetensors"), metadata={"format": "pt"})
+                del tensors
+            _write_shards([parts / "rest.safetensors", *(parts / f"layer-{i}.safetensors" for i in range(layers))],
+                          tmp, merge_safetensors)
+            config = json.loads((parts / "config.json").read_text())
+            if found is not None:
+                config["quantization_config"] = expert_scheme(found[2], found[1], found[3]).to_dict()
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (tmp / "generation_config.json").write_bytes((parts / "generation_config.json").read_bytes())
+            if checkpoint.tokenizer is not None:
+                checkpoint.tokenizer.save_pretrained(tmp)
+        expected = sum(int(checkpoint.model.get_parameter(n).shape[0]) * (2 if n.endswith("gate_up_proj") else 1)
+                       for n in checkpoint.lowbit_order)
+        if replaced != expected:
+            raise RuntimeError(f"wrote {replaced} packed expert weights, expected {expected}")
+        if found is None:
+            return CtExport(Path(out), None, None, False, None, 0)
+        bits, group, stored, symmetric = found
+        return CtExport(Path(out), bits, stored, symmetric, group, replaced)
+
+
+_MAX_SHARD = 50 * 10**9  # save_pretrained's default max_shard_size ("50GB")
+
+
+def _write_shards(parts: list[Path], folder: Path, merge: Callable[..., None]) -> None:
+    """The parts' tensors as save_pretrained shards them: one ``model.safetensors`` up to 50 GB, else numbered
+    shards of whole parts and an index."""
+    from moeslim.workflows.streamed_apply import _safetensors_header
+
+    sizes = [p.stat().st_size for p in parts]
+    groups: list[list[Path]] = [[]]
+    total = 0
+    for part, size in zip(parts, sizes, strict=True):
+        if groups[-1] and total + size > _MAX_SHARD:
+            groups.append([])
+            total = 0
+        groups[-1].append(part)
+        total += size
+    if len(groups) == 1:
+        merge(parts, folder / "model.safetensors", {"format": "pt"})
+        return
+    weight_map: dict[str, str] = {}
+    for number, group in enumerate(groups):
+        name = f"model-{number + 1:05d}-of-{len(groups):05d}.safetensors"
+        merge(group, folder / name, {"format": "pt"})
+        for part in group:
+            weight_map.update(dict.fromkeys(_safetensors_header(part)[0], name))
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
