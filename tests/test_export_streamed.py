@@ -190,3 +190,25 @@ def test_streamed_compressed_tensors_of_a_pruned_checkpoint_and_refusals(tokeniz
     with pytest.raises(UnsupportedExportError, match="one width per scheme"):
         export_compressed_tensors_streamed(str(mixed), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_export_stream_writes_what_export_writes(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    from moeslim.cli import main
+
+    base = ["export", str(tiny_model_dir), "--format"]
+    assert main([*base, "gguf", "--type", "Q8_0", "--out", str(tmp_path / "a.gguf")]) == 0
+    assert main([*base, "gguf", "--type", "Q8_0", "--stream", "--out", str(tmp_path / "b.gguf")]) == 0
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    plan = tmp_path / "u3.json"
+    calib = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+    assert main(["plan", "quantize", str(tiny_model_dir), "--method", "uniform", "--bits", "3", "--group-size",
+                 "16", *calib, "--out", str(plan)]) == 0
+    capsys.readouterr()
+    ct = [*base, "compressed-tensors", "--plan", str(plan)]
+    assert main([*ct, "--out", str(tmp_path / "ct")]) == 0
+    assert main([*ct, "--stream", "--out", str(tmp_path / "ct-stream")]) == 0  # GPTQ applied streamed, then exported
+    assert "4-bit symmetric" in " ".join(capsys.readouterr().out.split())
+    _same_ct(tmp_path / "ct", tmp_path / "ct-stream")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+    assert main([*ct, "--stream", "--out", str(tmp_path / "ct-stream")]) == 2  # exists: before any GPTQ work
+    assert "overwrite" in capsys.readouterr().err

@@ -364,3 +364,30 @@ def _write_shards(parts: list[Path], folder: Path, merge: Callable[..., None]) -
             weight_map.update(dict.fromkeys(_safetensors_header(part)[0], name))
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export_streamed(source: str, out: str | Path, *, gguf: bool, plan: Any = None, qtype: str = "F16",
+                    llama_quantize: str | Path | None = None, imatrix: str | Path | None = None,
+                    scheme: str = "symmetric", inputs: Iterable[str | Path] = (), overwrite: bool = False,
+                    progress: bool = False) -> Any:
+    """``moeslim export --stream``: what ``moeslim export`` writes, read one decoder layer at a time.
+
+    compressed-tensors with a quantize ``plan``: the plan is applied as ``apply --stream`` applies it (GPTQ on the
+    plan's windows, layer by layer) into a temp folder beside ``out``, which is then exported and removed: the
+    same steps as loading, applying and exporting, never the whole model in memory.
+    """
+    if gguf:
+        return export_gguf_streamed(source, out, qtype=qtype, plan=plan, llama_quantize=llama_quantize,
+                                    imatrix=imatrix, inputs=inputs, overwrite=overwrite, progress=progress)
+    if plan is None:
+        return export_compressed_tensors_streamed(source, out, scheme=scheme, overwrite=overwrite, inputs=inputs,
+                                                  progress=progress)
+    from moeslim.outputs import check_output_dir, temp_dir_beside
+    from moeslim.workflows.streamed_apply import apply_quantize_streamed
+
+    check_output_dir(out, overwrite=overwrite, inputs=inputs)  # before the GPTQ work
+    with temp_dir_beside(out) as tmp:
+        quantized = Path(tmp) / "quantized"
+        apply_quantize_streamed(source, plan, quantized, progress=progress)
+        return export_compressed_tensors_streamed(str(quantized), out, scheme=scheme, overwrite=overwrite,
+                                                  inputs=[*inputs, tmp], progress=progress)
