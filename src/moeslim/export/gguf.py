@@ -130,14 +130,18 @@ def _gguf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: Any, arch
                   ) -> Iterator[tuple[str, torch.Tensor, torch.dtype]]:
     """(GGUF name, float32 tensor in PyTorch order, dtype it was held in) for every tensor, in the architecture's
     layout. Run on meta tensors it gives every name and shape without touching data (the tied head is left out:
-    llama.cpp reuses token_embd when output is absent)."""
+    llama.cpp reuses token_embd when output is absent).
+
+    The layout transforms move data (slices, transposes, reshapes), so they run on the tensor as held and each
+    piece is made float32 alone: a bfloat16 layer never has a float32 copy of a whole fused expert tensor.
+    """
     tied = bool(getattr(config, "tie_word_embeddings", False))
     names = tensor_name_map(arch, int(config.num_hidden_layers))
     for key, tensor in tensors:
         if key == "lm_head.weight" and tied:
             continue
-        for hf_key, data in arch.transform(key, tensor.detach().to(torch.float32), config):
-            yield gguf_tensor_name(names, hf_key), data, tensor.dtype
+        for hf_key, data in arch.transform(key, tensor.detach(), config):
+            yield gguf_tensor_name(names, hf_key), data.to(torch.float32), tensor.dtype
 
 
 def _meta(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
