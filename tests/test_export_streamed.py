@@ -14,7 +14,7 @@ import torch
 from gguf import GGUFReader
 from test_export_gguf import _runnable_model, export_model
 from tiny_models import sample_ids
-from transformers import AutoTokenizer
+from tiny_tokenizers import byte_level_bpe
 
 import moeslim
 from moeslim.export import export_gguf, read_gguf_types
@@ -29,7 +29,8 @@ IDS = sample_ids(0, 4, 16)
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(resolve_model_path("demo"))
+    """A 400-token byte-level BPE: the files' vocabulary stays small (the demo model's is tested on its own)."""
+    return byte_level_bpe()
 
 
 def _folder(model: torch.nn.Module, tokenizer, folder: Path, dtype: torch.dtype | None = None) -> Path:
@@ -56,6 +57,13 @@ def test_streamed_gguf_is_the_in_memory_file(family: str, dtype, tokenizer, tmp_
     got = export_gguf_streamed(str(folder), tmp_path / "got.gguf", qtype="Q8_0")
     assert got.path.read_bytes() == ref.read_bytes()
     assert got.expert_count == 8 and got.tensor_types == read_gguf_types(ref)
+    assert {"Q8_0", "F32"} <= set(got.tensor_types.values())
+
+
+def test_streamed_gguf_of_the_demo_model(tmp_path: Path) -> None:
+    ref = _in_memory_gguf(Path(resolve_model_path("demo")), tmp_path / "ref.gguf", qtype="F16")
+    got = export_gguf_streamed("demo", tmp_path / "got.gguf", qtype="F16")
+    assert got.path.read_bytes() == ref.read_bytes()
 
 
 def test_streamed_gguf_of_a_pruned_and_of_a_quantized_checkpoint(tokenizer, tmp_path: Path) -> None:

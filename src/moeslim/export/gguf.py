@@ -12,8 +12,8 @@ presets (Q4_K_M, ...) need llama.cpp's own quantizer: pass the path of its ``lla
 file is then written with every matrix in the 16-bit type it is held in (BF16 for a bfloat16 checkpoint
 streamed, F16 for float16; else F32: exact either way, see ``write_gguf``) and requantized by it with one
 ``--tensor-type`` override per planned tensor (and ``--imatrix``). A tensor whose rows do not divide into the
-type's blocks is stored as F16 (what llama.cpp does); the result lists every such fallback, and the types
-actually in the file are read back.
+type's blocks is stored as F16 (what llama.cpp does); the result lists every such fallback, and the types in
+the file (read back from llama-quantize's output).
 """
 
 from __future__ import annotations
@@ -375,12 +375,13 @@ def write_gguf(model: nn.Module, tokenizer: Any, tensors: Tensors, out: str | Pa
         if binary is None:
             _write_file(tensors, planned, config, vocab, hparams, staged, arch, default, title, progress)
             quantizer = "gguf-py"
+            types = {t.name: t.qtype for t in planned}  # as written (reading a file back parses the whole vocab)
         else:
             source = work / "intermediate.gguf"
             _write_file(tensors, planned, config, vocab, hparams, source, arch, "F32", title, progress)
             _llama_quantize(binary, source, staged, default, overrides,
                             Path(imatrix) if imatrix is not None else None, work)
             quantizer = "llama-quantize"
-        types = read_gguf_types(staged)
+            types = read_gguf_types(staged)  # the types llama.cpp's quantizer chose
         os.replace(staged, dest)
     return GgufExport(Path(target), types, moe.n_experts, moe.top_k, fallbacks, quantizer)

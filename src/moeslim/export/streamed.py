@@ -58,7 +58,8 @@ class StreamedCheckpoint:
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """What ``gguf.model_tensors(moeslim.load(folder))`` lists, in its order, one layer resident at a time."""
-        state_keys = [k for k in self.model.state_dict() if k not in set(self.lowbit_order)]
+        packed = set(self.lowbit_order)
+        state_keys = [k for k in self.model.state_dict() if k not in packed]
         rest = self.rest_state()
         with contextlib.ExitStack() as stack:
             current, layer = -1, dict[str, torch.Tensor]()
