@@ -616,8 +616,9 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
                         "input, nor anything inside an input model folder")
     p.add_argument("--stream", action="store_true",
                    help="read one decoder layer at a time from a local checkpoint folder (original, pruned or "
-                        "moeslim-quantized) and write as it goes (memory: one layer, not the model); the same output. "
-                        "compressed-tensors --plan applies the plan as apply --stream does")
+                        "moeslim-quantized) and write as it goes (memory: one layer, not the model): the same GGUF; "
+                        "compressed-tensors: the same tensors, the dense ones in the checkpoint's dtype, and --plan "
+                        "applied as apply --stream applies it")
     p.set_defaults(func=cmd_export)
 
 
