@@ -220,3 +220,19 @@ def test_cli_export_stream_writes_what_export_writes(tiny_model_dir: Path, tmp_p
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
     assert main([*ct, "--stream", "--out", str(tmp_path / "ct-stream")]) == 2  # exists: before any GPTQ work
     assert "overwrite" in capsys.readouterr().err
+
+
+def test_at_most_one_decoder_layer_is_resident_while_streaming(tokenizer, tmp_path: Path) -> None:
+    from moeslim.export.streamed import open_checkpoint
+    from moeslim.models import decoder_layers
+
+    folder = _folder(_runnable_model("deepseek_v3", len(tokenizer)), tokenizer, tmp_path / "src")
+    checkpoint = open_checkpoint(str(folder))
+    layers = decoder_layers(checkpoint.model)
+    seen = []
+    for _ in checkpoint.tensors():
+        resident = [i for i, layer in enumerate(layers) if any(not p.is_meta for p in layer.parameters())]
+        assert len(resident) <= 1
+        seen.extend(resident)
+    assert sorted(set(seen)) == list(range(len(layers)))  # every layer was read, in turn
+    assert all(p.is_meta for p in layers.parameters())  # and freed
