@@ -128,12 +128,13 @@ def model_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _gguf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: Any, arch: GgufArch
                   ) -> Iterator[tuple[str, torch.Tensor, torch.dtype]]:
-    """(GGUF name, float32 tensor in PyTorch order, dtype it was held in) for every tensor, in the architecture's
-    layout. Run on meta tensors it gives every name and shape without touching data (the tied head is left out:
-    llama.cpp reuses token_embd when output is absent).
+    """(GGUF name, tensor in PyTorch order, dtype it was held in) for every tensor, in the architecture's layout.
+    Run on meta tensors it gives every name and shape without touching data (the tied head is left out: llama.cpp
+    reuses token_embd when output is absent).
 
-    The layout transforms move data (slices, transposes, reshapes), so they run on the tensor as held and each
-    piece is made float32 alone: a bfloat16 layer never has a float32 copy of a whole fused expert tensor.
+    The layout transforms move data (slices, transposes, reshapes), so they run on the tensor as held; the writer
+    makes float32 copies one slice at a time (``_encode_tensor``): a bfloat16 layer never has a float32 copy of a
+    whole fused expert tensor.
     """
     tied = bool(getattr(config, "tie_word_embeddings", False))
     names = tensor_name_map(arch, int(config.num_hidden_layers))
@@ -141,7 +142,7 @@ def _gguf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: Any, arch
         if key == "lm_head.weight" and tied:
             continue
         for hf_key, data in arch.transform(key, tensor.detach(), config):
-            yield gguf_tensor_name(names, hf_key), data.to(torch.float32), tensor.dtype
+            yield gguf_tensor_name(names, hf_key), data, tensor.dtype
 
 
 def _meta(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -228,6 +229,28 @@ def _declare(writer: Any, tensor: _Planned) -> None:
     writer.add_tensor_info(tensor.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
 
 
+def _encode_tensor(tensor: torch.Tensor, want: _Planned) -> np.ndarray:
+    """``_encode`` of a tensor held in any dtype, a float32 copy of one slice of its first dimension at a time
+    (3D expert tensors): every type encodes rows of the last dimension, so the slices' bytes are the whole's."""
+    if tensor.dim() < 3:
+        return _encode_slice(tensor, want)
+    out: np.ndarray | None = None
+    for index, part in enumerate(tensor):
+        encoded = _encode_slice(part, want)
+        if out is None:
+            out = np.empty((tensor.shape[0], *encoded.shape), encoded.dtype)
+        out[index] = encoded
+    assert out is not None
+    return out
+
+
+def _encode_slice(tensor: torch.Tensor, want: _Planned) -> np.ndarray:
+    data = tensor.to(torch.float32)
+    if want.exact:
+        _check_exact(data, want)
+    return _encode(data.contiguous().numpy(), want.qtype)
+
+
 def _check_exact(tensor: torch.Tensor, want: _Planned) -> None:
     torch_type = {"BF16": torch.bfloat16, "F16": torch.float16}[want.qtype]
     if not torch.equal(tensor.to(torch_type).to(torch.float32), tensor):
@@ -281,9 +304,7 @@ def _write_file(tensors: Tensors, planned: list[_Planned], config: Any, vocab: G
         want = next(order, None)
         if want is None or want.name != tname or want.shape != tuple(tensor.shape):
             raise RuntimeError(f"tensor {tname} {tuple(tensor.shape)} is not the one declared next ({want})")
-        if want.exact:
-            _check_exact(tensor, want)
-        writer.write_tensor_data(_encode(tensor.contiguous().numpy(), want.qtype))
+        writer.write_tensor_data(_encode_tensor(tensor, want))
     if next(order, None) is not None:
         raise RuntimeError("fewer tensors were read than declared")
     writer.close()
