@@ -8,6 +8,8 @@ its children every 20 ms:
     moeslim apply CKPT prune.json --stream --dtype bfloat16     (read, pruned and written layer by layer)
     moeslim plan quantize CKPT --method uniform --bits 4 --quantizer rtn --stream
     moeslim apply CKPT quantize.json --stream --dtype bfloat16  (read, packed and written layer by layer)
+    moeslim export CKPT --format gguf --type F16 --stream     (each layer read, converted and written in turn)
+    moeslim export QUANTIZED --format compressed-tensors --stream   (the checkpoint apply wrote, layer by layer)
     torchrun --nproc-per-node 2 moeslim plan prune ... (gloo)  vs the one-process plan prune
 
 and, on a separate checkpoint of the same layer shape with --gptq-layers layers (GPTQ takes ~4 min per layer
@@ -240,14 +242,25 @@ def main() -> None:
         apply_quant = measure([moeslim, "apply", str(ckpt), str(quant_plan), "--stream", "--dtype", "bfloat16",
                                "--out", str(tmp / "quantized")], f"apply quantize ({args.quantizer}, streamed)")
         quantized_bytes = _bytes(tmp / "quantized")
+        # The exports read one layer at a time: GGUF of the original checkpoint, compressed-tensors of the
+        # quantized one (its experts re-packed); each output is removed once measured.
+        export_gguf = measure([moeslim, "export", str(ckpt), "--format", "gguf", "--type", "F16", "--stream",
+                               "--out", str(tmp / "model.gguf")], "export gguf F16 (streamed)")
+        gguf_bytes = (tmp / "model.gguf").stat().st_size
+        (tmp / "model.gguf").unlink()
+        export_ct = measure([moeslim, "export", str(tmp / "quantized"), "--format", "compressed-tensors", "--stream",
+                             "--out", str(tmp / "ct")], "export compressed-tensors (streamed, of the quantized)")
+        ct_bytes = _bytes(tmp / "ct")
+        shutil.rmtree(tmp / "ct", ignore_errors=True)
         shutil.rmtree(tmp / "quantized", ignore_errors=True)
         two = measure([torchrun, "--standalone", "--nproc-per-node", "2", "--no-python", moeslim, *prune,
                        "--out", str(prune_plan2)], "plan prune, 2 gloo processes")
         layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
         print(f"per layer (streamed, 1 process): plan prune {plan_prune.seconds / layers:.2f} s, "
               f"plan quantize {plan_quant.seconds / layers:.2f} s, apply quantize {apply_quant.seconds / layers:.2f} s;"
-              f" layer bytes {size / layers / 1e6:.0f} MB; quantized checkpoint {quantized_bytes / 1e9:.2f} GB",
-              flush=True)
+              f" layer bytes {size / layers / 1e6:.0f} MB; quantized checkpoint {quantized_bytes / 1e9:.2f} GB;"
+              f" export gguf {export_gguf.seconds / layers:.2f} s ({gguf_bytes / 1e9:.2f} GB F16 file), export"
+              f" compressed-tensors {export_ct.seconds / layers:.2f} s ({ct_bytes / 1e9:.2f} GB)", flush=True)
         if args.gptq_layers > 0:
             gptq_section(tmp, args, moeslim, torchrun, size)
         identical = _same_plan(prune_plan, prune_plan2, rel_tol=1e-9)
@@ -257,6 +270,8 @@ def main() -> None:
         print(f"scale peak-rss ratio plan-prune: {plan_prune.peak_rss / size:.2f}")
         print(f"scale peak-rss ratio apply-prune: {apply_prune.peak_rss / size:.2f}")
         print(f"scale peak-rss ratio quantize: {quantize / size:.2f}")
+        print(f"scale peak-rss ratio export-gguf: {export_gguf.peak_rss / size:.2f}")
+        print(f"scale peak-rss ratio export-ct: {export_ct.peak_rss / size:.2f}")
         print(f"scale distributed plans identical: {'yes' if identical else 'no'}")
         print(f"scale distributed speedup 2 procs: {plan_prune.seconds / two.seconds:.2f}")
     finally:

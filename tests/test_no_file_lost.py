@@ -215,7 +215,8 @@ def test_compressed_tensors_refuses_mixed_widths_before_gptq(tiny_model_dir: Pat
     assert main(["export", str(tiny_model_dir), "--format", "compressed-tensors", "--plan", str(mixed),
                  "--out", str(tmp_path / "ct")]) == 2
     line = error_line(capsys)
-    assert "widths [2, 3]" in line and "--bits B, B from 1 to 7" in line and "4|8" not in line
+    assert "(layer 0: [2, 3])" in line and "--granularity layer --scope global" in line
+    assert "--bits B, B from 1 to 7" in line and "4|8" not in line
     assert str(mixed) in line and not (tmp_path / "ct").exists()
 
 

@@ -144,3 +144,14 @@ def test_cli_plans_layer_widths_and_exports_them(tiny_model_dir: Path, tmp_path:
     assert "transformers 5.24 cannot" in printed
     groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
     assert sorted(g["weights"]["num_bits"] for g in groups.values()) == [2, 4]
+    # --stream: the plan applied one layer at a time, the same groups, tensors and line
+    assert main(["export", str(tiny_model_dir), "--format", "compressed-tensors", "--plan", str(plan), "--stream",
+                 "--out", str(tmp_path / "ct-stream")]) == 0
+    assert "one width per layer: 2 bits stored as 2 in layers [0]; 4 bits stored as 4 in layers [1]" in " ".join(
+        capsys.readouterr().out.split())
+    streamed = json.loads((tmp_path / "ct-stream" / "config.json").read_text())["quantization_config"]
+    assert streamed == json.loads((out / "config.json").read_text())["quantization_config"]
+    ref, got = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "ct-stream" / "model.safetensors"))
+    packed = sorted(k for k in ref if "weight_packed" in k)
+    assert packed and packed == sorted(k for k in got if "weight_packed" in k)
+    assert all(torch.equal(ref[k], got[k]) for k in packed)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from moeslim.calibrate.distributed import World
     from moeslim.data.calibration_set import CalibrationSet
+    from moeslim.export.compressed_tensors import CtExport
     from moeslim.plans import Plan
     from moeslim.workflows.stages import StageSpec
 
@@ -615,6 +616,11 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (gguf: a file; compressed-tensors: a checkpoint folder); never an "
                         "input, nor anything inside an input model folder")
+    p.add_argument("--stream", action="store_true",
+                   help="read one decoder layer at a time from a local checkpoint folder (original, pruned or "
+                        "moeslim-quantized) and write as it goes (memory: one layer, not the model): the same GGUF; "
+                        "compressed-tensors: the same tensors, the dense ones in the checkpoint's dtype, and --plan "
+                        "applied as apply --stream applies it")
     p.set_defaults(func=cmd_export)
 
 
@@ -647,23 +653,37 @@ def _export(args: argparse.Namespace, plan: Plan | None, inputs: list[str]) -> i
     from moeslim.io import load
 
     gguf = args.format == "gguf"
+    if args.stream:
+        from moeslim.export.streamed import export_streamed
+
+        streamed = export_streamed(args.model, args.out, gguf=gguf, plan=plan, qtype=args.type,
+                                   llama_quantize=args.llama_quantize, imatrix=args.imatrix, scheme=args.ct_scheme,
+                                   inputs=inputs, overwrite=args.overwrite, progress=True)
+        return _report_gguf(args, streamed) if gguf else _report_ct(args, streamed)
     model, tokenizer = load(args.model)
     if gguf:
-        result = export_gguf(model, tokenizer, args.out, qtype=args.type, plan=plan, llama_quantize=args.llama_quantize,
-                             imatrix=args.imatrix, inputs=inputs, overwrite=args.overwrite, progress=True)
-        for line in result.fallbacks:
-            console.print(f"fallback {line}")
-        counts: dict[str, int] = {}
-        for qtype in result.tensor_types.values():
-            counts[qtype] = counts.get(qtype, 0) + 1
-        console.print(f"wrote {args.out} ({result.nbytes / 2**20:.1f} MiB, {result.expert_count} experts, top-"
-                      f"{result.expert_used_count}; tensor types {dict(sorted(counts.items()))}; quantizer "
-                      f"{result.quantizer})")
-        return 0
+        return _report_gguf(args, export_gguf(model, tokenizer, args.out, qtype=args.type, plan=plan,
+                                              llama_quantize=args.llama_quantize, imatrix=args.imatrix, inputs=inputs,
+                                              overwrite=args.overwrite, progress=True))
     if plan is not None:
         apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), progress=True)
-    ct = export_compressed_tensors(model, tokenizer, args.out, scheme=args.ct_scheme, overwrite=args.overwrite,
-                                   inputs=inputs, progress=True)
+    return _report_ct(args, export_compressed_tensors(model, tokenizer, args.out, scheme=args.ct_scheme,
+                                                      overwrite=args.overwrite, inputs=inputs, progress=True))
+
+
+def _report_gguf(args: argparse.Namespace, result: Any) -> int:
+    for line in result.fallbacks:
+        console.print(f"fallback {line}")
+    counts: dict[str, int] = {}
+    for qtype in result.tensor_types.values():
+        counts[qtype] = counts.get(qtype, 0) + 1
+    console.print(f"wrote {args.out} ({result.nbytes / 2**20:.1f} MiB, {result.expert_count} experts, top-"
+                  f"{result.expert_used_count}; tensor types {dict(sorted(counts.items()))}; quantizer "
+                  f"{result.quantizer})")
+    return 0
+
+
+def _report_ct(args: argparse.Namespace, ct: CtExport) -> int:
     console.print(f"wrote {args.out} (compressed-tensors pack-quantized; {ct.describe()})")
     return 0
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,8 +55,8 @@ from moeslim.methods.quant.gptq import dequantize
 from moeslim.methods.quant.pack import unpack_bits
 from moeslim.plans import Plan
 
-__all__ = ["CT_EXPERT_TARGET", "CT_SCHEMES", "CtExport", "check_ct_plan", "ct_layer_schemes", "expert_scheme",
-           "export_compressed_tensors", "layer_target"]
+__all__ = ["CT_EXPERT_TARGET", "CT_SCHEMES", "CtExport", "CtWidths", "check_ct_plan", "ct_layer_schemes", "ct_widths",
+           "expert_scheme", "export_compressed_tensors", "layer_target", "on_grid", "stored_scheme"]
 
 # Per-expert Linear names in the saved checkpoint: (decoder layer, expert, projection).
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.[\w.]*experts\.(\d+)\."
@@ -131,19 +131,56 @@ def check_ct_plan(plan: Plan, where: str) -> None:
                                      f"pack); {UNIFORM_HINT}")
 
 
-def _layer_widths(experts: dict[str, LowBitTensor]) -> tuple[dict[int, int], int]:
-    """{decoder layer: the one width of its experts} and the group size; refuses per-expert mixed widths."""
-    widths: dict[int, set[int]] = {}
-    for name, t in experts.items():
-        widths.setdefault(_layer_of(name), set()).update(t.bits)
-    groups = {t.group_size for t in experts.values()}
+@dataclass(frozen=True)
+class CtWidths:
+    """How the quantized experts are written: moeslim's width and the stored width per quantized decoder layer (layers
+    at 16 bits are absent: they stay dense), one group size and one kind (symmetric or not) for all."""
+
+    bits: dict[int, int]
+    group_size: int
+    stored: dict[int, int]
+    symmetric: bool
+    stored_bits: int | None  # the one stored width when every layer is quantized alike (one target for all experts)
+
+    def config(self) -> Any:
+        """The compressed-tensors QuantizationConfig (one config group, or one per stored width)."""
+        return expert_scheme(self.stored_bits if self.stored_bits is not None else self.stored, self.group_size,
+                             self.symmetric)
+
+    def result(self, path: Path, replaced: int) -> CtExport:
+        """The export's description once ``replaced`` per-expert weights are written to ``path``."""
+        layers = {idx: (self.bits[idx], self.stored[idx]) for idx in sorted(self.stored)}
+        bits, stored = next(iter(layers.values())) if self.stored_bits is not None else (None, None)
+        return CtExport(path, bits, stored, self.symmetric, self.group_size, replaced, layers)
+
+
+def ct_widths(widths: dict[int, set[int]], groups: set[int], inputs: dict[int, set[int]],
+              storage: Callable[[int, int], tuple[int, bool]]) -> CtWidths:
+    """How experts with these widths are written, checked: ``widths`` {decoder layer: its experts' widths},
+    ``groups`` their group sizes, ``inputs`` {decoder layer: its experts' input sizes}; ``storage(layer, bits)``:
+    (stored bits, symmetric) of a quantized layer (``_storage`` of its experts). Refuses per-expert mixed widths,
+    more than one group size, nothing to pack and a group size that does not divide the inputs (the in-memory and the
+    streamed export alike: the streamed one gathers these one layer at a time)."""
     mixed = {idx: sorted(w) for idx, w in sorted(widths.items()) if len(w) > 1}
     if mixed:
         raise UnsupportedExportError(f"compressed-tensors holds one width per MoE layer; this model's experts have "
                                      f"per-expert widths (layer: widths) {mixed}; {MIXED_HINT}; or {UNIFORM_HINT}")
     if len(groups) != 1:
         raise UnsupportedExportError(f"one group size is needed, this model has {sorted(groups)}")
-    return {idx: w.pop() for idx, w in widths.items()}, groups.pop()
+    group = next(iter(groups))
+    one = {idx: next(iter(w)) for idx, w in widths.items()}
+    bits = {idx: b for idx, b in one.items() if b != KEEP_BITS}
+    if not bits:
+        raise UnsupportedExportError(f"every expert is kept at {KEEP_BITS} bits: nothing to pack; {UNIFORM_HINT}")
+    if any(size % group for idx in bits for size in inputs[idx]):
+        sizes = sorted(set().union(*inputs.values()))
+        raise UnsupportedExportError(f"group size {group} must divide every expert input size {sizes} (the "
+                                     "compressed-tensors group strategy); plan with a group size that does")
+    kinds = {idx: storage(idx, b) for idx, b in bits.items()}
+    stored = {idx: s for idx, (s, _) in kinds.items()}
+    symmetric = {sym for _, sym in kinds.values()}.pop()  # the scheme decides it, alike for every layer
+    single = len(set(stored.values())) == 1 and len(bits) == len(one)
+    return CtWidths(bits, group, stored, symmetric, next(iter(stored.values())) if single else None)
 
 
 def expert_scheme(bits: int | dict[int, int], group_size: int, symmetric: bool) -> Any:
@@ -223,13 +260,22 @@ def _packed_linear(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
 def _storage(experts: list[LowBitTensor], bits: int, scheme: str) -> tuple[int, bool]:
     """(num_bits, symmetric) of the written scheme for moeslim codes of ``bits`` bits."""
+    symmetric = all(t.symmetric for t in experts)
+    return stored_scheme(bits, scheme, symmetric, scheme != "asymmetric" and (symmetric or on_grid(experts, bits)))
+
+
+def on_grid(experts: Iterable[LowBitTensor], bits: int) -> bool:
+    """Every zero point of ``experts`` is 2^(bits-1): asymmetric codes on a symmetric grid."""
+    mid = 1 << (bits - 1)
+    return all(bool((t.zero_points(e) == mid).all()) for t in experts for e in range(t.shape[0]))
+
+
+def stored_scheme(bits: int, scheme: str, symmetric: bool, grid: bool) -> tuple[int, bool]:
+    """(num_bits, symmetric) of the written scheme for moeslim codes of ``bits`` bits; ``symmetric``: planned with
+    --symmetric (no zero points); ``grid``: every zero point is 2^(bits-1)."""
     if scheme == "asymmetric":
         return bits, False
-    if all(t.symmetric for t in experts):  # planned with --symmetric: b bits exactly, no zero points
-        return bits, True
-    mid = 1 << (bits - 1)
-    on_grid = all(bool((_expert_streams(t, e)[2] == mid).all()) for t in experts for e in range(t.shape[0]))
-    if on_grid:
+    if symmetric or grid:  # b bits exactly
         return bits, True
     if bits + 1 > 8:
         raise UnsupportedExportError(f"{bits}-bit asymmetric codes need {bits + 1} signed bits in a symmetric "
@@ -311,35 +357,27 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: str | Path,
                 _rewrite_index(Path(stage), tmp)
             config = json.loads((Path(stage) / "config.json").read_text())
             if layout is not None:
-                ct = expert_scheme(layout.stored_bits if layout.stored_bits is not None else layout.stored,
-                                   layout.group_size, layout.symmetric)
-                config["quantization_config"] = ct.to_dict()
+                config["quantization_config"] = layout.widths.config().to_dict()
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     if layout is None:
         return CtExport(Path(out), None, None, False, None, 0)
     expected = sum(t.shape[0] * (2 if n.endswith("gate_up_proj") else 1) for n, t in experts.items()
-                   if _layer_of(n) in layout.stored)
+                   if _layer_of(n) in layout.widths.stored)
     if replaced != expected:
         raise RuntimeError(f"wrote {replaced} packed expert weights, expected {expected}")
-    layers = {idx: (layout.bits[idx], layout.stored[idx]) for idx in sorted(layout.stored)}
-    bits, stored = next(iter(layers.values())) if layout.stored_bits is not None else (None, None)
-    return CtExport(Path(out), bits, stored, layout.symmetric, layout.group_size, replaced, layers)
+    return layout.widths.result(Path(out), replaced)
 
 
 @dataclass(frozen=True)
 class _Layout:
-    """The experts to write: fused tensors by decoder layer, moeslim's width and the stored width per quantized layer
-    (layers at 16 bits are absent: they stay dense)."""
+    """The experts to write: fused tensors of the quantized decoder layers (all, or the one a streamed part holds) and
+    how every layer is written."""
 
     gate_up: dict[int, LowBitTensor]
     down: dict[int, LowBitTensor]
-    bits: dict[int, int]
-    group_size: int
-    stored: dict[int, int]
-    symmetric: bool
-    stored_bits: int | None  # the one stored width when every layer is quantized alike (one target for all experts)
+    widths: CtWidths
 
 
 def _layer_of(name: str) -> int:
@@ -352,22 +390,17 @@ def _layer_of(name: str) -> int:
 def _layout(experts: dict[str, LowBitTensor], scheme: str) -> _Layout:
     if any(t.transposed for t in experts.values()):
         raise UnsupportedExportError("compressed-tensors export needs (E, out, in) expert tensors")
-    widths, group = _layer_widths(experts)
-    bits = {idx: b for idx, b in widths.items() if b != KEEP_BITS}
-    if not bits:
-        raise UnsupportedExportError(f"every expert is kept at {KEEP_BITS} bits: nothing to pack; {UNIFORM_HINT}")
-    if any(t.out_in[1] % group for n, t in experts.items() if _layer_of(n) in bits):
-        sizes = sorted({t.out_in[1] for t in experts.values()})
-        raise UnsupportedExportError(f"group size {group} must divide every expert input size {sizes} (the "
-                                     "compressed-tensors group strategy); plan with a group size that does")
-    storage = {idx: _storage([t for n, t in experts.items() if _layer_of(n) == idx], b, scheme)
-               for idx, b in bits.items()}
-    stored = {idx: s for idx, (s, _) in storage.items()}
-    symmetric = {sym for _, sym in storage.values()}.pop()  # the scheme decides it, alike for every layer
-    gate_up = {_layer_of(k): t for k, t in experts.items() if k.endswith("gate_up_proj") and _layer_of(k) in bits}
-    down = {_layer_of(k): t for k, t in experts.items() if k.endswith("down_proj") and _layer_of(k) in bits}
-    one = len(set(stored.values())) == 1 and len(bits) == len(widths)
-    return _Layout(gate_up, down, bits, group, stored, symmetric, next(iter(stored.values())) if one else None)
+    by_layer: dict[int, list[LowBitTensor]] = {}
+    for name, t in experts.items():
+        by_layer.setdefault(_layer_of(name), []).append(t)
+    widths = ct_widths({idx: {b for t in ts for b in t.bits} for idx, ts in by_layer.items()},
+                       {t.group_size for t in experts.values()},
+                       {idx: {t.out_in[1] for t in ts} for idx, ts in by_layer.items()},
+                       lambda idx, b: _storage(by_layer[idx], b, scheme))
+    packed = {k: t for k, t in experts.items() if _layer_of(k) in widths.bits}
+    gate_up = {_layer_of(k): t for k, t in packed.items() if k.endswith("gate_up_proj")}
+    down = {_layer_of(k): t for k, t in packed.items() if k.endswith("down_proj")}
+    return _Layout(gate_up, down, widths)
 
 
 def _replace_experts(tensors: dict[str, torch.Tensor], layout: _Layout) -> int:
@@ -375,17 +408,18 @@ def _replace_experts(tensors: dict[str, torch.Tensor], layout: _Layout) -> int:
     count = 0
     for key, match in [(k, m) for k in tensors if (m := _EXPERT_KEY.match(k))]:
         layer, e, name = match.groups()
-        if int(layer) not in layout.stored:  # a layer kept at 16 bits: its float weights stay
+        if int(layer) not in layout.widths.stored:  # a layer kept at 16 bits: its float weights stay
             continue
         proj = _PROJ[name]
         source = layout.down[int(layer)] if proj == "down" else layout.gate_up[int(layer)]
         codes, scales, zeros = _split(source, int(e), proj)
         # The saved float weight must be exactly this expert's dequantization: checks the name mapping.
         saved = tensors.pop(key)
-        deq = dequantize(codes, scales, zeros, layout.group_size).to(saved.dtype)
+        deq = dequantize(codes, scales, zeros, layout.widths.group_size).to(saved.dtype)
         if saved.shape != deq.shape or not torch.equal(saved, deq):
             raise RuntimeError(f"{key}: the saved weight is not moeslim's expert {e} {proj}")
-        packed = _packed_linear(codes, scales, zeros, layout.group_size, layout.stored[int(layer)], layout.symmetric)
+        packed = _packed_linear(codes, scales, zeros, layout.widths.group_size, layout.widths.stored[int(layer)],
+                                layout.widths.symmetric)
         tensors.update({f"{key.removesuffix('.weight')}.{n}": v for n, v in packed.items()})
         count += 1
     return count

@@ -9,9 +9,11 @@ it is, so a pruned model (fewer experts) needs nothing special; the tokenizer (`
 Types: ``qtype`` for every matrix (token embedding, attention, output, experts), the plan's per-tensor types
 for the experts. gguf-py quantizes F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 itself. K-quants and llama.cpp's
 presets (Q4_K_M, ...) need llama.cpp's own quantizer: pass the path of its ``llama-quantize`` program; the
-file is then written in F32 and requantized by it with one ``--tensor-type`` override per planned tensor
-(and ``--imatrix``). A tensor whose rows do not divide into the type's blocks is stored as F16 (what
-llama.cpp does); the result lists every such fallback, and the types actually in the file are read back.
+file is then written with every matrix in the 16-bit type it is held in (BF16 for a bfloat16 checkpoint
+streamed, F16 for float16; else F32: exact either way, see ``write_gguf``) and requantized by it with one
+``--tensor-type`` override per planned tensor (and ``--imatrix``). A tensor whose rows do not divide into the
+type's blocks is stored as F16 (what llama.cpp does); the result lists every such fallback, and the types in
+the file (read back from llama-quantize's output).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,34 +108,45 @@ def plan_tensor_types(model: nn.Module, plan: Plan) -> dict[str, str]:
     return out
 
 
-def _gguf_tensors(model: nn.Module, arch: GgufArch, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array in PyTorch order) for every tensor, in the architecture's layout.
-    ``progress``: a line on stderr every ~10 % of the tensors (each is encoded before the next is read)."""
-    config = _config(model)
+Tensors = Callable[[], Iterable[tuple[str, torch.Tensor]]]  # (state-dict name, tensor as held), in file order
+
+
+def model_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(state-dict name, tensor) of every tensor ``export_gguf`` writes, in file order: the state dict, then the
+    packed experts of a moeslim-quantized model, each dequantized when it is reached (the GGUF type re-quantizes
+    them; F32 holds them exactly). ``export.streamed`` lists a checkpoint folder's tensors in this same order."""
+    from moeslim.runtime.lowbit_io import packed_experts
+
+    packed = packed_experts(model)
+    state = model.state_dict()
+    for key, tensor in state.items():
+        yield key, packed[key].to_lowbit().dequantize() if key in packed else tensor
+    for key, storage in packed.items():
+        if key not in state:
+            yield key, storage.to_lowbit().dequantize()
+
+
+def _gguf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: Any, arch: GgufArch
+                  ) -> Iterator[tuple[str, torch.Tensor, torch.dtype]]:
+    """(GGUF name, tensor in PyTorch order, dtype it was held in) for every tensor, in the architecture's layout.
+    Run on meta tensors it gives every name and shape without touching data (the tied head is left out: llama.cpp
+    reuses token_embd when output is absent).
+
+    The layout transforms move data (slices, transposes, reshapes), so they run on the tensor as held; the writer
+    makes float32 copies one slice at a time (``_encode_tensor``): a bfloat16 layer never has a float32 copy of a
+    whole fused expert tensor.
+    """
     tied = bool(getattr(config, "tie_word_embeddings", False))
     names = tensor_name_map(arch, int(config.num_hidden_layers))
-    from moeslim.runtime.lowbit_io import lowbit_tensors
-
-    # A moeslim-quantized model keeps its packed experts outside the state dict: write them dequantized (the
-    # GGUF type then re-quantizes them; F32 holds them exactly).
-    tensors = {**model.state_dict(), **{name: t.dequantize() for name, t in lowbit_tensors(model).items()}}
-    count = len(tensors)
-    for key, tensor in steps(tensors.items(), "gguf", count, unit="tensors", enabled=progress,
-                             every=max(1, -(-count // 10))):
+    for key, tensor in tensors:
         if key == "lm_head.weight" and tied:
-            continue  # llama.cpp reuses token_embd when output is absent
-        for hf_key, data in arch.transform(key, tensor.detach().to(torch.float32).cpu(), config):
-            yield gguf_tensor_name(names, hf_key), data.contiguous().numpy()
+            continue
+        for hf_key, data in arch.transform(key, tensor.detach(), config):
+            yield gguf_tensor_name(names, hf_key), data, tensor.dtype
 
 
-def _check_tensor_names(model: nn.Module, arch: GgufArch) -> None:
-    """Refuse, before any work, a tensor llama.cpp has no slot for: the transforms run on meta copies (shapes
-    only), so every name is known without touching the data."""
-    config = _config(model)
-    names = tensor_name_map(arch, int(config.num_hidden_layers))
-    for key, tensor in model.state_dict().items():
-        for hf_key, _ in arch.transform(key, tensor.detach().to("meta"), config):
-            gguf_tensor_name(names, hf_key)
+def _meta(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    return ((key, tensor.detach().to("meta")) for key, tensor in tensors)
 
 
 def _write_hparams(writer: Any, items: dict[str, Any]) -> None:
@@ -141,24 +154,108 @@ def _write_hparams(writer: Any, items: dict[str, Any]) -> None:
         getattr(writer, method)(value)
 
 
-def _keeps_f32(name: str, data: np.ndarray) -> bool:
+def _keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
     """Tensors the converter (and llama.cpp's quantizer) never store below F32: 1D tensors, norms, biases and
     other non-``.weight`` tensors, the routers."""
-    return (data.ndim <= 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight"))
+    return (len(shape) <= 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight"))
             or not name.endswith(".weight"))
 
 
-def _encode(data: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
-    """(array to store, raw_dtype or None) for ``qtype``, quantized by gguf-py."""
+def _encode(data: np.ndarray, qtype: str) -> np.ndarray:
+    """The bytes to store for ``qtype`` (float arrays for F32 / F16, uint8 blocks otherwise), by gguf-py."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
     if qtype == "F32":
-        return data.astype(np.float32), None
+        return data.astype(np.float32)
     if qtype == "F16":
-        return data.astype(np.float16), None
-    kind = GGMLQuantizationType[qtype]
-    return quantize(data.astype(np.float32), kind), kind
+        return data.astype(np.float16)
+    return quantize(data.astype(np.float32), GGMLQuantizationType[qtype])
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One tensor of the file: name, shape (PyTorch order), the type it is stored in; ``exact``: the type must
+    hold every value exactly (the 16-bit intermediate for llama-quantize)."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: str
+    exact: bool = False
+
+
+# The intermediate for llama-quantize: each tensor in the 16-bit type it is held in (exact), else F32.
+_SAME_16 = {torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _plan_types(tensors: Tensors, config: Any, arch: GgufArch, default: str, overrides: dict[str, str],
+                intermediate: bool = False) -> tuple[list[_Planned], list[str]]:
+    """(every tensor with its stored type, in file order; the F16 fallbacks), from shapes alone (meta copies).
+
+    ``intermediate``: the file llama-quantize reads: matrices in the 16-bit type their source holds (``_SAME_16``),
+    others in F32; ``default`` and ``overrides`` are then not used.
+    """
+    planned: list[_Planned] = []
+    fallbacks: list[str] = []
+    for tname, data, held in _gguf_tensors(_meta(tensors()), config, arch):
+        shape = tuple(int(d) for d in data.shape)
+        if _keeps_f32(tname, shape):
+            planned.append(_Planned(tname, shape, "F32"))
+            continue
+        if intermediate:
+            planned.append(_Planned(tname, shape, _SAME_16.get(held, "F32"), exact=held in _SAME_16))
+            continue
+        qtype = overrides.get(tname, default)
+        if shape[-1] % GGUF_BLOCKS[qtype][0]:
+            fallbacks.append(f"{tname}: {qtype} -> F16 (rows of {shape[-1]} not divisible by "
+                             f"{GGUF_BLOCKS[qtype][0]})")
+            qtype = "F16"
+        planned.append(_Planned(tname, shape, qtype))
+    return planned, fallbacks
+
+
+def _declare(writer: Any, tensor: _Planned) -> None:
+    """The tensor's info as ``GGUFWriter.add_tensor`` records it for the encoded array (so the header is the
+    same whether the data is held or streamed)."""
+    import gguf
+    from gguf.quants import quant_shape_to_byte_shape
+
+    if tensor.qtype in ("F32", "F16"):
+        dtype = np.dtype(np.float32 if tensor.qtype == "F32" else np.float16)
+        writer.add_tensor_info(tensor.name, tensor.shape, dtype, int(np.prod(tensor.shape)) * dtype.itemsize)
+        return
+    kind = gguf.GGMLQuantizationType[tensor.qtype]
+    byte_shape = quant_shape_to_byte_shape(tensor.shape, kind)
+    writer.add_tensor_info(tensor.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
+
+
+def _encode_tensor(tensor: torch.Tensor, want: _Planned) -> np.ndarray:
+    """``_encode`` of a tensor held in any dtype, a float32 copy of one slice of its first dimension at a time
+    (3D expert tensors): every type encodes rows of the last dimension, so the slices' bytes are the whole's."""
+    if tensor.dim() < 3:
+        return _encode_slice(tensor, want)
+    out: np.ndarray | None = None
+    for index, part in enumerate(tensor):
+        encoded = _encode_slice(part, want)
+        if out is None:
+            out = np.empty((tensor.shape[0], *encoded.shape), encoded.dtype)
+        out[index] = encoded
+    assert out is not None
+    return out
+
+
+def _encode_slice(tensor: torch.Tensor, want: _Planned) -> np.ndarray:
+    data = tensor.to(torch.float32)
+    if want.exact:
+        _check_exact(data, want)
+    return _encode(data.contiguous().numpy(), want.qtype)
+
+
+def _check_exact(tensor: torch.Tensor, want: _Planned) -> None:
+    torch_type = {"BF16": torch.bfloat16, "F16": torch.float16}[want.qtype]
+    if not torch.equal(tensor.to(torch_type).to(torch.float32), tensor):
+        raise RuntimeError(f"{want.name}: not exactly a {want.qtype} tensor after its layout transform; the "
+                           "llama-quantize intermediate would round it")
 
 
 def _moe_shape(model: nn.Module) -> MoeShape:
@@ -177,9 +274,15 @@ def _moe_shape(model: nn.Module) -> MoeShape:
     return MoeShape(next(iter(counts.values())), int(layers[0].top_k), next(iter(sizes)))
 
 
-def _write_file(model: nn.Module, vocab: GgufVocab, hparams: dict[str, Any], path: Path, arch: GgufArch, default: str,
-                overrides: dict[str, str], name: str, progress: bool = False) -> list[str]:
-    """Write the GGUF at ``path``; returns the tensors that fell back to F16 (rows not divisible by blocks)."""
+def _write_file(tensors: Tensors, planned: list[_Planned], config: Any, vocab: GgufVocab,
+                hparams: dict[str, Any], path: Path, arch: GgufArch, default: str, name: str,
+                progress: bool = False) -> None:
+    """Write the GGUF at ``path``: header and tensor infos from ``planned`` (``_plan_types``), then the data.
+
+    ``tensors()`` is read once more, for the data: each tensor is encoded and written before the next is read,
+    so the file is the same whether the tensors are held or streamed from the shards, and memory is one tensor
+    (plus what ``tensors`` holds).
+    """
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch.name)
@@ -188,20 +291,23 @@ def _write_file(model: nn.Module, vocab: GgufVocab, hparams: dict[str, Any], pat
     ftype = getattr(gguf.LlamaFileType, f"MOSTLY_{default}", gguf.LlamaFileType.ALL_F32)
     writer.add_file_type(int(ftype))
     write_vocab(writer, vocab)
-    fallbacks: list[str] = []
-    for tname, data in _gguf_tensors(model, arch, progress):
-        qtype = "F32" if _keeps_f32(tname, data) else overrides.get(tname, default)
-        if data.shape[-1] % GGUF_BLOCKS[qtype][0]:
-            fallbacks.append(f"{tname}: {qtype} -> F16 (rows of {data.shape[-1]} not divisible by "
-                             f"{GGUF_BLOCKS[qtype][0]})")
-            qtype = "F16"
-        stored, raw = _encode(data, qtype)
-        writer.add_tensor(tname, stored, raw_dtype=raw)
+    for info in planned:
+        _declare(writer, info)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    count = len(planned)
+    order = iter(planned)
+    data = _gguf_tensors(tensors(), config, arch)
+    for tname, tensor, _ in steps(data, "gguf", count, unit="tensors", enabled=progress,
+                                  every=max(1, -(-count // 10))):
+        want = next(order, None)
+        if want is None or want.name != tname or want.shape != tuple(tensor.shape):
+            raise RuntimeError(f"tensor {tname} {tuple(tensor.shape)} is not the one declared next ({want})")
+        writer.write_tensor_data(_encode_tensor(tensor, want))
+    if next(order, None) is not None:
+        raise RuntimeError("fewer tensors were read than declared")
     writer.close()
-    return fallbacks
 
 
 def read_gguf_types(path: str | Path) -> dict[str, str]:
@@ -239,17 +345,27 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, qtype: str
         ``llama_quantize``). plan: a ``scope="gguf"`` quantize plan for this model (per-tensor expert types).
     llama_quantize: path of llama.cpp's ``llama-quantize``; imatrix: an importance matrix file for it.
     inputs: paths the output must not overwrite (the model folder, the plan); overwrite: replace an existing file.
+    ``export.streamed.export_gguf_streamed`` writes the same file from a checkpoint folder one layer at a time.
     """
     with output_lock(out):
-        return _export_gguf(model, tokenizer, out, qtype, plan, llama_quantize, imatrix, name, inputs, overwrite,
-                            progress)
+        return write_gguf(model, tokenizer, lambda: model_tensors(model), out, qtype=qtype, plan=plan,
+                          llama_quantize=llama_quantize, imatrix=imatrix, name=name, inputs=inputs,
+                          overwrite=overwrite, progress=progress)
 
 
+def write_gguf(model: nn.Module, tokenizer: Any, tensors: Tensors, out: str | Path, *, qtype: str, plan: Plan | None,
+               llama_quantize: str | Path | None, imatrix: str | Path | None, name: str | None,
+               inputs: Iterable[str | Path], overwrite: bool, progress: bool) -> GgufExport:
+    """``export_gguf`` with the tensors given apart from ``model`` (whose config, layers and shapes are read; its
+    decoder layers may be on the meta device). Everything is checked and every tensor declared before writing.
 
-def _export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, qtype: str, plan: Plan | None,
-                 llama_quantize: str | Path | None, imatrix: str | Path | None, name: str | None,
-                 inputs: Iterable[str | Path], overwrite: bool, progress: bool) -> GgufExport:
-    arch = gguf_family(_config(model))
+    With ``llama_quantize`` the file handed to llama-quantize holds each matrix in the 16-bit type its source
+    tensor is held in (a bfloat16 checkpoint streamed: BF16; float16: F16), else F32. That loses nothing: the
+    values are that type's by construction (and checked as written), the quantizer reads every tensor as float32
+    before quantizing, so its output is what it makes from an F32 file, and the intermediate is half the size.
+    """
+    config = _config(model)
+    arch = gguf_family(config)
     default = _check_qtype(qtype)
     target = check_output_file(out, overwrite=overwrite, inputs=inputs)
     overrides = plan_tensor_types(model, plan) if plan is not None else {}
@@ -266,25 +382,27 @@ def _export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, qtype: str, 
     if imatrix is not None and not Path(imatrix).is_file():
         raise UnsupportedExportError(f"--imatrix {imatrix}: no such file")
     moe = _moe_shape(model)
-    hparams = arch.hparams(_config(model), moe)
-    _check_tensor_names(model, arch)
+    hparams = arch.hparams(config, moe)
+    # every tensor named and typed (refusing one llama.cpp has no slot for) before any writing
+    planned, fallbacks = _plan_types(tensors, config, arch, default, overrides, intermediate=binary is not None)
     # the tokenizer is read (and refused) before any writing
-    vocab = arch.vocab(gguf_vocab(tokenizer, int(_config(model).vocab_size), _config(model)), _config(model))
-    title = name or str(getattr(_config(model), "_name_or_path", "") or _config(model).model_type)
+    vocab = arch.vocab(gguf_vocab(tokenizer, int(config.vocab_size), config), config)
+    title = name or str(getattr(config, "_name_or_path", "") or config.model_type)
     dest = Path(target).expanduser().resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     with temp_dir_beside(dest) as tmp:
         work = Path(tmp)
         staged = work / "out.gguf"
         if binary is None:
-            fallbacks = _write_file(model, vocab, hparams, staged, arch, default, overrides, title, progress)
+            _write_file(tensors, planned, config, vocab, hparams, staged, arch, default, title, progress)
             quantizer = "gguf-py"
+            types = {t.name: t.qtype for t in planned}  # as written (reading a file back parses the whole vocab)
         else:
-            source = work / "f32.gguf"
-            fallbacks = _write_file(model, vocab, hparams, source, arch, "F32", {}, title, progress)
+            source = work / "intermediate.gguf"
+            _write_file(tensors, planned, config, vocab, hparams, source, arch, "F32", title, progress)
             _llama_quantize(binary, source, staged, default, overrides,
                             Path(imatrix) if imatrix is not None else None, work)
             quantizer = "llama-quantize"
-        types = read_gguf_types(staged)
+            types = read_gguf_types(staged)  # the types llama.cpp's quantizer chose
         os.replace(staged, dest)
     return GgufExport(Path(target), types, moe.n_experts, moe.top_k, fallbacks, quantizer)
