@@ -4,7 +4,8 @@ Layout (as llama.cpp's convert_hf_to_gguf.py writes Mixtral / Qwen3-MoE): one 3D
 layer, ``blk.N.ffn_gate_exps`` / ``ffn_up_exps`` (E, I, H) and ``ffn_down_exps`` (E, H, I) (GGUF lists the
 dimensions reversed: ne = {H, I, E}), split from transformers' fused ``gate_up_proj`` (gate rows first);
 the router ``ffn_gate_inp`` and all norms in F32; ``expert_count`` / ``expert_used_count`` from the model as
-it is, so a pruned model (fewer experts) needs nothing special; the tokenizer (``gguf_vocab``).
+it is, so a pruned model (fewer experts) needs nothing special, and one with unequal per-layer counts is padded
+to the largest (``gguf_pad``); the tokenizer (``gguf_vocab``).
 
 Types: ``qtype`` for every matrix (token embedding, attention, output, experts), the plan's per-tensor types
 for the experts. gguf-py quantizes F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 itself. K-quants and llama.cpp's
@@ -36,6 +37,7 @@ from moeslim.export.gguf_arch import (
     gguf_tensor_name,
     tensor_name_map,
 )
+from moeslim.export.gguf_pad import expert_padding, pad_expert_tensor
 from moeslim.export.gguf_vocab import GgufVocab, gguf_vocab, write_vocab
 from moeslim.methods.quant.gguf_types import GGUF_BLOCKS, GPY_QUANTIZABLE, PROJECTIONS
 from moeslim.models import find_moe_layers
@@ -118,12 +120,14 @@ def _gguf_tensors(model: nn.Module, arch: GgufArch, progress: bool = False) -> I
     # GGUF type then re-quantizes them; F32 holds them exactly).
     tensors = {**model.state_dict(), **{name: t.dequantize() for name, t in lowbit_tensors(model).items()}}
     count = len(tensors)
+    padding = expert_padding(model)  # unequal per-layer expert counts: every layer padded to the largest
     for key, tensor in steps(tensors.items(), "gguf", count, unit="tensors", enabled=progress,
                              every=max(1, -(-count // 10))):
         if key == "lm_head.weight" and tied:
             continue  # llama.cpp reuses token_embd when output is absent
         for hf_key, data in arch.transform(key, tensor.detach().to(torch.float32).cpu(), config):
-            yield gguf_tensor_name(names, hf_key), data.contiguous().numpy()
+            gname = gguf_tensor_name(names, hf_key)
+            yield gname, pad_expert_tensor(gname, data, padding).contiguous().numpy()
 
 
 def _check_tensor_names(model: nn.Module, arch: GgufArch) -> None:
@@ -166,15 +170,13 @@ def _moe_shape(model: nn.Module) -> MoeShape:
     from moeslim.models.expert_math import expert_weight_views
 
     layers = find_moe_layers(model)
-    counts = {layer.layer_idx: layer.num_experts for layer in layers}
-    if len(set(counts.values())) != 1:
-        raise UnsupportedExportError(f"llama.cpp needs the same expert count in every layer; this model has {counts} "
-                                     "(prune with the same number of kept experts per layer)")
+    padding = expert_padding(model)  # refuses unequal counts a router cannot pad
+    n_experts = padding.width if padding is not None else layers[0].num_experts
     views = [expert_weight_views(layer) for layer in layers]
     sizes = {int(v.down.shape[1] if v.transposed else v.down.shape[2]) for v in views}  # (E, I, H) or (E, H, I)
     if len(sizes) != 1:
         raise UnsupportedExportError(f"llama.cpp needs one expert intermediate size; this model has {sorted(sizes)}")
-    return MoeShape(next(iter(counts.values())), int(layers[0].top_k), next(iter(sizes)))
+    return MoeShape(n_experts, int(layers[0].top_k), next(iter(sizes)))
 
 
 def _write_file(model: nn.Module, vocab: GgufVocab, hparams: dict[str, Any], path: Path, arch: GgufArch, default: str,
