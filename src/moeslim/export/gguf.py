@@ -38,6 +38,7 @@ from moeslim.export.gguf_arch import (
     tensor_name_map,
 )
 from moeslim.export.gguf_pad import expert_padding, pad_expert_tensor
+from moeslim.export.gguf_topk import check_no_skipping, reduced_top_k
 from moeslim.export.gguf_vocab import GgufVocab, gguf_vocab, write_vocab
 from moeslim.methods.quant.gguf_types import GGUF_BLOCKS, GPY_QUANTIZABLE, PROJECTIONS
 from moeslim.models import find_moe_layers
@@ -234,24 +235,27 @@ def _llama_quantize(binary: Path, src: Path, dst: Path, ftype: str, overrides: d
 def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, qtype: str = "F16", plan: Plan | None = None,
                 llama_quantize: str | Path | None = None, imatrix: str | Path | None = None,
                 name: str | None = None, inputs: Iterable[str | Path] = (), overwrite: bool = False,
-                progress: bool = False) -> GgufExport:
+                progress: bool = False, top_k: int | None = None) -> GgufExport:
     """Write ``model`` as a GGUF file at ``out`` (atomically: temp file in the same folder, then rename).
 
     qtype: type of every matrix without a plan type (F16 default; K-quant types and presets need
         ``llama_quantize``). plan: a ``scope="gguf"`` quantize plan for this model (per-tensor expert types).
     llama_quantize: path of llama.cpp's ``llama-quantize``; imatrix: an importance matrix file for it.
     inputs: paths the output must not overwrite (the model folder, the plan); overwrite: replace an existing file.
+    top_k: a reduced top-k written as ``expert_used_count`` (``gguf_topk``); a model that skips per token is refused.
     """
     with output_lock(out):
         return _export_gguf(model, tokenizer, out, qtype, plan, llama_quantize, imatrix, name, inputs, overwrite,
-                            progress)
+                            progress, top_k)
 
 
 
 def _export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, qtype: str, plan: Plan | None,
                  llama_quantize: str | Path | None, imatrix: str | Path | None, name: str | None,
-                 inputs: Iterable[str | Path], overwrite: bool, progress: bool) -> GgufExport:
+                 inputs: Iterable[str | Path], overwrite: bool, progress: bool, top_k: int | None = None
+                 ) -> GgufExport:
     arch = gguf_family(_config(model))
+    check_no_skipping(model)
     default = _check_qtype(qtype)
     target = check_output_file(out, overwrite=overwrite, inputs=inputs)
     overrides = plan_tensor_types(model, plan) if plan is not None else {}
@@ -267,7 +271,7 @@ def _export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, qtype: str, 
         raise UnsupportedExportError(f"--llama-quantize {binary}: not an executable file")
     if imatrix is not None and not Path(imatrix).is_file():
         raise UnsupportedExportError(f"--imatrix {imatrix}: no such file")
-    moe = _moe_shape(model)
+    moe = reduced_top_k(_moe_shape(model), top_k)
     hparams = arch.hparams(_config(model), moe)
     _check_tensor_names(model, arch)
     # the tokenizer is read (and refused) before any writing
