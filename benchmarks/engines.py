@@ -403,9 +403,13 @@ def bench_families(families: list[str], tools: tuple[Path, Path, Path], work: Pa
     from gguf_logits import NONUNIFORM, logit_lines
     from gguf_tokenization import VOCABS, tokenization_lines
 
-    lines = [bench_family(family, tools, work, args) for family in families]
-    for line in lines:
-        print(line, flush=True)
+    lines = []
+    for family in families:
+        try:
+            lines.append(bench_family(family, tools, work, args))
+        except Exception as err:  # one family's failure is a result line, not the end of the run
+            lines.append(f"engines family {family}: failed: {type(err).__name__}: {err}")
+        print(lines[-1], flush=True)
     lines += logit_lines(tools[0], families, work / "logits")
     lines += logit_lines(tools[0], [f for f in families if f in NONUNIFORM], work / "logits", nonuniform=True)
     models = Path(args.llama_cpp or work / "src" / "vendor" / "llama.cpp") / "models"

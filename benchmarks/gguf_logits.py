@@ -38,7 +38,9 @@ json.dump(np.asarray(llm.scores[: len(job["ids"])], dtype=np.float64).tolist(), 
 
 
 # Tiny-config changes that give a model llama.cpp runs (as tests/test_export_gguf.py's _RUNNABLE).
-RUNNABLE = {"qwen2_moe": {"mlp_only_layers": []}, "qwen3_moe": {"mlp_only_layers": []},
+# Mixtral's expert rows of 64 (not the tiny 48) fit llama.cpp's 32-weight blocks, so its PMQ file can mix types.
+RUNNABLE = {"mixtral": {"intermediate_size": 64}, "qwen2_moe": {"mlp_only_layers": []},
+            "qwen3_moe": {"mlp_only_layers": []},
             "deepseek_v2": {"n_group": 1, "topk_group": 1, "q_lora_rank": 16}, "deepseek_v3": {"q_lora_rank": 16},
             "olmoe": {"num_key_value_heads": 4}}
 # Non-uniform pruning of the families whose routers can hold padding (export/gguf_pad.py): kept experts per MoE
