@@ -440,7 +440,20 @@ def bench_top_k(name: str, top_k: int, tools: tuple[Path, Path, Path], work: Pat
         path.unlink(missing_ok=True)
         export_gguf(model, tokenizer, path, qtype="F16", top_k=k)
     k0 = int(find_moe_layers(model)[0].top_k)
-    ppl = {path.name: run_llama(python, path, win, out, args)["ppl"] for path in (full, reduced)}
+    res = {path.name: run_llama(python, path, win, out, args, compare_tokens=8) for path in (full, reduced)}
+    ppl = {name: r["ppl"] for name, r in res.items()}
+    # the reference: transformers running the same model at top-K (config and every router's own top_k setting)
+    model.config.num_experts_per_tok = top_k
+    for layer in find_moe_layers(model):
+        for owner in layer.routing_owners():
+            if isinstance(getattr(owner, "top_k", None), int):
+                owner.top_k = top_k
+        assert layer.top_k == top_k, f"layer {layer.layer_idx} still routes top-{layer.top_k}"
+    with torch.no_grad():
+        ref = model(torch.tensor(win[:1])).logits[0, :8].double()
+    diff = float((torch.tensor(res[reduced.name]["first_logits"], dtype=torch.float64) - ref).abs().max())
+    print(f"  llama.cpp top-{top_k} file vs transformers at top-{top_k}: logits max |diff| {diff:.4f} (F16 weights)",
+          flush=True)
     paired = paired_decode(python, [full, reduced], win[0][:16], out, args)
     label = Path(name).name
     print(f"  {label} top-{k0}: ppl {ppl[full.name]:.3f}, decode {paired[full.name]:.1f} tok/s; top-{top_k}: ppl "
