@@ -1,6 +1,7 @@
 """moeslim's GGUF exports inside llama.cpp: perplexity and decode speed against llama.cpp's own quantizer.
 
-    python benchmarks/engines.py [--work runs/engines] [--models demo] [--threads 2]
+    python benchmarks/engines.py [--work runs/engines] [--models demo] [--threads 2] [--families all]
+        [--top-k K] [--presets Q3_K_M|'']
 
 1. Makes its OWN virtual environment (``WORK/venv``) and pip-installs llama-cpp-python there, built from source
    (its sdist's CMake project, configured with llama.cpp's tools; only the library, ``llama-quantize`` and
@@ -15,9 +16,21 @@
 3. Every file runs in llama.cpp (llama-cpp-python, in a worker process of that venv): perplexity on the
    bundled test splits with moeslim's own token windows (so tokenisation is identical), and decode tokens/s.
 
+4. ``--families all`` (or a comma list of model types): per exported family a tiny model's original, pruned
+   (frequency, half the experts) and PMQ-typed (``--scope gguf``) files in llama.cpp (logits against transformers,
+   perplexity, decode ratios), the F32 logits lines of gguf_logits.py (also non-uniformly pruned, padded, for the
+   routers that hold padding) and the real vocabularies' tokenization lines of gguf_tokenization.py (``.inp`` ->
+   ``.out`` through our file; ``--llama-cpp DIR``, default the source vendored in WORK/src).
+5. ``--top-k K``: each model also written with a reduced top-k (expert_used_count K) and run against its own file:
+   its logits against transformers at top-K, perplexity and decode in alternating rounds. ``--presets ""`` skips
+   step 2.
+
 Ends with:
     engines gguf ppl ratio pmq-vs-preset at Q3_K_M size: X.XX   (both with the importance matrix)
     engines gguf decode ratio pruned-vs-original: X.XX
+    engines family FAM (ARCH): logits max |diff| ...; ppl ...; decode ...     (--families, one per family)
+    gguf logits [nonuniform ]FAM: max |diff| ...   /   gguf tokenization VOCAB: N/M texts equal ...
+    engines gguf decode ratio topK-vs-topk0 MODEL: X.XX   /   engines gguf ppl ratio topK-vs-topk0 MODEL: X.XXXX
 """
 
 from __future__ import annotations
