@@ -1,6 +1,7 @@
 """moeslim's GGUF exports inside llama.cpp: perplexity and decode speed against llama.cpp's own quantizer.
 
-    python benchmarks/engines.py [--work runs/engines] [--models demo] [--threads 2]
+    python benchmarks/engines.py [--work runs/engines] [--models demo] [--threads 2] [--families all]
+        [--top-k K] [--presets Q3_K_M|'']
 
 1. Makes its OWN virtual environment (``WORK/venv``) and pip-installs llama-cpp-python there, built from source
    (its sdist's CMake project, configured with llama.cpp's tools; only the library, ``llama-quantize`` and
@@ -15,9 +16,21 @@
 3. Every file runs in llama.cpp (llama-cpp-python, in a worker process of that venv): perplexity on the
    bundled test splits with moeslim's own token windows (so tokenisation is identical), and decode tokens/s.
 
+4. ``--families all`` (or a comma list of model types): per exported family a tiny model's original, pruned
+   (frequency, half the experts) and PMQ-typed (``--scope gguf``) files in llama.cpp (logits against transformers,
+   perplexity, decode ratios), the F32 logits lines of gguf_logits.py (also non-uniformly pruned, padded, for the
+   routers that hold padding) and the real vocabularies' tokenization lines of gguf_tokenization.py (``.inp`` ->
+   ``.out`` through our file; ``--llama-cpp DIR``, default the source vendored in WORK/src).
+5. ``--top-k K``: each model also written with a reduced top-k (expert_used_count K) and run against its own file:
+   its logits against transformers at top-K, perplexity and decode in alternating rounds. ``--presets ""`` skips
+   step 2.
+
 Ends with:
     engines gguf ppl ratio pmq-vs-preset at Q3_K_M size: X.XX   (both with the importance matrix)
     engines gguf decode ratio pruned-vs-original: X.XX
+    engines family FAM (ARCH): logits max |diff| ...; ppl ...; decode ...     (--families, one per family)
+    gguf logits [nonuniform ]FAM: max |diff| ...   /   gguf tokenization VOCAB: N/M texts equal ...
+    engines gguf decode ratio topK-vs-topk0 MODEL: X.XX   /   engines gguf ppl ratio topK-vs-topk0 MODEL: X.XXXX
 """
 
 from __future__ import annotations
@@ -321,6 +334,147 @@ def bench_model(name: str, tools: tuple[Path, Path, Path], work: Path, args: arg
     return rows
 
 
+# -- every exported family: tiny models, real vocabularies ---------------------------------------------------
+
+def _tiny_family(family: str, vocab: int) -> Any:
+    """A tiny seeded model of ``family`` llama.cpp runs (the changes gguf_logits.RUNNABLE names)."""
+    import torch
+    from gguf_logits import RUNNABLE
+    from tiny_models import _reinit, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, vocab)
+    for key, value in RUNNABLE.get(family, {}).items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    _reinit(model, 0)
+    return model.eval()
+
+
+def bench_family(family: str, tools: tuple[Path, Path, Path], work: Path, args: argparse.Namespace) -> str:
+    """Original, pruned and PMQ-typed files of one family's tiny model in llama.cpp: logits against transformers
+    (F16 files), perplexity over byte-level BPE windows of the bundled test text, decode ratios (alternating
+    rounds). Random weights: the perplexities show the files run, not quality."""
+    import torch
+    from tiny_tokenizers import byte_level_bpe
+
+    from moeslim.data.sources import load_source
+    from moeslim.data.windows import token_windows
+    from moeslim.export import GGUF_FAMILIES, export_gguf
+    from moeslim.methods.prune.config import PruneConfig
+    from moeslim.methods.prune.driver import plan_prune
+    from moeslim.methods.quant.config import QuantizeConfig
+    from moeslim.methods.quant.gguf_types import plan_gguf_types
+    from moeslim.models import find_moe_layers, select_experts
+
+    python = tools[0]
+    out = work / "families" / family
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = byte_level_bpe("gpt2")
+    model = _tiny_family(family, len(tokenizer))
+    seq = 64
+    windows = torch.cat([token_windows(load_source(src), tokenizer, seq, num_samples=args.family_windows, seed=0)
+                         for src in ("demo:code:test", "demo:prose:test")])
+    calib = token_windows(load_source("demo:code:calibration"), tokenizer, seq, num_samples=8, seed=0)
+    layer = find_moe_layers(model)[0]
+    keep = max(layer.top_k, layer.num_experts // 2)
+    plan = plan_prune(model, calib, PruneConfig(keep=keep, method="frequency"), model_name=family)
+    pruned = _tiny_family(family, len(tokenizer))
+    select_experts(pruned, {idx: list(kept) for idx, kept in plan.layers.items()})
+    types = plan_gguf_types(model, calib, QuantizeConfig(scope="gguf", bits=args.family_bits,
+                                                         candidates=PMQ_CANDIDATES, batch_size=4),
+                            model_name=family)
+    files = {"original": out / "f16.gguf", "pruned": out / f"pruned-keep{keep}-f16.gguf", "pmq": out / "pmq.gguf"}
+    for f in files.values():
+        f.unlink(missing_ok=True)
+    export_gguf(model, tokenizer, files["original"], qtype="F16")
+    export_gguf(pruned, tokenizer, files["pruned"], qtype="F16")
+    export_gguf(model, tokenizer, files["pmq"], qtype="Q8_0", plan=types)
+    win = windows.tolist()
+    res = {label: run_llama(python, f, win, out, args, compare_tokens=8) for label, f in files.items()}
+    diffs = {}
+    for label, m in (("original", model), ("pruned", pruned)):
+        with torch.no_grad():
+            ref = m(windows[:1]).logits[0, :8].double()
+        diffs[label] = float((torch.tensor(res[label]["first_logits"], dtype=torch.float64) - ref).abs().max())
+    paired = paired_decode(python, list(files.values()), win[0][:16], out, args)
+    rate = {label: paired[f.name] for label, f in files.items()}
+    pmq_types = _types(files["pmq"])
+    return (f"engines family {family} ({GGUF_FAMILIES[family].name}): logits max |diff| F16 {diffs['original']:.1e}, "
+            f"pruned keep {keep}/{layer.num_experts} {diffs['pruned']:.1e}; ppl original {res['original']['ppl']:.1f} "
+            f"pruned {res['pruned']['ppl']:.1f} pmq {res['pmq']['ppl']:.1f} ({pmq_types}); decode "
+            f"{rate['original']:.0f} tok/s, ratio pruned {rate['pruned'] / rate['original']:.2f} pmq "
+            f"{rate['pmq'] / rate['original']:.2f}")
+
+
+def bench_families(families: list[str], tools: tuple[Path, Path, Path], work: Path, args: argparse.Namespace
+                   ) -> list[str]:
+    """Per family: the tiny-model line of ``bench_family``, llama.cpp's F32 logits against transformers (original
+    and, where the router holds padding, non-uniformly pruned), and per real vocabulary llama.cpp's tokenization of
+    its ``.inp`` fixture through moeslim's file against the ``.out`` ids."""
+    from gguf_logits import NONUNIFORM, logit_lines
+    from gguf_tokenization import VOCABS, tokenization_lines
+
+    lines = []
+    for family in families:
+        try:
+            lines.append(bench_family(family, tools, work, args))
+        except Exception as err:  # one family's failure is a result line, not the end of the run
+            lines.append(f"engines family {family}: failed: {type(err).__name__}: {err}")
+        print(lines[-1], flush=True)
+    lines += logit_lines(tools[0], families, work / "logits")
+    lines += logit_lines(tools[0], [f for f in families if f in NONUNIFORM], work / "logits", nonuniform=True)
+    models = Path(args.llama_cpp or work / "src" / "vendor" / "llama.cpp") / "models"
+    lines += tokenization_lines(tools[0], models, list(VOCABS), work / "tokenization")
+    return lines
+
+
+def bench_top_k(name: str, top_k: int, tools: tuple[Path, Path, Path], work: Path, args: argparse.Namespace
+                ) -> list[str]:
+    """A reduced top-k (``export_gguf(top_k=K)``: expert_used_count) against the model's own in llama.cpp:
+    perplexity on the bundled test windows and decode in alternating rounds."""
+    import torch
+
+    from moeslim.data.sources import load_source
+    from moeslim.data.windows import token_windows
+    from moeslim.export import export_gguf
+    from moeslim.models import find_moe_layers, load_model
+
+    python = tools[0]
+    out = work / name.replace("/", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(name)
+    seq_len = min(args.seq_len, int(model.config.max_position_embeddings))
+    win = torch.cat([token_windows(load_source(src), tokenizer, seq_len, num_samples=args.windows, seed=0)
+                     for src in ("demo:code:test", "demo:prose:test")]).tolist()
+    full, reduced = out / "f16.gguf", out / f"top{top_k}-f16.gguf"
+    for path, k in ((full, None), (reduced, top_k)):
+        path.unlink(missing_ok=True)
+        export_gguf(model, tokenizer, path, qtype="F16", top_k=k)
+    k0 = int(find_moe_layers(model)[0].top_k)
+    res = {path.name: run_llama(python, path, win, out, args, compare_tokens=8) for path in (full, reduced)}
+    ppl = {name: r["ppl"] for name, r in res.items()}
+    # the reference: transformers running the same model at top-K (config and every router's own top_k setting)
+    model.config.num_experts_per_tok = top_k
+    for layer in find_moe_layers(model):
+        for owner in layer.routing_owners():
+            if isinstance(getattr(owner, "top_k", None), int):
+                owner.top_k = top_k
+        assert layer.top_k == top_k, f"layer {layer.layer_idx} still routes top-{layer.top_k}"
+    with torch.no_grad():
+        ref = model(torch.tensor(win[:1])).logits[0, :8].double()
+    diff = float((torch.tensor(res[reduced.name]["first_logits"], dtype=torch.float64) - ref).abs().max())
+    print(f"  llama.cpp top-{top_k} file vs transformers at top-{top_k}: logits max |diff| {diff:.4f} (F16 weights)",
+          flush=True)
+    paired = paired_decode(python, [full, reduced], win[0][:16], out, args)
+    label = Path(name).name
+    print(f"  {label} top-{k0}: ppl {ppl[full.name]:.3f}, decode {paired[full.name]:.1f} tok/s; top-{top_k}: ppl "
+          f"{ppl[reduced.name]:.3f}, decode {paired[reduced.name]:.1f} tok/s", flush=True)
+    return [f"engines gguf decode ratio top{top_k}-vs-top{k0} {label}: {paired[reduced.name] / paired[full.name]:.2f}",
+            f"engines gguf ppl ratio top{top_k}-vs-top{k0} {label}: {ppl[reduced.name] / ppl[full.name]:.4f}"]
+
+
 def _value(rows: list[dict[str, Any]], variant: str, key: str) -> float:
     return next(float(r[key]) for r in rows if r["variant"] == variant)
 
@@ -331,13 +485,22 @@ def main() -> int:
     parser.add_argument("--work", default="runs/engines", help="venv, build and outputs (default runs/engines)")
     parser.add_argument("--models", default="demo", help="comma-separated models (default demo)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--presets", default=",".join(PRESETS), help="llama.cpp presets (must include Q3_K_M)")
+    parser.add_argument("--presets", default=",".join(PRESETS),
+                        help="llama.cpp presets ('' skips the presets, PMQ and pruning rows of --models)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--windows", type=int, default=32, help="test windows per domain (code, prose)")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--decode-tokens", type=int, default=32, help="greedy decode steps per timing")
     parser.add_argument("--repeats", type=int, default=5, help="decode timings per file (the best one counts)")
     parser.add_argument("--rounds", type=int, default=9, help="alternating decode rounds, original vs pruned")
+    parser.add_argument("--families", default="", help="comma-separated model types (or 'all'): tiny models of "
+                        "those families, original / pruned / PMQ-typed in llama.cpp, logits and real vocabularies")
+    parser.add_argument("--family-windows", type=int, default=4, help="64-token test windows per domain (families)")
+    parser.add_argument("--family-bits", type=float, default=5.0, help="PMQ budget of the families' expert tensors")
+    parser.add_argument("--llama-cpp", default=None, help="llama.cpp source tree with models/ggml-vocab-*.gguf "
+                        "(default: the one vendored in WORK/src)")
+    parser.add_argument("--top-k", type=int, default=None, help="also run each model at this reduced top-k "
+                        "(expert_used_count) against its own")
     parser.add_argument("--paired-decode", nargs="+", default=None, metavar="GGUF",
                         help="only time these files' decode in alternating rounds (needs the built venv)")
     args = parser.parse_args()
@@ -360,18 +523,33 @@ def main() -> int:
         for name, rate in rates.items():
             print(f"{name}: {rate:.1f} tok/s (best of {args.rounds} alternating rounds)")
         return 0
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
+    summary: list[str] = []
+    if args.families:
+        from moeslim.export import GGUF_FAMILIES
+
+        families = sorted(GGUF_FAMILIES) if args.families == "all" else args.families.split(",")
+        summary += bench_families(families, tools, work, args)
     rows: list[dict[str, Any]] = []
-    for name in [m for m in args.models.split(",") if m]:
+    models = [m for m in args.models.split(",") if m]
+    for name in models:
         print(f"model {name}", flush=True)
-        rows += bench_model(name, tools, work, args)
-    names = "+".join(Path(m).name for m in args.models.split(",") if m)
-    (work / f"engines-{names}.json").write_text(json.dumps(rows, indent=1))
-    first = [r for r in rows if r["model"] == rows[0]["model"]]
-    ppl = _value(first, "moeslim PMQ @Q3_K_M +imatrix size", "ppl") / _value(first, "llama.cpp Q3_K_M +imatrix", "ppl")
-    pruned = next(r for r in first if r["variant"].startswith("moeslim pruned"))
-    decode = float(pruned["paired_decode_tok_s"]) / _value(first, "original F16", "paired_decode_tok_s")
-    print(f"engines gguf ppl ratio pmq-vs-preset at Q3_K_M size: {ppl:.2f}")
-    print(f"engines gguf decode ratio pruned-vs-original: {decode:.2f}")
+        if args.presets:
+            rows += bench_model(name, tools, work, args)
+        if args.top_k is not None:
+            summary += bench_top_k(name, args.top_k, tools, work, args)
+    if rows:
+        names = "+".join(Path(m).name for m in models)
+        (work / f"engines-{names}.json").write_text(json.dumps(rows, indent=1))
+        first = [r for r in rows if r["model"] == rows[0]["model"]]
+        if any(r["variant"] == "llama.cpp Q3_K_M +imatrix" for r in first):
+            ppl = (_value(first, "moeslim PMQ @Q3_K_M +imatrix size", "ppl")
+                   / _value(first, "llama.cpp Q3_K_M +imatrix", "ppl"))
+            print(f"engines gguf ppl ratio pmq-vs-preset at Q3_K_M size: {ppl:.2f}")
+        pruned = next(r for r in first if r["variant"].startswith("moeslim pruned"))
+        decode = float(pruned["paired_decode_tok_s"]) / _value(first, "original F16", "paired_decode_tok_s")
+        print(f"engines gguf decode ratio pruned-vs-original: {decode:.2f}")
+    print("\n".join(summary))
     return 0
 
 

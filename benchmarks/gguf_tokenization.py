@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 SEPARATOR = "\n__ggml_vocab_test__\n"
+VOCABS = ("llama-spm", "qwen2", "gpt-2", "starcoder")
 _WORKER = """
 import json, sys
 from llama_cpp import Llama
@@ -43,33 +44,30 @@ def fixture(models: Path, vocab: str) -> tuple[list[str], list[list[int]]]:
     return texts, [[int(t) for t in line.split()] for line in lines]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree (its models/ folder)")
-    parser.add_argument("--vocabs", nargs="*", default=["llama-spm", "qwen2", "gpt-2", "starcoder"])
-    parser.add_argument("--work", type=Path, default=Path("runs/gguf-tokenization"))
-    parser.add_argument("--engines-work", type=Path, default=Path("runs/engines"),
-                        help="where benchmarks/engines.py keeps (or builds) the llama.cpp venv")
-    args = parser.parse_args()
+def tokenization_lines(python: Path, models: Path, vocabs: list[str], work: Path) -> list[str]:
+    """One ``gguf tokenization VOCAB: ...`` line per vocabulary of llama.cpp's ``models`` folder; ``python``: the
+    engines venv's interpreter (llama-cpp-python)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from engines import ensure_llama_env
     from gguf_parity import export, tiny_folder
     from transformers import AutoTokenizer
 
-    python, _, _ = ensure_llama_env(args.engines_work)
-    models = args.llama_cpp / "models"
-    args.work.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     summary = []
-    for vocab in args.vocabs:
+    for vocab in vocabs:
         family = "mixtral" if "spm" in vocab else "qwen3_moe"
-        folder = tiny_folder(f"{family}:{vocab}", models, args.work)
-        gguf_path = args.work / f"{vocab}.gguf"
+        folder = tiny_folder(f"{family}:{vocab}", models, work)
+        gguf_path = work / f"{vocab}.gguf"
         export(folder, gguf_path)
         texts, expected = fixture(models, vocab)
-        job = args.work / f"{vocab}.job.json"
-        result = args.work / f"{vocab}.ids.json"
+        job = work / f"{vocab}.job.json"
+        result = work / f"{vocab}.ids.json"
         job.write_text(json.dumps({"model": str(gguf_path), "texts": texts, "out": str(result)}))
-        subprocess.run([str(python), "-c", _WORKER, str(job)], check=True)
+        run = subprocess.run([str(python), "-c", _WORKER, str(job)], capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            summary.append(f"gguf tokenization {vocab}: llama.cpp failed to load our file (exit {run.returncode}: "
+                           f"{tail})")
+            continue
         got = json.loads(result.read_text())
         hf = AutoTokenizer.from_pretrained(str(folder))
         ours = sum(g == e for g, e in zip(got, expected, strict=True))
@@ -79,7 +77,22 @@ def main() -> int:
                 print(f"  {vocab} {text[:40]!r}: llama.cpp via moeslim {g[:12]} | fixture {e[:12]}")
         summary.append(f"gguf tokenization {vocab}: {ours}/{len(texts)} texts equal to llama.cpp's fixture "
                        f"(transformers: {theirs}/{len(texts)})")
-    print("\n".join(summary))
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree (its models/ folder)")
+    parser.add_argument("--vocabs", nargs="*", default=list(VOCABS))
+    parser.add_argument("--work", type=Path, default=Path("runs/gguf-tokenization"))
+    parser.add_argument("--engines-work", type=Path, default=Path("runs/engines"),
+                        help="where benchmarks/engines.py keeps (or builds) the llama.cpp venv")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from engines import ensure_llama_env
+
+    python, _, _ = ensure_llama_env(args.engines_work)
+    print("\n".join(tokenization_lines(python, args.llama_cpp / "models", args.vocabs, args.work)))
     return 0
 
 

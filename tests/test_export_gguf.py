@@ -293,9 +293,9 @@ _RUNNABLE = {"qwen2_moe": {"mlp_only_layers": []}, "qwen3_moe": {"mlp_only_layer
              "olmoe": {"num_key_value_heads": 4}}
 
 
-def _runnable_model(family: str, vocab: int) -> torch.nn.Module:
+def _runnable_model(family: str, vocab: int, extra: dict | None = None) -> torch.nn.Module:
     config = tiny_config(family, vocab)
-    for key, value in _RUNNABLE.get(family, {}).items():
+    for key, value in {**_RUNNABLE.get(family, {}), **(extra or {})}.items():
         setattr(config, key, value)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)

@@ -154,3 +154,17 @@ def test_unsupported_tokenizer_kinds_are_refused() -> None:
         gguf_vocab(word, 2)
     with pytest.raises(UnsupportedExportError, match="embedding rows"):
         gguf_vocab(spm_bpe(), 10)
+
+
+def test_added_byte_symbols_keep_their_text() -> None:
+    """A byte-level symbol added as a non-normalized token decodes to U+FFFD; written as such, several of them are
+    duplicate tokens llama.cpp refuses to load (DeepSeek-LLM's added "ø", "ö", ...): they keep their own text."""
+    from tokenizers import AddedToken
+
+    tokenizer = byte_level_bpe("gpt2")
+    tokenizer.add_tokens([AddedToken("ø", normalized=False), AddedToken("ö", normalized=False),
+                          AddedToken("<tool2>", normalized=False)])
+    vocab = gguf_vocab(tokenizer, len(tokenizer))
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("ø", "ö", "<tool2>")]
+    assert [vocab.tokens[i] for i in ids] == ["ø", "ö", "<tool2>"]
+    assert len(set(vocab.tokens)) == len(vocab.tokens)

@@ -610,6 +610,9 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--llama-quantize", default=None,
                    help="gguf: path of llama.cpp's llama-quantize program, for K-quant types and presets")
     p.add_argument("--imatrix", default=None, help="gguf: importance matrix file for --llama-quantize")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="gguf: a reduced top-k (expert_used_count): every token runs its K best experts, the form of "
+                        "skipping llama.cpp runs (per-token skip thresholds are refused)")
     p.add_argument("--ct-scheme", default="symmetric", choices=("symmetric", "asymmetric"),
                    help="compressed-tensors: symmetric (what vLLM's MoE kernels and transformers load; stores "
                         "b or b+1 bits exactly) or asymmetric (b bits + zero points)")
@@ -631,9 +634,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     inputs = _input_paths(args.model, *([args.plan] if args.plan else []))
     gguf = args.format == "gguf"
-    if not gguf and (args.type != "F16" or args.llama_quantize or args.imatrix):
-        raise ConfigError("--type, --llama-quantize and --imatrix are GGUF options; compressed-tensors writes the "
-                          "experts' own codes (quantize them with --plan or moeslim apply)")
+    if not gguf and (args.type != "F16" or args.llama_quantize or args.imatrix or args.top_k is not None):
+        raise ConfigError("--type, --llama-quantize, --imatrix and --top-k are GGUF options; compressed-tensors "
+                          "writes the experts' own codes (quantize them with --plan or moeslim apply)")
     if gguf and args.ct_scheme != "symmetric":
         raise ConfigError("--ct-scheme is a compressed-tensors option")
     with _claim(args.out):
@@ -658,13 +661,13 @@ def _export(args: argparse.Namespace, plan: Plan | None, inputs: list[str]) -> i
 
         streamed = export_streamed(args.model, args.out, gguf=gguf, plan=plan, qtype=args.type,
                                    llama_quantize=args.llama_quantize, imatrix=args.imatrix, scheme=args.ct_scheme,
-                                   inputs=inputs, overwrite=args.overwrite, progress=True)
+                                   inputs=inputs, overwrite=args.overwrite, progress=True, top_k=args.top_k)
         return _report_gguf(args, streamed) if gguf else _report_ct(args, streamed)
     model, tokenizer = load(args.model)
     if gguf:
         return _report_gguf(args, export_gguf(model, tokenizer, args.out, qtype=args.type, plan=plan,
                                               llama_quantize=args.llama_quantize, imatrix=args.imatrix, inputs=inputs,
-                                              overwrite=args.overwrite, progress=True))
+                                              overwrite=args.overwrite, progress=True, top_k=args.top_k))
     if plan is not None:
         apply(model, plan, calibration=_gptq_calibration(tokenizer, plan), progress=True)
     return _report_ct(args, export_compressed_tensors(model, tokenizer, args.out, scheme=args.ct_scheme,

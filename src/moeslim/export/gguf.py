@@ -4,7 +4,8 @@ Layout (as llama.cpp's convert_hf_to_gguf.py writes Mixtral / Qwen3-MoE): one 3D
 layer, ``blk.N.ffn_gate_exps`` / ``ffn_up_exps`` (E, I, H) and ``ffn_down_exps`` (E, H, I) (GGUF lists the
 dimensions reversed: ne = {H, I, E}), split from transformers' fused ``gate_up_proj`` (gate rows first);
 the router ``ffn_gate_inp`` and all norms in F32; ``expert_count`` / ``expert_used_count`` from the model as
-it is, so a pruned model (fewer experts) needs nothing special; the tokenizer (``gguf_vocab``).
+it is, so a pruned model (fewer experts) needs nothing special, and one with unequal per-layer counts is padded
+to the largest (``gguf_pad``); the tokenizer (``gguf_vocab``).
 
 Types: ``qtype`` for every matrix (token embedding, attention, output, experts), the plan's per-tensor types
 for the experts. gguf-py quantizes F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 itself. K-quants and llama.cpp's
@@ -38,6 +39,8 @@ from moeslim.export.gguf_arch import (
     gguf_tensor_name,
     tensor_name_map,
 )
+from moeslim.export.gguf_pad import ExpertPadding, expert_padding, pad_expert_tensor
+from moeslim.export.gguf_topk import check_no_skipping, reduced_top_k
 from moeslim.export.gguf_vocab import GgufVocab, gguf_vocab, write_vocab
 from moeslim.methods.quant.gguf_types import GGUF_BLOCKS, GPY_QUANTIZABLE, PROJECTIONS
 from moeslim.models import find_moe_layers
@@ -126,15 +129,15 @@ def model_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield key, storage.to_lowbit().dequantize()
 
 
-def _gguf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: Any, arch: GgufArch
-                  ) -> Iterator[tuple[str, torch.Tensor, torch.dtype]]:
+def _gguf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: Any, arch: GgufArch,
+                  padding: ExpertPadding | None = None) -> Iterator[tuple[str, torch.Tensor, torch.dtype]]:
     """(GGUF name, tensor in PyTorch order, dtype it was held in) for every tensor, in the architecture's layout.
     Run on meta tensors it gives every name and shape without touching data (the tied head is left out: llama.cpp
     reuses token_embd when output is absent).
 
     The layout transforms move data (slices, transposes, reshapes), so they run on the tensor as held; the writer
     makes float32 copies one slice at a time (``_encode_tensor``): a bfloat16 layer never has a float32 copy of a
-    whole fused expert tensor.
+    whole fused expert tensor. ``padding``: unequal per-layer expert counts padded to one (``gguf_pad``).
     """
     tied = bool(getattr(config, "tie_word_embeddings", False))
     names = tensor_name_map(arch, int(config.num_hidden_layers))
@@ -142,7 +145,8 @@ def _gguf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: Any, arch
         if key == "lm_head.weight" and tied:
             continue
         for hf_key, data in arch.transform(key, tensor.detach(), config):
-            yield gguf_tensor_name(names, hf_key), data, tensor.dtype
+            gname = gguf_tensor_name(names, hf_key)
+            yield gname, pad_expert_tensor(gname, data, padding), tensor.dtype
 
 
 def _meta(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -189,7 +193,8 @@ _SAME_16 = {torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 def _plan_types(tensors: Tensors, config: Any, arch: GgufArch, default: str, overrides: dict[str, str],
-                intermediate: bool = False) -> tuple[list[_Planned], list[str]]:
+                intermediate: bool = False, padding: ExpertPadding | None = None
+                ) -> tuple[list[_Planned], list[str]]:
     """(every tensor with its stored type, in file order; the F16 fallbacks), from shapes alone (meta copies).
 
     ``intermediate``: the file llama-quantize reads: matrices in the 16-bit type their source holds (``_SAME_16``),
@@ -197,7 +202,7 @@ def _plan_types(tensors: Tensors, config: Any, arch: GgufArch, default: str, ove
     """
     planned: list[_Planned] = []
     fallbacks: list[str] = []
-    for tname, data, held in _gguf_tensors(_meta(tensors()), config, arch):
+    for tname, data, held in _gguf_tensors(_meta(tensors()), config, arch, padding):
         shape = tuple(int(d) for d in data.shape)
         if _keeps_f32(tname, shape):
             planned.append(_Planned(tname, shape, "F32"))
@@ -263,20 +268,18 @@ def _moe_shape(model: nn.Module) -> MoeShape:
     from moeslim.models.expert_math import expert_weight_views
 
     layers = find_moe_layers(model)
-    counts = {layer.layer_idx: layer.num_experts for layer in layers}
-    if len(set(counts.values())) != 1:
-        raise UnsupportedExportError(f"llama.cpp needs the same expert count in every layer; this model has {counts} "
-                                     "(prune with the same number of kept experts per layer)")
+    padding = expert_padding(model)  # refuses unequal counts a router cannot pad
+    n_experts = padding.width if padding is not None else layers[0].num_experts
     views = [expert_weight_views(layer) for layer in layers]
     sizes = {int(v.down.shape[1] if v.transposed else v.down.shape[2]) for v in views}  # (E, I, H) or (E, H, I)
     if len(sizes) != 1:
         raise UnsupportedExportError(f"llama.cpp needs one expert intermediate size; this model has {sorted(sizes)}")
-    return MoeShape(next(iter(counts.values())), int(layers[0].top_k), next(iter(sizes)))
+    return MoeShape(n_experts, int(layers[0].top_k), next(iter(sizes)))
 
 
 def _write_file(tensors: Tensors, planned: list[_Planned], config: Any, vocab: GgufVocab,
                 hparams: dict[str, Any], path: Path, arch: GgufArch, default: str, name: str,
-                progress: bool = False) -> None:
+                progress: bool = False, padding: ExpertPadding | None = None) -> None:
     """Write the GGUF at ``path``: header and tensor infos from ``planned`` (``_plan_types``), then the data.
 
     ``tensors()`` is read once more, for the data: each tensor is encoded and written before the next is read,
@@ -298,7 +301,7 @@ def _write_file(tensors: Tensors, planned: list[_Planned], config: Any, vocab: G
     writer.write_ti_data_to_file()
     count = len(planned)
     order = iter(planned)
-    data = _gguf_tensors(tensors(), config, arch)
+    data = _gguf_tensors(tensors(), config, arch, padding)
     for tname, tensor, _ in steps(data, "gguf", count, unit="tensors", enabled=progress,
                                   every=max(1, -(-count // 10))):
         want = next(order, None)
@@ -338,7 +341,7 @@ def _llama_quantize(binary: Path, src: Path, dst: Path, ftype: str, overrides: d
 def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, qtype: str = "F16", plan: Plan | None = None,
                 llama_quantize: str | Path | None = None, imatrix: str | Path | None = None,
                 name: str | None = None, inputs: Iterable[str | Path] = (), overwrite: bool = False,
-                progress: bool = False) -> GgufExport:
+                progress: bool = False, top_k: int | None = None) -> GgufExport:
     """Write ``model`` as a GGUF file at ``out`` (atomically: temp file in the same folder, then rename).
 
     qtype: type of every matrix without a plan type (F16 default; K-quant types and presets need
@@ -346,16 +349,18 @@ def export_gguf(model: nn.Module, tokenizer: Any, out: str | Path, *, qtype: str
     llama_quantize: path of llama.cpp's ``llama-quantize``; imatrix: an importance matrix file for it.
     inputs: paths the output must not overwrite (the model folder, the plan); overwrite: replace an existing file.
     ``export.streamed.export_gguf_streamed`` writes the same file from a checkpoint folder one layer at a time.
+    top_k: a reduced top-k written as ``expert_used_count`` (``gguf_topk``); a model that skips per token is refused.
     """
     with output_lock(out):
         return write_gguf(model, tokenizer, lambda: model_tensors(model), out, qtype=qtype, plan=plan,
                           llama_quantize=llama_quantize, imatrix=imatrix, name=name, inputs=inputs,
-                          overwrite=overwrite, progress=progress)
+                          overwrite=overwrite, progress=progress, top_k=top_k)
 
 
 def write_gguf(model: nn.Module, tokenizer: Any, tensors: Tensors, out: str | Path, *, qtype: str, plan: Plan | None,
                llama_quantize: str | Path | None, imatrix: str | Path | None, name: str | None,
-               inputs: Iterable[str | Path], overwrite: bool, progress: bool) -> GgufExport:
+               inputs: Iterable[str | Path], overwrite: bool, progress: bool, top_k: int | None = None
+               ) -> GgufExport:
     """``export_gguf`` with the tensors given apart from ``model`` (whose config, layers and shapes are read; its
     decoder layers may be on the meta device). Everything is checked and every tensor declared before writing.
 
@@ -366,6 +371,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, tensors: Tensors, out: str | Pa
     """
     config = _config(model)
     arch = gguf_family(config)
+    check_no_skipping(model)
     default = _check_qtype(qtype)
     target = check_output_file(out, overwrite=overwrite, inputs=inputs)
     overrides = plan_tensor_types(model, plan) if plan is not None else {}
@@ -381,10 +387,12 @@ def write_gguf(model: nn.Module, tokenizer: Any, tensors: Tensors, out: str | Pa
         raise UnsupportedExportError(f"--llama-quantize {binary}: not an executable file")
     if imatrix is not None and not Path(imatrix).is_file():
         raise UnsupportedExportError(f"--imatrix {imatrix}: no such file")
-    moe = _moe_shape(model)
+    moe = reduced_top_k(_moe_shape(model), top_k)
     hparams = arch.hparams(config, moe)
+    padding = expert_padding(model)  # unequal per-layer expert counts: every layer padded to the largest
     # every tensor named and typed (refusing one llama.cpp has no slot for) before any writing
-    planned, fallbacks = _plan_types(tensors, config, arch, default, overrides, intermediate=binary is not None)
+    planned, fallbacks = _plan_types(tensors, config, arch, default, overrides, intermediate=binary is not None,
+                                     padding=padding)
     # the tokenizer is read (and refused) before any writing
     vocab = arch.vocab(gguf_vocab(tokenizer, int(config.vocab_size), config), config)
     title = name or str(getattr(config, "_name_or_path", "") or config.model_type)
@@ -394,12 +402,12 @@ def write_gguf(model: nn.Module, tokenizer: Any, tensors: Tensors, out: str | Pa
         work = Path(tmp)
         staged = work / "out.gguf"
         if binary is None:
-            _write_file(tensors, planned, config, vocab, hparams, staged, arch, default, title, progress)
+            _write_file(tensors, planned, config, vocab, hparams, staged, arch, default, title, progress, padding)
             quantizer = "gguf-py"
             types = {t.name: t.qtype for t in planned}  # as written (reading a file back parses the whole vocab)
         else:
             source = work / "intermediate.gguf"
-            _write_file(tensors, planned, config, vocab, hparams, source, arch, "F32", title, progress)
+            _write_file(tensors, planned, config, vocab, hparams, source, arch, "F32", title, progress, padding)
             _llama_quantize(binary, source, staged, default, overrides,
                             Path(imatrix) if imatrix is not None else None, work)
             quantizer = "llama-quantize"

@@ -68,7 +68,11 @@ def _added_token(tokenizer: Any, tid: int, text: str) -> tuple[str, int]:
     """(text, type) of an added token as the converter writes it."""
     info = tokenizer.added_tokens_decoder[tid]
     if not info.normalized:  # llama.cpp assumes added tokens are pre-normalized: take the tokenizer's round trip
-        text = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
+        decoded = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
+        # ...unless it is not text: a byte-level symbol added as a token (DeepSeek-LLM's "ø", "ö", ...) decodes to a
+        # lone byte, U+FFFD; the converter writes those as duplicates, which llama.cpp refuses to load (GGML_ASSERT
+        # id_to_token.size() == token_to_id.size()). The token as written still matches its text in the input.
+        text = text if "\ufffd" in decoded and "\ufffd" not in text else decoded
     if info.special or _looks_special(text):
         return text, CONTROL
     return text.replace(_SPM_SPACE, " "), USER_DEFINED

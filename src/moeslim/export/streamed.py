@@ -205,7 +205,7 @@ def export_gguf_streamed(source: str, out: str | Path, **options: Any) -> Any:
     """``export_gguf`` of the checkpoint folder ``source`` (the same file), one decoder layer read at a time.
 
     ``options``: those of ``export_gguf`` (qtype, plan, llama_quantize, imatrix, name, inputs, overwrite,
-    progress). With ``llama_quantize`` the intermediate holds a bfloat16 checkpoint's matrices as BF16 (float16:
+    progress, top_k). With ``llama_quantize`` the intermediate holds a bfloat16 checkpoint's matrices as BF16 (float16:
     F16), not F32: see ``gguf.write_gguf``.
     """
     from moeslim.export.gguf import write_gguf
@@ -214,7 +214,8 @@ def export_gguf_streamed(source: str, out: str | Path, **options: Any) -> Any:
     with output_lock(out):
         checkpoint = open_checkpoint(source)
         defaults: dict[str, Any] = {"qtype": "F16", "plan": None, "llama_quantize": None, "imatrix": None,
-                                    "name": None, "inputs": (), "overwrite": False, "progress": False}
+                                    "name": None, "inputs": (), "overwrite": False, "progress": False,
+                                    "top_k": None}
         return write_gguf(checkpoint.model, checkpoint.tokenizer, checkpoint.tensors, out, **{**defaults, **options})
 
 
@@ -369,7 +370,7 @@ def _write_shards(parts: list[Path], folder: Path, merge: Callable[..., None]) -
 def export_streamed(source: str, out: str | Path, *, gguf: bool, plan: Any = None, qtype: str = "F16",
                     llama_quantize: str | Path | None = None, imatrix: str | Path | None = None,
                     scheme: str = "symmetric", inputs: Iterable[str | Path] = (), overwrite: bool = False,
-                    progress: bool = False) -> Any:
+                    progress: bool = False, top_k: int | None = None) -> Any:
     """``moeslim export --stream``: what ``moeslim export`` writes, read one decoder layer at a time.
 
     compressed-tensors with a quantize ``plan``: the plan is applied as ``apply --stream`` applies it (GPTQ on the
@@ -378,7 +379,8 @@ def export_streamed(source: str, out: str | Path, *, gguf: bool, plan: Any = Non
     """
     if gguf:
         return export_gguf_streamed(source, out, qtype=qtype, plan=plan, llama_quantize=llama_quantize,
-                                    imatrix=imatrix, inputs=inputs, overwrite=overwrite, progress=progress)
+                                    imatrix=imatrix, inputs=inputs, overwrite=overwrite, progress=progress,
+                                    top_k=top_k)
     if plan is None:
         return export_compressed_tensors_streamed(source, out, scheme=scheme, overwrite=overwrite, inputs=inputs,
                                                   progress=progress)

@@ -181,7 +181,7 @@ def select_experts(model: nn.Module, kept: Mapping[int, Sequence[int]], *, group
         if refused:
             raise ValueError(f"layout='padded': layer {min(refused)}: {refused[min(refused)]}")
     for idx, ids in plan.items():
-        source = _padded_source(ids, width, limits if policy == "keep" else None, old) if padded else ids
+        source = padded_source(ids, width, limits if policy == "keep" else None, old) if padded else ids
         _slice_layer(layers[idx], torch.tensor(source, dtype=torch.long), old)
     _update_counts(model, config, family, old, width)
     if policy == "drop":
@@ -289,7 +289,7 @@ def _group_policy(limits: GroupLimits | None, plan: Mapping[int, Sequence[int]],
     return "keep"
 
 
-def _padded_source(ids: Sequence[int], width: int, limits: GroupLimits | None, num_experts: int) -> list[int]:
+def padded_source(ids: Sequence[int], width: int, limits: GroupLimits | None, num_experts: int) -> list[int]:
     """Source expert of every slot of a layer padded to ``width`` slots (-1 = padding), groups padded each."""
     if limits is None:
         return [*ids, *[-1] * (width - len(ids))]

@@ -174,3 +174,9 @@ def calls_per_token_per_layer(model: nn.Module) -> float:
     """
     per_layer = [c["expert_calls"] / c["tokens"] for c in counters(model).values() if c["tokens"]]
     return sum(per_layer) / len(per_layer) if per_layer else float("nan")
+
+
+def installed_rule(model: nn.Module) -> str | None:
+    """The skip rule installed in ``model`` (``install_skipping``), None when it skips nothing."""
+    return next((str(getattr(layer.experts, "moeslim_rule", "top2")) for layer in find_moe_layers(model)
+                 if getattr(layer.experts, "moeslim_inner", None) is not None), None)

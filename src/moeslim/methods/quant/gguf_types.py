@@ -191,10 +191,36 @@ def allocate_types(costs: np.ndarray, sizes: np.ndarray, budget: float, max_unit
     return choice
 
 
-def _split_gate_up(up: Tensor) -> tuple[Tensor, Tensor]:
-    """(2I, H) fused gate_up slice -> gate (I, H), up (I, H): transformers 5 chunks gate first."""
-    half = up.shape[0] // 2
-    return up[:half], up[half:]
+def _gguf_slices(layer: Any) -> tuple[Callable[[int], dict[str, Tensor]], Callable[[int, str, Tensor], Tensor]]:
+    """(read, place) for one layer's experts in GGUF's (out, in) orientation.
+
+    read(e) -> {"gate": (I, H), "up": (I, H), "down": (H, I)}; place(e, proj, w) -> expert e's stored slice of
+    the fused tensor with projection ``proj`` replaced by w (the argument ``expert_forward`` takes). The gate/up
+    rows come from ``neuron_rows`` (halves in most families, interleaved in gpt-oss), the orientation from the
+    layout flag, so transposed experts (gpt-oss) are measured in the layout the GGUF file holds."""
+    from moeslim.models.expert_edit import neuron_rows
+    from moeslim.models.expert_math import expert_weight_views
+
+    views = expert_weight_views(layer)
+    if views.up_name != "gate_up_proj":
+        raise ValueError("scope='gguf' needs gated experts (GGUF gate/up/down tensors); this layer has none")
+    rows = neuron_rows(layer)  # (I, 2): gate row, up row of each intermediate neuron
+
+    def oriented(w: Tensor) -> Tensor:
+        return w.transpose(-1, -2) if views.transposed else w
+
+    def read(e: int) -> dict[str, Tensor]:
+        fused = oriented(views.up[e])  # (2I, H)
+        return {"gate": fused[rows[:, 0]], "up": fused[rows[:, 1]], "down": oriented(views.down[e])}
+
+    def place(e: int, proj: str, w: Tensor) -> Tensor:
+        if proj == "down":
+            return oriented(w)
+        fused = oriented(views.up[e]).clone()
+        fused[rows[:, 0 if proj == "gate" else 1]] = w.to(fused.dtype)
+        return oriented(fused)
+
+    return read, place
 
 
 def layer_tensor_factors(layer: Any, sample: Any, widths: Sequence[int],
@@ -202,21 +228,20 @@ def layer_tensor_factors(layer: Any, sample: Any, widths: Sequence[int],
                          estimators: dict[str, str] | None = None) -> GgufTensorFactors:
     """GGUF factors of one MoE layer on its ExpertOutputSample (x (T, H), logits (T, E), outputs (T, E, H))."""
     from moeslim.methods.quant.factors import expert_gate, routed_frequency, routing_weight_sum, swap_error
-    from moeslim.models.expert_math import expert_forward, expert_weight_views
+    from moeslim.models.expert_math import expert_forward
 
-    views = expert_weight_views(layer)
-    if views.transposed or views.up_name != "gate_up_proj":
-        raise ValueError("scope='gguf' needs fused (E, 2I, H) gate_up_proj experts (GGUF gate/up/down tensors)")
+    read, place = _gguf_slices(layer)
     weights, ids = layer.route(sample.logits)  # (T, k)
     probs = layer.gate_probs(sample.logits)  # (T, E)
     weights, ids, probs = weights.cpu(), ids.cpu(), probs.cpu()
-    n_experts = int(views.up.shape[0])
+    n_experts = int(probs.shape[1])
     freq, counts = routed_frequency(ids, n_experts)
     weight_sum = routing_weight_sum(probs, ids)
-    n_cols = {"gate": int(views.up.shape[2]), "up": int(views.up.shape[2]), "down": int(views.down.shape[2])}
+    first = read(0)
+    n_cols = {p: int(first[p].shape[1]) for p in PROJECTIONS}
     types = tuple(tuple(gguf_type_for(int(w), n_cols[p]) for w in widths) for p in PROJECTIONS)
     err = torch.zeros(len(PROJECTIONS), n_experts, len(widths), dtype=torch.float64)
-    x = sample.x.to(views.up.device, views.up.dtype)
+    x = sample.x.to(first["up"].device, first["up"].dtype)
     outputs = sample.outputs.float()
     for e in range(n_experts):
         if int(counts[e]) == 0:
@@ -224,33 +249,33 @@ def layer_tensor_factors(layer: Any, sample: Any, widths: Sequence[int],
         gate_w = expert_gate(weights, ids, e)
         rows = (ids == e).any(dim=1)
         xe = x[rows.to(x.device)]
-        gate, up = _split_gate_up(views.up[e])
+        mats = read(e)
         for t, proj in enumerate(PROJECTIONS):
             for j, qtype in enumerate(types[t]):
                 if qtype in ("F16", "BF16", "F32"):
                     continue  # ~lossless at this scale: error 0, like PMQ's "keep" width
-                target = {"gate": gate, "up": up, "down": views.down[e]}[proj]
+                target = mats[proj]
                 deq, how = roundtrip(target, qtype)
                 if estimators is not None:
                     estimators[qtype] = how
-                deq = deq.to(target.device, target.dtype)
-                if proj == "down":
-                    out = expert_forward(layer, xe, e, down=deq)
-                else:
-                    fused = torch.cat([deq, up] if proj == "gate" else [gate, deq], dim=0)
-                    out = expert_forward(layer, xe, e, up=fused)
+                stored = place(e, proj, deq.to(target.device, target.dtype))
+                out = (expert_forward(layer, xe, e, down=stored) if proj == "down"
+                       else expert_forward(layer, xe, e, up=stored))
                 err[t, e, j] = swap_error(outputs[rows, e], out.float().cpu(), gate_w[rows])
     return GgufTensorFactors(err, types, freq, weight_sum / counts.double().clamp_min(1), weight_sum, counts)
 
 
 def _tensor_shape(layer: Any, proj: str) -> tuple[int, int]:
-    """(rows of all experts, weights per row) of one projection tensor."""
+    """(rows of all experts, weights per row) of one projection tensor, in GGUF's (out, in) orientation."""
     from moeslim.models.expert_math import expert_weight_views
 
     views = expert_weight_views(layer)
+    up, down = views.up.shape, views.down.shape  # (E, out, in), or (E, in, out) when transposed
+    up_out, up_in = (up[2], up[1]) if views.transposed else (up[1], up[2])
+    down_out, down_in = (down[2], down[1]) if views.transposed else (down[1], down[2])
     if proj == "down":
-        return int(views.down.shape[0] * views.down.shape[1]), int(views.down.shape[2])
-    return int(views.up.shape[0] * views.up.shape[1] // 2), int(views.up.shape[2])
+        return int(down[0] * down_out), int(down_in)
+    return int(up[0] * up_out // 2), int(up_in)
 
 
 def gguf_tensor_factors(model: nn.Module, input_ids: Tensor, config: Any, device: torch.device | str | None = None,
