@@ -58,3 +58,14 @@ def test_cli_top_k(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["export", str(tiny_model_dir), "--format", "compressed-tensors", "--top-k", "1",
                  "--out", str(tmp_path / "ct")]) == 2
     assert "--top-k are GGUF options" in capsys.readouterr().err
+
+
+def test_cli_top_k_streamed_is_the_same_file(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    from moeslim.cli import main
+
+    held, streamed = tmp_path / "held.gguf", tmp_path / "streamed.gguf"
+    assert main(["export", str(tiny_model_dir), "--format", "gguf", "--top-k", "1", "--out", str(held)]) == 0
+    assert main(["export", str(tiny_model_dir), "--format", "gguf", "--top-k", "1", "--stream",
+                 "--out", str(streamed)]) == 0
+    assert _field(GGUFReader(str(streamed)), "llama.expert_used_count") == 1
+    assert held.read_bytes() == streamed.read_bytes()
