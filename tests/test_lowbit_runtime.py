@@ -215,7 +215,7 @@ def test_decode_kernels_match_dequantized_weights_all_widths(transposed: bool, c
             _close(storage.matmul(e, x), x @ w_e.T)
     if compiled.failed:
         pytest.skip("torch.compile is not available on this machine (the eager fallback was checked)")
-    assert {"planes_rows_kernel", "int8_rows_kernel"} <= set(compiled.fns)
+    assert {"planes_rows_kernel", "int8_rows_kernel"} <= compiled.kernels()
     group = storage.groups[storage.slot[2][0]]  # the eager form of the planes kernel (3 bits) agrees too
     planes = tuple(getattr(group, f"p{j}")[0] for j in range(group.n_planes))
     zplanes = tuple(getattr(group, f"zp{j}")[0] for j in range(group.n_zplanes))

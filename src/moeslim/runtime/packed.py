@@ -33,6 +33,7 @@ rebuilds the canonical ``LowBitTensor`` bit-exactly (for saving).
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -257,55 +258,60 @@ def int4_scales_and_zeros(scales: Tensor, zero_planes: ZeroPoints, dtype: torch.
     return torch.stack([s, s * (8 - z)], -1).transpose(0, 1).contiguous().to(dtype)
 
 
-class _Compiled:
-    """``torch.compile``d kernels, built on first use; every call returns None when this machine cannot compile,
-    and the caller runs the same maths eagerly.
+def _own_code(kernel: Callable[..., Any], tag: int) -> Callable[..., Any]:
+    """A copy of ``kernel`` with its own code object: dynamo keeps compiled specialisations (and checks their
+    guards) per code object, so each copy holds one specialisation and finds it with one guard check."""
+    code = kernel.__code__.replace(co_name=f"{kernel.__name__}_{tag}")
+    return types.FunctionType(code, kernel.__globals__, code.co_name, kernel.__defaults__, kernel.__closure__)
 
-    The number of input rows can be compiled as a dynamic size (one specialisation serves every decode batch);
-    matrix shapes and widths are static. The recompile limit is raised only while a new specialisation
-    compiles: a call whose ``key`` was seen before does not recompile, so the hot path pays no
-    ``config.patch``.
+
+class _Compiled:
+    """``torch.compile``d kernels (static shapes), one compiled copy per kernel and ``key``, built on first use;
+    every call returns None when this machine cannot compile, and the caller runs the same maths eagerly.
+
+    ``key`` names everything that selects a specialisation (the kernel's argument shapes, widths, dtypes):
+    each key gets its own copy of the kernel (``_own_code``), so no call ever recompiles or walks a list of
+    guards, and the recompile limit is never reached (no ``config.patch`` on the hot path).
     """
 
-    _RECOMPILE_LIMIT = 64  # widths x shapes x dtypes of one model; scoped to these calls
-
     def __init__(self) -> None:
-        self.fns: dict[str, Callable[..., Tensor]] = {}
-        self.seen: set[tuple[Any, ...]] = set()
+        self.fns: dict[tuple[Any, ...], Callable[..., Tensor]] = {}
         self.failed = False
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Compiled:
         return _Compiled()  # a compiled function does not copy; the copy compiles its own on first use
 
-    def __call__(self, kernel: Callable[..., Any], *args: Any, key: tuple[Any, ...] | None = None,
-                 rows: tuple[int, ...] = ()) -> Any:
-        """kernel(*args) compiled. ``key``: what besides the argument shapes selects the specialisation (the
-        caller's matrix shape and width; None: always checked as new); ``rows``: indices of the arguments
-        whose first dimension is the number of input rows, compiled as a dynamic size (sizes 1 and >= 2 are
-        two specialisations)."""
+    def __call__(self, kernel: Callable[..., Any], *args: Any, key: tuple[Any, ...] | None = None) -> Any:
         if self.failed:
             return None
+        full = (kernel.__name__, torch.is_grad_enabled(), *(key if key is not None else _shape_key(args)))
         try:
-            fn = self.fns.get(kernel.__name__)
+            fn = self.fns.get(full)
             if fn is None:
-                fn = self.fns[kernel.__name__] = torch.compile(kernel)
-            n_rows = min(args[rows[0]].shape[0], 2) if rows else 0
-            full = None if key is None else (kernel.__name__, torch.is_grad_enabled(), n_rows, *key)
-            if full is not None and full in self.seen:
-                return fn(*args)
-            if n_rows > 1:
-                for i in rows:
-                    torch._dynamo.mark_dynamic(args[i], 0)
-            with torch._dynamo.config.patch(recompile_limit=self._RECOMPILE_LIMIT, automatic_dynamic_shapes=False):
-                out = fn(*args)
-            if full is not None:
-                self.seen.add(full)
-            return out
+                fn = self.fns[full] = torch.compile(_own_code(kernel, len(self.fns)), dynamic=False)
+            return fn(*args)
         except Exception as exc:  # noqa: BLE001 - no compiler / unsupported backend: the eager path is exact
             self.failed = True
             log.warning("torch.compile of the low-bit kernels failed (%s): low-bit experts of widths other than "
                         "4 dequantize eagerly per routed expert instead (slower)", exc)
             return None
+
+    def kernels(self) -> set[str]:
+        """Names of the kernels compiled so far."""
+        return {k[0] for k in self.fns}
+
+
+def _shape_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What selects a specialisation of a call with ``args``: tensor shapes and dtypes, other values as given."""
+    out: list[Any] = []
+    for a in args:
+        if isinstance(a, Tensor):
+            out.append((tuple(a.shape), a.dtype))
+        elif isinstance(a, tuple):
+            out.append(_shape_key(a))
+        else:
+            out.append(a)
+    return tuple(out)
 
 
 def fast_unpack(packed: Tensor, bits: int, n: int) -> Tensor:
@@ -518,12 +524,13 @@ class _WidthGroup(nn.Module):
             return F.linear(x, self.dequantize(row, x.dtype))
         if self.fmt == "int8":
             w = compiled(int8_dequant, self.w8[row], self._zplanes(row), self._scales(row), x.dtype,
-                         key=(id(self), x.dtype))
+                         key=(self.fmt, self.symmetric, self.n_out, self.k_pad, self.group_size, x.dtype))
             return F.linear(self._pad(x), w) if w is not None else F.linear(x, self.dequantize(row, x.dtype))
         if self.fmt == "planes":
             planes = tuple(getattr(self, f"p{j}")[row] for j in range(self.n_planes))
             w = compiled(planes_dequant, planes, self._zplanes(row), self._scales(row), self.bits, self.group_size,
-                         x.dtype, key=(id(self), x.dtype))
+                         x.dtype, key=(self.fmt, self.bits, self.symmetric, self.n_out, self.k_pad, self.group_size,
+                                       x.dtype))
             if w is not None:
                 return F.linear(self._pad(x), w)
         return F.linear(x, self.dequantize(row, x.dtype))
@@ -532,16 +539,24 @@ class _WidthGroup(nn.Module):
         """x (S, K), rows (S,) -> (S, N) through the compiled gathered decode kernel (None: not compiled here)."""
         if self.n_out * self.n_in < COMPILE_MIN_WEIGHTS:
             return None
+        n_rows = x.shape[0]
+        bucket = 1 << (n_rows - 1).bit_length()  # 1, 2, 4, 8 rows: four specialisations per shape, not eight
         xp = self._pad(x).float()
+        if bucket != n_rows:  # padded rows: zero inputs through expert row 0, dropped below
+            xp = F.pad(xp, (0, 0, 0, bucket - n_rows))
+            rows = F.pad(rows, (0, bucket - n_rows))
         scales = self.scales.view(torch.float16)
+        key = (self.fmt, self.bits, self.symmetric, len(self.experts), self.n_out, self.k_pad, self.group_size,
+               bucket)
         if self.fmt == "int8":
-            y = compiled(int8_rows_kernel, xp, rows, self.w8, self._all_zplanes(), scales,
-                         key=(id(self),), rows=(0, 1))
+            y = compiled(int8_rows_kernel, xp, rows, self.w8, self._all_zplanes(), scales, key=key)
         else:
             planes = tuple(getattr(self, f"p{j}") for j in range(self.n_planes))
             y = compiled(planes_rows_kernel, xp, rows, planes, self._all_zplanes(), scales, self.bits,
-                         self.group_size, key=(id(self),), rows=(0, 1))
-        return None if y is None else y.to(x.dtype)
+                         self.group_size, key=key)
+        if y is None:
+            return None
+        return (y if bucket == n_rows else y[:n_rows]).to(x.dtype)
 
     def matmul_rows(self, rows: Tensor, x: Tensor, compiled: _Compiled) -> Tensor:
         """x (S, K), rows (S,) int64 expert rows of this group -> (S, N): y_i = x_i @ W_{rows_i}^T.
