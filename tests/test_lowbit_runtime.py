@@ -320,3 +320,29 @@ def test_loading_never_materialises_float_experts(tmp_path: Path) -> None:
     # Below the float model's experts alone (the float model is larger still): a float copy of the experts,
     # or the old dequantize-at-load, would exceed it. (Unpacking temporaries take the rest.)
     assert got["peak_bytes"] < float_experts, got
+
+
+def test_gathered_kernels_on_inputs_padded_to_whole_groups(compiled: _Compiled) -> None:
+    # 320 inputs at group 128: the last group is padded at pack time (to 384) and both layouts still run their
+    # fused kernels; one call per width group computes 5 rows, each through its own routed expert (rows padded
+    # to the 8-row bucket), equal to x @ W^T of the dequantized experts (float32, rtol 1e-5); saving drops
+    # the padding (the canonical tensor comes back bit-exactly).
+    widths = [3, 4, 3, 4]  # bit planes (compiled) and int4pack
+    gen = torch.Generator().manual_seed(23)
+    w = torch.randn(len(widths), 64, 320, generator=gen)
+    packed = quantize_fused(w, widths, 128, None, "rtn")
+    storage = PackedExperts(packed)
+    storage.compiled = compiled
+    assert set(storage.formats().values()) == {"planes", "int4pack"}
+    assert all(g.k_pad == 384 for g in storage.groups)
+    weights = packed.dequantize()
+    for gi, group in enumerate(storage.groups):
+        rows = torch.randint(0, len(group.experts), (5,), generator=gen)
+        x = torch.randn(5, 320, generator=gen)
+        expected = torch.stack([x[i] @ weights[group.experts[int(r)]].T for i, r in enumerate(rows)])
+        _close(storage.group_matmul(gi, rows, x), expected)
+    if compiled.failed:
+        pytest.skip("torch.compile is not available on this machine (the eager fallback was checked)")
+    assert "planes_rows_kernel" in compiled.kernels()
+    for key, t in packed.to_state_dict("p").items():
+        assert torch.equal(storage.to_lowbit().to_state_dict("p")[key], t), key
