@@ -292,6 +292,27 @@ def build_speed_variants(base: nn.Module, layers: int, which: list[str], long: t
     return models, betas
 
 
+def load_line(fresh: dict[str, int] | str | None, bare: dict[str, int]) -> str:
+    """The load goal of issue 23: fresh-process peak RSS <= tensor bytes x 1.3 + the bare interpreter."""
+    if not isinstance(fresh, dict):
+        return f"pmq-2.5bit fresh load: {fresh}"
+    goal = fresh["bytes"] * 1.3 + bare["rss"]
+    return (f"pmq-2.5bit fresh load peak RSS {fresh['rss'] / 2**20:.0f} MiB for {fresh['bytes'] / 2**20:.0f} MiB of "
+            f"tensors; goal <= tensor bytes x 1.3 + bare interpreter ({bare['rss'] / 2**20:.0f} MiB) = "
+            f"{goal / 2**20:.0f} MiB: {'met' if fresh['rss'] <= goal else 'missed'}")
+
+
+def load_check(layers: int) -> None:
+    base = speed_model(layers)
+    rng = random.Random(0)
+    half = {idx: set(rng.sample(range(8), 4)) for idx in range(layers)}
+    models = {"pmq-2.5bit": quantize_experts(base, lambda idx, e: 3 if e in half[idx] else 2)}
+    del base
+    gc.collect()
+    fresh = fresh_rss(models)
+    print(load_line(fresh.get("pmq-2.5bit"), fresh_load("")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -299,7 +320,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--variants", nargs="+", choices=SPEED_VARIANTS, default=list(SPEED_VARIANTS))
+    parser.add_argument("--load-only", action="store_true",
+                        help="only the PMQ 2.5-bit fresh-load peak RSS against its goal (no timing)")
     args = parser.parse_args()
+    if args.load_only:
+        load_check(args.layers)
+        return
     which = sorted(set(args.variants) | {"uniform-4bit", "pmq-2.5bit"}, key=SPEED_VARIANTS.index)  # summary
     t0 = time.perf_counter()
     base = speed_model(args.layers)
@@ -360,11 +386,7 @@ def main() -> None:
           + f"; save + fresh loads took {time.perf_counter() - t1:.0f} s")
     if "pmq-2.5bit+skip" in loaded:
         print("(the fresh load of pmq-2.5bit+skip holds pmq-2.5bit's tensors: skipping adds no tensors)")
-    pmq_load = fresh.get("pmq-2.5bit")
-    if isinstance(pmq_load, dict):
-        goal = pmq_load["bytes"] * 1.3 + bare["rss"]
-        print(f"pmq-2.5bit fresh load peak RSS {pmq_load['rss'] / 2**20:.0f} MiB; goal <= tensor bytes x 1.3 + bare "
-              f"interpreter = {goal / 2**20:.0f} MiB: {'met' if pmq_load['rss'] <= goal else 'missed'}")
+    print(load_line(fresh.get("pmq-2.5bit"), bare))
     bound = (0.25 * expert_bf16 + (ref["bytes"] - expert_bf16)) / ref["bytes"]
     if calls:
         print(f"expert calls per token per layer with skipping: {statistics.mean(calls):.2f} (top-2 = 2.00)")

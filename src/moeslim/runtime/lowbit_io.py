@@ -178,15 +178,18 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     base = {k: v.to(state[k].dtype) if v.is_floating_point() else v for k, v in base.items()}
     model.load_state_dict(base, strict=False, assign=True)
     target = torch.device(device)
-    with safe_open(str(root / LOWBIT_FILE), framework="pt") as handle:
-        for prefix in prefixes:  # one parameter's canonical tensors in memory at a time: no load temporaries
-            packed = LowBitTensor.from_state_dict(
-                {k: handle.get_tensor(k) for k in lowbit_keys if k.startswith(f"{prefix}.q")}, prefix)
-            if target.type != "cpu":  # the packed layouts depend on the device (int4pack is a CPU layout)
-                packed = _packed_to(packed, target)
-            module_name, _, param_name = prefix.rpartition(".")
-            install_lowbit(model.get_submodule(module_name), param_name, packed)
-            del packed
+    for prefix in prefixes:
+        # One parameter's canonical tensors in memory at a time, and the file mapped only while they are read
+        # (mapped pages count in the process's RSS until unmapped): no load temporaries beyond one parameter.
+        with safe_open(str(root / LOWBIT_FILE), framework="pt") as handle:
+            part = {k: handle.get_tensor(k) for k in lowbit_keys if k.startswith(f"{prefix}.q")}
+        packed = LowBitTensor.from_state_dict(part, prefix)
+        del part
+        if target.type != "cpu":  # the packed layouts depend on the device (int4pack is a CPU layout)
+            packed = _packed_to(packed, target)
+        module_name, _, param_name = prefix.rpartition(".")
+        install_lowbit(model.get_submodule(module_name), param_name, packed)
+        del packed
     _materialize_buffers(model, root)
     if any(aliases):
         model.tie_weights()
