@@ -413,32 +413,54 @@ class _WidthGroup(nn.Module):
             for j, z in enumerate(zplanes):
                 self._buf(f"zp{j}", z)
             self.n_zplanes = len(zplanes)
-        # Codes one expert at a time into preallocated buffers: no stacked temporaries (loading stays lean).
-        for i, e in enumerate(experts):
-            codes = _unpack_chunked(packed.stream("codes", e), bits, n_out * n_in).reshape(n_out, n_in)
-            if self.k_pad != n_in:
-                codes = F.pad(codes, (0, self.k_pad - n_in))
-            self._fill(i, len(experts), codes)
+        # Codes one expert (planes, int8: one block of rows) at a time into preallocated buffers: small
+        # temporaries only, so loading holds little beyond the layouts themselves.
+        n = len(experts)
+        if fmt == "int4pack":
+            for i, e in enumerate(experts):
+                codes = _unpack_chunked(packed.stream("codes", e), bits, n_out * n_in).reshape(n_out, n_in)
+                w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self._padded(codes).to(torch.int32), 1)
+                self._store(i, n, "w4", w, None)
+        else:
+            step = max(8, _UNPACK_CHUNK // max(n_in, 1) // 8 * 8)  # rows per block: a multiple of 8 (byte-aligned)
+            for i, e in enumerate(experts):
+                stream = packed.stream("codes", e)
+                for r0 in range(0, n_out, step):
+                    r1 = min(r0 + step, n_out)
+                    part = stream[r0 * n_in * bits // 8: (r1 * n_in * bits + 7) // 8]
+                    codes = self._padded(_unpack_chunked(part, bits, (r1 - r0) * n_in).reshape(r1 - r0, n_in))
+                    self._fill_rows(i, n, r0, r1, codes)
         if fmt == "int4pack":  # the kernel's (scale, zero) pairs, built once in the model's dtype
             sz = [int4_scales_and_zeros(self._scales(i), self._zplanes(i), self.dtype) for i in range(len(experts))]
             self._buf("sz", _as_int(torch.stack(sz)))
 
-    def _fill(self, i: int, n: int, codes: Tensor) -> None:
-        """Store expert ``i`` of ``n`` from its (N, k_pad) uint8 codes in this group's layout."""
-        if self.fmt == "int4pack":
-            w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-            parts = {"w4": w}
-        elif self.fmt == "int8":
-            q = codes.reshape(self.n_out, self.n_groups, self.group_size).transpose(0, 1)
-            parts = {"w8": (q.to(torch.int16) - 128).to(torch.int8)}  # (G, N, gs)
-        else:
-            planes = pack_planes(codes.reshape(self.n_out, self.n_groups, self.group_size), self.bits)
-            parts = {f"p{j}": p for j, p in enumerate(planes)}  # (N, G, gs * w / 8)
-            self.n_planes = len(planes)
-        for name, t in parts.items():
-            if i == 0:
-                self._buf(name, torch.empty((n, *t.shape), dtype=t.dtype, device=t.device))
-            getattr(self, name)[i].copy_(t)
+    def _padded(self, codes: Tensor) -> Tensor:
+        """(rows, n_in) codes -> (rows, k_pad): the last group runs on to a whole group with code 0."""
+        return F.pad(codes, (0, self.k_pad - self.n_in)) if self.k_pad != self.n_in else codes
+
+    def _fill_rows(self, i: int, n: int, r0: int, r1: int, codes: Tensor) -> None:
+        """Store output rows r0:r1 of expert ``i`` of ``n`` from their (r1 - r0, k_pad) uint8 codes."""
+        rows = codes.reshape(r1 - r0, self.n_groups, self.group_size)
+        if self.fmt == "int8":
+            self._store(i, n, "w8", (rows.transpose(0, 1).to(torch.int16) - 128).to(torch.int8), (1, r0, r1))
+            return
+        planes = pack_planes(rows, self.bits)  # per plane (rows, G, gs * w / 8)
+        self.n_planes = len(planes)
+        for j, plane in enumerate(planes):
+            self._store(i, n, f"p{j}", plane, (0, r0, r1))
+
+    def _store(self, i: int, n: int, name: str, t: Tensor, block: tuple[int, int, int] | None) -> None:
+        """Copy ``t`` into expert ``i`` of buffer ``name`` (allocated for ``n`` experts on first use), at
+        ``block`` = (dim, start, stop) of the expert's full (out-rows) shape, or whole when None."""
+        if not hasattr(self, name):
+            shape = list(t.shape)
+            if block is not None:
+                shape[block[0]] = self.n_out
+            self._buf(name, torch.empty((n, *shape), dtype=t.dtype, device=t.device))
+        target = getattr(self, name)[i]
+        if block is not None:
+            target = target.narrow(block[0], block[1], block[2] - block[1])
+        target.copy_(t)
 
     def _buf(self, name: str, t: Tensor) -> None:
         self.register_buffer(name, t.contiguous(), persistent=False)
