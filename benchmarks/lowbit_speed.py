@@ -28,7 +28,7 @@ each layer a random half of the experts at 3 bits and half at 2) and its skippin
 median beta), timed the same way in its own interleaved rounds.
 
 Load: the fresh-process peak RSS of loading PMQ 2.5-bit against the goal (its tensor bytes x 1.3 + the bare
-interpreter).
+interpreter); ``--load-only`` runs just that check (no timing).
 
 The run ends with the summary lines of issue 23 (ratios against the bf16 original from this one run).
 ``--variants`` limits the speed model's variants (the original is always timed; ``--variants
