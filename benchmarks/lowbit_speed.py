@@ -22,7 +22,19 @@ the model holds, each storage once). Fresh RSS: after timing, each variant is sa
 its peak RSS (``VmHWM`` of /proc/self/status, else ``ru_maxrss``: interpreter + imports + load peak) and
 the loaded model's resident tensor bytes; the bare interpreter's RSS (same imports, no model) is printed for reference.
 
-Run: OMP_NUM_THREADS=2 python benchmarks/lowbit_speed.py [--repeats 5] [--layers 4]
+Demo shapes: the embedded demo model (8-expert Mixtral layout, hidden 256, intermediate 448: down_proj's 448
+inputs are not a multiple of the group size 128) in bfloat16, against its own PMQ 2.5-bit (RTN, group 128, in
+each layer a random half of the experts at 3 bits and half at 2) and its skipping variant (bf16, per-layer
+median beta), timed the same way in its own interleaved rounds.
+
+Load: the fresh-process peak RSS of loading PMQ 2.5-bit against the goal (its tensor bytes x 1.3 + the bare
+interpreter); ``--load-only`` runs just that check (no timing).
+
+The run ends with the summary lines of issue 23 (ratios against the bf16 original from this one run).
+``--variants`` limits the speed model's variants (the original is always timed; ``--variants
+uniform-4bit pmq-2.5bit`` is the short run that still prints every summary line).
+
+Run: OMP_NUM_THREADS=2 python benchmarks/lowbit_speed.py [--repeats 5] [--layers 4] [--variants ...]
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ from moeslim.methods.quant.gptq import rtn_quantize
 from moeslim.methods.skip.thresholds import calibrate_beta, sorted_desc
 from moeslim.models import find_moe_layers, select_experts
 from moeslim.models.expert_math import expert_weight_views
+from moeslim.models.loading import load_model
 from moeslim.runtime.lowbit_io import install_lowbit
 from moeslim.runtime.packed import fast_pack
 from moeslim.runtime.skipping import install_skipping, reset_counters
@@ -140,6 +153,21 @@ def torchao_variant(model: nn.Module, kind: str) -> nn.Module | str:
         return f"torchao {kind} failed ({type(exc).__name__}: {str(exc)[:160]})"
 
 
+def demo_variants(seed: int = 0) -> dict[str, nn.Module]:
+    """The embedded demo model in bf16, its PMQ 2.5-bit (RTN, group 128) and its skipping variant."""
+    base, _ = load_model("demo", dtype=torch.bfloat16)
+    base.eval()
+    n_experts = find_moe_layers(base)[0].num_experts
+    rng = random.Random(seed)
+    half = {layer.layer_idx: set(rng.sample(range(n_experts), n_experts // 2)) for layer in find_moe_layers(base)}
+    pmq = quantize_experts(copy.deepcopy(base), lambda idx, e: 3 if e in half[idx] else 2)
+    skip = copy.deepcopy(base)
+    gen = torch.Generator().manual_seed(seed)
+    install_skipping(skip, median_betas(base, torch.randint(3, base.config.vocab_size, (1, 256), generator=gen)),
+                     "top2")
+    return {"demo-bf16": base, "demo-pmq-2.5bit": pmq, "demo-skip": skip}
+
+
 _FRESH_LOAD = textwrap.dedent("""
     import json, resource, sys, torch
     import moeslim
@@ -199,21 +227,8 @@ def _generate(model: nn.Module, ids: torch.Tensor, n: int) -> Any:
                           do_sample=False, use_cache=True, pad_token_id=0)
 
 
-@torch.inference_mode()
-def measure(models: dict[str, nn.Module], prompt: torch.Tensor, long: torch.Tensor, new_tokens: int, repeats: int
-            ) -> dict[str, dict[str, float]]:
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
-    order = list(models)
-    rng = random.Random(0)
-    for rnd in range(repeats + 1):  # round 0 warms up (and compiles the decode kernels)
-        rng.shuffle(order)  # a burst of load from elsewhere on the machine does not always hit the same variant
-        for name in order:
-            model = models[name]
-            prefill = _timed(lambda m=model: m(input_ids=long, use_cache=False))
-            decode = _timed(lambda m=model: _generate(m, prompt, new_tokens)) - _timed(
-                lambda m=model: _generate(m, prompt, 1))
-            if rnd:
-                samples[name].append((prefill, max(decode, 1e-9)))
+def _summary(samples: dict[str, list[tuple[float, float]]], models: dict[str, nn.Module], long: torch.Tensor,
+             new_tokens: int) -> dict[str, dict[str, float]]:
     out = {}
     for name, s in samples.items():
         prefill_s, decode_s = statistics.median(x[0] for x in s), statistics.median(x[1] for x in s)
@@ -222,13 +237,96 @@ def measure(models: dict[str, nn.Module], prompt: torch.Tensor, long: torch.Tens
     return out
 
 
+@torch.inference_mode()
+def measure_both(models: dict[str, nn.Module], prompt: torch.Tensor, long: torch.Tensor, demo: dict[str, nn.Module],
+                 demo_prompt: torch.Tensor, demo_long: torch.Tensor, new_tokens: int, repeats: int
+                 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Both model sets timed in the same rounds: each round runs every variant once, in a shuffled order."""
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in [*models, *demo]}
+    jobs = [(name, m, prompt, long) for name, m in models.items()]
+    jobs += [(name, m, demo_prompt, demo_long) for name, m in demo.items()]
+    rng = random.Random(0)
+    for rnd in range(repeats + 1):  # round 0 warms up (and compiles the decode kernels)
+        rng.shuffle(jobs)  # a burst of load from elsewhere on the machine does not always hit the same variant
+        for name, model, ids, full in jobs:
+            prefill = _timed(lambda m=model, f=full: m(input_ids=f, use_cache=False))
+            decode = _timed(lambda m=model, i=ids: _generate(m, i, new_tokens)) - _timed(
+                lambda m=model, i=ids: _generate(m, i, 1))
+            if rnd:
+                samples[name].append((prefill, max(decode, 1e-9)))
+    return (_summary({n: samples[n] for n in models}, models, long, new_tokens),
+            _summary({n: samples[n] for n in demo}, demo, demo_long, new_tokens))
+
+
+SPEED_VARIANTS = ("uniform-4bit", "uniform-8bit", "pmq-2.5bit", "pmq-2.5bit+skip", "pruned-keep6", "torchao")
+
+
+def build_speed_variants(base: nn.Module, layers: int, which: list[str], long: torch.Tensor
+                         ) -> tuple[dict[str, nn.Module], dict[int, float]]:
+    rng = random.Random(0)
+    half = {idx: set(rng.sample(range(8), 4)) for idx in range(layers)}
+    models: dict[str, nn.Module] = {"original-bf16": base}
+    if "uniform-4bit" in which:
+        models["uniform-4bit"] = quantize_experts(copy.deepcopy(base), lambda _l, _e: 4)
+    if "uniform-8bit" in which:
+        models["uniform-8bit"] = quantize_experts(copy.deepcopy(base), lambda _l, _e: 8)
+    betas: dict[int, float] = {}
+    if "pmq-2.5bit" in which or "pmq-2.5bit+skip" in which:
+        models["pmq-2.5bit"] = quantize_experts(copy.deepcopy(base), lambda idx, e: 3 if e in half[idx] else 2)
+    if "pmq-2.5bit+skip" in which:
+        skip = copy.deepcopy(models["pmq-2.5bit"])
+        betas = median_betas(base, long)
+        install_skipping(skip, betas, "top2")
+        models["pmq-2.5bit+skip"] = skip
+    if "pruned-keep6" in which:
+        pruned = copy.deepcopy(base)
+        select_experts(pruned, {layer.layer_idx: list(range(6)) for layer in find_moe_layers(pruned)})
+        models["pruned-keep6"] = pruned
+    if "torchao" in which:
+        for kind in ("int4", "int8"):
+            peer = torchao_variant(base, kind)
+            if isinstance(peer, str):
+                print(peer)
+            else:
+                models[f"torchao-{kind}-weight-only"] = peer
+    return models, betas
+
+
+def load_line(fresh: dict[str, int] | str | None, bare: dict[str, int]) -> str:
+    """The load goal of issue 23: fresh-process peak RSS <= tensor bytes x 1.3 + the bare interpreter."""
+    if not isinstance(fresh, dict):
+        return f"pmq-2.5bit fresh load: {fresh}"
+    goal = fresh["bytes"] * 1.3 + bare["rss"]
+    return (f"pmq-2.5bit fresh load peak RSS {fresh['rss'] / 2**20:.0f} MiB for {fresh['bytes'] / 2**20:.0f} MiB of "
+            f"tensors; goal <= tensor bytes x 1.3 + bare interpreter ({bare['rss'] / 2**20:.0f} MiB) = "
+            f"{goal / 2**20:.0f} MiB: {'met' if fresh['rss'] <= goal else 'missed'}")
+
+
+def load_check(layers: int) -> None:
+    base = speed_model(layers)
+    rng = random.Random(0)
+    half = {idx: set(rng.sample(range(8), 4)) for idx in range(layers)}
+    models = {"pmq-2.5bit": quantize_experts(base, lambda idx, e: 3 if e in half[idx] else 2)}
+    del base
+    gc.collect()
+    fresh = fresh_rss(models)
+    print(load_line(fresh.get("pmq-2.5bit"), fresh_load("")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--variants", nargs="+", choices=SPEED_VARIANTS, default=list(SPEED_VARIANTS))
+    parser.add_argument("--load-only", action="store_true",
+                        help="only the PMQ 2.5-bit fresh-load peak RSS against its goal (no timing)")
     args = parser.parse_args()
+    if args.load_only:
+        load_check(args.layers)
+        return
+    which = sorted(set(args.variants) | {"uniform-4bit", "pmq-2.5bit"}, key=SPEED_VARIANTS.index)  # summary
     t0 = time.perf_counter()
     base = speed_model(args.layers)
     n_params = sum(p.numel() for p in base.parameters())
@@ -239,34 +337,25 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, 8192, (1, 8), generator=gen)
     long = torch.randint(3, 8192, (1, args.prefill_tokens), generator=gen)
-    rng = random.Random(0)
-    half = {idx: set(rng.sample(range(8), 4)) for idx in range(args.layers)}
-    models: dict[str, nn.Module] = {"original-bf16": base}
-    models["uniform-4bit"] = quantize_experts(copy.deepcopy(base), lambda _l, _e: 4)
-    models["uniform-8bit"] = quantize_experts(copy.deepcopy(base), lambda _l, _e: 8)
-    models["pmq-2.5bit"] = quantize_experts(copy.deepcopy(base), lambda idx, e: 3 if e in half[idx] else 2)
-    skip = copy.deepcopy(models["pmq-2.5bit"])
-    betas = median_betas(base, long)
-    install_skipping(skip, betas, "top2")
-    models["pmq-2.5bit+skip"] = skip
-    pruned = copy.deepcopy(base)
-    select_experts(pruned, {layer.layer_idx: list(range(6)) for layer in find_moe_layers(pruned)})
-    models["pruned-keep6"] = pruned
-    for kind in ("int4", "int8"):
-        peer = torchao_variant(base, kind)
-        if isinstance(peer, str):
-            print(peer)
-        else:
-            models[f"torchao-{kind}-weight-only"] = peer
-    print(f"built {len(models)} variants in {time.perf_counter() - t0:.0f} s; median betas "
-          + ", ".join(f"{b:.2f}" for b in betas.values()))
-    results = measure(models, prompt, long, args.new_tokens, args.repeats)
-    reset_counters(skip)
-    with torch.inference_mode():
-        skip(long)
-    calls = [c["expert_calls"] / c["tokens"] for c in
-             (layer.experts.moeslim_counters for layer in find_moe_layers(skip))]
-    del base, skip, pruned, peer  # only `models` holds the variants now: fresh_rss frees each in turn
+    models, betas = build_speed_variants(base, args.layers, which, long)
+    print(f"built {len(models)} variants in {time.perf_counter() - t0:.0f} s"
+          + ("; median betas " + ", ".join(f"{b:.2f}" for b in betas.values()) if betas else ""))
+    demo = demo_variants()
+    demo_ids = torch.randint(3, 8192, (1, 8), generator=gen)
+    demo_long = torch.randint(3, 8192, (1, min(args.prefill_tokens, 256)), generator=gen)
+    # one interleaved run: every round times the speed model's variants and the demo's, in shuffled orders
+    results, demo_results = measure_both(models, prompt, long, demo, demo_ids, demo_long, args.new_tokens,
+                                         args.repeats)
+    calls: list[float] = []
+    if "pmq-2.5bit+skip" in models:
+        skip = models["pmq-2.5bit+skip"]
+        reset_counters(skip)
+        with torch.inference_mode():
+            skip(long)
+        calls = [c["expert_calls"] / c["tokens"] for c in
+                 (layer.experts.moeslim_counters for layer in find_moe_layers(skip))]
+        del skip
+    del base, demo  # only `models` holds the variants now: fresh_rss frees each in turn
     gc.collect()
     t1 = time.perf_counter()
     fresh = fresh_rss(models)
@@ -284,19 +373,36 @@ def main() -> None:
         print(f"{name:28} {r['decode_tps']:12.2f} {r['decode_tps'] / ref['decode_tps']:6.2f} "
               f"{r['prefill_tps']:14.1f} {r['prefill_tps'] / ref['prefill_tps']:6.2f} "
               f"{r['bytes'] / 2**20:13.1f} {r['bytes'] / ref['bytes']:6.2f} {rss}")
+    demo_ref = demo_results["demo-bf16"]
+    print(f"\n{'demo model variant':28} {'decode tok/s':>12} {'x':>6} {'prefill tok/s':>14} {'x':>6} "
+          f"{'resident MiB':>13} {'x':>6}")
+    for name, r in demo_results.items():
+        print(f"{name:28} {r['decode_tps']:12.2f} {r['decode_tps'] / demo_ref['decode_tps']:6.2f} "
+              f"{r['prefill_tps']:14.1f} {r['prefill_tps'] / demo_ref['prefill_tps']:6.2f} "
+              f"{r['bytes'] / 2**20:13.2f} {r['bytes'] / demo_ref['bytes']:6.2f}")
     loaded = {n: f["bytes"] for n, f in fresh.items() if isinstance(f, dict)}
     print(f"\nfresh interpreter with the same imports and no model: RSS {bare['rss'] / 2**20:.0f} MiB; tensor bytes "
           "held after a fresh moeslim.load (MiB): " + ", ".join(f"{n} {b / 2**20:.1f}" for n, b in loaded.items())
           + f"; save + fresh loads took {time.perf_counter() - t1:.0f} s")
-    print("(the fresh load of pmq-2.5bit+skip holds pmq-2.5bit's tensors: skipping adds no tensors)")
+    if "pmq-2.5bit+skip" in loaded:
+        print("(the fresh load of pmq-2.5bit+skip holds pmq-2.5bit's tensors: skipping adds no tensors)")
+    print(load_line(fresh.get("pmq-2.5bit"), bare))
     bound = (0.25 * expert_bf16 + (ref["bytes"] - expert_bf16)) / ref["bytes"]
-    print(f"expert calls per token per layer with skipping: {statistics.mean(calls):.2f} (top-2 = 2.00)")
+    if calls:
+        print(f"expert calls per token per layer with skipping: {statistics.mean(calls):.2f} (top-2 = 2.00)")
     print(f"resident goal for pmq-2.5bit: <= {bound:.2f} of bf16 (0.25 x expert bytes + non-expert bytes)")
     print(f"total time {time.perf_counter() - t0:.0f} s\n")
     pmq = results["pmq-2.5bit"]
-    print(f"lowbit decode ratio uniform-4bit: {results['uniform-4bit']['decode_tps'] / ref['decode_tps']:.2f}")
+    u4 = results["uniform-4bit"]
+    print(f"lowbit decode ratio uniform-4bit: {u4['decode_tps'] / ref['decode_tps']:.2f}")
     print(f"lowbit decode ratio pmq-2.5bit: {pmq['decode_tps'] / ref['decode_tps']:.2f}")
-    print(f"lowbit decode ratio pmq-2.5bit+skip: {results['pmq-2.5bit+skip']['decode_tps'] / ref['decode_tps']:.2f}")
+    print(f"lowbit prefill ratio uniform-4bit: {u4['prefill_tps'] / ref['prefill_tps']:.2f}")
+    print(f"lowbit demo decode ratio pmq-2.5bit: "
+          f"{demo_results['demo-pmq-2.5bit']['decode_tps'] / demo_ref['decode_tps']:.2f}")
+    print(f"lowbit demo decode ratio skip: {demo_results['demo-skip']['decode_tps'] / demo_ref['decode_tps']:.2f}")
+    if "pmq-2.5bit+skip" in results:
+        print(f"lowbit decode ratio pmq-2.5bit+skip: "
+              f"{results['pmq-2.5bit+skip']['decode_tps'] / ref['decode_tps']:.2f}")
     print(f"lowbit resident ratio pmq-2.5bit: {pmq['bytes'] / ref['bytes']:.2f}")
 
 

@@ -31,7 +31,7 @@ from moeslim.runtime.skipping import install_skipping
 
 PROBE = sample_ids(7, 2, 16)
 # Widths cycled over experts: with group 16 every layout but int4pack; with group 32 int4pack too
-# (and the canonical fallback where an input dimension is not a multiple of 32).
+# (inputs that are not a multiple of 32 padded to whole groups).
 MIXES = {16: [2, 3, 16, 4, 8, 1, 5, 2], 32: [4, 8, 2, 3]}
 
 
@@ -71,13 +71,30 @@ def _check_resident(model: torch.nn.Module, installed: dict[str, LowBitTensor]) 
         assert placeholder.is_meta and tuple(placeholder.shape) == packed.shape
     packed_bytes = sum(p.nbytes() for p in installed.values())  # the canonical packed format = bytes on disk
     storages = packed_experts(model)
-    assert sum(s.nbytes() for s in storages.values()) == packed_bytes
+    assert sum(s.canonical_bytes for s in storages.values()) == packed_bytes
+    held = sum(s.nbytes() for s in storages.values())
+    assert held == packed_bytes + sum(_layout_extra(storages[n], p) for n, p in installed.items())
     packed_ptrs = {b.untyped_storage().data_ptr() for s in storages.values() for b in s.buffers()}
     others = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
               for t in [*model.parameters(), *model.buffers()] if t.untyped_storage().data_ptr() not in packed_ptrs}
     sizes = param_bytes(model)
-    assert sizes["quantized"] == packed_bytes
-    assert sizes["total"] == sum(others.values()) + packed_bytes
+    assert sizes["quantized"] == held
+    assert sizes["total"] == sum(others.values()) + held
+
+
+def _layout_extra(storage: PackedExperts, packed: LowBitTensor) -> int:
+    """Bytes the runtime layouts hold beyond the canonical format: codes of inputs padded to whole groups,
+    int4pack's (scale, zero) pairs in the model's dtype, the (E + 1) int64 expert -> (group, row) maps."""
+    n_out, n_in = packed.out_in
+    gs = min(packed.group_size, n_in)
+    pad = packed.n_groups * gs - n_in
+    extra = 2 * 8 * (packed.shape[0] + 1)
+    for e, fmt in storage.formats().items():
+        if fmt in ("planes", "int8", "int4pack"):
+            extra += n_out * pad * packed.bits[e] // 8
+        if fmt == "int4pack":
+            extra += packed.n_groups * n_out * 2 * packed.dtype.itemsize
+    return extra
 
 
 @pytest.mark.parametrize("group_size", [16, 32])
@@ -101,7 +118,9 @@ def test_layouts_cover_every_width() -> None:
     model = tiny_model("mixtral")
     _quantize(model, 32)
     formats = {f for s in packed_experts(model).values() for f in s.formats().values()}
-    assert formats == {"int4pack", "int8", "planes", "canonical"}
+    assert formats == {"int4pack", "int8", "planes"}  # inputs not a multiple of 32 are padded, not canonical
+    padded = [g for s in packed_experts(model).values() for g in s.groups if g.k_pad != g.n_in]
+    assert padded and {g.fmt for g in padded} == {"int4pack", "int8", "planes"}
     model = tiny_model("mixtral")
     _quantize(model, 16)
     assert {f for s in packed_experts(model).values() for f in s.formats().values()} == {"int8", "planes", "dense"}
@@ -175,16 +194,14 @@ def compiled() -> _Compiled:
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_decode_kernels_match_dequantized_weights_all_widths(transposed: bool, compiled: _Compiled,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    # The compiled one-row decode kernels (bit planes for 1-3 and 5-7 bits, int8 for 8, int4pack for 4) through
+def test_decode_kernels_match_dequantized_weights_all_widths(transposed: bool, compiled: _Compiled) -> None:
+    # The compiled gathered decode kernels (bit planes for 1-3 and 5-7 bits, int8 for 8, int4pack for 4) through
     # PackedExperts.matmul at 1 and 3 rows, in both stored layouts (gpt-oss keeps experts as (in, out)), against
     # x @ W^T with W = LowBitTensor.dequantize. float32 everywhere: rtol 1e-5 of the largest output (only the
-    # summation order differs). The size threshold is lowered so a small matrix takes the large-matrix path.
-    monkeypatch.setattr(packed_module, "FUSED_MIN_WEIGHTS", 0)
+    # summation order differs).
     widths = [1, 2, 3, 4, 5, 6, 7, 8]
     gen = torch.Generator().manual_seed(len(widths) + transposed)
-    n_out, n_in = 32, 256
+    n_out, n_in = 64, 256  # COMPILE_MIN_WEIGHTS: large enough to compile
     w = torch.randn(len(widths), *((n_in, n_out) if transposed else (n_out, n_in)), generator=gen)
     packed = quantize_fused(w, widths, 128, None, "rtn", transposed=transposed)
     storage = PackedExperts(packed)
@@ -193,12 +210,12 @@ def test_decode_kernels_match_dequantized_weights_all_widths(transposed: bool, c
     weights = packed.dequantize()
     for e in range(len(widths)):
         w_e = weights[e].T if transposed else weights[e]  # (out, in)
-        for rows in (1, 3):
+        for rows in (1, 3) if widths[e] in (3, 8) else (1,):  # one row, and the dynamic-rows form
             x = torch.randn(rows, n_in, generator=gen)
             _close(storage.matmul(e, x), x @ w_e.T)
     if compiled.failed:
         pytest.skip("torch.compile is not available on this machine (the eager fallback was checked)")
-    assert {"planes_matmul_kernel", "int8_matmul_kernel"} <= set(compiled.fns)
+    assert {"planes_rows_kernel", "int8_rows_kernel"} <= compiled.kernels()
     group = storage.groups[storage.slot[2][0]]  # the eager form of the planes kernel (3 bits) agrees too
     planes = tuple(getattr(group, f"p{j}")[0] for j in range(group.n_planes))
     zplanes = tuple(getattr(group, f"zp{j}")[0] for j in range(group.n_zplanes))
@@ -208,11 +225,9 @@ def test_decode_kernels_match_dequantized_weights_all_widths(transposed: bool, c
 
 
 @pytest.mark.parametrize("bits", [3, 8])
-def test_long_inputs_dequantize_once_exactly(bits: int, compiled: _Compiled, monkeypatch: pytest.MonkeyPatch
-                                             ) -> None:
+def test_long_inputs_dequantize_once_exactly(bits: int, compiled: _Compiled) -> None:
     # More rows than FUSED_MAX_ROWS: the compiled dequantization (planes, int8) then a float matmul; the
     # dequantized matrix equals LowBitTensor.dequantize bit for bit.
-    monkeypatch.setattr(packed_module, "FUSED_MIN_WEIGHTS", 0)
     gen = torch.Generator().manual_seed(bits)
     w = torch.randn(1, 64, 256, generator=gen)
     packed = quantize_fused(w, [bits], 128, None, "rtn")
@@ -256,7 +271,7 @@ _FRESH = textwrap.dedent("""
 
 def test_fresh_process_load_holds_experts_packed_with_skipping(tmp_path: Path) -> None:
     model = tiny_model("gpt_oss")
-    installed = _quantize(model, 32)
+    _quantize(model, 32)
     betas = {layer.layer_idx: 0.2 for layer in find_moe_layers(model)}
     install_skipping(model, betas, "top2")
     model.config.moeslim["skip"] = {"rule": "top2", "betas": {str(k): v for k, v in betas.items()}}
@@ -266,7 +281,7 @@ def test_fresh_process_load_holds_experts_packed_with_skipping(tmp_path: Path) -
                           capture_output=True, text=True, check=True, timeout=120)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["float_expert_params"] == []
-    assert got["bytes"]["quantized"] == sum(p.nbytes() for p in installed.values())
+    assert got["bytes"]["quantized"] == sum(s.nbytes() for s in packed_experts(model).values())
     assert got["bytes"]["total"] == param_bytes(model)["total"]
     assert got["impl"] == "moeslim_skip" and got["inner"] == [IMPLEMENTATION]
     torch.testing.assert_close(torch.tensor(got["logits"]), expected, rtol=0, atol=0)
@@ -305,3 +320,29 @@ def test_loading_never_materialises_float_experts(tmp_path: Path) -> None:
     # Below the float model's experts alone (the float model is larger still): a float copy of the experts,
     # or the old dequantize-at-load, would exceed it. (Unpacking temporaries take the rest.)
     assert got["peak_bytes"] < float_experts, got
+
+
+def test_gathered_kernels_on_inputs_padded_to_whole_groups(compiled: _Compiled) -> None:
+    # 320 inputs at group 128: the last group is padded at pack time (to 384) and both layouts still run their
+    # fused kernels; one call per width group computes 5 rows, each through its own routed expert (rows padded
+    # to the 8-row bucket), equal to x @ W^T of the dequantized experts (float32, rtol 1e-5); saving drops
+    # the padding (the canonical tensor comes back bit-exactly).
+    widths = [3, 4, 3, 4]  # bit planes (compiled) and int4pack
+    gen = torch.Generator().manual_seed(23)
+    w = torch.randn(len(widths), 64, 320, generator=gen)
+    packed = quantize_fused(w, widths, 128, None, "rtn")
+    storage = PackedExperts(packed)
+    storage.compiled = compiled
+    assert set(storage.formats().values()) == {"planes", "int4pack"}
+    assert all(g.k_pad == 384 for g in storage.groups)
+    weights = packed.dequantize()
+    for gi, group in enumerate(storage.groups):
+        rows = torch.randint(0, len(group.experts), (5,), generator=gen)
+        x = torch.randn(5, 320, generator=gen)
+        expected = torch.stack([x[i] @ weights[group.experts[int(r)]].T for i, r in enumerate(rows)])
+        _close(storage.group_matmul(gi, rows, x), expected)
+    if compiled.failed:
+        pytest.skip("torch.compile is not available on this machine (the eager fallback was checked)")
+    assert "planes_rows_kernel" in compiled.kernels()
+    for key, t in packed.to_state_dict("p").items():
+        assert torch.equal(storage.to_lowbit().to_state_dict("p")[key], t), key

@@ -17,9 +17,11 @@ computation with it fails loudly instead of using stale weights).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from moeslim.methods.quant.fused import LowBitTensor
+from moeslim.models.attrs import callable_attr
 from moeslim.runtime.packed import PackedExperts
 from moeslim.runtime.routed_experts import attach_part, fallback_forward, routed_forward, store_part, stored_parts
 
@@ -40,7 +42,62 @@ def lowbit_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: 
     store = packed_storage(self)
     if not store:  # a layer left in float
         return fallback_forward(self, hidden_states, top_k_index, top_k_weights)
+    up_name = "gate_up_proj" if bool(getattr(self, "has_gate")) else "up_proj"  # noqa: B009
+    up, down = store.get(up_name), store.get("down_proj")
+    if up is not None and down is not None and up.same_grouping(down) and not getattr(
+            self, "has_post_expert_norm", False):
+        return grouped_forward(self, hidden_states, top_k_index, top_k_weights, up, down)
     return routed_forward(self, hidden_states, top_k_index, top_k_weights, store)
+
+
+def _bias(experts: nn.Module, name: str, experts_idx: Tensor) -> Tensor | None:
+    """(S, out) biases of projection ``name`` for the routed experts ``experts_idx`` (None without biases)."""
+    if not getattr(experts, "has_bias", False):
+        return None
+    bias = getattr(experts, f"{name}_bias", None)
+    return None if bias is None else bias[experts_idx]
+
+
+def grouped_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                    up: PackedExperts, down: PackedExperts) -> Tensor:
+    """``routed_forward`` for experts whose up and down projections are both packed with the same width groups:
+    the routed (token, expert) pairs are sorted by width group and each group computes all its pairs at once
+    (at decode one gathered kernel call per projection and width, not one per expert).
+
+    hidden_states (T, H), top_k_index / top_k_weights (T, k) -> (T, H).
+    """
+    k = top_k_index.shape[1]
+    has_gate = bool(getattr(experts, "has_gate"))  # noqa: B009
+    up_name = "gate_up_proj" if has_gate else "up_proj"
+    flat = top_k_index.reshape(-1)  # (P,) pair p = token p // k, slot p % k
+    group = up.group_of[flat]  # (P,) width group of each pair; the placeholder expert -> up.n_groups
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=up.n_groups + 1).tolist()  # the one host sync of the layer
+    n_pairs = len(order) - counts[-1]  # pairs with a real expert, sorted first
+    order = order[:n_pairs]
+    expert = flat[order]
+    rows = up.row_of[expert]
+    x = hidden_states[order // k]  # (S, H)
+    act = callable_attr(experts, "_apply_gate" if has_gate else "act_fn")
+    outs = []
+    start = 0
+    for gi, count in enumerate(counts[:-1]):
+        if count == 0:
+            continue
+        sl = slice(start, start + count)
+        start += count
+        h = up.group_matmul(gi, rows[sl], x[sl])
+        bias = _bias(experts, up_name, expert[sl])
+        h = act(h if bias is None else h + bias.to(h.dtype))
+        y = down.group_matmul(gi, rows[sl], h)
+        bias = _bias(experts, "down_proj", expert[sl])
+        outs.append(y if bias is None else y + bias.to(y.dtype))
+    out = torch.zeros_like(hidden_states)
+    if not outs:
+        return out
+    y = outs[0] if len(outs) == 1 else torch.cat(outs)
+    y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
+    return out.index_add_(0, order // k, y.to(out.dtype))
 
 
 class LowBitLinear(nn.Linear):

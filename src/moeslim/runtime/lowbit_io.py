@@ -92,8 +92,9 @@ def lowbit_tensors(model: nn.Module) -> dict[str, LowBitTensor]:
 
 
 def quantized_nbytes(model: nn.Module) -> int:
-    """Bytes of the packed low-bit storage (codes, scales, zeros, kept 16-bit slices) of ``model``."""
-    return sum(storage.nbytes() for storage in packed_experts(model).values())
+    """Bytes of ``model``'s low-bit tensors in the canonical packed format (codes, scales, zeros, kept 16-bit
+    slices): the bytes on disk. The runtime layouts hold a little more (``PackedExperts.nbytes``)."""
+    return sum(storage.canonical_bytes for storage in packed_experts(model).values())
 
 
 def _base_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -149,7 +150,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
 
     The model is built on the meta device, so no float expert tensor is ever allocated: base tensors are
     loaded into it (``assign``), buffers that no file holds (rotary frequencies) are computed by the model's
-    own initialisation, and the packed experts are installed. Peak memory is base + packed tensors.
+    own initialisation, and the packed experts are installed one parameter at a time (its canonical tensors
+    are read, laid out and dropped before the next), so peak memory is about base + packed tensors.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -162,8 +164,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _cut_compact(model, config)
     base, meta = _read(root / BASE_FILE)
-    lowbit, _ = _read(root / LOWBIT_FILE)
-    prefixes = [k[: -len(_META_SUFFIX)] for k in lowbit if k.endswith(_META_SUFFIX)]
+    with safe_open(str(root / LOWBIT_FILE), framework="pt") as handle:
+        lowbit_keys = list(handle.keys())  # noqa: SIM118 - safe_open handles are not iterable
+    prefixes = [k[: -len(_META_SUFFIX)] for k in lowbit_keys if k.endswith(_META_SUFFIX)]
     aliases: dict[str, str] = json.loads(meta.get("aliases", "{}"))
     state = model.state_dict(keep_vars=True)
     for alias, source in aliases.items():
@@ -177,12 +180,17 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     model.load_state_dict(base, strict=False, assign=True)
     target = torch.device(device)
     for prefix in prefixes:
-        packed = LowBitTensor.from_state_dict(lowbit, prefix)
+        # One parameter's canonical tensors in memory at a time, and the file mapped only while they are read
+        # (mapped pages count in the process's RSS until unmapped): no load temporaries beyond one parameter.
+        with safe_open(str(root / LOWBIT_FILE), framework="pt") as handle:
+            part = {k: handle.get_tensor(k) for k in lowbit_keys if k.startswith(f"{prefix}.q")}
+        packed = LowBitTensor.from_state_dict(part, prefix)
+        del part
         if target.type != "cpu":  # the packed layouts depend on the device (int4pack is a CPU layout)
             packed = _packed_to(packed, target)
         module_name, _, param_name = prefix.rpartition(".")
         install_lowbit(model.get_submodule(module_name), param_name, packed)
-    del lowbit
+        del packed
     _materialize_buffers(model, root)
     if any(aliases):
         model.tie_weights()

@@ -4,32 +4,36 @@
 width) as buffers grouped by width, in the layout the fastest kernel for that width wants:
 
 - ``int4pack``: 4-bit experts in torch's ``_weight_int4pack_mm_for_cpu`` layout (exactly 4 bits a weight);
-  the kernel's (scale, zero) pairs are built per forward from the stored float16 scales and 4-bit zeros.
-- ``int8``: 8-bit experts as int8 codes (code - 128), (G, N, gs) per expert. Decoding (up to
-  ``FUSED_MAX_ROWS`` rows) runs a fused convert-reduce kernel compiled with ``torch.compile``
-  (``int8_matmul_kernel``; without a compiler: one ``_weight_int8pack_mm`` call per group, the kernel having
-  one scale per output channel); longer inputs dequantize the routed expert once and run a float matmul.
+  the kernel's (scale, zero) pairs are built once, in the model's dtype, and held (``sz``).
+- ``int8``: 8-bit experts as int8 codes (code - 128), (G, N, gs) per expert.
 - ``planes``: every other width as bit planes of 4/2/1 bits (3 = 2 + 1, 5 = 4 + 1, ...): exactly b bits a
-  weight, byte-aligned, unpacked with a mask. Decoding (up to ``FUSED_MAX_ROWS`` rows) uses a fused
-  unpack-reduce kernel on the integer codes (``planes_matmul_kernel``, compiled with ``torch.compile`` when it
-  is available and the matrix is large enough to pay for it): it reads the packed bytes once and never
-  materialises a dequantized weight; longer inputs dequantize the routed expert once and run a float matmul.
+  weight, byte-aligned, unpacked with a mask.
 - ``dense``: experts kept at 16 bits, their original slice.
 - symmetric tensors (``LowBitTensor.symmetric``) store no zero points: the kernels take the grid's constant
   zero point 2^(b-1) as a number instead of zero-point planes (``ZeroPoints``), so nothing is held for them.
-- ``canonical``: the ``LowBitTensor``'s own packed streams, for shapes the layouts above do not cover
-  (input not a multiple of the group size, group size not a multiple of 8, ...): dequantized per routed
-  expert with ``pack.unpack_bits`` (slow, exact).
+- ``canonical``: the ``LowBitTensor``'s own packed streams, for shapes the layouts above cannot hold (group
+  size not a multiple of 8, fewer than 8 zero points): dequantized per routed expert with ``pack.unpack_bits``.
+
+Inputs that are not a multiple of the group size are padded to whole groups at pack time (code 0; inputs
+padded with zeros, so the padding adds exactly 0), so every shape the layouts can hold runs their kernels.
+
+Decoding (up to ``FUSED_MAX_ROWS`` rows in one width group) runs one ``torch.compile``d kernel per width group
+for all its routed (row, expert) pairs (``planes_rows_kernel``, ``int8_rows_kernel``): each row gathers its
+expert's packed bytes inside the kernel, the integer codes meet the input first and scale and zero are applied
+once per group, so no dequantized weight is ever materialised. Longer inputs dequantize each routed expert
+once (compiled) and run a float matmul. 4-bit experts always run torch's int4pack kernel.
 
 Every buffer is stored with an integer dtype (float16 scales viewed as int16, dense slices viewed as an
 integer of the same size), so ``model.to(dtype)`` never re-rounds stored values, while ``model.to(device)``
-moves them. Bytes held = bytes of the canonical packed format = bytes on disk; ``to_lowbit`` rebuilds the
-canonical ``LowBitTensor`` bit-exactly (for saving).
+moves them. Bytes held = bytes of the canonical packed format (``canonical_bytes`` = bytes on disk) plus what
+the layouts add (padding, int4pack's (scale, zero) pairs, the expert -> group map: ``nbytes``); ``to_lowbit``
+rebuilds the canonical ``LowBitTensor`` bit-exactly (for saving).
 """
 
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -40,20 +44,21 @@ from torch import Tensor, nn
 from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor
 from moeslim.methods.quant.pack import pack_bits, unpack_bits
 
-__all__ = ["PackedExperts", "int8_matmul_kernel", "pack_planes", "plane_split", "planes_inputs", "planes_matmul",
-           "planes_matmul_kernel", "unpack_planes"]
+__all__ = ["PackedExperts", "int8_rows_kernel", "pack_planes", "plane_split", "planes_inputs", "planes_matmul",
+           "planes_matmul_kernel", "planes_rows_kernel", "unpack_planes"]
 
 log = logging.getLogger(__name__)
 
 _INT4_GROUPS = (32, 64, 128, 256)  # group sizes the int4pack kernels take
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
-# The compiled decode kernels (bit planes, int8) read the packed bytes once per input row, so they win while an
-# expert sees few rows (decode: one token per routed expert); compiled for one-row inputs only (one
-# specialisation per width and shape; more rows loop), up to this many rows; longer inputs dequantize the
-# expert once (compiled) and run a float matmul. Only on matrices of at least FUSED_MIN_WEIGHTS weights
-# (below, the eager path is already fast and a compile would cost more).
+# The compiled decode kernels (bit planes, int8) gather each input row's expert and read its packed bytes once
+# per row, so they win while a width group sees few rows (decode: the routed pairs of one token); up to this
+# many rows of one group they run as one call; longer inputs dequantize each routed expert once (compiled)
+# and run a float matmul.
 FUSED_MAX_ROWS = 8
-FUSED_MIN_WEIGHTS = 1 << 18
+# Matrices below this many weights (test-sized toys) compute eagerly: a compile (seconds per shape and width)
+# would cost more than such a matrix ever takes; every real model's experts are far above it.
+COMPILE_MIN_WEIGHTS = 1 << 14
 
 
 # Zero points of one expert: bit planes (per plane (N * G * w / 8,) uint8), or the constant 2^(b-1) of a
@@ -174,16 +179,51 @@ def planes_matmul(x: Tensor, planes: tuple[Tensor, ...], zero_planes: ZeroPoints
     return planes_matmul_kernel(xp, xsum, planes, zero_planes, scales, bits, group_size).to(x.dtype)
 
 
-def int8_matmul_kernel(xg: Tensor, xsum: Tensor, w8: Tensor, zero_planes: ZeroPoints, scales: Tensor
-                       ) -> Tensor:
-    """xg (M, G, gs) float32 grouped input, xsum (M, G) its group sums, w8 (G, N, gs) int8 = code - 128 ->
-    (M, N) float32 = sum_g s_g * (x_g . (q_g - 128) + (128 - z_g) * sum(x_g)); one fused pass over the int8
-    bytes under ``torch.compile`` (1 byte a weight read, nothing dequantized in memory)."""
-    n_groups, n_out, _ = w8.shape
-    dot = (xg[:, :, None, :] * w8.float()[None]).sum(-1)  # (M, G, N)
-    zeros = _zero_grid(zero_planes, 8, n_out, n_groups)
-    zeros = zeros.T if isinstance(zeros, Tensor) else zeros  # (G, N)
-    return (scales.float().T * (dot + (128 - zeros) * xsum[:, :, None])).sum(1)
+def planes_rows_kernel(x: Tensor, rows: Tensor, planes: tuple[Tensor, ...], zero_planes: tuple[Tensor, ...] | int,
+                       scales: Tensor, bits: int, group_size: int) -> Tensor:
+    """x (S, K) float32, rows (S,) int64 -> (S, N) float32: y_i = x_i @ W_{rows_i}^T from the stacked bit planes.
+
+    planes: per plane (n, N, G, gs * w / 8) uint8; zero_planes: per plane (n, N * G * w / 8) uint8, or the
+    symmetric constant; scales (n, N, G) float16. Each input row meets its own expert's bytes (gathered inside
+    the kernel: the routed experts of one width are one call); the maths is ``planes_matmul_kernel``'s, with
+    the powers of two of ``planes_inputs`` applied per slot (exact in float32).
+    """
+    n_rows = x.shape[0]
+    _, n_out, n_groups = scales.shape
+    per = group_size // 8
+    xa = x.float().reshape(n_rows, 1, n_groups, 8, per)  # slot a, position r: input a * gs / 8 + r
+    term: Tensor | None = None
+    for plane, (width, offset) in zip(planes, plane_split(bits), strict=True):
+        p = plane[rows].to(torch.int32).reshape(n_rows, n_out, n_groups, width, per)
+        for a in range(8):  # constant masks: a tensor of shifts would make inductor materialise the codes
+            shift = width * (a // width)
+            vals = (p[:, :, :, a % width, :] & ((2**width - 1) << shift)).float()  # (S, N, G, per)
+            t = xa[:, :, :, a, :] * vals * float(2.0 ** (offset - shift))
+            term = t if term is None else term + t
+    assert term is not None
+    if isinstance(zero_planes, int):
+        zeros: Tensor | float = float(zero_planes)
+    else:
+        zeros = unpack_planes(tuple(z[rows] for z in zero_planes), bits).reshape(n_rows, n_out, n_groups).float()
+    xsum = xa.sum((3, 4))  # (S, 1, G)
+    return (scales[rows].float() * (term.sum(-1) - zeros * xsum)).sum(-1)  # (S, N)
+
+
+def int8_rows_kernel(x: Tensor, rows: Tensor, w8: Tensor, zero_planes: tuple[Tensor, ...] | int, scales: Tensor
+                     ) -> Tensor:
+    """x (S, K) float32, rows (S,) int64, w8 (n, G, N, gs) int8 = code - 128 -> (S, N) float32, each row through
+    its own expert: sum_g s_g * (x_g . (q_g - 128) + (128 - z_g) * sum(x_g)) (``int8_matmul_kernel`` gathered)."""
+    n_rows = x.shape[0]
+    _, n_groups, n_out, group_size = w8.shape
+    xg = x.float().reshape(n_rows, n_groups, 1, group_size)
+    dot = (xg * w8[rows].float()).sum(-1)  # (S, G, N)
+    if isinstance(zero_planes, int):
+        zeros: Tensor | float = float(zero_planes)
+    else:
+        zeros = unpack_planes(tuple(z[rows] for z in zero_planes), 8).reshape(n_rows, n_out, n_groups)
+        zeros = zeros.float().transpose(1, 2)  # (S, G, N)
+    s = scales[rows].float().transpose(1, 2)  # (S, G, N)
+    return (s * (dot + (128 - zeros) * xg.sum(-1))).sum(1)
 
 
 def planes_dequant(planes: tuple[Tensor, ...], zero_planes: ZeroPoints, scales: Tensor, bits: int,
@@ -218,41 +258,60 @@ def int4_scales_and_zeros(scales: Tensor, zero_planes: ZeroPoints, dtype: torch.
     return torch.stack([s, s * (8 - z)], -1).transpose(0, 1).contiguous().to(dtype)
 
 
-def int8_scales(scales: Tensor, zero_planes: ZeroPoints, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """((G, N) per-group scales, (G, N) shifts s * (128 - z)) for the per-group int8 kernel calls."""
-    n_out, n_groups = scales.shape
-    s = scales.float()
-    z = _zero_grid(zero_planes, 8, n_out, n_groups)
-    return s.T.contiguous().to(dtype), (s * (128 - z)).T.contiguous().to(dtype)
+def _own_code(kernel: Callable[..., Any], tag: int) -> Callable[..., Any]:
+    """A copy of ``kernel`` with its own code object: dynamo keeps compiled specialisations (and checks their
+    guards) per code object, so each copy holds one specialisation and finds it with one guard check."""
+    code = kernel.__code__.replace(co_name=f"{kernel.__name__}_{tag}")
+    return types.FunctionType(code, kernel.__globals__, code.co_name, kernel.__defaults__, kernel.__closure__)
 
 
 class _Compiled:
-    """``torch.compile``d kernels (static shapes: one specialisation per width and matrix shape), built on first
-    use; every call returns None when this machine cannot compile, and the caller runs the same maths eagerly."""
+    """``torch.compile``d kernels (static shapes), one compiled copy per kernel and ``key``, built on first use;
+    every call returns None when this machine cannot compile, and the caller runs the same maths eagerly.
 
-    _RECOMPILE_LIMIT = 64  # widths x shapes x dtypes of one model; scoped to these calls
+    ``key`` names everything that selects a specialisation (the kernel's argument shapes, widths, dtypes):
+    each key gets its own copy of the kernel (``_own_code``), so no call ever recompiles or walks a list of
+    guards, and the recompile limit is never reached (no ``config.patch`` on the hot path).
+    """
 
     def __init__(self) -> None:
-        self.fns: dict[str, Callable[..., Tensor]] = {}
+        self.fns: dict[tuple[Any, ...], Callable[..., Tensor]] = {}
         self.failed = False
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Compiled:
         return _Compiled()  # a compiled function does not copy; the copy compiles its own on first use
 
-    def __call__(self, kernel: Callable[..., Any], *args: Any) -> Any:
+    def __call__(self, kernel: Callable[..., Any], *args: Any, key: tuple[Any, ...] | None = None) -> Any:
         if self.failed:
             return None
+        full = (kernel.__name__, torch.is_grad_enabled(), *(key if key is not None else _shape_key(args)))
         try:
-            fn = self.fns.get(kernel.__name__)
+            fn = self.fns.get(full)
             if fn is None:
-                fn = self.fns[kernel.__name__] = torch.compile(kernel, dynamic=False)
-            with torch._dynamo.config.patch(recompile_limit=self._RECOMPILE_LIMIT):
-                return fn(*args)
+                fn = self.fns[full] = torch.compile(_own_code(kernel, len(self.fns)), dynamic=False)
+            return fn(*args)
         except Exception as exc:  # noqa: BLE001 - no compiler / unsupported backend: the eager path is exact
             self.failed = True
             log.warning("torch.compile of the low-bit kernels failed (%s): low-bit experts of widths other than "
                         "4 dequantize eagerly per routed expert instead (slower)", exc)
             return None
+
+    def kernels(self) -> set[str]:
+        """Names of the kernels compiled so far."""
+        return {k[0] for k in self.fns}
+
+
+def _shape_key(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What selects a specialisation of a call with ``args``: tensor shapes and dtypes, other values as given."""
+    out: list[Any] = []
+    for a in args:
+        if isinstance(a, Tensor):
+            out.append((tuple(a.shape), a.dtype))
+        elif isinstance(a, tuple):
+            out.append(_shape_key(a))
+        else:
+            out.append(a)
+    return tuple(out)
 
 
 def fast_unpack(packed: Tensor, bits: int, n: int) -> Tensor:
@@ -289,33 +348,54 @@ def _fmt_for(bits: int, packed: LowBitTensor, device: torch.device) -> str:
     gs = min(packed.group_size, n_in)
     if bits == KEEP_BITS:
         return "dense"
-    if n_in % gs or gs % 8 or (n_out * packed.n_groups) % 8:
+    if gs % 8 or (n_out * packed.n_groups) % 8:
         return "canonical"
-    if bits == 4 and device.type == "cpu" and gs in _INT4_GROUPS and n_out % 16 == 0 and n_in % 2 == 0:
+    if bits == 4 and device.type == "cpu" and gs in _INT4_GROUPS and n_out % 16 == 0:
         return "int4pack"
     if bits == 8:
         return "int8"
     return "planes"
 
 
+_UNPACK_CHUNK = 1 << 20  # codes unpacked at a time while building the layouts: bounds the int64 temporaries
+
+
+def _unpack_chunked(packed: Tensor, bits: int, n: int) -> Tensor:
+    """``fast_unpack`` in chunks of ``_UNPACK_CHUNK`` codes (n a multiple of 8): (n,) uint8."""
+    if n % 8:
+        return unpack_bits(packed, bits, n)
+    out = torch.empty(n, dtype=torch.uint8, device=packed.device)
+    for start in range(0, n, _UNPACK_CHUNK):
+        stop = min(start + _UNPACK_CHUNK, n)
+        out[start:stop] = fast_unpack(packed[start * bits // 8: stop * bits // 8], bits, stop - start)
+    return out
+
+
 class _WidthGroup(nn.Module):
-    """The experts of one width in one layout; buffers stacked over those experts (non-persistent)."""
+    """The experts of one width in one layout; buffers stacked over those experts (non-persistent).
+
+    Inputs not a multiple of the group size are padded at pack time: the last group's codes run on to a whole
+    group with code 0 and inputs are padded with zeros, so every shape the planes / int8 / int4pack layouts
+    can hold runs their kernels (the padding contributes exactly 0; it is held, not saved).
+    """
 
     # Buffers of the layouts (registered by ``_buf``; which exist depends on ``fmt``).
     dense: Tensor  # (n, d1, d2) as an integer view
     scales: Tensor  # (n, N, G) float16 viewed as int16
     w4: Tensor  # int4pack layout
+    sz: Tensor  # (n, G, N, 2) int4pack (scale, zero) pairs in ``dtype``, viewed as an integer
     w8: Tensor  # (n, G, N, gs) int8
     n_zplanes: int
 
     def __init__(self, bits: int, fmt: str, experts: list[int], packed: LowBitTensor) -> None:
         super().__init__()
         self.bits, self.fmt, self.experts = bits, fmt, experts
-        self.symmetric = packed.symmetric
+        self.symmetric, self.dtype, self.transposed = packed.symmetric, packed.dtype, packed.transposed
         n_out, n_in = packed.out_in
         self.n_out, self.n_in, self.n_groups = n_out, n_in, packed.n_groups
         self.group_size = min(packed.group_size, n_in)
-        self.n_planes = 0
+        self.k_pad = self.n_groups * self.group_size  # n_in rounded up to whole groups
+        self.n_planes = self.n_zplanes = 0
         if fmt == "dense":
             self._buf("dense", _as_int(torch.stack([packed.stream("dense", e) for e in experts])))
             return
@@ -326,26 +406,61 @@ class _WidthGroup(nn.Module):
                 if not self.symmetric:
                     self._buf(f"zeros{i}", packed.stream("zeros", e))
             return
-        codes = torch.stack([fast_unpack(packed.stream("codes", e), bits, n_out * n_in) for e in experts])  # (n, N*K)
-        self.n_zplanes = 0
         self._buf("scales", _as_int(torch.stack([packed.stream("scales", e) for e in experts])))  # (n, N, G) fp16
         if not self.symmetric:  # symmetric: the kernels take the constant zero point (``_zplanes``)
-            zeros = torch.stack([fast_unpack(packed.stream("zeros", e), bits, n_out * self.n_groups) for e in experts])
-            zplanes = pack_planes(zeros, bits)  # per plane (n, N * G * w / 8)
+            zeros = [_unpack_chunked(packed.stream("zeros", e), bits, n_out * self.n_groups) for e in experts]
+            zplanes = pack_planes(torch.stack(zeros), bits)  # per plane (n, N * G * w / 8)
             for j, z in enumerate(zplanes):
                 self._buf(f"zp{j}", z)
             self.n_zplanes = len(zplanes)
+        # Codes one expert (planes, int8: one block of rows) at a time into preallocated buffers: small
+        # temporaries only, so loading holds little beyond the layouts themselves.
+        n = len(experts)
         if fmt == "int4pack":
-            q = codes.reshape(len(experts), n_out, n_in).to(torch.int32)
-            self._buf("w4", torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(qe, 1) for qe in q]))
-        elif fmt == "int8":
-            q = codes.reshape(len(experts), n_out, self.n_groups, self.group_size).transpose(1, 2)
-            self._buf("w8", (q.to(torch.int16) - 128).to(torch.int8).contiguous())  # (n, G, N, gs)
+            for i, e in enumerate(experts):
+                codes = _unpack_chunked(packed.stream("codes", e), bits, n_out * n_in).reshape(n_out, n_in)
+                w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self._padded(codes).to(torch.int32), 1)
+                self._store(i, n, "w4", w, None)
         else:
-            planes = pack_planes(codes.reshape(len(experts), n_out, self.n_groups, self.group_size), bits)
-            for j, p in enumerate(planes):
-                self._buf(f"p{j}", p)  # (n, N, G, gs * w / 8)
-            self.n_planes = len(planes)
+            step = max(8, _UNPACK_CHUNK // max(n_in, 1) // 8 * 8)  # rows per block: a multiple of 8 (byte-aligned)
+            for i, e in enumerate(experts):
+                stream = packed.stream("codes", e)
+                for r0 in range(0, n_out, step):
+                    r1 = min(r0 + step, n_out)
+                    part = stream[r0 * n_in * bits // 8: (r1 * n_in * bits + 7) // 8]
+                    codes = self._padded(_unpack_chunked(part, bits, (r1 - r0) * n_in).reshape(r1 - r0, n_in))
+                    self._fill_rows(i, n, r0, r1, codes)
+        if fmt == "int4pack":  # the kernel's (scale, zero) pairs, built once in the model's dtype
+            sz = [int4_scales_and_zeros(self._scales(i), self._zplanes(i), self.dtype) for i in range(len(experts))]
+            self._buf("sz", _as_int(torch.stack(sz)))
+
+    def _padded(self, codes: Tensor) -> Tensor:
+        """(rows, n_in) codes -> (rows, k_pad): the last group runs on to a whole group with code 0."""
+        return F.pad(codes, (0, self.k_pad - self.n_in)) if self.k_pad != self.n_in else codes
+
+    def _fill_rows(self, i: int, n: int, r0: int, r1: int, codes: Tensor) -> None:
+        """Store output rows r0:r1 of expert ``i`` of ``n`` from their (r1 - r0, k_pad) uint8 codes."""
+        rows = codes.reshape(r1 - r0, self.n_groups, self.group_size)
+        if self.fmt == "int8":
+            self._store(i, n, "w8", (rows.transpose(0, 1).to(torch.int16) - 128).to(torch.int8), (1, r0, r1))
+            return
+        planes = pack_planes(rows, self.bits)  # per plane (rows, G, gs * w / 8)
+        self.n_planes = len(planes)
+        for j, plane in enumerate(planes):
+            self._store(i, n, f"p{j}", plane, (0, r0, r1))
+
+    def _store(self, i: int, n: int, name: str, t: Tensor, block: tuple[int, int, int] | None) -> None:
+        """Copy ``t`` into expert ``i`` of buffer ``name`` (allocated for ``n`` experts on first use), at
+        ``block`` = (dim, start, stop) of the expert's full (out-rows) shape, or whole when None."""
+        if not hasattr(self, name):
+            shape = list(t.shape)
+            if block is not None:
+                shape[block[0]] = self.n_out
+            self._buf(name, torch.empty((n, *shape), dtype=t.dtype, device=t.device))
+        target = getattr(self, name)[i]
+        if block is not None:
+            target = target.narrow(block[0], block[1], block[2] - block[1])
+        target.copy_(t)
 
     def _buf(self, name: str, t: Tensor) -> None:
         self.register_buffer(name, t.contiguous(), persistent=False)
@@ -360,6 +475,12 @@ class _WidthGroup(nn.Module):
             return 1 << (self.bits - 1)
         return tuple(getattr(self, f"zp{j}")[row] for j in range(self.n_zplanes))
 
+    def _all_zplanes(self) -> tuple[Tensor, ...] | int:
+        """Zero-point planes stacked over the group's experts (per plane (n, N * G * w / 8)), or the constant."""
+        if self.symmetric:
+            return 1 << (self.bits - 1)
+        return tuple(getattr(self, f"zp{j}") for j in range(self.n_zplanes))
+
     def _zeros(self, row: int) -> Tensor:
         """(N, G) uint8 zero points of expert ``row``."""
         zp = self._zplanes(row)
@@ -368,16 +489,21 @@ class _WidthGroup(nn.Module):
         return unpack_planes(list(zp), self.bits).reshape(self.n_out, self.n_groups)
 
     def _codes(self, row: int) -> Tensor:
-        """(N, K) uint8 codes of the group's expert ``row`` (the layouts' inverse; used by saving)."""
+        """(N, K) uint8 codes of the group's expert ``row`` (the layouts' inverse, padding dropped; for saving)."""
         if self.fmt == "int4pack":
-            return _int4pack_codes(self.w4[row], self.n_out, self.n_in)
-        if self.fmt == "int8":
-            return (self.w8[row].to(torch.int16) + 128).to(torch.uint8).transpose(0, 1).reshape(self.n_out, -1)
-        planes = [getattr(self, f"p{j}")[row] for j in range(self.n_planes)]
-        return unpack_planes(planes, self.bits).reshape(self.n_out, self.n_in)
+            codes = _int4pack_codes(self.w4[row], self.n_out, self.k_pad)
+        elif self.fmt == "int8":
+            codes = (self.w8[row].to(torch.int16) + 128).to(torch.uint8).transpose(0, 1).reshape(self.n_out, -1)
+        else:
+            planes = [getattr(self, f"p{j}")[row] for j in range(self.n_planes)]
+            codes = unpack_planes(planes, self.bits).reshape(self.n_out, self.k_pad)
+        return codes[:, :self.n_in].contiguous()
 
     def dequantize(self, row: int, dtype: torch.dtype) -> Tensor:
         """(N, K) weights of expert ``row`` in (out, in) orientation, as the canonical dequantization gives."""
+        if self.fmt == "dense":
+            w = self.dense[row].view(self.dtype).to(dtype)
+            return w.T if self.transposed else w
         if self.fmt == "canonical":
             codes = unpack_bits(getattr(self, f"codes{row}"), self.bits, self.n_out * self.n_in)
             scales = getattr(self, f"scales{row}").view(torch.float16)
@@ -388,73 +514,99 @@ class _WidthGroup(nn.Module):
             codes, zeros = codes.reshape(self.n_out, self.n_in), zeros.reshape(self.n_out, self.n_groups)
             cols = torch.arange(self.n_in, device=codes.device) // self.group_size
             return (scales.float()[:, cols] * (codes.float() - zeros.float()[:, cols])).to(dtype)
-        codes = self._codes(row).reshape(self.n_out, self.n_groups, self.group_size)
+        codes = F.pad(self._codes(row), (0, self.k_pad - self.n_in)).reshape(self.n_out, self.n_groups, -1)
         s, z = self._scales(row).float(), self._zeros(row).float()
         w = s.unsqueeze(-1) * (codes.float() - z.unsqueeze(-1))  # (N, G, gs) float32, as gptq.dequantize
-        return w.reshape(self.n_out, self.n_in).to(dtype)
+        return w.reshape(self.n_out, self.k_pad)[:, :self.n_in].to(dtype)
+
+    def _pad(self, x: Tensor) -> Tensor:
+        return F.pad(x, (0, self.k_pad - self.n_in)) if self.k_pad != self.n_in else x
 
     def matmul(self, row: int, x: Tensor, compiled: _Compiled) -> Tensor:
         """x (M, K) -> (M, N) = x @ W_row^T from the packed storage."""
+        if self.fmt == "dense":
+            w = self.dense[row].view(self.dtype).to(x.dtype)  # stored layout (d1, d2)
+            return x @ w if self.transposed else F.linear(x, w)
         if self.fmt == "int4pack":
             if x.device.type != "cpu":
                 raise RuntimeError(f"4-bit experts were packed in the CPU int4pack layout; to run on {x.device}, "
                                    f"load the checkpoint with device={x.device.type!r} instead of moving the model")
-            zplanes = self._zplanes(row)
-            args = (self._scales(row), zplanes, x.dtype)
-            sz = compiled(int4_scales_and_zeros, *args) if self.n_out * self.n_in >= FUSED_MIN_WEIGHTS else None
-            sz = sz if sz is not None else int4_scales_and_zeros(*args)
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.w4[row], self.group_size, sz)
-        big = self.n_out * self.n_in >= FUSED_MIN_WEIGHTS
-        if self.fmt in ("int8", "planes") and big and x.shape[0] <= FUSED_MAX_ROWS:
-            y = self._fused_rows(row, x, compiled)
+            if x.dtype == self.dtype:
+                sz = self.sz[row].view(self.dtype)
+            else:
+                sz = int4_scales_and_zeros(self._scales(row), self._zplanes(row), x.dtype)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(self._pad(x).contiguous(), self.w4[row],
+                                                             self.group_size, sz)
+        if self.fmt in ("int8", "planes") and x.shape[0] <= FUSED_MAX_ROWS:
+            rows = torch.full((x.shape[0],), row, dtype=torch.int64, device=x.device)
+            y = self._rows_kernel(rows, x, compiled)
             if y is not None:
                 return y
+        if self.n_out * self.n_in < COMPILE_MIN_WEIGHTS:
+            return F.linear(x, self.dequantize(row, x.dtype))
         if self.fmt == "int8":
-            if x.shape[0] <= FUSED_MAX_ROWS or not big:
-                return self._int8_matmul(row, x, compiled)
-            zplanes = self._zplanes(row)
-            w = compiled(int8_dequant, self.w8[row], zplanes, self._scales(row), x.dtype)
-            return F.linear(x, w if w is not None else self.dequantize(row, x.dtype))
-        if self.fmt == "planes" and big:
+            w = compiled(int8_dequant, self.w8[row], self._zplanes(row), self._scales(row), x.dtype,
+                         key=(self.fmt, self.symmetric, self.n_out, self.k_pad, self.group_size, x.dtype))
+            return F.linear(self._pad(x), w) if w is not None else F.linear(x, self.dequantize(row, x.dtype))
+        if self.fmt == "planes":
             planes = tuple(getattr(self, f"p{j}")[row] for j in range(self.n_planes))
-            zplanes = self._zplanes(row)
-            w = compiled(planes_dequant, planes, zplanes, self._scales(row), self.bits, self.group_size, x.dtype)
+            w = compiled(planes_dequant, planes, self._zplanes(row), self._scales(row), self.bits, self.group_size,
+                         x.dtype, key=(self.fmt, self.bits, self.symmetric, self.n_out, self.k_pad, self.group_size,
+                                       x.dtype))
             if w is not None:
-                return F.linear(x, w)
+                return F.linear(self._pad(x), w)
         return F.linear(x, self.dequantize(row, x.dtype))
 
-    def _fused_rows(self, row: int, x: Tensor, compiled: _Compiled) -> Tensor | None:
-        """x (M, K), M <= FUSED_MAX_ROWS -> (M, N) through the compiled one-row decode kernel, row by row
-        (None when this machine cannot compile)."""
-        zplanes = self._zplanes(row)
-        scales = self._scales(row)
-        outs = []
-        for i in range(x.shape[0]):
-            xi = x[i:i + 1]
-            if self.fmt == "int8":
-                xg = xi.float().reshape(1, self.n_groups, self.group_size)
-                y = compiled(int8_matmul_kernel, xg, xg.sum(-1), self.w8[row], zplanes, scales)
-            else:
-                planes = tuple(getattr(self, f"p{j}")[row] for j in range(self.n_planes))
-                xp, xsum = planes_inputs(xi, self.bits, self.group_size)
-                y = compiled(planes_matmul_kernel, xp, xsum, planes, zplanes, scales, self.bits, self.group_size)
-            if y is None:
-                return None
-            outs.append(y)
-        return (outs[0] if len(outs) == 1 else torch.cat(outs)).to(x.dtype)
+    def _rows_kernel(self, rows: Tensor, x: Tensor, compiled: _Compiled) -> Tensor | None:
+        """x (S, K), rows (S,) -> (S, N) through the compiled gathered decode kernel (None: not compiled here)."""
+        if self.n_out * self.n_in < COMPILE_MIN_WEIGHTS:
+            return None
+        n_rows = x.shape[0]
+        bucket = 1 << (n_rows - 1).bit_length()  # 1, 2, 4, 8 rows: four specialisations per shape, not eight
+        xp = self._pad(x).float()
+        if bucket != n_rows:  # padded rows: zero inputs through expert row 0, dropped below
+            xp = F.pad(xp, (0, 0, 0, bucket - n_rows))
+            rows = F.pad(rows, (0, bucket - n_rows))
+        scales = self.scales.view(torch.float16)
+        key = (self.fmt, self.bits, self.symmetric, len(self.experts), self.n_out, self.k_pad, self.group_size,
+               bucket)
+        if self.fmt == "int8":
+            y = compiled(int8_rows_kernel, xp, rows, self.w8, self._all_zplanes(), scales, key=key)
+        else:
+            planes = tuple(getattr(self, f"p{j}") for j in range(self.n_planes))
+            y = compiled(planes_rows_kernel, xp, rows, planes, self._all_zplanes(), scales, self.bits,
+                         self.group_size, key=key)
+        if y is None:
+            return None
+        return (y if bucket == n_rows else y[:n_rows]).to(x.dtype)
 
-    def _int8_matmul(self, row: int, x: Tensor, compiled: _Compiled) -> Tensor:
-        # W = s * (q - z) = s * (q - 128) + s * (128 - z): one int8 kernel call per group, plus a rank-1 term.
-        zplanes = self._zplanes(row)
-        args = (self._scales(row), zplanes, x.dtype)
-        prepared = compiled(int8_scales, *args) if self.n_out * self.n_in >= FUSED_MIN_WEIGHTS else None
-        s, shift = prepared if prepared is not None else int8_scales(*args)  # (G, N), (G, N)
-        xg = x.reshape(x.shape[0], self.n_groups, self.group_size)
-        y = xg.sum(-1) @ shift  # (M, N)
-        w8 = self.w8[row]
-        for g in range(self.n_groups):
-            y = y + torch.ops.aten._weight_int8pack_mm(xg[:, g].contiguous(), w8[g], s[g])
-        return y
+    def matmul_rows(self, rows: Tensor, x: Tensor, compiled: _Compiled) -> Tensor:
+        """x (S, K), rows (S,) int64 expert rows of this group -> (S, N): y_i = x_i @ W_{rows_i}^T.
+
+        Few rows (decode): one gathered kernel call for all of them. Otherwise each expert once: its rows
+        through ``matmul`` (longer inputs dequantize the expert once and run a float matmul).
+        """
+        if self.fmt in ("int8", "planes") and x.shape[0] <= FUSED_MAX_ROWS:
+            y = self._rows_kernel(rows, x, compiled)
+            if y is not None:
+                return y
+        if len(self.experts) == 1:
+            return self.matmul(0, x, compiled)
+        order = torch.argsort(rows, stable=True)
+        counts = torch.bincount(rows, minlength=len(self.experts)).tolist()
+        out: Tensor | None = None
+        start = 0
+        for row, count in enumerate(counts):
+            if count == 0:
+                continue
+            idx = order[start:start + count]
+            start += count
+            y = self.matmul(row, x[idx], compiled)
+            if out is None:
+                out = torch.empty((x.shape[0], y.shape[1]), dtype=y.dtype, device=y.device)
+            out[idx] = y
+        assert out is not None
+        return out
 
     def canonical(self, row: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """(packed codes, float16 scales, packed zeros or None when symmetric) of expert ``row`` in the
@@ -506,6 +658,14 @@ class PackedExperts(nn.Module):
         for gi in range(len(self.groups)):
             for row, e in enumerate(self._group(gi).experts):
                 self.slot[e] = (gi, row)
+        # (E + 1,) group and row of each expert; index E (the placeholder "no expert") maps to group n_groups.
+        n = len(packed.bits)
+        where = [self.slot[e] for e in range(n)] + [(len(self.groups), 0)]
+        self.group_of: Tensor
+        self.row_of: Tensor
+        self.register_buffer("group_of", torch.tensor([g for g, _ in where], device=dev), persistent=False)
+        self.register_buffer("row_of", torch.tensor([r for _, r in where], device=dev), persistent=False)
+        self.canonical_bytes = packed.nbytes()  # the LowBitTensor format = bytes on disk
         self.compiled = _Compiled()
 
     def _group(self, gi: int) -> _WidthGroup:
@@ -519,16 +679,27 @@ class PackedExperts(nn.Module):
         return {e: self._group(gi).fmt for e, (gi, _) in self.slot.items()}
 
     def nbytes(self) -> int:
+        """Bytes held: the canonical format's (``canonical_bytes``) plus what the runtime layouts add (groups
+        padded to whole groups, int4pack's (scale, zero) pairs, the expert -> group map)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.groups)
 
     def matmul(self, e: int, x: Tensor) -> Tensor:
         """x (M, in) -> (M, out) through expert e."""
-        group = self._group(self.slot[e][0])
-        row = self.slot[e][1]
-        if group.fmt == "dense":
-            w = group.dense[row].view(self.dtype).to(x.dtype)  # stored layout (d1, d2)
-            return x @ w if self.transposed else F.linear(x, w)
-        return group.matmul(row, x, self.compiled)
+        gi, row = self.slot[e]
+        return self._group(gi).matmul(row, x, self.compiled)
+
+    def group_matmul(self, gi: int, rows: Tensor, x: Tensor) -> Tensor:
+        """x (S, in), rows (S,) rows of width group ``gi`` (``row_of`` of the routed experts) -> (S, out)."""
+        return self._group(gi).matmul_rows(rows, x, self.compiled)
+
+    def same_grouping(self, other: PackedExperts) -> bool:
+        """Whether ``other`` puts every expert in the same group at the same row (up and down projections of
+        one quantization do), so both can be computed per group from one routing."""
+        return self.slot == other.slot
 
     def dequantize_expert(self, e: int) -> Tensor:
         """Expert e in the original layout and dtype (d1, d2), equal to ``LowBitTensor.dequantize_expert``."""
