@@ -47,8 +47,8 @@ from moeslim.evaluate.cost import param_bytes
 from moeslim.evaluate.divergence import ReferenceTop, reference_top
 from moeslim.evaluate.perplexity import perplexity
 from moeslim.methods.joint import JointConfig, measure_options, plan_joint
+from moeslim.methods.joint.config import JointTargets
 from moeslim.methods.joint.solve import SizeOption, solve_joint
-from moeslim.methods.joint.targets import JointTargets
 from moeslim.methods.prune.saliency import reap_scores, top_experts
 from moeslim.methods.quant.driver import QuantizeConfig, plan_quantize, pmq_factors
 from moeslim.models import find_moe_layers, load_model

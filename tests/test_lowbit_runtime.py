@@ -22,6 +22,7 @@ import moeslim.io
 import moeslim.runtime.packed as packed_module
 from moeslim.evaluate.cost import param_bytes
 from moeslim.methods.quant.fused import LowBitTensor, quantize_fused
+from moeslim.methods.quant.layout_bytes import expert_extra_bytes, layout_format, map_bytes
 from moeslim.models import find_moe_layers
 from moeslim.models.expert_math import expert_weight_views
 from moeslim.runtime.lowbit_forward import IMPLEMENTATION
@@ -83,17 +84,14 @@ def _check_resident(model: torch.nn.Module, installed: dict[str, LowBitTensor]) 
 
 
 def _layout_extra(storage: PackedExperts, packed: LowBitTensor) -> int:
-    """Bytes the runtime layouts hold beyond the canonical format: codes of inputs padded to whole groups,
-    int4pack's (scale, zero) pairs in the model's dtype, the (E + 1) int64 expert -> (group, row) maps."""
+    """Bytes the runtime layouts hold beyond the canonical format, as ``methods/quant/layout_bytes`` states them
+    (the joint planner counts with it): padded codes, int4pack's (scale, zero) pairs, the expert -> group maps.
+    The layouts the runtime chose must be the ones that module names."""
     n_out, n_in = packed.out_in
-    gs = min(packed.group_size, n_in)
-    pad = packed.n_groups * gs - n_in
-    extra = 2 * 8 * (packed.shape[0] + 1)
+    extra = map_bytes(packed.shape[0])
     for e, fmt in storage.formats().items():
-        if fmt in ("planes", "int8", "int4pack"):
-            extra += n_out * pad * packed.bits[e] // 8
-        if fmt == "int4pack":
-            extra += packed.n_groups * n_out * 2 * packed.dtype.itemsize
+        assert fmt == layout_format(packed.bits[e], n_out, n_in, packed.group_size, "cpu")
+        extra += expert_extra_bytes(packed.bits[e], n_out, n_in, packed.group_size, packed.dtype.itemsize, "cpu")
     return extra
 
 

@@ -16,7 +16,8 @@ from moeslim.io import load, save
 from moeslim.methods.quant.driver import QuantizeConfig, plan_quantize
 from moeslim.plans import Plan
 from moeslim.runtime.lowbit_io import BASE_FILE, LOWBIT_FILE
-from moeslim.workflows.streamed_apply import apply_quantize_streamed, merge_safetensors
+from moeslim.runtime.shard_files import merge_safetensors
+from moeslim.workflows.streamed_apply import apply_quantize_streamed
 
 CALIB = sample_ids(0, 4, 16)
 PROBE = sample_ids(7, 2, 12)

@@ -657,7 +657,7 @@ def _export(args: argparse.Namespace, plan: Plan | None, inputs: list[str]) -> i
 
     gguf = args.format == "gguf"
     if args.stream:
-        from moeslim.export.streamed import export_streamed
+        from moeslim.workflows.streamed_export import export_streamed
 
         streamed = export_streamed(args.model, args.out, gguf=gguf, plan=plan, qtype=args.type,
                                    llama_quantize=args.llama_quantize, imatrix=args.imatrix, scheme=args.ct_scheme,

@@ -19,6 +19,7 @@ from torch import nn
 
 from moeslim.evaluate._logits import model_device
 from moeslim.models.attrs import generating, hf_config
+from moeslim.models.held_bytes import held_storages, storage_key
 
 # ---------------------------------------------------------------- sizes
 
@@ -36,18 +37,10 @@ def param_bytes(model: nn.Module) -> dict[str, Any]:
     packed_ptrs: set[tuple[str, int]] = set()
     for module in model.modules():
         if isinstance(module, PackedExperts):
-            packed_ptrs.update(_storage_key(b) for b in module.buffers())
+            packed_ptrs.update(storage_key(b) for b in module.buffers())
     by_dtype: dict[str, int] = {}
     quantized = 0
-    seen: set[tuple[str, int]] = set()
-    for t in (leaf for held in [*model.parameters(), *model.buffers()] for leaf in _leaves(held)):
-        if t.is_meta:
-            continue
-        key = _storage_key(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        nbytes = t.untyped_storage().nbytes()
+    for key, t, nbytes in held_storages(model):
         if key in packed_ptrs:
             quantized += nbytes
         else:
@@ -58,19 +51,6 @@ def param_bytes(model: nn.Module) -> dict[str, Any]:
 
 
 resident_bytes = param_bytes
-
-
-def _leaves(t: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors holding a tensor's bytes: itself, or a tensor subclass' inner tensors (torchao)."""
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is None or type(t) in (torch.Tensor, nn.Parameter):
-        return [t]
-    names, _ = flatten()
-    return [leaf for n in names for leaf in _leaves(getattr(t, n))]
-
-
-def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    return (str(t.device), t.untyped_storage().data_ptr())
 
 
 def disk_bytes(path: str | Path) -> int:

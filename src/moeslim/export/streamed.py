@@ -30,7 +30,7 @@ from torch import nn
 
 from moeslim.export.errors import UnsupportedExportError
 
-__all__ = ["StreamedCheckpoint", "export_gguf_streamed", "open_checkpoint"]
+__all__ = ["StreamedCheckpoint", "export_compressed_tensors_streamed", "export_gguf_streamed", "open_checkpoint"]
 
 
 @dataclass
@@ -285,7 +285,7 @@ def export_compressed_tensors_streamed(source: str, out: str | Path, *, scheme: 
     from moeslim.models.loading import quiet_loading
     from moeslim.outputs import atomic_dir, output_lock, temp_dir_beside
     from moeslim.progress import steps
-    from moeslim.workflows.streamed_apply import _on_disk, merge_safetensors
+    from moeslim.runtime.shard_files import merge_safetensors, on_disk_layout
 
     with output_lock(out):
         from moeslim.outputs import check_output_dir
@@ -303,14 +303,14 @@ def export_compressed_tensors_streamed(source: str, out: str | Path, *, scheme: 
             with quiet_loading():  # config.json and generation_config.json as save_pretrained writes them
                 dense.save_pretrained(parts, state_dict={})
             rest = {k: v for k, v in checkpoint.rest_state().items() if not (tied and k == "lm_head.weight")}
-            save_file(_on_disk(dense, rest, dtype), str(parts / "rest.safetensors"), metadata={"format": "pt"})
+            save_file(on_disk_layout(dense, rest, dtype), str(parts / "rest.safetensors"), metadata={"format": "pt"})
             del rest
             for index in steps(range(layers), "compressed-tensors", layers, unit="layers", enabled=progress):
                 with checkpoint.layer_state(index) as held:
                     state = dict(held)
                 experts = _layer_experts(checkpoint, index)
                 state.update({name: t.dequantize() for name, t in experts.items()})
-                tensors = _on_disk(dense, state, dtype)
+                tensors = on_disk_layout(dense, state, dtype)
                 del state
                 if found is not None and index in found.stored:  # a layer at 16 bits stays dense
                     fused = {n.rpartition(".")[2]: t for n, t in experts.items()}
@@ -343,7 +343,7 @@ _MAX_SHARD = 50 * 10**9  # save_pretrained's default max_shard_size ("50GB")
 def _write_shards(parts: list[Path], folder: Path, merge: Callable[..., None]) -> None:
     """The parts' tensors as save_pretrained shards them: one ``model.safetensors`` up to 50 GB, else numbered
     shards of whole parts and an index."""
-    from moeslim.workflows.streamed_apply import _safetensors_header
+    from moeslim.runtime.shard_files import safetensors_header
 
     sizes = [p.stat().st_size for p in parts]
     groups: list[list[Path]] = [[]]
@@ -362,34 +362,6 @@ def _write_shards(parts: list[Path], folder: Path, merge: Callable[..., None]) -
         name = f"model-{number + 1:05d}-of-{len(groups):05d}.safetensors"
         merge(group, folder / name, {"format": "pt"})
         for part in group:
-            weight_map.update(dict.fromkeys(_safetensors_header(part)[0], name))
+            weight_map.update(dict.fromkeys(safetensors_header(part)[0], name))
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def export_streamed(source: str, out: str | Path, *, gguf: bool, plan: Any = None, qtype: str = "F16",
-                    llama_quantize: str | Path | None = None, imatrix: str | Path | None = None,
-                    scheme: str = "symmetric", inputs: Iterable[str | Path] = (), overwrite: bool = False,
-                    progress: bool = False, top_k: int | None = None) -> Any:
-    """``moeslim export --stream``: what ``moeslim export`` writes, read one decoder layer at a time.
-
-    compressed-tensors with a quantize ``plan``: the plan is applied as ``apply --stream`` applies it (GPTQ on the
-    plan's windows, layer by layer) into a temp folder beside ``out``, which is then exported and removed: the
-    same steps as loading, applying and exporting, never the whole model in memory.
-    """
-    if gguf:
-        return export_gguf_streamed(source, out, qtype=qtype, plan=plan, llama_quantize=llama_quantize,
-                                    imatrix=imatrix, inputs=inputs, overwrite=overwrite, progress=progress,
-                                    top_k=top_k)
-    if plan is None:
-        return export_compressed_tensors_streamed(source, out, scheme=scheme, overwrite=overwrite, inputs=inputs,
-                                                  progress=progress)
-    from moeslim.outputs import check_output_dir, temp_dir_beside
-    from moeslim.workflows.streamed_apply import apply_quantize_streamed
-
-    check_output_dir(out, overwrite=overwrite, inputs=inputs)  # before the GPTQ work
-    with temp_dir_beside(out) as tmp:
-        quantized = Path(tmp) / "quantized"
-        apply_quantize_streamed(source, plan, quantized, progress=progress)
-        return export_compressed_tensors_streamed(str(quantized), out, scheme=scheme, overwrite=overwrite,
-                                                  inputs=[*inputs, tmp], progress=progress)

@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor
+from moeslim.methods.quant.fused import LowBitTensor
+from moeslim.methods.quant.layout_bytes import layout_format
 from moeslim.methods.quant.pack import pack_bits, unpack_bits
 
 __all__ = ["PackedExperts", "int8_rows_kernel", "pack_planes", "plane_split", "planes_inputs", "planes_matmul",
@@ -49,7 +50,6 @@ __all__ = ["PackedExperts", "int8_rows_kernel", "pack_planes", "plane_split", "p
 
 log = logging.getLogger(__name__)
 
-_INT4_GROUPS = (32, 64, 128, 256)  # group sizes the int4pack kernels take
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 # The compiled decode kernels (bit planes, int8) gather each input row's expert and read its packed bytes once
 # per row, so they win while a width group sees few rows (decode: the routed pairs of one token); up to this
@@ -345,16 +345,7 @@ def _as_int(t: Tensor) -> Tensor:
 
 def _fmt_for(bits: int, packed: LowBitTensor, device: torch.device) -> str:
     n_out, n_in = packed.out_in
-    gs = min(packed.group_size, n_in)
-    if bits == KEEP_BITS:
-        return "dense"
-    if gs % 8 or (n_out * packed.n_groups) % 8:
-        return "canonical"
-    if bits == 4 and device.type == "cpu" and gs in _INT4_GROUPS and n_out % 16 == 0:
-        return "int4pack"
-    if bits == 8:
-        return "int8"
-    return "planes"
+    return layout_format(bits, n_out, n_in, packed.group_size, device.type)
 
 
 _UNPACK_CHUNK = 1 << 20  # codes unpacked at a time while building the layouts: bounds the int64 temporaries

@@ -19,7 +19,6 @@ import copy
 import json
 import os
 import shutil
-import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from moeslim.config import ConfigError
 from moeslim.outputs import TMP_PREFIX
 from moeslim.plans import Plan
 from moeslim.progress import steps
+from moeslim.runtime.shard_files import merge_safetensors, on_disk_layout
 
 STREAMED_KINDS = ("prune", "skip")  # apply_streamed; quantize: apply_quantize_streamed
 
@@ -50,14 +50,6 @@ def _apply_all(model: nn.Module, plans: Sequence[Plan], force: bool) -> None:
 
     for plan in plans:
         apply(model, plan, force=force)
-
-
-def _on_disk(model: Any, state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """The checkpoint layout of ``state`` (e.g. Mixtral's per-expert ``w1/w2/w3``), in the storage dtype."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    out = revert_weight_conversion(model, state)
-    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in out.items()}
 
 
 def stream_apply(source: str, plans: Sequence[Plan], out_dir: str | Path, *, dtype: torch.dtype = torch.float32,
@@ -118,7 +110,7 @@ def apply_streamed(source: str, plans: Sequence[Plan], out_dir: str | Path, *, d
             layer = decoder_layers(model)[i]
             prefix = next(n for n, m in model.named_modules() if m is layer) + "."
             state = {prefix + k: v for k, v in layer.state_dict().items()}
-            tensors = _on_disk(model, state, storage)
+            tensors = on_disk_layout(model, state, storage)
             save_file(tensors, str(tmp / names[i]), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, names[i]))
             free_module(layer)
@@ -128,7 +120,7 @@ def apply_streamed(source: str, plans: Sequence[Plan], out_dir: str | Path, *, d
         tied = set(getattr(base, "all_tied_weights_keys", {}) or {})
         rest = {k: v for k, v in base.state_dict(keep_vars=True).items()
                 if id(v) not in layer_params and k not in tied}
-        tensors = _on_disk(base, {k: v.detach() for k, v in rest.items()}, storage)
+        tensors = on_disk_layout(base, {k: v.detach() for k, v in rest.items()}, storage)
         save_file(tensors, str(tmp / names[-1]), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, names[-1]))
         total = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
@@ -182,55 +174,6 @@ class _LayerParts:
     def remove(self) -> None:
         for path in (*self.folder.glob("layer-*.safetensors"), self.folder / "parts.key"):
             path.unlink(missing_ok=True)
-
-
-def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header without metadata, byte offset of the data section) of a safetensors file."""
-    with path.open("rb") as handle:
-        (size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(size))
-    header.pop("__metadata__", None)
-    return header, 8 + size
-
-
-def merge_safetensors(parts: Sequence[Path], out: Path, metadata: dict[str, str]) -> None:
-    """Write the tensors of ``parts`` (in their order) into one safetensors file, copying bytes, not tensors.
-
-    The tensors are never loaded: the merged header is built from the parts' headers and each tensor's bytes
-    are copied in chunks, so memory stays at one chunk whatever the size of the files.
-    """
-    entries: list[tuple[str, dict[str, Any], Path, int]] = []
-    for part in parts:
-        header, data_start = _safetensors_header(part)
-        entries.extend((name, info, part, data_start) for name, info in header.items())
-    names = [e[0] for e in entries]
-    if len(set(names)) != len(names):
-        raise ValueError(f"tensors appear in several parts of {out.name}")
-    merged: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name, info, _, _ in entries:
-        begin, end = info["data_offsets"]
-        merged[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + end - begin]}
-        offset += end - begin
-    blob = json.dumps(merged, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
-    with out.open("wb") as sink:
-        sink.write(struct.pack("<Q", len(blob)))
-        sink.write(blob)
-        for _, info, part, data_start in entries:
-            begin, end = info["data_offsets"]
-            with part.open("rb") as source:
-                source.seek(data_start + begin)
-                left = end - begin
-                while left:
-                    chunk = source.read(min(left, _CHUNK))
-                    if not chunk:
-                        raise OSError(f"{part} is shorter than its header says")
-                    sink.write(chunk)
-                    left -= len(chunk)
-
-
-_CHUNK = 64 << 20
 
 
 def _qualified(model: nn.Module, module: nn.Module) -> str:

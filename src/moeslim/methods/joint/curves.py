@@ -27,7 +27,7 @@ from torch import Tensor
 from moeslim.calibrate import ExpertOutputSample
 from moeslim.methods.joint.solve import SizeOption
 from moeslim.methods.prune.enumerate import RouteFn, allowed_mask
-from moeslim.methods.quant.driver import _rtn_slice
+from moeslim.methods.quant.driver import rtn_slice
 from moeslim.methods.quant.factors import expert_gate
 from moeslim.methods.quant.fused import KEEP_BITS
 from moeslim.methods.quant.gptq import gptq_quantize
@@ -52,8 +52,8 @@ def _quantized_slices(layer: MoELayer, x: Tensor, rows: Tensor, e: int, bits: in
     (T,) bool that route to e, the second projection on the intermediates of the quantized first (as apply)."""
     views = expert_weight_views(layer)
     if quantizer == "rtn":
-        return (_rtn_slice(views.up[e], bits, group_size, views.transposed, symmetric),
-                _rtn_slice(views.down[e], bits, group_size, views.transposed, symmetric))
+        return (rtn_slice(views.up[e], bits, group_size, views.transposed, symmetric),
+                rtn_slice(views.down[e], bits, group_size, views.transposed, symmetric))
     xe = x[rows].float()
     up = _gptq_slice(views.up[e], xe.T @ xe, bits, group_size, views.transposed, symmetric)
     h = expert_intermediate(layer, x[rows], e, up=up).float()

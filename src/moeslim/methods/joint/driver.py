@@ -17,11 +17,10 @@ from torch import nn
 
 from moeslim.calibrate import ExpertOutputs, ExpertOutputSample, LayerDecision, result_of, run_layerwise
 from moeslim.data.calibration_set import CalibrationSet, calibration_fields, calibration_spec
-from moeslim.methods.joint.config import MIB, JointConfig
+from moeslim.methods.joint.config import MIB, JointConfig, JointTargets
 from moeslim.methods.joint.curves import size_options
 from moeslim.methods.joint.solve import SizeOption, solve_joint
-from moeslim.methods.joint.targets import JointTargets
-from moeslim.methods.prune.driver import _Context, decide_layer
+from moeslim.methods.prune.driver import PruneContext, decide_layer
 from moeslim.models import MoELayer
 from moeslim.models.select import group_limits
 from moeslim.plans import Plan, Provenance
@@ -29,7 +28,7 @@ from moeslim.plans import Plan, Provenance
 __all__ = ["measure_options", "plan_joint"]
 
 
-def _layer_options(layer: MoELayer, observers: Any, config: JointConfig, targets: JointTargets, ctx: _Context
+def _layer_options(layer: MoELayer, observers: Any, config: JointConfig, targets: JointTargets, ctx: PruneContext
                    ) -> list[SizeOption]:
     entry = decide_layer(layer, observers, targets.prune, ctx)
     sample = result_of(observers[0], ExpertOutputSample)
@@ -41,7 +40,7 @@ def measure_options(model: nn.Module, input_ids: torch.Tensor, config: JointConf
                     device: torch.device | str | None = None, progress: bool = False
                     ) -> dict[int, list[SizeOption]]:
     """{decoder layer index: the layer's options} from one layer-wise pass (original-model inputs per layer)."""
-    ctx = _Context(targets.prune, targets.shape, group_limits(model))
+    ctx = PruneContext(targets.prune, targets.shape, group_limits(model))
     return run_layerwise(
         model, input_ids,
         make_observers=lambda _layer: [ExpertOutputs(fraction=config.token_fraction, seed=config.seed,

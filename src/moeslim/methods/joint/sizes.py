@@ -4,13 +4,16 @@ A joint plan changes three things a layer holds: the experts it keeps, the width
 the per-expert rows of the router (and any per-expert bias) that pruning slices away. Everything else
 (attention, embeddings, shared experts, dense layers) is untouched, so the held bytes of a plan are
 
-    base - sum_l [ dropped_l * (row_l + dense_l) + sum_{kept e} (dense_l - width_l(b_e)) ]
+    base - sum_l [ dropped_l * (row_l + dense_l) + sum_{kept e} (dense_l - width_l(b_e)) - maps_l(kept_l) ]
 
 with ``base`` the model's measured bytes (``evaluate.cost.param_bytes``), ``row_l`` the bytes of one expert's
 router rows and biases, ``dense_l`` one expert's two weight matrices as stored, and ``width_l(b)`` one expert
 stored at b bits: codes, float16 group scales and packed zero points, measured on the real packed format
-(``LowBitTensor.nbytes`` of one quantized slice of that shape), so scale and zero overhead are included
-exactly. Tests compare this accounting with the bytes measured on applied models of every family.
+(``LowBitTensor.nbytes`` of one quantized slice of that shape) plus what the CPU runtime layout adds to it
+(input padded to whole groups, int4pack's (scale, zero) pairs: ``methods/quant/layout_bytes``), so scale and
+zero overhead are included exactly; ``maps_l``: the packed parameters' expert -> group maps, held by every MoE
+layer of a quantized model (0 when nothing is quantized). Tests compare this accounting with the bytes measured
+on applied models of every family.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from moeslim.methods.quant.fused import KEEP_BITS, quantize_fused
+from moeslim.methods.quant.layout_bytes import expert_extra_bytes, map_bytes
 from moeslim.models import MoELayer, find_moe_layers
 from moeslim.models.expert_math import expert_weight_views
 
@@ -36,15 +40,23 @@ class LayerBytes:
     num_experts: int
     row: int
     width: dict[int, int]
+    packed_params: int = 2  # fused expert parameters a quantized layer holds packed (gate_up, down)
 
     @property
     def dense(self) -> int:
         return self.width[KEEP_BITS]
 
-    def saving(self, kept_bits: Sequence[int]) -> int:
-        """Bytes saved against the original layer by keeping ``len(kept_bits)`` experts at those widths."""
+    def maps(self, kept: int) -> int:
+        """Bytes of the packed parameters' expert -> group maps when the layer keeps ``kept`` experts packed."""
+        return self.packed_params * map_bytes(kept)
+
+    def saving(self, kept_bits: Sequence[int], packed: bool = True) -> int:
+        """Bytes saved against the original layer by keeping ``len(kept_bits)`` experts at those widths;
+        ``packed``: the layer's experts are held packed (a quantized model packs every MoE layer), so it also
+        holds their maps."""
         dropped = self.num_experts - len(kept_bits)
-        return dropped * (self.row + self.dense) + sum(self.dense - self.width[b] for b in kept_bits)
+        maps = self.maps(len(kept_bits)) if packed else 0
+        return dropped * (self.row + self.dense) + sum(self.dense - self.width[b] for b in kept_bits) - maps
 
     def to_dict(self) -> dict[str, object]:
         return {"num_experts": self.num_experts, "row": self.row, "width": {str(b): n for b, n in self.width.items()}}
@@ -74,12 +86,17 @@ def _row_bytes(moe: MoELayer) -> int:
     return total
 
 
-def _slice_bytes(slice_: torch.Tensor, bits: int, group_size: int, transposed: bool, symmetric: bool) -> int:
-    """Bytes of one expert matrix (d1, d2) stored at ``bits`` in the packed format (codes, scales, zeros)."""
+def _slice_bytes(slice_: torch.Tensor, bits: int, group_size: int, transposed: bool, symmetric: bool,
+                 device_type: str = "cpu") -> int:
+    """Bytes of one expert matrix (d1, d2) held at ``bits``: the packed format (codes, scales, zeros) plus what
+    its runtime layout adds on ``device_type`` (``layout_bytes``)."""
     if bits == KEEP_BITS:
         return _nbytes(slice_)
     zeros = torch.zeros((1, *slice_.shape), dtype=slice_.dtype)  # the size does not depend on the values
-    return quantize_fused(zeros, [bits], group_size, None, "rtn", transposed=transposed, symmetric=symmetric).nbytes()
+    packed = quantize_fused(zeros, [bits], group_size, None, "rtn", transposed=transposed, symmetric=symmetric)
+    n_out, n_in = packed.out_in
+    extra = expert_extra_bytes(bits, n_out, n_in, group_size, slice_.element_size(), device_type)
+    return packed.nbytes() + extra
 
 
 def layer_bytes(moe: MoELayer, widths: Sequence[int], group_size: int, symmetric: bool) -> LayerBytes:

@@ -28,6 +28,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
 from moeslim.methods.joint.sizes import LayerBytes
+from moeslim.methods.quant.fused import KEEP_BITS
 
 _RETRIES = 4
 
@@ -63,7 +64,9 @@ class JointChoice:
 
 
 def _held(base: int, sizes: dict[int, LayerBytes], layers: dict[int, LayerChoice]) -> int:
-    return base - sum(sizes[idx].saving(c.bits) for idx, c in layers.items())
+    """Held bytes of a decision, exactly: a model with any quantized expert holds every MoE layer packed."""
+    packed = any(b != KEEP_BITS for c in layers.values() for b in c.bits)
+    return base - sum(sizes[idx].saving(c.bits, packed) for idx, c in layers.items())
 
 
 def min_held_bytes(base: int, sizes: dict[int, LayerBytes], min_keep: dict[int, int], widths: Sequence[int]) -> int:
@@ -112,7 +115,9 @@ def solve_joint(options: Mapping[int, Sequence[SizeOption]], widths: Sequence[in
         one_size: list[tuple[int, float]] = []
         for s, opt in enumerate(options[idx]):
             dropped = lb.num_experts - len(opt.kept)
-            x = var(float(opt.prune_err), float(dropped * (lb.row + lb.dense)), 0.0)
+            # the maps are counted as if the model is quantized: an upper bound, exact unless every kept expert
+            # stays at 16 bits (then nothing is packed and the model holds less)
+            x = var(float(opt.prune_err), float(dropped * (lb.row + lb.dense) - lb.maps(len(opt.kept))), 0.0)
             x_index[idx, s] = x
             one_size.append((x, 1.0))
             for e in range(len(opt.kept)):

@@ -50,7 +50,7 @@ from moeslim.models.select import GroupLimits, group_limits, pruned_routing, res
 from moeslim.plans import Plan, Provenance
 
 
-class _Context:
+class PruneContext:
     """What every layer's decision needs besides its observations (resolved once, before calibration)."""
 
     def __init__(self, config: PruneConfig, shape: PruneShape, limits: GroupLimits | None) -> None:
@@ -76,7 +76,7 @@ class _Context:
         return self.config.effective_mode == "progressive"
 
 
-def _observers(ctx: _Context, layer: MoELayer) -> list[Observer]:
+def _observers(ctx: PruneContext, layer: MoELayer) -> list[Observer]:
     config = ctx.config
     observers: list[Observer] = []
     if config.method in ROUTING_METHODS:
@@ -109,7 +109,7 @@ def _curve_entry(kept_by_size: dict[int, tuple[tuple[int, ...], float]]) -> dict
 
 
 def decide_layer(layer: MoELayer, observers: Sequence[Observer], config: PruneConfig,
-                 ctx: _Context | None = None) -> dict[str, Any]:
+                 ctx: PruneContext | None = None) -> dict[str, Any]:
     """The kept set of one layer and its summary entry (kept ids, losses, subsets scored, seconds).
 
     allocation="global": also ``curve`` {size: {kept, loss}} (the best kept set of every size scored).
@@ -172,7 +172,7 @@ def decide_layer(layer: MoELayer, observers: Sequence[Observer], config: PruneCo
     return {"kept": list(kept), **entry}
 
 
-def _search(scorer: SubsetScorer, layer: MoELayer, ctx: _Context, entry: dict[str, Any]
+def _search(scorer: SubsetScorer, layer: MoELayer, ctx: PruneContext, entry: dict[str, Any]
             ) -> tuple[tuple[int, ...], dict[int, tuple[tuple[int, ...], float]]]:
     """Search the kept set (and, for allocation=global, the curve); fills ``entry``."""
     config, limits = ctx.config, ctx.limits
@@ -204,14 +204,14 @@ def _search(scorer: SubsetScorer, layer: MoELayer, ctx: _Context, entry: dict[st
     return curve[max(curve)][0], curve
 
 
-def _layer_context(config: PruneConfig, layer: MoELayer) -> _Context:
+def _layer_context(config: PruneConfig, layer: MoELayer) -> PruneContext:
     """The context of a uniform plan resolved from one layer (``decide_layer`` called on its own)."""
     if config.allocation != "uniform":
         raise ValueError("allocation='global' decides over all layers: call plan_prune")
     limits = group_limits(layer.config)
     shape = PruneShape(sizes=(config.keep,), total=None, layout=None,
                        groups=resolve_group_policy(limits, [config.keep], config.groups))
-    return _Context(config, shape, limits)
+    return PruneContext(config, shape, limits)
 
 
 def plan_prune(
@@ -229,7 +229,7 @@ def plan_prune(
     The model is not modified. ``calibration`` is a ``CalibrationSet`` or raw input ids (N, L).
     """
     shape = config.check_model(model)
-    ctx = _Context(config, shape, group_limits(model))
+    ctx = PruneContext(config, shape, group_limits(model))
     input_ids, data_name, data_hash = calibration_fields(calibration)
     start = time.perf_counter()
     if config.method == "random" and not config.score:
@@ -279,7 +279,7 @@ def _allocate(results: dict[int, dict[str, Any]], shape: PruneShape) -> None:
         r.pop("worst", None)
 
 
-def _decision(layer: MoELayer, observers: Sequence[Observer], ctx: _Context) -> LayerDecision:
+def _decision(layer: MoELayer, observers: Sequence[Observer], ctx: PruneContext) -> LayerDecision:
     result = decide_layer(layer, observers, ctx.config, ctx)
     if not ctx.progressive:
         return LayerDecision(result=result)

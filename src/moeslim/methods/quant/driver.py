@@ -57,7 +57,7 @@ __all__ = [
 
 # -- allocation ----------------------------------------------------------------------------------------------
 
-def _rtn_slice(w: torch.Tensor, bits: int, group_size: int, transposed: bool, symmetric: bool = False
+def rtn_slice(w: torch.Tensor, bits: int, group_size: int, transposed: bool, symmetric: bool = False
                ) -> torch.Tensor:
     """One expert slice (stored layout) -> its round-to-nearest dequantized copy, same layout."""
     mat = w.detach().float()
@@ -75,8 +75,8 @@ def factors_for_layer(layer: MoELayer, sample: ExpertOutputSample, config: Quant
 
     def quantized_output(e: int, bits: int, rows: torch.Tensor) -> torch.Tensor:
         # The error factor is measured on the grid apply will use (symmetric or not).
-        up = _rtn_slice(views.up[e], bits, config.group_size, views.transposed, config.symmetric)
-        down = _rtn_slice(views.down[e], bits, config.group_size, views.transposed, config.symmetric)
+        up = rtn_slice(views.up[e], bits, config.group_size, views.transposed, config.symmetric)
+        down = rtn_slice(views.down[e], bits, config.group_size, views.transposed, config.symmetric)
         return expert_forward(layer, x[rows.to(x.device)], e, up=up, down=down).float().cpu()
 
     return layer_factors(sample.outputs.float(), weights.cpu(), ids.cpu(), probs.cpu(), quantized_output,
