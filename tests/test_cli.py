@@ -153,3 +153,12 @@ def test_quantize_plan_then_apply_runs_gptq_once(tiny_model_dir: Path, tmp_path:
     ids = torch.randint(0, 100, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "moeslim", "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "plan" in result.stdout and "export" in result.stdout

@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "workflows": 11,
     "cli": 12,
     "__init__": 13,
+    "__main__": 13,  # python -m moeslim: the CLI
 }
 
 
