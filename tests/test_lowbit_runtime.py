@@ -253,6 +253,7 @@ _FRESH = textwrap.dedent("""
     import moeslim
     from moeslim.evaluate.cost import param_bytes
     from moeslim.models import find_moe_layers
+    torch.set_num_threads(1)  # the test process's count (conftest): the same reduction order, bit-equal logits
     model, _ = moeslim.load(sys.argv[1])
     model.set_attn_implementation("eager")
     ids = torch.tensor(json.loads(sys.argv[2]))
