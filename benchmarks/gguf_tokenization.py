@@ -89,7 +89,7 @@ def main() -> int:
                         help="where benchmarks/engines.py keeps (or builds) the llama.cpp venv")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from engines import ensure_llama_env
+    from llama_env import ensure_llama_env
 
     python, _, _ = ensure_llama_env(args.engines_work)
     print("\n".join(tokenization_lines(python, args.llama_cpp / "models", args.vocabs, args.work)))
