@@ -6,8 +6,9 @@
 Each family's tiny model (tests/tiny_models.py, with the tiny changes llama.cpp needs: every layer MoE where its
 graph wants that, V3-style group scores) carries a tiny byte-level BPE tokenizer (tests/tiny_tokenizers.py), is
 written as F32 by ``export_gguf`` and run by llama.cpp (llama-cpp-python from the venv that
-benchmarks/llama_env.py builds) on the same 12 token ids as transformers (eager attention, float32). ``--keep K`` first prunes every MoE layer to its
-experts 0..K-1 (moeslim's ``select_experts``), so the pruned layout is what both run; ``--bits B`` then quantizes
+benchmarks/llama_env.py builds) on the same 12 token ids as transformers (eager attention, float32). ``--keep K``
+first prunes every MoE layer to its experts 0..K-1 (moeslim's ``select_experts``), so the pruned layout is what
+both run; ``--bits B`` then quantizes
 the experts with moeslim (uniform B-bit GPTQ, groups of 16, on sample ids): the file holds them dequantized in F32,
 and transformers runs moeslim's quantized model.
 
