@@ -69,13 +69,13 @@ def hessian_phase(ckpt: str, group: int, tokens: int) -> None:
     split: one expert's working copies). Prints the Hessians made."""
     from moeslim.calibrate.hessians import up_hessians
     from moeslim.methods.quant.config import QuantizeConfig
-    from moeslim.methods.quant.transform import _observer
+    from moeslim.methods.quant.transform import gptq_observer
     from moeslim.models import find_moe_layers, load_model
 
     model, _ = load_model(ckpt, dtype=torch.bfloat16)
     layer = find_moe_layers(model)[0]
     config = QuantizeConfig(method="uniform", bits=4, starved="rtn", **({"hessian_experts": group} if group else {}))
-    observer = _observer(layer, config)
+    observer = gptq_observer(layer, config)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _ in range(tokens // 512):

@@ -14,7 +14,7 @@ from moeslim.calibrate.hessians import ExpertHessians
 from moeslim.config import ConfigError
 from moeslim.methods.quant.config import QuantizeConfig
 from moeslim.methods.quant.fused import LowBitTensor
-from moeslim.methods.quant.transform import _observer, gptq_experts, quantize_layer_experts
+from moeslim.methods.quant.transform import gptq_experts, gptq_observer, quantize_layer_experts
 from moeslim.models import find_moe_layers
 
 CALIB = sample_ids(0, 4, 24)
@@ -48,7 +48,7 @@ def test_split_gives_the_same_packed_experts(settings: dict[str, Any]) -> None:
 def test_split_observer_holds_no_per_expert_hessian() -> None:
     layer = find_moe_layers(tiny_model("mixtral"))[0]
     x = torch.randn(30, layer.hidden_size, generator=torch.Generator().manual_seed(1))
-    obs = _observer(layer, QuantizeConfig(method="uniform", bits=3, group_size=16, hessian_experts=2))
+    obs = gptq_observer(layer, QuantizeConfig(method="uniform", bits=3, group_size=16, hessian_experts=2))
     obs.observe(layer, x)
     summary = obs.result()
     assert all(h is None for h in [*summary.up, *summary.down]) and summary.inputs is not None
@@ -66,13 +66,13 @@ def test_split_over_processes_equals_one_process() -> None:
     bits = [3, 16, 2, 3, 4, 3, 16, 2]
     unsplit = QuantizeConfig(method="uniform", bits=3, group_size=16)
     config = QuantizeConfig(method="uniform", bits=3, group_size=16, hessian_experts=2)
-    one = _observer(layer, unsplit)
+    one = gptq_observer(layer, unsplit)
     for x in batches:
         one.observe(layer, x)
     want, want_fallback = quantize_layer_experts(layer, bits, one.result(), unsplit)
 
     def rank_work(comm: Any) -> Any:
-        observer = _observer(layer, config)
+        observer = gptq_observer(layer, config)
         for x in batches[comm.rank::comm.size]:
             observer.observe(layer, x)
         observer.sync(comm)

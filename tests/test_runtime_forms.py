@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moeslim.runtime.serialize import _form
+from moeslim.runtime.serialize import stored_form
 
 
 @pytest.mark.parametrize("section, form", [
@@ -17,10 +17,10 @@ from moeslim.runtime.serialize import _form
     ({"prune": {"layout": "compact", "experts_per_layer": {"0": 2}}, "quantize": {}}, "packed low-bit experts"),
 ])
 def test_the_section_picks_the_form(section: dict, form: str | None) -> None:
-    found = _form(section)
+    found = stored_form(section)
     assert (found.name if found is not None else None) == form
 
 
 def test_two_forms_in_one_model_are_refused_with_a_way_out() -> None:
     with pytest.raises(ValueError, match="packed low-bit experts and low-rank experts cannot be saved"):
-        _form({"quantize": {}, "lowrank": {}})
+        stored_form({"quantize": {}, "lowrank": {}})

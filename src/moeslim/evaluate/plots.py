@@ -18,6 +18,15 @@ from moeslim.evaluate.results import VariantResult  # noqa: E402
 from moeslim.outputs import atomic_file  # noqa: E402
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG and close it."""
+    fig.tight_layout()
+    with atomic_file(path) as tmp:  # a killed run leaves no half-written picture
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def mean_ppl(result: VariantResult) -> float | None:
     """Geometric mean over domains: every domain weighs the same whatever its ppl scale."""
     vals = [v for v in result.perplexity.values() if v and math.isfinite(v) and v > 0]
@@ -86,11 +95,7 @@ def plot_quality_vs_cost(results: Sequence[VariantResult], path: Path) -> Path:
     if size_pts or call_pts:
         # Crowded points can hide a text label; the legend names every colour.
         (right if call_pts else left).legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:  # a killed run leaves no half-written picture
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_kept_experts(plan: dict[str, Any], path: Path, title: str = "") -> Path:
@@ -111,11 +116,7 @@ def plot_kept_experts(plan: dict[str, Any], path: Path, title: str = "") -> Path
     ax.set_ylabel("decoder layer")
     kept = sum(map(sum, grid))
     ax.set_title(f"{title + ': ' if title else ''}kept experts (blue), {kept}/{n_experts * len(layers)}")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:  # a killed run leaves no half-written picture
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_skip_rate(plan: dict[str, Any], path: Path, title: str = "") -> Path:
@@ -134,11 +135,7 @@ def plot_skip_rate(plan: dict[str, Any], path: Path, title: str = "") -> Path:
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(f"{title + ': ' if title else ''}skip rate per layer")
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:  # a killed run leaves no half-written picture
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_expert_bits(plan: dict[str, Any], path: Path, title: str = "") -> Path:
@@ -165,8 +162,4 @@ def plot_expert_bits(plan: dict[str, Any], path: Path, title: str = "") -> Path:
     ax.set_ylabel("decoder layer")
     mean = sum(map(sum, grid)) / sum(map(len, grid))
     ax.set_title(f"{title + ': ' if title else ''}bits per expert (mean {mean:.2f})")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:  # a killed run leaves no half-written picture
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -55,8 +55,9 @@ from moeslim.methods.quant.gptq import dequantize
 from moeslim.methods.quant.pack import unpack_bits
 from moeslim.plans import Plan
 
-__all__ = ["CT_EXPERT_TARGET", "CT_SCHEMES", "CtExport", "CtWidths", "check_ct_plan", "ct_layer_schemes", "ct_widths",
-           "expert_scheme", "export_compressed_tensors", "layer_target", "on_grid", "stored_scheme"]
+__all__ = ["CT_EXPERT_TARGET", "CT_SCHEMES", "CtExport", "CtWidths", "ExpertsLayout", "check_ct_plan",
+           "ct_layer_schemes", "ct_widths", "expert_scheme", "export_compressed_tensors", "layer_target", "on_grid",
+           "replace_experts", "stored_scheme"]
 
 # Per-expert Linear names in the saved checkpoint: (decoder layer, expert, projection).
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.[\w.]*experts\.(\d+)\."
@@ -351,7 +352,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: str | Path,
             for shard in steps(shards, "compressed-tensors", len(shards), unit="shards", enabled=progress):
                 tensors = load_file(str(shard))
                 if layout is not None:
-                    replaced += _replace_experts(tensors, layout)
+                    replaced += replace_experts(tensors, layout)
                 save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})
             if len(shards) > 1:
                 _rewrite_index(Path(stage), tmp)
@@ -371,7 +372,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: str | Path,
 
 
 @dataclass(frozen=True)
-class _Layout:
+class ExpertsLayout:
     """The experts to write: fused tensors of the quantized decoder layers (all, or the one a streamed part holds) and
     how every layer is written."""
 
@@ -387,7 +388,7 @@ def _layer_of(name: str) -> int:
     return int(match.group(1))
 
 
-def _layout(experts: dict[str, LowBitTensor], scheme: str) -> _Layout:
+def _layout(experts: dict[str, LowBitTensor], scheme: str) -> ExpertsLayout:
     if any(t.transposed for t in experts.values()):
         raise UnsupportedExportError("compressed-tensors export needs (E, out, in) expert tensors")
     by_layer: dict[int, list[LowBitTensor]] = {}
@@ -400,10 +401,10 @@ def _layout(experts: dict[str, LowBitTensor], scheme: str) -> _Layout:
     packed = {k: t for k, t in experts.items() if _layer_of(k) in widths.bits}
     gate_up = {_layer_of(k): t for k, t in packed.items() if k.endswith("gate_up_proj")}
     down = {_layer_of(k): t for k, t in packed.items() if k.endswith("down_proj")}
-    return _Layout(gate_up, down, widths)
+    return ExpertsLayout(gate_up, down, widths)
 
 
-def _replace_experts(tensors: dict[str, torch.Tensor], layout: _Layout) -> int:
+def replace_experts(tensors: dict[str, torch.Tensor], layout: ExpertsLayout) -> int:
     """Replace each saved per-expert float weight of one shard by its packed tensors; returns how many."""
     count = 0
     for key, match in [(k, m) for k in tensors if (m := _EXPERT_KEY.match(k))]:

@@ -91,9 +91,9 @@ def _refuse_runtime_forms(folder: Path) -> dict[str, Any]:
     low-rank experts, skipping), naming them."""
     config = folder / "config.json"
     section = (json.loads(config.read_text()).get("moeslim") or {}) if config.is_file() else {}
-    from moeslim.runtime.serialize import _form
+    from moeslim.runtime.serialize import stored_form
 
-    form = _form(section)
+    form = stored_form(section)
     held = [form.name] if form is not None and form.name != "packed low-bit experts" else []
     held += ["skipping" for key in ("skip",) if key in section]
     if held:
@@ -133,9 +133,9 @@ def open_checkpoint(name: str) -> StreamedCheckpoint:
 
 
 def _open_transformers(path: str, folder: Path) -> StreamedCheckpoint:
-    from moeslim.models.lazy import ShardedLayers, _shard_files, load_streamed
+    from moeslim.models.lazy import ShardedLayers, checkpoint_shards, load_streamed
 
-    storage = _uniform_dtype(_shard_files(folder))
+    storage = _uniform_dtype(checkpoint_shards(folder))
     model, tokenizer = load_streamed(path, storage or torch.float32)
     store = ShardedLayers(model, path)
     prefixes = store.index.layer_prefixes
@@ -159,7 +159,7 @@ def _open_quantized(folder: Path, base_file: str, lowbit_file: str) -> StreamedC
 
     from moeslim.methods.quant.fused import LowBitTensor
     from moeslim.models import decoder_layers
-    from moeslim.runtime.lowbit_io import _tokenizer
+    from moeslim.runtime.checkpoint_files import saved_tokenizer
 
     for file in (base_file, lowbit_file):
         if not (folder / file).is_file():
@@ -197,7 +197,7 @@ def _open_quantized(folder: Path, base_file: str, lowbit_file: str) -> StreamedC
         state = read([k for k in lowbit_keys if any(k.startswith(f"{p}.q") for p in names)], lowbit_file)
         return {p: LowBitTensor.from_state_dict(state, p) for p in names}
 
-    return StreamedCheckpoint(model, _tokenizer(folder), folder, storage, layer_state, rest_state, read_lowbit,
+    return StreamedCheckpoint(model, saved_tokenizer(folder), folder, storage, layer_state, rest_state, read_lowbit,
                               order, prefixes)
 
 
@@ -281,7 +281,7 @@ def export_compressed_tensors_streamed(source: str, out: str | Path, *, scheme: 
     computes in float32, so the in-memory export writes float32 there: the same values)."""
     from safetensors.torch import save_file
 
-    from moeslim.export.compressed_tensors import CtExport, _Layout, _replace_experts
+    from moeslim.export.compressed_tensors import CtExport, ExpertsLayout, replace_experts
     from moeslim.models.loading import quiet_loading
     from moeslim.outputs import atomic_dir, output_lock, temp_dir_beside
     from moeslim.progress import steps
@@ -314,8 +314,8 @@ def export_compressed_tensors_streamed(source: str, out: str | Path, *, scheme: 
                 del state
                 if found is not None and index in found.stored:  # a layer at 16 bits stays dense
                     fused = {n.rpartition(".")[2]: t for n, t in experts.items()}
-                    layout = _Layout({index: fused["gate_up_proj"]}, {index: fused["down_proj"]}, found)
-                    replaced += _replace_experts(tensors, layout)
+                    layout = ExpertsLayout({index: fused["gate_up_proj"]}, {index: fused["down_proj"]}, found)
+                    replaced += replace_experts(tensors, layout)
                 save_file(tensors, str(parts / f"layer-{index}.safetensors"), metadata={"format": "pt"})
                 del tensors
             _write_shards([parts / "rest.safetensors", *(parts / f"layer-{i}.safetensors" for i in range(layers))],

@@ -61,7 +61,8 @@ def is_streamed(model: nn.Module) -> bool:
     return any(p.is_meta for p in decoder_layers(model).parameters())
 
 
-def _shard_files(folder: Path) -> list[Path]:
+def checkpoint_shards(folder: Path) -> list[Path]:
+    """The safetensors files of the transformers checkpoint in ``folder`` (its index's, else every one there)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -82,7 +83,7 @@ class CheckpointIndex:
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
         self.folder = Path(folder)
-        files = _shard_files(self.folder)
+        files = checkpoint_shards(self.folder)
         if not files:
             raise StreamingError(f"{self.folder} has no .safetensors files; streaming reads safetensors shards")
         self.file_of: dict[str, Path] = {}

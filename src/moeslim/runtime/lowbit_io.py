@@ -34,7 +34,6 @@ Stock transformers integrations that were checked for loading such a checkpoint 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +43,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moeslim.methods.quant.fused import LowBitTensor
-from moeslim.models.attrs import hf_config
-from moeslim.runtime.checkpoint_files import cast_floating, record_dtype
+from moeslim.runtime.checkpoint_files import (
+    materialize_buffers,
+    read_tensors,
+    saved_tokenizer,
+    write_config,
+    write_tensors,
+)
 from moeslim.runtime.lowbit_forward import STORE, install_packed, packed_storage
 from moeslim.runtime.packed import PackedExperts
 
@@ -64,7 +68,6 @@ LOWBIT_ATTR = STORE  # child module of each quantized module: {parameter name: P
 BASE_FILE = "moeslim_base.safetensors"
 LOWBIT_FILE = "moeslim_lowbit.safetensors"
 _META_SUFFIX = ".qmeta"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def install_lowbit(module: nn.Module, name: str, packed: LowBitTensor) -> None:
@@ -97,23 +100,6 @@ def quantized_nbytes(model: nn.Module) -> int:
     return sum(storage.canonical_bytes for storage in packed_experts(model).values())
 
 
-def _base_tensors(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict without ``skip``; tensors sharing storage (tied weights) are written once."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, tuple[int, ...]], str] = {}
-    for name, tensor in model.state_dict().items():
-        if name in skip:
-            continue
-        key = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape))
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = tensor.detach().cpu().contiguous()
-    return tensors, aliases
-
-
 def save_quantized(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write config.json, the base tensors and the packed low-bit tensors into ``out_dir``.
 
@@ -128,20 +114,9 @@ def save_quantized(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | N
     lowbit: dict[str, torch.Tensor] = {}
     for name, tensor in packed.items():
         lowbit.update({k: v.cpu() for k, v in tensor.to_state_dict(name).items()})
-    base, aliases = _base_tensors(model, set(packed))
-    base = cast_floating(base, dtype)
-    save_file(base, str(out / BASE_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    write_tensors({k: v for k, v in model.state_dict().items() if k not in packed}, out / BASE_FILE, dtype)
     save_file(lowbit, str(out / LOWBIT_FILE), metadata={"format": "moeslim-lowbit"})
-    hf_config(model).save_pretrained(out)
-    record_dtype(out, dtype)
-    generation = getattr(model, "generation_config", None)
-    if generation is not None:
-        generation.save_pretrained(out)
-
-
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
+    write_config(model, out, dtype)
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
@@ -163,14 +138,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _cut_compact(model, config)
-    base, meta = _read(root / BASE_FILE)
+    base, aliases = read_tensors(root / BASE_FILE)
     with safe_open(str(root / LOWBIT_FILE), framework="pt") as handle:
         lowbit_keys = list(handle.keys())  # noqa: SIM118 - safe_open handles are not iterable
     prefixes = [k[: -len(_META_SUFFIX)] for k in lowbit_keys if k.endswith(_META_SUFFIX)]
-    aliases: dict[str, str] = json.loads(meta.get("aliases", "{}"))
     state = model.state_dict(keep_vars=True)
-    for alias, source in aliases.items():
-        base[alias] = base[source]
     left = set(state) - set(base) - set(prefixes)
     unexpected = set(base) - set(state)
     if left or unexpected:
@@ -191,11 +163,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
         module_name, _, param_name = prefix.rpartition(".")
         install_lowbit(model.get_submodule(module_name), param_name, packed)
         del packed
-    _materialize_buffers(model, root)
+    materialize_buffers(model, root)
     if any(aliases):
         model.tie_weights()
     model = model.to(device).eval()
-    return model, _tokenizer(root)
+    return model, saved_tokenizer(root)
 
 
 def _cut_compact(model: nn.Module, config: Any) -> None:
@@ -219,30 +191,3 @@ def _packed_to(packed: LowBitTensor, device: torch.device) -> LowBitTensor:
     return LowBitTensor(packed.shape, packed.bits, packed.group_size, packed.transposed, packed.dtype,
                         move(packed.codes), move(packed.scales), move(packed.zeros), move(packed.dense),
                         packed.symmetric)
-
-
-def _materialize_buffers(model: nn.Module, root: Path) -> None:
-    """Compute the buffers no file holds (non-persistent: rotary frequencies) with the model's own init."""
-    init = getattr(model, "_init_weights", None)
-    for module in model.modules():
-        if not any(b.is_meta for b in module.buffers(recurse=False)):
-            continue
-        if init is None:
-            raise ValueError(f"{root}: cannot compute buffers of {type(module).__name__} without _init_weights")
-        module.to_empty(device="cpu", recurse=False)
-        init(module)
-    still = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if still:
-        raise ValueError(f"{root}: tensors {still[:5]} have no stored or computed value")
-
-
-def _tokenizer(root: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    # Without tokenizer files some model types build an empty tokenizer from config.json alone.
-    if not any((root / name).is_file() for name in _TOKENIZER_FILES):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(root, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

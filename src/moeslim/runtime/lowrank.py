@@ -20,22 +20,24 @@ meta device, installs empty projections of the recorded ranks and loads the file
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from moeslim.methods.lowrank.svd import is_dense
 from moeslim.models import find_moe_layers
-from moeslim.models.attrs import pretrained
 from moeslim.models.expert_math import expert_weight_views
-from moeslim.runtime.checkpoint_files import cast_floating, record_dtype
+from moeslim.runtime.checkpoint_files import (
+    materialize_buffers,
+    read_tensors,
+    saved_tokenizer,
+    write_config,
+    write_tensors,
+)
 from moeslim.runtime.routed_experts import attach_part, fallback_forward, routed_forward, stored_parts
 
 __all__ = ["IMPLEMENTATION", "LOWRANK_FILE", "STORE", "LowRankProjection", "install_lowrank", "load_lowrank",
@@ -159,26 +161,16 @@ def install_empty(model: nn.Module, layers: Mapping[str, Mapping[str, Sequence[i
 
 def save_lowrank(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write config.json and ``moeslim_lowrank.safetensors`` (the whole state dict) into ``out_dir``."""
-    from moeslim.runtime.lowbit_io import _base_tensors
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors, aliases = _base_tensors(model, set())
-    tensors = cast_floating(tensors, dtype)
-    save_file(tensors, str(out / LOWRANK_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
-    pretrained(model).config.save_pretrained(out)
-    record_dtype(out, dtype)
-    generation = getattr(model, "generation_config", None)
-    if generation is not None:
-        generation.save_pretrained(out)
+    write_tensors(model.state_dict(), out / LOWRANK_FILE, dtype)
+    write_config(model, out, dtype)
 
 
 def load_lowrank(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
                  ) -> tuple[nn.Module, Any]:
     """(model computing with its low-rank experts, tokenizer or None) from a ``save_lowrank`` folder."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from moeslim.runtime.lowbit_io import _materialize_buffers, _tokenizer
 
     root = Path(path)
     if not (root / LOWRANK_FILE).is_file():
@@ -188,19 +180,14 @@ def load_lowrank(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     install_empty(model, section.get("layers", {}), dtype)
-    with safe_open(str(root / LOWRANK_FILE), framework="pt") as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        meta = dict(handle.metadata() or {})
-    aliases: dict[str, str] = json.loads(meta.get("aliases", "{}"))
-    for alias, source in aliases.items():
-        tensors[alias] = tensors[source]
+    tensors, aliases = read_tensors(root / LOWRANK_FILE)
     state = model.state_dict(keep_vars=True)
     left, unexpected = set(state) - set(tensors), set(tensors) - set(state)
     if left or unexpected:
         raise ValueError(f"{root}: tensors missing {sorted(left)[:5]} / unexpected {sorted(unexpected)[:5]}")
     tensors = {k: v.to(state[k].dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=False, assign=True)
-    _materialize_buffers(model, root)
+    materialize_buffers(model, root)
     if aliases:
         model.tie_weights()
-    return model.to(device).eval(), _tokenizer(root)
+    return model.to(device).eval(), saved_tokenizer(root)

@@ -16,15 +16,13 @@ layout="compact"; groups stay balanced where the routing is group-limited) and l
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moeslim.runtime.checkpoint_files import record_dtype
+from moeslim.runtime.checkpoint_files import read_tensors, saved_tokenizer, write_config, write_tensors
 
 COMPACT_FILE = "moeslim_nonuniform.safetensors"
 
@@ -37,26 +35,9 @@ def is_compact(section: dict[str, Any]) -> bool:
 
 def save_compact(model: nn.Module, out_dir: Path, dtype: torch.dtype | None = None) -> None:
     """Write ``model`` (non-uniformly pruned, compact) into ``out_dir``; floating tensors in ``dtype`` if given."""
-    from moeslim.models.attrs import pretrained
-
     out_dir = Path(out_dir)
-    pretrained(model).config.save_pretrained(out_dir)
-    generation = getattr(model, "generation_config", None)
-    if generation is not None:
-        generation.save_pretrained(out_dir)
-    state: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:  # tied weights: written once
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        value = tensor.detach().cpu()
-        state[name] = (value.to(dtype) if dtype is not None and value.is_floating_point() else value).contiguous()
-    save_file(state, str(out_dir / COMPACT_FILE), metadata={"aliases": json.dumps(aliases), "format": "pt"})
-    record_dtype(out_dir, dtype)
+    write_config(model, out_dir, dtype)
+    write_tensors(model.state_dict(), out_dir / COMPACT_FILE, dtype)
 
 
 def compact_kept(config: Any, counts: dict[int, int]) -> dict[int, list[int]]:
@@ -90,16 +71,13 @@ def load_compact(path: Path, dtype: torch.dtype = torch.float32, device: str | t
     counts = {int(k): int(v) for k, v in section["prune"]["experts_per_layer"].items()}
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     select_experts(model, compact_kept(config, counts), layout="compact", groups=compact_select_groups(config))
-    state = load_file(str(file))
-    aliases = json.loads(_metadata(file).get("aliases", "{}"))
-    for name, source in aliases.items():
-        state[name] = state[source]
+    state, _ = read_tensors(file)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise OSError(f"{file} does not fit its config.json: missing {sorted(missing)[:5]}, unexpected "
                       f"{sorted(unexpected)[:5]}")
     model = model.to(device).eval()
-    return model, _tokenizer(path)
+    return model, saved_tokenizer(path)
 
 
 def compact_select_groups(config: Any) -> Literal["keep", "auto"]:
@@ -112,18 +90,3 @@ def _grouped(config: Any) -> bool:
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return group_limits(text) is not None
-
-
-def _metadata(file: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
-def _tokenizer(path: Path) -> Any:
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)

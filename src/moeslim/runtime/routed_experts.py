@@ -41,14 +41,19 @@ def stored_parts(module: nn.Module, store: str, kind: type[T]) -> dict[str, T]:
     return {name: part for name, part in held.items() if isinstance(part, kind)}
 
 
-def current_implementation(experts: nn.Module) -> str | None:
-    """The experts implementation ``experts`` dispatches on (None: transformers' default)."""
-    return hf_config(experts)._experts_implementation
+def _config(experts_or_config: Any) -> Any:
+    return experts_or_config if not isinstance(experts_or_config, nn.Module) else hf_config(experts_or_config)
+
+
+def current_implementation(experts_or_config: Any) -> str | None:
+    """The experts implementation ``experts`` (or a config) dispatches on (None: transformers' default)."""
+    implementation: str | None = _config(experts_or_config)._experts_implementation
+    return implementation
 
 
 def use_implementation(experts_or_config: Any, name: str) -> None:
     """Make ``experts`` (or a config) dispatch to the registered implementation ``name``."""
-    config = experts_or_config if not isinstance(experts_or_config, nn.Module) else hf_config(experts_or_config)
+    config = _config(experts_or_config)
     if config._experts_implementation != name:
         config._experts_implementation = name
 

@@ -55,7 +55,8 @@ _FORMS = (
 _INSTALLED = {"skip": ("odp", "install_skip_section")}  # section key -> (module, install(model, entry))
 
 
-def _form(section: dict[str, Any]) -> StoredForm | None:
+def stored_form(section: dict[str, Any]) -> StoredForm | None:
+    """The form a model with this moeslim config ``section`` is saved in (None: a plain transformers checkpoint)."""
     held = [form for form in _FORMS if form.holds(section)]
     if len(held) > 1:
         raise ValueError(f"a model with {' and '.join(f.name for f in held)} cannot be saved or loaded as one "
@@ -71,7 +72,7 @@ def save_pretrained_with_runtime(model: nn.Module, out_dir: Path, dtype: torch.d
     """
     from moeslim.models.loading import quiet_loading
 
-    form = _form(getattr(model.config, "moeslim", None) or {})
+    form = stored_form(getattr(model.config, "moeslim", None) or {})
     with quiet_loading():  # transformers' "Writing model shards" bar: the command says what it wrote
         if form is not None:
             form.function(form.save)(model, out_dir, dtype=dtype)
@@ -90,7 +91,7 @@ def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str
 
     path = Path(resolve_model_path(name))
     section = _moeslim_section(path)
-    form = _form(section)
+    form = stored_form(section)
     if form is None:
         model, tokenizer = load_model(name, dtype=dtype, device=device)  # checks its weights itself
     else:

@@ -6,8 +6,9 @@ experts implementation the model used before (grouped_mm / batched_mm / eager, s
 as one-expert "tokens", and sums each token's pairs back. Kept weights are rescaled to the token's original total.
 
 Per-module state (attributes on each fused experts module): ``moeslim_beta`` (float), ``moeslim_rule``,
-``moeslim_inner`` (name of the implementation that does the matmuls) and
-``moeslim_counters = {"expert_calls": int, "tokens": int}``.
+``moeslim_inner`` (name of the implementation that does the matmuls),
+``moeslim_counters = {"expert_calls": int, "tokens": int}`` and ``moeslim_protect`` ((T,) bool tokens that keep
+every expert in the next forward, or None; written by ``runtime/odp.py`` through ``set_state``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from moeslim.methods.skip.thresholds import SKIP_RULES, keep_mask, rescale_kept
 from moeslim.models import FAMILIES, MoELayer, find_moe_layers
 from moeslim.models.attrs import pretrained
-from moeslim.runtime.routed_experts import SKIP_IMPLEMENTATION, register_forward, use_implementation
+from moeslim.runtime.routed_experts import (
+    SKIP_IMPLEMENTATION,
+    current_implementation,
+    register_forward,
+    use_implementation,
+)
 
 IMPLEMENTATION = SKIP_IMPLEMENTATION
 _STANDARD_ARGS = 3  # forward(hidden_states, top_k_index, top_k_weights)
@@ -113,7 +119,7 @@ def install_skipping(model: nn.Module, betas: Mapping[int, float], rule: str = "
                          f"{[layer.layer_idx for layer in layers]}")
     register_forward(IMPLEMENTATION, skipping_experts_forward)
     hf_model = pretrained(model)
-    previous = hf_model.config._experts_implementation
+    previous = current_implementation(hf_model.config)
     for layer in layers:
         experts = layer.experts
         if previous != IMPLEMENTATION:

@@ -12,7 +12,6 @@ from torch import nn
 
 from moeslim.calibrate import RoutingStats, RoutingSummary, run_layerwise
 from moeslim.models import MoELayer, moe_summary
-from moeslim.outputs import atomic_file
 
 
 @dataclass(frozen=True)
@@ -60,10 +59,9 @@ def inspect_model(model: nn.Module, input_ids: torch.Tensor | None = None, data:
 
 def plot_expert_load(loads: list[LayerLoad], path: Path, title: str) -> Path:
     """Heatmap: layers x experts, colour = share of routed tokens (uniform share marked in the colourbar)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from moeslim.evaluate.plots import save_figure  # selects matplotlib's Agg backend
 
     grid = torch.tensor([entry.load for entry in loads]).numpy() * 100
     experts = grid.shape[1]
@@ -80,12 +78,8 @@ def plot_expert_load(loads: list[LayerLoad], path: Path, title: str) -> Path:
     bar = fig.colorbar(image, ax=ax)
     bar.set_label(f"% of routed tokens (uniform = {100 / experts:.1f}%)")
     ax.set_title(title)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:  # a killed run leaves no half-written picture
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _cells(grid: Any) -> list[tuple[tuple[int, int], float]]:

@@ -216,22 +216,12 @@ def _non_layer_tensors(model: nn.Module, storage: torch.dtype | None
                        ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The weights outside the decoder layers, tied aliases written once (as ``save_quantized`` does)."""
     from moeslim.models import decoder_layers
+    from moeslim.runtime.checkpoint_files import cast_floating, tensors_written_once
 
-    layer_names = {_qualified(model, layer) + "." for layer in decoder_layers(model)}
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, tuple[int, ...]], str] = {}
-    for name, tensor in model.state_dict().items():
-        if any(name.startswith(p) for p in layer_names):
-            continue
-        key = (tensor.untyped_storage().data_ptr(), tuple(tensor.shape))
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        value = tensor.detach().cpu()
-        tensors[name] = (value.to(storage) if storage is not None and value.is_floating_point() else value).contiguous()
-    return tensors, aliases
+    layer_names = tuple(_qualified(model, layer) + "." for layer in decoder_layers(model))
+    tensors, aliases = tensors_written_once({name: tensor for name, tensor in model.state_dict().items()
+                                             if not name.startswith(layer_names)})
+    return cast_floating(tensors, storage), aliases
 
 
 def apply_quantize_streamed(source: str, plan: Plan, out_dir: str | Path, *, dtype: torch.dtype = torch.float32,

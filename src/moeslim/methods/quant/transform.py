@@ -46,8 +46,8 @@ from moeslim.models import MoELayer
 from moeslim.models.expert_math import expert_weight_views
 from moeslim.models.lazy import is_streamed
 
-__all__ = ["GptqResults", "PackedSink", "QuantizedExperts", "Starved", "gptq_experts", "quantize_layer_experts",
-           "rtn_experts", "swapped_expert_weights"]
+__all__ = ["GptqResults", "PackedSink", "QuantizedExperts", "Starved", "gptq_experts", "gptq_observer",
+           "quantize_layer_experts", "rtn_experts", "swapped_expert_weights"]
 
 
 class QuantizedExperts(NamedTuple):
@@ -250,7 +250,7 @@ def _overwrite_experts(layer: MoELayer, packed: QuantizedExperts) -> None:
 PackedSink = Callable[[MoELayer, QuantizedExperts], None]
 
 
-def _observer(layer: MoELayer, config: QuantizeConfig) -> ExpertHessians:
+def gptq_observer(layer: MoELayer, config: QuantizeConfig) -> ExpertHessians:
     """The calibration pass's observer for one layer's GPTQ.
 
     Starved experts on all-token Hessians need the pooled block-input Hessian and the block inputs (for their down
@@ -313,7 +313,7 @@ def gptq_experts(model: nn.Module, bits: Mapping[int, Sequence[int]], input_ids:
     results: dict[int, Any] = run_layerwise(
         model, input_ids,
         # True sequential recomputes the down Hessians from the kept inputs: the observer skips them.
-        make_observers=lambda layer: [_observer(layer, config)],
+        make_observers=lambda layer: [gptq_observer(layer, config)],
         on_layer=on_layer, propagate=config.propagate,
         batch_size=config.batch_size, device=device, progress=progress, checkpoint=checkpoint, label="GPTQ",
     )
