@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from tiny_models import sample_ids, tiny_config
 from transformers import AutoModelForCausalLM
 
 import moeslim
 from moeslim.appliers.prune import apply_prune
 from moeslim.methods.prune import PruneConfig, plan_prune
+from moeslim.runtime.checkpoint_files import read_tensors, saved_tokenizer, tensors_written_once, write_tensors
 
 IDS = sample_ids(seed=3, batch=4, seq=16)
 
@@ -102,3 +104,39 @@ def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# -- the writer and reader of moeslim's own forms (compact, low-bit, low-rank) ----------------------------------
+
+def _shared_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    embed = torch.randn(6, 4)
+    fused = torch.randn(2, 3, 4)  # two rows of one storage: same shape, other offsets
+    return {"embed.weight": embed, "lm_head.weight": embed, "first": fused[0], "second": fused[1],
+            "steps": torch.arange(3)}
+
+
+def test_tied_tensors_are_written_once_and_views_are_not_taken_for_ties() -> None:
+    tensors, aliases = tensors_written_once(_shared_state())
+    assert aliases == {"lm_head.weight": "embed.weight"}
+    assert sorted(tensors) == ["embed.weight", "first", "second", "steps"]
+
+
+def test_round_trip_in_a_storage_dtype(tmp_path: Path) -> None:
+    state = _shared_state()
+    file = tmp_path / "t.safetensors"
+    write_tensors(state, file, torch.bfloat16)
+    with safe_open(str(file), framework="pt") as handle:
+        assert sorted(handle.keys()) == ["embed.weight", "first", "second", "steps"]  # noqa: SIM118
+    back, aliases = read_tensors(file)
+    assert aliases == {"lm_head.weight": "embed.weight"}
+    assert sorted(back) == sorted(state)
+    for name, tensor in state.items():
+        expected = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+        assert back[name].dtype == expected.dtype
+        assert torch.equal(back[name], expected), name
+    assert back["lm_head.weight"] is back["embed.weight"]
+
+
+def test_no_tokenizer_files_no_tokenizer(tmp_path: Path) -> None:
+    assert saved_tokenizer(tmp_path) is None
