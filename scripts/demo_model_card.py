@@ -279,8 +279,9 @@ def model_card(result: dict[str, Any], cfg: dict[str, Any], summary: dict[str, A
                       "corpus and the evaluation code")
     layout_flag = "" if layout == "mixtral" else f" --layout {layout}"
     # A run cut by the wall-clock safety net is repeated exactly by stopping at the same step.
-    stop_flag = (f" --max-steps {done['steps']} --threads {tc['threads']}"
-                 if done["steps"] < done["planned_steps"] else "")
+    # The thread count is part of the recipe: reductions differ between thread counts, so the bits do too.
+    stop_flag = (f" --max-steps {done['steps']}" if done["steps"] < done["planned_steps"] else "")
+    stop_flag += f" --threads {tc['threads']}"
     tests = "tests/test_demo_model.py" if layout == "mixtral" else "tests/test_demo_fine_model.py"
     return f"""# {title}
 
