@@ -25,7 +25,6 @@ from moeslim.data.calibration_set import CalibrationSet, calibration_fields
 from moeslim.methods.lowrank.allocate import allocate_ranks, projection_params, shared_base_rank
 from moeslim.methods.lowrank.config import LowRankConfig
 from moeslim.methods.lowrank.shared_base import fisher_base
-from moeslim.methods.lowrank.svd import WhitenedSVD, is_dense, whitened_svd, whitening
 from moeslim.methods.router_fit import (
     TokenInputs,
     block_loss,
@@ -34,6 +33,7 @@ from moeslim.methods.router_fit import (
     original_routed,
     token_inputs,
 )
+from moeslim.methods.whitened_svd import WhitenedSVD, is_dense, whitened_svd, whitening
 from moeslim.models import MoELayer
 from moeslim.models.expert_edit import ExpertMatrices, compressed_outputs, read_experts, router_bias
 from moeslim.plans import Plan, Provenance
