@@ -7,7 +7,9 @@
 (out, in) (D2-MoE) expert e computes base + its own (dense or factored) delta. Two options serve merged and
 compressed experts (MC-SMoE): ``sparse_rows`` keeps per stored expert j a few rows ``s{j}`` (k, in) of its
 residual at output rows ``rows{j}`` (k,) (low-rank + structured sparse), and ``slots`` (E,) maps each router
-slot to the stored expert it computes (K stored for E slots: the router keeps its rows). The attribute ``name``
+slot to the stored expert it computes (K stored for E slots: the router keeps its rows). With ``bases`` m > 0
+(MoBE) every expert keeps only ``a{e}`` (out, r): its B_e = sum_j mix[e, j] basis[j] mixes m bases (m, r, in)
+shared by the layer's experts. The attribute ``name``
 becomes a meta-device placeholder of the original shape (no bytes; any use of it fails loudly). The experts
 forward ``moeslim_lowrank`` (registered in transformers' ``ALL_EXPERTS_FUNCTIONS``) computes only the routed
 experts, x -> (x B^T) A^T, with the module's own gate, biases and post-expert norm; under skipping
@@ -54,11 +56,13 @@ class LowRankProjection(nn.Module):
 
     def __init__(self, out: int, inp: int, ranks: Sequence[int], dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, shared_base: bool = False,
-                 sparse_rows: Sequence[int] | None = None, slots: Sequence[int] | None = None) -> None:
+                 sparse_rows: Sequence[int] | None = None, slots: Sequence[int] | None = None,
+                 bases: int = 0) -> None:
         super().__init__()
         self.out_features, self.in_features = int(out), int(inp)
         self.ranks = [int(r) for r in ranks]
         self.shared_base = bool(shared_base)
+        self.bases = int(bases)
         self.sparse_rows = [0] * len(self.ranks) if sparse_rows is None else [int(k) for k in sparse_rows]
         self.slots = list(range(len(self.ranks))) if slots is None else [int(j) for j in slots]
         if len(self.sparse_rows) != len(self.ranks) or not all(0 <= k <= out for k in self.sparse_rows):
@@ -72,8 +76,18 @@ class LowRankProjection(nn.Module):
                 self.register_buffer(f"rows{j}", torch.empty(k, dtype=torch.long, device=device))
         if self.shared_base:
             self.base = nn.Parameter(torch.empty(out, inp, dtype=dtype, device=device), requires_grad=False)
+        if self.bases:
+            if len(set(self.ranks)) != 1 or not 1 <= self.ranks[0] <= inp:
+                raise ValueError(f"shared bases need one rank in [1, {inp}] for every expert, got {self.ranks}")
+            r = self.ranks[0]
+            self.basis = nn.Parameter(torch.empty(self.bases, r, inp, dtype=dtype, device=device), requires_grad=False)
+            self.mix = nn.Parameter(torch.empty(len(self.ranks), self.bases, dtype=dtype, device=device),
+                                    requires_grad=False)
         for e, r in enumerate(self.ranks):
-            if is_dense(r, out, inp):
+            if self.bases:
+                self.register_parameter(f"a{e}", nn.Parameter(torch.empty(out, r, dtype=dtype, device=device),
+                                                              requires_grad=False))
+            elif is_dense(r, out, inp):
                 self.register_parameter(f"w{e}", nn.Parameter(torch.empty(out, inp, dtype=dtype, device=device),
                                                               requires_grad=False))
             else:
@@ -86,20 +100,29 @@ class LowRankProjection(nn.Module):
     def from_projections(cls, projections: Sequence[tuple[Tensor, ...]], dtype: torch.dtype,
                          device: torch.device | str | None = None, base: Tensor | None = None,
                          sparse: Sequence[tuple[Tensor, Tensor] | None] | None = None,
-                         slots: Sequence[int] | None = None) -> LowRankProjection:
+                         slots: Sequence[int] | None = None, bases: tuple[Tensor, Tensor] | None = None
+                         ) -> LowRankProjection:
         """From per-expert ``(W,)`` (out, in) or ``(A, B)`` tuples; with ``base`` (out, in) they are deltas.
 
         ``sparse``: per stored expert None or (rows (k,) long, values (k, in)) added to those output rows;
-        ``slots`` (E,): the stored expert of each router slot (None: one per slot)."""
+        ``slots`` (E,): the stored expert of each router slot (None: one per slot); ``bases``: (bases (m, r, in),
+        mix (E, m)) shared by the experts, whose B of each ``(A, B)`` is then not stored."""
         first = projections[0]
         out = int(first[0].shape[0])
         inp = int(first[0].shape[1] if len(first) == 1 else first[1].shape[1])
         ranks = [min(out, inp) if len(p) == 1 else int(p[0].shape[1]) for p in projections]
         counts = None if sparse is None else [0 if s is None else int(s[0].numel()) for s in sparse]
-        module = cls(out, inp, ranks, dtype, device, shared_base=base is not None, sparse_rows=counts, slots=slots)
+        module = cls(out, inp, ranks, dtype, device, shared_base=base is not None, sparse_rows=counts, slots=slots,
+                     bases=0 if bases is None else int(bases[0].shape[0]))
         with torch.no_grad():
             if base is not None:
                 module.base.copy_(base)
+            if bases is not None:
+                module.basis.copy_(bases[0])
+                module.mix.copy_(bases[1])
+                for e, p in enumerate(projections):
+                    getattr(module, f"a{e}").copy_(p[0])
+                return module
             for j, part in enumerate(sparse or []):
                 if part is not None and part[0].numel():
                     getattr(module, f"rows{j}").copy_(part[0])
@@ -116,13 +139,19 @@ class LowRankProjection(nn.Module):
         """Whether stored expert e is kept as its dense matrix."""
         return f"w{e}" in self._parameters
 
+    def _b(self, j: int) -> Tensor:
+        """(r, in) stored expert j's right factor: its own, or its mixture of the shared bases."""
+        if self.bases:
+            return torch.einsum("m,mri->ri", self.mix[j], self.basis)
+        return getattr(self, f"b{j}")
+
     def matmul(self, e: int, x: Tensor) -> Tensor:
         """x (n, in) -> (n, out) through router slot e."""
         j = self.slots[e]
         if self.is_dense(j):
             own = F.linear(x, getattr(self, f"w{j}").to(x.dtype))
         else:
-            own = F.linear(F.linear(x, getattr(self, f"b{j}").to(x.dtype)), getattr(self, f"a{j}").to(x.dtype))
+            own = F.linear(F.linear(x, self._b(j).to(x.dtype)), getattr(self, f"a{j}").to(x.dtype))
         if self.sparse_rows[j]:
             own = own.index_add(1, getattr(self, f"rows{j}"), F.linear(x, getattr(self, f"s{j}").to(x.dtype)))
         return own + F.linear(x, self.base.to(x.dtype)) if self.shared_base else own
@@ -130,7 +159,7 @@ class LowRankProjection(nn.Module):
     def weight(self, e: int) -> Tensor:
         """(out, in) the matrix router slot e computes with."""
         j = self.slots[e]
-        own = getattr(self, f"w{j}") if self.is_dense(j) else getattr(self, f"a{j}") @ getattr(self, f"b{j}")
+        own = getattr(self, f"w{j}") if self.is_dense(j) else getattr(self, f"a{j}") @ self._b(j)
         if self.sparse_rows[j]:
             own = own.index_add(0, getattr(self, f"rows{j}"), getattr(self, f"s{j}"))
         return own + self.base if self.shared_base else own
@@ -175,10 +204,10 @@ def _shapes(experts: nn.Module, name: str) -> tuple[int, int]:
     return (int(w.shape[2]), int(w.shape[1])) if transposed else (int(w.shape[1]), int(w.shape[2]))
 
 
-def install_empty(model: nn.Module, layers: Mapping[str, Mapping[str, Sequence[int]]], dtype: torch.dtype) -> None:
+def install_empty(model: nn.Module, layers: Mapping[str, Mapping[str, Any]], dtype: torch.dtype) -> None:
     """Install uninitialised projections of the recorded ranks ({layer: {"up_ranks", "down_ranks"}, and
-    "shared_base": true for D2-MoE layers; merged and compressed experts: "up_sparse_rows", "down_sparse_rows"
-    per stored expert and "slots" per router slot})."""
+    "shared_base": true for D2-MoE layers, "bases": m for MoBE layers; merged and compressed experts:
+    "up_sparse_rows", "down_sparse_rows" per stored expert and "slots" per router slot})."""
     found = {layer.layer_idx: layer for layer in find_moe_layers(model)}
     for idx, entry in layers.items():
         layer = found[int(idx)]
@@ -187,7 +216,8 @@ def install_empty(model: nn.Module, layers: Mapping[str, Mapping[str, Sequence[i
             out, inp = _shapes(layer.experts, name)
             install_lowrank(layer.experts, name, LowRankProjection(
                 out, inp, entry[f"{kind}_ranks"], dtype, device="meta", shared_base=bool(entry.get("shared_base")),
-                sparse_rows=entry.get(f"{kind}_sparse_rows"), slots=entry.get("slots")))
+                sparse_rows=entry.get(f"{kind}_sparse_rows"), slots=entry.get("slots"),
+                bases=int(entry.get("bases", 0))))
 
 
 def save_lowrank(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
