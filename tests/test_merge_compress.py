@@ -125,3 +125,21 @@ def test_bad_compression_options_fail_before_calibration() -> None:
         MergeConfig(keep=4, compress_sparse=1.0)
     with pytest.raises(ConfigError, match="lower compress_sparse"):
         MergeConfig(keep=4, compress_ratio=0.2, compress_sparse=0.3)
+
+
+def test_cli_plan_merge_with_compression_then_apply_and_load(tiny_model_dir, tmp_path) -> None:
+    """`--compress-ratio` is a flag; apply redraws the windows (covariances) and writes the low-rank form."""
+    from moeslim.cli import main
+
+    calib = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+    plan = tmp_path / "merge.json"
+    assert main(["plan", "merge", str(tiny_model_dir), "--method", "mc-smoe", "--keep", "6", "--compress-ratio",
+                 "0.5", *calib, "--out", str(plan)]) == 0
+    ckpt = tmp_path / "mc"
+    assert main(["apply", str(tiny_model_dir), str(plan), "--out", str(ckpt)]) == 0
+    model, _ = moeslim.load(ckpt)
+    assert model.config.moeslim["merge"]["compress"]
+    layer = find_moe_layers(model)[0]
+    store = lowrank_storage(layer.experts)
+    assert store and len(store["down_proj"].slots) == layer.num_experts == 8
+    assert len(store["down_proj"].ranks) < 8  # one stored expert per group
