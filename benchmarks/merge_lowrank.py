@@ -174,6 +174,8 @@ def run_model(bench: Bench, shares: list[float], rows: list[dict[str, Any]], wri
     for share in shares:
         keep = round(share * bench.experts)
         for v in variants(keep, bench.experts, share, bench.args.ablations):
+            if bench.args.methods and not any(m in v.label for m in bench.args.methods):
+                continue
             start = time.perf_counter()
             plan = v.planner(bench.model, bench.calibration, v.config, bench.name)
             model = copy.deepcopy(bench.model)
@@ -198,6 +200,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--ablations", action="store_true",
                         help="also HC-SMoE with cosine distance and D2-MoE with greedy delta ranks")
+    parser.add_argument("--methods", nargs="*", default=[],
+                        help="run only the rows whose label contains one of these strings (the original always)")
     parser.add_argument("--rows", default=None, help="JSON file the rows are kept in (default: --out with .json)")
     parser.add_argument("--include", nargs="*", default=[],
                         help="JSON row files of earlier runs whose models this run does not measure")
@@ -219,7 +223,11 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         Path(args.rows or Path(args.out).with_suffix(".json")).write_text(json.dumps(this, indent=1),
                                                                           encoding="utf-8")
-        every = [r for run in runs for r in run["rows"] if run is this or r["model"] not in args.models]
+        measured = {(r["model"], r["method"], r["share"]) for r in rows}
+        every = rows + [r for run in runs if run is not this for r in run["rows"]
+                        if (r["model"], r["method"], r["share"]) not in measured]  # this run's rows win
+        order = list(dict.fromkeys(r["model"] for r in every))
+        every.sort(key=lambda r: (order.index(r["model"]), r["method"] != "original", r["share"]))
         columns = [c for c in dict.fromkeys(k for r in every for k in r["scores"]) if not c.endswith("acc")]
         accs = [c for c in dict.fromkeys(k for r in every for k in r["scores"]) if c.endswith("acc")]
 
@@ -241,9 +249,12 @@ def main() -> None:
             "KL: mean KL(original || compressed) per predicted token over the full vocabulary.",
             "",
             "unique expert params: the expert weights the method keeps, relative to the original (merged experts "
-            "counted once; low-rank: factors + shared bases + matrices left dense). stored expert params: what the "
-            "saved checkpoint holds. Merging with router keep writes every group's merged expert into each member's "
-            "slot so that stock transformers runs it: the checkpoint keeps all E experts and the original bytes.",
+            "counted once; low-rank: factors + shared bases + matrices left dense; compressed merges: factors + "
+            "kept residual rows, row indices not counted). stored expert params: what the saved checkpoint holds. "
+            "Merging with router keep writes every group's merged expert into each member's slot so that stock "
+            "transformers runs it: the checkpoint keeps all E experts and the original bytes. Compressed merges "
+            "and low-rank rows are saved in moeslim's low-rank form (`moeslim.load`): one stored copy per merged "
+            "expert, every router slot pointing at its group's.",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),
