@@ -188,7 +188,8 @@ def run_model(bench: Bench, shares: list[float], rows: list[dict[str, Any]], wri
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["demo", "demo-fine"], help="'tiny' for a tiny random Mixtral")
+    parser.add_argument("--models", nargs="*", default=["demo", "demo-fine"],
+                        help="'tiny' for a tiny random Mixtral; none: only write the tables of --include")
     parser.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5],
                         help="shares of the expert parameters kept")
     parser.add_argument("--samples", type=int, default=16, help="calibration windows")
@@ -215,19 +216,23 @@ def main() -> None:
     runs: list[dict[str, Any]] = list(earlier)
     rows: list[dict[str, Any]] = []
     this = {"command": command, "seconds": 0.0, "models": args.models, "rows": rows}
-    runs.append(this)
+    if args.models:
+        runs.append(this)
 
     def write() -> None:
         this["seconds"] = time.perf_counter() - start
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        Path(args.rows or Path(args.out).with_suffix(".json")).write_text(json.dumps(this, indent=1),
-                                                                          encoding="utf-8")
-        measured = {(r["model"], r["method"], r["share"]) for r in rows}
-        every = rows + [r for run in runs if run is not this for r in run["rows"]
-                        if (r["model"], r["method"], r["share"]) not in measured]  # this run's rows win
+        if args.models:
+            Path(args.rows or Path(args.out).with_suffix(".json")).write_text(json.dumps(this, indent=1),
+                                                                              encoding="utf-8")
+        latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for run in runs:  # this run last: a row measured again replaces the earlier one
+            latest.update({(r["model"], r["method"], r["share"]): r for r in run["rows"]})
+        every = list(latest.values())
         order = list(dict.fromkeys(r["model"] for r in every))
-        every.sort(key=lambda r: (order.index(r["model"]), r["method"] != "original", r["share"]))
+        every.sort(key=lambda r: (order.index(r["model"]), r["method"] != "original", r["share"],
+                                  r["method"].startswith("ablation")))
         columns = [c for c in dict.fromkeys(k for r in every for k in r["scores"]) if not c.endswith("acc")]
         accs = [c for c in dict.fromkeys(k for r in every for k in r["scores"]) if c.endswith("acc")]
 
@@ -281,6 +286,8 @@ def main() -> None:
 
     for name in args.models:
         run_model(Bench(name, args), args.shares, rows, write)
+    if not args.models:
+        write()
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
 
 
