@@ -29,6 +29,7 @@ import argparse
 import copy
 import json
 import math
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +51,10 @@ from moeslim.models import find_moe_layers
 from moeslim.plans import Plan
 from moeslim.runtime.lowrank import lowrank_storage
 
+# The order of the rows within a model and share in the tables (label prefixes; anything else last).
+ROW_ORDER = ("original", "prune enumerate", "prune reap", "merge hc-smoe, router keep", "merge mc-smoe, router keep",
+             "merge hc-smoe, router fit", "merge mc-smoe, router fit", "merge mc-smoe to", "low-rank svd-llm",
+             "low-rank d2moe", "low-rank mobe", "ablation", "")
 ENUMERATE_LIMIT = 5_000  # kept sets per layer above which the enumerate row is left out
 
 
@@ -211,7 +216,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    command = f"python benchmarks/merge_lowrank.py {' '.join(sys.argv[1:])}"
+    command = f"python benchmarks/merge_lowrank.py {shlex.join(sys.argv[1:])}"
     earlier = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.include]
     runs: list[dict[str, Any]] = list(earlier)
     rows: list[dict[str, Any]] = []
@@ -232,7 +237,7 @@ def main() -> None:
         every = list(latest.values())
         order = list(dict.fromkeys(r["model"] for r in every))
         every.sort(key=lambda r: (order.index(r["model"]), r["method"] != "original", r["share"],
-                                  r["method"].startswith("ablation")))
+                                  next(i for i, p in enumerate(ROW_ORDER) if r["method"].startswith(p))))
         columns = [c for c in dict.fromkeys(k for r in every for k in r["scores"]) if not c.endswith("acc")]
         accs = [c for c in dict.fromkeys(k for r in every for k in r["scores"]) if c.endswith("acc")]
 
