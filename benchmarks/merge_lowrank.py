@@ -8,23 +8,28 @@ Rows per budget (share s of the expert weights; K = s * E experts):
   group's merged expert; HC-SMoE Euclidean + average linkage + frequency weights; MC-SMoE frequency-dominant
   experts, router-logit similarity, weight-matching alignment, global group counts);
 - the same two with the fitted router (``router='fit'``: K experts and K least-squares router rows, the hybrid);
-- low-rank svd-llm (per-expert whitened SVD) and d2moe (Fisher-weighted shared base + per-expert deltas) at
-  ratio s;
-- two ablations: HC-SMoE with cosine instead of Euclidean distance, D2-MoE with greedy instead of uniform delta
-  ranks.
+- MC-SMoE with its compression stage (merge to 3E/4 groups with the authors' router, then every merged expert
+  low-rank + 10 % of its residual rows at compress_ratio = s / 0.75, so the unique parameters are s);
+- low-rank svd-llm (per-expert whitened SVD), d2moe (Fisher-weighted shared base + per-expert deltas) and mobe
+  (E/4 shared bases mixed per expert) at ratio s;
+- ablation: the compression stage with the authors' plain SVD and magnitude rows (no calibration whitening);
+  with ``--ablations`` also HC-SMoE with cosine instead of Euclidean distance and D2-MoE with greedy delta ranks.
 
 "unique expert params" is what the method keeps; for router='keep' the saved stock checkpoint still stores E
-experts (members repeat their group's merged weights), see the "stored" column. Usage:
+experts (members repeat their group's merged weights), see the "stored" column. Every row is also kept in a JSON
+file (``--rows``), and ``--include`` adds the rows of earlier runs (other models) to the written tables. Usage:
 
     python benchmarks/merge_lowrank.py --threads 1 --out docs/results-merge.md        # both demo models
-    python benchmarks/merge_lowrank.py --tiny --models tiny     # a tiny random Mixtral (develop the script)
+    python benchmarks/merge_lowrank.py --models tiny --out /tmp/m.md     # a tiny random Mixtral (develop the script)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +51,10 @@ from moeslim.models import find_moe_layers
 from moeslim.plans import Plan
 from moeslim.runtime.lowrank import lowrank_storage
 
+# The order of the rows within a model and share in the tables (label prefixes; anything else last).
+ROW_ORDER = ("original", "prune enumerate", "prune reap", "merge hc-smoe, router keep", "merge mc-smoe, router keep",
+             "merge hc-smoe, router fit", "merge mc-smoe, router fit", "merge mc-smoe to", "low-rank svd-llm",
+             "low-rank d2moe", "low-rank mobe", "ablation", "")
 ENUMERATE_LIMIT = 5_000  # kept sets per layer above which the enumerate row is left out
 
 
@@ -69,7 +78,9 @@ class Variant:
     config: Any
 
 
-def variants(keep: int, experts: int, share: float) -> list[Variant]:
+def variants(keep: int, experts: int, share: float, ablations: bool) -> list[Variant]:
+    merged = round(0.75 * experts)  # MC-SMoE with compression: merge to 3E/4, compress to share / (3/4)
+    ratio = share * experts / merged
     rows = []
     if math.comb(experts, keep) <= ENUMERATE_LIMIT:
         rows.append(Variant("prune enumerate", plan_prune_with_router_fit, PruneConfig(keep=keep, method="enumerate")))
@@ -81,14 +92,22 @@ def variants(keep: int, experts: int, share: float) -> list[Variant]:
                 MergeConfig(keep=keep, method="hc-smoe", router="fit")),
         Variant("merge mc-smoe, router fit (hybrid)", plan_merge,
                 MergeConfig(keep=keep, method="mc-smoe", router="fit")),
+        Variant(f"merge mc-smoe to {merged}/{experts} + compression (MC-SMoE), router keep", plan_merge,
+                MergeConfig(keep=merged, method="mc-smoe", compress_ratio=ratio)),
         Variant("low-rank svd-llm (per expert)", plan_lowrank, LowRankConfig(ratio=share, method="svd-llm")),
         Variant("low-rank d2moe (shared base + deltas)", plan_lowrank, LowRankConfig(ratio=share, method="d2moe")),
-        # ablations: one setting changed from the row above its name
-        Variant("ablation: merge hc-smoe, router keep, cosine distance", plan_merge,
-                MergeConfig(keep=keep, method="hc-smoe", metric="cosine")),
-        Variant("ablation: low-rank d2moe, greedy delta ranks", plan_lowrank,
-                LowRankConfig(ratio=share, method="d2moe", delta_ranks="greedy")),
+        Variant("low-rank mobe (E/4 shared bases)", plan_lowrank, LowRankConfig(ratio=share, method="mobe")),
+        # ablations: one setting changed from the row named
+        Variant("ablation: MC-SMoE compression, plain SVD + magnitude rows (authors')", plan_merge,
+                MergeConfig(keep=merged, method="mc-smoe", compress_ratio=ratio, compress_whiten=False)),
     ]
+    if ablations:
+        rows += [
+            Variant("ablation: merge hc-smoe, router keep, cosine distance", plan_merge,
+                    MergeConfig(keep=keep, method="hc-smoe", metric="cosine")),
+            Variant("ablation: low-rank d2moe, greedy delta ranks", plan_lowrank,
+                    LowRankConfig(ratio=share, method="d2moe", delta_ranks="greedy")),
+        ]
     return rows
 
 
@@ -143,31 +162,25 @@ class Bench:
 
     def unique_share(self, plan: Plan, model: nn.Module) -> float:
         """Share of the original expert parameters the method keeps (merged experts counted once)."""
-        if plan.kind == "merge":
+        if plan.kind == "merge" and not plan.summary.get("compress"):
             groups = sum(len(entry["groups"]) for entry in plan.layers.values())
             return groups / (self.experts * self.layers)
         return expert_params(model) / self.base_params
 
 
-def run_model(bench: Bench, shares: list[float], rows: list[list[str]], columns: list[str],
-              write: Callable[[], None]) -> None:
-    scores = bench.evaluate(bench.model)
-    if not columns:
-        columns.extend(scores)
-    elif list(scores) != columns:
-        raise ValueError(f"{bench.name} scores {list(scores)}, the table has {columns}")
-
+def run_model(bench: Bench, shares: list[float], rows: list[dict[str, Any]], write: Callable[[], None]) -> None:
     def row(label: str, share: str, unique: float, stored: float, values: dict[str, float], seconds: str) -> None:
-        cells = [f"{max(values[c], 0.0):.4f}" if c.startswith("KL") else
-                 f"{values[c]:.3f}" if c.endswith("acc") else f"{values[c]:.2f}" for c in columns]
-        rows.append([f"`{bench.name}`", label, share, f"{unique:.3f}", f"{stored:.3f}", *cells, seconds])
-        print(" | ".join(rows[-1]), flush=True)
+        rows.append({"model": bench.name, "method": label, "share": share, "unique": unique, "stored": stored,
+                     "scores": values, "seconds": seconds})
+        print(json.dumps(rows[-1]), flush=True)
         write()
 
-    row("original", "1.00", 1.0, 1.0, scores, "")
+    row("original", "1.00", 1.0, 1.0, bench.evaluate(bench.model), "")
     for share in shares:
         keep = round(share * bench.experts)
-        for v in variants(keep, bench.experts, share):
+        for v in variants(keep, bench.experts, share, bench.args.ablations):
+            if bench.args.methods and not any(m in v.label for m in bench.args.methods):
+                continue
             start = time.perf_counter()
             plan = v.planner(bench.model, bench.calibration, v.config, bench.name)
             model = copy.deepcopy(bench.model)
@@ -180,7 +193,8 @@ def run_model(bench: Bench, shares: list[float], rows: list[list[str]], columns:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["demo", "demo-fine"], help="'tiny' for a tiny random Mixtral")
+    parser.add_argument("--models", nargs="*", default=["demo", "demo-fine"],
+                        help="'tiny' for a tiny random Mixtral; none: only write the tables of --include")
     parser.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5],
                         help="shares of the expert parameters kept")
     parser.add_argument("--samples", type=int, default=16, help="calibration windows")
@@ -190,43 +204,95 @@ def main() -> None:
     parser.add_argument("--task-items", type=int, default=0,
                         help="items per bundled offline task (lm-eval); 0: perplexity and KL only")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also HC-SMoE with cosine distance and D2-MoE with greedy delta ranks")
+    parser.add_argument("--methods", nargs="*", default=[],
+                        help="run only the rows whose label contains one of these strings (the original always)")
+    parser.add_argument("--rows", default=None, help="JSON file the rows are kept in (default: --out with .json)")
+    parser.add_argument("--include", nargs="*", default=[],
+                        help="JSON row files of earlier runs whose models this run does not measure")
     parser.add_argument("--out", default="docs/results-merge.md")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    rows: list[list[str]] = []
-    columns: list[str] = []
+    command = f"python benchmarks/merge_lowrank.py {shlex.join(sys.argv[1:])}"
+    earlier = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.include]
+    runs: list[dict[str, Any]] = list(earlier)
+    rows: list[dict[str, Any]] = []
+    this = {"command": command, "seconds": 0.0, "models": args.models, "rows": rows}
+    if args.models:
+        runs.append(this)
 
     def write() -> None:
+        this["seconds"] = time.perf_counter() - start
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if args.models:
+            Path(args.rows or Path(args.out).with_suffix(".json")).write_text(json.dumps(this, indent=1),
+                                                                              encoding="utf-8")
+        latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for run in runs:  # this run last: a row measured again replaces the earlier one
+            latest.update({(r["model"], r["method"], r["share"]): r for r in run["rows"]})
+        every = list(latest.values())
+        order = list(dict.fromkeys(r["model"] for r in every))
+        every.sort(key=lambda r: (order.index(r["model"]), r["method"] != "original", r["share"],
+                                  next(i for i, p in enumerate(ROW_ORDER) if r["method"].startswith(p))))
+        columns = [c for c in dict.fromkeys(k for r in every for k in r["scores"]) if not c.endswith("acc")]
+        accs = [c for c in dict.fromkeys(k for r in every for k in r["scores"]) if c.endswith("acc")]
+
+        def cell(r: dict[str, Any], c: str) -> str:
+            v = r["scores"].get(c)
+            if v is None:
+                return ""
+            return f"{max(v, 0.0):.4f}" if c.startswith("KL") else f"{v:.3f}" if c.endswith("acc") else f"{v:.2f}"
+
         header = ["model", "method", "share", "unique expert params", "stored expert params", *columns, "plan+apply"]
+        produced = "; ".join(f"`{run['command']}` ({', '.join(run['models'])}, {run['seconds']:.0f} s)"
+                             for run in runs)
         lines = [
             "# Pruning vs merging vs low-rank experts at 25 % and 50 % of the expert parameters",
             "",
-            f"Produced by `benchmarks/merge_lowrank.py` in {time.perf_counter() - start:.0f} s "
-            f"(`python benchmarks/merge_lowrank.py {' '.join(sys.argv[1:])}`). Calibration: {args.samples} windows x "
+            f"Produced by `benchmarks/merge_lowrank.py`: {produced}. Calibration: {args.samples} windows x "
             f"{args.seq_len} tokens (demo code + prose); evaluation: {args.eval_windows} held-out windows of "
             f"{args.seq_len} tokens per domain (fewer than the other results files: shared 2-core machine). "
-            "KL: mean KL(original || compressed) per predicted token over the full vocabulary."
-            + (f" Task accuracy: the bundled offline tasks, {args.task_items} items each (one standard error is "
-               f"about {50 / args.task_items ** 0.5:.0f} points)." if args.task_items else ""),
+            "KL: mean KL(original || compressed) per predicted token over the full vocabulary.",
             "",
             "unique expert params: the expert weights the method keeps, relative to the original (merged experts "
-            "counted once; low-rank: factors + shared bases + matrices left dense). stored expert params: what the "
-            "saved checkpoint holds. Merging with router keep writes every group's merged expert into each member's "
-            "slot so that stock transformers runs it: the checkpoint keeps all E experts and the original bytes.",
+            "counted once; low-rank: factors + shared bases + matrices left dense; compressed merges: factors + "
+            "kept residual rows, row indices not counted). stored expert params: what the saved checkpoint holds. "
+            "Merging with router keep writes every group's merged expert into each member's slot so that stock "
+            "transformers runs it: the checkpoint keeps all E experts and the original bytes. Compressed merges "
+            "and low-rank rows are saved in moeslim's low-rank form (`moeslim.load`): one stored copy per merged "
+            "expert, every router slot pointing at its group's.",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),
-            *["| " + " | ".join(r) + " |" for r in rows],
+            *["| " + " | ".join([f"`{r['model']}`", r["method"], r["share"], f"{r['unique']:.3f}",
+                                 f"{r['stored']:.3f}", *[cell(r, c) for c in columns], r["seconds"]]) + " |"
+              for r in every],
             "",
         ]
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        with_acc = [r for r in every if any(c in r["scores"] for c in accs)]
+        if with_acc:
+            lines += [
+                "## Task accuracy",
+                "",
+                "The bundled offline tasks (one standard error is about 5 points at 100 items: differences under "
+                "~10 points are noise).",
+                "",
+                "| " + " | ".join(["model", "method", "share", *accs]) + " |",
+                "|" + "---|" * (3 + len(accs)),
+                *["| " + " | ".join([f"`{r['model']}`", r["method"], r["share"], *[cell(r, c) for c in accs]]) + " |"
+                  for r in with_acc],
+                "",
+            ]
         out.write_text("\n".join(lines), encoding="utf-8")
 
     for name in args.models:
-        run_model(Bench(name, args), args.shares, rows, columns, write)
+        run_model(Bench(name, args), args.shares, rows, write)
+    if not args.models:
+        write()
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
 
 

@@ -14,7 +14,7 @@ import moeslim
 from moeslim.appliers import apply, needs_calibration
 from moeslim.config import ConfigError
 from moeslim.methods.lowrank import LowRankConfig, allocate_ranks, plan_lowrank, projection_params
-from moeslim.methods.lowrank.svd import whitened_svd, whitening
+from moeslim.methods.whitened_svd import whitened_svd, whitening
 from moeslim.models import find_moe_layers
 from moeslim.plans import PlanError
 from moeslim.runtime.lowrank import lowrank_storage

@@ -40,7 +40,8 @@ def lowrank_config(plan: Plan) -> LowRankConfig:
         raise PlanError(str(err)) from err
 
 
-def _plan_ranks(plan: Plan, layers: dict[int, MoELayer]) -> dict[int, tuple[list[int], list[int]]]:
+def _plan_ranks(plan: Plan, layers: dict[int, MoELayer], mobe: bool = False
+                ) -> dict[int, tuple[list[int], list[int]]]:
     out = {}
     for idx, entry in plan.layers.items():
         if idx not in layers:
@@ -54,7 +55,9 @@ def _plan_ranks(plan: Plan, layers: dict[int, MoELayer]) -> dict[int, tuple[list
             raise PlanError(f"lowrank plan layer {idx}: need {n} non-negative up and down ranks")
         views = expert_weight_views(layers[idx])
         for name, ranks, weight in (("up_ranks", up, views.up), ("down_ranks", down, views.down)):
-            full = min(weight.shape[1:])  # an (out, in) matrix has at most min(out, in) singular directions
+            # an (out, in) matrix has at most min(out, in) singular directions; a shared basis spans at most in
+            (out_dim, in_dim) = (weight.shape[2], weight.shape[1]) if views.transposed else weight.shape[1:]
+            full = int(in_dim) if mobe else min(int(out_dim), int(in_dim))
             over = [(e, r) for e, r in enumerate(ranks) if r > full]
             if over:
                 e, r = over[0]
@@ -75,7 +78,7 @@ def apply_lowrank(model: nn.Module, plan: Plan, calibration: CalibrationSet | to
         raise PlanError("the model's experts are already quantized / low-rank: apply lowrank to float experts")
     config = lowrank_config(plan)
     layers = {layer.layer_idx: layer for layer in find_moe_layers(model)}
-    ranks = _plan_ranks(plan, layers)
+    ranks = _plan_ranks(plan, layers, config.method == "mobe")
 
     def on_layer(layer: MoELayer, observers: Sequence[Observer]) -> LowRankLayer | None:
         if layer.layer_idx not in ranks:
@@ -98,12 +101,14 @@ def apply_lowrank(model: nn.Module, plan: Plan, calibration: CalibrationSet | to
         params_before += views.up.numel() + views.down.numel()
         if result.router_weight is not None:
             write_router(layer, result.router_weight, result.router_bias)
-        for name, projections, base in ((views.up_name, result.up, result.up_base),
-                                        (views.down_name, result.down, result.down_base)):
-            install_lowrank(layer.experts, name, LowRankProjection.from_projections(projections, dtype, where, base))
+        for name, projections, base, bases in ((views.up_name, result.up, result.up_base, result.up_bases),
+                                               (views.down_name, result.down, result.down_base, result.down_bases)):
+            install_lowrank(layer.experts, name, LowRankProjection.from_projections(projections, dtype, where, base,
+                                                                                    bases=bases))
         params_after += sum(p.params() for p in lowrank_storage(layer.experts).values())
     return {"lowrank": {
-        "layers": {str(idx): {"up_ranks": up, "down_ranks": down, **({"shared_base": True} if shared else {})}
+        "layers": {str(idx): {"up_ranks": up, "down_ranks": down, **({"shared_base": True} if shared else {}),
+                              **({"bases": config.bases_for(len(up))} if config.method == "mobe" else {})}
                    for idx, (up, down) in sorted(ranks.items())},
         "method": config.method,
         "ratio": config.ratio,

@@ -6,6 +6,10 @@ The plan holds the groups, merge weights and representatives. Here the merged ex
 - router='keep' (the papers'): the router is untouched (refitted only with recalibrate_router) and every
   expert slot gets its group's merged weights. The model keeps E experts per layer, so the saved checkpoint has
   the original size: fused (E, ...) tensors cannot share rows, and stock transformers has no slot -> expert map.
+- compression (MC-SMoE's stage 2, ``compress_rank`` / ``compress_ratio``): the merged experts' projections are
+  installed in the low-rank runtime (``runtime/lowrank.py``) as factors + kept residual rows, one stored expert
+  per group; with router='keep' every slot points at its group's (the checkpoint holds K experts, not E copies).
+  ``moeslim.save`` then writes the low-rank form, which ``moeslim.load`` reads (stock transformers cannot).
 - router='fit': with fit_rows='lse-fit' or recalibrate_router the K router rows are fitted on the plan's
   calibration windows (passed in, as for GPTQ); ``select_experts`` shrinks every layer to the representatives
   (config expert count, router rows, biases, group limits handled as for pruning) and the merged tensors are
@@ -29,7 +33,9 @@ from moeslim.methods.merge.driver import merged_block
 from moeslim.methods.router_fit import TokenInputs, token_inputs
 from moeslim.models import MoELayer, find_moe_layers, masked_routing_is_identity, select_experts
 from moeslim.models.expert_edit import write_experts, write_router
+from moeslim.models.expert_math import expert_weight_views
 from moeslim.plans import Plan, PlanError
+from moeslim.runtime.lowrank import LowRankProjection, install_lowrank
 
 __all__ = ["apply_merge", "merge_config", "plan_groups"]
 
@@ -104,12 +110,18 @@ def apply_merge(model: nn.Module, plan: Plan, calibration: CalibrationSet | torc
         merged = {idx: merge_layer(layers[idx], d, None, config, keep_groups) for idx, d in decisions.items()}
     if config.router == "fit":
         select_experts(model, reps)
+    stored: dict[str, dict[str, Any]] = {}
     for idx, layer in layers.items():  # views stay valid after select_experts
         m = merged[idx]
         write_experts(layer, m.slot_experts())
         write_router(layer, m.router_weight, m.router_bias, m.correction)
+        if m.compressed is not None:
+            stored[str(idx)] = _install_compressed(layer, m)
     unique = sum(len(d.groups) for d in decisions.values())
-    return {"merge": {
+    compressed = {"lowrank": {"layers": stored, "method": f"{config.method} compression",
+                              "compress_rank": config.compress_rank, "compress_ratio": config.compress_ratio,
+                              "compress_sparse": config.compress_sparse}} if stored else {}
+    return {**compressed, "merge": {
         "method": plan.provenance.method,
         "experts_before": before,
         "experts_after": max(layer.num_experts for layer in layers.values()),
@@ -118,4 +130,25 @@ def apply_merge(model: nn.Module, plan: Plan, calibration: CalibrationSet | torc
         "router": config.router,
         "recalibrate_router": config.recalibrate_router,
         "groups": {str(idx): d.groups for idx, d in sorted(decisions.items())},
+        "compress": bool(stored),
     }}
+
+
+def _install_compressed(layer: MoELayer, merged: MergedLayer) -> dict[str, Any]:
+    """Replace the layer's expert weights by the compressed merged experts (low-rank runtime, one stored expert
+    per group, every router slot pointing at its group's); return the layer's entry of the lowrank section."""
+    c = merged.compressed
+    if c is None:
+        raise ValueError("this merged layer was not compressed")
+    views = expert_weight_views(layer)
+    dtype, where = views.up.dtype, views.up.device
+    for name, factors, sparse in ((views.up_name, c.up, c.up_sparse), (views.down_name, c.down, c.down_sparse)):
+        install_lowrank(layer.experts, name, LowRankProjection.from_projections(
+            factors, dtype, where, sparse=sparse, slots=merged.slots))
+    entry: dict[str, Any] = {
+        "up_ranks": [min(views.up.shape[1:]) if len(f) == 1 else int(f[0].shape[1]) for f in c.up],
+        "down_ranks": [min(views.down.shape[1:]) if len(f) == 1 else int(f[0].shape[1]) for f in c.down],
+        "up_sparse_rows": c.info["up_sparse_rows"], "down_sparse_rows": c.info["down_sparse_rows"]}
+    if merged.slots is not None:
+        entry["slots"] = list(merged.slots)
+    return entry

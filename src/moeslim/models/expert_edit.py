@@ -23,8 +23,8 @@ from .attrs import callable_attr
 from .expert_math import expert_weight_views
 from .layer import MoELayer
 
-__all__ = ["ExpertMatrices", "compressed_outputs", "matrices_forward", "neuron_rows", "read_experts", "router_bias",
-           "write_experts", "write_router"]
+__all__ = ["ExpertMatrices", "compressed_outputs", "matrices_forward", "matrices_intermediate", "neuron_rows",
+           "read_experts", "router_bias", "write_experts", "write_router"]
 
 
 @dataclass(frozen=True)
@@ -149,13 +149,20 @@ def _act(layer: MoELayer, h: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def matrices_forward(layer: MoELayer, mats: ExpertMatrices, e: int, x: Tensor) -> Tensor:
-    """(T, H) -> (T, H): expert e of ``mats`` on tokens x, with the layer's gate / activation / post norm."""
+def matrices_intermediate(layer: MoELayer, mats: ExpertMatrices, e: int, x: Tensor) -> Tensor:
+    """(T, H) -> (T, I) float32: expert e of ``mats``'s activation on tokens x (the input of its down_proj)."""
     xf = x.float()
     h = xf @ mats.up[e].T.to(xf.device)
     if mats.up_bias is not None:
         h = h + mats.up_bias[e].to(xf.device)
-    out = _act(layer, h) @ mats.down[e].T.to(xf.device)
+    return _act(layer, h)
+
+
+@torch.no_grad()
+def matrices_forward(layer: MoELayer, mats: ExpertMatrices, e: int, x: Tensor) -> Tensor:
+    """(T, H) -> (T, H): expert e of ``mats`` on tokens x, with the layer's gate / activation / post norm."""
+    xf = x.float()
+    out = matrices_intermediate(layer, mats, e, xf) @ mats.down[e].T.to(xf.device)
     if mats.down_bias is not None:
         out = out + mats.down_bias[e].to(xf.device)
     experts = layer.experts

@@ -150,6 +150,11 @@ def _merge(plan: Plan) -> list[str]:
         groups = [" ".join("+".join(map(str, g)) for g in plan.layers[i]["groups"]) for i in layers]
         kept = f"{count} merged experts in {total} slots" if s.get("router") == "keep" else f"{count} experts"
         lines.append(f"{layer_span(layers)}: {total or '?'} -> {kept}, groups {_listed(groups)}")
+    shares = [float(v["compress"]["param_ratio"]) for v in (s.get("layers") or {}).values()
+              if isinstance(v, dict) and isinstance(v.get("compress"), dict)]
+    if shares:
+        lines.append(f"compressed (low-rank + residual rows): {min(shares):.1%}-{max(shares):.1%} of each merged "
+                     "expert's weights")
     lines += _loss_line(_per_layer(s, "loss"))
     lines += _router_fit(s)
     return lines
@@ -158,6 +163,9 @@ def _merge(plan: Plan) -> list[str]:
 def _lowrank(plan: Plan) -> list[str]:
     s = plan.summary
     detail = f"{s['param_ratio']:.1%} of the expert weights" if "param_ratio" in s else ""
+    bases = {int(b) for b in _per_layer(s, "bases").values()}
+    if bases:
+        detail += f", {'/'.join(map(str, sorted(bases)))} shared bases per layer"
     lines = [_header(plan, detail)]
     for idx in sorted(plan.layers)[:MAX_LISTED]:
         d = plan.layers[idx]

@@ -2,10 +2,10 @@
 
 Each projection m (out_m, in_m) at rank r costs min(r (out_m + in_m), out_m in_m) parameters (a rank that would
 cost more than the matrix keeps the matrix dense, exactly). Its error falls by s_{m,r}^2 when rank r + 1 is added
-(``svd.WhitenedSVD.energies``, decreasing in r). Greedy: repeatedly buy the step with the largest error drop per
-parameter that still fits; the step that reaches the dense break-even buys the whole rest of the matrix. With
-decreasing gains per matrix this is the classic greedy for a separable concave knapsack (optimal up to the last,
-partially fitting step).
+(``methods.whitened_svd.WhitenedSVD.energies``, decreasing in r). Greedy: repeatedly buy the step with the largest
+error drop per parameter that still fits; the step that reaches the dense break-even buys the whole rest of the
+matrix. With decreasing gains per matrix this is the classic greedy for a separable concave knapsack (optimal up to
+the last, partially fitting step).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from moeslim.methods.lowrank.svd import is_dense
+from moeslim.methods.whitened_svd import is_dense
 
 __all__ = ["allocate_ranks", "projection_params", "shared_base_rank"]
 

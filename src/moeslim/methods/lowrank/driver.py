@@ -3,6 +3,8 @@
 method 'svd-llm': each expert's own whitened SVD, ranks allocated greedily across the layer's experts.
 method 'd2moe': a Fisher-weighted shared base per projection kind (``shared_base.fisher_base``) and each expert's
 whitened SVD of its delta, one delta rank for every expert (``allocate.shared_base_rank``).
+method 'mobe': each expert A_e B_e with B_e a mixture of a few bases shared by the layer's experts
+(``mobe.fit_mobe``), one rank per projection kind (``mobe.mobe_rank``).
 
 The plan holds the ranks. The factors are recomputed deterministically by ``lowrank_layer`` from the layer's
 per-expert input covariances on the plan's calibration windows, in the planner (to report the losses) and in
@@ -24,8 +26,8 @@ from moeslim.calibrate.hessians import ExpertHessians, ExpertHessianSummary
 from moeslim.data.calibration_set import CalibrationSet, calibration_fields
 from moeslim.methods.lowrank.allocate import allocate_ranks, projection_params, shared_base_rank
 from moeslim.methods.lowrank.config import LowRankConfig
+from moeslim.methods.lowrank.mobe import fit_mobe, mobe_params, mobe_rank
 from moeslim.methods.lowrank.shared_base import fisher_base
-from moeslim.methods.lowrank.svd import WhitenedSVD, is_dense, whitened_svd, whitening
 from moeslim.methods.router_fit import (
     TokenInputs,
     block_loss,
@@ -34,6 +36,7 @@ from moeslim.methods.router_fit import (
     original_routed,
     token_inputs,
 )
+from moeslim.methods.whitened_svd import WhitenedSVD, is_dense, whitened_svd, whitening
 from moeslim.models import MoELayer
 from moeslim.models.expert_edit import ExpertMatrices, compressed_outputs, read_experts, router_bias
 from moeslim.plans import Plan, Provenance
@@ -57,6 +60,8 @@ class LowRankLayer:
     info: dict[str, Any]
     up_base: Tensor | None = None
     down_base: Tensor | None = None
+    up_bases: tuple[Tensor, Tensor] | None = None  # MoBE: shared bases (m, r, in) and mixing weights (E, m)
+    down_bases: tuple[Tensor, Tensor] | None = None
 
 
 def lowrank_observers(layer: MoELayer, config: LowRankConfig) -> list[Observer]:
@@ -108,6 +113,10 @@ def _stored(svd: WhitenedSVD, weight: Tensor, rank: int) -> Projection:
     return svd.factors(rank)
 
 
+def _factors(a: Tensor, b: Tensor) -> Projection:
+    return (a, b)
+
+
 def _dense(p: Projection) -> Tensor:
     return p[0] if len(p) == 1 else p[0] @ p[1]
 
@@ -122,25 +131,41 @@ def lowrank_layer(layer: MoELayer, hessians: ExpertHessianSummary, x: Tensor | N
     start = time.perf_counter()
     original = read_experts(layer)
     up_base = down_base = None
+    up_bases = down_bases = None
     mats = original
-    if config.method == "d2moe":
-        up_base, down_base = fisher_base(original.up, hessians.up), fisher_base(original.down, hessians.down)
-        mats = ExpertMatrices(up=original.up - up_base, down=original.down - down_base,  # the deltas
-                              up_bias=original.up_bias, down_bias=original.down_bias)
-    svds = layer_svds(mats, hessians, config.damp)
-    unrouted = _unrouted(hessians)
-    up_r, down_r = ranks if ranks is not None else choose_ranks(mats, svds, unrouted, config)
     n = mats.num_experts
-    if len(up_r) != n or len(down_r) != n:
-        raise ValueError(f"need {n} up and down ranks, got {len(up_r)} and {len(down_r)}")
-    up = [_stored(svds[0][e], mats.up[e], up_r[e]) for e in range(n)]
-    down = [_stored(svds[1][e], mats.down[e], down_r[e]) for e in range(n)]
-    params = sum(projection_params(up_r[e], *mats.up.shape[1:]) + projection_params(down_r[e], *mats.down.shape[1:])
-                 for e in range(n))
-    params += sum(b.numel() for b in (up_base, down_base) if b is not None)
+    unrouted = _unrouted(hessians)
+    info: dict[str, Any] = {}
+    if config.method == "mobe":
+        m = config.bases_for(n)
+        up_r, down_r = ranks if ranks is not None else mobe_ranks(mats, m, config)
+        if len(set(up_r)) != 1 or len(set(down_r)) != 1 or len(up_r) != n or len(down_r) != n:
+            raise ValueError(f"mobe needs one rank for all {n} experts per projection kind, got {up_r} / {down_r}")
+        fits = [fit_mobe(w, h, r[0], m, config.damp) for w, h, r in ((mats.up, hessians.up, up_r),
+                                                                      (mats.down, hessians.down, down_r))]
+        up, down = ([_factors(f.a[e], f.basis(e)) for e in range(n)] for f in fits)
+        up_bases, down_bases = ((f.bases, f.mix) for f in fits)
+        params = sum(mobe_params(n, m, r[0], *w.shape[1:]) for w, r in ((mats.up, up_r), (mats.down, down_r)))
+        info["bases"] = m
+        info["fit_error"] = {kind: {"shared_basis": f.error_start, "mobe": f.error}
+                             for kind, f in zip(("up", "down"), fits, strict=True)}
+    else:
+        if config.method == "d2moe":
+            up_base, down_base = fisher_base(original.up, hessians.up), fisher_base(original.down, hessians.down)
+            mats = ExpertMatrices(up=original.up - up_base, down=original.down - down_base,  # the deltas
+                                  up_bias=original.up_bias, down_bias=original.down_bias)
+        svds = layer_svds(mats, hessians, config.damp)
+        up_r, down_r = ranks if ranks is not None else choose_ranks(mats, svds, unrouted, config)
+        if len(up_r) != n or len(down_r) != n:
+            raise ValueError(f"need {n} up and down ranks, got {len(up_r)} and {len(down_r)}")
+        up = [_stored(svds[0][e], mats.up[e], up_r[e]) for e in range(n)]
+        down = [_stored(svds[1][e], mats.down[e], down_r[e]) for e in range(n)]
+        params = sum(projection_params(up_r[e], *mats.up.shape[1:]) +
+                     projection_params(down_r[e], *mats.down.shape[1:]) for e in range(n))
+        params += sum(b.numel() for b in (up_base, down_base) if b is not None)
     dense_params = n * (mats.up.shape[1] * mats.up.shape[2] + mats.down.shape[1] * mats.down.shape[2])
-    info: dict[str, Any] = {"up_ranks": list(up_r), "down_ranks": list(down_r), "param_ratio": params / dense_params,
-                            "unrouted": unrouted}
+    info = {"up_ranks": list(up_r), "down_ranks": list(down_r), "param_ratio": params / dense_params,
+            "unrouted": unrouted, **info}
     weight = bias = None
     if x is not None:
         def full(p: Projection, base: Tensor | None) -> Tensor:
@@ -163,7 +188,17 @@ def lowrank_layer(layer: MoELayer, hessians: ExpertHessianSummary, x: Tensor | N
             info["router_fit"] = fit.summary()
             info["loss"] = fit.loss_after
     info["seconds"] = time.perf_counter() - start
-    return LowRankLayer(up, down, weight, bias, info, up_base, down_base)
+    return LowRankLayer(up, down, weight, bias, info, up_base, down_base, up_bases, down_bases)
+
+
+def mobe_ranks(mats: ExpertMatrices, bases: int, config: LowRankConfig) -> tuple[list[int], list[int]]:
+    """MoBE: one rank per projection kind, the largest whose factors, bases and mixing weights keep ``ratio`` of
+    that kind's parameters."""
+    out = []
+    for weights in (mats.up, mats.down):
+        n, rows, cols = weights.shape
+        out.append([mobe_rank(n, bases, rows, cols, int(config.ratio * n * rows * cols), config.min_rank)] * n)
+    return out[0], out[1]
 
 
 def plan_lowrank(

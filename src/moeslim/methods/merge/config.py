@@ -49,6 +49,22 @@ class MergeConfig:
         "help": "groups per layer: uniform = keep in every layer | global = MC-SMoE's: keep x layers groups in "
                 "all, given to the most-routed experts of the whole model (normalised per layer, each layer at "
                 "least one); None = global for mc-smoe with router=keep, else uniform"})
+    compress_rank: int | None = field(default=None, metadata={
+        "help": "MC-SMoE's compression stage: after merging, every merged expert's projections become a rank-r "
+                "factorisation plus the most important rows of the residual (low-rank + structured sparse; the "
+                "authors' low_rank_factor, 32 in their scripts); a rank that saves nothing keeps the matrix "
+                "dense; None = no compression (or use compress_ratio). The result needs the moeslim runtime "
+                "(moeslim.load), not stock transformers"})
+    compress_ratio: float | None = field(default=None, metadata={
+        "help": "instead of compress_rank: the share of every merged projection's parameters the compressed "
+                "form keeps (factors + residual rows), in (0, 1]; the rank is the largest that fits"})
+    compress_sparse: float = field(default=0.1, metadata={
+        "help": "compression stage: share of the residual's rows kept (whole output rows, chosen over the "
+                "layer's merged experts by the output error they remove; the authors' final_threshold 0.10)"})
+    compress_whiten: bool = field(default=True, metadata={
+        "help": "compression stage: rank and rows chosen for the block output error on the calibration tokens "
+                "each merged expert serves (whitened SVD, data needed in apply); --no-compress-whiten = the "
+                "authors' plain SVD and weight-magnitude rows (data-free; they then fine-tune, moeslim does not)"})
     ridge: float = field(default=1e-3, metadata={"help": "ridge of the lse-fit, relative to mean diag(X^T X)"})
     max_tokens: int = field(default=FIT_TOKENS, metadata={
         "help": "calibration tokens per layer used for grouping, router fits and losses (the first ones)"})
@@ -68,6 +84,18 @@ class MergeConfig:
             raise ConfigError(f"ridge={self.ridge}: use a value >= 0")
         if self.max_tokens < 1:
             raise ConfigError(f"max_tokens={self.max_tokens}: use at least 1 token")
+        if self.compress_rank is not None and self.compress_ratio is not None:
+            raise ConfigError("give compress_rank or compress_ratio, not both (the ratio chooses the rank)")
+        if self.compress_rank is not None and self.compress_rank < 0:
+            raise ConfigError(f"compress_rank={self.compress_rank}: use a rank >= 0")
+        if self.compress_ratio is not None and not 0 < self.compress_ratio <= 1:
+            raise ConfigError(f"compress_ratio={self.compress_ratio}: use a share of the merged experts' "
+                              "parameters in (0, 1], e.g. 0.5")
+        if not 0 <= self.compress_sparse < 1:
+            raise ConfigError(f"compress_sparse={self.compress_sparse}: use a share of rows in [0, 1), e.g. 0.1")
+        if self.compress_ratio is not None and self.compress_sparse > self.compress_ratio:
+            raise ConfigError(f"compress_sparse={self.compress_sparse} keeps more of each matrix than "
+                              f"compress_ratio={self.compress_ratio} allows; lower compress_sparse")
         if self.counts == "global" and self.router == "fit":
             raise ConfigError("counts='global' gives layers different expert counts, which router='fit' cannot save "
                               "as a stock checkpoint (one expert count per model); use router='keep' or "
@@ -84,7 +112,13 @@ class MergeConfig:
     @property
     def needs_data_in_apply(self) -> bool:
         """Whether apply must see the calibration windows (router fits run there, like GPTQ)."""
-        return (self.router == "fit" and self.fit_rows == "lse-fit") or self.recalibrate_router
+        return (self.router == "fit" and self.fit_rows == "lse-fit") or self.recalibrate_router or (
+            self.compresses and self.compress_whiten)
+
+    @property
+    def compresses(self) -> bool:
+        """Whether MC-SMoE's compression stage runs after merging."""
+        return self.compress_rank is not None or self.compress_ratio is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

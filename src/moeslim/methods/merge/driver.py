@@ -31,6 +31,7 @@ from moeslim.methods.merge.combine import (
     neuron_features,
     permute_expert,
 )
+from moeslim.methods.merge.compress_layer import CompressedExperts, compress_merged, served_covariances
 from moeslim.methods.merge.config import MergeConfig
 from moeslim.methods.merge.grouping import (
     average_linkage_groups,
@@ -88,6 +89,8 @@ class MergedLayer:
 
     router='fit': router rows (K, H) (+ bias, correction bias (K,)), ``slots`` None. router='keep': the E original
     router rows (refitted with recalibrate_router), ``slots`` (E,) the merged expert each original slot computes.
+    With the compression stage, ``compressed`` holds the low-rank + sparse storage and ``experts`` the matrices it
+    computes with.
     """
 
     experts: ExpertMatrices
@@ -96,6 +99,7 @@ class MergedLayer:
     correction: Tensor | None
     info: dict[str, Any]
     slots: list[int] | None = None
+    compressed: CompressedExperts | None = None  # the compression stage's storage; ``experts`` what it computes
 
     def slot_experts(self) -> ExpertMatrices:
         """The experts as the saved model stores them: K for router='fit', E (members repeat their merge) for
@@ -238,6 +242,17 @@ def merge_layer(layer: MoELayer, decision: LayerGroups, x: Tensor | None, config
         if keep_groups is None:
             keep_groups = masked_routing_is_identity(layer.config, {layer.layer_idx: decision.representatives})
     info: dict[str, Any] = {"keep_groups": bool(keep_groups)}
+    compressed = None
+    if config.compresses:  # MC-SMoE's stage 2: low-rank + structured sparse merged experts
+        covariances = None
+        if config.compress_whiten:
+            if x is None:
+                raise ValueError("the compression stage needs the calibration tokens (compress_whiten)")
+            covariances = served_covariances(layer, experts, x, compressed_route(layer, correction, keep_groups),
+                                             weight, bias, slots)
+        compressed = compress_merged(experts, covariances, config)
+        experts = compressed.dense
+        info["compress"] = compressed.info
     if x is not None:
         route = compressed_route(layer, correction, keep_groups)
         outputs = MergedLayer(experts, weight, bias, correction, info, slots).outputs(layer, x)  # (T, K or E, H)
@@ -250,7 +265,7 @@ def merge_layer(layer: MoELayer, decision: LayerGroups, x: Tensor | None, config
             info["router_fit"] = fit.summary()
             info["loss"] = fit.loss_after
     info["seconds"] = time.perf_counter() - start
-    return MergedLayer(experts, weight, bias, correction, info, slots)
+    return MergedLayer(experts, weight, bias, correction, info, slots, compressed)
 
 
 def merged_block(layer: MoELayer, merged: MergedLayer) -> BlockOverride:
@@ -329,6 +344,7 @@ def plan_merge(
         "counts": config.counts,
         "groups_per_layer": {str(idx): len(r["groups"]) for idx, r in sorted(results.items())},
         "align": config.align,
+        "compress": config.compresses,
         "recalibrate_router": config.recalibrate_router,
         "apply_needs_calibration": config.needs_data_in_apply,
         "layers": {str(idx): {k: v for k, v in r.items() if k not in layers[idx]}
