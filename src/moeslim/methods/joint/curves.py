@@ -101,7 +101,8 @@ def size_option(kept: Sequence[int], prune_loss: float, logits: Tensor, route: R
         gate = expert_gate(weights, ids, e)  # (T,)
         errs[i] = (gate.pow(2)[:, None] * dist[:, e]).sum(dim=0).numpy()
         freq[i] = float((ids == e).any(dim=1).double().mean())
-    return SizeOption(kept=tuple(int(e) for e in kept), prune_err=float(prune_loss) ** 2, quant_err=errs, freq=freq)
+    return SizeOption(kept=tuple(int(e) for e in kept), prune_err=float(prune_loss) ** 2, quant_err=errs, freq=freq,
+                      tokens=int(logits.shape[0]))
 
 
 def size_options(curve: dict[str, dict[str, object]], sizes: Sequence[int], layer: MoELayer,

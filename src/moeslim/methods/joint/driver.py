@@ -19,6 +19,7 @@ from moeslim.calibrate import ExpertOutputs, ExpertOutputSample, LayerDecision, 
 from moeslim.data.calibration_set import CalibrationSet, calibration_fields, calibration_spec
 from moeslim.methods.joint.config import MIB, JointConfig, JointTargets
 from moeslim.methods.joint.curves import size_options
+from moeslim.methods.joint.probe import probe_scales, scale_options
 from moeslim.methods.joint.solve import SizeOption, solve_joint
 from moeslim.methods.prune.driver import PruneContext, decide_layer
 from moeslim.models import MoELayer
@@ -39,15 +40,22 @@ def _layer_options(layer: MoELayer, observers: Any, config: JointConfig, targets
 def measure_options(model: nn.Module, input_ids: torch.Tensor, config: JointConfig, targets: JointTargets,
                     device: torch.device | str | None = None, progress: bool = False
                     ) -> dict[int, list[SizeOption]]:
-    """{decoder layer index: the layer's options} from one layer-wise pass (original-model inputs per layer)."""
+    """{decoder layer index: the layer's options} from one layer-wise pass (original-model inputs per layer);
+    with ``error_scale="kl"`` their errors are then weighed by each layer's probed KL scales (``probe.py``)."""
     ctx = PruneContext(targets.prune, targets.shape, group_limits(model))
-    return run_layerwise(
+    options: dict[int, list[SizeOption]] = run_layerwise(
         model, input_ids,
         make_observers=lambda _layer: [ExpertOutputs(fraction=config.token_fraction, seed=config.seed,
                                                      max_tokens=config.max_tokens)],
         on_layer=lambda layer, obs: LayerDecision(result=_layer_options(layer, obs, config, targets, ctx)),
         propagate="original", batch_size=config.batch_size, device=device, progress=progress, label="joint",
     )
+    if config.error_scale == "squared":
+        return options
+    scales = probe_scales(model, input_ids, options, config.widths, config.group_size, config.symmetric,
+                          config.probe_windows, config.batch_size)
+    tokens = {idx: opts[0].tokens for idx, opts in options.items()}
+    return scale_options(options, scales, tokens)
 
 
 def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, config: JointConfig,
@@ -75,6 +83,7 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
         "held_ratio": choice.held_bytes / targets.base,
         "active_bytes": choice.active_bytes,
         "estimated_error": choice.error,
+        "error_scale": config.error_scale,
         "mip_gap": choice.mip_gap,
         "prune_method": targets.prune.method,
         "group_size": config.group_size,

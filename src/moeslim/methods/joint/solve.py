@@ -39,12 +39,14 @@ __all__ = ["JointChoice", "LayerChoice", "SizeOption", "min_held_bytes", "solve_
 class SizeOption:
     """One kept set of a layer: ``kept`` (k,) expert ids, ``prune_err`` squared pruning loss, ``quant_err``
     (k, J) squared quantization error of each kept expert at each width, ``freq`` (k,) share of tokens that
-    route to each kept expert (the pruned routing; for the bytes read per token)."""
+    route to each kept expert (the pruned routing; for the bytes read per token), ``tokens`` the sample tokens
+    the errors are summed over."""
 
     kept: tuple[int, ...]
     prune_err: float
     quant_err: np.ndarray
     freq: np.ndarray
+    tokens: int = 1
 
 
 @dataclass(frozen=True)
