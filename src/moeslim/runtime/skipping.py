@@ -23,7 +23,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from moeslim.methods.skip.thresholds import SKIP_RULES, keep_mask, rescale_kept
 from moeslim.models import FAMILIES, MoELayer, find_moe_layers
 from moeslim.models.attrs import pretrained
-from moeslim.runtime.routed_experts import SKIP_IMPLEMENTATION, register_forward, use_implementation
+from moeslim.runtime.routed_experts import (SKIP_IMPLEMENTATION, handles_placeholder, register_forward,
+                                            routed_forward, use_implementation)
 
 IMPLEMENTATION = SKIP_IMPLEMENTATION
 _STANDARD_ARGS = 3  # forward(hidden_states, top_k_index, top_k_weights)
@@ -56,23 +57,27 @@ def skipping_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index
     if protect is not None and protect.numel() == tokens:
         keep = keep | protect.to(keep.device).unsqueeze(-1)
     counters = getattr(self, "moeslim_counters", None)
+    if handles_placeholder(inner):
+        # The inner forward drops pairs routed to the placeholder index: skipped pairs point there (weight 0),
+        # the routing keeps its (T, k) shape, and nothing skipped computes. Nothing skipped: the same arguments.
+        routed = top_k_index.masked_fill(~keep, int(getattr(self, "num_experts")))  # noqa: B009
+        if counters is not None:
+            counters["expert_calls"] += int(keep.sum())
+            counters["tokens"] += tokens
+        return inner(self, hidden_states, routed, rescale_kept(top_k_weights, keep))
     if bool(keep.all()):
         # Nothing skipped: the inner implementation on the original arguments (bit-identical output).
         if counters is not None:
             counters["expert_calls"] += tokens * k
             counters["tokens"] += tokens
         return inner(self, hidden_states, top_k_index, top_k_weights)
-    weights = rescale_kept(top_k_weights, keep)
-    token_idx, slot = keep.nonzero(as_tuple=True)  # (S,) kept pairs, token-major order
-    pair_ids = top_k_index[token_idx, slot].unsqueeze(-1)  # (S, 1)
-    pair_w = weights[token_idx, slot].unsqueeze(-1)  # (S, 1)
-    pair_out = inner(self, hidden_states[token_idx], pair_ids, pair_w)  # (S, H), weighted
-    out = torch.zeros_like(hidden_states)
-    out.index_add_(0, token_idx, pair_out.to(out.dtype))
+    # Float experts: the kept pairs, each expert's rows as one matmul on the fused weights (``routed_forward``
+    # drops the placeholder); no gather of the kept pairs into one-expert tokens and no grouped_mm set-up.
+    routed = top_k_index.masked_fill(~keep, int(getattr(self, "num_experts")))  # noqa: B009
     if counters is not None:
-        counters["expert_calls"] += int(token_idx.numel())
+        counters["expert_calls"] += int(keep.sum())
         counters["tokens"] += tokens
-    return out
+    return routed_forward(self, hidden_states, routed, rescale_kept(top_k_weights, keep), {})
 
 
 def _supported(layer: MoELayer) -> bool:
