@@ -38,8 +38,8 @@ def main() -> None:
         workspace = Workspace()  # reused over calls, as within one layer forward
         times: dict[tuple[str, int], list[float]] = {}
         paths = {
-            "int4pack": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, group, sz),
-            "gemm": lambda x: int4pack_dequant_matmul(x, w4, sz, group, workspace),
+            "int4pack": lambda x, w4=w4, sz=sz: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, group, sz),
+            "gemm": lambda x, w4=w4, sz=sz, ws=workspace: int4pack_dequant_matmul(x, w4, sz, group, ws),
         }
         for rnd in range(args.repeats + 1):
             for rows in ROWS:

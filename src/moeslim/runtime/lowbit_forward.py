@@ -23,8 +23,14 @@ from torch import Tensor, nn
 from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.models.attrs import callable_attr
 from moeslim.runtime.packed import PackedExperts, Workspace
-from moeslim.runtime.routed_experts import (attach_part, drops_placeholder, fallback_forward, routed_forward,
-                                            store_part, stored_parts)
+from moeslim.runtime.routed_experts import (
+    attach_part,
+    drops_placeholder,
+    fallback_forward,
+    routed_forward,
+    store_part,
+    stored_parts,
+)
 
 __all__ = ["IMPLEMENTATION", "STORE", "LowBitLinear", "install_packed", "packed_storage"]
 

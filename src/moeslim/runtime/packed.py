@@ -21,9 +21,9 @@ Decoding (up to ``FUSED_MAX_ROWS`` rows in one width group) runs one ``torch.com
 for all its routed (row, expert) pairs (``planes_rows_kernel``, ``int8_rows_kernel``): each row gathers its
 expert's packed bytes inside the kernel, the integer codes meet the input first and scale and zero are applied
 once per group, so no dequantized weight is ever materialised. Longer inputs dequantize each routed expert
-once (compiled) and run a float matmul. 4-bit experts run torch's int4pack kernel up to ``INT4_GEMM_MIN_ROWS``
-rows of one expert; longer inputs (prefill) dequantize the expert into scratch shared by one layer forward and run one float
-matmul (``int4pack_dequant_matmul``), since the int4pack kernel's cost grows with every row.
+once (compiled) and run a float matmul. 4-bit experts run torch's int4pack kernel below ``INT4_GEMM_MIN_ROWS``
+rows of one expert; longer inputs (prefill) dequantize the expert into scratch shared by one layer forward
+and run one float matmul (``int4pack_dequant_matmul``): the int4pack kernel's cost grows with every row.
 
 Every buffer is stored with an integer dtype (float16 scales viewed as int16, dense slices viewed as an
 integer of the same size), so ``model.to(dtype)`` never re-rounds stored values, while ``model.to(device)``
@@ -47,8 +47,8 @@ from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.methods.quant.layout_bytes import layout_format
 from moeslim.methods.quant.pack import pack_bits, unpack_bits
 
-__all__ = ["PackedExperts", "Workspace", "int4pack_dequant_matmul", "int8_rows_kernel", "pack_planes", "plane_split", "planes_inputs", "planes_matmul",
-           "planes_matmul_kernel", "planes_rows_kernel", "unpack_planes"]
+__all__ = ["PackedExperts", "Workspace", "int4pack_dequant_matmul", "int8_rows_kernel", "pack_planes", "plane_split",
+           "planes_inputs", "planes_matmul", "planes_matmul_kernel", "planes_rows_kernel", "unpack_planes"]
 
 log = logging.getLogger(__name__)
 

@@ -16,15 +16,19 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeslim.methods.skip.thresholds import SKIP_RULES, keep_mask, rescale_kept
 from moeslim.models import FAMILIES, MoELayer, find_moe_layers
 from moeslim.models.attrs import pretrained
-from moeslim.runtime.routed_experts import (SKIP_IMPLEMENTATION, handles_placeholder, register_forward,
-                                            routed_forward, use_implementation)
+from moeslim.runtime.routed_experts import (
+    SKIP_IMPLEMENTATION,
+    handles_placeholder,
+    register_forward,
+    routed_forward,
+    use_implementation,
+)
 
 IMPLEMENTATION = SKIP_IMPLEMENTATION
 _STANDARD_ARGS = 3  # forward(hidden_states, top_k_index, top_k_weights)
