@@ -360,7 +360,7 @@ def _compile_direct(kernel: Callable[..., Tensor], args: tuple[Any, ...]) -> Cal
         return kernel(*rebuild(list(tensors)))
 
     graph = make_fx(traced)(*flat)
-    compiled = compile_fx(graph, flat)
+    compiled: Callable[..., Any] = compile_fx(graph, flat)  # type: ignore[assignment]  # a callable for an fx graph
 
     def call(*call_args: Any) -> Tensor:
         out = compiled(*_flatten(call_args)[0])
