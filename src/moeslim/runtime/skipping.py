@@ -1,9 +1,12 @@
 """Dynamic expert skipping at inference time, through transformers' ExpertsInterface.
 
 ``install_skipping`` registers the experts forward ``moeslim_skip`` and selects it for the model. That forward drops
-skipped (token, expert) pairs BEFORE any matmul: it keeps only the pairs the skip rule lets run, hands them to the
-experts implementation the model used before (grouped_mm / batched_mm / eager, so every weight layout is honoured)
-as one-expert "tokens", and sums each token's pairs back. Kept weights are rescaled to the token's original total.
+skipped (token, expert) pairs BEFORE any matmul, then hands the kept ones to the experts implementation the model used
+before: forwards that drop the placeholder index ``num_experts`` (``routed_experts.drops_placeholder``: low-bit) get
+the (T, k) routing with skipped pairs pointed at the placeholder; transformers' fused float forwards (grouped_mm,
+batched_mm) are replaced, when a token skips, by ``routed_forward`` on the same fused weights; any other
+implementation (eager, low-rank) gets the kept pairs as one-expert "tokens", summed back per token. Kept weights
+are rescaled to the token's original total; nothing skipped = the original arguments (bit-identical output).
 
 Per-module state (attributes on each fused experts module): ``moeslim_beta`` (float), ``moeslim_rule``,
 ``moeslim_inner`` (name of the implementation that does the matmuls) and
@@ -16,6 +19,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -32,6 +36,7 @@ from moeslim.runtime.routed_experts import (
 
 IMPLEMENTATION = SKIP_IMPLEMENTATION
 _STANDARD_ARGS = 3  # forward(hidden_states, top_k_index, top_k_weights)
+_FUSED_FLOAT = ("grouped_mm", "batched_mm")  # transformers' forwards over the fused float expert tensors
 
 
 class SkippingUnsupportedError(ValueError):
@@ -75,13 +80,26 @@ def skipping_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index
             counters["expert_calls"] += tokens * k
             counters["tokens"] += tokens
         return inner(self, hidden_states, top_k_index, top_k_weights)
-    # Float experts: the kept pairs, each expert's rows as one matmul on the fused weights (``routed_forward``
-    # drops the placeholder); no gather of the kept pairs into one-expert tokens and no grouped_mm set-up.
-    routed = top_k_index.masked_fill(~keep, int(getattr(self, "num_experts")))  # noqa: B009
+    weights = rescale_kept(top_k_weights, keep)
+    if getattr(self, "moeslim_inner", "grouped_mm") in _FUSED_FLOAT:
+        # transformers' own fused float forwards: each kept expert's rows as one matmul on the fused weights
+        # (``routed_forward`` drops the placeholder): no gather of the kept pairs into one-expert tokens and no
+        # grouped_mm set-up, which at decode costs more than the matmuls.
+        routed = top_k_index.masked_fill(~keep, int(getattr(self, "num_experts")))  # noqa: B009
+        if counters is not None:
+            counters["expert_calls"] += int(keep.sum())
+            counters["tokens"] += tokens
+        return routed_forward(self, hidden_states, routed, weights, {})
+    token_idx, slot = keep.nonzero(as_tuple=True)  # (S,) kept pairs, token-major order
+    pair_ids = top_k_index[token_idx, slot].unsqueeze(-1)  # (S, 1)
+    pair_w = weights[token_idx, slot].unsqueeze(-1)  # (S, 1)
+    pair_out = inner(self, hidden_states[token_idx], pair_ids, pair_w)  # (S, H), weighted
+    out = torch.zeros_like(hidden_states)
+    out.index_add_(0, token_idx, pair_out.to(out.dtype))
     if counters is not None:
-        counters["expert_calls"] += int(keep.sum())
+        counters["expert_calls"] += int(token_idx.numel())
         counters["tokens"] += tokens
-    return routed_forward(self, hidden_states, routed, rescale_kept(top_k_weights, keep), {})
+    return out
 
 
 def _supported(layer: MoELayer) -> bool:
