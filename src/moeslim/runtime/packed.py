@@ -35,6 +35,7 @@ rebuilds the canonical ``LowBitTensor`` bit-exactly (for saving).
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -315,67 +316,20 @@ def int4pack_dequant_matmul(x: Tensor, w4: Tensor, sz: Tensor, group_size: int, 
     return x @ w
 
 
-def _flatten(args: tuple[Any, ...]) -> tuple[list[Tensor], Callable[[list[Tensor]], tuple[Any, ...]]]:
-    """(the tensors of ``args``, tuples opened, in order; a function rebuilding ``args`` from such a list)."""
-    flat: list[Tensor] = []
-    spec: list[Any] = []
-    for a in args:
-        if isinstance(a, Tensor):
-            spec.append(len(flat))
-            flat.append(a)
-        elif isinstance(a, tuple) and all(isinstance(t, Tensor) for t in a):
-            spec.append(tuple(range(len(flat), len(flat) + len(a))))
-            flat.extend(a)
-        else:
-            spec.append(("const", a))
-
-    def rebuild(tensors: list[Tensor]) -> tuple[Any, ...]:
-        out: list[Any] = []
-        for item in spec:
-            if isinstance(item, int):
-                out.append(tensors[item])
-            elif item and item[0] == "const":
-                out.append(item[1])
-            else:
-                out.append(tuple(tensors[i] for i in item))
-        return tuple(out)
-
-    return flat, rebuild
-
-
-def _compile_direct(kernel: Callable[..., Tensor], args: tuple[Any, ...]) -> Callable[..., Tensor]:
-    """``kernel`` at the shapes of ``args`` compiled by inductor into a function of the flat tensors of ``args``.
-
-    Traced to an aten graph (``make_fx``) and handed to inductor directly, without dynamo: a dynamo-compiled
-    function checks guards and enters its context on every call, which at decode on small experts costs as
-    much as the kernel. The non-tensor arguments (widths, group size) are constants of the trace; the caller's
-    key names every shape and constant, so a compiled function only ever sees the shapes it was built for.
-    """
-    from torch._inductor.compile_fx import compile_fx
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    flat, rebuild = _flatten(args)
-
-    def traced(*tensors: Tensor) -> Tensor:
-        return kernel(*rebuild(list(tensors)))
-
-    graph = make_fx(traced)(*flat)
-    compiled: Callable[..., Any] = compile_fx(graph, flat)  # type: ignore[assignment]  # a callable for an fx graph
-
-    def call(*call_args: Any) -> Tensor:
-        out = compiled(*_flatten(call_args)[0])
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-    return call
+def _own_code(kernel: Callable[..., Any], tag: int) -> Callable[..., Any]:
+    """A copy of ``kernel`` with its own code object: dynamo keeps compiled specialisations (and checks their
+    guards) per code object, so each copy holds one specialisation and finds it with one guard check."""
+    code = kernel.__code__.replace(co_name=f"{kernel.__name__}_{tag}")
+    return types.FunctionType(code, kernel.__globals__, code.co_name, kernel.__defaults__, kernel.__closure__)
 
 
 class _Compiled:
-    """Kernels compiled by inductor (static shapes), one compiled function per kernel and ``key``, built on first
-    use (``_compile_direct``: no dynamo frame or guards on the hot path); every call returns None when this
-    machine cannot compile, and the caller runs the same maths eagerly.
+    """``torch.compile``d kernels (static shapes), one compiled copy per kernel and ``key``, built on first use;
+    every call returns None when this machine cannot compile, and the caller runs the same maths eagerly.
 
     ``key`` names everything that selects a specialisation (the kernel's argument shapes, widths, dtypes):
-    each key gets its own compiled function, so no call ever recompiles.
+    each key gets its own copy of the kernel (``_own_code``), so no call ever recompiles or walks a list of
+    guards, and the recompile limit is never reached (no ``config.patch`` on the hot path).
     """
 
     def __init__(self) -> None:
@@ -392,11 +346,11 @@ class _Compiled:
         try:
             fn = self.fns.get(full)
             if fn is None:
-                fn = self.fns[full] = _compile_direct(kernel, args)
+                fn = self.fns[full] = torch.compile(_own_code(kernel, len(self.fns)), dynamic=False)
             return fn(*args)
         except Exception as exc:  # noqa: BLE001 - no compiler / unsupported backend: the eager path is exact
             self.failed = True
-            log.warning("compiling the low-bit kernels failed (%s): low-bit experts of widths other than "
+            log.warning("torch.compile of the low-bit kernels failed (%s): low-bit experts of widths other than "
                         "4 dequantize eagerly per routed expert instead (slower)", exc)
             return None
 
