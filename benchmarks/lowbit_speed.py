@@ -403,6 +403,8 @@ def main() -> None:
     if "pmq-2.5bit+skip" in results:
         print(f"lowbit decode ratio pmq-2.5bit+skip: "
               f"{results['pmq-2.5bit+skip']['decode_tps'] / ref['decode_tps']:.2f}")
+        print(f"skip decode ratio over the same model without skipping (pmq-2.5bit+skip / pmq-2.5bit): "
+              f"{results['pmq-2.5bit+skip']['decode_tps'] / pmq['decode_tps']:.2f}")
     print(f"lowbit resident ratio pmq-2.5bit: {pmq['bytes'] / ref['bytes']:.2f}")
 
 

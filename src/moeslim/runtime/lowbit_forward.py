@@ -22,8 +22,15 @@ from torch import Tensor, nn
 
 from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.models.attrs import callable_attr
-from moeslim.runtime.packed import PackedExperts
-from moeslim.runtime.routed_experts import attach_part, fallback_forward, routed_forward, store_part, stored_parts
+from moeslim.runtime.packed import PackedExperts, Workspace
+from moeslim.runtime.routed_experts import (
+    attach_part,
+    drops_placeholder,
+    fallback_forward,
+    routed_forward,
+    store_part,
+    stored_parts,
+)
 
 __all__ = ["IMPLEMENTATION", "STORE", "LowBitLinear", "install_packed", "packed_storage"]
 
@@ -36,6 +43,7 @@ def packed_storage(module: nn.Module) -> dict[str, PackedExperts]:
     return stored_parts(module, STORE, PackedExperts)
 
 
+@drops_placeholder
 def lowbit_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
                            ) -> Tensor:
     """hidden_states (T, H), top_k_index / top_k_weights (T, k) -> (T, H), only routed experts computed."""
@@ -81,15 +89,16 @@ def grouped_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     act = callable_attr(experts, "_apply_gate" if has_gate else "act_fn")
     outs = []
     start = 0
+    workspace = Workspace()  # scratch of the 4-bit GEMM path (long inputs), shared by this layer's matmuls
     for gi, count in enumerate(counts[:-1]):
         if count == 0:
             continue
         sl = slice(start, start + count)
         start += count
-        h = up.group_matmul(gi, rows[sl], x[sl])
+        h = up.group_matmul(gi, rows[sl], x[sl], workspace)
         bias = _bias(experts, up_name, expert[sl])
         h = act(h if bias is None else h + bias.to(h.dtype))
-        y = down.group_matmul(gi, rows[sl], h)
+        y = down.group_matmul(gi, rows[sl], h, workspace)
         bias = _bias(experts, "down_proj", expert[sl])
         outs.append(y if bias is None else y + bias.to(y.dtype))
     out = torch.zeros_like(hidden_states)

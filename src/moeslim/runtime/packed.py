@@ -21,7 +21,9 @@ Decoding (up to ``FUSED_MAX_ROWS`` rows in one width group) runs one ``torch.com
 for all its routed (row, expert) pairs (``planes_rows_kernel``, ``int8_rows_kernel``): each row gathers its
 expert's packed bytes inside the kernel, the integer codes meet the input first and scale and zero are applied
 once per group, so no dequantized weight is ever materialised. Longer inputs dequantize each routed expert
-once (compiled) and run a float matmul. 4-bit experts always run torch's int4pack kernel.
+once (compiled) and run a float matmul. 4-bit experts run torch's int4pack kernel below ``INT4_GEMM_MIN_ROWS``
+rows of one expert; longer inputs (prefill) dequantize the expert into scratch shared by one layer forward
+and run one float matmul (``int4pack_dequant_matmul``): the int4pack kernel's cost grows with every row.
 
 Every buffer is stored with an integer dtype (float16 scales viewed as int16, dense slices viewed as an
 integer of the same size), so ``model.to(dtype)`` never re-rounds stored values, while ``model.to(device)``
@@ -45,8 +47,8 @@ from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.methods.quant.layout_bytes import layout_format
 from moeslim.methods.quant.pack import pack_bits, unpack_bits
 
-__all__ = ["PackedExperts", "int8_rows_kernel", "pack_planes", "plane_split", "planes_inputs", "planes_matmul",
-           "planes_matmul_kernel", "planes_rows_kernel", "unpack_planes"]
+__all__ = ["PackedExperts", "Workspace", "int4pack_dequant_matmul", "int8_rows_kernel", "pack_planes", "plane_split",
+           "planes_inputs", "planes_matmul", "planes_matmul_kernel", "planes_rows_kernel", "unpack_planes"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,13 @@ _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.floa
 # many rows of one group they run as one call; longer inputs dequantize each routed expert once (compiled)
 # and run a float matmul.
 FUSED_MAX_ROWS = 8
+# 4-bit experts routed this many input rows or more (prefill) are dequantized and run as a float matmul
+# (``int4pack_dequant_matmul``) instead of torch's int4pack kernel, whose cost grows with every row (it
+# re-converts the weights per row block). Measured with benchmarks/int4_gemm_threshold.py on the speed model's
+# shapes (11264 x 2048 and 2048 x 5632, bf16, one thread): the int4pack kernel wins up to 64 rows, the
+# dequantized matmul from 96 (1.1-1.2x at 96-128 rows).
+INT4_GEMM_MIN_ROWS = 96
+_INT4_BLOCK = 64  # torch's CPU int4pack layout: 64 output rows a block, rows d and 32 + d share a byte
 # Matrices below this many weights (test-sized toys) compute eagerly: a compile (seconds per shape and width)
 # would cost more than such a matrix ever takes; every real model's experts are far above it.
 COMPILE_MIN_WEIGHTS = 1 << 14
@@ -256,6 +265,55 @@ def int4_scales_and_zeros(scales: Tensor, zero_planes: ZeroPoints, dtype: torch.
     s = scales.float()
     z = _zero_grid(zero_planes, 4, n_out, n_groups)
     return torch.stack([s, s * (8 - z)], -1).transpose(0, 1).contiguous().to(dtype)
+
+
+class Workspace:
+    """Scratch tensors of the 4-bit GEMM path, reused by every expert matmul of one layer forward (the caller
+    creates one per forward and drops it after): fresh tensors of an expert's size per matmul would each cost
+    their page faults, about as much as the dequantization itself."""
+
+    def __init__(self) -> None:
+        self.flat: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A tensor of ``shape`` (contents undefined), sharing storage with earlier requests of ``name``."""
+        n = 1
+        for d in shape:
+            n *= d
+        key = (name, dtype, device)
+        buf = self.flat.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self.flat[key] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
+def int4pack_dequant_matmul(x: Tensor, w4: Tensor, sz: Tensor, group_size: int, workspace: Workspace | None = None
+                            ) -> Tensor:
+    """x (M, K) -> (M, N) = x @ W^T with W dequantized from torch's CPU int4pack layout into x's dtype, then one
+    float matmul (the GEMM path of long inputs).
+
+    w4: (N, K / 2) uint8 from ``_convert_weight_to_int4pack_for_cpu`` (N a multiple of 64): bytes laid out
+    (N / 64, K, 32), the low nibble of byte (b, k, d) is code (64 b + d, k), the high nibble code (64 b + 32 + d, k).
+    sz: (G, N, 2) the kernel's (scale, zero) pairs, w = (q - 8) * scale + zero, as the int4pack kernel computes
+    (scale and zero in the model's dtype). W is written transposed, (K, N): every operation then runs along N
+    with contiguous operands (a handful of vectorised passes, no per-element dtype casts).
+    """
+    n_out = sz.shape[1]
+    k = x.shape[1]
+    n_groups = sz.shape[0]
+    q = w4.view(n_out // _INT4_BLOCK, k, _INT4_BLOCK // 2).permute(1, 0, 2)  # (K, N / 64, 32)
+    ws = workspace if workspace is not None else Workspace()
+    codes = ws.get("codes", (k, n_out // _INT4_BLOCK, 2, _INT4_BLOCK // 2), torch.uint8, x.device)
+    torch.bitwise_and(q, 15, out=codes[:, :, 0])
+    torch.bitwise_right_shift(q, 4, out=codes[:, :, 1])
+    w = ws.get("weights", (k, n_out), x.dtype, x.device)
+    w.copy_(codes.view(k, n_out))
+    pairs = sz.to(x.dtype)
+    scale = pairs[..., 0].contiguous().unsqueeze(1)  # (G, 1, N), contiguous along N (vectorised)
+    offset = torch.add(pairs[..., 1], pairs[..., 0], alpha=-8).unsqueeze(1)  # zero - 8 * scale, one rounding
+    wg = w.view(n_groups, group_size, n_out)
+    torch.addcmul(offset, wg, scale, out=wg)
+    return x @ w
 
 
 def _own_code(kernel: Callable[..., Any], tag: int) -> Callable[..., Any]:
@@ -513,8 +571,9 @@ class _WidthGroup(nn.Module):
     def _pad(self, x: Tensor) -> Tensor:
         return F.pad(x, (0, self.k_pad - self.n_in)) if self.k_pad != self.n_in else x
 
-    def matmul(self, row: int, x: Tensor, compiled: _Compiled) -> Tensor:
-        """x (M, K) -> (M, N) = x @ W_row^T from the packed storage."""
+    def matmul(self, row: int, x: Tensor, compiled: _Compiled, workspace: Workspace | None = None) -> Tensor:
+        """x (M, K) -> (M, N) = x @ W_row^T from the packed storage (``workspace``: scratch of the 4-bit GEMM
+        path, shared by the calls of one layer forward)."""
         if self.fmt == "dense":
             w = self.dense[row].view(self.dtype).to(x.dtype)  # stored layout (d1, d2)
             return x @ w if self.transposed else F.linear(x, w)
@@ -526,6 +585,8 @@ class _WidthGroup(nn.Module):
                 sz = self.sz[row].view(self.dtype)
             else:
                 sz = int4_scales_and_zeros(self._scales(row), self._zplanes(row), x.dtype)
+            if x.shape[0] >= INT4_GEMM_MIN_ROWS and self.n_out % _INT4_BLOCK == 0:
+                return int4pack_dequant_matmul(self._pad(x), self.w4[row], sz, self.group_size, workspace)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(self._pad(x).contiguous(), self.w4[row],
                                                              self.group_size, sz)
         if self.fmt in ("int8", "planes") and x.shape[0] <= FUSED_MAX_ROWS:
@@ -571,7 +632,8 @@ class _WidthGroup(nn.Module):
             return None
         return (y if bucket == n_rows else y[:n_rows]).to(x.dtype)
 
-    def matmul_rows(self, rows: Tensor, x: Tensor, compiled: _Compiled) -> Tensor:
+    def matmul_rows(self, rows: Tensor, x: Tensor, compiled: _Compiled, workspace: Workspace | None = None
+                    ) -> Tensor:
         """x (S, K), rows (S,) int64 expert rows of this group -> (S, N): y_i = x_i @ W_{rows_i}^T.
 
         Few rows (decode): one gathered kernel call for all of them. Otherwise each expert once: its rows
@@ -582,7 +644,7 @@ class _WidthGroup(nn.Module):
             if y is not None:
                 return y
         if len(self.experts) == 1:
-            return self.matmul(0, x, compiled)
+            return self.matmul(0, x, compiled, workspace)
         order = torch.argsort(rows, stable=True)
         counts = torch.bincount(rows, minlength=len(self.experts)).tolist()
         out: Tensor | None = None
@@ -592,7 +654,7 @@ class _WidthGroup(nn.Module):
                 continue
             idx = order[start:start + count]
             start += count
-            y = self.matmul(row, x[idx], compiled)
+            y = self.matmul(row, x[idx], compiled, workspace)
             if out is None:
                 out = torch.empty((x.shape[0], y.shape[1]), dtype=y.dtype, device=y.device)
             out[idx] = y
@@ -683,9 +745,9 @@ class PackedExperts(nn.Module):
         gi, row = self.slot[e]
         return self._group(gi).matmul(row, x, self.compiled)
 
-    def group_matmul(self, gi: int, rows: Tensor, x: Tensor) -> Tensor:
+    def group_matmul(self, gi: int, rows: Tensor, x: Tensor, workspace: Workspace | None = None) -> Tensor:
         """x (S, in), rows (S,) rows of width group ``gi`` (``row_of`` of the routed experts) -> (S, out)."""
-        return self._group(gi).matmul_rows(rows, x, self.compiled)
+        return self._group(gi).matmul_rows(rows, x, self.compiled, workspace)
 
     def same_grouping(self, other: PackedExperts) -> bool:
         """Whether ``other`` puts every expert in the same group at the same row (up and down projections of

@@ -64,9 +64,31 @@ def register_forward(name: str, forward: Callable[..., Tensor]) -> None:
         ALL_EXPERTS_FUNCTIONS.register(name, forward)
 
 
+_DROPS_PLACEHOLDER = "moeslim_drops_placeholder"
+
+
+def drops_placeholder(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Mark an experts forward that computes nothing for the placeholder index ``num_experts`` (its pairs add 0):
+    skipping then hands it the original (T, k) routing with skipped pairs pointed at the placeholder, instead of
+    gathering the kept pairs into one-expert tokens."""
+    setattr(forward, _DROPS_PLACEHOLDER, True)
+    return forward
+
+
+def handles_placeholder(forward: Callable[..., Tensor]) -> bool:
+    """Whether ``forward`` was marked with ``drops_placeholder``."""
+    return bool(getattr(forward, _DROPS_PLACEHOLDER, False))
+
+
 def fallback_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
                      ) -> Tensor:
-    """The default forward, for a layer left as it was (the implementation is set on a config all layers share)."""
+    """The default forward, for a layer left as it was (the implementation is set on a config all layers share).
+
+    Routings that point at the placeholder ``num_experts`` (skipped pairs) take ``routed_forward``, which drops
+    them; transformers' grouped_mm reads them only under expert parallelism.
+    """
+    if bool((top_k_index >= int(getattr(experts, "num_experts"))).any()):  # noqa: B009
+        return routed_forward(experts, hidden_states, top_k_index, top_k_weights, {})
     return ALL_EXPERTS_FUNCTIONS[FALLBACK_IMPLEMENTATION](experts, hidden_states, top_k_index, top_k_weights)
 
 

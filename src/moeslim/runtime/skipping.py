@@ -1,9 +1,12 @@
 """Dynamic expert skipping at inference time, through transformers' ExpertsInterface.
 
 ``install_skipping`` registers the experts forward ``moeslim_skip`` and selects it for the model. That forward drops
-skipped (token, expert) pairs BEFORE any matmul: it keeps only the pairs the skip rule lets run, hands them to the
-experts implementation the model used before (grouped_mm / batched_mm / eager, so every weight layout is honoured)
-as one-expert "tokens", and sums each token's pairs back. Kept weights are rescaled to the token's original total.
+skipped (token, expert) pairs BEFORE any matmul, then hands the kept ones to the experts implementation the model used
+before: forwards that drop the placeholder index ``num_experts`` (``routed_experts.drops_placeholder``: low-bit) get
+the (T, k) routing with skipped pairs pointed at the placeholder; transformers' fused float forwards (grouped_mm,
+batched_mm) are replaced, when a token skips, by ``routed_forward`` on the same fused weights; any other
+implementation (eager, low-rank) gets the kept pairs as one-expert "tokens", summed back per token. Kept weights
+are rescaled to the token's original total; nothing skipped = the original arguments (bit-identical output).
 
 Per-module state (attributes on each fused experts module): ``moeslim_beta`` (float), ``moeslim_rule``,
 ``moeslim_inner`` (name of the implementation that does the matmuls),
@@ -27,12 +30,15 @@ from moeslim.models.attrs import pretrained
 from moeslim.runtime.routed_experts import (
     SKIP_IMPLEMENTATION,
     current_implementation,
+    handles_placeholder,
     register_forward,
+    routed_forward,
     use_implementation,
 )
 
 IMPLEMENTATION = SKIP_IMPLEMENTATION
 _STANDARD_ARGS = 3  # forward(hidden_states, top_k_index, top_k_weights)
+_FUSED_FLOAT = ("grouped_mm", "batched_mm")  # transformers' forwards over the fused float expert tensors
 
 
 class SkippingUnsupportedError(ValueError):
@@ -62,6 +68,14 @@ def skipping_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index
     if protect is not None and protect.numel() == tokens:
         keep = keep | protect.to(keep.device).unsqueeze(-1)
     counters = getattr(self, "moeslim_counters", None)
+    if handles_placeholder(inner):
+        # The inner forward drops pairs routed to the placeholder index: skipped pairs point there (weight 0),
+        # the routing keeps its (T, k) shape, and nothing skipped computes. Nothing skipped: the same arguments.
+        routed = top_k_index.masked_fill(~keep, int(getattr(self, "num_experts")))  # noqa: B009
+        if counters is not None:
+            counters["expert_calls"] += int(keep.sum())
+            counters["tokens"] += tokens
+        return inner(self, hidden_states, routed, rescale_kept(top_k_weights, keep))
     if bool(keep.all()):
         # Nothing skipped: the inner implementation on the original arguments (bit-identical output).
         if counters is not None:
@@ -69,6 +83,15 @@ def skipping_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index
             counters["tokens"] += tokens
         return inner(self, hidden_states, top_k_index, top_k_weights)
     weights = rescale_kept(top_k_weights, keep)
+    if getattr(self, "moeslim_inner", "grouped_mm") in _FUSED_FLOAT:
+        # transformers' own fused float forwards: each kept expert's rows as one matmul on the fused weights
+        # (``routed_forward`` drops the placeholder): no gather of the kept pairs into one-expert tokens and no
+        # grouped_mm set-up, which at decode costs more than the matmuls.
+        routed = top_k_index.masked_fill(~keep, int(getattr(self, "num_experts")))  # noqa: B009
+        if counters is not None:
+            counters["expert_calls"] += int(keep.sum())
+            counters["tokens"] += tokens
+        return routed_forward(self, hidden_states, routed, weights, {})
     token_idx, slot = keep.nonzero(as_tuple=True)  # (S,) kept pairs, token-major order
     pair_ids = top_k_index[token_idx, slot].unsqueeze(-1)  # (S, 1)
     pair_w = weights[token_idx, slot].unsqueeze(-1)  # (S, 1)
