@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from moeslim.evaluate.frontier import (
     BudgetRow,
@@ -138,3 +139,37 @@ def test_frontier_config_rejects_bad_budgets() -> None:
         FrontierConfig(budgets=(0.25, 1.0))
     with pytest.raises(ConfigError, match="each budget once"):
         FrontierConfig(budgets=(0.25, 0.25))
+
+
+def test_run_frontier_on_a_tiny_model(tmp_path) -> None:
+    """Joint plans within their budgets, PMQ at no fewer bytes than each, an unreachable budget named, plans saved,
+    the original untouched."""
+    from tiny_models import tiny_model
+    from tiny_tokenizers import byte_level_bpe
+
+    from moeslim.config import CalibrationConfig, EvalConfig
+    from moeslim.data.calibration_set import build_calibration_set
+    from moeslim.evaluate import evaluate_model
+    from moeslim.evaluate.driver import build_reference
+    from moeslim.workflows.frontier import PMQ_FAMILY, run_frontier
+
+    tok = byte_level_bpe()
+    model = tiny_model("mixtral", vocab=len(tok))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = build_calibration_set(CalibrationConfig(data=("demo:code",), samples=4, seq_len=32, batch_size=2), tok)
+    evaluation = EvalConfig(data=("demo:code",), seq_len=32, max_windows=2, tasks=(), speed=False)
+    reference = build_reference(model, tok, evaluation, "tiny")
+    original = evaluate_model(model, tok, evaluation, name="original", reference=reference, progress=False)
+    config = FrontierConfig(budgets=(0.01, 0.6), max_tokens=256)
+    f = run_frontier(model, tok, "tiny", "tiny", calib, evaluation, reference, original, [], config,
+                     plan_dir=tmp_path / "plans")
+    low, high = f.budgets
+    assert low.joint is None and "below the smallest size" in low.note and f.notes
+    assert high.joint is not None and high.joint.held_bytes <= high.target_bytes
+    assert high.joint.estimate is not None and high.joint.kl is not None and high.joint.kl >= 0
+    (pmq,) = [p for p in f.singles if p.family == PMQ_FAMILY]
+    assert pmq.held_bytes >= high.joint.held_bytes
+    assert best_single(f.singles, high.joint.held_bytes) == pmq
+    assert (tmp_path / "plans" / "joint-60" / "00-joint.json").exists()
+    assert (tmp_path / "plans" / pmq.name / "00-quantize.json").exists()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

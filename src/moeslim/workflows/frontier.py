@@ -40,7 +40,7 @@ SINGLE_KINDS = ("prune", "quantize", "lowrank", "merge")  # stages that make a m
 class FrontierConfig:
     """Budgets (shares of the original's held bytes) and the joint planner's and PMQ's settings."""
 
-    budgets: tuple[float, ...] = (0.15, 0.2, 0.25, 0.4, 0.6, 0.8)
+    budgets: tuple[float, ...] = (0.15, 0.25, 0.4, 0.6, 0.8)
     widths: tuple[int, ...] = (2, 3, 4, 8, 16)  # the joint planner's candidate widths
     pmq_candidates: tuple[int, ...] = (2, 3, 4, 8, 16)
     max_tokens: int | None = 4096  # token sample per layer of the joint options and PMQ factors
