@@ -215,7 +215,7 @@ def plot_frontier(frontier: Frontier, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     joints = sorted((row.joint for row in frontier.budgets if row.joint is not None), key=lambda p: p.held_bytes)
     families = sorted({p.family for p in frontier.singles})
     markers = "s^vDx+P*<>ph"
@@ -240,7 +240,7 @@ def plot_frontier(frontier: Frontier, path: Path) -> Path:
     ax.set_ylabel("perplexity (geometric mean of the test domains) ↓")
     ax.set_title(f"{frontier.model}: quality vs size (budgets: thin vertical lines)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # off the points
     fig.tight_layout()
     with atomic_file(path) as tmp:  # a killed run leaves no half-written picture
         fig.savefig(tmp, dpi=110)
