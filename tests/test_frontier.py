@@ -173,3 +173,51 @@ def test_run_frontier_on_a_tiny_model(tmp_path) -> None:
     assert (tmp_path / "plans" / "joint-60" / "00-joint.json").exists()
     assert (tmp_path / "plans" / pmq.name / "00-quantize.json").exists()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_demo_frontier_step_reuses_the_demos_single_methods(tmp_path, capsys) -> None:
+    """The demo's frontier step: its single-method variants (not skipping, not task-specific calibrations, not
+    chains) join the PMQ runs; frontier.json, the report section and the console table are written."""
+    from tiny_models import tiny_model
+    from tiny_tokenizers import byte_level_bpe
+
+    from moeslim.config import CalibrationConfig, EvalConfig
+    from moeslim.data.calibration_set import build_calibration_set
+    from moeslim.evaluate.driver import build_reference
+    from moeslim.workflows import demo
+    from moeslim.workflows.variants import Variant
+
+    tok = byte_level_bpe()
+    model = tiny_model("mixtral", vocab=len(tok))
+    calib = build_calibration_set(CalibrationConfig(data=("demo:code",), samples=4, seq_len=32, batch_size=2), tok)
+    evaluation = EvalConfig(data=("demo:code",), seq_len=32, max_windows=2, tasks=(), speed=False)
+    reference = build_reference(model, tok, evaluation, "tiny")
+    stage = {"prune": parse_stage({"prune": {"method": "frequency", "keep": 3}}, "t"),
+             "skip": parse_stage({"skip": {}}, "t")}
+    variants = [Variant("freq-3", (stage["prune"],)), Variant("skip", (stage["skip"],)),
+                Variant("freq-3-code", (stage["prune"],), calibration=CalibrationConfig(data=("demo:code",))),
+                Variant("freq-3+skip", (stage["prune"], stage["skip"]))]
+    base = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+    def result(name: str, held: int, ppl: float) -> VariantResult:
+        return VariantResult(name=name, perplexity={"code": ppl}, kl_divergence={"code": 0.1}, param_bytes=held)
+
+    results = [result("original", base, 100.0), result("freq-3", int(0.8 * base), 150.0),
+               result("skip", base, 101.0), result("freq-3-code", int(0.8 * base), 140.0),
+               result("freq-3+skip", int(0.8 * base), 160.0)]
+    config = demo.DemoConfig(quick=True, out=str(tmp_path))
+    demo_model = demo.DemoModel("tiny", "tiny", tmp_path, None)
+    from rich.console import Console
+
+    f = demo._frontier(config, demo_model, model, tok, 4, variants, results, calib, evaluation, reference,
+                       Console(soft_wrap=True))
+    assert f is not None and [b.share for b in f.budgets] == list(demo.QUICK_BUDGETS)
+    assert {p.name for p in f.singles if p.family == "prune frequency"} == {"freq-3"}
+    assert all(p.family in ("prune frequency", "quantize pmq") for p in f.singles)
+    assert Frontier.from_dict(json.loads((tmp_path / demo.FRONTIER_FILE).read_text())) == f
+    demo._print_frontier(f, Console(soft_wrap=True))
+    out = capsys.readouterr().out
+    assert "| budget | joint MiB |" in out and "spearman(estimated error, KL)" in out
+    assert demo.frontier_config(demo.DemoConfig(frontier=False), 8) is None
+    fine = demo.frontier_config(demo.DemoConfig(), 64)
+    assert fine is not None and fine.size_step > 1 and fine.budgets == demo.FRONTIER_BUDGETS
