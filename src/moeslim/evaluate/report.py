@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from moeslim.evaluate.frontier import Frontier, frontier_lines, plot_frontier
 from moeslim.evaluate.plots import mean_ppl, plot_expert_bits, plot_kept_experts, plot_quality_vs_cost, plot_skip_rate
 from moeslim.evaluate.results import VariantResult
 from moeslim.evaluate.table import markdown_table, side_by_side_table
@@ -98,9 +99,14 @@ def _generation_lines(results: Sequence[VariantResult]) -> list[str]:
     return lines
 
 
-def write_report(items: Iterable[ResultLike], out_dir: str | Path, title: str = "moeslim report") -> Path:
+FRONTIER_PLOT = "frontier.png"
+
+
+def write_report(items: Iterable[ResultLike], out_dir: str | Path, title: str = "moeslim report",
+                 frontier: Frontier | None = None) -> Path:
     """Write report.md, report.json and PNG plots for variants (results, dicts, result files or run
-    folders; the first is the reference for ratios). Returns the path of report.md."""
+    folders; the first is the reference for ratios). ``frontier``: a frontier section (table, plot
+    ``frontier.png``, the estimate's rank correlation with KL). Returns the path of report.md."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = load_results(items)
@@ -108,11 +114,14 @@ def write_report(items: Iterable[ResultLike], out_dir: str | Path, title: str = 
         raise ValueError("nothing to report: no variant results")
     quality = plot_quality_vs_cost(results, out_dir / "quality_vs_cost.png")
     plan_plots = _plan_plots(results, out_dir)
-    payload = {
+    frontier_plot = plot_frontier(frontier, out_dir / FRONTIER_PLOT) if frontier is not None else None
+    payload: dict[str, Any] = {
         "version": REPORT_VERSION,
         "variants": [r.to_dict() for r in results],
-        "plots": [p.name for p in [quality, *plan_plots]],
+        "plots": [p.name for p in [quality, *plan_plots, *([frontier_plot] if frontier_plot else [])]],
     }
+    if frontier is not None:
+        payload["frontier"] = frontier.to_dict()
     write_text_atomic(out_dir / "report.json", json.dumps(payload, indent=2, default=str) + "\n")
     md = [f"# {title}", "", *markdown_table(side_by_side_table(results, detail=True)), ""]
     md += [f"- **{r.name}**: {r.description}" for r in results if r.description]
@@ -122,6 +131,8 @@ def write_report(items: Iterable[ResultLike], out_dir: str | Path, title: str = 
         "decode x: decode tokens/s relative to the first variant, timed interleaved in one process.",
         "",
     ]
+    if frontier is not None:
+        md += [*frontier_lines(frontier, FRONTIER_PLOT), ""]
     if task_lines := _task_lines(results):
         md += ["## Tasks", "", *task_lines, ""]
     md += ["## Plots", "", f"![quality vs cost]({quality.name})", ""]

@@ -6,18 +6,28 @@ baselines at two keep ratios, task-specific pruning on code, dynamic skipping al
 mixed-precision quantization) and the fine-grained Qwen3-MoE model (64 experts, top-8; search vs the baselines
 at 25 % and 50 % expert removal). ``--model demo-moe`` / ``--model demo-fine`` run one of them; any other model
 gets the Mixtral variants when it has 8 experts per layer and the removal-share variants otherwise.
+
+Each model also gets its frontier (``workflows/frontier.py``): the joint plan at 5 budgets from 15 % to 80 % of
+the original's held bytes against the best single method at equal or larger measured bytes (PMQ run at each
+joint plan's bytes, and the demo's own pruned, quantized, low-rank and merged variants), as a table and a
+plot (``frontier.png``) in the report and in ``frontier.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from moeslim.config import CalibrationConfig, ConfigError, EvalConfig
+from moeslim.evaluate.frontier import Frontier, frontier_summary_table, point_of, rank_correlation
+from moeslim.workflows.frontier import FrontierConfig
 from moeslim.workflows.stages import StageSpec, parse_stage
 from moeslim.workflows.variants import Variant
 
@@ -31,6 +41,19 @@ FINE_REMOVAL = (0.25, 0.5)
 FINE_SEARCH_TOKENS = 512
 FINE_SEARCH_BUDGET = 1000
 THIRD_PARTY_LOG = "third-party.log"  # lm-eval's progress bars and warnings, kept out of the console
+FRONTIER_FILE = "frontier.json"
+FRONTIER_BUDGETS = (0.15, 0.25, 0.4, 0.6, 0.8)
+QUICK_BUDGETS = (0.25, 0.6)
+# The frontier's joint options and PMQ factors on at most this many calibration tokens per layer (of the demo's
+# 32 x 256): the joint options measure every expert at every width with GPTQ, once per model. With 64 experts
+# the kept-set sizes go in steps of 8 and the pruning search (its loss curve from 64 down to 8 experts, which
+# dominates the options' time there) stops at 300 loss evaluations per layer, the rest of the removal path
+# finished by removal loss: the joint plans on this model keep nearly every expert, so the curve's far end
+# matters least.
+FRONTIER_TOKENS = 4096
+FINE_FRONTIER_TOKENS = 2048
+FINE_FRONTIER_STEP = 8
+FINE_FRONTIER_SEARCH = 300
 
 
 @dataclass(frozen=True)
@@ -43,6 +66,7 @@ class DemoConfig:
     task_limit: int = 100
     speed: bool = True
     quick: bool = False  # fewer variants, for tests and a first look
+    frontier: bool = True  # the joint plan at several budgets against the best single method
     overwrite: bool = False  # replace an earlier demo's results in ``out``
 
     def __post_init__(self) -> None:
@@ -127,6 +151,17 @@ def fine_variants(config: DemoConfig, calibration: CalibrationConfig, num_expert
     return variants
 
 
+def frontier_config(config: DemoConfig, num_experts: int) -> FrontierConfig | None:
+    """The frontier's budgets and planner settings for a model with ``num_experts`` per layer (None: no frontier)."""
+    if not config.frontier:
+        return None
+    budgets = QUICK_BUDGETS if config.quick else FRONTIER_BUDGETS
+    if num_experts <= 16:
+        return FrontierConfig(budgets=budgets, max_tokens=FRONTIER_TOKENS)
+    return FrontierConfig(budgets=budgets, max_tokens=FINE_FRONTIER_TOKENS, size_step=FINE_FRONTIER_STEP,
+                          search_budget=FINE_FRONTIER_SEARCH)
+
+
 def demo_models(config: DemoConfig) -> list[DemoModel]:
     """What ``config.model`` names: both embedded models, one of them, or any other checkpoint."""
     out = Path(config.out)
@@ -147,7 +182,7 @@ def run_demo(config: DemoConfig) -> Path:
     from moeslim.outputs import check_output_file, output_lock
 
     models = demo_models(config)
-    names = ("results.json", "report.md", "report.json", THIRD_PARTY_LOG)
+    names = ("results.json", "report.md", "report.json", FRONTIER_FILE, THIRD_PARTY_LOG)
     outputs = [(m, m.out / name) for m in models for name in names]
     with contextlib.ExitStack() as locks:
         for m, path in outputs:  # fail now, not after the variants ran
@@ -162,6 +197,7 @@ def run_demo(config: DemoConfig) -> Path:
 def run_demo_model(config: DemoConfig, demo_model: DemoModel) -> Path:
     """Original vs the variants of one model: table, report.md, results.json, plans/ and plots."""
     from moeslim.evaluate import write_report
+    from moeslim.evaluate.driver import build_reference
     from moeslim.evaluate.quiet import third_party_output
     from moeslim.models import find_moe_layers, load_model
     from moeslim.workflows.expert_load import expert_loads, plot_expert_load
@@ -184,14 +220,60 @@ def run_demo_model(config: DemoConfig, demo_model: DemoModel) -> Path:
         make_variants = demo_model.variants or (demo_variants if num_experts == 8 else fine_variants)
         console.print(f"[bold]moeslim demo[/] on {label} ({num_experts} experts per layer): calibration "
                       f"{calibration.samples} x {calibration.seq_len} tokens from {', '.join(calibration.data)}")
-        loads = expert_loads(model, CalibrationCache(tokenizer).get(calibration).input_ids)
+        calibration_set = CalibrationCache(tokenizer).get(calibration)
+        loads = expert_loads(model, calibration_set.input_ids)
         plot_expert_load(loads, out / "expert_load.png", f"{label}: expert load on calibration text")
         variants = make_variants(config, calibration, num_experts)
+        # one KL reference for the variants and the frontier: the same windows, scored once
+        reference = build_reference(model, tokenizer, evaluation, demo_model.model)
         results, _ = evaluate_variants(demo_model.model, model, tokenizer, variants, calibration, evaluation, out,
-                                       log=log)
+                                       log=log, reference=reference)
+        frontier = _frontier(config, demo_model, model, tokenizer, num_experts, variants, results, calibration_set,
+                             evaluation, reference, console)
     write_results(results, out)
-    report = write_report(results, out, title=f"moeslim demo: {label}")
+    report = write_report(results, out, title=f"moeslim demo: {label}", frontier=frontier)
     print_table(results, f"moeslim demo: {label} (ppl on held-out test text; % vs original)")
+    if frontier is not None:
+        _print_frontier(frontier, console)
     console.print(f"wrote {report}, results.json, plans/, plots and {THIRD_PARTY_LOG} (what lm-eval and "
                   f"transformers printed) in {out}")
     return report
+
+
+def _frontier(config: DemoConfig, demo_model: DemoModel, model: Any, tokenizer: Any, num_experts: int,
+              variants: list[Variant], results: list[Any], calibration_set: Any, evaluation: EvalConfig,
+              reference: Any, console: Console) -> Frontier | None:
+    """The joint plan at the frontier's budgets against PMQ at the same bytes and the demo's single-method
+    variants (reused as measured); writes frontier.json."""
+    from moeslim.outputs import write_text_atomic
+    from moeslim.workflows.frontier import run_frontier, single_family
+
+    settings = frontier_config(config, num_experts)
+    if settings is None:
+        return None
+    original = results[0]
+    singles = []
+    for variant, result in zip(variants, results[1:], strict=True):
+        family = single_family(variant.stages)
+        # task-specific calibrations and variants that hold no fewer bytes (skipping) are not size methods
+        if family and variant.calibration is None and (result.param_bytes or 0) < (original.param_bytes or 0):
+            singles.append(point_of(result, family))
+    budgets = ", ".join(f"{b:.0%}" for b in settings.budgets)
+    console.print(f"[bold]frontier[/]: the joint plan at {budgets} of the original's held bytes, and PMQ at each "
+                  f"joint plan's bytes ({len(singles)} single-method variants above reused)")
+    start, cpu = time.perf_counter(), time.process_time()
+    frontier = run_frontier(model, tokenizer, demo_model.model, demo_model.label, calibration_set, evaluation,
+                            reference, original, singles, settings, demo_model.out / "plans", console)
+    frontier.seconds["total"] = time.perf_counter() - start
+    frontier.seconds["total CPU"] = time.process_time() - cpu  # all threads: comparable on a shared machine
+    write_text_atomic(demo_model.out / FRONTIER_FILE, json.dumps(frontier.to_dict(), indent=1) + "\n")
+    return frontier
+
+
+def _print_frontier(frontier: Frontier, console: Console) -> None:
+    rho, n = rank_correlation(frontier)
+    console.print(f"frontier of {frontier.model}: joint plan vs the best single method at equal or larger bytes")
+    for line in frontier_summary_table(frontier):
+        console.print(line, markup=False, highlight=False)
+    console.print(f"spearman(estimated error, KL) over {n} joint plans: {rho:.3f}; frontier took "
+                  f"{frontier.seconds.get('total', 0.0):.0f} s ({frontier.seconds.get('total CPU', 0.0):.0f} s CPU)")

@@ -78,11 +78,14 @@ def evaluate_variants(
     out_dir: Path,
     keep_models: bool = False,
     log: TextIO | None = None,
+    reference: Reference | None = None,
 ) -> tuple[list[Any], dict[str, nn.Module]]:
     """Evaluate the original plus every variant; returns results (original first) and, if asked, models.
 
     The console gets one line per variant (what it is, then its headline numbers); lm-eval's own output goes to
-    ``log`` (None: nowhere)."""
+    ``log`` (None: nowhere). ``reference``: the original's KL reference on ``evaluation``'s windows, when the
+    caller built it (``evaluate.driver.build_reference``) to score more models against it; None: built here
+    when ``evaluation`` asks for KL."""
     from moeslim.evaluate import compare_speed
     from moeslim.evaluate.driver import build_reference
 
@@ -92,8 +95,8 @@ def evaluate_variants(
     total = len(variants) + 1
     console.print(f"[bold]1/{total} original[/]: evaluating")
     # Every variant's KL is measured against the original's next-token distribution on the same windows.
-    reference = build_reference(base, tokenizer, evaluation, model_name) \
-        if evaluation.kl and evaluation.data else None
+    if reference is None and evaluation.kl and evaluation.data:
+        reference = build_reference(base, tokenizer, evaluation, model_name)
     results = [_evaluate(base, tokenizer, evaluation, "original", "the model as loaded", None, log, reference)]
     console.print(f"  {headline(results[-1])}")
     for i, variant in enumerate(variants, start=2):
