@@ -205,7 +205,7 @@ def test_demo_frontier_step_reuses_the_demos_single_methods(tmp_path, capsys) ->
     results = [result("original", base, 100.0), result("freq-3", int(0.8 * base), 150.0),
                result("skip", base, 101.0), result("freq-3-code", int(0.8 * base), 140.0),
                result("freq-3+skip", int(0.8 * base), 160.0)]
-    config = demo.DemoConfig(quick=True, out=str(tmp_path))
+    config = demo.DemoConfig(quick=True, out=str(tmp_path), frontier=True)
     demo_model = demo.DemoModel("tiny", "tiny", tmp_path, None)
     from rich.console import Console
 
@@ -219,5 +219,5 @@ def test_demo_frontier_step_reuses_the_demos_single_methods(tmp_path, capsys) ->
     out = capsys.readouterr().out
     assert "| budget | joint MiB |" in out and "spearman(estimated error, KL)" in out
     assert demo.frontier_config(demo.DemoConfig(frontier=False), 8) is None
-    fine = demo.frontier_config(demo.DemoConfig(), 64)
+    fine = demo.frontier_config(demo.DemoConfig(frontier=True), 64)
     assert fine is not None and fine.size_step > 1 and fine.budgets == demo.FRONTIER_BUDGETS
