@@ -7,10 +7,11 @@ mixed-precision quantization) and the fine-grained Qwen3-MoE model (64 experts, 
 at 25 % and 50 % expert removal). ``--model demo-moe`` / ``--model demo-fine`` run one of them; any other model
 gets the Mixtral variants when it has 8 experts per layer and the removal-share variants otherwise.
 
-With ``frontier=True`` (``moeslim demo --frontier``) each model also gets its frontier (``workflows/frontier.py``): the joint plan at 5 budgets from 15 % to 80 % of
-the original's held bytes against the best single method at equal or larger measured bytes (PMQ run at each
-joint plan's bytes, and the demo's own pruned, quantized, low-rank and merged variants), as a table and a
-plot (``frontier.png``) in the report and in ``frontier.json``.
+With ``frontier=True`` (``moeslim demo --frontier``) each model also gets its frontier
+(``workflows/frontier.py``): the joint plan at 5 budgets from 15 % to 80 % of the original's held bytes against the
+best single method at equal or larger measured bytes (PMQ run at each joint plan's bytes, and the demo's own pruned,
+quantized, low-rank and merged variants), as a table and a plot (``frontier.png``) in the report and in
+``frontier.json``.
 """
 
 from __future__ import annotations
