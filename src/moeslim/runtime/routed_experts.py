@@ -136,6 +136,18 @@ def project(experts: nn.Module, name: str, e: int, x: Tensor, parts: Mapping[str
     return y
 
 
+def expert_output(experts: nn.Module, e: int, x: Tensor, parts: Mapping[str, ExpertPart], up_name: str,
+                  has_gate: bool) -> Tensor:
+    """x (n, H) -> (n, H): expert e's up projection, gate or activation, down projection (+ post-expert norm),
+    before the routing weight."""
+    h = project(experts, up_name, e, x, parts)
+    h = callable_attr(experts, "_apply_gate" if has_gate else "act_fn")(h)
+    y = project(experts, "down_proj", e, h, parts)
+    if getattr(experts, "has_post_expert_norm", False):
+        y = callable_attr(experts, "post_expert_norm")(y)
+    return y
+
+
 def routed_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
                    parts: Mapping[str, ExpertPart]) -> Tensor:
     """hidden_states (T, H), top_k_index / top_k_weights (T, k) -> (T, H), only routed experts computed."""
@@ -157,11 +169,7 @@ def routed_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tenso
         if e >= n_experts:  # placeholder index: no expert
             continue
         token_idx = pairs // k
-        h = project(experts, up_name, e, hidden_states[token_idx], parts)
-        h = callable_attr(experts, "_apply_gate" if has_gate else "act_fn")(h)
-        y = project(experts, "down_proj", e, h, parts)
-        if getattr(experts, "has_post_expert_norm", False):
-            y = callable_attr(experts, "post_expert_norm")(y)
+        y = expert_output(experts, e, hidden_states[token_idx], parts, up_name, has_gate)
         y = y * weights[pairs].unsqueeze(-1).to(y.dtype)
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out

@@ -4,9 +4,11 @@
 skipped (token, expert) pairs BEFORE any matmul, then hands the kept ones to the experts implementation the model used
 before: forwards that drop the placeholder index ``num_experts`` (``routed_experts.drops_placeholder``: low-bit) get
 the (T, k) routing with skipped pairs pointed at the placeholder; transformers' fused float forwards (grouped_mm,
-batched_mm) are replaced, when a token skips, by ``routed_forward`` on the same fused weights; any other
-implementation (eager, low-rank) gets the kept pairs as one-expert "tokens", summed back per token. Kept weights
-are rescaled to the token's original total; nothing skipped = the original arguments (bit-identical output).
+batched_mm) are replaced, when a token skips, by matmuls on the kept experts' slices of the same fused weights (at
+decode straight from the routing read once on the host, ``DIRECT_MAX_PAIRS``; longer inputs through
+``routed_forward``); any other implementation (eager, low-rank) gets the kept pairs as one-expert "tokens", summed
+back per token. Kept weights are rescaled to the token's original total; nothing skipped = the original arguments
+(bit-identical output), and a layer with beta <= 0 computes no skip decision at all.
 
 Per-module state (attributes on each fused experts module): ``moeslim_beta`` (float), ``moeslim_rule``,
 ``moeslim_inner`` (name of the implementation that does the matmuls),
@@ -30,6 +32,7 @@ from moeslim.models.attrs import pretrained
 from moeslim.runtime.routed_experts import (
     SKIP_IMPLEMENTATION,
     current_implementation,
+    expert_output,
     handles_placeholder,
     register_forward,
     routed_forward,
@@ -39,6 +42,11 @@ from moeslim.runtime.routed_experts import (
 IMPLEMENTATION = SKIP_IMPLEMENTATION
 _STANDARD_ARGS = 3  # forward(hidden_states, top_k_index, top_k_weights)
 _FUSED_FLOAT = ("grouped_mm", "batched_mm")  # transformers' forwards over the fused float expert tensors
+# Routings of at most this many (token, expert) pairs (decode) are read on the host once and each kept expert runs
+# as plain matmuls on its slice of the fused weights: at one token grouped_mm's set-up (sort, histogram, a matmul
+# call per expert) costs more than a small expert's matmuls, and batch-1 decode is bound by reading the weights,
+# so a skipped expert saves its whole read.
+DIRECT_MAX_PAIRS = 8
 
 
 class SkippingUnsupportedError(ValueError):
@@ -57,40 +65,60 @@ def _inner_forward(experts: nn.Module) -> Any:
     return ALL_EXPERTS_FUNCTIONS[name]
 
 
+def _keep(experts: nn.Module, top_k_weights: Tensor) -> Tensor | None:
+    """(T, k) routed weights -> (T, k) bool pairs that run, or None when every pair runs (beta <= 0: the rule and
+    the protection of ODP can only keep more, so nothing is computed to find that out)."""
+    beta = float(getattr(experts, "moeslim_beta", 0.0))
+    if beta <= 0 or top_k_weights.shape[-1] < 2:
+        return None
+    keep = keep_mask(top_k_weights, beta, getattr(experts, "moeslim_rule", "top2"))  # (T, k)
+    protect = getattr(experts, "moeslim_protect", None)  # (T,) bool, set per forward by the ODP attention hook
+    if protect is not None and protect.numel() == keep.shape[0]:
+        keep = keep | protect.to(keep.device).unsqueeze(-1)
+    return keep
+
+
+def _count(counters: dict[str, int] | None, expert_calls: int, tokens: int) -> None:
+    if counters is not None:
+        counters["expert_calls"] += expert_calls
+        counters["tokens"] += tokens
+
+
 def skipping_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
                              ) -> Tensor:
     """hidden_states (T, H), top_k_index / top_k_weights (T, k) -> (T, H), skipped pairs never computed."""
     inner = _inner_forward(self)
-    beta = float(getattr(self, "moeslim_beta", 0.0))
-    keep = keep_mask(top_k_weights, beta, getattr(self, "moeslim_rule", "top2"))  # (T, k)
     tokens, k = top_k_index.shape
-    protect = getattr(self, "moeslim_protect", None)  # (T,) bool, set per forward by the ODP attention hook
-    if protect is not None and protect.numel() == tokens:
-        keep = keep | protect.to(keep.device).unsqueeze(-1)
     counters = getattr(self, "moeslim_counters", None)
+    keep = _keep(self, top_k_weights)
+    if keep is None:
+        _count(counters, tokens * k, tokens)
+        return inner(self, hidden_states, top_k_index, top_k_weights)
+    n_experts = int(getattr(self, "num_experts"))  # noqa: B009
+    # Skipped pairs point at the placeholder index (no expert); the routing keeps its (T, k) shape.
+    routed = top_k_index.masked_fill(~keep, n_experts)
     if handles_placeholder(inner):
-        # The inner forward drops pairs routed to the placeholder index: skipped pairs point there (weight 0),
-        # the routing keeps its (T, k) shape, and nothing skipped computes. Nothing skipped: the same arguments.
-        routed = top_k_index.masked_fill(~keep, int(getattr(self, "num_experts")))  # noqa: B009
-        if counters is not None:
-            counters["expert_calls"] += int(keep.sum())
-            counters["tokens"] += tokens
+        # The inner forward drops pairs routed to the placeholder (weight 0): nothing skipped computes.
+        _count(counters, int(keep.sum()), tokens)
         return inner(self, hidden_states, routed, rescale_kept(top_k_weights, keep))
+    fused = getattr(self, "moeslim_inner", "grouped_mm") in _FUSED_FLOAT
+    if fused and tokens * k <= DIRECT_MAX_PAIRS:
+        pairs = routed.tolist()  # the one host read of the layer
+        kept = sum(e < n_experts for row in pairs for e in row)
+        _count(counters, kept, tokens)
+        if kept == tokens * k:  # nothing skipped: the inner implementation on the original arguments
+            return inner(self, hidden_states, top_k_index, top_k_weights)
+        return _direct_forward(self, hidden_states, pairs, rescale_kept(top_k_weights, keep))
     if bool(keep.all()):
         # Nothing skipped: the inner implementation on the original arguments (bit-identical output).
-        if counters is not None:
-            counters["expert_calls"] += tokens * k
-            counters["tokens"] += tokens
+        _count(counters, tokens * k, tokens)
         return inner(self, hidden_states, top_k_index, top_k_weights)
     weights = rescale_kept(top_k_weights, keep)
-    if getattr(self, "moeslim_inner", "grouped_mm") in _FUSED_FLOAT:
+    if fused:
         # transformers' own fused float forwards: each kept expert's rows as one matmul on the fused weights
         # (``routed_forward`` drops the placeholder): no gather of the kept pairs into one-expert tokens and no
-        # grouped_mm set-up, which at decode costs more than the matmuls.
-        routed = top_k_index.masked_fill(~keep, int(getattr(self, "num_experts")))  # noqa: B009
-        if counters is not None:
-            counters["expert_calls"] += int(keep.sum())
-            counters["tokens"] += tokens
+        # grouped_mm set-up.
+        _count(counters, int(keep.sum()), tokens)
         return routed_forward(self, hidden_states, routed, weights, {})
     token_idx, slot = keep.nonzero(as_tuple=True)  # (S,) kept pairs, token-major order
     pair_ids = top_k_index[token_idx, slot].unsqueeze(-1)  # (S, 1)
@@ -98,9 +126,36 @@ def skipping_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index
     pair_out = inner(self, hidden_states[token_idx], pair_ids, pair_w)  # (S, H), weighted
     out = torch.zeros_like(hidden_states)
     out.index_add_(0, token_idx, pair_out.to(out.dtype))
-    if counters is not None:
-        counters["expert_calls"] += int(token_idx.numel())
-        counters["tokens"] += tokens
+    _count(counters, int(token_idx.numel()), tokens)
+    return out
+
+
+def _direct_forward(experts: nn.Module, hidden_states: Tensor, routed: list[list[int]], weights: Tensor) -> Tensor:
+    """``routed_forward`` on a routing already on the host: hidden_states (T, H), routed (T, k) expert ids
+    (``num_experts``: skipped), weights (T, k) rescaled -> (T, H). Each kept expert runs once on its tokens' rows,
+    as two matmuls on its slice of the fused weights, and adds into the output in expert order (the same sums as
+    ``routed_forward``)."""
+    n_experts = int(getattr(experts, "num_experts"))  # noqa: B009
+    has_gate = bool(getattr(experts, "has_gate"))  # noqa: B009
+    up_name = "gate_up_proj" if has_gate else "up_proj"
+    by_expert: dict[int, list[tuple[int, int]]] = {}
+    for t, row in enumerate(routed):
+        for j, e in enumerate(row):
+            if e < n_experts:
+                by_expert.setdefault(e, []).append((t, j))
+    out = torch.zeros_like(hidden_states)
+    for e in sorted(by_expert):
+        pairs = by_expert[e]
+        if len(pairs) == 1:  # decode: one token's rows by slicing, no index tensors
+            t, j = pairs[0]
+            y = expert_output(experts, e, hidden_states[t:t + 1], {}, up_name, has_gate)
+            out[t:t + 1] += (y * weights[t:t + 1, j:j + 1].to(y.dtype)).to(out.dtype)
+            continue
+        token_idx = torch.tensor([t for t, _ in pairs], device=hidden_states.device)
+        slot = torch.tensor([j for _, j in pairs], device=hidden_states.device)
+        y = expert_output(experts, e, hidden_states[token_idx], {}, up_name, has_gate)
+        y = y * weights[token_idx, slot].unsqueeze(-1).to(y.dtype)
+        out.index_add_(0, token_idx, y.to(out.dtype))
     return out
 
 

@@ -61,31 +61,33 @@ def keep_mask(weights: Tensor, beta: float, rule: str) -> Tensor:
     if beta <= 0 or k < 2:
         return torch.ones_like(weights, dtype=torch.bool)
     w = weights.float()
-    order = w.argsort(dim=-1, descending=True, stable=True)
-    ws = w.gather(-1, order)  # (T, k) descending
     if rule == "top2":
         if k != 2:
             raise ValueError(f"rule 'top2' needs top-2 routing, got top-{k}; use rule='topk'")
-        keep_sorted = torch.stack((torch.ones_like(ws[:, 0], dtype=torch.bool), ws[:, 1] >= beta * ws[:, 0]), 1)
-    elif rule == "topk":
-        # tail[:, i] = sum of the weights after position i (a reversed cumsum: exactly 0 for the last position)
-        tail = ws.flip(-1).cumsum(-1).flip(-1) - ws  # (T, k)
-        done = tail < beta * ws.sum(-1, keepdim=True)  # prefix up to i suffices
-        done[:, -1] = True
-        first = done.int().argmax(dim=-1, keepdim=True)  # (T, 1) smallest sufficient prefix end
-        keep_sorted = torch.arange(k, device=w.device).unsqueeze(0) <= first
-    else:
+        # The sorted form (second >= beta * first) without a sort: the first maximum (argmax's tie rule is a
+        # stable descending sort's) always runs, the other expert iff its weight >= beta * the maximum. A few
+        # elementwise ops: this runs once per MoE layer and decode step.
+        best = w.argmax(dim=-1, keepdim=True)  # (T, 1)
+        return (w >= beta * w.gather(-1, best)).scatter_(-1, best, True)
+    if rule != "topk":
         raise ValueError(f"unknown skip rule {rule!r}; use one of {SKIP_RULES}")
+    order = w.argsort(dim=-1, descending=True, stable=True)
+    ws = w.gather(-1, order)  # (T, k) descending
+    # tail[:, i] = sum of the weights after position i (a reversed cumsum: exactly 0 for the last position)
+    tail = ws.flip(-1).cumsum(-1).flip(-1) - ws  # (T, k)
+    done = tail < beta * ws.sum(-1, keepdim=True)  # prefix up to i suffices
+    done[:, -1] = True
+    first = done.int().argmax(dim=-1, keepdim=True)  # (T, 1) smallest sufficient prefix end
+    keep_sorted = torch.arange(k, device=w.device).unsqueeze(0) <= first
     return torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
 def rescale_kept(weights: Tensor, keep: Tensor) -> Tensor:
     """(T, k) weights, (T, k) keep mask -> (T, k) weights, kept ones scaled to the token's original total, 0 else."""
     kept = weights * keep
-    total, kept_sum = weights.sum(-1, keepdim=True), kept.sum(-1, keepdim=True)
     # Tokens that skip nothing keep their exact weights (no rescale rounding).
-    scale = torch.where(keep.all(-1, keepdim=True), torch.ones_like(total), total / kept_sum)
-    return kept * scale
+    return torch.where(keep.all(-1, keepdim=True), weights, kept * (weights.sum(-1, keepdim=True)
+                                                                    / kept.sum(-1, keepdim=True)))
 
 
 def skip_rates(sorted_weights: Tensor, beta: float, rule: str) -> dict[str, float]:
