@@ -10,8 +10,9 @@ Variants (each its own model, timed interleaved: every round runs each variant o
 medians over repeats):
 original bf16; uniform 4-bit (int4pack kernel); uniform 8-bit (fused int8 decode kernel); PMQ 2.5-bit (in each
 layer a random half of the experts at 3 bits, half at 2: the 2.5-bit average a PMQ allocation has; bit-plane
-storage, fused decode kernel); PMQ 2.5-bit + skipping with per-layer median beta (NAEE top-2 rule, beta =
-median ratio of second to first routing weight on random tokens); pruned to 6 experts per layer (bf16);
+storage, fused decode kernel); PMQ 2.5-bit + skipping and bf16 + skipping, both with per-layer median beta (NAEE
+top-2 rule, beta = median ratio of second to first routing weight on random tokens); pruned to 6 experts per
+layer (bf16);
 torchao int4 / int8 weight-only as peers where torchao is installed (they replace nn.Linear modules only:
 attention and lm_head, the fused experts stay bf16).
 
@@ -30,9 +31,14 @@ median beta), timed the same way in its own interleaved rounds.
 Load: the fresh-process peak RSS of loading PMQ 2.5-bit against the goal (its tensor bytes x 1.3 + the bare
 interpreter); ``--load-only`` runs just that check (no timing).
 
-The run ends with the summary lines of issue 23 (ratios against the bf16 original from this one run).
+The run ends with the summary lines of issue 23 (ratios against the bf16 original from this one run), and
+``lowbit skip decode ratio over same model: X``: decode of bf16 + skipping over bf16 on the speed model (with
+``pmq-2.5bit+skip`` timed, also over PMQ 2.5-bit: NAEE skipping against the same model without it).
 ``--variants`` limits the speed model's variants (the original is always timed; ``--variants
-uniform-4bit pmq-2.5bit`` is the short run that still prints every summary line).
+uniform-4bit pmq-2.5bit`` is the short run that still prints every summary line). ``--skip-only`` times just
+the original and bf16 + skipping (plus pmq-2.5bit and pmq-2.5bit+skip when ``--variants`` names
+``pmq-2.5bit+skip``) and the demo model's bf16 and skipping variants in one interleaved run, with no fresh loads,
+and prints the skip lines only.
 
 Run: OMP_NUM_THREADS=2 python benchmarks/lowbit_speed.py [--repeats 5] [--layers 4] [--variants ...]
 """
@@ -153,19 +159,23 @@ def torchao_variant(model: nn.Module, kind: str) -> nn.Module | str:
         return f"torchao {kind} failed ({type(exc).__name__}: {str(exc)[:160]})"
 
 
-def demo_variants(seed: int = 0) -> dict[str, nn.Module]:
-    """The embedded demo model in bf16, its PMQ 2.5-bit (RTN, group 128) and its skipping variant."""
+def demo_variants(seed: int = 0, quantized: bool = True) -> dict[str, nn.Module]:
+    """The embedded demo model in bf16, its PMQ 2.5-bit (RTN, group 128; unless not ``quantized``) and its
+    skipping variant."""
     base, _ = load_model("demo", dtype=torch.bfloat16)
     base.eval()
     n_experts = find_moe_layers(base)[0].num_experts
     rng = random.Random(seed)
     half = {layer.layer_idx: set(rng.sample(range(n_experts), n_experts // 2)) for layer in find_moe_layers(base)}
-    pmq = quantize_experts(copy.deepcopy(base), lambda idx, e: 3 if e in half[idx] else 2)
+    out = {"demo-bf16": base}
+    if quantized:
+        out["demo-pmq-2.5bit"] = quantize_experts(copy.deepcopy(base), lambda idx, e: 3 if e in half[idx] else 2)
     skip = copy.deepcopy(base)
     gen = torch.Generator().manual_seed(seed)
     install_skipping(skip, median_betas(base, torch.randint(3, base.config.vocab_size, (1, 256), generator=gen)),
                      "top2")
-    return {"demo-bf16": base, "demo-pmq-2.5bit": pmq, "demo-skip": skip}
+    out["demo-skip"] = skip
+    return out
 
 
 _FRESH_LOAD = textwrap.dedent("""
@@ -258,7 +268,8 @@ def measure_both(models: dict[str, nn.Module], prompt: torch.Tensor, long: torch
             _summary({n: samples[n] for n in demo}, demo, demo_long, new_tokens))
 
 
-SPEED_VARIANTS = ("uniform-4bit", "uniform-8bit", "pmq-2.5bit", "pmq-2.5bit+skip", "pruned-keep6", "torchao")
+SPEED_VARIANTS = ("uniform-4bit", "uniform-8bit", "pmq-2.5bit", "pmq-2.5bit+skip", "bf16+skip", "pruned-keep6",
+                  "torchao")
 
 
 def build_speed_variants(base: nn.Module, layers: int, which: list[str], long: torch.Tensor
@@ -273,11 +284,16 @@ def build_speed_variants(base: nn.Module, layers: int, which: list[str], long: t
     betas: dict[int, float] = {}
     if "pmq-2.5bit" in which or "pmq-2.5bit+skip" in which:
         models["pmq-2.5bit"] = quantize_experts(copy.deepcopy(base), lambda idx, e: 3 if e in half[idx] else 2)
+    if "pmq-2.5bit+skip" in which or "bf16+skip" in which:
+        betas = median_betas(base, long)
     if "pmq-2.5bit+skip" in which:
         skip = copy.deepcopy(models["pmq-2.5bit"])
-        betas = median_betas(base, long)
         install_skipping(skip, betas, "top2")
         models["pmq-2.5bit+skip"] = skip
+    if "bf16+skip" in which:
+        skip = copy.deepcopy(base)
+        install_skipping(skip, betas, "top2")
+        models["bf16+skip"] = skip
     if "pruned-keep6" in which:
         pruned = copy.deepcopy(base)
         select_experts(pruned, {layer.layer_idx: list(range(6)) for layer in find_moe_layers(pruned)})
@@ -313,20 +329,73 @@ def load_check(layers: int) -> None:
     print(load_line(fresh.get("pmq-2.5bit"), fresh_load("")))
 
 
+def print_table(results: dict[str, dict[str, float]], demo_results: dict[str, dict[str, float]],
+                fresh: dict[str, dict[str, int] | str], ref_name: str) -> None:
+    """The speed model's and the demo model's tables, ratios against ``ref_name`` / demo-bf16 (fresh RSS columns
+    where ``fresh`` has them)."""
+    ref = results[ref_name]
+    ref_fresh = fresh.get(ref_name)
+    ref_rss = ref_fresh["rss"] if isinstance(ref_fresh, dict) else None
+    head = f"{'decode tok/s':>12} {'x':>6} {'prefill tok/s':>14} {'x':>6} {'resident MiB':>13} {'x':>6}"
+    if fresh:
+        head += f" {'fresh RSS MiB':>14} {'x':>6}"
+    print(f"\n{'variant':28} {head}")
+    for name, r in results.items():
+        f = fresh.get(name)
+        rss = ""
+        if fresh:
+            rss = (f" {f['rss'] / 2**20:14.0f} {f['rss'] / ref_rss if ref_rss else float('nan'):6.2f}"
+                   if isinstance(f, dict) else f"   {f}")
+        print(f"{name:28} {r['decode_tps']:12.2f} {r['decode_tps'] / ref['decode_tps']:6.2f} "
+              f"{r['prefill_tps']:14.1f} {r['prefill_tps'] / ref['prefill_tps']:6.2f} "
+              f"{r['bytes'] / 2**20:13.1f} {r['bytes'] / ref['bytes']:6.2f}{rss}")
+    demo_ref = demo_results["demo-bf16"]
+    print(f"\n{'demo model variant':28} {'decode tok/s':>12} {'x':>6} {'prefill tok/s':>14} {'x':>6} "
+          f"{'resident MiB':>13} {'x':>6}")
+    for name, r in demo_results.items():
+        print(f"{name:28} {r['decode_tps']:12.2f} {r['decode_tps'] / demo_ref['decode_tps']:6.2f} "
+              f"{r['prefill_tps']:14.1f} {r['prefill_tps'] / demo_ref['prefill_tps']:6.2f} "
+              f"{r['bytes'] / 2**20:13.2f} {r['bytes'] / demo_ref['bytes']:6.2f}")
+
+
+def print_skip_lines(results: dict[str, dict[str, float]], demo_results: dict[str, dict[str, float]],
+                     demo_line: bool = True) -> None:
+    """Skipping against the same model without it: bf16 + skip / bf16 (and PMQ 2.5-bit + skip / PMQ 2.5-bit)."""
+    def ratio(a: str, b: str) -> float:
+        return results[a]["decode_tps"] / results[b]["decode_tps"]
+
+    if demo_line:
+        print(f"lowbit demo decode ratio skip: "
+              f"{demo_results['demo-skip']['decode_tps'] / demo_results['demo-bf16']['decode_tps']:.2f}")
+    if "bf16+skip" in results:
+        print(f"lowbit skip decode ratio over same model: {ratio('bf16+skip', 'original-bf16'):.2f}")
+    if "pmq-2.5bit+skip" in results:
+        print(f"lowbit skip decode ratio over same model pmq-2.5bit: {ratio('pmq-2.5bit+skip', 'pmq-2.5bit'):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--variants", nargs="+", choices=SPEED_VARIANTS, default=list(SPEED_VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=SPEED_VARIANTS, default=None,
+                        help="the speed model's variants besides the original (default: all)")
+    parser.add_argument("--skip-only", action="store_true",
+                        help="only the original and bf16 + skipping (and PMQ 2.5-bit with and without skipping "
+                             "when --variants names pmq-2.5bit+skip), on both models; no fresh loads")
     parser.add_argument("--load-only", action="store_true",
                         help="only the PMQ 2.5-bit fresh-load peak RSS against its goal (no timing)")
     args = parser.parse_args()
     if args.load_only:
         load_check(args.layers)
         return
-    which = sorted(set(args.variants) | {"uniform-4bit", "pmq-2.5bit"}, key=SPEED_VARIANTS.index)  # summary
+    if args.skip_only:
+        which = ["bf16+skip"] + (["pmq-2.5bit", "pmq-2.5bit+skip"]
+                                 if args.variants and "pmq-2.5bit+skip" in args.variants else [])
+    else:  # every summary line needs uniform-4bit and pmq-2.5bit
+        which = sorted(set(args.variants or SPEED_VARIANTS) | {"uniform-4bit", "pmq-2.5bit"},
+                       key=SPEED_VARIANTS.index)
     t0 = time.perf_counter()
     base = speed_model(args.layers)
     n_params = sum(p.numel() for p in base.parameters())
@@ -340,46 +409,37 @@ def main() -> None:
     models, betas = build_speed_variants(base, args.layers, which, long)
     print(f"built {len(models)} variants in {time.perf_counter() - t0:.0f} s"
           + ("; median betas " + ", ".join(f"{b:.2f}" for b in betas.values()) if betas else ""))
-    demo = demo_variants()
+    demo = demo_variants(quantized=not args.skip_only)
     demo_ids = torch.randint(3, 8192, (1, 8), generator=gen)
     demo_long = torch.randint(3, 8192, (1, min(args.prefill_tokens, 256)), generator=gen)
     # one interleaved run: every round times the speed model's variants and the demo's, in shuffled orders
     results, demo_results = measure_both(models, prompt, long, demo, demo_ids, demo_long, args.new_tokens,
                                          args.repeats)
     calls: list[float] = []
-    if "pmq-2.5bit+skip" in models:
-        skip = models["pmq-2.5bit+skip"]
+    skip_name = next((n for n in ("bf16+skip", "pmq-2.5bit+skip") if n in models), None)
+    if skip_name is not None:
+        skip = models[skip_name]
         reset_counters(skip)
         with torch.inference_mode():
             skip(long)
         calls = [c["expert_calls"] / c["tokens"] for c in
                  (layer.experts.moeslim_counters for layer in find_moe_layers(skip))]
         del skip
+    if args.skip_only:
+        print_table(results, demo_results, {}, "original-bf16")
+        if calls:
+            print(f"expert calls per token per layer with skipping: {statistics.mean(calls):.2f} (top-2 = 2.00)")
+        print(f"total time {time.perf_counter() - t0:.0f} s\n")
+        print_skip_lines(results, demo_results)
+        return
     del base, demo  # only `models` holds the variants now: fresh_rss frees each in turn
     gc.collect()
     t1 = time.perf_counter()
     fresh = fresh_rss(models)
     bare = fresh_load("")
-    ref = results["original-bf16"]
-    ref_rss = fresh["original-bf16"]["rss"] if isinstance(fresh.get("original-bf16"), dict) else None
+    print_table(results, demo_results, fresh, "original-bf16")
+    ref, demo_ref = results["original-bf16"], demo_results["demo-bf16"]
     expert_bf16 = 2 * n_expert
-    head = (f"{'decode tok/s':>12} {'x':>6} {'prefill tok/s':>14} {'x':>6} {'resident MiB':>13} {'x':>6} "
-            f"{'fresh RSS MiB':>14} {'x':>6}")
-    print(f"\n{'variant':28} {head}")
-    for name, r in results.items():
-        f = fresh.get(name)
-        rss = (f"{f['rss'] / 2**20:14.0f} {f['rss'] / ref_rss if ref_rss else float('nan'):6.2f}"
-               if isinstance(f, dict) else f"  {f}")
-        print(f"{name:28} {r['decode_tps']:12.2f} {r['decode_tps'] / ref['decode_tps']:6.2f} "
-              f"{r['prefill_tps']:14.1f} {r['prefill_tps'] / ref['prefill_tps']:6.2f} "
-              f"{r['bytes'] / 2**20:13.1f} {r['bytes'] / ref['bytes']:6.2f} {rss}")
-    demo_ref = demo_results["demo-bf16"]
-    print(f"\n{'demo model variant':28} {'decode tok/s':>12} {'x':>6} {'prefill tok/s':>14} {'x':>6} "
-          f"{'resident MiB':>13} {'x':>6}")
-    for name, r in demo_results.items():
-        print(f"{name:28} {r['decode_tps']:12.2f} {r['decode_tps'] / demo_ref['decode_tps']:6.2f} "
-              f"{r['prefill_tps']:14.1f} {r['prefill_tps'] / demo_ref['prefill_tps']:6.2f} "
-              f"{r['bytes'] / 2**20:13.2f} {r['bytes'] / demo_ref['bytes']:6.2f}")
     loaded = {n: f["bytes"] for n, f in fresh.items() if isinstance(f, dict)}
     print(f"\nfresh interpreter with the same imports and no model: RSS {bare['rss'] / 2**20:.0f} MiB; tensor bytes "
           "held after a fresh moeslim.load (MiB): " + ", ".join(f"{n} {b / 2**20:.1f}" for n, b in loaded.items())
@@ -403,8 +463,7 @@ def main() -> None:
     if "pmq-2.5bit+skip" in results:
         print(f"lowbit decode ratio pmq-2.5bit+skip: "
               f"{results['pmq-2.5bit+skip']['decode_tps'] / ref['decode_tps']:.2f}")
-        print(f"skip decode ratio over the same model without skipping (pmq-2.5bit+skip / pmq-2.5bit): "
-              f"{results['pmq-2.5bit+skip']['decode_tps'] / pmq['decode_tps']:.2f}")
+    print_skip_lines(results, demo_results, demo_line=False)
     print(f"lowbit resident ratio pmq-2.5bit: {pmq['bytes'] / ref['bytes']:.2f}")
 
 
