@@ -95,13 +95,14 @@ def skipping_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index
         _count(counters, tokens * k, tokens)
         return inner(self, hidden_states, top_k_index, top_k_weights)
     n_experts = int(getattr(self, "num_experts"))  # noqa: B009
+    placeholder = handles_placeholder(inner)
+    fused = not placeholder and getattr(self, "moeslim_inner", "grouped_mm") in _FUSED_FLOAT
     # Skipped pairs point at the placeholder index (no expert); the routing keeps its (T, k) shape.
-    routed = top_k_index.masked_fill(~keep, n_experts)
-    if handles_placeholder(inner):
+    routed = top_k_index.masked_fill(~keep, n_experts) if placeholder or fused else top_k_index
+    if placeholder:
         # The inner forward drops pairs routed to the placeholder (weight 0): nothing skipped computes.
         _count(counters, int(keep.sum()), tokens)
         return inner(self, hidden_states, routed, rescale_kept(top_k_weights, keep))
-    fused = getattr(self, "moeslim_inner", "grouped_mm") in _FUSED_FLOAT
     if fused and tokens * k <= DIRECT_MAX_PAIRS:
         pairs = routed.tolist()  # the one host read of the layer
         kept = sum(e < n_experts for row in pairs for e in row)
