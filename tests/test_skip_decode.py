@@ -106,3 +106,33 @@ def test_decode_fast_path_equals_hand_masked_logits_and_counts(family: str, monk
     assert 0 < sum(kept.values()) < 2 * tokens * len(layers)  # some pairs were skipped, not all
     assert counters(model) == {layer.layer_idx: {"expert_calls": kept[layer.layer_idx], "tokens": tokens}
                                for layer in layers}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_one_token_fast_path_is_bit_identical_to_the_routed_reference(family: str) -> None:
+    """At one token the fast path equals ``routed_forward`` on the placeholder routing with ``rescale_kept``
+    weights (the general path) exactly for tokens that skip, and the original implementation on the original
+    arguments for tokens that keep both experts."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from moeslim.methods.skip import rescale_kept
+    from moeslim.runtime.routed_experts import routed_forward
+
+    model = tiny_model(family)
+    original = ALL_EXPERTS_FUNCTIONS[current_implementation(model.config) or "grouped_mm"]
+    layer = find_moe_layers(model)[0]
+    x = torch.randn(64, layer.hidden_size, generator=torch.Generator().manual_seed(1))
+    weights, ids = layer.route(layer.router_logits(x))
+    install_skipping(model, {layer.layer_idx: BETA})
+    skipped = 0
+    with torch.no_grad():
+        for t in range(x.shape[0]):
+            keep = _hand_keep(weights[t:t + 1], BETA)
+            skipped += int((~keep).sum())
+            routed = ids[t:t + 1].masked_fill(~keep, layer.num_experts)
+            if keep.all():
+                expected = original(layer.experts, x[t:t + 1], ids[t:t + 1], weights[t:t + 1])
+            else:
+                expected = routed_forward(layer.experts, x[t:t + 1], routed, rescale_kept(weights[t:t + 1], keep), {})
+            assert torch.equal(layer.experts(x[t:t + 1], ids[t:t + 1], weights[t:t + 1]), expected), t
+    assert 0 < skipped < x.shape[0]
