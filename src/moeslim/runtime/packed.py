@@ -47,7 +47,7 @@ from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.methods.quant.layout_bytes import layout_format
 from moeslim.methods.quant.pack import pack_bits, unpack_bits
 
-__all__ = ["PackedExperts", "Workspace", "int4pack_dequant_matmul", "int8_rows_kernel", "pack_planes", "plane_split",
+__all__ = ["PackedExperts", "Workspace", "int4pack_dequant_kernel", "int4pack_dequant_matmul", "int8_rows_kernel", "pack_planes", "plane_split",
            "planes_inputs", "planes_matmul", "planes_matmul_kernel", "planes_rows_kernel", "unpack_planes"]
 
 log = logging.getLogger(__name__)
@@ -287,8 +287,27 @@ class Workspace:
         return buf[:n].view(shape)
 
 
-def int4pack_dequant_matmul(x: Tensor, w4: Tensor, sz: Tensor, group_size: int, workspace: Workspace | None = None
-                            ) -> Tensor:
+def int4pack_dequant_kernel(q: Tensor, scale: Tensor, offset: Tensor, out: Tensor) -> Tensor:
+    """Writes W^T (K, N) into ``out`` from q (N / 64, K, 32) uint8 (torch's CPU int4pack layout): w = q * scale +
+    offset per group, scale and offset (G, N) float32 (offset = zero - 8 * scale), rounded once to out's dtype.
+
+    Written for ``torch.compile``: output row k is read from 32 contiguous bytes per block of 64 columns (low
+    nibbles the first 32, high nibbles the next), so inductor emits one vectorised loop that reads each byte
+    once and writes each weight once, with the group's scale and offset contiguous along N.
+    """
+    n_blocks, k, half = q.shape
+    n_groups = scale.shape[0]
+    s = scale.view(n_groups, 1, n_blocks, 2, half)
+    z = offset.view(n_groups, 1, n_blocks, 2, half)
+    codes = q.permute(1, 0, 2).reshape(n_groups, k // n_groups, n_blocks, half)  # (G, gs, N / 64, 32)
+    o = out.view(n_groups, k // n_groups, n_blocks, 2, half)
+    o[:, :, :, 0].copy_((codes & 15).float() * s[:, :, :, 0] + z[:, :, :, 0])
+    o[:, :, :, 1].copy_((codes >> 4).float() * s[:, :, :, 1] + z[:, :, :, 1])
+    return out
+
+
+def int4pack_dequant_matmul(x: Tensor, w4: Tensor, sz: Tensor, group_size: int, workspace: Workspace | None = None,
+                            compiled: _Compiled | None = None) -> Tensor:
     """x (M, K) -> (M, N) = x @ W^T with W dequantized from torch's CPU int4pack layout into x's dtype, then one
     float matmul (the GEMM path of long inputs).
 
@@ -296,13 +315,21 @@ def int4pack_dequant_matmul(x: Tensor, w4: Tensor, sz: Tensor, group_size: int, 
     (N / 64, K, 32), the low nibble of byte (b, k, d) is code (64 b + d, k), the high nibble code (64 b + 32 + d, k).
     sz: (G, N, 2) the kernel's (scale, zero) pairs, w = (q - 8) * scale + zero, as the int4pack kernel computes
     (scale and zero in the model's dtype). W is written transposed, (K, N): every operation then runs along N
-    with contiguous operands (a handful of vectorised passes, no per-element dtype casts).
+    with contiguous operands. With ``compiled`` the dequantization is one compiled pass
+    (``int4pack_dequant_kernel``, about twice as fast as the eager passes below, which run without a compiler).
     """
     n_out = sz.shape[1]
     k = x.shape[1]
     n_groups = sz.shape[0]
-    q = w4.view(n_out // _INT4_BLOCK, k, _INT4_BLOCK // 2).permute(1, 0, 2)  # (K, N / 64, 32)
     ws = workspace if workspace is not None else Workspace()
+    if compiled is not None and n_out * k >= COMPILE_MIN_WEIGHTS:
+        w = ws.get("weights", (k, n_out), x.dtype, x.device)
+        blocks = w4.view(n_out // _INT4_BLOCK, k, _INT4_BLOCK // 2)
+        pairs = sz.float()  # (G, N, 2): split once per call, so the kernel reads both contiguously
+        scale, offset = pairs[..., 0].contiguous(), torch.add(pairs[..., 1], pairs[..., 0], alpha=-8)
+        if compiled(int4pack_dequant_kernel, blocks, scale, offset, w) is not None:
+            return x @ w
+    q = w4.view(n_out // _INT4_BLOCK, k, _INT4_BLOCK // 2).permute(1, 0, 2)  # (K, N / 64, 32)
     codes = ws.get("codes", (k, n_out // _INT4_BLOCK, 2, _INT4_BLOCK // 2), torch.uint8, x.device)
     torch.bitwise_and(q, 15, out=codes[:, :, 0])
     torch.bitwise_right_shift(q, 4, out=codes[:, :, 1])
@@ -586,7 +613,8 @@ class _WidthGroup(nn.Module):
             else:
                 sz = int4_scales_and_zeros(self._scales(row), self._zplanes(row), x.dtype)
             if x.shape[0] >= INT4_GEMM_MIN_ROWS and self.n_out % _INT4_BLOCK == 0:
-                return int4pack_dequant_matmul(self._pad(x), self.w4[row], sz, self.group_size, workspace)
+                return int4pack_dequant_matmul(self._pad(x), self.w4[row], sz, self.group_size, workspace,
+                                               compiled)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(self._pad(x).contiguous(), self.w4[row],
                                                              self.group_size, sz)
         if self.fmt in ("int8", "planes") and x.shape[0] <= FUSED_MAX_ROWS:
