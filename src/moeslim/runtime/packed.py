@@ -47,8 +47,9 @@ from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.methods.quant.layout_bytes import layout_format
 from moeslim.methods.quant.pack import pack_bits, unpack_bits
 
-__all__ = ["PackedExperts", "Workspace", "int4pack_dequant_kernel", "int4pack_dequant_matmul", "int8_rows_kernel", "pack_planes", "plane_split",
-           "planes_inputs", "planes_matmul", "planes_matmul_kernel", "planes_rows_kernel", "unpack_planes"]
+__all__ = ["PackedExperts", "Workspace", "int4pack_dequant_kernel", "int4pack_dequant_matmul", "int8_rows_kernel",
+           "pack_planes", "plane_split", "planes_inputs", "planes_matmul", "planes_matmul_kernel", "planes_rows_kernel",
+           "unpack_planes"]
 
 log = logging.getLogger(__name__)
 
