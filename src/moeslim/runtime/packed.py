@@ -49,7 +49,7 @@ from moeslim.methods.quant.pack import pack_bits, unpack_bits
 
 __all__ = ["PackedExperts", "Workspace", "int4pack_dequant_kernel", "int4pack_dequant_matmul", "int8_rows_kernel",
            "pack_planes", "plane_split", "planes_inputs", "planes_matmul", "planes_matmul_kernel", "planes_rows_kernel",
-           "unpack_planes"]
+           "rows_traced", "unpack_planes"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,10 @@ _INT4_BLOCK = 64  # torch's CPU int4pack layout: 64 output rows a block, rows d 
 # Matrices below this many weights (test-sized toys) compute eagerly: a compile (seconds per shape and width)
 # would cost more than such a matrix ever takes; every real model's experts are far above it.
 COMPILE_MIN_WEIGHTS = 1 << 14
+# Decode kernel calls of less work than this (rows x weights of one expert; the demo model's: 0.2-0.5 M) are
+# compiled single-threaded: the work is microseconds, and a parallel region's barrier costs more (on a busy
+# machine a waiting thread can hold a call for a whole scheduler slice: decode was ~10x slower with 2 threads).
+SERIAL_MAX_WORK = 1 << 22
 
 
 # Zero points of one expert: bit planes (per plane (N * G * w / 8,) uint8), or the constant 2^(b-1) of a
@@ -219,6 +223,16 @@ def planes_rows_kernel(x: Tensor, rows: Tensor, planes: tuple[Tensor, ...], zero
     return (scales[rows].float() * (term.sum(-1) - zeros * xsum)).sum(-1)  # (S, N)
 
 
+def rows_traced(spec: tuple[Any, ...], rows: Tensor, x: Tensor) -> Tensor:
+    """x (S, K), rows (S,) -> (S, N) float32 through one width group's gathered decode kernel, uncompiled, from
+    its ``_WidthGroup.rows_args``: for a caller that compiles a whole layer around it (``fuses_decode``)."""
+    fmt, bits, group_size, k_pad, planes, zplanes, scales = spec
+    xp = (F.pad(x, (0, k_pad - x.shape[1])) if x.shape[1] != k_pad else x).float()
+    if fmt == "int8":
+        return int8_rows_kernel(xp, rows, planes[0], zplanes, scales.view(torch.float16))
+    return planes_rows_kernel(xp, rows, planes, zplanes, scales.view(torch.float16), bits, group_size)
+
+
 def int8_rows_kernel(x: Tensor, rows: Tensor, w8: Tensor, zero_planes: tuple[Tensor, ...] | int, scales: Tensor
                      ) -> Tensor:
     """x (S, K) float32, rows (S,) int64, w8 (n, G, N, gs) int8 = code - 128 -> (S, N) float32, each row through
@@ -367,14 +381,19 @@ class _Compiled:
     def __deepcopy__(self, memo: dict[int, Any]) -> _Compiled:
         return _Compiled()  # a compiled function does not copy; the copy compiles its own on first use
 
-    def __call__(self, kernel: Callable[..., Any], *args: Any, key: tuple[Any, ...] | None = None) -> Any:
+    def __call__(self, kernel: Callable[..., Any], *args: Any, key: tuple[Any, ...] | None = None,
+                 serial: bool = False) -> Any:
+        """``kernel(*args)`` compiled (None: no compiler here); ``serial``: compiled without a parallel region."""
         if self.failed:
             return None
-        full = (kernel.__name__, torch.is_grad_enabled(), *(key if key is not None else _shape_key(args)))
+        full = (kernel.__name__, torch.is_grad_enabled(), serial,
+                *(key if key is not None else _shape_key(args)))
         try:
             fn = self.fns.get(full)
             if fn is None:
-                fn = self.fns[full] = torch.compile(_own_code(kernel, len(self.fns)), dynamic=False)
+                options: dict[str, str | int | bool | Callable[..., Any]] | None = (
+                    {"cpp.threads": 1} if serial else None)
+                fn = self.fns[full] = torch.compile(_own_code(kernel, len(self.fns)), dynamic=False, options=options)
             return fn(*args)
         except Exception as exc:  # noqa: BLE001 - no compiler / unsupported backend: the eager path is exact
             self.failed = True
@@ -597,7 +616,7 @@ class _WidthGroup(nn.Module):
         return w.reshape(self.n_out, self.k_pad)[:, :self.n_in].to(dtype)
 
     def _pad(self, x: Tensor) -> Tensor:
-        return F.pad(x, (0, self.k_pad - self.n_in)) if self.k_pad != self.n_in else x
+        return F.pad(x, (0, self.k_pad - x.shape[1])) if self.k_pad != x.shape[1] else x
 
     def matmul(self, row: int, x: Tensor, compiled: _Compiled, workspace: Workspace | None = None) -> Tensor:
         """x (M, K) -> (M, N) = x @ W_row^T from the packed storage (``workspace``: scratch of the 4-bit GEMM
@@ -651,15 +670,22 @@ class _WidthGroup(nn.Module):
         scales = self.scales.view(torch.float16)
         key = (self.fmt, self.bits, self.symmetric, len(self.experts), self.n_out, self.k_pad, self.group_size,
                bucket)
+        serial = bucket * self.n_out * self.k_pad < SERIAL_MAX_WORK
         if self.fmt == "int8":
-            y = compiled(int8_rows_kernel, xp, rows, self.w8, self._all_zplanes(), scales, key=key)
+            y = compiled(int8_rows_kernel, xp, rows, self.w8, self._all_zplanes(), scales, key=key, serial=serial)
         else:
             planes = tuple(getattr(self, f"p{j}") for j in range(self.n_planes))
             y = compiled(planes_rows_kernel, xp, rows, planes, self._all_zplanes(), scales, self.bits,
-                         self.group_size, key=key)
+                         self.group_size, key=key, serial=serial)
         if y is None:
             return None
         return (y if bucket == n_rows else y[:n_rows]).to(x.dtype)
+
+    def rows_args(self) -> tuple[Any, ...]:
+        """The arguments of ``rows_traced`` that describe this group (tensors and numbers only: a compiled
+        caller then guards on them cheaply, not on modules)."""
+        planes = tuple(getattr(self, f"p{j}") for j in range(self.n_planes)) if self.fmt == "planes" else (self.w8,)
+        return self.fmt, self.bits, self.group_size, self.k_pad, planes, self._all_zplanes(), self.scales
 
     def matmul_rows(self, rows: Tensor, x: Tensor, compiled: _Compiled, workspace: Workspace | None = None
                     ) -> Tensor:
@@ -777,6 +803,26 @@ class PackedExperts(nn.Module):
     def group_matmul(self, gi: int, rows: Tensor, x: Tensor, workspace: Workspace | None = None) -> Tensor:
         """x (S, in), rows (S,) rows of width group ``gi`` (``row_of`` of the routed experts) -> (S, out)."""
         return self._group(gi).matmul_rows(rows, x, self.compiled, workspace)
+
+    def rows_args(self) -> tuple[tuple[Any, ...], ...]:
+        """Per width group, what ``rows_traced`` needs to compute it (see ``_WidthGroup.rows_args``)."""
+        return tuple(self._group(gi).rows_args() for gi in range(self.n_groups))
+
+    @property
+    def in_width(self) -> int:
+        """Inputs the kernels read: the largest padded input width over the width groups (all equal unless
+        the group size exceeds the inputs)."""
+        return max(self._group(gi).k_pad for gi in range(self.n_groups))
+
+    def fuses_decode(self, n_rows: int) -> bool:
+        """Whether ``n_rows`` routed rows are small work for every width group here (all gathered-kernel
+        layouts, each call under ``SERIAL_MAX_WORK``): then a whole layer's decode can be one compiled graph
+        that runs every group on every row (masked) instead of one kernel call per group and projection, whose
+        per-call overhead is most of the time at such shapes."""
+        groups = [self._group(gi) for gi in range(self.n_groups)]
+        return (not self.compiled.failed and n_rows <= FUSED_MAX_ROWS
+                and all(g.fmt in ("int8", "planes") and g.n_out * g.n_in >= COMPILE_MIN_WEIGHTS
+                        and n_rows * g.n_out * g.k_pad * self.n_groups < SERIAL_MAX_WORK for g in groups))
 
     def same_grouping(self, other: PackedExperts) -> bool:
         """Whether ``other`` puts every expert in the same group at the same row (up and down projections of
