@@ -71,8 +71,8 @@ def _bias(experts: nn.Module, name: str, experts_idx: Tensor) -> Tensor | None:
 
 def masked_up(hidden_states: Tensor, rows: Tensor, mine: Tensor, up: tuple[tuple[Any, ...], ...]) -> Tensor:
     """The up projection of ``grouped_forward`` for a few rows, without sorting or a host sync: every width
-    group's kernel runs on every (token, expert) pair and keeps the pairs of its group (placeholder pairs keep
-    zeros, which the gated activation keeps at 0). Traceable: compiled as one graph per layer and shape
+    group's kernel runs on every (token, expert) pair and keeps the pairs of its group (a placeholder pair is
+    in no group: ``masked_down`` keeps its output at 0). Traceable: compiled as one graph per layer and shape
     (``fuses_decode``); the routing comes in as tensors (computed inside, inductor would recompute the gathers
     in every kernel loop), the groups as tensors and numbers (guards on modules cost more than the kernels).
 
