@@ -20,10 +20,13 @@ padded with zeros, so the padding adds exactly 0), so every shape the layouts ca
 Decoding (up to ``FUSED_MAX_ROWS`` rows in one width group) runs one ``torch.compile``d kernel per width group
 for all its routed (row, expert) pairs (``planes_rows_kernel``, ``int8_rows_kernel``): each row gathers its
 expert's packed bytes inside the kernel, the integer codes meet the input first and scale and zero are applied
-once per group, so no dequantized weight is ever materialised. Longer inputs dequantize each routed expert
+once per group, so no dequantized weight is ever materialised. Calls of little work (``SERIAL_MAX_WORK``) are
+compiled single-threaded, and at such shapes a layer's routed pairs can run as one graph per projection
+(``rows_traced``, ``fuses_decode``; lowbit_forward's masked decode). Longer inputs dequantize each routed expert
 once (compiled) and run a float matmul. 4-bit experts run torch's int4pack kernel below ``INT4_GEMM_MIN_ROWS``
 rows of one expert; longer inputs (prefill) dequantize the expert into scratch shared by one layer forward
-and run one float matmul (``int4pack_dequant_matmul``): the int4pack kernel's cost grows with every row.
+(one compiled pass, ``int4pack_dequant_kernel``) and run one float matmul (``int4pack_dequant_matmul``): the
+int4pack kernel's cost grows with every row.
 
 Every buffer is stored with an integer dtype (float16 scales viewed as int16, dense slices viewed as an
 integer of the same size), so ``model.to(dtype)`` never re-rounds stored values, while ``model.to(device)``
