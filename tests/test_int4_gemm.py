@@ -3,6 +3,7 @@ dequantization (to float rounding), and the routed matmul agrees with dequantize
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moeslim.methods.quant.fused import quantize_fused
@@ -42,3 +43,30 @@ def test_long_inputs_match_dequantize_then_matmul() -> None:
             ref = (xb @ weights[1].bfloat16().T).float()
             got = storage.matmul(1, xb).float()
             assert torch.allclose(got, ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+
+
+def test_compiled_dequantization_equals_the_eager_one() -> None:
+    # The compiled dequantization (one pass, float32 maths, one rounding) gives the eager passes' weights: exactly
+    # in float32, to one bf16 rounding in bf16 (the eager path rounds the offset zero - 8 * scale first); 200
+    # inputs pad to whole groups of 32, rows just above the GEMM threshold.
+    storage, weights = _storage(False, 3)
+    compiled = packed_module._Compiled()
+    group = storage.groups[0]
+    x = torch.randn(packed_module.INT4_GEMM_MIN_ROWS + 3, group.k_pad, generator=torch.Generator().manual_seed(4))
+    x[:, 200:] = 0  # padded inputs are zeros (the padded codes' weights are not)
+    for dtype in (torch.float32, torch.bfloat16):
+        sz = packed_module.int4_scales_and_zeros(group._scales(1), group._zplanes(1), dtype)
+        xd = x.to(dtype)
+        eager = int4pack_dequant_matmul(xd, group.w4[1], sz, 32)
+        fast = int4pack_dequant_matmul(xd, group.w4[1], sz, 32, packed_module.Workspace(), compiled)
+        if compiled.failed:
+            pytest.skip("torch.compile is not available on this machine (the eager path was checked)")
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(fast.float(), eager.float(), rtol=0, atol=tol * eager.abs().max().item())
+        ref = xd.float()[:, :200] @ weights[1].T
+        torch.testing.assert_close(fast.float(), ref, rtol=0, atol=tol * 2 * ref.abs().max().item())
+    assert "int4pack_dequant_kernel" in compiled.kernels()
+    x2 = torch.randn(packed_module.INT4_GEMM_MIN_ROWS + 1, 200)  # through PackedExperts: the compiled path
+    storage.compiled = compiled
+    ref = x2 @ weights[0].T
+    torch.testing.assert_close(storage.matmul(0, x2), ref, rtol=0, atol=1e-5 * ref.abs().max().item())

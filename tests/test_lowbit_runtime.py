@@ -345,3 +345,50 @@ def test_gathered_kernels_on_inputs_padded_to_whole_groups(compiled: _Compiled) 
     assert "planes_rows_kernel" in compiled.kernels()
     for key, t in packed.to_state_dict("p").items():
         assert torch.equal(storage.to_lowbit().to_state_dict("p")[key], t), key
+
+
+class _PlainExperts(torch.nn.Module):
+    """The attributes the routed forwards read: no gate, no bias, an activation."""
+
+    has_gate = False
+    has_bias = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act_fn = torch.nn.SiLU()
+
+
+def test_masked_decode_matches_dequantized_experts(compiled: _Compiled) -> None:
+    # Decode (T * k <= FUSED_MAX_ROWS pairs) runs as two compiled graphs per layer, every width group on every
+    # pair, masked: equal to the routed experts from the dequantized weights (float32, rtol 1e-5), with three
+    # width groups (3 and 2 bits as planes, 8 as int8), 320 inputs to the down projection (padded to whole
+    # groups of 128) and a placeholder pair (index = num_experts) that adds nothing.
+    from moeslim.runtime.lowbit_forward import _masked_decode, grouped_forward
+
+    widths = [3, 2, 8, 3]
+    gen = torch.Generator().manual_seed(31)
+    up_w, down_w = torch.randn(4, 320, 256, generator=gen), torch.randn(4, 256, 320, generator=gen)
+    up_p, down_p = (quantize_fused(w, widths, 128, None, "rtn") for w in (up_w, down_w))
+    up, down = PackedExperts(up_p), PackedExperts(down_p)
+    up.compiled = down.compiled = compiled
+    experts = _PlainExperts()
+    w_up, w_down = up_p.dequantize(), down_p.dequantize()
+    for n_tokens in (1, 3):
+        x = torch.randn(n_tokens, 256, generator=gen)
+        index = torch.randint(0, 4, (n_tokens, 2), generator=gen)
+        index[0, 1] = 4  # the placeholder: no expert
+        weights = torch.rand(n_tokens, 2, generator=gen)
+        expected = torch.zeros(n_tokens, 256)
+        for t in range(n_tokens):
+            for j in range(2):
+                e = int(index[t, j])
+                if e < 4:
+                    expected[t] += weights[t, j] * (torch.nn.functional.silu(x[t] @ w_up[e].T) @ w_down[e].T)
+        assert up.fuses_decode(index.numel()) and down.fuses_decode(index.numel())
+        got = _masked_decode(experts, x, index, weights, up, down)
+        if compiled.failed:
+            pytest.skip("torch.compile is not available on this machine")
+        assert got is not None
+        _close(got, expected)
+        _close(grouped_forward(experts, x, index, weights, up, down), expected)
+    assert {"masked_up", "masked_down"} <= compiled.kernels()

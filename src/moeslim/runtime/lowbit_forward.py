@@ -17,12 +17,15 @@ computation with it fails loudly instead of using stale weights).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.models.attrs import callable_attr
-from moeslim.runtime.packed import PackedExperts, Workspace
+from moeslim.runtime.packed import PackedExperts, Workspace, rows_traced
 from moeslim.runtime.routed_experts import (
     attach_part,
     drops_placeholder,
@@ -66,6 +69,58 @@ def _bias(experts: nn.Module, name: str, experts_idx: Tensor) -> Tensor | None:
     return None if bias is None else bias[experts_idx]
 
 
+def masked_up(hidden_states: Tensor, rows: Tensor, mine: Tensor, up: tuple[tuple[Any, ...], ...]) -> Tensor:
+    """The up projection of ``grouped_forward`` for a few rows, without sorting or a host sync: every width
+    group's kernel runs on every (token, expert) pair and keeps the pairs of its group (a placeholder pair is
+    in no group: ``masked_down`` keeps its output at 0). Traceable: compiled as one graph per layer and shape
+    (``fuses_decode``); the routing comes in as tensors (computed inside, inductor would recompute the gathers
+    in every kernel loop), the groups as tensors and numbers (guards on modules cost more than the kernels).
+
+    hidden_states (T, H); rows, mine (n_groups, P): each pair's row in group g (0 elsewhere) and whether it is
+    in g; up: ``PackedExperts.rows_args``; pair p = token p // k -> (P, I) in hidden_states' dtype.
+    """
+    x = hidden_states.repeat_interleave(rows.shape[1] // hidden_states.shape[0], 0)  # (P, H)
+    h = torch.zeros((), dtype=torch.float32, device=x.device)
+    for gi, spec in enumerate(up):
+        h = torch.where(mine[gi].unsqueeze(-1), rows_traced(spec, rows[gi], x), h)
+    return h.to(x.dtype)
+
+
+def masked_down(h: Tensor, rows: Tensor, mine: Tensor, top_k_weights: Tensor, down: tuple[tuple[Any, ...], ...]
+                ) -> Tensor:
+    """The down projection and weighted sum of ``grouped_forward`` after ``masked_up`` and the activation (a
+    graph of its own: in one graph with the up projection, inductor recomputes the activation inside the down
+    kernel's loops).
+
+    h (P, width) activations zero-padded to the down kernels' inputs, rows / mine as ``masked_up``,
+    top_k_weights (T, k) -> (T, H).
+    """
+    n_tokens, k = top_k_weights.shape
+    y = torch.zeros((), dtype=torch.float32, device=h.device)
+    for gi, spec in enumerate(down):
+        y = torch.where(mine[gi].unsqueeze(-1), rows_traced(spec, rows[gi], h), y)
+    y = y.to(h.dtype) * top_k_weights.reshape(-1, 1).to(h.dtype)
+    return y.view(n_tokens, k, -1).sum(1)
+
+
+def _masked_decode(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                   up: PackedExperts, down: PackedExperts) -> Tensor | None:
+    """``masked_up`` then ``masked_down``, compiled (None: no compiler here)."""
+    flat = top_k_index.reshape(-1)
+    groups = torch.arange(up.n_groups, device=flat.device).unsqueeze(-1)
+    mine = up.group_of[flat] == groups  # (n_groups, P)
+    rows = torch.where(mine, up.row_of[flat], 0)
+    key = (*top_k_index.shape, hidden_states.dtype, top_k_weights.dtype)
+    h = up.compiled(masked_up, hidden_states, rows, mine, up.rows_args(), key=key, serial=True)
+    if h is None:
+        return None
+    h = callable_attr(experts, "_apply_gate" if bool(getattr(experts, "has_gate")) else "act_fn")(h)  # noqa: B009
+    width = down.in_width  # the down kernels' padded inputs: padded here, they read h as it is
+    h = F.pad(h, (0, width - h.shape[1])) if width != h.shape[1] else h
+    y = up.compiled(masked_down, h, rows, mine, top_k_weights, down.rows_args(), key=key, serial=True)
+    return None if y is None else y.to(hidden_states.dtype)
+
+
 def grouped_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
                     up: PackedExperts, down: PackedExperts) -> Tensor:
     """``routed_forward`` for experts whose up and down projections are both packed with the same width groups:
@@ -77,6 +132,11 @@ def grouped_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     k = top_k_index.shape[1]
     has_gate = bool(getattr(experts, "has_gate"))  # noqa: B009
     up_name = "gate_up_proj" if has_gate else "up_proj"
+    n_routed = top_k_index.numel()
+    if not getattr(experts, "has_bias", False) and up.fuses_decode(n_routed) and down.fuses_decode(n_routed):
+        y = _masked_decode(experts, hidden_states, top_k_index, top_k_weights, up, down)
+        if y is not None:
+            return y
     flat = top_k_index.reshape(-1)  # (P,) pair p = token p // k, slot p % k
     group = up.group_of[flat]  # (P,) width group of each pair; the placeholder expert -> up.n_groups
     order = torch.argsort(group, stable=True)

@@ -20,10 +20,13 @@ padded with zeros, so the padding adds exactly 0), so every shape the layouts ca
 Decoding (up to ``FUSED_MAX_ROWS`` rows in one width group) runs one ``torch.compile``d kernel per width group
 for all its routed (row, expert) pairs (``planes_rows_kernel``, ``int8_rows_kernel``): each row gathers its
 expert's packed bytes inside the kernel, the integer codes meet the input first and scale and zero are applied
-once per group, so no dequantized weight is ever materialised. Longer inputs dequantize each routed expert
+once per group, so no dequantized weight is ever materialised. Calls of little work (``SERIAL_MAX_WORK``) are
+compiled single-threaded, and at such shapes a layer's routed pairs can run as one graph per projection
+(``rows_traced``, ``fuses_decode``; lowbit_forward's masked decode). Longer inputs dequantize each routed expert
 once (compiled) and run a float matmul. 4-bit experts run torch's int4pack kernel below ``INT4_GEMM_MIN_ROWS``
 rows of one expert; longer inputs (prefill) dequantize the expert into scratch shared by one layer forward
-and run one float matmul (``int4pack_dequant_matmul``): the int4pack kernel's cost grows with every row.
+(one compiled pass, ``int4pack_dequant_kernel``) and run one float matmul (``int4pack_dequant_matmul``): the
+int4pack kernel's cost grows with every row.
 
 Every buffer is stored with an integer dtype (float16 scales viewed as int16, dense slices viewed as an
 integer of the same size), so ``model.to(dtype)`` never re-rounds stored values, while ``model.to(device)``
@@ -47,8 +50,9 @@ from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.methods.quant.layout_bytes import layout_format
 from moeslim.methods.quant.pack import pack_bits, unpack_bits
 
-__all__ = ["PackedExperts", "Workspace", "int4pack_dequant_matmul", "int8_rows_kernel", "pack_planes", "plane_split",
-           "planes_inputs", "planes_matmul", "planes_matmul_kernel", "planes_rows_kernel", "unpack_planes"]
+__all__ = ["PackedExperts", "Workspace", "int4pack_dequant_kernel", "int4pack_dequant_matmul", "int8_rows_kernel",
+           "pack_planes", "plane_split", "planes_inputs", "planes_matmul", "planes_matmul_kernel", "planes_rows_kernel",
+           "rows_traced", "unpack_planes"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,10 @@ _INT4_BLOCK = 64  # torch's CPU int4pack layout: 64 output rows a block, rows d 
 # Matrices below this many weights (test-sized toys) compute eagerly: a compile (seconds per shape and width)
 # would cost more than such a matrix ever takes; every real model's experts are far above it.
 COMPILE_MIN_WEIGHTS = 1 << 14
+# Decode kernel calls of less work than this (rows x weights of one expert; the demo model's: 0.2-0.5 M) are
+# compiled single-threaded: the work is microseconds, and a parallel region's barrier costs more (on a busy
+# machine a waiting thread can hold a call for a whole scheduler slice: decode was ~10x slower with 2 threads).
+SERIAL_MAX_WORK = 1 << 22
 
 
 # Zero points of one expert: bit planes (per plane (N * G * w / 8,) uint8), or the constant 2^(b-1) of a
@@ -218,6 +226,16 @@ def planes_rows_kernel(x: Tensor, rows: Tensor, planes: tuple[Tensor, ...], zero
     return (scales[rows].float() * (term.sum(-1) - zeros * xsum)).sum(-1)  # (S, N)
 
 
+def rows_traced(spec: tuple[Any, ...], rows: Tensor, x: Tensor) -> Tensor:
+    """x (S, K), rows (S,) -> (S, N) float32 through one width group's gathered decode kernel, uncompiled, from
+    its ``_WidthGroup.rows_args``: for a caller that compiles a whole layer around it (``fuses_decode``)."""
+    fmt, bits, group_size, k_pad, planes, zplanes, scales = spec
+    xp = (F.pad(x, (0, k_pad - x.shape[1])) if x.shape[1] != k_pad else x).float()
+    if fmt == "int8":
+        return int8_rows_kernel(xp, rows, planes[0], zplanes, scales.view(torch.float16))
+    return planes_rows_kernel(xp, rows, planes, zplanes, scales.view(torch.float16), bits, group_size)
+
+
 def int8_rows_kernel(x: Tensor, rows: Tensor, w8: Tensor, zero_planes: tuple[Tensor, ...] | int, scales: Tensor
                      ) -> Tensor:
     """x (S, K) float32, rows (S,) int64, w8 (n, G, N, gs) int8 = code - 128 -> (S, N) float32, each row through
@@ -287,8 +305,27 @@ class Workspace:
         return buf[:n].view(shape)
 
 
-def int4pack_dequant_matmul(x: Tensor, w4: Tensor, sz: Tensor, group_size: int, workspace: Workspace | None = None
-                            ) -> Tensor:
+def int4pack_dequant_kernel(q: Tensor, scale: Tensor, offset: Tensor, out: Tensor) -> Tensor:
+    """Writes W^T (K, N) into ``out`` from q (N / 64, K, 32) uint8 (torch's CPU int4pack layout): w = q * scale +
+    offset per group, scale and offset (G, N) float32 (offset = zero - 8 * scale), rounded once to out's dtype.
+
+    Written for ``torch.compile``: output row k is read from 32 contiguous bytes per block of 64 columns (low
+    nibbles the first 32, high nibbles the next), so inductor emits one vectorised loop that reads each byte
+    once and writes each weight once, with the group's scale and offset contiguous along N.
+    """
+    n_blocks, k, half = q.shape
+    n_groups = scale.shape[0]
+    s = scale.view(n_groups, 1, n_blocks, 2, half)
+    z = offset.view(n_groups, 1, n_blocks, 2, half)
+    codes = q.permute(1, 0, 2).reshape(n_groups, k // n_groups, n_blocks, half)  # (G, gs, N / 64, 32)
+    o = out.view(n_groups, k // n_groups, n_blocks, 2, half)
+    o[:, :, :, 0].copy_((codes & 15).float() * s[:, :, :, 0] + z[:, :, :, 0])
+    o[:, :, :, 1].copy_((codes >> 4).float() * s[:, :, :, 1] + z[:, :, :, 1])
+    return out
+
+
+def int4pack_dequant_matmul(x: Tensor, w4: Tensor, sz: Tensor, group_size: int, workspace: Workspace | None = None,
+                            compiled: _Compiled | None = None) -> Tensor:
     """x (M, K) -> (M, N) = x @ W^T with W dequantized from torch's CPU int4pack layout into x's dtype, then one
     float matmul (the GEMM path of long inputs).
 
@@ -296,13 +333,21 @@ def int4pack_dequant_matmul(x: Tensor, w4: Tensor, sz: Tensor, group_size: int, 
     (N / 64, K, 32), the low nibble of byte (b, k, d) is code (64 b + d, k), the high nibble code (64 b + 32 + d, k).
     sz: (G, N, 2) the kernel's (scale, zero) pairs, w = (q - 8) * scale + zero, as the int4pack kernel computes
     (scale and zero in the model's dtype). W is written transposed, (K, N): every operation then runs along N
-    with contiguous operands (a handful of vectorised passes, no per-element dtype casts).
+    with contiguous operands. With ``compiled`` the dequantization is one compiled pass
+    (``int4pack_dequant_kernel``, about twice as fast as the eager passes below, which run without a compiler).
     """
     n_out = sz.shape[1]
     k = x.shape[1]
     n_groups = sz.shape[0]
-    q = w4.view(n_out // _INT4_BLOCK, k, _INT4_BLOCK // 2).permute(1, 0, 2)  # (K, N / 64, 32)
     ws = workspace if workspace is not None else Workspace()
+    if compiled is not None and n_out * k >= COMPILE_MIN_WEIGHTS:
+        w = ws.get("weights", (k, n_out), x.dtype, x.device)
+        blocks = w4.view(n_out // _INT4_BLOCK, k, _INT4_BLOCK // 2)
+        pairs = sz.float()  # (G, N, 2): split once per call, so the kernel reads both contiguously
+        scale, offset = pairs[..., 0].contiguous(), torch.add(pairs[..., 1], pairs[..., 0], alpha=-8)
+        if compiled(int4pack_dequant_kernel, blocks, scale, offset, w) is not None:
+            return x @ w
+    q = w4.view(n_out // _INT4_BLOCK, k, _INT4_BLOCK // 2).permute(1, 0, 2)  # (K, N / 64, 32)
     codes = ws.get("codes", (k, n_out // _INT4_BLOCK, 2, _INT4_BLOCK // 2), torch.uint8, x.device)
     torch.bitwise_and(q, 15, out=codes[:, :, 0])
     torch.bitwise_right_shift(q, 4, out=codes[:, :, 1])
@@ -339,14 +384,19 @@ class _Compiled:
     def __deepcopy__(self, memo: dict[int, Any]) -> _Compiled:
         return _Compiled()  # a compiled function does not copy; the copy compiles its own on first use
 
-    def __call__(self, kernel: Callable[..., Any], *args: Any, key: tuple[Any, ...] | None = None) -> Any:
+    def __call__(self, kernel: Callable[..., Any], *args: Any, key: tuple[Any, ...] | None = None,
+                 serial: bool = False) -> Any:
+        """``kernel(*args)`` compiled (None: no compiler here); ``serial``: compiled without a parallel region."""
         if self.failed:
             return None
-        full = (kernel.__name__, torch.is_grad_enabled(), *(key if key is not None else _shape_key(args)))
+        full = (kernel.__name__, torch.is_grad_enabled(), serial,
+                *(key if key is not None else _shape_key(args)))
         try:
             fn = self.fns.get(full)
             if fn is None:
-                fn = self.fns[full] = torch.compile(_own_code(kernel, len(self.fns)), dynamic=False)
+                options: dict[str, str | int | bool | Callable[..., Any]] | None = (
+                    {"cpp.threads": 1} if serial else None)
+                fn = self.fns[full] = torch.compile(_own_code(kernel, len(self.fns)), dynamic=False, options=options)
             return fn(*args)
         except Exception as exc:  # noqa: BLE001 - no compiler / unsupported backend: the eager path is exact
             self.failed = True
@@ -569,7 +619,7 @@ class _WidthGroup(nn.Module):
         return w.reshape(self.n_out, self.k_pad)[:, :self.n_in].to(dtype)
 
     def _pad(self, x: Tensor) -> Tensor:
-        return F.pad(x, (0, self.k_pad - self.n_in)) if self.k_pad != self.n_in else x
+        return F.pad(x, (0, self.k_pad - x.shape[1])) if self.k_pad != x.shape[1] else x
 
     def matmul(self, row: int, x: Tensor, compiled: _Compiled, workspace: Workspace | None = None) -> Tensor:
         """x (M, K) -> (M, N) = x @ W_row^T from the packed storage (``workspace``: scratch of the 4-bit GEMM
@@ -586,7 +636,8 @@ class _WidthGroup(nn.Module):
             else:
                 sz = int4_scales_and_zeros(self._scales(row), self._zplanes(row), x.dtype)
             if x.shape[0] >= INT4_GEMM_MIN_ROWS and self.n_out % _INT4_BLOCK == 0:
-                return int4pack_dequant_matmul(self._pad(x), self.w4[row], sz, self.group_size, workspace)
+                return int4pack_dequant_matmul(self._pad(x), self.w4[row], sz, self.group_size, workspace,
+                                               compiled)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(self._pad(x).contiguous(), self.w4[row],
                                                              self.group_size, sz)
         if self.fmt in ("int8", "planes") and x.shape[0] <= FUSED_MAX_ROWS:
@@ -622,15 +673,22 @@ class _WidthGroup(nn.Module):
         scales = self.scales.view(torch.float16)
         key = (self.fmt, self.bits, self.symmetric, len(self.experts), self.n_out, self.k_pad, self.group_size,
                bucket)
+        serial = bucket * self.n_out * self.k_pad < SERIAL_MAX_WORK
         if self.fmt == "int8":
-            y = compiled(int8_rows_kernel, xp, rows, self.w8, self._all_zplanes(), scales, key=key)
+            y = compiled(int8_rows_kernel, xp, rows, self.w8, self._all_zplanes(), scales, key=key, serial=serial)
         else:
             planes = tuple(getattr(self, f"p{j}") for j in range(self.n_planes))
             y = compiled(planes_rows_kernel, xp, rows, planes, self._all_zplanes(), scales, self.bits,
-                         self.group_size, key=key)
+                         self.group_size, key=key, serial=serial)
         if y is None:
             return None
         return (y if bucket == n_rows else y[:n_rows]).to(x.dtype)
+
+    def rows_args(self) -> tuple[Any, ...]:
+        """The arguments of ``rows_traced`` that describe this group (tensors and numbers only: a compiled
+        caller then guards on them cheaply, not on modules)."""
+        planes = tuple(getattr(self, f"p{j}") for j in range(self.n_planes)) if self.fmt == "planes" else (self.w8,)
+        return self.fmt, self.bits, self.group_size, self.k_pad, planes, self._all_zplanes(), self.scales
 
     def matmul_rows(self, rows: Tensor, x: Tensor, compiled: _Compiled, workspace: Workspace | None = None
                     ) -> Tensor:
@@ -748,6 +806,26 @@ class PackedExperts(nn.Module):
     def group_matmul(self, gi: int, rows: Tensor, x: Tensor, workspace: Workspace | None = None) -> Tensor:
         """x (S, in), rows (S,) rows of width group ``gi`` (``row_of`` of the routed experts) -> (S, out)."""
         return self._group(gi).matmul_rows(rows, x, self.compiled, workspace)
+
+    def rows_args(self) -> tuple[tuple[Any, ...], ...]:
+        """Per width group, what ``rows_traced`` needs to compute it (see ``_WidthGroup.rows_args``)."""
+        return tuple(self._group(gi).rows_args() for gi in range(self.n_groups))
+
+    @property
+    def in_width(self) -> int:
+        """Inputs the kernels read: the largest padded input width over the width groups (all equal unless
+        the group size exceeds the inputs)."""
+        return max(self._group(gi).k_pad for gi in range(self.n_groups))
+
+    def fuses_decode(self, n_rows: int) -> bool:
+        """Whether ``n_rows`` routed rows are small work for every width group here (all gathered-kernel
+        layouts, each call under ``SERIAL_MAX_WORK``): then a whole layer's decode can be one compiled graph
+        that runs every group on every row (masked) instead of one kernel call per group and projection, whose
+        per-call overhead is most of the time at such shapes."""
+        groups = [self._group(gi) for gi in range(self.n_groups)]
+        return (not self.compiled.failed and n_rows <= FUSED_MAX_ROWS
+                and all(g.fmt in ("int8", "planes") and g.n_out * g.n_in >= COMPILE_MIN_WEIGHTS
+                        and n_rows * g.n_out * g.k_pad * self.n_groups < SERIAL_MAX_WORK for g in groups))
 
     def same_grouping(self, other: PackedExperts) -> bool:
         """Whether ``other`` puts every expert in the same group at the same row (up and down projections of
