@@ -15,7 +15,9 @@ from torch import nn
 
 from moeslim.appliers.prune import apply_prune
 from moeslim.appliers.quantize import apply_quantize
+from moeslim.config import ConfigError
 from moeslim.data.calibration_set import CalibrationSet
+from moeslim.methods.joint.hold import cast_parameters, hold_torch_dtype, needs_cast
 from moeslim.methods.quant.config import QuantizeConfig
 from moeslim.methods.quant.fused import KEEP_BITS
 from moeslim.plans import Plan, PlanError, config_hash
@@ -41,10 +43,19 @@ def needs_calibration(plan: Plan) -> bool:
 
 def apply_joint(model: nn.Module, plan: Plan, calibration: CalibrationSet | torch.Tensor | None = None,
                 device: torch.device | str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Prune then quantize in place; returns the ``prune``, ``quantize`` and ``joint`` config sections."""
+    """Cast (the plan's ``hold_dtype``), prune, then quantize in place; returns the ``prune``, ``quantize`` and
+    ``joint`` config sections (``joint.hold_dtype``: the dtype a save writes and ``moeslim.load`` holds)."""
     if plan.kind != "joint":
         raise PlanError(f"apply_joint got a {plan.kind!r} plan")
+    hold = plan.summary.get("hold_dtype")
+    try:
+        dtype = hold_torch_dtype(hold if hold is None or isinstance(hold, str) else repr(hold))
+    except ConfigError as err:
+        raise PlanError(f"joint plan summary: {err}") from err
     prune, bits = _halves(model, plan)
+    if dtype is not None and needs_cast(model, dtype):
+        # first: the planner measured every option on the model as cast, and GPTQ then runs on it
+        cast_parameters(model, dtype)
     section = apply_prune(model, prune)
     cfg = plan.provenance.config
     quant_config = QuantizeConfig(method="uniform", bits=KEEP_BITS, group_size=int(cfg.get("group_size", 128)),
@@ -60,4 +71,6 @@ def apply_joint(model: nn.Module, plan: Plan, calibration: CalibrationSet | torc
     section.update(apply_quantize(model, quantize, calibration, device, progress))
     section["joint"] = {"held_bytes_planned": plan.summary.get("held_bytes"),
                         "estimated_error": plan.summary.get("estimated_error")}
+    if dtype is not None:
+        section["joint"]["hold_dtype"] = hold
     return section

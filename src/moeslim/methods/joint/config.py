@@ -10,6 +10,7 @@ from torch import nn
 
 from moeslim.calibrate.observers import DEFAULT_MAX_TOKENS
 from moeslim.config import ConfigError, check_types
+from moeslim.methods.joint.hold import HoldDtype, as_held, hold_torch_dtype
 from moeslim.methods.joint.sizes import LayerBytes, model_layer_bytes
 from moeslim.methods.joint.solve import min_held_bytes
 from moeslim.methods.prune import PruneConfig
@@ -66,6 +67,11 @@ class JointConfig:
         "methods/joint/probe.py; the estimate an expected KL per token). On the demo model at 25 % of its bytes the "
         "kl plan measured +14 % perplexity against +11 % for the squared one, hence the default", "squared")
     probe_windows: int = _help("kl: calibration windows the probes run on", 8)
+    hold_dtype: HoldDtype = _help(
+        "float dtype the plan holds every float weight in: auto (keep the model's) | bfloat16 | float16 | float32. "
+        "Bytes and errors are measured on the model as cast, and apply casts it first (the low-bit experts then "
+        "compute in it too). Real checkpoints are already 16-bit: this matters for float32 models, whose "
+        "embeddings and attention otherwise take twice the bytes of a small target", "auto")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(self.widths))
@@ -89,6 +95,7 @@ class JointConfig:
             raise ConfigError("symmetric=True with width 1: a symmetric 1-bit grid is {-2m, 0}; use widths >= 2")
         if self.min_keep is not None and self.min_keep < 1:
             raise ConfigError(f"min_keep={self.min_keep}: keep at least 1 expert (default: top_k)")
+        hold_torch_dtype(self.hold_dtype)  # a ConfigError naming the dtypes
         if self.error_scale not in ("kl", "squared"):
             raise ConfigError(f"error_scale={self.error_scale!r}: use 'kl' or 'squared'")
         for name, low in (("size_step", 1), ("max_subsets", 1), ("group_size", 1), ("batch_size", 1),
@@ -116,7 +123,9 @@ class JointConfig:
 class JointTargets:
     """``base`` the original's held bytes; ``target`` the held-bytes cap (``base`` when only the active target is
     set); ``active`` the cap on expert bytes read per token (None: none); ``sizes`` per-layer byte tables;
-    ``kept_sizes`` the kept-set sizes each layer may take; ``prune`` the pruning settings of the loss curves."""
+    ``kept_sizes`` the kept-set sizes each layer may take; ``prune`` the pruning settings of the loss curves.
+    With ``hold_dtype`` every byte count is of the model as held (cast), except ``original``: the model as given,
+    which ``target_ratio`` is a share of."""
 
     base: int
     target: int
@@ -125,6 +134,7 @@ class JointTargets:
     kept_sizes: tuple[int, ...]
     prune: PruneConfig
     shape: PruneShape
+    original: int = 0  # the held bytes of the model as given (``base`` is after the cast to ``hold_dtype``)
 
 
 def _prune_config(config: JointConfig, num_experts: int, min_keep: int) -> PruneConfig:
@@ -137,10 +147,13 @@ def _prune_config(config: JointConfig, num_experts: int, min_keep: int) -> Prune
                        token_fraction=config.token_fraction, max_tokens=config.max_tokens)
 
 
-def resolve_targets(model: nn.Module, config: JointConfig) -> JointTargets:
+def resolve_targets(model: nn.Module, config: JointConfig, held_model: nn.Module | None = None) -> JointTargets:
+    """``held_model``: ``model`` as the plan holds it (``hold.as_held``), when the caller has it already."""
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise ConfigError("the joint planner measures the held bytes of the whole model, and some of its tensors are "
                           "not loaded (meta: a streamed or partly loaded model); load it whole (drop --stream)")
+    original = held_bytes(model)
+    model = held_model if held_model is not None else as_held(model, config.hold_dtype)
     layers = find_moe_layers(model)
     experts, top_k = layers[0].num_experts, layers[0].top_k
     if any(layer.num_experts != experts for layer in layers):
@@ -159,16 +172,17 @@ def resolve_targets(model: nn.Module, config: JointConfig) -> JointTargets:
     target = base
     if config.target_mib is not None or config.target_ratio is not None:
         target = (int(config.target_mib * MIB) if config.target_mib is not None
-                  else int(config.target_ratio * base))  # type: ignore[operator]
+                  else int(config.target_ratio * original))  # type: ignore[operator]
         asked = (f"target_mib={config.target_mib}" if config.target_mib is not None
                  else f"target_ratio={config.target_ratio} ({target / MIB:.3f} MiB)")
         if target < smallest:
             raise ConfigError(
                 f"{asked} is below the smallest size a joint plan reaches on this model: {smallest / MIB:.3f} MiB "
-                f"({smallest / base:.1%} of the original's {base / MIB:.3f} MiB; every MoE layer keeping {low} "
+                f"({smallest / original:.1%} of the original's {original / MIB:.3f} MiB; every MoE layer keeping {low} "
                 f"experts at {min(config.widths)} bits): raise the target, or lower min_keep / add a narrower width")
-        if target >= base:
-            raise ConfigError(f"{asked} is not below the original's held {base / MIB:.3f} MiB: nothing to compress")
+        if target >= original:
+            raise ConfigError(f"{asked} is not below the original's held {original / MIB:.3f} MiB: nothing to "
+                              "compress")
     active = None
     if config.target_active_mib is not None:
         active = config.target_active_mib * MIB
@@ -178,4 +192,4 @@ def resolve_targets(model: nn.Module, config: JointConfig) -> JointTargets:
                 f"target_active_mib={config.target_active_mib} is below the least a token reads: {least / MIB:.4f} "
                 f"MiB ({top_k} routed experts per MoE layer at {min(config.widths)} bits); raise the target")
     return JointTargets(base=base, target=target, active=active, sizes=sizes, kept_sizes=kept_sizes, prune=prune,
-                        shape=shape)
+                        shape=shape, original=original)

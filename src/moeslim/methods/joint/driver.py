@@ -17,8 +17,9 @@ from torch import nn
 
 from moeslim.calibrate import ExpertOutputs, ExpertOutputSample, LayerDecision, result_of, run_layerwise
 from moeslim.data.calibration_set import CalibrationSet, calibration_fields, calibration_spec
-from moeslim.methods.joint.config import MIB, JointConfig, JointTargets
+from moeslim.methods.joint.config import MIB, JointConfig, JointTargets, resolve_targets
 from moeslim.methods.joint.curves import size_options
+from moeslim.methods.joint.hold import as_held
 from moeslim.methods.joint.probe import probe_scales, scale_options
 from moeslim.methods.joint.solve import SizeOption, solve_joint
 from moeslim.methods.prune.driver import PruneContext, decide_layer
@@ -41,7 +42,9 @@ def measure_options(model: nn.Module, input_ids: torch.Tensor, config: JointConf
                     device: torch.device | str | None = None, progress: bool = False
                     ) -> dict[int, list[SizeOption]]:
     """{decoder layer index: the layer's options} from one layer-wise pass (original-model inputs per layer);
-    with ``error_scale="kl"`` their errors are then weighed by each layer's probed KL scales (``probe.py``)."""
+    with ``error_scale="kl"`` their errors are then weighed by each layer's probed KL scales (``probe.py``).
+    With ``hold_dtype`` they are measured on a copy of the model cast to it (the model as the plan holds it)."""
+    model = as_held(model, config.hold_dtype)
     ctx = PruneContext(targets.prune, targets.shape, group_limits(model))
     options: dict[int, list[SizeOption]] = run_layerwise(
         model, input_ids,
@@ -66,21 +69,25 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
     The model is not modified. ``options``: the layers' options from ``measure_options`` on the same model and
     calibration (one pass serves several targets).
     """
-    targets: JointTargets = config.check_model(model)
+    held = as_held(model, config.hold_dtype)  # the model as the plan holds it: a cast copy, or ``model`` itself
+    targets: JointTargets = resolve_targets(model, config, held)
     input_ids, data_name, data_hash = calibration_fields(calibration)
     start = time.perf_counter()
     if options is None:
-        options = measure_options(model, input_ids, config, targets, device, progress)
+        options = measure_options(held, input_ids, config, targets, device, progress)
+    del held
     measured = time.perf_counter() - start
     choice = solve_joint(options, config.widths, targets.sizes, targets.base, targets.target, targets.active)
     layers = {idx: {"kept": list(c.kept), "bits": list(c.bits)} for idx, c in sorted(choice.layers.items())}
     summary: dict[str, Any] = {
         "target_bytes": targets.target,
         "target_active_bytes": targets.active,
-        "original_bytes": targets.base,
+        "original_bytes": targets.original,
+        "hold_dtype": None if config.hold_dtype == "auto" else config.hold_dtype,  # apply casts to it
+        "cast_bytes": targets.base,
         "held_bytes": choice.held_bytes,
         "held_mib": choice.held_bytes / MIB,
-        "held_ratio": choice.held_bytes / targets.base,
+        "held_ratio": choice.held_bytes / targets.original,
         "active_bytes": choice.active_bytes,
         "estimated_error": choice.error,
         "error_scale": config.error_scale,
