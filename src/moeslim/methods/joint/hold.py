@@ -10,14 +10,16 @@ cast copy (``as_held``), and apply casts the model first (``appliers/joint.py``)
 from __future__ import annotations
 
 import copy
+import re
 from typing import Literal
 
 import torch
 from torch import nn
 
 from moeslim.config import ConfigError
+from moeslim.models.attrs import pretrained
 
-__all__ = ["HOLD_DTYPES", "HoldDtype", "as_held", "cast_parameters", "hold_torch_dtype", "needs_cast"]
+__all__ = ["HOLD_DTYPES", "HoldDtype", "as_held", "cast_parameters", "kept_in_float32", "hold_torch_dtype", "needs_cast"]
 
 HoldDtype = Literal["auto", "bfloat16", "float16", "float32"]
 HOLD_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -34,17 +36,36 @@ def hold_torch_dtype(name: str | None) -> torch.dtype | None:
 
 
 def needs_cast(model: nn.Module, dtype: torch.dtype | None) -> bool:
-    """Whether some float parameter of ``model`` is not in ``dtype`` (None: keep the model's dtype)."""
-    return dtype is not None and any(p.is_floating_point() and p.dtype != dtype for p in model.parameters())
+    """Whether ``cast_parameters`` would change a float parameter of ``model`` (None: keep the model's dtype)."""
+    if dtype is None:
+        return False
+    keep = [re.compile(p) for p in kept_in_float32(model, dtype)]
+    return any(p.is_floating_point() and p.dtype != (torch.float32 if any(k.search(n) for k in keep) else dtype)
+               for n, p in model.named_parameters())
+
+
+def kept_in_float32(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Name patterns of the parameters transformers' loader keeps in float32 when it loads ``model`` in ``dtype``
+    (the class' ``_keep_in_fp32_modules_strict`` for 16-bit dtypes, ``_keep_in_fp32_modules`` for float16:
+    routers of some families), so the cast holds what ``moeslim.load`` of the saved model holds."""
+    hf = pretrained(model)
+    patterns: list[str] = []
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns += sorted(getattr(hf, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        patterns += sorted(getattr(hf, "_keep_in_fp32_modules", None) or ())
+    return patterns
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast every float parameter of ``model`` to ``dtype`` in place (tied parameters once); buffers (rotary
-    frequencies, routing statistics) stay as the model holds them, as a 16-bit checkpoint loads them."""
+    """Cast the float parameters of ``model`` to ``dtype`` in place (tied ones once), as the loader does: those
+    matching ``kept_in_float32`` stay float32; buffers (rotary frequencies, routing statistics) stay as held."""
+    keep = [re.compile(p) for p in kept_in_float32(model, dtype)]
     with torch.no_grad():
-        for param in model.parameters():
-            if param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
+        for name, param in model.named_parameters():
+            if not param.is_floating_point() or param.dtype == dtype:
+                continue
+            param.data = param.data.to(torch.float32 if any(k.search(name) for k in keep) else dtype)
     return model
 
 
