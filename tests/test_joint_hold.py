@@ -1,4 +1,4 @@
-"""``JointConfig.hold_dtype``: the joint plan holds every float weight in one dtype, counted as held, on every family."""
+"""``JointConfig.hold_dtype``: a joint plan holds every float weight in one dtype, counted as held, on every family."""
 
 from __future__ import annotations
 

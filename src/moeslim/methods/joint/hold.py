@@ -19,7 +19,8 @@ from torch import nn
 from moeslim.config import ConfigError
 from moeslim.models.attrs import pretrained
 
-__all__ = ["HOLD_DTYPES", "HoldDtype", "as_held", "cast_parameters", "kept_in_float32", "hold_torch_dtype", "needs_cast"]
+__all__ = ["HOLD_DTYPES", "HoldDtype", "as_held", "cast_parameters", "hold_torch_dtype", "kept_in_float32",
+           "needs_cast"]
 
 HoldDtype = Literal["auto", "bfloat16", "float16", "float32"]
 HOLD_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16,
