@@ -17,7 +17,8 @@ from moeslim.methods.prune import PruneConfig
 from moeslim.methods.prune.config import PruneShape
 from moeslim.methods.prune.enumerate import count_subsets
 from moeslim.methods.quant.fused import KEEP_BITS
-from moeslim.models import find_moe_layers
+from moeslim.methods.skip.thresholds import SKIP_RULES, SkipRule
+from moeslim.models import MoELayer, find_moe_layers
 from moeslim.models.held_bytes import held_bytes
 
 MIB = 2**20
@@ -72,9 +73,17 @@ class JointConfig:
         "Bytes and errors are measured on the model as cast, and apply casts it first (the low-bit experts then "
         "compute in it too). Real checkpoints are already 16-bit: this matters for float32 models, whose "
         "embeddings and attention otherwise take twice the bytes of a small target", "auto")
+    skip_betas: tuple[float, ...] = _help(
+        "skip thresholds a layer may take besides 0 (no skipping), e.g. 0.3,0.6: each layer's options become kept "
+        "set x threshold, and apply installs dynamic skipping (methods/skip) with the chosen ones. Skipping holds "
+        "the same bytes but reads fewer per token: it serves target_active_mib. Empty: no skipping", ())
+    skip_rule: SkipRule = _help(
+        "skip_betas: top2 (skip the second expert when w2 < beta * w1; top-2 routing) | topk (drop the tail "
+        "experts whose weight share is below beta)", "top2")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(self.widths))
+        object.__setattr__(self, "skip_betas", tuple(self.skip_betas))
         check_types(self)
         if self.target_mib is None and self.target_ratio is None and self.target_active_mib is None:
             raise ConfigError("give a target: target_mib (held MiB), target_ratio (share of the original's held "
@@ -96,6 +105,15 @@ class JointConfig:
         if self.min_keep is not None and self.min_keep < 1:
             raise ConfigError(f"min_keep={self.min_keep}: keep at least 1 expert (default: top_k)")
         hold_torch_dtype(self.hold_dtype)  # a ConfigError naming the dtypes
+        if len(set(self.skip_betas)) != len(self.skip_betas) or not all(
+                math.isfinite(b) and b > 0 for b in self.skip_betas):
+            raise ConfigError(f"skip_betas={list(self.skip_betas)}: give distinct positive thresholds (no skipping, "
+                              "0, is always an option)")
+        if self.skip_rule not in SKIP_RULES:
+            raise ConfigError(f"skip_rule={self.skip_rule!r}: use one of {', '.join(SKIP_RULES)}")
+        if self.skip_rule == "top2" and any(b > 1 for b in self.skip_betas):
+            raise ConfigError(f"skip_betas={list(self.skip_betas)}: the top2 rule compares w2 < beta * w1 with "
+                              "w2 <= w1, so a beta above 1 skips as 1 does; use thresholds in (0, 1]")
         if self.error_scale not in ("kl", "squared"):
             raise ConfigError(f"error_scale={self.error_scale!r}: use 'kl' or 'squared'")
         for name, low in (("size_step", 1), ("max_subsets", 1), ("group_size", 1), ("batch_size", 1),
@@ -112,6 +130,7 @@ class JointConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["widths"] = list(self.widths)
+        data["skip_betas"] = list(self.skip_betas)
         return data
 
     def check_model(self, model: nn.Module) -> Any:
@@ -147,6 +166,16 @@ def _prune_config(config: JointConfig, num_experts: int, min_keep: int) -> Prune
                        token_fraction=config.token_fraction, max_tokens=config.max_tokens)
 
 
+def _check_skipping(layer: MoELayer, rule: str) -> None:
+    """skip_betas on a model whose routing has nothing to skip, or with the top2 rule on top-k > 2 routing."""
+    if layer.top_k < 2:
+        raise ConfigError(f"skip_betas: {layer.family.name} routes top-{layer.top_k}, there is no expert to skip; "
+                          "drop skip_betas")
+    if rule == "top2" and layer.top_k != 2:
+        raise ConfigError(f"skip_rule='top2' needs top-2 routing but {layer.family.name} routes top-{layer.top_k}; "
+                          "use skip_rule='topk'")
+
+
 def resolve_targets(model: nn.Module, config: JointConfig, held_model: nn.Module | None = None) -> JointTargets:
     """``held_model``: ``model`` as the plan holds it (``hold.as_held``), when the caller has it already."""
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
@@ -160,6 +189,8 @@ def resolve_targets(model: nn.Module, config: JointConfig, held_model: nn.Module
         raise ConfigError("the joint planner needs every MoE layer to hold the same number of experts "
                           f"(got {sorted({layer.num_experts for layer in layers})}); plan the unpruned model")
     min_keep = config.min_keep if config.min_keep is not None else top_k
+    if config.skip_betas:
+        _check_skipping(layers[0], config.skip_rule)
     if not top_k <= min_keep < experts:
         raise ConfigError(f"min_keep={min_keep}: use a count in {top_k}..{experts - 1} (top_k..experts - 1)")
     prune = _prune_config(config, experts, min_keep)
@@ -186,10 +217,11 @@ def resolve_targets(model: nn.Module, config: JointConfig, held_model: nn.Module
     active = None
     if config.target_active_mib is not None:
         active = config.target_active_mib * MIB
-        least = sum(top_k * min(lb.width[b] for b in config.widths) for lb in sizes.values())
+        reads = 1 if config.skip_betas else top_k  # skipping leaves at least the first expert of a token
+        least = sum(reads * min(lb.width[b] for b in config.widths) for lb in sizes.values())
         if active < least:
             raise ConfigError(
                 f"target_active_mib={config.target_active_mib} is below the least a token reads: {least / MIB:.4f} "
-                f"MiB ({top_k} routed experts per MoE layer at {min(config.widths)} bits); raise the target")
+                f"MiB ({reads} routed expert(s) per MoE layer at {min(config.widths)} bits); raise the target")
     return JointTargets(base=base, target=target, active=active, sizes=sizes, kept_sizes=kept_sizes, prune=prune,
                         shape=shape, original=original)

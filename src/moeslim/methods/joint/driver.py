@@ -35,7 +35,7 @@ def _layer_options(layer: MoELayer, observers: Any, config: JointConfig, targets
     entry = decide_layer(layer, observers, targets.prune, ctx)
     sample = result_of(observers[0], ExpertOutputSample)
     return size_options(entry["curve"], targets.kept_sizes, layer, sample, ctx.route(layer), config.widths,
-                        config.group_size, config.symmetric, config.quantizer)
+                        config.group_size, config.symmetric, config.quantizer, config.skip_betas, config.skip_rule)
 
 
 def measure_options(model: nn.Module, input_ids: torch.Tensor, config: JointConfig, targets: JointTargets,
@@ -61,6 +61,11 @@ def measure_options(model: nn.Module, input_ids: torch.Tensor, config: JointConf
     return scale_options(options, scales, tokens)
 
 
+def _curve_key(option: SizeOption) -> str:
+    """"k" for k kept experts, "k@beta" for the same with skip threshold beta."""
+    return f"{len(option.kept)}@{option.skip_beta:g}" if option.skip_beta else str(len(option.kept))
+
+
 def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, config: JointConfig,
                model_name: str | None = None, device: torch.device | str | None = None, progress: bool = False,
                options: dict[int, list[SizeOption]] | None = None) -> Plan:
@@ -78,7 +83,11 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
     del held
     measured = time.perf_counter() - start
     choice = solve_joint(options, config.widths, targets.sizes, targets.base, targets.target, targets.active)
-    layers = {idx: {"kept": list(c.kept), "bits": list(c.bits)} for idx, c in sorted(choice.layers.items())}
+    layers: dict[int, dict[str, Any]] = {idx: {"kept": list(c.kept), "bits": list(c.bits)}
+                                         for idx, c in sorted(choice.layers.items())}
+    if config.skip_betas:  # the chosen thresholds, 0 where a layer does not skip (apply installs skipping)
+        for idx, c in choice.layers.items():
+            layers[idx]["skip_beta"] = c.skip_beta
     summary: dict[str, Any] = {
         "target_bytes": targets.target,
         "target_active_bytes": targets.active,
@@ -99,7 +108,8 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
         "layout": "compact",
         "groups": targets.shape.groups,
         "bytes": {str(idx): lb.to_dict() for idx, lb in sorted(targets.sizes.items())},
-        "layers": {str(idx): {"error": c.error, "curve": {str(len(o.kept)): {
+        "skip_rule": config.skip_rule if config.skip_betas else None,
+        "layers": {str(idx): {"error": c.error, "curve": {_curve_key(o): {
             "prune_err": o.prune_err,
             "quant_err_min": float(o.quant_err.min(axis=1).sum()),
         } for o in options[idx]}} for idx, c in sorted(choice.layers.items())},
