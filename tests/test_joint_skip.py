@@ -155,3 +155,22 @@ def test_bad_threshold_in_a_plan_is_refused() -> None:
     raw["layers"][first]["skip_beta"] = -1.0
     with pytest.raises(PlanError, match="skip_beta"):
         Plan.from_dict(raw)
+
+
+def test_cli_skip_betas(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moeslim.cli import main
+
+    calib = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+    model, _ = moeslim.load(tiny_model_dir)
+    sizes = resolve_targets(model, JointConfig(target_active_mib=1.0)).sizes
+    full = sum(2 * lb.dense for lb in sizes.values())
+    plan_file = tmp_path / "joint.json"
+    assert main(["plan", "joint", str(tiny_model_dir), "--target-active-mib", str(0.7 * full / MIB), "--widths", "16",
+                 "--skip-betas", "0.5,1.0", "--quantizer", "rtn", *calib, "--out", str(plan_file)]) == 0
+    assert "skip by top2 at beta" in capsys.readouterr().out
+    plan = Plan.load(plan_file)
+    assert any(entry["skip_beta"] > 0 for entry in plan.layers.values())
+    out = tmp_path / "applied"
+    assert main(["apply", str(tiny_model_dir), str(plan_file), "--out", str(out)]) == 0
+    loaded, _ = moeslim.load(out)
+    assert loaded.config.moeslim["skip"]["betas"] == {str(i): e["skip_beta"] for i, e in sorted(plan.layers.items())}
