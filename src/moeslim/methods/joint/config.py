@@ -35,7 +35,8 @@ class JointConfig:
 
     Targets: ``target_mib`` or ``target_ratio`` (held bytes of the compressed model, as ``moeslim.load`` holds
     them) and/or ``target_active_mib`` (routed-expert bytes read per token at decode, expected over the
-    calibration tokens' routing).
+    calibration tokens' routing). Optionally every float weight held in ``hold_dtype`` (``hold.py``) and a skip
+    threshold per layer from ``skip_betas`` (``curves.py``).
     """
 
     target_mib: float | None = _help("held MiB (2**20 bytes) of the compressed model, as moeslim.load holds it")

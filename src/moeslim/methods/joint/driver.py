@@ -3,8 +3,10 @@
 Flow: targets resolved and checked (``targets.py``, before any work) -> the layer-wise runner gives each MoE
 layer its token sample -> the pruning method's loss curve (best kept set of every size) and every kept
 expert's quantization error at every width under that kept set's routing (``curves.py``) -> the MILP over all
-layers (``solve.py``) -> a "joint" plan: per layer the kept experts and one width per kept expert. ``apply``
-prunes, then quantizes (GPTQ on the plan's windows, or round-to-nearest) in one call.
+layers (``solve.py``) -> a "joint" plan: per layer the kept experts and one width per kept expert (and a skip
+threshold with ``skip_betas``). With ``hold_dtype`` all of it is measured on a copy of the model cast to that dtype
+(``hold.py``). ``apply`` casts, prunes, quantizes (GPTQ on the plan's windows, or round-to-nearest), then installs
+skipping, in one call.
 """
 
 from __future__ import annotations
