@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 import moeslim
 from moeslim.appliers import apply
 from moeslim.config import ConfigError
+from moeslim.evaluate.cost import param_bytes
 from moeslim.methods.joint import JointConfig, plan_joint
 from moeslim.methods.joint.config import MIB, resolve_targets
 from moeslim.methods.joint.curves import skip_error
@@ -174,3 +175,33 @@ def test_cli_skip_betas(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.Cap
     assert main(["apply", str(tiny_model_dir), str(plan_file), "--out", str(out)]) == 0
     loaded, _ = moeslim.load(out)
     assert loaded.config.moeslim["skip"]["betas"] == {str(i): e["skip_beta"] for i, e in sorted(plan.layers.items())}
+
+
+def test_pruned_quantized_skipping_cast_plan_round_trips(tmp_path: Path) -> None:
+    model = tiny_model("olmoe")
+    probe = JointConfig(target_ratio=0.9, hold_dtype="bfloat16", skip_betas=(0.5, 1.0))
+    targets = resolve_targets(model, probe)
+    low = min_held_bytes(targets.base, targets.sizes, dict.fromkeys(targets.sizes, min(targets.kept_sizes)),
+                         probe.widths)
+    full = sum(2 * lb.dense for lb in targets.sizes.values())
+    config = JointConfig(target_mib=(low + 0.05 * (targets.base - low)) / MIB, target_active_mib=0.09 * full / MIB,
+                         hold_dtype="bfloat16", skip_betas=(0.5, 1.0), quantizer="rtn")
+    plan = plan_joint(model, CALIB, config, "tiny")
+    assert any(len(e["kept"]) < 8 for e in plan.layers.values()), plan.layers  # pruned
+    assert any(b < 16 for e in plan.layers.values() for b in e["bits"])
+    assert any(e["skip_beta"] > 0 for e in plan.layers.values())
+    apply(model, plan, calibration=CALIB)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = model(PROBE).logits
+    moeslim.save(model, tmp_path / "j")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded, _ = moeslim.load(tmp_path / "j")
+    assert param_bytes(loaded)["total"] == plan.summary["held_bytes"] <= int(config.target_mib * MIB)  # type: ignore
+
+    assert loaded.config.moeslim["skip"]["betas"] == {str(i): e["skip_beta"] for i, e in sorted(plan.layers.items())}
+    loaded.set_attn_implementation("eager")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(PROBE).logits, expected, rtol=0, atol=1e-5)
+    assert any(c["expert_calls"] < 2 * c["tokens"] for c in counters(loaded).values())
