@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from test_joint import _brute_force, _random_options
-from tiny_models import sample_ids, tiny_config, tiny_model
+from tiny_models import FAMILIES, sample_ids, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 import moeslim
@@ -82,11 +82,11 @@ def test_skip_error_is_the_change_of_the_routed_output() -> None:
     assert skip_error(weights, weights, ids, outputs) == 0.0
 
 
-def _skipping_plan(model: torch.nn.Module) -> Plan:
-    """A joint plan on ``model`` whose read-bytes target only skipping meets at these widths."""
+def _skipping_plan(model: torch.nn.Module, share: float = 0.7) -> Plan:
+    """A joint plan on ``model`` whose read-bytes target (``share`` of 16-bit top-2 reads) only skipping meets."""
     targets = resolve_targets(model, JointConfig(target_active_mib=1.0))
     full = sum(2 * lb.dense for lb in targets.sizes.values())  # top-2 experts per token at 16 bits
-    config = JointConfig(target_active_mib=0.7 * full / MIB, widths=(16,), skip_betas=(0.5, 1.0), quantizer="rtn")
+    config = JointConfig(target_active_mib=share * full / MIB, widths=(16,), skip_betas=(0.5, 1.0), quantizer="rtn")
     return plan_joint(model, CALIB, config, "tiny")
 
 
@@ -205,3 +205,22 @@ def test_pruned_quantized_skipping_cast_plan_round_trips(tmp_path: Path) -> None
     with torch.no_grad():
         torch.testing.assert_close(loaded(PROBE).logits, expected, rtol=0, atol=1e-5)
     assert any(c["expert_calls"] < 2 * c["tokens"] for c in counters(loaded).values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skipping_joint_plan_applies_on_every_family(family: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_model(family)
+    if family == "phimoe":  # sparsemixer routing weighs both experts ~1 in eval: w2 < beta * w1 never holds
+        with pytest.raises(ValueError, match="no joint decision fits"):
+            _skipping_plan(model, 0.9)
+        return
+    plan = _skipping_plan(model, 0.9)
+    apply(model, plan, calibration=CALIB)
+    with torch.no_grad():
+        model(PROBE)
+    skipping = [idx for idx, e in plan.layers.items() if e["skip_beta"] > 0]
+    assert skipping, plan.layers
+    calls = counters(model)
+    assert all(calls[idx]["expert_calls"] < 2 * calls[idx]["tokens"] for idx in skipping)
