@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -203,9 +204,14 @@ def run_model(name: str, args: argparse.Namespace, budgets: list[float]) -> tupl
     step = args.size_step_fine if find_moe_layers(bench.model)[0].num_experts > 16 else 1
     widths = tuple(int(b) for b in args.widths.split(","))
     base_config = JointConfig(target_ratio=0.99, max_tokens=args.max_tokens, size_step=step, widths=widths)
-    targets: JointTargets = base_config.check_model(bench.model)
+    targets: JointTargets = base_config.check_model(bench.model)  # the single methods' bytes: the model's dtype
     t0 = time.perf_counter()
     options = measure_options(bench.model, bench.calib.input_ids, base_config, targets)
+    joint_options = options
+    if args.hold_dtype != "auto":  # the joint plans' options on the model as they hold it (cast)
+        held_config = dataclasses.replace(base_config, hold_dtype=args.hold_dtype)
+        joint_options = measure_options(bench.model, bench.calib.input_ids, held_config,
+                                        held_config.check_model(bench.model))
     measure_s = time.perf_counter() - t0
     factors = pmq_factors(bench.model, bench.calib.input_ids,
                           QuantizeConfig(method="pmq", candidates=PMQ_CANDIDATES, max_tokens=args.max_tokens))
@@ -213,9 +219,10 @@ def run_model(name: str, args: argparse.Namespace, budgets: list[float]) -> tupl
     original = bench.measure("original", "original", lambda: [])
     rows: list[tuple[float, Measured | str, list[Measured]]] = []
     for share in budgets:
-        config = JointConfig(target_ratio=share, max_tokens=args.max_tokens, size_step=step, widths=widths)
+        config = JointConfig(target_ratio=share, max_tokens=args.max_tokens, size_step=step, widths=widths,
+                             hold_dtype=args.hold_dtype)
         try:
-            plan = plan_joint(bench.model, bench.calib, config, name, options=options)
+            plan = plan_joint(bench.model, bench.calib, config, name, options=joint_options)
         except ConfigError as err:
             rows.append((share, str(err).split(":")[1].strip() if ":" in str(err) else str(err), []))
             continue
@@ -229,9 +236,13 @@ def run_model(name: str, args: argparse.Namespace, budgets: list[float]) -> tupl
     at25 = next(((j, singles) for s, j, singles in rows if abs(s - 0.25) < 1e-9 and isinstance(j, Measured)), None)
     ratio = (at25[0].ppl_geo / min(m.ppl_geo for m in at25[1])) if at25 and at25[1] else float("nan")
     elapsed = time.perf_counter() - start
-    lines += ["", f"{name}: joint options measured once in {measure_s:.0f} s ({len(options)} MoE layers, kept-set "
+    dtype = str(next(bench.model.parameters()).dtype).removeprefix("torch.")
+    held = dtype if args.hold_dtype == "auto" else args.hold_dtype
+    lines += ["", f"{name}: the joint plans hold every float weight in {held} (--hold-dtype {args.hold_dtype}); "
+              f"the single-method baselines keep the model's {dtype}."]
+    lines += [f"{name}: joint options measured once in {measure_s:.0f} s ({len(options)} MoE layers, kept-set "
               f"sizes {list(targets.kept_sizes)}, prune method {targets.prune.method}); whole model {elapsed:.0f} s."]
-    return lines, {"rho": rho, "ratio": ratio, "budgets": len(joints)}
+    return lines, {"rho": rho, "ratio": ratio, "budgets": len(joints), "held": held, "dtype": dtype}
 
 
 def _describe(plan: Plan) -> str:
@@ -334,6 +345,8 @@ def main() -> None:
     parser.add_argument("--size-step-fine", type=int, default=4,
                         help="kept-set size step on models with more than 16 experts (a smaller MILP)")
     parser.add_argument("--widths", default="2,3,4,8,16", help="the joint planner's candidate widths")
+    parser.add_argument("--hold-dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                        help="the joint plans' hold_dtype (auto: the model's); the single methods keep the model's")
     parser.add_argument("--out", default=None)
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the table in --out")
     args = parser.parse_args()
@@ -375,6 +388,9 @@ def main() -> None:
     ]
     for name, s in summary.items():
         text.append(f"spearman(estimated error, KL) over {s['budgets']} budgets: {s['rho']:.3f} ({name})")
+    for name, s in summary.items():
+        text.append(f"joint plans held in: {s['held']} (hold_dtype {args.hold_dtype}); single-method baselines: "
+                    f"the model's {s['dtype']} ({name})")
     for name, s in summary.items():
         text.append(f"joint ppl ratio vs best single at 25%: {s['ratio']:.3f} ({name})")
     output = "\n".join(text) + "\n"

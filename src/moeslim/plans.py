@@ -61,7 +61,8 @@ class Plan:
     ``layers`` maps a decoder-layer index to the per-layer decision:
     prune -> sorted kept expert ids; skip -> {"beta": float}; quantize -> {"bits": [int per expert]};
     merge -> {"groups", "weights", "representatives"}; lowrank -> {"up_ranks", "down_ranks"} (ints per expert);
-    joint -> {"kept": [expert ids], "bits": [one width per kept expert]} (prune, then quantize).
+    joint -> {"kept": [expert ids], "bits": [one width per kept expert]} (prune, then quantize), and
+    "skip_beta": float (>= 0, 0 skips nothing) when the plan skips (then skip, with the summary's ``skip_rule``).
     ``summary`` holds method-specific extras (losses of alternatives, skip rates, average bits).
     """
 
@@ -228,7 +229,10 @@ def _check_lowrank(entry: Any, where: str) -> None:
 
 
 def _check_joint(entry: Any, where: str) -> None:
-    fields_ = _fields(entry, where, ("kept", "bits"))
+    optional = tuple(name for name in ("skip_beta",) if isinstance(entry, dict) and name in entry)
+    fields_ = _fields(entry, where, ("kept", "bits", *optional))
+    if "skip_beta" in fields_:
+        _number(fields_["skip_beta"], f"{where}.skip_beta")  # 0 skips nothing
     _check_prune(fields_["kept"], f"{where}.kept")
     _check_quantize({"bits": fields_["bits"]}, where)
     if len(fields_["bits"]) != len(fields_["kept"]):

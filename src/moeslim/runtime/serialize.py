@@ -55,6 +55,21 @@ _FORMS = (
 _INSTALLED = {"skip": ("odp", "install_skip_section")}  # section key -> (module, install(model, entry))
 
 
+_HOLD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def held_dtype(section: dict[str, Any]) -> torch.dtype | None:
+    """The float dtype an applied joint plan holds the model in (``joint.hold_dtype``), None when it kept the
+    model's: such a checkpoint is saved in it and ``load`` holds it in it, whatever dtype is asked, so the
+    model holds the bytes its plan was sized for."""
+    name = (section.get("joint") or {}).get("hold_dtype")
+    if name is None:
+        return None
+    if name not in _HOLD_DTYPES:
+        raise ValueError(f"moeslim section joint.hold_dtype={name!r}: expected one of {', '.join(_HOLD_DTYPES)}")
+    return _HOLD_DTYPES[name]
+
+
 def stored_form(section: dict[str, Any]) -> StoredForm | None:
     """The form a model with this moeslim config ``section`` is saved in (None: a plain transformers checkpoint)."""
     held = [form for form in _FORMS if form.holds(section)]
@@ -72,7 +87,9 @@ def save_pretrained_with_runtime(model: nn.Module, out_dir: Path, dtype: torch.d
     """
     from moeslim.models.loading import quiet_loading
 
-    form = stored_form(getattr(model.config, "moeslim", None) or {})
+    section = getattr(model.config, "moeslim", None) or {}
+    form = stored_form(section)
+    dtype = held_dtype(section) or dtype
     with quiet_loading():  # transformers' "Writing model shards" bar: the command says what it wrote
         if form is not None:
             form.function(form.save)(model, out_dir, dtype=dtype)
@@ -92,6 +109,7 @@ def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str
     path = Path(resolve_model_path(name))
     section = _moeslim_section(path)
     form = stored_form(section)
+    dtype = held_dtype(section) or dtype
     if form is None:
         model, tokenizer = load_model(name, dtype=dtype, device=device)  # checks its weights itself
     else:

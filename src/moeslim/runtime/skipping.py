@@ -196,6 +196,11 @@ def _check_supported(layers: list[MoELayer]) -> None:
         )
 
 
+def check_skipping_supported(model: nn.Module) -> None:
+    """Raise ``SkippingUnsupportedError`` (a ValueError) when some MoE layer cannot take the skipping forward."""
+    _check_supported(find_moe_layers(model))
+
+
 SUPPORTED_FAMILIES = tuple(FAMILIES)  # every family of the table (table order) has fused, dispatched experts
 
 

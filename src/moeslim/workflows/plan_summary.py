@@ -192,6 +192,14 @@ def _joint(plan: Plan) -> list[str]:
     for layers, (count, widths) in layer_runs(decided):
         shown = ", ".join(f"{n} at {'16 (untouched)' if b == 16 else f'{b} bits'}" for b, n in widths)
         lines.append(f"{layer_span(layers)}: keep {count}: {shown}")
+    if s.get("hold_dtype"):
+        lines.append(f"every float weight held in {s['hold_dtype']}")
+    skips = {idx: float(d["skip_beta"]) for idx, d in plan.layers.items() if "skip_beta" in d}
+    if skips:
+        for layers, beta in layer_runs(skips):
+            lines.append(f"{layer_span(layers)}: " + (f"skip by {s.get('skip_rule') or 'top2'} at beta {beta:.3g}"
+                                                       if beta > 0 else "no skipping"))
+        lines.append(f"expected expert MiB read per token {s['active_bytes'] / mib:.4f}")
     if s.get("target_bytes") is not None:
         lines.append(f"target {s['target_bytes'] / mib:.3f} MiB; estimated error {_num(s['estimated_error'])} "
                      f"(summed squared block-output errors; HiGHS gap {s.get('mip_gap', 0):.2g})")

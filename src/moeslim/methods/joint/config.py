@@ -10,13 +10,15 @@ from torch import nn
 
 from moeslim.calibrate.observers import DEFAULT_MAX_TOKENS
 from moeslim.config import ConfigError, check_types
+from moeslim.methods.joint.hold import HoldDtype, as_held, hold_torch_dtype
 from moeslim.methods.joint.sizes import LayerBytes, model_layer_bytes
 from moeslim.methods.joint.solve import min_held_bytes
 from moeslim.methods.prune import PruneConfig
 from moeslim.methods.prune.config import PruneShape
 from moeslim.methods.prune.enumerate import count_subsets
 from moeslim.methods.quant.fused import KEEP_BITS
-from moeslim.models import find_moe_layers
+from moeslim.methods.skip.thresholds import SKIP_RULES, SkipRule
+from moeslim.models import MoELayer, find_moe_layers
 from moeslim.models.held_bytes import held_bytes
 
 MIB = 2**20
@@ -33,7 +35,8 @@ class JointConfig:
 
     Targets: ``target_mib`` or ``target_ratio`` (held bytes of the compressed model, as ``moeslim.load`` holds
     them) and/or ``target_active_mib`` (routed-expert bytes read per token at decode, expected over the
-    calibration tokens' routing).
+    calibration tokens' routing). Optionally every float weight held in ``hold_dtype`` (``hold.py``) and a skip
+    threshold per layer from ``skip_betas`` (``curves.py``).
     """
 
     target_mib: float | None = _help("held MiB (2**20 bytes) of the compressed model, as moeslim.load holds it")
@@ -66,9 +69,22 @@ class JointConfig:
         "methods/joint/probe.py; the estimate an expected KL per token). On the demo model at 25 % of its bytes the "
         "kl plan measured +14 % perplexity against +11 % for the squared one, hence the default", "squared")
     probe_windows: int = _help("kl: calibration windows the probes run on", 8)
+    hold_dtype: HoldDtype = _help(
+        "float dtype the plan holds every float weight in: auto (keep the model's) | bfloat16 | float16 | float32. "
+        "Bytes and errors are measured on the model as cast, and apply casts it first (the low-bit experts then "
+        "compute in it too). Real checkpoints are already 16-bit: this matters for float32 models, whose "
+        "embeddings and attention otherwise take twice the bytes of a small target", "auto")
+    skip_betas: tuple[float, ...] = _help(
+        "skip thresholds a layer may take besides 0 (no skipping), e.g. 0.3,0.6: each layer's options become kept "
+        "set x threshold, and apply installs dynamic skipping (methods/skip) with the chosen ones. Skipping holds "
+        "the same bytes but reads fewer per token: it serves target_active_mib. Empty: no skipping", ())
+    skip_rule: SkipRule = _help(
+        "skip_betas: top2 (skip the second expert when w2 < beta * w1; top-2 routing) | topk (drop the tail "
+        "experts whose weight share is below beta)", "top2")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(self.widths))
+        object.__setattr__(self, "skip_betas", tuple(self.skip_betas))
         check_types(self)
         if self.target_mib is None and self.target_ratio is None and self.target_active_mib is None:
             raise ConfigError("give a target: target_mib (held MiB), target_ratio (share of the original's held "
@@ -89,6 +105,16 @@ class JointConfig:
             raise ConfigError("symmetric=True with width 1: a symmetric 1-bit grid is {-2m, 0}; use widths >= 2")
         if self.min_keep is not None and self.min_keep < 1:
             raise ConfigError(f"min_keep={self.min_keep}: keep at least 1 expert (default: top_k)")
+        hold_torch_dtype(self.hold_dtype)  # a ConfigError naming the dtypes
+        if len(set(self.skip_betas)) != len(self.skip_betas) or not all(
+                math.isfinite(b) and b > 0 for b in self.skip_betas):
+            raise ConfigError(f"skip_betas={list(self.skip_betas)}: give distinct positive thresholds (no skipping, "
+                              "0, is always an option)")
+        if self.skip_rule not in SKIP_RULES:
+            raise ConfigError(f"skip_rule={self.skip_rule!r}: use one of {', '.join(SKIP_RULES)}")
+        if self.skip_rule == "top2" and any(b > 1 for b in self.skip_betas):
+            raise ConfigError(f"skip_betas={list(self.skip_betas)}: the top2 rule compares w2 < beta * w1 with "
+                              "w2 <= w1, so a beta above 1 skips as 1 does; use thresholds in (0, 1]")
         if self.error_scale not in ("kl", "squared"):
             raise ConfigError(f"error_scale={self.error_scale!r}: use 'kl' or 'squared'")
         for name, low in (("size_step", 1), ("max_subsets", 1), ("group_size", 1), ("batch_size", 1),
@@ -105,6 +131,7 @@ class JointConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["widths"] = list(self.widths)
+        data["skip_betas"] = list(self.skip_betas)
         return data
 
     def check_model(self, model: nn.Module) -> Any:
@@ -116,7 +143,9 @@ class JointConfig:
 class JointTargets:
     """``base`` the original's held bytes; ``target`` the held-bytes cap (``base`` when only the active target is
     set); ``active`` the cap on expert bytes read per token (None: none); ``sizes`` per-layer byte tables;
-    ``kept_sizes`` the kept-set sizes each layer may take; ``prune`` the pruning settings of the loss curves."""
+    ``kept_sizes`` the kept-set sizes each layer may take; ``prune`` the pruning settings of the loss curves.
+    With ``hold_dtype`` every byte count is of the model as held (cast), except ``original``: the model as given,
+    which ``target_ratio`` is a share of."""
 
     base: int
     target: int
@@ -125,6 +154,7 @@ class JointTargets:
     kept_sizes: tuple[int, ...]
     prune: PruneConfig
     shape: PruneShape
+    original: int = 0  # the held bytes of the model as given (``base`` is after the cast to ``hold_dtype``)
 
 
 def _prune_config(config: JointConfig, num_experts: int, min_keep: int) -> PruneConfig:
@@ -137,16 +167,31 @@ def _prune_config(config: JointConfig, num_experts: int, min_keep: int) -> Prune
                        token_fraction=config.token_fraction, max_tokens=config.max_tokens)
 
 
-def resolve_targets(model: nn.Module, config: JointConfig) -> JointTargets:
+def _check_skipping(layer: MoELayer, rule: str) -> None:
+    """skip_betas on a model whose routing has nothing to skip, or with the top2 rule on top-k > 2 routing."""
+    if layer.top_k < 2:
+        raise ConfigError(f"skip_betas: {layer.family.name} routes top-{layer.top_k}, there is no expert to skip; "
+                          "drop skip_betas")
+    if rule == "top2" and layer.top_k != 2:
+        raise ConfigError(f"skip_rule='top2' needs top-2 routing but {layer.family.name} routes top-{layer.top_k}; "
+                          "use skip_rule='topk'")
+
+
+def resolve_targets(model: nn.Module, config: JointConfig, held_model: nn.Module | None = None) -> JointTargets:
+    """``held_model``: ``model`` as the plan holds it (``hold.as_held``), when the caller has it already."""
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         raise ConfigError("the joint planner measures the held bytes of the whole model, and some of its tensors are "
                           "not loaded (meta: a streamed or partly loaded model); load it whole (drop --stream)")
+    original = held_bytes(model)
+    model = held_model if held_model is not None else as_held(model, config.hold_dtype)
     layers = find_moe_layers(model)
     experts, top_k = layers[0].num_experts, layers[0].top_k
     if any(layer.num_experts != experts for layer in layers):
         raise ConfigError("the joint planner needs every MoE layer to hold the same number of experts "
                           f"(got {sorted({layer.num_experts for layer in layers})}); plan the unpruned model")
     min_keep = config.min_keep if config.min_keep is not None else top_k
+    if config.skip_betas:
+        _check_skipping(layers[0], config.skip_rule)
     if not top_k <= min_keep < experts:
         raise ConfigError(f"min_keep={min_keep}: use a count in {top_k}..{experts - 1} (top_k..experts - 1)")
     prune = _prune_config(config, experts, min_keep)
@@ -159,23 +204,25 @@ def resolve_targets(model: nn.Module, config: JointConfig) -> JointTargets:
     target = base
     if config.target_mib is not None or config.target_ratio is not None:
         target = (int(config.target_mib * MIB) if config.target_mib is not None
-                  else int(config.target_ratio * base))  # type: ignore[operator]
+                  else int(config.target_ratio * original))  # type: ignore[operator]
         asked = (f"target_mib={config.target_mib}" if config.target_mib is not None
                  else f"target_ratio={config.target_ratio} ({target / MIB:.3f} MiB)")
         if target < smallest:
             raise ConfigError(
                 f"{asked} is below the smallest size a joint plan reaches on this model: {smallest / MIB:.3f} MiB "
-                f"({smallest / base:.1%} of the original's {base / MIB:.3f} MiB; every MoE layer keeping {low} "
+                f"({smallest / original:.1%} of the original's {original / MIB:.3f} MiB; every MoE layer keeping {low} "
                 f"experts at {min(config.widths)} bits): raise the target, or lower min_keep / add a narrower width")
-        if target >= base:
-            raise ConfigError(f"{asked} is not below the original's held {base / MIB:.3f} MiB: nothing to compress")
+        if target >= original:
+            raise ConfigError(f"{asked} is not below the original's held {original / MIB:.3f} MiB: nothing to "
+                              "compress")
     active = None
     if config.target_active_mib is not None:
         active = config.target_active_mib * MIB
-        least = sum(top_k * min(lb.width[b] for b in config.widths) for lb in sizes.values())
+        reads = 1 if config.skip_betas else top_k  # skipping leaves at least the first expert of a token
+        least = sum(reads * min(lb.width[b] for b in config.widths) for lb in sizes.values())
         if active < least:
             raise ConfigError(
                 f"target_active_mib={config.target_active_mib} is below the least a token reads: {least / MIB:.4f} "
-                f"MiB ({top_k} routed experts per MoE layer at {min(config.widths)} bits); raise the target")
+                f"MiB ({reads} routed expert(s) per MoE layer at {min(config.widths)} bits); raise the target")
     return JointTargets(base=base, target=target, active=active, sizes=sizes, kept_sizes=kept_sizes, prune=prune,
-                        shape=shape)
+                        shape=shape, original=original)

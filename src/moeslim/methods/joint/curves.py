@@ -13,6 +13,11 @@ pruning. The per-token distances d (T, E, J) are computed once for all experts a
 so every kept set's errors are sums over its routing, not new expert runs. An expert's share of tokens under
 g^k gives the bytes read per token at decode.
 
+Skip options (``JointConfig.skip_betas``): the same kept set with the skipping rule at threshold beta applied
+to g^k (skipped pairs dropped, kept weights rescaled, as the runtime does). Skipping holds the same bytes but
+reads fewer per token; its error is the squared change of the routed output, S_kb = sum_t ||sum_j (g~_j - g_j)
+f_j(x_t)||^2 on the sample's expert outputs, added to the pruning loss, and Q is weighed by the skipped gates.
+
 Shapes: T sample tokens, E experts, H hidden, J widths, k top-k.
 """
 
@@ -31,10 +36,11 @@ from moeslim.methods.quant.driver import rtn_slice
 from moeslim.methods.quant.factors import expert_gate
 from moeslim.methods.quant.fused import KEEP_BITS
 from moeslim.methods.quant.gptq import gptq_quantize
+from moeslim.methods.skip.thresholds import keep_mask, rescale_kept
 from moeslim.models import MoELayer
 from moeslim.models.expert_math import expert_forward, expert_intermediate, expert_weight_views
 
-__all__ = ["quant_distances", "size_options"]
+__all__ = ["quant_distances", "size_options", "skip_error"]
 
 
 def _gptq_slice(w: Tensor, hessian: Tensor, bits: int, group_size: int, transposed: bool, symmetric: bool
@@ -87,33 +93,59 @@ def quant_distances(layer: MoELayer, sample: ExpertOutputSample, widths: Sequenc
     return dist
 
 
-def size_option(kept: Sequence[int], prune_loss: float, logits: Tensor, route: RouteFn, dist: Tensor
-                ) -> SizeOption:
+def skip_error(weights: Tensor, skipped: Tensor, ids: Tensor, outputs: Tensor) -> float:
+    """Squared change of the routed output when ``weights`` (T, k) become ``skipped`` (T, k, skipped pairs 0,
+    kept ones rescaled), ``ids`` (T, k) the routed experts, ``outputs`` (T, E, H) every expert's output:
+    sum_t ||sum_j (skipped_tj - weights_tj) f_{ids_tj}(x_t)||^2."""
+    delta = (skipped - weights).to(outputs.dtype)  # (T, k)
+    picked = outputs.gather(1, ids.unsqueeze(-1).expand(-1, -1, outputs.shape[2]))  # (T, k, H)
+    return float((delta.unsqueeze(-1) * picked).sum(dim=1).double().pow(2).sum())
+
+
+def size_option(kept: Sequence[int], prune_loss: float, logits: Tensor, route: RouteFn, dist: Tensor,
+                skip_beta: float = 0.0, skip_rule: str = "top2", outputs: Tensor | None = None) -> SizeOption:
     """The option of keeping ``kept``: squared pruning loss, kept experts' squared quantization errors (k, J)
-    under the pruned routing of the sample's ``logits`` (T, E), and their token shares (k,)."""
+    under the pruned routing of the sample's ``logits`` (T, E), and their token shares (k,).
+
+    ``skip_beta`` > 0: the layer also skips (token, expert) pairs by ``skip_rule`` (``methods/skip``), as the
+    skipping runtime does on the pruned routing: the skipping error (``skip_error`` on the sample's expert
+    ``outputs`` (T, E, H)) adds to the pruning loss (taken as independent, like pruning and quantization), the
+    quantization errors weigh the skipped routing's gates, and the token shares count the pairs that still run."""
     num_experts = int(logits.shape[1])
     allowed = allowed_mask(kept, num_experts).to(logits.device)
     weights, ids = route(logits, allowed)  # (T, top-k) as the pruned model routes
     weights, ids = weights.double().cpu(), ids.cpu()
+    prune_err = float(prune_loss) ** 2
+    if skip_beta > 0:
+        if outputs is None:
+            raise ValueError("a skipping option needs the sample's expert outputs")
+        keep = keep_mask(weights, skip_beta, skip_rule)  # (T, k)
+        skipped = rescale_kept(weights, keep)
+        prune_err += skip_error(weights, skipped, ids, outputs.cpu())
+        weights, ids = skipped, ids.masked_fill(~keep, num_experts)  # skipped pairs route nowhere
     errs = np.zeros((len(kept), dist.shape[2]))
     freq = np.zeros(len(kept))
     for i, e in enumerate(kept):
         gate = expert_gate(weights, ids, e)  # (T,)
         errs[i] = (gate.pow(2)[:, None] * dist[:, e]).sum(dim=0).numpy()
         freq[i] = float((ids == e).any(dim=1).double().mean())
-    return SizeOption(kept=tuple(int(e) for e in kept), prune_err=float(prune_loss) ** 2, quant_err=errs, freq=freq,
-                      tokens=int(logits.shape[0]))
+    return SizeOption(kept=tuple(int(e) for e in kept), prune_err=prune_err, quant_err=errs, freq=freq,
+                      tokens=int(logits.shape[0]), skip_beta=float(skip_beta))
 
 
 def size_options(curve: dict[str, dict[str, object]], sizes: Sequence[int], layer: MoELayer,
                  sample: ExpertOutputSample, route: RouteFn, widths: Sequence[int], group_size: int,
-                 symmetric: bool, quantizer: str = "rtn") -> list[SizeOption]:
-    """Every option of one layer: ``curve`` is the pruning method's {size: {"kept", "loss"}} (all experts at 0)."""
+                 symmetric: bool, quantizer: str = "rtn", skip_betas: Sequence[float] = (),
+                 skip_rule: str = "top2") -> list[SizeOption]:
+    """Every option of one layer: ``curve`` is the pruning method's {size: {"kept", "loss"}} (all experts at 0);
+    with ``skip_betas``, every size also with each skip threshold (size-major: no skipping first)."""
     dist = quant_distances(layer, sample, widths, group_size, symmetric, quantizer)
     logits = sample.logits.to(layer.router_weight.device)  # routing may read router buffers (correction bias)
     out = []
     for size in sizes:
         entry = curve[str(size)]
         kept = [int(e) for e in entry["kept"]]  # type: ignore[attr-defined]
-        out.append(size_option(sorted(kept), float(entry["loss"]), logits, route, dist))  # type: ignore[arg-type]
+        for beta in (0.0, *skip_betas):
+            out.append(size_option(sorted(kept), float(entry["loss"]), logits, route, dist,  # type: ignore[arg-type]
+                                   beta, skip_rule, sample.outputs))
     return out

@@ -3,8 +3,10 @@
 Flow: targets resolved and checked (``targets.py``, before any work) -> the layer-wise runner gives each MoE
 layer its token sample -> the pruning method's loss curve (best kept set of every size) and every kept
 expert's quantization error at every width under that kept set's routing (``curves.py``) -> the MILP over all
-layers (``solve.py``) -> a "joint" plan: per layer the kept experts and one width per kept expert. ``apply``
-prunes, then quantizes (GPTQ on the plan's windows, or round-to-nearest) in one call.
+layers (``solve.py``) -> a "joint" plan: per layer the kept experts and one width per kept expert (and a skip
+threshold with ``skip_betas``). With ``hold_dtype`` all of it is measured on a copy of the model cast to that dtype
+(``hold.py``). ``apply`` casts, prunes, quantizes (GPTQ on the plan's windows, or round-to-nearest), then installs
+skipping, in one call.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from torch import nn
 
 from moeslim.calibrate import ExpertOutputs, ExpertOutputSample, LayerDecision, result_of, run_layerwise
 from moeslim.data.calibration_set import CalibrationSet, calibration_fields, calibration_spec
-from moeslim.methods.joint.config import MIB, JointConfig, JointTargets
+from moeslim.methods.joint.config import MIB, JointConfig, JointTargets, resolve_targets
 from moeslim.methods.joint.curves import size_options
+from moeslim.methods.joint.hold import as_held
 from moeslim.methods.joint.probe import probe_scales, scale_options
 from moeslim.methods.joint.solve import SizeOption, solve_joint
 from moeslim.methods.prune.driver import PruneContext, decide_layer
@@ -34,14 +37,16 @@ def _layer_options(layer: MoELayer, observers: Any, config: JointConfig, targets
     entry = decide_layer(layer, observers, targets.prune, ctx)
     sample = result_of(observers[0], ExpertOutputSample)
     return size_options(entry["curve"], targets.kept_sizes, layer, sample, ctx.route(layer), config.widths,
-                        config.group_size, config.symmetric, config.quantizer)
+                        config.group_size, config.symmetric, config.quantizer, config.skip_betas, config.skip_rule)
 
 
 def measure_options(model: nn.Module, input_ids: torch.Tensor, config: JointConfig, targets: JointTargets,
                     device: torch.device | str | None = None, progress: bool = False
                     ) -> dict[int, list[SizeOption]]:
     """{decoder layer index: the layer's options} from one layer-wise pass (original-model inputs per layer);
-    with ``error_scale="kl"`` their errors are then weighed by each layer's probed KL scales (``probe.py``)."""
+    with ``error_scale="kl"`` their errors are then weighed by each layer's probed KL scales (``probe.py``).
+    With ``hold_dtype`` they are measured on a copy of the model cast to it (the model as the plan holds it)."""
+    model = as_held(model, config.hold_dtype)
     ctx = PruneContext(targets.prune, targets.shape, group_limits(model))
     options: dict[int, list[SizeOption]] = run_layerwise(
         model, input_ids,
@@ -58,6 +63,11 @@ def measure_options(model: nn.Module, input_ids: torch.Tensor, config: JointConf
     return scale_options(options, scales, tokens)
 
 
+def _curve_key(option: SizeOption) -> str:
+    """"k" for k kept experts, "k@beta" for the same with skip threshold beta."""
+    return f"{len(option.kept)}@{option.skip_beta:g}" if option.skip_beta else str(len(option.kept))
+
+
 def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, config: JointConfig,
                model_name: str | None = None, device: torch.device | str | None = None, progress: bool = False,
                options: dict[int, list[SizeOption]] | None = None) -> Plan:
@@ -66,21 +76,29 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
     The model is not modified. ``options``: the layers' options from ``measure_options`` on the same model and
     calibration (one pass serves several targets).
     """
-    targets: JointTargets = config.check_model(model)
+    held = as_held(model, config.hold_dtype)  # the model as the plan holds it: a cast copy, or ``model`` itself
+    targets: JointTargets = resolve_targets(model, config, held)
     input_ids, data_name, data_hash = calibration_fields(calibration)
     start = time.perf_counter()
     if options is None:
-        options = measure_options(model, input_ids, config, targets, device, progress)
+        options = measure_options(held, input_ids, config, targets, device, progress)
+    del held
     measured = time.perf_counter() - start
     choice = solve_joint(options, config.widths, targets.sizes, targets.base, targets.target, targets.active)
-    layers = {idx: {"kept": list(c.kept), "bits": list(c.bits)} for idx, c in sorted(choice.layers.items())}
+    layers: dict[int, dict[str, Any]] = {idx: {"kept": list(c.kept), "bits": list(c.bits)}
+                                         for idx, c in sorted(choice.layers.items())}
+    if config.skip_betas:  # the chosen thresholds, 0 where a layer does not skip (apply installs skipping)
+        for idx, c in choice.layers.items():
+            layers[idx]["skip_beta"] = c.skip_beta
     summary: dict[str, Any] = {
         "target_bytes": targets.target,
         "target_active_bytes": targets.active,
-        "original_bytes": targets.base,
+        "original_bytes": targets.original,
+        "hold_dtype": None if config.hold_dtype == "auto" else config.hold_dtype,  # apply casts to it
+        "cast_bytes": targets.base,
         "held_bytes": choice.held_bytes,
         "held_mib": choice.held_bytes / MIB,
-        "held_ratio": choice.held_bytes / targets.base,
+        "held_ratio": choice.held_bytes / targets.original,
         "active_bytes": choice.active_bytes,
         "estimated_error": choice.error,
         "error_scale": config.error_scale,
@@ -92,7 +110,8 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
         "layout": "compact",
         "groups": targets.shape.groups,
         "bytes": {str(idx): lb.to_dict() for idx, lb in sorted(targets.sizes.items())},
-        "layers": {str(idx): {"error": c.error, "curve": {str(len(o.kept)): {
+        "skip_rule": config.skip_rule if config.skip_betas else None,
+        "layers": {str(idx): {"error": c.error, "curve": {_curve_key(o): {
             "prune_err": o.prune_err,
             "quant_err_min": float(o.quant_err.min(axis=1).sum()),
         } for o in options[idx]}} for idx, c in sorted(choice.layers.items())},

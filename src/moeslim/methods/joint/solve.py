@@ -2,9 +2,11 @@
 
 Each MoE layer l offers kept sets of several sizes (``SizeOption``: the best kept set of that size, its
 squared pruning loss, and for every kept expert its squared quantization error at every candidate width, all
-measured with the pruned routing). A layer's decision is one size and one width per kept expert; its
-estimated error is the pruning loss plus the kept experts' quantization errors (the three are taken as
-independent, so their squares add). The model's estimate is the sum over layers, as in the global allocation
+measured with the pruned routing), each optionally with a skip threshold (one option per size and threshold:
+skipping moves no held bytes, only the errors and the bytes read per token, so the program stays linear).
+A layer's decision is one size (and threshold) and one width per kept expert; its estimated error is the
+pruning loss plus the kept experts' quantization errors (the three are taken as independent, so their squares
+add). The model's estimate is the sum over layers, as in the global allocation
 of pruning counts (``methods/prune/allocate.py``).
 
     minimise    sum_{l,k} x_lk P_lk + sum_{l,k,e,j} y_lkej Q_lkej
@@ -40,13 +42,15 @@ class SizeOption:
     """One kept set of a layer: ``kept`` (k,) expert ids, ``prune_err`` squared pruning loss, ``quant_err``
     (k, J) squared quantization error of each kept expert at each width, ``freq`` (k,) share of tokens that
     route to each kept expert (the pruned routing; for the bytes read per token), ``tokens`` the sample tokens
-    the errors are summed over."""
+    the errors are summed over. ``skip_beta`` > 0: the layer also skips experts by that threshold (``curves.py``):
+    ``prune_err`` then includes the skipping error, ``quant_err`` and ``freq`` are under the skipped routing."""
 
     kept: tuple[int, ...]
     prune_err: float
     quant_err: np.ndarray
     freq: np.ndarray
     tokens: int = 1
+    skip_beta: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class LayerChoice:
     kept: tuple[int, ...]
     bits: tuple[int, ...]  # one width per kept expert, in ``kept`` order
     error: float  # this layer's estimated squared error
+    skip_beta: float = 0.0  # the skip threshold of the chosen option (0: no skipping)
 
 
 @dataclass(frozen=True)
@@ -185,5 +190,5 @@ def _decode(chosen: np.ndarray, options: Mapping[int, Sequence[SizeOption]], ord
         bits = [next(widths[j] for j in range(len(widths)) if chosen[y_index[idx, s, e, j]])
                 for e in range(len(opt.kept))]
         err = float(opt.prune_err) + sum(float(opt.quant_err[e, widths.index(b)]) for e, b in enumerate(bits))
-        layers[idx] = LayerChoice(kept=tuple(opt.kept), bits=tuple(bits), error=err)
+        layers[idx] = LayerChoice(kept=tuple(opt.kept), bits=tuple(bits), error=err, skip_beta=float(opt.skip_beta))
     return layers
