@@ -10,6 +10,7 @@ from torch import nn
 
 from moeslim.calibrate.observers import DEFAULT_MAX_TOKENS
 from moeslim.config import ConfigError, check_types
+from moeslim.methods.joint.lowrank_options import with_rank_bytes
 from moeslim.methods.joint.sizes import LayerBytes, model_layer_bytes
 from moeslim.methods.joint.solve import min_held_bytes
 from moeslim.methods.prune import PruneConfig
@@ -66,9 +67,15 @@ class JointConfig:
         "methods/joint/probe.py; the estimate an expected KL per token). On the demo model at 25 % of its bytes the "
         "kl plan measured +14 % perplexity against +11 % for the squared one, hence the default", "squared")
     probe_windows: int = _help("kl: calibration windows the probes run on", 8)
+    ranks: tuple[float, ...] = _help(
+        "low-rank options beside the widths: shares of an expert's weight parameters its whitened-SVD factors keep "
+        "(as plan lowrank's ratio), e.g. 0.25,0.5; a layer is then either low-rank (each kept expert at one of "
+        "these shares or dense) or quantized (methods/joint/lowrank_options.py). Empty: widths only", ())
+    rank_damp: float = _help("low-rank options: covariance damping of the whitening (as plan lowrank's damp)", 0.01)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(self.widths))
+        object.__setattr__(self, "ranks", tuple(self.ranks))
         check_types(self)
         if self.target_mib is None and self.target_ratio is None and self.target_active_mib is None:
             raise ConfigError("give a target: target_mib (held MiB), target_ratio (share of the original's held "
@@ -101,10 +108,22 @@ class JointConfig:
             raise ConfigError(f"max_tokens={self.max_tokens}: use at least 1 token, or leave unset for no cap")
         if not 0 < self.token_fraction <= 1:
             raise ConfigError(f"token_fraction={self.token_fraction}: use a value in (0, 1]")
+        self._check_ranks()
+
+    def _check_ranks(self) -> None:
+        if len(set(self.ranks)) != len(self.ranks) or not all(math.isfinite(f) and 0 < f <= 1 for f in self.ranks):
+            raise ConfigError(f"ranks={list(self.ranks)}: give distinct shares of an expert's parameters in (0, 1], "
+                              "e.g. 0.25,0.5")
+        if self.ranks and self.error_scale != "squared":
+            raise ConfigError(f"ranks with error_scale={self.error_scale!r}: the KL probes weigh pruning and "
+                              "quantization errors only; use error_scale='squared' with low-rank options")
+        if not (math.isfinite(self.rank_damp) and self.rank_damp > 0):
+            raise ConfigError(f"rank_damp={self.rank_damp}: use a positive damping, e.g. 0.01")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["widths"] = list(self.widths)
+        data["ranks"] = list(self.ranks)
         return data
 
     def check_model(self, model: nn.Module) -> Any:
@@ -154,8 +173,10 @@ def resolve_targets(model: nn.Module, config: JointConfig) -> JointTargets:
     low = min(shape.sizes)
     kept_sizes = tuple(sorted({k for k in shape.sizes if (k - low) % config.size_step == 0} | {experts}))
     sizes = model_layer_bytes(model, config.widths, config.group_size, config.symmetric)
+    if config.ranks:
+        sizes = with_rank_bytes(model, sizes, config.ranks)
     base = held_bytes(model)
-    smallest = min_held_bytes(base, sizes, {idx: low for idx in sizes}, config.widths)
+    smallest = min_held_bytes(base, sizes, {idx: low for idx in sizes}, config.widths, config.ranks)
     target = base
     if config.target_mib is not None or config.target_ratio is not None:
         target = (int(config.target_mib * MIB) if config.target_mib is not None

@@ -19,6 +19,7 @@ from moeslim.calibrate import ExpertOutputs, ExpertOutputSample, LayerDecision, 
 from moeslim.data.calibration_set import CalibrationSet, calibration_fields, calibration_spec
 from moeslim.methods.joint.config import MIB, JointConfig, JointTargets
 from moeslim.methods.joint.curves import size_options
+from moeslim.methods.joint.lowrank_options import rank_options
 from moeslim.methods.joint.probe import probe_scales, scale_options
 from moeslim.methods.joint.solve import SizeOption, solve_joint
 from moeslim.methods.prune.driver import PruneContext, decide_layer
@@ -33,8 +34,11 @@ def _layer_options(layer: MoELayer, observers: Any, config: JointConfig, targets
                    ) -> list[SizeOption]:
     entry = decide_layer(layer, observers, targets.prune, ctx)
     sample = result_of(observers[0], ExpertOutputSample)
-    return size_options(entry["curve"], targets.kept_sizes, layer, sample, ctx.route(layer), config.widths,
-                        config.group_size, config.symmetric, config.quantizer)
+    options = size_options(entry["curve"], targets.kept_sizes, layer, sample, ctx.route(layer), config.widths,
+                           config.group_size, config.symmetric, config.quantizer)
+    if config.ranks:
+        options = rank_options(options, layer, sample, ctx.route(layer), config.ranks, config.rank_damp)
+    return options
 
 
 def measure_options(model: nn.Module, input_ids: torch.Tensor, config: JointConfig, targets: JointTargets,
@@ -72,8 +76,12 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
     if options is None:
         options = measure_options(model, input_ids, config, targets, device, progress)
     measured = time.perf_counter() - start
-    choice = solve_joint(options, config.widths, targets.sizes, targets.base, targets.target, targets.active)
+    choice = solve_joint(options, config.widths, targets.sizes, targets.base, targets.target, targets.active,
+                         ranks=config.ranks)
     layers = {idx: {"kept": list(c.kept), "bits": list(c.bits)} for idx, c in sorted(choice.layers.items())}
+    for idx, c in choice.layers.items():
+        if c.ranks is not None:  # a low-rank layer: (up, down) ranks per kept expert, null = dense
+            layers[idx]["ranks"] = [None if f is None else list(targets.sizes[idx].rank_ranks[f]) for f in c.ranks]
     summary: dict[str, Any] = {
         "target_bytes": targets.target,
         "target_active_bytes": targets.active,
@@ -92,6 +100,8 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
         "layout": "compact",
         "groups": targets.shape.groups,
         "bytes": {str(idx): lb.to_dict() for idx, lb in sorted(targets.sizes.items())},
+        "ranks": list(config.ranks),
+        "lowrank_layers": sorted(idx for idx, c in choice.layers.items() if c.ranks is not None),
         "layers": {str(idx): {"error": c.error, "curve": {str(len(o.kept)): {
             "prune_err": o.prune_err,
             "quant_err_min": float(o.quant_err.min(axis=1).sum()),
