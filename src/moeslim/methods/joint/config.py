@@ -187,7 +187,8 @@ def resolve_targets(model: nn.Module, config: JointConfig) -> JointTargets:
             raise ConfigError(
                 f"{asked} is below the smallest size a joint plan reaches on this model: {smallest / MIB:.3f} MiB "
                 f"({smallest / base:.1%} of the original's {base / MIB:.3f} MiB; every MoE layer keeping {low} "
-                f"experts at {min(config.widths)} bits): raise the target, or lower min_keep / add a narrower width")
+                f"experts at {min(config.widths)} bits{' or the cheapest rank share' if config.ranks else ''}): "
+                "raise the target, or lower min_keep / add a narrower width")
         if target >= base:
             raise ConfigError(f"{asked} is not below the original's held {base / MIB:.3f} MiB: nothing to compress")
     active = None

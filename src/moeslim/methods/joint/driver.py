@@ -78,7 +78,8 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
     measured = time.perf_counter() - start
     choice = solve_joint(options, config.widths, targets.sizes, targets.base, targets.target, targets.active,
                          ranks=config.ranks)
-    layers = {idx: {"kept": list(c.kept), "bits": list(c.bits)} for idx, c in sorted(choice.layers.items())}
+    layers: dict[int, dict[str, Any]] = {idx: {"kept": list(c.kept), "bits": list(c.bits)}
+                                         for idx, c in sorted(choice.layers.items())}
     for idx, c in choice.layers.items():
         if c.ranks is not None:  # a low-rank layer: (up, down) ranks per kept expert, null = dense
             layers[idx]["ranks"] = [None if f is None else list(targets.sizes[idx].rank_ranks[f]) for f in c.ranks]
