@@ -25,6 +25,7 @@ from moeslim.methods.joint.sizes import LayerBytes
 from moeslim.methods.joint.solve import SizeOption, min_held_bytes, solve_joint
 from moeslim.models import find_moe_layers
 from moeslim.plans import Plan, PlanError
+from moeslim.workflows.plan_summary import summarize
 
 CALIB = sample_ids(0, 4, 16)
 PROBE = sample_ids(7, 2, 12)
@@ -127,6 +128,8 @@ def test_mixed_lowrank_and_quantized_layers_hold_the_planned_bytes(family: str, 
     assert any(b < 16 for idx, entry in plan.layers.items() if not modes[idx] for b in entry["bits"])
     if prune_first:
         assert len({len(entry["kept"]) for entry in plan.layers.values()}) > 1, plan.layers  # compact layout
+    shown = "\n".join(summarize(plan))
+    assert "low-rank" in shown and " bits" in shown, shown
     apply(model, plan, calibration=CALIB)
     assert param_bytes(model)["total"] == plan.summary["held_bytes"] <= plan.summary["target_bytes"]
     with torch.no_grad():

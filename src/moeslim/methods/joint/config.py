@@ -194,7 +194,8 @@ def resolve_targets(model: nn.Module, config: JointConfig) -> JointTargets:
     active = None
     if config.target_active_mib is not None:
         active = config.target_active_mib * MIB
-        least = sum(top_k * min(lb.width[b] for b in config.widths) for lb in sizes.values())
+        least = sum(top_k * min([lb.width[b] for b in config.widths] + list(lb.rank.values()))
+                    for lb in sizes.values())
         if active < least:
             raise ConfigError(
                 f"target_active_mib={config.target_active_mib} is below the least a token reads: {least / MIB:.4f} "
