@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from joint import MIB, Bench  # noqa: E402 (the sibling benchmark script)
 
+from moeslim.config import ConfigError  # noqa: E402
 from moeslim.methods.joint import JointConfig, measure_options, plan_joint  # noqa: E402
 from moeslim.plans import Plan  # noqa: E402
 
@@ -56,12 +57,26 @@ def main() -> None:
     t0 = time.perf_counter()
     options = measure_options(bench.model, bench.calib.input_ids, base, base.check_model(bench.model))
     print(f"{args.model}: options with ranks {list(ranks)} measured in {time.perf_counter() - t0:.0f} s", flush=True)
+    targets = base.check_model(bench.model)
+    print("\nper layer, every expert kept: estimated squared error (summed over experts) and MiB per layer", flush=True)
+    for idx, opts in sorted(options.items()):
+        full, lb = opts[-1], targets.sizes[idx]
+        n = len(full.kept)
+        cells = [f"{b} bits {full.quant_err[:, j].sum():.4g} ({n * lb.width[b] / MIB:.2f})"
+                 for j, b in enumerate(base.widths) if b != 16]
+        cells += [f"rank share {f:g} {full.rank_err[:, j].sum():.4g} ({n * lb.rank[f] / MIB:.2f})"  # type: ignore[index]
+                  for j, f in enumerate(ranks)]
+        print(f"  layer {idx}: " + ", ".join(cells), flush=True)
     original = bench.measure("original", "original", lambda: [])
     rows = [("original", "-", original, None)]
     for share in (float(s) for s in args.budgets.split(",")):
         for label, shares in (("widths", ()), ("widths+ranks", ranks)):
             config = JointConfig(target_ratio=share, max_tokens=args.max_tokens, ranks=shares)
-            plan = plan_joint(bench.model, bench.calib, config, args.model, options=options)
+            try:
+                plan = plan_joint(bench.model, bench.calib, config, args.model, options=options)
+            except ConfigError as err:
+                print(f"  {share:.0%} {label}: {err}", flush=True)
+                continue
             m = bench.measure(f"{label}-{share:g}", label, lambda plan=plan: [plan])
             rows.append((f"{share:.0%} {label}", _chosen(plan), m, plan.summary["estimated_error"]))
     print("\n| plan | chosen (kept@widths, lr = low-rank layer) | MiB held | ppl (geo) | vs original | KL | top-1 "
