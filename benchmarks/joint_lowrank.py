@@ -12,6 +12,7 @@ Prints one table row per plan, what the planner chose (low-rank layers, rank sha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections import Counter
@@ -44,6 +45,9 @@ def main() -> None:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--budgets", default="0.25,0.4")
     parser.add_argument("--ranks", default="0.125,0.25,0.5")
+    parser.add_argument("--forced", default="", help="rank shares at which every layer is made low-rank, "
+                        "against the widths-only plan at the same bytes (e.g. 0.5)")
+    parser.add_argument("--size-step", type=int, default=1, help="kept-set sizes in steps of this (demo-fine: 8)")
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=8)
@@ -53,11 +57,12 @@ def main() -> None:
     start = time.perf_counter()
     bench = Bench(args.model, args)
     ranks = tuple(float(f) for f in args.ranks.split(","))
-    base = JointConfig(target_ratio=0.99, max_tokens=args.max_tokens, ranks=ranks)
+    base = JointConfig(target_ratio=0.99, max_tokens=args.max_tokens, ranks=ranks, size_step=args.size_step)
     t0 = time.perf_counter()
     options = measure_options(bench.model, bench.calib.input_ids, base, base.check_model(bench.model))
     print(f"{args.model}: options with ranks {list(ranks)} measured in {time.perf_counter() - t0:.0f} s", flush=True)
     targets = base.check_model(bench.model)
+    base_bytes = targets.base
     print("\nper layer, every expert kept: estimated squared error (summed over experts) and MiB per layer", flush=True)
     for idx, opts in sorted(options.items()):
         full, lb = opts[-1], targets.sizes[idx]
@@ -71,7 +76,7 @@ def main() -> None:
     rows = [("original", "-", original, None)]
     for share in (float(s) for s in args.budgets.split(",")):
         for label, shares in (("widths", ()), ("widths+ranks", ranks)):
-            config = JointConfig(target_ratio=share, max_tokens=args.max_tokens, ranks=shares)
+            config = JointConfig(target_ratio=share, max_tokens=args.max_tokens, ranks=shares, size_step=args.size_step)
             try:
                 plan = plan_joint(bench.model, bench.calib, config, args.model, options=options)
             except ConfigError as err:
@@ -79,6 +84,23 @@ def main() -> None:
                 continue
             m = bench.measure(f"{label}-{share:g}", label, lambda plan=plan: [plan])
             rows.append((f"{share:.0%} {label}", _chosen(plan), m, plan.summary["estimated_error"]))
+    for share in (float(s) for s in args.forced.split(",") if s):
+        # every layer low-rank at one share (no pruning): does the estimate price low-rank as apply delivers it?
+        template = plan_joint(bench.model, bench.calib, JointConfig(target_ratio=0.99, max_tokens=args.max_tokens,
+                                                                    ranks=ranks), args.model, options=options)
+        j = ranks.index(share)
+        layers = {idx: {"kept": list(opts[-1].kept), "bits": [16] * len(opts[-1].kept),
+                        "ranks": [list(targets.sizes[idx].rank_ranks[share])] * len(opts[-1].kept)}
+                  for idx, opts in options.items()}
+        estimate = sum(float(opts[-1].rank_err[:, j].sum()) for opts in options.values())  # type: ignore[index]
+        forced = dataclasses.replace(template, layers=layers)
+        m = bench.measure(f"lowrank-{share:g}", "forced low-rank", lambda plan=forced: [plan])
+        rows.append((f"every layer low-rank at share {share:g} (forced)", _chosen(forced), m, estimate))
+        config = JointConfig(target_mib=m.held / MIB, max_tokens=args.max_tokens, size_step=args.size_step)
+        plan = plan_joint(bench.model, bench.calib, config, args.model, options=options)
+        w = bench.measure(f"widths-at-lowrank-{share:g}", "widths", lambda plan=plan: [plan])
+        rows.append((f"widths at the same bytes ({m.held / base_bytes:.1%})", _chosen(plan), w,
+                     plan.summary["estimated_error"]))
     print("\n| plan | chosen (kept@widths, lr = low-rank layer) | MiB held | ppl (geo) | vs original | KL | top-1 "
           "| est. error |\n|---|---|---:|---:|---:|---:|---:|---:|")
     for name, chosen, m, est in rows:

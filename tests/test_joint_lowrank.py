@@ -161,14 +161,15 @@ def test_full_rank_option_has_no_error_and_keeps_the_logits(tmp_path: Path) -> N
     assert all(float(np.abs(o.rank_err).max()) < 1e-9 for opts in options.values() for o in opts)
     plan = plan_joint(model, CALIB, config, "tiny", options=options)
     layers = {layer.layer_idx: layer for layer in find_moe_layers(model)}
-    first = min(plan.layers)
-    full = list(expert_ranks(layers[first], 1.0))
-    n = layers[first].num_experts
-    # the first layer low-rank at full rank, the others untouched: the original model's logits
-    plan = dataclasses.replace(plan, layers={idx: {"kept": list(range(n)), "bits": [16] * n,
-                                                   **({"ranks": [full] * n} if idx == first else {})}
-                                             for idx in plan.layers})
+    full = {idx: list(expert_ranks(layer, 1.0)) for idx, layer in layers.items()}
+    # every layer low-rank at full rank (nothing quantized): the original model's logits
+    plan = dataclasses.replace(plan, layers={idx: {"kept": list(range(layer.num_experts)),
+                                                   "bits": [16] * layer.num_experts,
+                                                   "ranks": [full[idx]] * layer.num_experts}
+                                             for idx, layer in layers.items()})
     apply(model, plan, calibration=CALIB)
+    assert "quantize" not in model.config.moeslim and set(model.config.moeslim["lowrank"]["layers"]) == {
+        str(idx) for idx in layers}
     with torch.no_grad():
         torch.testing.assert_close(model(PROBE).logits, original, rtol=0, atol=1e-5)
     moeslim.save(model, tmp_path / "f")

@@ -87,6 +87,16 @@ def apply_joint(model: nn.Module, plan: Plan, calibration: CalibrationSet | torc
     if lowrank is not None:
         section.update(apply_lowrank(model, lowrank, calibration, device, progress))
         bits = {idx: b for idx, b in bits.items() if idx not in lowrank.layers}
+    if bits:  # a plan whose layers are all low-rank quantizes nothing
+        section.update(_quantize(model, plan, bits, calibration, device, progress))
+    section["joint"] = {"held_bytes_planned": plan.summary.get("held_bytes"),
+                        "estimated_error": plan.summary.get("estimated_error")}
+    return section
+
+
+def _quantize(model: nn.Module, plan: Plan, bits: dict[int, list[int]], calibration: Any,
+              device: torch.device | str | None, progress: bool) -> dict[str, Any]:
+    """The plan's widths of the (pruned) layers ``bits`` applied as a quantize plan; its ``quantize`` section."""
     cfg = plan.provenance.config
     quant_config = QuantizeConfig(method="uniform", bits=KEEP_BITS, group_size=int(cfg.get("group_size", 128)),
                                   symmetric=bool(cfg.get("symmetric", False)),
@@ -98,8 +108,4 @@ def apply_joint(model: nn.Module, plan: Plan, calibration: CalibrationSet | torc
                     summary={"quantizer": quant_config.quantizer, "group_size": quant_config.group_size,
                              "symmetric": quant_config.symmetric,
                              "calibration": plan.summary.get("calibration")})
-    if bits:  # a plan whose layers are all low-rank quantizes nothing
-        section.update(apply_quantize(model, quantize, calibration, device, progress))
-    section["joint"] = {"held_bytes_planned": plan.summary.get("held_bytes"),
-                        "estimated_error": plan.summary.get("estimated_error")}
-    return section
+    return apply_quantize(model, quantize, calibration, device, progress)
