@@ -16,6 +16,7 @@ from tiny_models import sample_ids, tiny_model
 
 import moeslim
 from moeslim.appliers import apply
+from moeslim.calibrate import ExpertOutputs, ExpertOutputSample, LayerDecision, result_of, run_layerwise
 from moeslim.cli import main
 from moeslim.config import ConfigError
 from moeslim.evaluate.cost import param_bytes
@@ -26,7 +27,9 @@ from moeslim.methods.joint.lowrank_options import expert_ranks
 from moeslim.methods.joint.sizes import LayerBytes
 from moeslim.methods.joint.solve import SizeOption, min_held_bytes, solve_joint
 from moeslim.models import find_moe_layers
+from moeslim.models.expert_math import expert_forward, expert_weight_views
 from moeslim.plans import Plan, PlanError
+from moeslim.runtime.lowrank import lowrank_storage
 from moeslim.workflows.plan_summary import summarize
 
 CALIB = sample_ids(0, 4, 16)
@@ -177,6 +180,39 @@ def test_full_rank_option_has_no_error_and_keeps_the_logits(tmp_path: Path) -> N
     loaded.set_attn_implementation("eager")
     with torch.no_grad():
         torch.testing.assert_close(loaded(PROBE).logits, original, rtol=0, atol=1e-5)
+
+
+def test_rank_error_estimate_equals_the_applied_factors_error() -> None:
+    """With every calibration token in the sample and no pruning, the planner's covariances are apply's: its
+    estimated error of a low-rank layer is the applied factors' gate^2-weighted output error on those tokens."""
+    model = tiny_model("mixtral")
+    applied = tiny_model("mixtral")
+    config = JointConfig(target_ratio=0.9, ranks=(0.5,), quantizer="rtn", max_tokens=None)
+    targets = resolve_targets(model, config)
+    options = measure_options(model, CALIB, config, targets)
+    samples = run_layerwise(model, CALIB, make_observers=lambda _layer: [ExpertOutputs(max_tokens=None)],
+                            on_layer=lambda _layer, obs: LayerDecision(result=result_of(obs[0], ExpertOutputSample)))
+    template = plan_joint(model, CALIB, config, "tiny", options=options)
+    layers = {idx: {"kept": list(opts[-1].kept), "bits": [16] * len(opts[-1].kept),
+                    "ranks": [list(targets.sizes[idx].rank_ranks[0.5])] * len(opts[-1].kept)}
+              for idx, opts in options.items()}
+    apply(applied, dataclasses.replace(template, layers=layers), calibration=CALIB)
+    found = {layer.layer_idx: layer for layer in find_moe_layers(model)}
+    for idx, opts in options.items():
+        layer, sample = found[idx], samples[idx]
+        store = lowrank_storage(find_moe_layers(applied)[list(found).index(idx)].experts)
+        views = expert_weight_views(layer)
+        weights, ids = layer.route(sample.logits)
+        measured = 0.0
+        for e in range(layer.num_experts):
+            up, down = (store[name].weight(e).T if views.transposed else store[name].weight(e)
+                        for name in (views.up_name, views.down_name))
+            out = expert_forward(layer, sample.x, e, up=up, down=down)
+            gate = (weights * (ids == e)).sum(dim=1)
+            measured += float((gate.double() ** 2 * (sample.outputs[:, e] - out).double().pow(2).sum(dim=-1)).sum())
+        estimated = float(opts[-1].rank_err[:, 0].sum())
+        assert estimated > 0
+        assert estimated == pytest.approx(measured, rel=1e-3)
 
 
 # -- refusals ------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ def _help(text: str, default: Any = None) -> Any:
 @dataclass(frozen=True)
 class JointConfig:
     """Keep/drop experts per layer and a width per kept expert, under one target, for the least estimated error.
+    With ``ranks``, a layer may instead hold its kept experts low-rank (a rank share or dense per kept expert).
 
     Targets: ``target_mib`` or ``target_ratio`` (held bytes of the compressed model, as ``moeslim.load`` holds
     them) and/or ``target_active_mib`` (routed-expert bytes read per token at decode, expected over the

@@ -35,7 +35,7 @@ from moeslim.methods.joint.sizes import LayerBytes
 from moeslim.methods.joint.solve import SizeOption
 from moeslim.methods.prune.enumerate import RouteFn, allowed_mask
 from moeslim.methods.quant.factors import expert_gate
-from moeslim.methods.whitened_svd import is_dense, whitened_svd, whitening
+from moeslim.methods.whitened_svd import WhitenedSVD, is_dense, whitened_svd, whitening
 from moeslim.models import MoELayer, find_moe_layers
 from moeslim.models.expert_math import expert_forward, expert_intermediate, expert_weight_views
 
@@ -96,12 +96,12 @@ def _stored(mat: Tensor, transposed: bool, like: Tensor) -> Tensor:
     return (mat.T if transposed else mat).to(like.dtype)
 
 
-def _approx(weight: Tensor, cov: Tensor | None, rank: int, damp: float) -> Tensor:
-    """(out, in) best rank-``rank`` replacement of ``weight`` under the whitening of ``cov`` (dense when full)."""
+def _approx(weight: Tensor, svd: WhitenedSVD, rank: int) -> Tensor:
+    """(out, in) the best rank-``rank`` replacement of ``weight`` under ``svd``'s whitening (dense when full)."""
     out, inp = weight.shape
     if is_dense(rank, out, inp):
         return weight
-    a, b = whitened_svd(weight, whitening(cov, inp, damp)).factors(rank)
+    a, b = svd.factors(rank)
     return (a @ b).to(weight.dtype)
 
 
@@ -122,12 +122,15 @@ def rank_distances(layer: MoELayer, sample: ExpertOutputSample, shares: Sequence
         cov_up = (xe * g2).T @ xe if xe.shape[0] else None
         he = expert_intermediate(layer, x[rows], e).double()
         cov_down = (he * g2).T @ he if he.shape[0] else None
-        w_up = views.up[e].T if views.transposed else views.up[e]  # (out, in)
-        w_down = views.down[e].T if views.transposed else views.down[e]
+        w_up = (views.up[e].T if views.transposed else views.up[e]).float()  # (out, in)
+        w_down = (views.down[e].T if views.transposed else views.down[e]).float()
+        # one whitened SVD per projection serves every share (the rank only truncates it)
+        svd_up = whitened_svd(w_up, whitening(cov_up, w_up.shape[1], damp))
+        svd_down = whitened_svd(w_down, whitening(cov_down, w_down.shape[1], damp))
         for j, share in enumerate(shares):
             r_up, r_down = expert_ranks(layer, share)
-            up = _stored(_approx(w_up.float(), cov_up, r_up, damp), views.transposed, views.up)
-            down = _stored(_approx(w_down.float(), cov_down, r_down, damp), views.transposed, views.down)
+            up = _stored(_approx(w_up, svd_up, r_up), views.transposed, views.up)
+            down = _stored(_approx(w_down, svd_down, r_down), views.transposed, views.down)
             out = expert_forward(layer, x, e, up=up, down=down).double().cpu()
             dist[:, e, j] = (sample.outputs[:, e].double() - out).pow(2).sum(dim=-1)
     return dist

@@ -13,7 +13,8 @@ stored at b bits: codes, float16 group scales and packed zero points, measured o
 (input padded to whole groups, int4pack's (scale, zero) pairs: ``methods/quant/layout_bytes``), so scale and
 zero overhead are included exactly; ``maps_l``: the packed parameters' expert -> group maps, held by every MoE
 layer of a quantized model (0 when nothing is quantized). Tests compare this accounting with the bytes measured
-on applied models of every family.
+on applied models of every family. Low-rank options (``lowrank_options.py``) add ``rank[f]``: one expert held as
+whitened-SVD factors at parameter share f, in a layer that holds no packed maps (``saving_lowrank``).
 """
 
 from __future__ import annotations

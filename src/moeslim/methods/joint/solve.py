@@ -246,8 +246,8 @@ def _decode_lowrank(chosen: np.ndarray, options: Mapping[int, Sequence[SizeOptio
             continue
         opt = options[idx][s]
         picks = [next(j for j in range(len(formats)) if chosen[z_index[idx, s, e, j]]) for e in range(len(opt.kept))]
-        assert opt.rank_err is not None
-        err = float(opt.prune_err) + sum(float(opt.rank_err[e, j - 1]) for e, j in enumerate(picks) if j)
+        rank_err = opt.rank_err if opt.rank_err is not None else np.zeros((len(opt.kept), len(formats) - 1))
+        err = float(opt.prune_err) + sum(float(rank_err[e, j - 1]) for e, j in enumerate(picks) if j)
         layers[idx] = LayerChoice(kept=tuple(opt.kept), bits=(KEEP_BITS,) * len(opt.kept),
                                   error=err, ranks=tuple(formats[j] for j in picks))
     return layers
