@@ -229,15 +229,35 @@ def _check_lowrank(entry: Any, where: str) -> None:
 
 
 def _check_joint(entry: Any, where: str) -> None:
-    optional = tuple(name for name in ("skip_beta",) if isinstance(entry, dict) and name in entry)
+    names = ("skip_beta", "ranks")
+    optional = tuple(name for name in names if isinstance(entry, dict) and name in entry)
     fields_ = _fields(entry, where, ("kept", "bits", *optional))
     if "skip_beta" in fields_:
         _number(fields_["skip_beta"], f"{where}.skip_beta")  # 0 skips nothing
+    lowrank = "ranks" in fields_
     _check_prune(fields_["kept"], f"{where}.kept")
     _check_quantize({"bits": fields_["bits"]}, where)
     if len(fields_["bits"]) != len(fields_["kept"]):
         raise PlanError(f"{where}: {len(fields_['kept'])} kept experts but {len(fields_['bits'])} widths; give one "
                         "width per kept expert")
+    if lowrank:
+        _check_joint_ranks(fields_, where)
+
+
+def _check_joint_ranks(fields_: dict[str, Any], where: str) -> None:
+    """A low-rank layer of a joint plan: per kept expert null (dense) or [up rank, down rank], every width 16."""
+    ranks = fields_["ranks"]
+    if not isinstance(ranks, list) or len(ranks) != len(fields_["kept"]):
+        raise PlanError(f"{where}.ranks must be an array with one entry per kept expert ({len(fields_['kept'])}): "
+                        f"null (dense) or [up rank, down rank], got {ranks!r}"[:200])
+    for i, pair in enumerate(ranks):
+        if pair is not None:
+            _ints(pair, f"{where}.ranks[{i}]", low=1, allowed="ranks are 1 or more")
+            if len(pair) != 2:
+                raise PlanError(f"{where}.ranks[{i}] = {pair!r}: give [up rank, down rank] or null")
+    if any(b != KEEP_WIDTH for b in fields_["bits"]):
+        raise PlanError(f"{where}: a low-rank layer (with ranks) keeps every width at {KEEP_WIDTH}; the runtime holds "
+                        "a layer's experts low-rank or quantized, not both")
 
 
 _LAYER_CHECKS = {"prune": _check_prune, "skip": _check_skip, "quantize": _check_quantize, "merge": _check_merge,

@@ -114,7 +114,7 @@ class QuantizeSettings(NamedTuple):
 def quantize_settings(model: nn.Module, plan: Plan) -> QuantizeSettings:
     """The widths, group size, quantizer and GPTQ settings of ``plan`` (raises PlanError if it does not fit, and
     ConfigError on a model with low-rank experts)."""
-    refuse_lowrank(model)  # before any calibration: a quantize plan applied after a low-rank one
+    refuse_lowrank(model, set(plan.layers))  # before any calibration: a quantize plan applied after a low-rank one
     layers = {layer.layer_idx: layer for layer in find_moe_layers(model)}
     bits = _plan_bits(layers, plan)
     group_size = int(plan.summary.get("group_size", plan.provenance.config.get("group_size", 128)))

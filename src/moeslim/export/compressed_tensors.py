@@ -332,6 +332,10 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: str | Path,
     from moeslim.progress import steps
     from moeslim.runtime.lowbit_io import lowbit_tensors
 
+    lowrank = sorted(name for name, _ in model.named_modules() if name.endswith(".moeslim_lowrank"))
+    if lowrank:
+        raise UnsupportedExportError(f"compressed-tensors has no format for low-rank experts ({lowrank[:2]}...): "
+                                     "export a model made without low-rank layers (a joint plan without --ranks)")
     lowbit = lowbit_tensors(model)
     experts = {k: t for k, t in lowbit.items() if ".experts." in k}
     if len(experts) != len(lowbit):

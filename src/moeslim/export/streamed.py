@@ -95,6 +95,8 @@ def _refuse_runtime_forms(folder: Path) -> dict[str, Any]:
 
     form = stored_form(section)
     held = [form.name] if form is not None and form.name != "packed low-bit experts" else []
+    if "lowrank" in section and "low-rank experts" not in held:  # a joint plan's low-rank layers in low-bit form
+        held.append("low-rank experts")
     held += ["skipping" for key in ("skip",) if key in section]
     if held:
         raise StreamingExportError(f"export --stream reads transformers checkpoints (original, pruned) and moeslim "

@@ -51,6 +51,7 @@ from moeslim.runtime.checkpoint_files import (
     write_tensors,
 )
 from moeslim.runtime.lowbit_forward import STORE, install_packed, packed_storage
+from moeslim.runtime.nonuniform import cut_compact
 from moeslim.runtime.packed import PackedExperts
 
 __all__ = [
@@ -137,7 +138,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     config = AutoConfig.from_pretrained(root, trust_remote_code=False)  # never run code from a folder
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    _cut_compact(model, config)
+    cut_compact(model, config)
+    _install_lowrank_layers(model, config, dtype)
     base, aliases = read_tensors(root / BASE_FILE)
     with safe_open(str(root / LOWBIT_FILE), framework="pt") as handle:
         lowbit_keys = list(handle.keys())  # noqa: SIM118 - safe_open handles are not iterable
@@ -170,18 +172,14 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     return model, saved_tokenizer(root)
 
 
-def _cut_compact(model: nn.Module, config: Any) -> None:
-    """A model pruned to unequal per-layer counts (compact layout) and then quantized: cut the meta skeleton's layers
-    to their counts, as ``runtime/nonuniform.load_compact`` does, before its tensors are installed."""
-    from moeslim.runtime.nonuniform import compact_kept, compact_select_groups, is_compact
+def _install_lowrank_layers(model: nn.Module, config: Any, dtype: torch.dtype) -> None:
+    """A joint plan's low-rank layers beside the quantized ones: their empty projections of the recorded ranks,
+    filled from the base file (the factors are ordinary tensors of the state dict)."""
+    section = (getattr(config, "moeslim", None) or {}).get("lowrank")
+    if section:
+        from moeslim.runtime.lowrank import install_empty
 
-    section = getattr(config, "moeslim", None) or {}
-    if not is_compact(section):
-        return
-    from moeslim.models.select import select_experts
-
-    counts = {int(k): int(v) for k, v in section["prune"]["experts_per_layer"].items()}
-    select_experts(model, compact_kept(config, counts), layout="compact", groups=compact_select_groups(config))
+        install_empty(model, section.get("layers", {}), dtype)
 
 
 def _packed_to(packed: LowBitTensor, device: torch.device) -> LowBitTensor:

@@ -43,6 +43,7 @@ from moeslim.runtime.checkpoint_files import (
     write_config,
     write_tensors,
 )
+from moeslim.runtime.nonuniform import cut_compact
 from moeslim.runtime.routed_experts import attach_part, fallback_forward, routed_forward, stored_parts
 
 __all__ = ["IMPLEMENTATION", "LOWRANK_FILE", "STORE", "LowRankProjection", "install_lowrank", "load_lowrank",
@@ -242,6 +243,7 @@ def load_lowrank(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     section = (getattr(config, "moeslim", None) or {}).get("lowrank") or {}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    cut_compact(model, config)  # pruned to unequal counts first (a joint plan): the layers' kept experts
     install_empty(model, section.get("layers", {}), dtype)
     tensors, aliases = read_tensors(root / LOWRANK_FILE)
     state = model.state_dict(keep_vars=True)

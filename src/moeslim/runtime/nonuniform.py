@@ -90,3 +90,15 @@ def _grouped(config: Any) -> bool:
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return group_limits(text) is not None
+
+
+def cut_compact(model: nn.Module, config: Any) -> None:
+    """A model pruned to unequal per-layer counts (compact layout) and then quantized or made low-rank: cut the
+    meta skeleton's layers to their counts, as ``load_compact`` does, before its tensors are installed."""
+    section = getattr(config, "moeslim", None) or {}
+    if not is_compact(section):
+        return
+    from moeslim.models.select import select_experts
+
+    counts = {int(k): int(v) for k, v in section["prune"]["experts_per_layer"].items()}
+    select_experts(model, compact_kept(config, counts), layout="compact", groups=compact_select_groups(config))

@@ -80,6 +80,19 @@ def handles_placeholder(forward: Callable[..., Tensor]) -> bool:
     return bool(getattr(forward, _DROPS_PLACEHOLDER, False))
 
 
+def held_implementation(experts: nn.Module) -> str | None:
+    """The registered forward of the parts ``experts`` holds, or None for a layer left as it was.
+
+    A part store is named as the implementation that computes through it (``attach_part``), so a layer whose
+    parts belong to another runtime than the one its shared config dispatches to (a model with low-rank layers
+    and low-bit layers) is handed to its own runtime's forward.
+    """
+    for name, held in experts._modules.items():
+        if isinstance(held, nn.ModuleDict) and len(held) and name in ALL_EXPERTS_FUNCTIONS:
+            return name
+    return None
+
+
 def fallback_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
                      ) -> Tensor:
     """The default forward, for a layer left as it was (the implementation is set on a config all layers share).
@@ -87,6 +100,9 @@ def fallback_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Ten
     Routings that point at the placeholder ``num_experts`` (skipped pairs) take ``routed_forward``, which drops
     them; transformers' grouped_mm reads them only under expert parallelism.
     """
+    held = held_implementation(experts)
+    if held is not None:  # this layer holds another runtime's parts (low-rank and low-bit layers in one model)
+        return ALL_EXPERTS_FUNCTIONS[held](experts, hidden_states, top_k_index, top_k_weights)
     if bool((top_k_index >= int(getattr(experts, "num_experts"))).any()):  # noqa: B009
         return routed_forward(experts, hidden_states, top_k_index, top_k_weights, {})
     return ALL_EXPERTS_FUNCTIONS[FALLBACK_IMPLEMENTATION](experts, hidden_states, top_k_index, top_k_weights)
@@ -114,6 +130,9 @@ def attach_part(experts: nn.Module, store: str, name: str, part: nn.Module, plac
     deciding which pairs run and hands the matmuls to ``implementation`` (its per-module ``moeslim_inner`` state);
     otherwise the experts dispatch to it.
     """
+    if store != implementation:
+        raise ValueError(f"part store {store!r} must be named as its implementation {implementation!r} "
+                         "(fallback_forward dispatches a layer to the runtime of the parts it holds)")
     store_part(experts, store, name, part, placeholder, dtype)
     register_forward(implementation, forward)
     if current_implementation(experts) == SKIP_IMPLEMENTATION:

@@ -38,11 +38,11 @@ class StoredForm:
 
 
 def _compact(section: dict[str, Any]) -> bool:
-    """Compact non-uniform experts in floating point (quantized ones are the low-bit form's: it cuts the layers to
-    their counts before installing the packed experts)."""
+    """Compact non-uniform experts in floating point (quantized or low-rank ones are the low-bit or low-rank form's:
+    they cut the layers to their counts before installing their experts)."""
     from moeslim.runtime.nonuniform import is_compact
 
-    return is_compact(section) and "quantize" not in section
+    return is_compact(section) and "quantize" not in section and "lowrank" not in section
 
 
 # The forms a saved moeslim checkpoint can take, the first that holds wins; anything else is a plain
@@ -50,7 +50,9 @@ def _compact(section: dict[str, Any]) -> bool:
 _FORMS = (
     StoredForm("compact non-uniform experts", _compact, "nonuniform", "save_compact", "load_compact"),
     StoredForm("packed low-bit experts", lambda s: "quantize" in s, "lowbit_io", "save_quantized", "load_quantized"),
-    StoredForm("low-rank experts", lambda s: "lowrank" in s, "lowrank", "save_lowrank", "load_lowrank"),
+    # low-rank layers beside quantized ones (a joint plan) are the low-bit form's: its base file holds the factors
+    StoredForm("low-rank experts", lambda s: "lowrank" in s and "quantize" not in s, "lowrank", "save_lowrank",
+               "load_lowrank"),
 )
 _INSTALLED = {"skip": ("odp", "install_skip_section")}  # section key -> (module, install(model, entry))
 

@@ -182,15 +182,24 @@ def _range(ranks: Sequence[int]) -> str:
     return f"{ordered[0]}-{ordered[-1]} (median {ordered[len(ordered) // 2]})" if ordered else "-"
 
 
+def _joint_formats(entry: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    """(format, experts) of one joint layer: widths, or (low-rank layers) (up/down) ranks and dense experts."""
+    if entry.get("ranks") is not None:
+        counts = Counter(tuple(r) if r is not None else None for r in entry["ranks"])
+        return tuple(("16 (untouched)" if r is None else f"low-rank {r[0]}/{r[1]}", n)
+                     for r, n in sorted(counts.items(), key=lambda item: (item[0] is None, item[0] or ())))
+    widths = sorted(Counter(int(b) for b in entry["bits"]).items())
+    return tuple(("16 (untouched)" if b == 16 else f"{b} bits", n) for b, n in widths)
+
+
 def _joint(plan: Plan) -> list[str]:
     s = plan.summary
     mib = 2**20
     detail = f"{s['held_mib']:.3f} MiB held, {s['held_ratio']:.1%} of the original" if "held_mib" in s else ""
     lines = [_header(plan, detail)]
-    decided = {idx: (len(d["kept"]), tuple(sorted(Counter(int(b) for b in d["bits"]).items())))
-               for idx, d in plan.layers.items()}
-    for layers, (count, widths) in layer_runs(decided):
-        shown = ", ".join(f"{n} at {'16 (untouched)' if b == 16 else f'{b} bits'}" for b, n in widths)
+    decided = {idx: (len(d["kept"]), _joint_formats(d)) for idx, d in plan.layers.items()}
+    for layers, (count, formats) in layer_runs(decided):
+        shown = ", ".join(f"{n} at {f}" for f, n in formats)
         lines.append(f"{layer_span(layers)}: keep {count}: {shown}")
     if s.get("hold_dtype"):
         lines.append(f"every float weight held in {s['hold_dtype']}")

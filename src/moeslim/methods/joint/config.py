@@ -11,6 +11,7 @@ from torch import nn
 from moeslim.calibrate.observers import DEFAULT_MAX_TOKENS
 from moeslim.config import ConfigError, check_types
 from moeslim.methods.joint.hold import HoldDtype, as_held, hold_torch_dtype
+from moeslim.methods.joint.lowrank_options import with_rank_bytes
 from moeslim.methods.joint.sizes import LayerBytes, model_layer_bytes
 from moeslim.methods.joint.solve import min_held_bytes
 from moeslim.methods.prune import PruneConfig
@@ -32,6 +33,7 @@ def _help(text: str, default: Any = None) -> Any:
 @dataclass(frozen=True)
 class JointConfig:
     """Keep/drop experts per layer and a width per kept expert, under one target, for the least estimated error.
+    With ``ranks``, a layer may instead hold its kept experts low-rank (a rank share or dense per kept expert).
 
     Targets: ``target_mib`` or ``target_ratio`` (held bytes of the compressed model, as ``moeslim.load`` holds
     them) and/or ``target_active_mib`` (routed-expert bytes read per token at decode, expected over the
@@ -81,10 +83,16 @@ class JointConfig:
     skip_rule: SkipRule = _help(
         "skip_betas: top2 (skip the second expert when w2 < beta * w1; top-2 routing) | topk (drop the tail "
         "experts whose weight share is below beta)", "top2")
+    ranks: tuple[float, ...] = _help(
+        "low-rank options beside the widths: shares of an expert's weight parameters its whitened-SVD factors keep "
+        "(as plan lowrank's ratio), e.g. 0.25,0.5; a layer is then either low-rank (each kept expert at one of "
+        "these shares or dense) or quantized (methods/joint/lowrank_options.py). Empty: widths only", ())
+    rank_damp: float = _help("low-rank options: covariance damping of the whitening (as plan lowrank's damp)", 0.01)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(self.widths))
         object.__setattr__(self, "skip_betas", tuple(self.skip_betas))
+        object.__setattr__(self, "ranks", tuple(self.ranks))
         check_types(self)
         if self.target_mib is None and self.target_ratio is None and self.target_active_mib is None:
             raise ConfigError("give a target: target_mib (held MiB), target_ratio (share of the original's held "
@@ -127,11 +135,26 @@ class JointConfig:
             raise ConfigError(f"max_tokens={self.max_tokens}: use at least 1 token, or leave unset for no cap")
         if not 0 < self.token_fraction <= 1:
             raise ConfigError(f"token_fraction={self.token_fraction}: use a value in (0, 1]")
+        self._check_ranks()
+
+    def _check_ranks(self) -> None:
+        if len(set(self.ranks)) != len(self.ranks) or not all(math.isfinite(f) and 0 < f <= 1 for f in self.ranks):
+            raise ConfigError(f"ranks={list(self.ranks)}: give distinct shares of an expert's parameters in (0, 1], "
+                              "e.g. 0.25,0.5")
+        if self.ranks and self.error_scale != "squared":
+            raise ConfigError(f"ranks with error_scale={self.error_scale!r}: the KL probes weigh pruning and "
+                              "quantization errors only; use error_scale='squared' with low-rank options")
+        if self.ranks and self.skip_betas:
+            raise ConfigError(f"ranks={list(self.ranks)} with skip_betas={list(self.skip_betas)}: skipping is not "
+                              "measured or installed on low-rank layers; plan with one of the two")
+        if not (math.isfinite(self.rank_damp) and self.rank_damp > 0):
+            raise ConfigError(f"rank_damp={self.rank_damp}: use a positive damping, e.g. 0.01")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["widths"] = list(self.widths)
         data["skip_betas"] = list(self.skip_betas)
+        data["ranks"] = list(self.ranks)
         return data
 
     def check_model(self, model: nn.Module) -> Any:
@@ -199,8 +222,10 @@ def resolve_targets(model: nn.Module, config: JointConfig, held_model: nn.Module
     low = min(shape.sizes)
     kept_sizes = tuple(sorted({k for k in shape.sizes if (k - low) % config.size_step == 0} | {experts}))
     sizes = model_layer_bytes(model, config.widths, config.group_size, config.symmetric)
+    if config.ranks:
+        sizes = with_rank_bytes(model, sizes, config.ranks)
     base = held_bytes(model)
-    smallest = min_held_bytes(base, sizes, {idx: low for idx in sizes}, config.widths)
+    smallest = min_held_bytes(base, sizes, {idx: low for idx in sizes}, config.widths, config.ranks)
     target = base
     if config.target_mib is not None or config.target_ratio is not None:
         target = (int(config.target_mib * MIB) if config.target_mib is not None
@@ -211,7 +236,8 @@ def resolve_targets(model: nn.Module, config: JointConfig, held_model: nn.Module
             raise ConfigError(
                 f"{asked} is below the smallest size a joint plan reaches on this model: {smallest / MIB:.3f} MiB "
                 f"({smallest / original:.1%} of the original's {original / MIB:.3f} MiB; every MoE layer keeping {low} "
-                f"experts at {min(config.widths)} bits): raise the target, or lower min_keep / add a narrower width")
+                f"experts at {min(config.widths)} bits{' or the cheapest rank share' if config.ranks else ''}): "
+                "raise the target, or lower min_keep / add a narrower width")
         if target >= original:
             raise ConfigError(f"{asked} is not below the original's held {original / MIB:.3f} MiB: nothing to "
                               "compress")
@@ -219,7 +245,8 @@ def resolve_targets(model: nn.Module, config: JointConfig, held_model: nn.Module
     if config.target_active_mib is not None:
         active = config.target_active_mib * MIB
         reads = 1 if config.skip_betas else top_k  # skipping leaves at least the first expert of a token
-        least = sum(reads * min(lb.width[b] for b in config.widths) for lb in sizes.values())
+        least = sum(reads * min([lb.width[b] for b in config.widths] + list(lb.rank.values()))
+                    for lb in sizes.values())
         if active < least:
             raise ConfigError(
                 f"target_active_mib={config.target_active_mib} is below the least a token reads: {least / MIB:.4f} "

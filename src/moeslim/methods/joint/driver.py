@@ -22,6 +22,7 @@ from moeslim.data.calibration_set import CalibrationSet, calibration_fields, cal
 from moeslim.methods.joint.config import MIB, JointConfig, JointTargets, resolve_targets
 from moeslim.methods.joint.curves import size_options
 from moeslim.methods.joint.hold import as_held
+from moeslim.methods.joint.lowrank_options import rank_options
 from moeslim.methods.joint.probe import probe_scales, scale_options
 from moeslim.methods.joint.solve import SizeOption, solve_joint
 from moeslim.methods.prune.driver import PruneContext, decide_layer
@@ -36,8 +37,11 @@ def _layer_options(layer: MoELayer, observers: Any, config: JointConfig, targets
                    ) -> list[SizeOption]:
     entry = decide_layer(layer, observers, targets.prune, ctx)
     sample = result_of(observers[0], ExpertOutputSample)
-    return size_options(entry["curve"], targets.kept_sizes, layer, sample, ctx.route(layer), config.widths,
-                        config.group_size, config.symmetric, config.quantizer, config.skip_betas, config.skip_rule)
+    options = size_options(entry["curve"], targets.kept_sizes, layer, sample, ctx.route(layer), config.widths,
+                           config.group_size, config.symmetric, config.quantizer, config.skip_betas, config.skip_rule)
+    if config.ranks:
+        options = rank_options(options, layer, sample, ctx.route(layer), config.ranks, config.rank_damp)
+    return options
 
 
 def measure_options(model: nn.Module, input_ids: torch.Tensor, config: JointConfig, targets: JointTargets,
@@ -84,12 +88,16 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
         options = measure_options(held, input_ids, config, targets, device, progress)
     del held
     measured = time.perf_counter() - start
-    choice = solve_joint(options, config.widths, targets.sizes, targets.base, targets.target, targets.active)
+    choice = solve_joint(options, config.widths, targets.sizes, targets.base, targets.target, targets.active,
+                         ranks=config.ranks)
     layers: dict[int, dict[str, Any]] = {idx: {"kept": list(c.kept), "bits": list(c.bits)}
                                          for idx, c in sorted(choice.layers.items())}
     if config.skip_betas:  # the chosen thresholds, 0 where a layer does not skip (apply installs skipping)
         for idx, c in choice.layers.items():
             layers[idx]["skip_beta"] = c.skip_beta
+    for idx, c in choice.layers.items():
+        if c.ranks is not None:  # a low-rank layer: (up, down) ranks per kept expert, null = dense
+            layers[idx]["ranks"] = [None if f is None else list(targets.sizes[idx].rank_ranks[f]) for f in c.ranks]
     summary: dict[str, Any] = {
         "target_bytes": targets.target,
         "target_active_bytes": targets.active,
@@ -111,6 +119,8 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
         "groups": targets.shape.groups,
         "bytes": {str(idx): lb.to_dict() for idx, lb in sorted(targets.sizes.items())},
         "skip_rule": config.skip_rule if config.skip_betas else None,
+        "ranks": list(config.ranks),
+        "lowrank_layers": sorted(idx for idx, c in choice.layers.items() if c.ranks is not None),
         "layers": {str(idx): {"error": c.error, "curve": {_curve_key(o): {
             "prune_err": o.prune_err,
             "quant_err_min": float(o.quant_err.min(axis=1).sum()),

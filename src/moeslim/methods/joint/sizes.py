@@ -13,13 +13,14 @@ stored at b bits: codes, float16 group scales and packed zero points, measured o
 (input padded to whole groups, int4pack's (scale, zero) pairs: ``methods/quant/layout_bytes``), so scale and
 zero overhead are included exactly; ``maps_l``: the packed parameters' expert -> group maps, held by every MoE
 layer of a quantized model (0 when nothing is quantized). Tests compare this accounting with the bytes measured
-on applied models of every family.
+on applied models of every family. Low-rank options (``lowrank_options.py``) add ``rank[f]``: one expert held as
+whitened-SVD factors at parameter share f, in a layer that holds no packed maps (``saving_lowrank``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -41,6 +42,9 @@ class LayerBytes:
     row: int
     width: dict[int, int]
     packed_params: int = 2  # fused expert parameters a quantized layer holds packed (gate_up, down)
+    # low-rank options (``lowrank_options.py``): one expert's bytes and (up, down) ranks at each parameter share
+    rank: dict[float, int] = field(default_factory=dict)
+    rank_ranks: dict[float, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def dense(self) -> int:
@@ -58,8 +62,19 @@ class LayerBytes:
         maps = self.maps(len(kept_bits)) if packed else 0
         return dropped * (self.row + self.dense) + sum(self.dense - self.width[b] for b in kept_bits) - maps
 
+    def saving_lowrank(self, kept_shares: Sequence[float | None]) -> int:
+        """Bytes saved by a low-rank layer keeping ``len(kept_shares)`` experts, each at a rank share (None: dense);
+        a low-rank layer holds no packed maps."""
+        dropped = self.num_experts - len(kept_shares)
+        return dropped * (self.row + self.dense) + sum(0 if f is None else self.dense - self.rank[f]
+                                                       for f in kept_shares)
+
     def to_dict(self) -> dict[str, object]:
-        return {"num_experts": self.num_experts, "row": self.row, "width": {str(b): n for b, n in self.width.items()}}
+        data: dict[str, object] = {"num_experts": self.num_experts, "row": self.row,
+                                   "width": {str(b): n for b, n in self.width.items()}}
+        if self.rank:
+            data["rank"] = {str(f): {"bytes": n, "ranks": list(self.rank_ranks[f])} for f, n in self.rank.items()}
+        return data
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -15,6 +15,12 @@ of pruning counts (``methods/prune/allocate.py``).
                 sum saving(x, y) >= base - target       (held bytes, exact integers: ``sizes.LayerBytes``)
                 sum_{l,k,e,j} y_lkej f_lke width_l(j) <= active target   (optional)
 
+With low-rank options (``ranks``: parameter shares, ``lowrank_options.py``) each kept set is offered twice: in
+quant mode (widths, as above) and in low-rank mode, where each kept expert takes a rank share or stays dense
+(16) and the layer holds no packed maps (its experts live in the low-rank runtime, not the packed one). A layer
+is in one mode: the runtime holds a layer's experts either low-rank or packed, not both. One size-and-mode
+variable per layer keeps the mode exact without a product of binaries.
+
 Binary x, y. The byte constraint is the exact held bytes, not a rounded quantum; HiGHS proves optimality with
 a relative gap of 0 (the gap it reports is returned), and a test checks it against brute force on small cases.
 Pure: numbers in, decisions out. Shapes: L layers, K sizes per layer, k kept experts, J widths.
@@ -51,6 +57,12 @@ class SizeOption:
     freq: np.ndarray
     tokens: int = 1
     skip_beta: float = 0.0
+    rank_err: np.ndarray | None = None  # (k, R) squared error of each kept expert at each rank share
+
+
+def _rank_formats(ranks: Sequence[float]) -> list[float | None]:
+    """A low-rank layer's formats per kept expert: dense (None, 16 bits) then every rank share."""
+    return [None, *ranks]
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,7 @@ class LayerChoice:
     bits: tuple[int, ...]  # one width per kept expert, in ``kept`` order
     error: float  # this layer's estimated squared error
     skip_beta: float = 0.0  # the skip threshold of the chosen option (0: no skipping)
+    ranks: tuple[float | None, ...] | None = None  # low-rank layer: a rank share (None: dense) per kept expert
 
 
 @dataclass(frozen=True)
@@ -72,25 +85,34 @@ class JointChoice:
 
 def _held(base: int, sizes: dict[int, LayerBytes], layers: dict[int, LayerChoice]) -> int:
     """Held bytes of a decision, exactly: a model with any quantized expert holds every MoE layer packed."""
-    packed = any(b != KEEP_BITS for c in layers.values() for b in c.bits)
-    return base - sum(sizes[idx].saving(c.bits, packed) for idx, c in layers.items())
+    packed = any(b != KEEP_BITS for c in layers.values() if c.ranks is None for b in c.bits)
+    return base - sum(sizes[idx].saving(c.bits, packed) if c.ranks is None else sizes[idx].saving_lowrank(c.ranks)
+                      for idx, c in layers.items())
 
 
-def min_held_bytes(base: int, sizes: dict[int, LayerBytes], min_keep: dict[int, int], widths: Sequence[int]) -> int:
-    """The smallest held bytes any plan reaches: every layer at its fewest experts, all at the cheapest width."""
+def min_held_bytes(base: int, sizes: dict[int, LayerBytes], min_keep: dict[int, int], widths: Sequence[int],
+                   ranks: Sequence[float] = ()) -> int:
+    """The smallest held bytes any plan reaches: every layer at its fewest experts, all at the cheapest width
+    (or the cheapest rank share, when that saves more)."""
     total = base
     for idx, lb in sizes.items():
         cheapest = min(widths, key=lambda b: lb.width[b])
-        total -= lb.saving([cheapest] * min_keep[idx])
+        saved = lb.saving([cheapest] * min_keep[idx])
+        if ranks:
+            saved = max(saved, lb.saving_lowrank([min(ranks, key=lambda f: lb.rank[f])] * min_keep[idx]))
+        total -= saved
     return total
 
 
 def solve_joint(options: Mapping[int, Sequence[SizeOption]], widths: Sequence[int], sizes: dict[int, LayerBytes],
-                base: int, target: int, active_target: float | None = None, time_limit: float = 600.0
-                ) -> JointChoice:
+                base: int, target: int, active_target: float | None = None, time_limit: float = 600.0,
+                ranks: Sequence[float] = ()) -> JointChoice:
     """The decision of least estimated error whose held bytes are <= ``target`` (and expected expert bytes read
-    per token <= ``active_target``). Raises ValueError when no decision fits."""
+    per token <= ``active_target``). Raises ValueError when no decision fits.
+
+    ``ranks``: low-rank shares offered beside the widths (each option then needs its ``rank_err``)."""
     widths = [int(b) for b in widths]
+    formats = _rank_formats(ranks)
     order = sorted(options)
     costs: list[float] = []
     saving: list[float] = []
@@ -101,6 +123,8 @@ def solve_joint(options: Mapping[int, Sequence[SizeOption]], widths: Sequence[in
     lows: list[float] = []
     x_index: dict[tuple[int, int], int] = {}
     y_index: dict[tuple[int, int, int, int], int] = {}
+    xr_index: dict[tuple[int, int], int] = {}  # (layer, size) in low-rank mode
+    z_index: dict[tuple[int, int, int, int], int] = {}  # (layer, size, kept expert, format) in low-rank mode
 
     def var(cost: float, save: float, read: float) -> int:
         costs.append(cost)
@@ -135,6 +159,23 @@ def solve_joint(options: Mapping[int, Sequence[SizeOption]], widths: Sequence[in
                     y_index[idx, s, e, j] = y
                     entry.append((y, 1.0))
                 equality(entry)
+            if not ranks:
+                continue
+            if opt.rank_err is None or opt.rank_err.shape != (len(opt.kept), len(ranks)):
+                raise ValueError(f"layer {idx}: low-rank options need rank_err of shape ({len(opt.kept)}, "
+                                 f"{len(ranks)})")
+            xr = var(float(opt.prune_err), float(dropped * (lb.row + lb.dense)), 0.0)  # no packed maps
+            xr_index[idx, s] = xr
+            one_size.append((xr, 1.0))
+            for e in range(len(opt.kept)):
+                entry = [(xr, -1.0)]
+                for j, share in enumerate(formats):
+                    held_e = lb.dense if share is None else lb.rank[share]
+                    err = 0.0 if share is None else float(opt.rank_err[e, j - 1])
+                    z = var(err, float(lb.dense - held_e), float(opt.freq[e]) * held_e)
+                    z_index[idx, s, e, j] = z
+                    entry.append((z, 1.0))
+                equality(entry)
         layer_rows.append(one_size)
     n_eq = len(lows)
     for r, entries in enumerate(layer_rows):
@@ -167,6 +208,7 @@ def solve_joint(options: Mapping[int, Sequence[SizeOption]], widths: Sequence[in
             raise ValueError(f"no joint decision fits: {result.message}")
         chosen = np.round(result.x).astype(int)
         layers = _decode(chosen, options, order, widths, x_index, y_index)
+        layers.update(_decode_lowrank(chosen, options, formats, xr_index, z_index))
         held = _held(base, sizes, layers)
         if held <= target:
             break
@@ -175,6 +217,9 @@ def solve_joint(options: Mapping[int, Sequence[SizeOption]], widths: Sequence[in
         raise ValueError(f"the solver's decisions stay above the target {target} bytes (last: {held})")
     read = sum((float(options[idx][s].freq[e]) * sizes[idx].width[widths[j]]
                 for (idx, s, e, j), col in y_index.items() if chosen[col]), 0.0)
+    read += sum((float(options[idx][s].freq[e]) * (sizes[idx].dense if formats[j] is None
+                                                   else sizes[idx].rank[formats[j]])  # type: ignore[index]
+                 for (idx, s, e, j), col in z_index.items() if chosen[col]), 0.0)
     return JointChoice(layers=layers, error=sum(c.error for c in layers.values()), held_bytes=held,
                        active_bytes=read, mip_gap=float(getattr(result, "mip_gap", 0.0) or 0.0))
 
@@ -185,10 +230,30 @@ def _decode(chosen: np.ndarray, options: Mapping[int, Sequence[SizeOption]], ord
     """The layers' decisions from the 0/1 solution vector."""
     layers: dict[int, LayerChoice] = {}
     for idx in order:
-        s = next(s for s in range(len(options[idx])) if chosen[x_index[idx, s]])
+        s = next((s for s in range(len(options[idx])) if chosen[x_index[idx, s]]), None)
+        if s is None:  # the layer is in low-rank mode (``_decode_lowrank``)
+            continue
         opt = options[idx][s]
         bits = [next(widths[j] for j in range(len(widths)) if chosen[y_index[idx, s, e, j]])
                 for e in range(len(opt.kept))]
         err = float(opt.prune_err) + sum(float(opt.quant_err[e, widths.index(b)]) for e, b in enumerate(bits))
         layers[idx] = LayerChoice(kept=tuple(opt.kept), bits=tuple(bits), error=err, skip_beta=float(opt.skip_beta))
+    return layers
+
+
+def _decode_lowrank(chosen: np.ndarray, options: Mapping[int, Sequence[SizeOption]], formats: list[float | None],
+                    xr_index: dict[tuple[int, int], int], z_index: dict[tuple[int, int, int, int], int]
+                    ) -> dict[int, LayerChoice]:
+    """The low-rank layers' decisions from the 0/1 solution vector (every kept expert at 16 bits, or factored)."""
+    layers: dict[int, LayerChoice] = {}
+    for (idx, s), col in xr_index.items():
+        if not chosen[col]:
+            continue
+        opt = options[idx][s]
+        picks = [next(j for j in range(len(formats)) if chosen[z_index[idx, s, e, j]]) for e in range(len(opt.kept))]
+        rank_err = opt.rank_err if opt.rank_err is not None else np.zeros((len(opt.kept), len(formats) - 1))
+        err = float(opt.prune_err) + sum(float(rank_err[e, j - 1]) for e, j in enumerate(picks) if j)
+        layers[idx] = LayerChoice(kept=tuple(opt.kept), bits=(KEEP_BITS,) * len(opt.kept),
+                                  error=err, skip_beta=float(opt.skip_beta),
+                                  ranks=tuple(formats[j] for j in picks))
     return layers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
@@ -222,8 +223,9 @@ class QuantizeConfig:
 
 
 
-def refuse_lowrank(model: nn.Module) -> None:
-    """Raise ConfigError when some MoE layer holds low-rank experts (a low-rank plan was applied).
+def refuse_lowrank(model: nn.Module, layers: Collection[int] | None = None) -> None:
+    """Raise ConfigError when some MoE layer to be quantized (``layers``; None: every one) holds low-rank experts
+    (a low-rank plan was applied). A joint plan quantizes only the layers it left without low-rank experts.
 
     GPTQ quantizes one (out, in) matrix per expert with its input Hessian; a low-rank expert is two factors
     A (out, r) and B (r, in), with no dense weight left (the fused parameters are meta placeholders), and moeslim
@@ -236,11 +238,12 @@ def refuse_lowrank(model: nn.Module) -> None:
     section = getattr(getattr(model, "config", None), "moeslim", None) or {}
     if "lowrank" not in section:
         return
-    layers = [layer.layer_idx for layer in find_moe_layers(model)
-              if any(t.is_meta for t in (expert_weight_views(layer).up, expert_weight_views(layer).down))]
-    if layers:
+    held = [layer.layer_idx for layer in find_moe_layers(model)
+            if (layers is None or layer.layer_idx in layers)
+            and any(t.is_meta for t in (expert_weight_views(layer).up, expert_weight_views(layer).down))]
+    if held:
         raise ConfigError(
-            f"quantizing low-rank experts is not supported (decoder layers {layers} hold low-rank factors A (out, r) "
+            f"quantizing low-rank experts is not supported (decoder layers {held} hold low-rank factors A (out, r) "
             "and B (r, in), not the dense expert weights GPTQ quantizes, and there is no packed format for quantized "
             "factors): quantize the model without the low-rank stage, or keep the low-rank model in 16 bits")
 

@@ -172,11 +172,13 @@ def plan_bits(model: nn.Module, input_ids: torch.Tensor | None, config: Quantize
 
 def bits_summary(model: nn.Module, bits: dict[int, list[int]], group_size: int, symmetric: bool = False
                  ) -> dict[str, Any]:
-    """Average bits per expert weight over all MoE layers, without and with group scales (and zero points,
-    unless ``symmetric``: those store none)."""
+    """Average bits per expert weight over the MoE layers in ``bits`` (all of them, but for a joint plan's low-rank
+    layers), without and with group scales (and zero points, unless ``symmetric``: those store none)."""
     code = overhead = params = 0
     per_layer: dict[str, dict[str, float]] = {}
     for layer in find_moe_layers(model):
+        if layer.layer_idx not in bits:
+            continue
         widths = bits[layer.layer_idx]
         views = expert_weight_views(layer)
         acc_total = [0, 0, 0]

@@ -313,7 +313,8 @@ def gptq_experts(model: nn.Module, bits: Mapping[int, Sequence[int]], input_ids:
     results: dict[int, Any] = run_layerwise(
         model, input_ids,
         # True sequential recomputes the down Hessians from the kept inputs: the observer skips them.
-        make_observers=lambda layer: [gptq_observer(layer, config)],
+        # (a layer the plan leaves alone is not observed: a joint plan's low-rank layers hold no dense weights)
+        make_observers=lambda layer: [gptq_observer(layer, config)] if layer.layer_idx in widths else [],
         on_layer=on_layer, propagate=config.propagate,
         batch_size=config.batch_size, device=device, progress=progress, checkpoint=checkpoint, label="GPTQ",
     )
