@@ -55,6 +55,7 @@ FRONTIER_TOKENS = 4096
 FINE_FRONTIER_TOKENS = 2048
 FINE_FRONTIER_STEP = 8
 FINE_FRONTIER_SEARCH = 300
+FRONTIER_HOLD_DTYPE = "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -159,10 +160,12 @@ def frontier_config(config: DemoConfig, num_experts: int) -> FrontierConfig | No
     if not config.frontier:
         return None
     budgets = QUICK_BUDGETS if config.quick else FRONTIER_BUDGETS
+    # Both embedded checkpoints are stored in bfloat16 and the demo loads them in float32; the joint plans hold
+    # them as stored (the embeddings and attention then take half the bytes of a small budget).
     if num_experts <= 16:
-        return FrontierConfig(budgets=budgets, max_tokens=FRONTIER_TOKENS)
+        return FrontierConfig(budgets=budgets, max_tokens=FRONTIER_TOKENS, hold_dtype=FRONTIER_HOLD_DTYPE)
     return FrontierConfig(budgets=budgets, max_tokens=FINE_FRONTIER_TOKENS, size_step=FINE_FRONTIER_STEP,
-                          search_budget=FINE_FRONTIER_SEARCH)
+                          search_budget=FINE_FRONTIER_SEARCH, hold_dtype=FRONTIER_HOLD_DTYPE)
 
 
 def demo_models(config: DemoConfig) -> list[DemoModel]:

@@ -46,6 +46,7 @@ class FrontierConfig:
     max_tokens: int | None = 4096  # token sample per layer of the joint options and PMQ factors
     size_step: int = 1  # the joint planner's kept-set size step (larger for many experts)
     search_budget: int | None = 2000  # the joint planner's pruning search, when it searches
+    hold_dtype: str = "auto"  # the joint planner's hold dtype ("auto": the model's; PMQ keeps the model's)
 
     def __post_init__(self) -> None:
         if not self.budgets or not all(0 < b < 1 for b in self.budgets):
@@ -57,7 +58,8 @@ class FrontierConfig:
         from moeslim.methods.joint import JointConfig
 
         return JointConfig(target_ratio=share, widths=self.widths, max_tokens=self.max_tokens,
-                           size_step=self.size_step, search_budget=self.search_budget)
+                           size_step=self.size_step, search_budget=self.search_budget,
+                           hold_dtype=self.hold_dtype)
 
 
 def single_family(stages: tuple[StageSpec, ...]) -> str | None:
@@ -162,13 +164,21 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
     console.print(f"  joint options measured once in {seconds['joint options (once)']:.0f} s, PMQ factors in "
                   f"{seconds['PMQ factors (once)']:.0f} s")
 
+    # PMQ holds the model's own dtype: its bytes are priced on the uncast model even when the joint plans cast
+    uncast = targets if config.hold_dtype == "auto" else dataclasses.replace(
+        measure_config, hold_dtype="auto").check_model(model)
+
     def planned_bytes(plan: Plan) -> int:
         # the joint planner's byte accounting of a width per expert (tested against measured bytes)
-        return int(targets.base - sum(targets.sizes[idx].saving(entry["bits"]) for idx, entry in plan.layers.items()))
+        return int(uncast.base - sum(uncast.sizes[idx].saving(entry["bits"]) for idx, entry in plan.layers.items()))
 
     rows: list[BudgetRow] = []
     measured: list[FrontierPoint] = []
     notes: list[str] = []
+    if targets.base != targets.original:
+        notes.append(f"the joint plans hold every float weight in {config.hold_dtype} (the original as loaded: "
+                     f"{targets.original / MIB:.2f} MiB, {targets.base / targets.original:.0%} of it when cast); the "
+                     "single methods and PMQ keep the model's dtype")
     start = time.perf_counter()
     for share in sorted(config.budgets):
         target = int(share * targets.base)
