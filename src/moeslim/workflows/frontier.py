@@ -181,7 +181,7 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
                      "single methods and PMQ keep the model's dtype")
     start = time.perf_counter()
     for share in sorted(config.budgets):
-        target = int(share * targets.base)
+        target = int(share * targets.original)
         try:
             plan = plan_joint(model, calibration, config.joint(share), model_name, options=options)
         except (ConfigError, ValueError) as err:
