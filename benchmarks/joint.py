@@ -77,6 +77,15 @@ class Measured:
         return math.exp(sum(math.log(v) for v in self.ppl.values()) / len(self.ppl))
 
 
+def add_bench_arguments(parser: argparse.ArgumentParser, eval_windows: int = 8, max_tokens: int = 2048) -> None:
+    """The calibration and evaluation flags ``Bench`` reads (the sibling joint_* benchmarks share them)."""
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-windows", type=int, default=eval_windows)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+
+
 class Bench:
     """One model: its calibration windows, evaluation windows, KL reference, and variant cache."""
 

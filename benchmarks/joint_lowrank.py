@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from joint import MIB, Bench  # noqa: E402 (the sibling benchmark script)
+from joint import MIB, Bench, add_bench_arguments  # noqa: E402 (the sibling benchmark script)
 
 from moeslim.config import ConfigError  # noqa: E402
 from moeslim.methods.joint import JointConfig, measure_options, plan_joint  # noqa: E402
@@ -48,11 +48,7 @@ def main() -> None:
     parser.add_argument("--forced", default="", help="rank shares at which every layer is made low-rank, "
                         "against the widths-only plan at the same bytes (e.g. 0.5)")
     parser.add_argument("--size-step", type=int, default=1, help="kept-set sizes in steps of this (demo-fine: 8)")
-    parser.add_argument("--calib-samples", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-windows", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=2048)
+    add_bench_arguments(parser)
     args = parser.parse_args()
     start = time.perf_counter()
     bench = Bench(args.model, args)

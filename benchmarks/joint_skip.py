@@ -28,7 +28,7 @@ from moeslim.models import find_moe_layers
 from moeslim.runtime.skipping import counters, has_counters, reset_counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from joint import Bench  # noqa: E402  (the joint benchmark's windows and measurement)
+from joint import Bench, add_bench_arguments  # noqa: E402  (the joint benchmark's windows and measurement)
 
 
 def main() -> None:
@@ -39,11 +39,7 @@ def main() -> None:
     parser.add_argument("--read-shares", default="0.5,0.35,0.25",
                         help="caps on the expert bytes read per token, as shares of the held model's top-k at 16 bits")
     parser.add_argument("--skip-betas", default="0.2,0.4,0.6,0.8,1.0")
-    parser.add_argument("--calib-samples", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-windows", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=2048)
+    add_bench_arguments(parser)
     args = parser.parse_args()
     start = time.perf_counter()
     bench = Bench(args.model, args)
