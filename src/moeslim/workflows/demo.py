@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from rich.console import Console
 
@@ -55,7 +55,7 @@ FRONTIER_TOKENS = 4096
 FINE_FRONTIER_TOKENS = 2048
 FINE_FRONTIER_STEP = 8
 FINE_FRONTIER_SEARCH = 300
-FRONTIER_HOLD_DTYPE = "bfloat16"
+FRONTIER_HOLD_DTYPE: Final = "bfloat16"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from torch import nn
@@ -29,6 +29,9 @@ from moeslim.evaluate.frontier import BudgetRow, Frontier, FrontierPoint, point_
 from moeslim.evaluate.results import VariantResult
 from moeslim.plans import Plan
 from moeslim.workflows.stages import StageSpec
+
+if TYPE_CHECKING:
+    from moeslim.methods.joint.hold import HoldDtype
 
 MIB = 2**20
 PMQ_FAMILY = "quantize pmq"
@@ -46,7 +49,7 @@ class FrontierConfig:
     max_tokens: int | None = 4096  # token sample per layer of the joint options and PMQ factors
     size_step: int = 1  # the joint planner's kept-set size step (larger for many experts)
     search_budget: int | None = 2000  # the joint planner's pruning search, when it searches
-    hold_dtype: str = "auto"  # the joint planner's hold dtype ("auto": the model's; PMQ keeps the model's)
+    hold_dtype: HoldDtype = "auto"  # the joint planner's hold dtype ("auto": the model's; PMQ keeps the model's)
 
     def __post_init__(self) -> None:
         if not self.budgets or not all(0 < b < 1 for b in self.budgets):
