@@ -29,8 +29,9 @@ from moeslim.methods.quant.config import QuantizeConfig, refuse_lowrank
 from moeslim.methods.quant.driver import bits_summary
 from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor, quantize_fused
 from moeslim.methods.quant.transform import GptqResults, QuantizedExperts, gptq_experts, rtn_experts
-from moeslim.models import MoELayer, decoder_layers, find_moe_layers
+from moeslim.models import MoELayer, find_moe_layers
 from moeslim.models.expert_math import expert_weight_views
+from moeslim.models.nonexpert import attention_linears_by_layer
 from moeslim.plans import Plan, PlanError
 from moeslim.runtime.lowbit_io import install_lowbit
 
@@ -93,12 +94,8 @@ def _missing_calibration(plan: Plan) -> PlanError:
 
 def attention_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """(qualified name, module) of every nn.Linear inside a decoder layer's attention (name with 'attn')."""
-    found = []
-    for i, layer in enumerate(decoder_layers(model)):
-        for name, module in layer.named_modules():
-            if isinstance(module, nn.Linear) and "attn" in name.split(".")[0]:
-                found.append((f"{i}.{name}", module))
-    return found
+    return [(f"{i}.{name}", module) for i, found in attention_linears_by_layer(model).items()
+            for name, module in found]
 
 
 class QuantizeSettings(NamedTuple):

@@ -33,10 +33,11 @@ def param_bytes(model: nn.Module) -> dict[str, Any]:
     storage, "quantized": bytes of packed low-bit storage, "method": "tensors"}.
     """
     from moeslim.runtime.packed import PackedExperts
+    from moeslim.runtime.packed_rows import PackedRows
 
     packed_ptrs: set[tuple[str, int]] = set()
     for module in model.modules():
-        if isinstance(module, PackedExperts):
+        if isinstance(module, (PackedExperts, PackedRows)):
             packed_ptrs.update(storage_key(b) for b in module.buffers())
     by_dtype: dict[str, int] = {}
     quantized = 0

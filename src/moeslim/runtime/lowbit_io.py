@@ -53,6 +53,7 @@ from moeslim.runtime.checkpoint_files import (
 from moeslim.runtime.lowbit_forward import STORE, install_packed, packed_storage
 from moeslim.runtime.nonuniform import cut_compact
 from moeslim.runtime.packed import PackedExperts
+from moeslim.runtime.packed_rows import PackedRows, install_rows, packed_rows
 
 __all__ = [
     "BASE_FILE",
@@ -62,6 +63,7 @@ __all__ = [
     "lowbit_tensors",
     "packed_experts",
     "quantized_nbytes",
+    "rows_names",
     "save_quantized",
 ]
 
@@ -110,10 +112,11 @@ def save_quantized(model: nn.Module, out_dir: str | Path, dtype: torch.dtype | N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     packed = lowbit_tensors(model)
-    if not packed:
+    rows = _rows_once(model)
+    if not packed and not rows:
         raise ValueError("model has no low-bit parameters: apply a quantize plan before save_quantized")
     lowbit: dict[str, torch.Tensor] = {}
-    for name, tensor in packed.items():
+    for name, tensor in [*packed.items(), *((name, storage.to_lowbit()) for name, storage in rows.items())]:
         lowbit.update({k: v.cpu() for k, v in tensor.to_state_dict(name).items()})
     write_tensors({k: v for k, v in model.state_dict().items() if k not in packed}, out / BASE_FILE, dtype)
     save_file(lowbit, str(out / LOWBIT_FILE), metadata={"format": "moeslim-lowbit"})
@@ -144,8 +147,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     with safe_open(str(root / LOWBIT_FILE), framework="pt") as handle:
         lowbit_keys = list(handle.keys())  # noqa: SIM118 - safe_open handles are not iterable
     prefixes = [k[: -len(_META_SUFFIX)] for k in lowbit_keys if k.endswith(_META_SUFFIX)]
+    rows = _rows_section(config)  # {stored prefix: every weight name computing from it}
+    prefixes = [p for p in prefixes if p not in rows]
     state = model.state_dict(keep_vars=True)
-    left = set(state) - set(base) - set(prefixes)
+    left = set(state) - set(base) - set(prefixes) - {n for names in rows.values() for n in names}
     unexpected = set(base) - set(state)
     if left or unexpected:
         raise ValueError(f"{root}: tensors missing {sorted(left)} / unexpected {sorted(unexpected)}")
@@ -165,11 +170,42 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
         module_name, _, param_name = prefix.rpartition(".")
         install_lowbit(model.get_submodule(module_name), param_name, packed)
         del packed
+    for prefix, names in rows.items():  # a tied head takes the embedding's one storage
+        with safe_open(str(root / LOWBIT_FILE), framework="pt") as handle:
+            part = {k: handle.get_tensor(k) for k in lowbit_keys if k.startswith(f"{prefix}.q")}
+        storage = PackedRows(LowBitTensor.from_state_dict(part, prefix)).to(target)
+        for name in names:
+            install_rows(model.get_submodule(name.rpartition(".")[0]), storage)
     materialize_buffers(model, root)
     if any(aliases):
         model.tie_weights()
     model = model.to(device).eval()
     return model, saved_tokenizer(root)
+
+
+def _rows_once(model: nn.Module) -> dict[str, PackedRows]:
+    """{first weight name: PackedRows} of the packed embedding / head, each storage once (a tied pair: one)."""
+    seen: dict[int, str] = {}
+    out: dict[str, PackedRows] = {}
+    for name, storage in packed_rows(model).items():
+        if id(storage) not in seen:
+            seen[id(storage)] = name
+            out[name] = storage
+    return out
+
+
+def rows_names(model: nn.Module) -> dict[str, list[str]]:
+    """{stored prefix: every weight name computing from it}: what ``packed_nonexpert.rows`` records for load."""
+    first = {id(storage): name for name, storage in _rows_once(model).items()}
+    out: dict[str, list[str]] = {name: [] for name in first.values()}
+    for name, storage in packed_rows(model).items():
+        out[first[id(storage)]].append(name)
+    return out
+
+
+def _rows_section(config: Any) -> dict[str, list[str]]:
+    section = ((getattr(config, "moeslim", None) or {}).get("packed_nonexpert") or {}).get("rows") or {}
+    return {str(k): [str(n) for n in v] for k, v in section.items()}
 
 
 def _install_lowrank_layers(model: nn.Module, config: Any, dtype: torch.dtype) -> None:

@@ -42,16 +42,21 @@ def _compact(section: dict[str, Any]) -> bool:
     they cut the layers to their counts before installing their experts)."""
     from moeslim.runtime.nonuniform import is_compact
 
-    return is_compact(section) and "quantize" not in section and "lowrank" not in section
+    return is_compact(section) and not _packed(section) and "lowrank" not in section
+
+
+def _packed(section: dict[str, Any]) -> bool:
+    """Packed low-bit tensors: quantized experts, or packed attention / embedding (``packed_nonexpert``)."""
+    return "quantize" in section or "packed_nonexpert" in section
 
 
 # The forms a saved moeslim checkpoint can take, the first that holds wins; anything else is a plain
 # transformers checkpoint. Runtimes re-installed on top of any form (after loading) are in ``_INSTALLED``.
 _FORMS = (
     StoredForm("compact non-uniform experts", _compact, "nonuniform", "save_compact", "load_compact"),
-    StoredForm("packed low-bit experts", lambda s: "quantize" in s, "lowbit_io", "save_quantized", "load_quantized"),
+    StoredForm("packed low-bit experts", _packed, "lowbit_io", "save_quantized", "load_quantized"),
     # low-rank layers beside quantized ones (a joint plan) are the low-bit form's: its base file holds the factors
-    StoredForm("low-rank experts", lambda s: "lowrank" in s and "quantize" not in s, "lowrank", "save_lowrank",
+    StoredForm("low-rank experts", lambda s: "lowrank" in s and not _packed(s), "lowrank", "save_lowrank",
                "load_lowrank"),
 )
 _INSTALLED = {"skip": ("odp", "install_skip_section")}  # section key -> (module, install(model, entry))
