@@ -3,23 +3,33 @@ save -> load, held bytes against the planner's accounting, and the joint planner
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import sample_ids, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 import moeslim
+from moeslim.appliers import apply
 from moeslim.appliers.nonexpert import pack_nonexpert
+from moeslim.config import ConfigError
 from moeslim.evaluate.cost import param_bytes
+from moeslim.methods.joint import JointConfig, plan_joint
+from moeslim.methods.joint.config import MIB, resolve_targets
+from moeslim.methods.joint.nonexpert import check_nonexpert
+from moeslim.methods.joint.sizes import LayerBytes
+from moeslim.methods.joint.solve import ChoiceGroup, SizeOption, min_held_bytes, solve_joint
 from moeslim.models.held_bytes import held_bytes
 from moeslim.models.nonexpert import token_matrices
 from moeslim.plans import PlanError
 from moeslim.runtime.packed_rows import PackedRows, quantize_rows
 
 PROBE = sample_ids(7, 2, 12)
+CALIB = sample_ids(0, 4, 16)
 
 
 def _model(tied: bool, family: str = "olmoe") -> torch.nn.Module:
@@ -114,3 +124,102 @@ def test_packing_twice_is_refused() -> None:
         pack_nonexpert(model, {}, 4, 16)
     with pytest.raises(PlanError, match="no attention projections"):
         pack_nonexpert(model, {99: 4}, None, 16)
+
+
+# -- the planner: choice groups for attention and embedding ------------------------------------------------------
+
+def _brute_force_groups(options: dict[int, list[SizeOption]], widths: tuple[int, ...], sizes: dict[int, LayerBytes],
+                        groups: list[ChoiceGroup], base: int, target: int) -> float:
+    per_layer = []
+    for idx, opts in options.items():
+        choices = []
+        for opt in opts:
+            for bits in itertools.product(range(len(widths)), repeat=len(opt.kept)):
+                err = opt.prune_err + sum(opt.quant_err[e, j] for e, j in enumerate(bits))
+                choices.append((sizes[idx].saving([widths[j] for j in bits]), err))
+        per_layer.append(choices)
+    per_layer += [list(zip(g.saving, g.error, strict=True)) for g in groups]
+    best = np.inf
+    for combo in itertools.product(*per_layer):
+        if base - sum(c[0] for c in combo) <= target:
+            best = min(best, sum(c[1] for c in combo))
+    return float(best)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_milp_with_choice_groups_equals_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    widths = (2, 4, 16)
+    sizes = {i: LayerBytes(num_experts=2, row=7, width={2: 30, 4: 52, 16: 200}) for i in range(2)}
+    options = {i: [SizeOption(kept=k, prune_err=float(rng.uniform(0, 3)) if len(k) < 2 else 0.0,
+                              quant_err=np.concatenate([rng.uniform(0, 2, (len(k), 2)), np.zeros((len(k), 1))], 1),
+                              freq=np.full(len(k), 0.5)) for k in ((0,), (0, 1))] for i in range(2)}
+    groups = [ChoiceGroup(name, (16, 8, 4), (0.0, *sorted(rng.uniform(0, 2, 2).tolist())),
+                          (0, int(rng.integers(50, 150)), int(rng.integers(150, 250)))) for name in ("attention.0",
+                                                                                                   "embedding")]
+    base = 2000
+    low = min_held_bytes(base, sizes, dict.fromkeys(sizes, 1), widths, groups=groups)
+    assert low == min_held_bytes(base, sizes, dict.fromkeys(sizes, 1), widths) - sum(max(g.saving) for g in groups)
+    for target in np.linspace(low, base - 1, 9).astype(int).tolist():
+        expected = _brute_force_groups(options, widths, sizes, groups, base, target)
+        got = solve_joint(options, widths, sizes, base, target, groups=groups)
+        assert got.error == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert got.held_bytes <= target
+        assert set(got.groups) == {"attention.0", "embedding"}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_planned_nonexpert_widths_are_applied_within_the_target(tmp_path: Path, tied: bool) -> None:
+    model = _model(tied)
+    probe = JointConfig(target_ratio=0.9, quantizer="rtn", attention_widths=(8, 4), embedding_widths=(8, 4))
+    targets = resolve_targets(model, probe)
+    assert set(targets.nonexpert) == {"attention.0", "attention.1", "embedding"}
+    low = min_held_bytes(targets.base, targets.sizes, dict.fromkeys(targets.sizes, min(targets.kept_sizes)),
+                         probe.widths)  # the smallest plan without them
+    target = low - 1000  # below what the experts alone reach: the plan must pack attention or embedding
+    config = JointConfig(target_mib=target / MIB, quantizer="rtn", attention_widths=(8, 4), embedding_widths=(8, 4))
+    plan = plan_joint(model, CALIB, config, "tiny")
+    packed = [b for b in plan.summary["attention_bits"].values() if b != 16]
+    assert packed or plan.summary["embedding_bits"] != 16
+    apply(model, plan, calibration=CALIB)
+    assert param_bytes(model)["total"] == plan.summary["held_bytes"] <= target
+    moeslim.save(model, tmp_path / "j")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded, _ = moeslim.load(tmp_path / "j")
+    assert param_bytes(loaded)["total"] == plan.summary["held_bytes"]
+
+
+def test_default_plans_leave_attention_and_embedding_alone() -> None:
+    model = _model(False)
+    plan = plan_joint(model, CALIB, JointConfig(target_ratio=0.8, quantizer="rtn"), "tiny")
+    assert "attention_bits" not in plan.summary and "embedding_bits" not in plan.summary
+    assert resolve_targets(model, JointConfig(target_ratio=0.8)).nonexpert == {}
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"attention_widths": (8, 9)}, "attention_widths"),
+    ({"embedding_widths": (4, 4)}, "embedding_widths"),
+    ({"embedding_widths": (0,)}, "embedding_widths"),
+])
+def test_bad_widths_are_refused(fields: dict[str, tuple[int, ...]], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        JointConfig(target_ratio=0.5, **fields)  # type: ignore[arg-type]
+
+
+def test_widths_that_leave_rows_in_part_bytes_are_refused() -> None:
+    model = _model(False)  # hidden 32: every width gives whole bytes; a 36-wide embedding at 3 bits does not
+    with torch.no_grad():
+        emb = model.get_input_embeddings()
+        emb.weight = torch.nn.Parameter(torch.randn(emb.weight.shape[0], 36))
+    with pytest.raises(ConfigError, match="whole bytes"):
+        check_nonexpert(model, (), (16, 3))
+
+
+def test_plan_joint_cli_takes_the_widths(tmp_path: Path) -> None:
+    from moeslim.cli import build_parser
+
+    args = build_parser().parse_args(["plan", "joint", "m", "--target-ratio", "0.3", "--attention-widths", "8,4",
+                                      "--embedding-widths", "8", "--out", str(tmp_path / "p.json")])
+    values = {k: v for k, v in vars(args).items() if v is not None}
+    assert (8, 4) in values.values() and (8,) in values.values()

@@ -7,6 +7,10 @@ unequal counts) and a quantize plan on the pruned model: GPTQ runs on the plan's
 hashes are checked), so the pruned experts are quantized with the inputs the pruned model gives them. Low-rank
 layers (entries with "ranks") go through the lowrank applier first (method 'svd-llm', on the same windows, the
 pruned model's covariances), so GPTQ then sees the inputs the pruned, partly low-rank model gives its layers.
+
+Attention projections and the token embedding / head (the plan's ``attention_bits`` / ``embedding_bits``) are
+packed after the experts (round-to-nearest, ``appliers/nonexpert.py``): the planner priced the experts' widths on
+the model with float attention and embedding, and GPTQ calibrates on that same model; these need no data.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from moeslim.appliers.lowrank import apply_lowrank
+from moeslim.appliers.nonexpert import pack_nonexpert
 from moeslim.appliers.prune import apply_prune
 from moeslim.appliers.quantize import apply_quantize
 from moeslim.appliers.skip import apply_skip
@@ -117,6 +122,7 @@ def apply_joint(model: nn.Module, plan: Plan, calibration: CalibrationSet | torc
         bits = {idx: b for idx, b in bits.items() if idx not in lowrank.layers}
     if bits:  # a plan whose layers are all low-rank quantizes nothing
         section.update(_quantize(model, plan, bits, calibration, device, progress))
+    section.update(_nonexpert(model, plan))
     if skip is not None:  # last: skipping wraps the experts forward of the pruned, quantized layers
         section.update(apply_skip(model, skip))
     section["joint"] = {"held_bytes_planned": plan.summary.get("held_bytes"),
@@ -124,6 +130,19 @@ def apply_joint(model: nn.Module, plan: Plan, calibration: CalibrationSet | torc
     if dtype is not None:
         section["joint"]["hold_dtype"] = hold
     return section
+
+
+def _nonexpert(model: nn.Module, plan: Plan) -> dict[str, Any]:
+    """The plan's attention and embedding widths packed (after the experts); their config section."""
+    attention = {int(idx): int(b) for idx, b in (plan.summary.get("attention_bits") or {}).items()}
+    embedding = plan.summary.get("embedding_bits")
+    if not attention and embedding is None:
+        return {}
+    for b in [*attention.values(), *([] if embedding is None else [embedding])]:
+        if not (1 <= int(b) <= 8 or int(b) == KEEP_BITS):
+            raise PlanError(f"joint plan summary: attention / embedding width {b} is not in 1..8 or 16")
+    group_size = int(plan.summary.get("group_size", plan.provenance.config.get("group_size", 128)))
+    return pack_nonexpert(model, attention, None if embedding is None else int(embedding), group_size)
 
 
 def _quantize(model: nn.Module, plan: Plan, bits: dict[int, list[int]], calibration: Any,

@@ -336,6 +336,12 @@ def export_compressed_tensors(model: nn.Module, tokenizer: Any, out: str | Path,
     if lowrank:
         raise UnsupportedExportError(f"compressed-tensors has no format for low-rank experts ({lowrank[:2]}...): "
                                      "export a model made without low-rank layers (a joint plan without --ranks)")
+    from moeslim.runtime.packed_rows import packed_rows
+
+    rows = sorted(packed_rows(model))
+    if rows:
+        raise UnsupportedExportError(f"compressed-tensors export writes quantized experts only; the token embedding "
+                                     f"/ output head are packed too ({rows}): plan without --embedding-widths")
     lowbit = lowbit_tensors(model)
     experts = {k: t for k, t in lowbit.items() if ".experts." in k}
     if len(experts) != len(lowbit):

@@ -119,7 +119,12 @@ def model_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     packed experts of a moeslim-quantized model, each dequantized when it is reached (the GGUF type re-quantizes
     them; F32 holds them exactly). ``export.streamed`` lists a checkpoint folder's tensors in this same order."""
     from moeslim.runtime.lowbit_io import packed_experts
+    from moeslim.runtime.packed_rows import packed_rows
 
+    rows = sorted(packed_rows(model))
+    if rows:
+        raise UnsupportedExportError(f"GGUF export does not write a packed token embedding / output head ({rows}): "
+                                     "export a model planned without --embedding-widths")
     packed = packed_experts(model)
     state = model.state_dict()
     for key, tensor in state.items():

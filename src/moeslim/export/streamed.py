@@ -98,6 +98,7 @@ def _refuse_runtime_forms(folder: Path) -> dict[str, Any]:
     if "lowrank" in section and "low-rank experts" not in held:  # a joint plan's low-rank layers in low-bit form
         held.append("low-rank experts")
     held += ["skipping" for key in ("skip",) if key in section]
+    held += ["packed attention / token embedding" for key in ("packed_nonexpert",) if key in section]
     if held:
         raise StreamingExportError(f"export --stream reads transformers checkpoints (original, pruned) and moeslim "
                                    f"quantized ones; {folder} holds {' and '.join(held)}: export it without --stream")

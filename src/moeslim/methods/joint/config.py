@@ -12,8 +12,9 @@ from moeslim.calibrate.observers import DEFAULT_MAX_TOKENS
 from moeslim.config import ConfigError, check_types
 from moeslim.methods.joint.hold import HoldDtype, as_held, hold_torch_dtype
 from moeslim.methods.joint.lowrank_options import with_rank_bytes
+from moeslim.methods.joint.nonexpert import check_nonexpert, nonexpert_bytes
 from moeslim.methods.joint.sizes import LayerBytes, model_layer_bytes
-from moeslim.methods.joint.solve import min_held_bytes
+from moeslim.methods.joint.solve import ChoiceGroup, min_held_bytes
 from moeslim.methods.prune import PruneConfig
 from moeslim.methods.prune.config import PruneShape
 from moeslim.methods.prune.enumerate import count_subsets
@@ -88,11 +89,23 @@ class JointConfig:
         "(as plan lowrank's ratio), e.g. 0.25,0.5; a layer is then either low-rank (each kept expert at one of "
         "these shares or dense) or quantized (methods/joint/lowrank_options.py). Empty: widths only", ())
     rank_damp: float = _help("low-rank options: covariance damping of the whitening (as plan lowrank's damp)", 0.01)
+    attention_widths: tuple[int, ...] = _help(
+        "widths each decoder layer's attention projections may be held at (all of a layer's at one width; 16 = "
+        "untouched is always an option), e.g. 16,8,4: round-to-nearest packed weights, each option priced by the "
+        "KL measured with only that layer's attention at that width (methods/joint/nonexpert.py). Empty: attention "
+        "untouched", ())
+    embedding_widths: tuple[int, ...] = _help(
+        "widths the token embedding and output head may be held at together (one storage when tied; 16 = "
+        "untouched is always an option), e.g. 16,8,4: packed rows that stay packed in memory (a lookup "
+        "dequantizes its rows only). Empty: untouched", ())
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(self.widths))
         object.__setattr__(self, "skip_betas", tuple(self.skip_betas))
         object.__setattr__(self, "ranks", tuple(self.ranks))
+        for name in ("attention_widths", "embedding_widths"):  # 16 (untouched) always an option, listed first
+            given = tuple(getattr(self, name))
+            object.__setattr__(self, name, (KEEP_BITS, *(b for b in given if b != KEEP_BITS)) if given else ())
         check_types(self)
         if self.target_mib is None and self.target_ratio is None and self.target_active_mib is None:
             raise ConfigError("give a target: target_mib (held MiB), target_ratio (share of the original's held "
@@ -136,6 +149,11 @@ class JointConfig:
         if not 0 < self.token_fraction <= 1:
             raise ConfigError(f"token_fraction={self.token_fraction}: use a value in (0, 1]")
         self._check_ranks()
+        for name in ("attention_widths", "embedding_widths"):
+            given = getattr(self, name)
+            if len(set(given)) != len(given) or not all(1 <= b <= 8 or b == KEEP_BITS for b in given):
+                raise ConfigError(f"{name}={list(given)}: give distinct widths in 1..8 (16, untouched, is always "
+                                  "an option), e.g. 8,4")
 
     def _check_ranks(self) -> None:
         if len(set(self.ranks)) != len(self.ranks) or not all(math.isfinite(f) and 0 < f <= 1 for f in self.ranks):
@@ -155,6 +173,8 @@ class JointConfig:
         data["widths"] = list(self.widths)
         data["skip_betas"] = list(self.skip_betas)
         data["ranks"] = list(self.ranks)
+        data["attention_widths"] = list(self.attention_widths)
+        data["embedding_widths"] = list(self.embedding_widths)
         return data
 
     def check_model(self, model: nn.Module) -> Any:
@@ -178,6 +198,8 @@ class JointTargets:
     prune: PruneConfig
     shape: PruneShape
     original: int = 0  # the held bytes of the model as given (``base`` is after the cast to ``hold_dtype``)
+    # weights outside the experts (``nonexpert.py``): {group name: {width: held bytes saved}}
+    nonexpert: dict[str, dict[int, int]] = field(default_factory=dict)
 
 
 def _prune_config(config: JointConfig, num_experts: int, min_keep: int) -> PruneConfig:
@@ -225,7 +247,11 @@ def resolve_targets(model: nn.Module, config: JointConfig, held_model: nn.Module
     if config.ranks:
         sizes = with_rank_bytes(model, sizes, config.ranks)
     base = held_bytes(model)
-    smallest = min_held_bytes(base, sizes, {idx: low for idx in sizes}, config.widths, config.ranks)
+    check_nonexpert(model, config.attention_widths, config.embedding_widths)
+    nonexpert = nonexpert_bytes(model, config.attention_widths, config.embedding_widths, config.group_size)
+    groups = [ChoiceGroup(name, tuple(saved), (0.0,) * len(saved), tuple(saved.values()))
+              for name, saved in nonexpert.items()]
+    smallest = min_held_bytes(base, sizes, {idx: low for idx in sizes}, config.widths, config.ranks, groups)
     target = base
     if config.target_mib is not None or config.target_ratio is not None:
         target = (int(config.target_mib * MIB) if config.target_mib is not None
@@ -236,7 +262,8 @@ def resolve_targets(model: nn.Module, config: JointConfig, held_model: nn.Module
             raise ConfigError(
                 f"{asked} is below the smallest size a joint plan reaches on this model: {smallest / MIB:.3f} MiB "
                 f"({smallest / original:.1%} of the original's {original / MIB:.3f} MiB; every MoE layer keeping {low} "
-                f"experts at {min(config.widths)} bits{' or the cheapest rank share' if config.ranks else ''}): "
+                f"experts at {min(config.widths)} bits{' or the cheapest rank share' if config.ranks else ''}"
+                f"{', attention and embedding at their narrowest' if groups else ''}): "
                 "raise the target, or lower min_keep / add a narrower width")
         if target >= original:
             raise ConfigError(f"{asked} is not below the original's held {original / MIB:.3f} MiB: nothing to "
@@ -252,4 +279,4 @@ def resolve_targets(model: nn.Module, config: JointConfig, held_model: nn.Module
                 f"target_active_mib={config.target_active_mib} is below the least a token reads: {least / MIB:.4f} "
                 f"MiB ({reads} routed expert(s) per MoE layer at {min(config.widths)} bits); raise the target")
     return JointTargets(base=base, target=target, active=active, sizes=sizes, kept_sizes=kept_sizes, prune=prune,
-                        shape=shape, original=original)
+                        shape=shape, original=original, nonexpert=nonexpert)

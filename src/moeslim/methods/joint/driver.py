@@ -23,14 +23,15 @@ from moeslim.methods.joint.config import MIB, JointConfig, JointTargets, resolve
 from moeslim.methods.joint.curves import size_options
 from moeslim.methods.joint.hold import as_held
 from moeslim.methods.joint.lowrank_options import rank_options
+from moeslim.methods.joint.nonexpert import EMBEDDING, nonexpert_groups
 from moeslim.methods.joint.probe import probe_scales, scale_options
-from moeslim.methods.joint.solve import SizeOption, solve_joint
+from moeslim.methods.joint.solve import ChoiceGroup, SizeOption, solve_joint
 from moeslim.methods.prune.driver import PruneContext, decide_layer
 from moeslim.models import MoELayer
 from moeslim.models.select import group_limits
 from moeslim.plans import Plan, Provenance
 
-__all__ = ["measure_options", "plan_joint"]
+__all__ = ["measure_nonexpert", "measure_options", "plan_joint"]
 
 
 def _layer_options(layer: MoELayer, observers: Any, config: JointConfig, targets: JointTargets, ctx: PruneContext
@@ -67,6 +68,17 @@ def measure_options(model: nn.Module, input_ids: torch.Tensor, config: JointConf
     return scale_options(options, scales, tokens)
 
 
+def measure_nonexpert(model: nn.Module, input_ids: torch.Tensor, config: JointConfig, targets: JointTargets,
+                      options: dict[int, list[SizeOption]]) -> list[ChoiceGroup]:
+    """The attention / embedding choice groups of ``config`` (``nonexpert.py``) with their probed errors, measured on
+    ``model`` as the plan holds it (empty when neither option is set); ``options`` from ``measure_options``."""
+    if not targets.nonexpert:
+        return []
+    held = as_held(model, config.hold_dtype)
+    return nonexpert_groups(held, input_ids, targets.nonexpert, options, config.widths, config.group_size,
+                            config.symmetric, config.error_scale, config.probe_windows, config.batch_size)
+
+
 def _curve_key(option: SizeOption) -> str:
     """"k" for k kept experts, "k@beta" for the same with skip threshold beta."""
     return f"{len(option.kept)}@{option.skip_beta:g}" if option.skip_beta else str(len(option.kept))
@@ -74,11 +86,12 @@ def _curve_key(option: SizeOption) -> str:
 
 def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, config: JointConfig,
                model_name: str | None = None, device: torch.device | str | None = None, progress: bool = False,
-               options: dict[int, list[SizeOption]] | None = None) -> Plan:
+               options: dict[int, list[SizeOption]] | None = None, nonexpert: list[ChoiceGroup] | None = None
+               ) -> Plan:
     """Choose kept experts and widths per layer for the least estimated error under the targets; a "joint" plan.
 
     The model is not modified. ``options``: the layers' options from ``measure_options`` on the same model and
-    calibration (one pass serves several targets).
+    calibration (one pass serves several targets); ``nonexpert``: ``measure_nonexpert``'s groups likewise.
     """
     held = as_held(model, config.hold_dtype)  # the model as the plan holds it: a cast copy, or ``model`` itself
     targets: JointTargets = resolve_targets(model, config, held)
@@ -86,10 +99,15 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
     start = time.perf_counter()
     if options is None:
         options = measure_options(held, input_ids, config, targets, device, progress)
+    if nonexpert is None:
+        nonexpert = measure_nonexpert(held, input_ids, config, targets, options)
     del held
+    if sorted(g.name for g in nonexpert) != sorted(targets.nonexpert):
+        raise ValueError(f"nonexpert groups {sorted(g.name for g in nonexpert)} are not the config's "
+                         f"{sorted(targets.nonexpert)}: measure them with this config")
     measured = time.perf_counter() - start
     choice = solve_joint(options, config.widths, targets.sizes, targets.base, targets.target, targets.active,
-                         ranks=config.ranks)
+                         ranks=config.ranks, groups=nonexpert)
     layers: dict[int, dict[str, Any]] = {idx: {"kept": list(c.kept), "bits": list(c.bits)}
                                          for idx, c in sorted(choice.layers.items())}
     if config.skip_betas:  # the chosen thresholds, 0 where a layer does not skip (apply installs skipping)
@@ -128,5 +146,10 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
         "seconds": {"measure": measured, "solve": time.perf_counter() - start - measured},
         "calibration": calibration_spec(calibration),
     }
+    if nonexpert:  # apply packs these (appliers/nonexpert.py), after the experts
+        summary["attention_bits"] = {name.split(".")[1]: b for name, b in choice.groups.items()
+                                     if name.startswith("attention.")}
+        summary["embedding_bits"] = choice.groups.get(EMBEDDING)
+        summary["nonexpert"] = {g.name: g.to_dict() for g in nonexpert}
     provenance = Provenance.of(model, model_name, "joint", config.to_dict(), data_name, data_hash)
     return Plan(kind="joint", layers=layers, provenance=provenance, summary=summary)

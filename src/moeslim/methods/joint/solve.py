@@ -21,6 +21,11 @@ quant mode (widths, as above) and in low-rank mode, where each kept expert takes
 is in one mode: the runtime holds a layer's experts either low-rank or packed, not both. One size-and-mode
 variable per layer keeps the mode exact without a product of binaries.
 
+Weights outside the experts (``groups``, ``nonexpert.py``: each decoder layer's attention projections, the token
+embedding with the output head) add one choice group each: exactly one width per group, its estimated error and
+its held bytes saved taken as additive (a 0/1 variable per width, one equality row per group, the savings in the
+byte row; they read no expert bytes).
+
 Binary x, y. The byte constraint is the exact held bytes, not a rounded quantum; HiGHS proves optimality with
 a relative gap of 0 (the gap it reports is returned), and a test checks it against brute force on small cases.
 Pure: numbers in, decisions out. Shapes: L layers, K sizes per layer, k kept experts, J widths.
@@ -29,7 +34,7 @@ Pure: numbers in, decisions out. Shapes: L layers, K sizes per layer, k kept exp
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -40,7 +45,27 @@ from moeslim.methods.quant.fused import KEEP_BITS
 
 _RETRIES = 4
 
-__all__ = ["JointChoice", "LayerChoice", "SizeOption", "min_held_bytes", "solve_joint"]
+__all__ = ["ChoiceGroup", "JointChoice", "LayerChoice", "SizeOption", "min_held_bytes", "solve_joint"]
+
+
+@dataclass(frozen=True)
+class ChoiceGroup:
+    """Weights outside the experts held at one width chosen among ``widths`` (16: untouched): ``error`` the
+    estimated error and ``saving`` the held bytes saved at each width (both 0 at 16). ``name``: "attention.<l>"
+    (decoder layer l's attention projections) or "embedding" (token embedding and output head)."""
+
+    name: str
+    widths: tuple[int, ...]
+    error: tuple[float, ...]
+    saving: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not (len(self.widths) == len(self.error) == len(self.saving)) or not self.widths:
+            raise ValueError(f"choice group {self.name}: one error and one saving per width")
+
+    def to_dict(self) -> dict[str, object]:
+        return {str(b): {"error": e, "saving": s} for b, e, s in zip(self.widths, self.error, self.saving,
+                                                                       strict=True)}
 
 
 @dataclass(frozen=True)
@@ -81,20 +106,24 @@ class JointChoice:
     held_bytes: int
     active_bytes: float  # expected routed-expert bytes read per token (calibration routing)
     mip_gap: float
+    groups: dict[str, int] = field(default_factory=dict)  # the width chosen for each ``ChoiceGroup``
 
 
-def _held(base: int, sizes: dict[int, LayerBytes], layers: dict[int, LayerChoice]) -> int:
-    """Held bytes of a decision, exactly: a model with any quantized expert holds every MoE layer packed."""
+def _held(base: int, sizes: dict[int, LayerBytes], layers: dict[int, LayerChoice],
+          groups: Sequence[ChoiceGroup] = (), picks: Mapping[str, int] | None = None) -> int:
+    """Held bytes of a decision, exactly: a model with any quantized expert holds every MoE layer packed;
+    ``picks`` the width of each of ``groups``."""
     packed = any(b != KEEP_BITS for c in layers.values() if c.ranks is None for b in c.bits)
-    return base - sum(sizes[idx].saving(c.bits, packed) if c.ranks is None else sizes[idx].saving_lowrank(c.ranks)
-                      for idx, c in layers.items())
+    saved = sum(g.saving[g.widths.index(picks[g.name])] for g in groups) if picks else 0
+    return base - saved - sum(sizes[idx].saving(c.bits, packed) if c.ranks is None
+                              else sizes[idx].saving_lowrank(c.ranks) for idx, c in layers.items())
 
 
 def min_held_bytes(base: int, sizes: dict[int, LayerBytes], min_keep: dict[int, int], widths: Sequence[int],
-                   ranks: Sequence[float] = ()) -> int:
+                   ranks: Sequence[float] = (), groups: Sequence[ChoiceGroup] = ()) -> int:
     """The smallest held bytes any plan reaches: every layer at its fewest experts, all at the cheapest width
-    (or the cheapest rank share, when that saves more)."""
-    total = base
+    (or the cheapest rank share, when that saves more), every choice group at its largest saving."""
+    total = base - sum(max(g.saving) for g in groups)
     for idx, lb in sizes.items():
         cheapest = min(widths, key=lambda b: lb.width[b])
         saved = lb.saving([cheapest] * min_keep[idx])
@@ -106,11 +135,12 @@ def min_held_bytes(base: int, sizes: dict[int, LayerBytes], min_keep: dict[int, 
 
 def solve_joint(options: Mapping[int, Sequence[SizeOption]], widths: Sequence[int], sizes: dict[int, LayerBytes],
                 base: int, target: int, active_target: float | None = None, time_limit: float = 600.0,
-                ranks: Sequence[float] = ()) -> JointChoice:
+                ranks: Sequence[float] = (), groups: Sequence[ChoiceGroup] = ()) -> JointChoice:
     """The decision of least estimated error whose held bytes are <= ``target`` (and expected expert bytes read
     per token <= ``active_target``). Raises ValueError when no decision fits.
 
-    ``ranks``: low-rank shares offered beside the widths (each option then needs its ``rank_err``)."""
+    ``ranks``: low-rank shares offered beside the widths (each option then needs its ``rank_err``); ``groups``:
+    weights outside the experts, one width each."""
     widths = [int(b) for b in widths]
     formats = _rank_formats(ranks)
     order = sorted(options)
@@ -177,6 +207,13 @@ def solve_joint(options: Mapping[int, Sequence[SizeOption]], widths: Sequence[in
                     entry.append((z, 1.0))
                 equality(entry)
         layer_rows.append(one_size)
+    g_index: dict[tuple[str, int], int] = {}
+    for group in groups:
+        one_width = []
+        for j, (err, saved_j) in enumerate(zip(group.error, group.saving, strict=True)):
+            g_index[group.name, j] = var(float(err), float(saved_j), 0.0)
+            one_width.append((g_index[group.name, j], 1.0))
+        layer_rows.append(one_width)
     n_eq = len(lows)
     for r, entries in enumerate(layer_rows):
         for col, value in entries:
@@ -209,7 +246,9 @@ def solve_joint(options: Mapping[int, Sequence[SizeOption]], widths: Sequence[in
         chosen = np.round(result.x).astype(int)
         layers = _decode(chosen, options, order, widths, x_index, y_index)
         layers.update(_decode_lowrank(chosen, options, formats, xr_index, z_index))
-        held = _held(base, sizes, layers)
+        picks = {g.name: next(g.widths[j] for j in range(len(g.widths)) if chosen[g_index[g.name, j]])
+                 for g in groups}
+        held = _held(base, sizes, layers, groups, picks)
         if held <= target:
             break
         tighten += held - target
@@ -220,8 +259,9 @@ def solve_joint(options: Mapping[int, Sequence[SizeOption]], widths: Sequence[in
     read += sum((float(options[idx][s].freq[e]) * (sizes[idx].dense if formats[j] is None
                                                    else sizes[idx].rank[formats[j]])  # type: ignore[index]
                  for (idx, s, e, j), col in z_index.items() if chosen[col]), 0.0)
-    return JointChoice(layers=layers, error=sum(c.error for c in layers.values()), held_bytes=held,
-                       active_bytes=read, mip_gap=float(getattr(result, "mip_gap", 0.0) or 0.0))
+    group_error = sum(float(g.error[g.widths.index(picks[g.name])]) for g in groups)
+    return JointChoice(layers=layers, error=sum(c.error for c in layers.values()) + group_error, held_bytes=held,
+                       active_bytes=read, mip_gap=float(getattr(result, "mip_gap", 0.0) or 0.0), groups=picks)
 
 
 def _decode(chosen: np.ndarray, options: Mapping[int, Sequence[SizeOption]], order: list[int], widths: list[int],
