@@ -223,3 +223,16 @@ def test_plan_joint_cli_takes_the_widths(tmp_path: Path) -> None:
                                       "--embedding-widths", "8", "--out", str(tmp_path / "p.json")])
     values = {k: v for k, v in vars(args).items() if v is not None}
     assert (8, 4) in values.values() and (8,) in values.values()
+
+
+def test_exports_refuse_a_packed_embedding(tmp_path: Path) -> None:
+    from moeslim.export import UnsupportedExportError
+    from moeslim.export.compressed_tensors import export_compressed_tensors
+    from moeslim.export.gguf import model_tensors
+
+    model = _model(True)
+    pack_nonexpert(model, {}, 8, 16)
+    with pytest.raises(UnsupportedExportError, match="embedding"):
+        list(model_tensors(model))
+    with pytest.raises(UnsupportedExportError, match="embedding"):
+        export_compressed_tensors(model, None, tmp_path / "ct")

@@ -50,6 +50,9 @@ class FrontierConfig:
     size_step: int = 1  # the joint planner's kept-set size step (larger for many experts)
     search_budget: int | None = 2000  # the joint planner's pruning search, when it searches
     hold_dtype: HoldDtype = "auto"  # the joint planner's hold dtype ("auto": the model's; PMQ keeps the model's)
+    # widths the joint plans may hold each layer's attention and the token embedding / head at (16 always offered)
+    attention_widths: tuple[int, ...] = (8, 4)
+    embedding_widths: tuple[int, ...] = (8, 4)
 
     def __post_init__(self) -> None:
         if not self.budgets or not all(0 < b < 1 for b in self.budgets):
@@ -62,7 +65,8 @@ class FrontierConfig:
 
         return JointConfig(target_ratio=share, widths=self.widths, max_tokens=self.max_tokens,
                            size_step=self.size_step, search_budget=self.search_budget,
-                           hold_dtype=self.hold_dtype)
+                           hold_dtype=self.hold_dtype, attention_widths=self.attention_widths,
+                           embedding_widths=self.embedding_widths)
 
 
 def single_family(stages: tuple[StageSpec, ...]) -> str | None:
@@ -143,7 +147,7 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
     ``evaluation``'s windows (perplexity, and KL against ``reference``; no tasks, no speed), with ``singles`` (the
     caller's measured single-method variants) as the other candidates. The model is not modified."""
     from moeslim.evaluate import evaluate_model
-    from moeslim.methods.joint import measure_options, plan_joint
+    from moeslim.methods.joint import measure_nonexpert, measure_options, plan_joint
     from moeslim.methods.quant.driver import QuantizeConfig, pmq_factors
 
     console = console or Console(soft_wrap=True)
@@ -159,6 +163,7 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
     measure_config = config.joint(max(config.budgets))
     targets = measure_config.check_model(model)
     options = measure_options(model, calibration.input_ids, measure_config, targets)
+    nonexpert = measure_nonexpert(model, calibration.input_ids, measure_config, targets, options)
     seconds["joint options (once)"] = time.perf_counter() - start
     start = time.perf_counter()
     factors = pmq_factors(model, calibration.input_ids,
@@ -186,7 +191,8 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
     for share in sorted(config.budgets):
         target = int(share * targets.original)
         try:
-            plan = plan_joint(model, calibration, config.joint(share), model_name, options=options)
+            plan = plan_joint(model, calibration, config.joint(share), model_name, options=options,
+                              nonexpert=nonexpert)
         except (ConfigError, ValueError) as err:
             rows.append(BudgetRow(share, target, None, _short(err)))
             notes.append(f"{share:.0%}: no joint plan fits: {_short(err)}")
