@@ -236,3 +236,10 @@ def test_exports_refuse_a_packed_embedding(tmp_path: Path) -> None:
         list(model_tensors(model))
     with pytest.raises(UnsupportedExportError, match="embedding"):
         export_compressed_tensors(model, None, tmp_path / "ct")
+
+
+def test_frontier_offers_the_widths_to_the_joint_plans() -> None:
+    from moeslim.workflows.frontier import FrontierConfig
+
+    config = FrontierConfig().joint(0.15)
+    assert config.attention_widths == (16, 8, 4) and config.embedding_widths == (16, 8, 4)
