@@ -40,6 +40,9 @@ the original and bf16 + skipping (plus pmq-2.5bit and pmq-2.5bit+skip when ``--v
 ``pmq-2.5bit+skip``) and the demo model's bf16 and skipping variants in one interleaved run, with no fresh loads,
 and prints the skip lines only.
 
+``--demo-only`` times just the demo model's three variants (a few minutes) and prints its table and the two
+``lowbit demo decode ratio`` lines.
+
 Run: OMP_NUM_THREADS=2 python benchmarks/lowbit_speed.py [--repeats 5] [--layers 4] [--variants ...]
 """
 
@@ -373,6 +376,26 @@ def print_skip_lines(results: dict[str, dict[str, float]], demo_results: dict[st
         print(f"lowbit skip decode ratio over same model pmq-2.5bit: {ratio('pmq-2.5bit+skip', 'pmq-2.5bit'):.2f}")
 
 
+def demo_check(new_tokens: int, prefill_tokens: int, repeats: int) -> None:
+    """The demo model's table and its two summary lines alone (no speed model: a run of a few minutes)."""
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(1)
+    demo = demo_variants()
+    demo_ids = torch.randint(3, 8192, (1, 8), generator=gen)
+    demo_long = torch.randint(3, 8192, (1, min(prefill_tokens, 256)), generator=gen)
+    _, demo_results = measure_both({}, demo_ids, demo_long, demo, demo_ids, demo_long, new_tokens, repeats)
+    ref = demo_results["demo-bf16"]
+    print(f"{'demo model variant':28} {'decode tok/s':>12} {'x':>6} {'prefill tok/s':>14} {'x':>6} "
+          f"{'resident MiB':>13} {'x':>6}")
+    for name, r in demo_results.items():
+        print(f"{name:28} {r['decode_tps']:12.2f} {r['decode_tps'] / ref['decode_tps']:6.2f} "
+              f"{r['prefill_tps']:14.1f} {r['prefill_tps'] / ref['prefill_tps']:6.2f} "
+              f"{r['bytes'] / 2**20:13.2f} {r['bytes'] / ref['bytes']:6.2f}")
+    print(f"total time {time.perf_counter() - t0:.0f} s; threads {torch.get_num_threads()}\n")
+    for name in ("pmq-2.5bit", "skip"):
+        print(f"lowbit demo decode ratio {name}: {demo_results[f'demo-{name}']['decode_tps'] / ref['decode_tps']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -386,9 +409,15 @@ def main() -> None:
                              "when --variants names pmq-2.5bit+skip), on both models; no fresh loads")
     parser.add_argument("--load-only", action="store_true",
                         help="only the PMQ 2.5-bit fresh-load peak RSS against its goal (no timing)")
+    parser.add_argument("--demo-only", action="store_true",
+                        help="only the demo model's variants (bf16, PMQ 2.5-bit, skipping), timed interleaved; "
+                             "prints the demo table and the two demo lines")
     args = parser.parse_args()
     if args.load_only:
         load_check(args.layers)
+        return
+    if args.demo_only:
+        demo_check(args.new_tokens, args.prefill_tokens, args.repeats)
         return
     if args.skip_only:
         which = ["bf16+skip"] + (["pmq-2.5bit", "pmq-2.5bit+skip"]

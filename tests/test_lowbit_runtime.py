@@ -392,3 +392,60 @@ def test_masked_decode_matches_dequantized_experts(compiled: _Compiled) -> None:
         _close(got, expected)
         _close(grouped_forward(experts, x, index, weights, up, down), expected)
     assert {"masked_up", "masked_down"} <= compiled.kernels()
+
+
+class _GatedExperts(_PlainExperts):
+    """A gated experts module: gate and up halves of one projection, as transformers' default ``_apply_gate``."""
+
+    has_gate = True
+
+    def _apply_gate(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_sorted_decode_matches_dequantized_experts(compiled: _Compiled, gated: bool) -> None:
+    # Decode of at most SORTED_MAX_PAIRS routed pairs runs as one compiled graph per pattern of pairs per width
+    # group (up, activation, down and the weighted sum): for every pattern of two pairs over three width
+    # groups (3 and 2 bits as planes, 8 as int8) and the placeholder (index = num_experts, adds nothing),
+    # on one token (k = 2) and two tokens (k = 1), equal to the routed experts from the dequantized weights.
+    from moeslim.runtime.lowbit_forward import SORTED_MAX_PAIRS, _sorted_decode, grouped_forward
+
+    assert SORTED_MAX_PAIRS >= 2
+    widths = [3, 2, 8, 3]
+    n_mid = 320
+    gen = torch.Generator().manual_seed(37)
+    up_w = torch.randn(4, 2 * n_mid if gated else n_mid, 256, generator=gen)
+    down_w = torch.randn(4, 256, n_mid, generator=gen)
+    up_p, down_p = (quantize_fused(w, widths, 128, None, "rtn") for w in (up_w, down_w))
+    up, down = PackedExperts(up_p), PackedExperts(down_p)
+    up.compiled = down.compiled = compiled
+    experts = _GatedExperts() if gated else _PlainExperts()
+    act = experts._apply_gate if gated else experts.act_fn
+    w_up, w_down = up_p.dequantize(), down_p.dequantize()
+    masked_before = {k for k in compiled.fns if k[0].startswith("masked")}
+    seen = set()
+    every_pair = [(a, b) for a in range(5) for b in range(5)]
+    for shape, pairs in (((1, 2), every_pair), ((2, 1), [(0, 1), (2, 2), (4, 3)])):
+        for pair in pairs:
+            index = torch.tensor(pair).reshape(shape)
+            x = torch.randn(shape[0], 256, generator=gen)
+            weights = torch.rand(shape, generator=gen)
+            expected = torch.zeros(shape[0], 256)
+            for t in range(shape[0]):
+                for j in range(shape[1]):
+                    e = int(index[t, j])
+                    if e < 4:
+                        expected[t] += weights[t, j] * (act(x[t:t + 1] @ w_up[e].T) @ w_down[e].T)[0]
+            got = _sorted_decode(experts, x, index, weights, up, down)
+            if compiled.failed:
+                pytest.skip("torch.compile is not available on this machine")
+            assert got is not None
+            _close(got, expected)
+            _close(grouped_forward(experts, x, index, weights, up, down), expected)
+            seen.add(tuple(sorted(up.slot[e][0] for e in pair if e < 4)))
+    assert len(seen) == 10  # no pair; one in each of the 3 groups; two in one group (3) or in two groups (3)
+    assert "sorted_experts" in compiled.kernels()
+    # two pairs never take the masked graphs (the fixture's compiled kernels are shared with the test above)
+    assert {k for k in compiled.fns if k[0].startswith("masked")} == masked_before

@@ -17,6 +17,7 @@ computation with it fails loudly instead of using stale weights).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +39,10 @@ from moeslim.runtime.routed_experts import (
 __all__ = ["IMPLEMENTATION", "STORE", "LowBitLinear", "install_packed", "packed_storage"]
 
 IMPLEMENTATION = "moeslim_lowbit"
+# Decodes of up to this many routed pairs (batch-1 top-2) run one compiled graph per pattern of pairs per width
+# group (at most a few patterns: (2, 0), (1, 1), (0, 2) for two groups), each group's kernel on its own pairs;
+# more pairs would mean too many patterns to compile, so they run every group on every pair, masked.
+SORTED_MAX_PAIRS = 2
 STORE = "moeslim_lowbit"  # child nn.ModuleDict {parameter name: PackedExperts}
 
 
@@ -103,6 +108,80 @@ def masked_down(h: Tensor, rows: Tensor, mine: Tensor, top_k_weights: Tensor, do
     return y.view(n_tokens, k, -1).sum(1)
 
 
+def sorted_up(hidden_states: Tensor, index: Tensor, counts: tuple[int, ...], up: tuple[tuple[Any, ...], ...]
+              ) -> Tensor:
+    """The up projection of ``grouped_forward`` for a few pairs sorted by width group, traceable (compiled
+    per ``counts`` in ``sorted_experts``: each group's kernel runs on its own pairs only, no masked work).
+
+    hidden_states (T, H); index (3, S): each kept pair's token, row in its group and position in the (T, k)
+    routing, pairs of group g at ``sum(counts[:g])`` on; counts: pairs per group (static) -> (S, I) in
+    hidden_states' dtype.
+    """
+    rows = index[1]
+    x = hidden_states[index[0]]  # (S, H)
+    parts, start = [], 0
+    for spec, count in zip(up, counts, strict=True):
+        if count:
+            parts.append(rows_traced(spec, rows[start:start + count], x[start:start + count]))
+            start += count
+    return torch.cat(parts).to(x.dtype)
+
+
+def sorted_down(h: Tensor, index: Tensor, top_k_weights: Tensor, counts: tuple[int, ...],
+                down: tuple[tuple[Any, ...], ...]) -> Tensor:
+    """The down projection and weighted sum of ``grouped_forward`` after ``sorted_up`` and the activation.
+
+    h (S, width) activations zero-padded to the down kernels' inputs; index, counts as ``sorted_up``;
+    top_k_weights (T, k) -> (T, H).
+    """
+    rows = index[1]
+    parts, start = [], 0
+    for spec, count in zip(down, counts, strict=True):
+        if count:
+            parts.append(rows_traced(spec, rows[start:start + count], h[start:start + count]))
+            start += count
+    weights = top_k_weights.reshape(-1)[index[2]]  # (S,)
+    y = torch.cat(parts).to(h.dtype) * weights.unsqueeze(-1).to(h.dtype)
+    # each token's sum as a masked reduction: index_add would leave the graph for aten's scatter_add (slower)
+    tokens = torch.arange(top_k_weights.shape[0], device=h.device).unsqueeze(-1)
+    mine = (index[0] == tokens).unsqueeze(-1)  # (T, S, 1)
+    return torch.where(mine, y, 0).sum(1)
+
+
+def sorted_experts(hidden_states: Tensor, index: Tensor, top_k_weights: Tensor, counts: tuple[int, ...],
+                   up: tuple[tuple[Any, ...], ...], down: tuple[tuple[Any, ...], ...], width: int,
+                   act: Callable[[Tensor], Tensor]) -> Tensor:
+    """``sorted_up``, the experts' activation ``act`` (their own ``_apply_gate`` / ``act_fn``), padding to the
+    down kernels' inputs ``width``, then ``sorted_down``: a layer's routed experts as one traceable graph (one
+    compiled call per layer: at the demo's shapes each call's fixed cost is a good part of the time).
+
+    hidden_states (T, H), index / counts as ``sorted_up``, top_k_weights (T, k) -> (T, H).
+    """
+    h = act(sorted_up(hidden_states, index, counts, up))
+    h = F.pad(h, (0, width - h.shape[1])) if width != h.shape[1] else h
+    return sorted_down(h, index, top_k_weights, counts, down).to(hidden_states.dtype)
+
+
+def _sorted_decode(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                   up: PackedExperts, down: PackedExperts) -> Tensor | None:
+    """``sorted_experts`` compiled per width-group pattern (None: no compiler here). The routing is read on
+    the host (a few numbers: on CPU there is no device to wait for) and sorted in Python."""
+    k = top_k_index.shape[1]
+    pairs = sorted((up.slot[e][0], p // k, up.slot[e][1], p) for p, e in enumerate(top_k_index.reshape(-1).tolist())
+                   if e in up.slot)  # the placeholder expert (skipped pairs) is in no group: dropped
+    if not pairs:
+        return torch.zeros_like(hidden_states)
+    counts = [0] * up.n_groups
+    for g, *_ in pairs:
+        counts[g] += 1
+    index = torch.tensor([[t for _, t, _, _ in pairs], [r for _, _, r, _ in pairs], [p for *_, p in pairs]],
+                         device=hidden_states.device)
+    act = callable_attr(experts, "_apply_gate" if bool(getattr(experts, "has_gate")) else "act_fn")  # noqa: B009
+    key = (tuple(counts), hidden_states.shape[0], k, hidden_states.dtype, top_k_weights.dtype)
+    return up.compiled(sorted_experts, hidden_states, index, top_k_weights, tuple(counts), up.rows_args(),
+                       down.rows_args(), down.in_width, act, key=key, serial=True)
+
+
 def _masked_decode(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
                    up: PackedExperts, down: PackedExperts) -> Tensor | None:
     """``masked_up`` then ``masked_down``, compiled (None: no compiler here)."""
@@ -134,7 +213,10 @@ def grouped_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     up_name = "gate_up_proj" if has_gate else "up_proj"
     n_routed = top_k_index.numel()
     if not getattr(experts, "has_bias", False) and up.fuses_decode(n_routed) and down.fuses_decode(n_routed):
-        y = _masked_decode(experts, hidden_states, top_k_index, top_k_weights, up, down)
+        # Few pairs: one graph per width-group pattern (a handful of patterns, exact work); more pairs: one
+        # graph that runs every group on every pair, masked (one compile, however the pairs fall)
+        decode = _sorted_decode if n_routed <= SORTED_MAX_PAIRS else _masked_decode
+        y = decode(experts, hidden_states, top_k_index, top_k_weights, up, down)
         if y is not None:
             return y
     flat = top_k_index.reshape(-1)  # (P,) pair p = token p // k, slot p % k

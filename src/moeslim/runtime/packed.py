@@ -778,6 +778,14 @@ class PackedExperts(nn.Module):
         self.register_buffer("row_of", torch.tensor([r for _, r in where], device=dev), persistent=False)
         self.canonical_bytes = packed.nbytes()  # the LowBitTensor format = bytes on disk
         self.compiled = _Compiled()
+        # What decode asks on every layer call, kept until the buffers move (``_apply``): building the
+        # tuples and walking the groups cost about as much as a small kernel at the demo's shapes.
+        self._rows_args: tuple[tuple[Any, ...], ...] | None = None
+        self._fuses: dict[int, bool] = {}
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> PackedExperts:
+        self._rows_args = None  # ``.to()`` / ``.cuda()`` replace the buffers the cached tuple holds
+        return super()._apply(fn, recurse)
 
     def _group(self, gi: int) -> _WidthGroup:
         group = self.groups[gi]
@@ -809,7 +817,9 @@ class PackedExperts(nn.Module):
 
     def rows_args(self) -> tuple[tuple[Any, ...], ...]:
         """Per width group, what ``rows_traced`` needs to compute it (see ``_WidthGroup.rows_args``)."""
-        return tuple(self._group(gi).rows_args() for gi in range(self.n_groups))
+        if self._rows_args is None:
+            self._rows_args = tuple(self._group(gi).rows_args() for gi in range(self.n_groups))
+        return self._rows_args
 
     @property
     def in_width(self) -> int:
@@ -822,10 +832,16 @@ class PackedExperts(nn.Module):
         layouts, each call under ``SERIAL_MAX_WORK``): then a whole layer's decode can be one compiled graph
         that runs every group on every row (masked) instead of one kernel call per group and projection, whose
         per-call overhead is most of the time at such shapes."""
-        groups = [self._group(gi) for gi in range(self.n_groups)]
-        return (not self.compiled.failed and n_rows <= FUSED_MAX_ROWS
+        if self.compiled.failed:
+            return False
+        fuses = self._fuses.get(n_rows)
+        if fuses is None:
+            groups = [self._group(gi) for gi in range(self.n_groups)]
+            fuses = self._fuses[n_rows] = (
+                n_rows <= FUSED_MAX_ROWS
                 and all(g.fmt in ("int8", "planes") and g.n_out * g.n_in >= COMPILE_MIN_WEIGHTS
                         and n_rows * g.n_out * g.k_pad * self.n_groups < SERIAL_MAX_WORK for g in groups))
+        return fuses
 
     def same_grouping(self, other: PackedExperts) -> bool:
         """Whether ``other`` puts every expert in the same group at the same row (up and down projections of
