@@ -8,7 +8,9 @@ batched_mm) are replaced, when a token skips, by matmuls on the kept experts' sl
 decode straight from the routing read once on the host, ``DIRECT_MAX_PAIRS``; longer inputs through
 ``routed_forward``); any other implementation (eager, low-rank) gets the kept pairs as one-expert "tokens", summed
 back per token. Kept weights are rescaled to the token's original total; nothing skipped = the original arguments
-(bit-identical output), and a layer with beta <= 0 computes no skip decision at all.
+(bit-identical output) except at decode on fused float weights, where a token keeping every expert runs the same
+direct matmuls as one that skips (equal up to float rounding, and cheaper than the fused forward's set-up at a few
+pairs), and a layer with beta <= 0 computes no skip decision at all.
 
 Per-module state (attributes on each fused experts module): ``moeslim_beta`` (float), ``moeslim_rule``,
 ``moeslim_inner`` (name of the implementation that does the matmuls),
@@ -107,8 +109,10 @@ def skipping_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index
         pairs = routed.tolist()  # the one host read of the layer
         kept = sum(e < n_experts for row in pairs for e in row)
         _count(counters, kept, tokens)
-        if kept == tokens * k:  # nothing skipped: the inner implementation on the original arguments
-            return inner(self, hidden_states, top_k_index, top_k_weights)
+        if kept == tokens * k:
+            # Nothing skipped: the same direct matmuls on the original weights, which at these few pairs cost less
+            # than the fused forward's set-up (equal to it up to float rounding, not bit for bit).
+            return _direct_forward(self, hidden_states, pairs, top_k_weights)
         if kept == 1:  # one token keeping one expert (top-2 decode): that expert alone
             return _one_pair_forward(self, hidden_states, pairs[0], top_k_weights)
         return _direct_forward(self, hidden_states, pairs, rescale_kept(top_k_weights, keep))
