@@ -70,3 +70,32 @@ def test_compiled_dequantization_equals_the_eager_one() -> None:
     storage.compiled = compiled
     ref = x2 @ weights[0].T
     torch.testing.assert_close(storage.matmul(0, x2), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("columns", [64, 128])
+def test_tiles_cover_every_output_column(monkeypatch: pytest.MonkeyPatch, columns: int) -> None:
+    # The compiled GEMM path dequantizes a tile of output columns at a time: 192 outputs in tiles of 64 (three
+    # full tiles) or of 128 (a full tile and a narrower last one) give the one-tile path's (and the eager
+    # passes') outputs in every column, and each tile width compiles once per dtype, not once per tile or call.
+    storage, weights = _storage(False, 5)
+    group = storage.groups[0]
+    monkeypatch.setattr(packed_module, "INT4_TILE_WEIGHTS", columns * group.k_pad)
+    assert packed_module.int4_tile_columns(group.k_pad) == columns
+    compiled = packed_module._Compiled()
+    x = torch.randn(packed_module.INT4_GEMM_MIN_ROWS + 2, group.k_pad, generator=torch.Generator().manual_seed(6))
+    x[:, 200:] = 0
+    for dtype in (torch.float32, torch.bfloat16):
+        sz = packed_module.int4_scales_and_zeros(group._scales(0), group._zplanes(0), dtype)
+        xd = x.to(dtype)
+        eager = int4pack_dequant_matmul(xd, group.w4[0], sz, 32)
+        workspace = packed_module.Workspace()
+        for _ in range(2):  # the second call reuses the compiled tiles and the workspace
+            fast = int4pack_dequant_matmul(xd, group.w4[0], sz, 32, workspace, compiled)
+            if compiled.failed:
+                pytest.skip("torch.compile is not available on this machine (the eager path was checked)")
+            tol = 1e-6 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(fast.float(), eager.float(), rtol=0, atol=tol * eager.abs().max().item())
+            ref = xd.float()[:, :200] @ weights[0].T
+            torch.testing.assert_close(fast.float(), ref, rtol=0, atol=tol * 2 * ref.abs().max().item())
+    widths = {columns, 192 % columns} - {0}
+    assert len(compiled.fns) == 2 * len(widths)
