@@ -24,9 +24,9 @@ once per group, so no dequantized weight is ever materialised. Calls of little w
 compiled single-threaded, and at such shapes a layer's routed pairs can run as one graph per projection
 (``rows_traced``, ``fuses_decode``; lowbit_forward's masked decode). Longer inputs dequantize each routed expert
 once (compiled) and run a float matmul. 4-bit experts run torch's int4pack kernel below ``INT4_GEMM_MIN_ROWS``
-rows of one expert; longer inputs (prefill) dequantize the expert into scratch shared by one layer forward
-(one compiled pass, ``int4pack_dequant_kernel``) and run one float matmul (``int4pack_dequant_matmul``): the
-int4pack kernel's cost grows with every row.
+rows of one expert; longer inputs (prefill) dequantize the expert a tile of output columns at a time into
+scratch shared by one layer forward and matmul each tile while it is in cache (``int4pack_dequant_matmul``):
+the int4pack kernel's cost grows with every row.
 
 Every buffer is stored with an integer dtype (float16 scales viewed as int16, dense slices viewed as an
 integer of the same size), so ``model.to(dtype)`` never re-rounds stored values, while ``model.to(device)``
@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.methods.quant.layout_bytes import layout_format
 from moeslim.methods.quant.pack import pack_bits, unpack_bits
+from moeslim.runtime.int4_native import native_int4_tile
 
 __all__ = ["PackedExperts", "Workspace", "int4pack_dequant_kernel", "int4pack_dequant_matmul", "int8_rows_kernel",
            "pack_planes", "plane_split", "planes_inputs", "planes_matmul", "planes_matmul_kernel", "planes_rows_kernel",
@@ -68,6 +69,9 @@ FUSED_MAX_ROWS = 8
 # shapes (11264 x 2048 and 2048 x 5632, bf16, one thread): the int4pack kernel wins up to 64 rows, the
 # dequantized matmul from 96 (1.1-1.2x at 96-128 rows).
 INT4_GEMM_MIN_ROWS = 96
+# The same threshold where the tiles dequantize through ``int4_native`` (bf16, AVX512-BF16): the GEMM path then
+# wins from 32 rows (1.3x at 32, 1.7x at 64 rows on both shapes, same benchmark) and the int4pack kernel at 16.
+INT4_NATIVE_GEMM_MIN_ROWS = 32
 # Weights of one dequantized tile of the 4-bit GEMM path (``int4_tile_columns``): about 1-2 MB of bf16, so the
 # tile its matmul reads is still in the L2 cache instead of a whole expert written to DRAM and read back.
 INT4_TILE_WEIGHTS = 1 << 20
@@ -332,6 +336,12 @@ def int4pack_dequant_kernel(q: Tensor, scale: Tensor, offset: Tensor, out: Tenso
     return out
 
 
+def int4_gemm_min_rows(dtype: torch.dtype) -> int:
+    """Rows of one 4-bit expert from which ``int4pack_dequant_matmul`` runs instead of the int4pack kernel."""
+    return INT4_NATIVE_GEMM_MIN_ROWS if dtype == torch.bfloat16 and native_int4_tile() is not None \
+        else INT4_GEMM_MIN_ROWS
+
+
 def int4_tile_columns(k: int) -> int:
     """Output columns of one dequantized tile of the 4-bit GEMM path for K inputs: a multiple of the int4pack
     block (64) holding about ``INT4_TILE_WEIGHTS`` weights, so a tile is still in cache when its matmul reads it."""
@@ -347,8 +357,12 @@ def int4pack_dequant_matmul(x: Tensor, w4: Tensor, sz: Tensor, group_size: int, 
     (N / 64, K, 32), the low nibble of byte (b, k, d) is code (64 b + d, k), the high nibble code (64 b + 32 + d, k).
     sz: (G, N, 2) the kernel's (scale, zero) pairs, w = (q - 8) * scale + zero, as the int4pack kernel computes
     (scale and zero in the model's dtype). W is written transposed, (K, N): every operation then runs along N
-    with contiguous operands. With ``compiled`` the dequantization is one compiled pass
-    (``int4pack_dequant_kernel``, about twice as fast as the eager passes below, which run without a compiler).
+    with contiguous operands. With ``compiled``, W is dequantized a tile of ``int4_tile_columns(K)`` output
+    columns at a time (1-2 MB) into scratch and each tile is matmuled into its output columns while it is still in
+    cache (a whole expert, 23-46 MB in bf16, went to DRAM and back); the tile's dequantization is one compiled
+    pass (``int4pack_dequant_kernel``; one compile per tile width), or for bf16 on CPUs with AVX512-BF16 the
+    hand-vectorised ``int4_native.native_int4_tile`` (same maths, about 4x faster). Without a compiler: the eager
+    passes below, over the whole matrix.
     """
     n_out = sz.shape[1]
     k = x.shape[1]
@@ -359,14 +373,16 @@ def int4pack_dequant_matmul(x: Tensor, w4: Tensor, sz: Tensor, group_size: int, 
         pairs = sz.float()  # (G, N, 2): split once per call, so the kernel reads both contiguously
         scale, offset = pairs[..., 0].contiguous(), torch.add(pairs[..., 1], pairs[..., 0], alpha=-8)
         cols = int4_tile_columns(k)
+        native = native_int4_tile() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
         y = torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
         for n0 in range(0, n_out, cols):  # the last tile may be narrower (N a multiple of 64 only)
             n1 = min(n0 + cols, n_out)
             w = ws.get("tile", (k, n1 - n0), x.dtype, x.device)
+            args = (blocks[n0 // _INT4_BLOCK:n1 // _INT4_BLOCK], scale[:, n0:n1], offset[:, n0:n1], w)
+            if native is not None:
+                native(*args)
             # the key names the slices' strides (N): each matrix shape compiles its full and last tile once
-            key = (n_out, k, n1 - n0, n_groups, x.dtype)
-            if compiled(int4pack_dequant_kernel, blocks[n0 // _INT4_BLOCK:n1 // _INT4_BLOCK], scale[:, n0:n1],
-                        offset[:, n0:n1], w, key=key) is None:
+            elif compiled(int4pack_dequant_kernel, *args, key=(n_out, k, n1 - n0, n_groups, x.dtype)) is None:
                 break  # no compiler here: the eager passes below
             torch.mm(x, w, out=y[:, n0:n1])
         else:
@@ -659,7 +675,7 @@ class _WidthGroup(nn.Module):
                 sz = self.sz[row].view(self.dtype)
             else:
                 sz = int4_scales_and_zeros(self._scales(row), self._zplanes(row), x.dtype)
-            if x.shape[0] >= INT4_GEMM_MIN_ROWS and self.n_out % _INT4_BLOCK == 0:
+            if x.shape[0] >= int4_gemm_min_rows(x.dtype) and self.n_out % _INT4_BLOCK == 0:
                 return int4pack_dequant_matmul(self._pad(x), self.w4[row], sz, self.group_size, workspace,
                                                compiled)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(self._pad(x).contiguous(), self.w4[row],
