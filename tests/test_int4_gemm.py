@@ -135,3 +135,20 @@ def test_native_tiles_equal_the_compiled_ones(monkeypatch: pytest.MonkeyPatch) -
     if compiled.failed:
         pytest.skip("torch.compile is not available on this machine")
     torch.testing.assert_close(fast.float(), ref.float(), rtol=0, atol=1e-2 * ref.abs().max().item())
+
+
+def test_decode_rows_never_build_the_native_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Which path a row count takes: the int4pack kernel below the native threshold without asking for the native
+    # kernel (a decode-only process never builds it), the GEMM path from INT4_GEMM_MIN_ROWS whatever the CPU, and
+    # in between only where the native tiles run (bf16 on AVX512-BF16).
+    def build() -> None:
+        raise AssertionError("the native kernel was consulted for decode rows")
+
+    monkeypatch.setattr(packed_module, "native_int4_tile", build)
+    assert not packed_module.int4_gemm(packed_module.INT4_NATIVE_GEMM_MIN_ROWS - 1, torch.bfloat16)
+    assert packed_module.int4_gemm(packed_module.INT4_GEMM_MIN_ROWS, torch.bfloat16)
+    monkeypatch.setattr(packed_module, "native_int4_tile", lambda: None)
+    assert not packed_module.int4_gemm(packed_module.INT4_GEMM_MIN_ROWS - 1, torch.bfloat16)
+    monkeypatch.setattr(packed_module, "native_int4_tile", lambda: print)
+    assert packed_module.int4_gemm(packed_module.INT4_NATIVE_GEMM_MIN_ROWS, torch.bfloat16)
+    assert not packed_module.int4_gemm(packed_module.INT4_NATIVE_GEMM_MIN_ROWS, torch.float32)

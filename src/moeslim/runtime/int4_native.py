@@ -26,16 +26,17 @@ _REQUIRED = ("avx512_f", "avx512_bw", "avx512_vl", "avx512_bf16")
 
 _SOURCE = r"""
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 // Codes of 64 output columns at input k (32 bytes: low nibbles columns 0-31, high nibbles 32-63), scale and
 // offset of those columns -> 64 bf16 weights q * scale + offset (float32 FMA, one rounding).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 static void dequant_rows(const uint8_t* q, const float* s, const float* z, int64_t s_stride, int64_t group_size,
-                         int64_t n_blocks, int64_t k_rows, uint16_t* out) {
+                         int64_t n_blocks, int64_t k_rows, int64_t k_begin, int64_t k_end, uint16_t* out) {
   const __m256i mask = _mm256_set1_epi8(15);
   const int64_t n = n_blocks * 64;
-  for (int64_t k = 0; k < k_rows; ++k) {
+  for (int64_t k = k_begin; k < k_end; ++k) {
     const float* sr = s + (k / group_size) * s_stride;
     const float* zr = z + (k / group_size) * s_stride;
     for (int64_t b = 0; b < n_blocks; ++b) {
@@ -67,8 +68,15 @@ void dequant_tile(torch::Tensor q, torch::Tensor scale, torch::Tensor offset, to
   const int64_t n_blocks = q.size(0), k_rows = q.size(1), groups = scale.size(0);
   TORCH_CHECK(scale.size(1) == n_blocks * 64 && offset.sizes() == scale.sizes(), "scale shape");
   TORCH_CHECK(out.size(0) == k_rows && out.size(1) == n_blocks * 64 && k_rows % groups == 0, "out shape");
-  dequant_rows(q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), scale.stride(0),
-               k_rows / groups, n_blocks, k_rows, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* zp = offset.data_ptr<float>();
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t s_stride = scale.stride(0);
+  // rows of inputs split over torch's intra-op threads (one thread: one call, inline)
+  at::parallel_for(0, k_rows, 256, [&](int64_t k_begin, int64_t k_end) {
+    dequant_rows(qp, sp, zp, s_stride, k_rows / groups, n_blocks, k_rows, k_begin, k_end, op);
+  });
 }
 """
 

@@ -24,9 +24,9 @@ once per group, so no dequantized weight is ever materialised. Calls of little w
 compiled single-threaded, and at such shapes a layer's routed pairs can run as one graph per projection
 (``rows_traced``, ``fuses_decode``; lowbit_forward's masked decode). Longer inputs dequantize each routed expert
 once (compiled) and run a float matmul. 4-bit experts run torch's int4pack kernel below ``INT4_GEMM_MIN_ROWS``
-rows of one expert; longer inputs (prefill) dequantize the expert a tile of output columns at a time into
-scratch shared by one layer forward and matmul each tile while it is in cache (``int4pack_dequant_matmul``):
-the int4pack kernel's cost grows with every row.
+rows of one expert (``INT4_NATIVE_GEMM_MIN_ROWS`` where ``int4_native`` runs the tiles); longer inputs (prefill)
+dequantize the expert a tile of output columns at a time into scratch shared by one layer forward and matmul
+each tile while it is in cache (``int4pack_dequant_matmul``): the int4pack kernel's cost grows with every row.
 
 Every buffer is stored with an integer dtype (float16 scales viewed as int16, dense slices viewed as an
 integer of the same size), so ``model.to(dtype)`` never re-rounds stored values, while ``model.to(device)``
@@ -336,10 +336,12 @@ def int4pack_dequant_kernel(q: Tensor, scale: Tensor, offset: Tensor, out: Tenso
     return out
 
 
-def int4_gemm_min_rows(dtype: torch.dtype) -> int:
-    """Rows of one 4-bit expert from which ``int4pack_dequant_matmul`` runs instead of the int4pack kernel."""
-    return INT4_NATIVE_GEMM_MIN_ROWS if dtype == torch.bfloat16 and native_int4_tile() is not None \
-        else INT4_GEMM_MIN_ROWS
+def int4_gemm(rows: int, dtype: torch.dtype) -> bool:
+    """Whether ``rows`` rows of one 4-bit expert run ``int4pack_dequant_matmul`` instead of the int4pack kernel
+    (decode never consults, hence never builds, the native kernel)."""
+    if rows >= INT4_GEMM_MIN_ROWS:
+        return True
+    return rows >= INT4_NATIVE_GEMM_MIN_ROWS and dtype == torch.bfloat16 and native_int4_tile() is not None
 
 
 def int4_tile_columns(k: int) -> int:
@@ -675,7 +677,7 @@ class _WidthGroup(nn.Module):
                 sz = self.sz[row].view(self.dtype)
             else:
                 sz = int4_scales_and_zeros(self._scales(row), self._zplanes(row), x.dtype)
-            if x.shape[0] >= int4_gemm_min_rows(x.dtype) and self.n_out % _INT4_BLOCK == 0:
+            if self.n_out % _INT4_BLOCK == 0 and int4_gemm(x.shape[0], x.dtype):
                 return int4pack_dequant_matmul(self._pad(x), self.w4[row], sz, self.group_size, workspace,
                                                compiled)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(self._pad(x).contiguous(), self.w4[row],
