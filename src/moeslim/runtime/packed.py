@@ -24,9 +24,9 @@ once per group, so no dequantized weight is ever materialised. Calls of little w
 compiled single-threaded, and at such shapes a layer's routed pairs can run as one graph per projection
 (``rows_traced``, ``fuses_decode``; lowbit_forward's masked decode). Longer inputs dequantize each routed expert
 once (compiled) and run a float matmul. 4-bit experts run torch's int4pack kernel below ``INT4_GEMM_MIN_ROWS``
-rows of one expert; longer inputs (prefill) dequantize the expert into scratch shared by one layer forward
-(one compiled pass, ``int4pack_dequant_kernel``) and run one float matmul (``int4pack_dequant_matmul``): the
-int4pack kernel's cost grows with every row.
+rows of one expert (``INT4_NATIVE_GEMM_MIN_ROWS`` where ``int4_native`` runs the tiles); longer inputs (prefill)
+dequantize the expert a tile of output columns at a time into scratch shared by one layer forward and matmul
+each tile while it is in cache (``int4pack_dequant_matmul``): the int4pack kernel's cost grows with every row.
 
 Every buffer is stored with an integer dtype (float16 scales viewed as int16, dense slices viewed as an
 integer of the same size), so ``model.to(dtype)`` never re-rounds stored values, while ``model.to(device)``
@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.methods.quant.layout_bytes import layout_format
 from moeslim.methods.quant.pack import pack_bits, unpack_bits
+from moeslim.runtime.int4_native import native_int4_tile
 
 __all__ = ["PackedExperts", "Workspace", "int4pack_dequant_kernel", "int4pack_dequant_matmul", "int8_rows_kernel",
            "pack_planes", "plane_split", "planes_inputs", "planes_matmul", "planes_matmul_kernel", "planes_rows_kernel",
@@ -68,6 +69,12 @@ FUSED_MAX_ROWS = 8
 # shapes (11264 x 2048 and 2048 x 5632, bf16, one thread): the int4pack kernel wins up to 64 rows, the
 # dequantized matmul from 96 (1.1-1.2x at 96-128 rows).
 INT4_GEMM_MIN_ROWS = 96
+# The same threshold where the tiles dequantize through ``int4_native`` (bf16, AVX512-BF16): the GEMM path then
+# wins from 32 rows (1.3x at 32, 1.7x at 64 rows on both shapes, same benchmark) and the int4pack kernel at 16.
+INT4_NATIVE_GEMM_MIN_ROWS = 32
+# Weights of one dequantized tile of the 4-bit GEMM path (``int4_tile_columns``): about 1-2 MB of bf16, so the
+# tile its matmul reads is still in the L2 cache instead of a whole expert written to DRAM and read back.
+INT4_TILE_WEIGHTS = 1 << 20
 _INT4_BLOCK = 64  # torch's CPU int4pack layout: 64 output rows a block, rows d and 32 + d share a byte
 # Matrices below this many weights (test-sized toys) compute eagerly: a compile (seconds per shape and width)
 # would cost more than such a matrix ever takes; every real model's experts are far above it.
@@ -306,22 +313,41 @@ class Workspace:
 
 
 def int4pack_dequant_kernel(q: Tensor, scale: Tensor, offset: Tensor, out: Tensor) -> Tensor:
-    """Writes W^T (K, N) into ``out`` from q (N / 64, K, 32) uint8 (torch's CPU int4pack layout): w = q * scale +
-    offset per group, scale and offset (G, N) float32 (offset = zero - 8 * scale), rounded once to out's dtype.
+    """Writes W^T (K, n) into ``out`` from q (n / 64, K, 32) uint8 (torch's CPU int4pack layout, n output columns):
+    w = q * scale + offset per group, scale and offset (G, n) float32 (offset = zero - 8 * scale), rounded once
+    to out's dtype.
 
     Written for ``torch.compile``: output row k is read from 32 contiguous bytes per block of 64 columns (low
-    nibbles the first 32, high nibbles the next), so inductor emits one vectorised loop that reads each byte
-    once and writes each weight once, with the group's scale and offset contiguous along N.
+    nibbles the first 32, high nibbles the next). Both nibbles come from the byte by float arithmetic, exact
+    for codes < 256 (high = floor(byte / 16), low = byte - 16 high, selected by the half index h in {0, 1}), so
+    inductor emits one vectorised loop that reads each byte and writes each weight once (slicing the two halves
+    into ``out`` separately made it read the output back and compute both halves).
     """
     n_blocks, k, half = q.shape
     n_groups = scale.shape[0]
+    codes = q.permute(1, 0, 2).reshape(n_groups, k // n_groups, n_blocks, 1, half).float()  # (G, gs, n / 64, 1, 32)
+    high = torch.floor(codes * 0.0625)
+    low = codes - 16 * high
+    h = torch.arange(2, device=q.device, dtype=torch.float32).view(1, 1, 1, 2, 1)
+    vals = low + h * (high - low)  # (G, gs, n / 64, 2, 32)
     s = scale.view(n_groups, 1, n_blocks, 2, half)
     z = offset.view(n_groups, 1, n_blocks, 2, half)
-    codes = q.permute(1, 0, 2).reshape(n_groups, k // n_groups, n_blocks, half)  # (G, gs, N / 64, 32)
-    o = out.view(n_groups, k // n_groups, n_blocks, 2, half)
-    o[:, :, :, 0].copy_((codes & 15).float() * s[:, :, :, 0] + z[:, :, :, 0])
-    o[:, :, :, 1].copy_((codes >> 4).float() * s[:, :, :, 1] + z[:, :, :, 1])
+    out.view(n_groups, k // n_groups, n_blocks, 2, half).copy_(vals * s + z)
     return out
+
+
+def int4_gemm(rows: int, dtype: torch.dtype) -> bool:
+    """Whether ``rows`` rows of one 4-bit expert run ``int4pack_dequant_matmul`` instead of the int4pack kernel
+    (decode never consults, hence never builds, the native kernel)."""
+    if rows >= INT4_GEMM_MIN_ROWS:
+        return True
+    return rows >= INT4_NATIVE_GEMM_MIN_ROWS and dtype == torch.bfloat16 and native_int4_tile() is not None
+
+
+def int4_tile_columns(k: int) -> int:
+    """Output columns of one dequantized tile of the 4-bit GEMM path for K inputs: a multiple of the int4pack
+    block (64) holding about ``INT4_TILE_WEIGHTS`` weights, so a tile is still in cache when its matmul reads it."""
+    return max(_INT4_BLOCK, INT4_TILE_WEIGHTS // k // _INT4_BLOCK * _INT4_BLOCK)
 
 
 def int4pack_dequant_matmul(x: Tensor, w4: Tensor, sz: Tensor, group_size: int, workspace: Workspace | None = None,
@@ -333,20 +359,36 @@ def int4pack_dequant_matmul(x: Tensor, w4: Tensor, sz: Tensor, group_size: int, 
     (N / 64, K, 32), the low nibble of byte (b, k, d) is code (64 b + d, k), the high nibble code (64 b + 32 + d, k).
     sz: (G, N, 2) the kernel's (scale, zero) pairs, w = (q - 8) * scale + zero, as the int4pack kernel computes
     (scale and zero in the model's dtype). W is written transposed, (K, N): every operation then runs along N
-    with contiguous operands. With ``compiled`` the dequantization is one compiled pass
-    (``int4pack_dequant_kernel``, about twice as fast as the eager passes below, which run without a compiler).
+    with contiguous operands. With ``compiled``, W is dequantized a tile of ``int4_tile_columns(K)`` output
+    columns at a time (1-2 MB) into scratch and each tile is matmuled into its output columns while it is still in
+    cache (a whole expert, 23-46 MB in bf16, went to DRAM and back); the tile's dequantization is one compiled
+    pass (``int4pack_dequant_kernel``; one compile per tile width), or for bf16 on CPUs with AVX512-BF16 the
+    hand-vectorised ``int4_native.native_int4_tile`` (same maths, about 4x faster). Without a compiler: the eager
+    passes below, over the whole matrix.
     """
     n_out = sz.shape[1]
     k = x.shape[1]
     n_groups = sz.shape[0]
     ws = workspace if workspace is not None else Workspace()
     if compiled is not None and n_out * k >= COMPILE_MIN_WEIGHTS:
-        w = ws.get("weights", (k, n_out), x.dtype, x.device)
         blocks = w4.view(n_out // _INT4_BLOCK, k, _INT4_BLOCK // 2)
         pairs = sz.float()  # (G, N, 2): split once per call, so the kernel reads both contiguously
         scale, offset = pairs[..., 0].contiguous(), torch.add(pairs[..., 1], pairs[..., 0], alpha=-8)
-        if compiled(int4pack_dequant_kernel, blocks, scale, offset, w) is not None:
-            return x @ w
+        cols = int4_tile_columns(k)
+        native = native_int4_tile() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
+        y = torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
+        for n0 in range(0, n_out, cols):  # the last tile may be narrower (N a multiple of 64 only)
+            n1 = min(n0 + cols, n_out)
+            w = ws.get("tile", (k, n1 - n0), x.dtype, x.device)
+            args = (blocks[n0 // _INT4_BLOCK:n1 // _INT4_BLOCK], scale[:, n0:n1], offset[:, n0:n1], w)
+            if native is not None:
+                native(*args)
+            # the key names the slices' strides (N): each matrix shape compiles its full and last tile once
+            elif compiled(int4pack_dequant_kernel, *args, key=(n_out, k, n1 - n0, n_groups, x.dtype)) is None:
+                break  # no compiler here: the eager passes below
+            torch.mm(x, w, out=y[:, n0:n1])
+        else:
+            return y
     q = w4.view(n_out // _INT4_BLOCK, k, _INT4_BLOCK // 2).permute(1, 0, 2)  # (K, N / 64, 32)
     codes = ws.get("codes", (k, n_out // _INT4_BLOCK, 2, _INT4_BLOCK // 2), torch.uint8, x.device)
     torch.bitwise_and(q, 15, out=codes[:, :, 0])
@@ -635,7 +677,7 @@ class _WidthGroup(nn.Module):
                 sz = self.sz[row].view(self.dtype)
             else:
                 sz = int4_scales_and_zeros(self._scales(row), self._zplanes(row), x.dtype)
-            if x.shape[0] >= INT4_GEMM_MIN_ROWS and self.n_out % _INT4_BLOCK == 0:
+            if self.n_out % _INT4_BLOCK == 0 and int4_gemm(x.shape[0], x.dtype):
                 return int4pack_dequant_matmul(self._pad(x), self.w4[row], sz, self.group_size, workspace,
                                                compiled)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(self._pad(x).contiguous(), self.w4[row],
