@@ -93,7 +93,7 @@ def native_int4_tile() -> Callable[[Tensor, Tensor, Tensor, Tensor], None] | Non
 
         module = load_inline("moeslim_int4_tile", _SOURCE, functions=["dequant_tile"], extra_cflags=["-O3"])
     except Exception as exc:  # noqa: BLE001 - no toolchain: the compiled kernel computes the same
-        log.info("the AVX512-BF16 int4 tile kernel did not build (%s): the compiled kernel runs instead", exc)
+        log.warning("the AVX512-BF16 int4 tile kernel did not build (%s): the compiled kernel runs instead", exc)
         return None
     fn: Callable[[Tensor, Tensor, Tensor, Tensor], None] = module.dequant_tile
     return fn
