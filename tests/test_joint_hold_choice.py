@@ -20,6 +20,8 @@ from moeslim.methods.joint.config import MIB, resolve_targets
 from moeslim.methods.joint.hold import as_held
 from moeslim.methods.joint.probe import _kl
 from moeslim.methods.joint.solve import min_held_bytes
+from moeslim.plans import Plan
+from moeslim.workflows.plan_summary import summarize
 
 CALIB = sample_ids(0, 4, 16)
 BOTH = ("auto", "bfloat16")
@@ -125,5 +127,7 @@ def test_cli_hold_dtypes_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert set(candidates) == set(BOTH) and summary["held_bytes"] <= summary["target_bytes"]
     chosen = summary["hold_dtype"] or "auto"
     assert all(candidates[chosen]["estimated_error"] <= c["estimated_error"] for c in candidates.values() if c["fits"])
+    shown = "\n".join(summarize(Plan.load(plan_file)))
+    assert "hold dtype estimates: auto " in shown and ", bfloat16 " in shown
     assert main(["plan", "joint", str(tiny_model_dir), "--target-ratio", "0.45", "--hold-dtypes", "auto,int8",
                  *calib, "--out", str(tmp_path / "bad.json")]) != 0
