@@ -100,12 +100,14 @@ class HeldOptions:
 
 
 def measure_held(model: nn.Module, input_ids: torch.Tensor, config: JointConfig,
-                 device: torch.device | str | None = None, progress: bool = False) -> dict[str, HeldOptions]:
+                 device: torch.device | str | None = None, progress: bool = False,
+                 fits: Mapping[str, JointTargets] | None = None) -> dict[str, HeldOptions]:
     """{hold dtype: its measurements} for each of ``config.hold_candidates()`` that fits ``config``'s targets (a
     ConfigError when none does): one layer-wise pass per dtype, on the model cast to it. The options do not depend
-    on the byte target: one call serves every target whose candidates fit (``plan_joint(measured=...)``)."""
+    on the byte target: one call serves every target whose candidates fit (``plan_joint(measured=...)``).
+    ``fits``: ``held_targets(model, config)`` when the caller has it already."""
     out = {}
-    for dtype, targets in held_targets(model, config).items():
+    for dtype, targets in (fits if fits is not None else held_targets(model, config)).items():
         held_config = config.held_as(dtype)
         held = as_held(model, dtype)
         options = measure_options(held, input_ids, held_config, targets, device, progress)
@@ -163,7 +165,7 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
         fits = held_targets(model, config)
         start = time.perf_counter()
         if measured is None:
-            measured = measure_held(model, input_ids, config, device, progress)
+            measured = measure_held(model, input_ids, config, device, progress, fits)
     measure_seconds = time.perf_counter() - start
     solved: list[_Solved] = []
     for dtype, targets in fits.items():
