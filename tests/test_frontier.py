@@ -141,10 +141,11 @@ def test_frontier_config_rejects_bad_budgets() -> None:
         FrontierConfig(budgets=(0.25, 0.25))
 
 
-@pytest.mark.parametrize("hold", ["auto", "bfloat16"])
+@pytest.mark.parametrize("hold", [("auto",), ("auto", "bfloat16")])
 def test_run_frontier_on_a_tiny_model(tmp_path, hold) -> None:
-    """Joint plans within their budgets (shares of the original as given, also when the joint plans hold bfloat16),
-    PMQ at no fewer bytes than each, an unreachable budget named, plans saved, the original untouched."""
+    """Joint plans within their budgets (shares of the original as given, also when the joint plans may hold
+    bfloat16), PMQ at no fewer bytes than each, an unreachable budget named, plans saved, the original untouched;
+    with two hold dtypes each plan's choice and the candidates' estimates are noted."""
     from tiny_models import tiny_model
     from tiny_tokenizers import byte_level_bpe
 
@@ -162,13 +163,15 @@ def test_run_frontier_on_a_tiny_model(tmp_path, hold) -> None:
     evaluation = EvalConfig(data=("demo:code",), seq_len=32, max_windows=2, tasks=(), speed=False)
     reference = build_reference(model, tok, evaluation, "tiny")
     original = evaluate_model(model, tok, evaluation, name="original", reference=reference, progress=False)
-    config = FrontierConfig(budgets=(0.01, 0.6), max_tokens=256, hold_dtype=hold)
+    config = FrontierConfig(budgets=(0.01, 0.6), max_tokens=256, hold_dtypes=hold)
     f = run_frontier(model, tok, "tiny", "tiny", calib, evaluation, reference, original, [], config,
                      plan_dir=tmp_path / "plans")
     low, high = f.budgets
     assert next(p.dtype for p in model.parameters()) == torch.float32
     assert high.target_bytes == int(0.6 * held_bytes(model))
-    assert any("bfloat16" in note for note in f.notes) == (hold == "bfloat16")
+    assert any("bfloat16" in note for note in f.notes) == ("bfloat16" in hold)
+    assert any(note.startswith("60%: joint plan held in") and "estimates: auto" in note
+               for note in f.notes) == (len(hold) > 1)
     assert low.joint is None and "below the smallest size" in low.note and f.notes
     assert high.joint is not None and high.joint.held_bytes <= high.target_bytes
     assert high.joint.estimate is not None and high.joint.kl is not None and high.joint.kl >= 0

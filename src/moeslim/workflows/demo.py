@@ -55,7 +55,7 @@ FRONTIER_TOKENS = 4096
 FINE_FRONTIER_TOKENS = 2048
 FINE_FRONTIER_STEP = 8
 FINE_FRONTIER_SEARCH = 300
-FRONTIER_HOLD_DTYPE: Final = "bfloat16"
+FRONTIER_HOLD_DTYPES: Final = ("auto", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -160,12 +160,13 @@ def frontier_config(config: DemoConfig, num_experts: int) -> FrontierConfig | No
     if not config.frontier:
         return None
     budgets = QUICK_BUDGETS if config.quick else FRONTIER_BUDGETS
-    # Both embedded checkpoints are stored in bfloat16 and the demo loads them in float32; the joint plans hold
-    # them as stored (the embeddings and attention then take half the bytes of a small budget).
+    # Both embedded checkpoints are stored in bfloat16 and the demo loads them in float32; each joint plan holds
+    # them as loaded or as stored (the embeddings and attention then take half the bytes of a small budget), the
+    # one of least estimated error with the bfloat16 cast's own KL priced in.
     if num_experts <= 16:
-        return FrontierConfig(budgets=budgets, max_tokens=FRONTIER_TOKENS, hold_dtype=FRONTIER_HOLD_DTYPE)
+        return FrontierConfig(budgets=budgets, max_tokens=FRONTIER_TOKENS, hold_dtypes=FRONTIER_HOLD_DTYPES)
     return FrontierConfig(budgets=budgets, max_tokens=FINE_FRONTIER_TOKENS, size_step=FINE_FRONTIER_STEP,
-                          search_budget=FINE_FRONTIER_SEARCH, hold_dtype=FRONTIER_HOLD_DTYPE)
+                          search_budget=FINE_FRONTIER_SEARCH, hold_dtypes=FRONTIER_HOLD_DTYPES)
 
 
 def demo_models(config: DemoConfig) -> list[DemoModel]:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from torch import nn
@@ -29,9 +29,6 @@ from moeslim.evaluate.frontier import BudgetRow, Frontier, FrontierPoint, point_
 from moeslim.evaluate.results import VariantResult
 from moeslim.plans import Plan
 from moeslim.workflows.stages import StageSpec
-
-if TYPE_CHECKING:
-    from moeslim.methods.joint.hold import HoldDtype
 
 MIB = 2**20
 PMQ_FAMILY = "quantize pmq"
@@ -49,7 +46,9 @@ class FrontierConfig:
     max_tokens: int | None = 4096  # token sample per layer of the joint options and PMQ factors
     size_step: int = 1  # the joint planner's kept-set size step (larger for many experts)
     search_budget: int | None = 2000  # the joint planner's pruning search, when it searches
-    hold_dtype: HoldDtype = "auto"  # the joint planner's hold dtype ("auto": the model's; PMQ keeps the model's)
+    # the joint planner's candidate hold dtypes ("auto": the model's), each plan priced with its cast's own error
+    # (JointConfig.hold_dtypes; one: JointConfig.hold_dtype); PMQ keeps the model's
+    hold_dtypes: tuple[str, ...] = ("auto",)
     # widths the joint plans may hold each layer's attention and the token embedding / head at (16 always offered)
     attention_widths: tuple[int, ...] = (8, 4)
     embedding_widths: tuple[int, ...] = (8, 4)
@@ -59,14 +58,16 @@ class FrontierConfig:
             raise ConfigError(f"frontier budgets {list(self.budgets)}: give shares of the original's bytes in (0, 1)")
         if len(set(self.budgets)) != len(self.budgets):
             raise ConfigError(f"frontier budgets {list(self.budgets)}: each budget once")
+        self.joint(max(self.budgets))  # the planner's settings fail here, before any measurement
 
     def joint(self, share: float) -> Any:
         from moeslim.methods.joint import JointConfig
 
         return JointConfig(target_ratio=share, widths=self.widths, max_tokens=self.max_tokens,
                            size_step=self.size_step, search_budget=self.search_budget,
-                           hold_dtype=self.hold_dtype, attention_widths=self.attention_widths,
-                           embedding_widths=self.embedding_widths)
+                           attention_widths=self.attention_widths, embedding_widths=self.embedding_widths,
+                           **({"hold_dtype": self.hold_dtypes[0]} if len(self.hold_dtypes) == 1
+                              else {"hold_dtypes": self.hold_dtypes}))
 
 
 def single_family(stages: tuple[StageSpec, ...]) -> str | None:
@@ -135,6 +136,13 @@ def _pmq_at_least(model: nn.Module, calibration: CalibrationSet, config: Frontie
     return best
 
 
+def _candidates(candidates: dict[str, Any]) -> str:
+    """The hold dtypes' estimates of one plan: "auto 1.2e-03 (cast 0), bfloat16 9.8e-04 (cast 2.1e-04)"."""
+    return "estimates: " + ", ".join(
+        f"{d} {c['estimated_error']:.3g} (cast {c['cast_error']:.3g})" if c["fits"] else f"{d} does not fit"
+        for d, c in candidates.items())
+
+
 def _short(err: Exception) -> str:
     return str(err).split(": raise")[0]
 
@@ -147,8 +155,11 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
     ``evaluation``'s windows (perplexity, and KL against ``reference``; no tasks, no speed), with ``singles`` (the
     caller's measured single-method variants) as the other candidates. The model is not modified."""
     from moeslim.evaluate import evaluate_model
-    from moeslim.methods.joint import measure_nonexpert, measure_options, plan_joint
+    from moeslim.methods.joint import measure_held, plan_joint
+    from moeslim.methods.joint.config import resolve_targets
+    from moeslim.methods.joint.hold import as_held
     from moeslim.methods.quant.driver import QuantizeConfig, pmq_factors
+    from moeslim.models.held_bytes import held_bytes
 
     console = console or Console(soft_wrap=True)
     quick = dataclasses.replace(evaluation, tasks=(), speed=False)
@@ -161,9 +172,7 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     measure_config = config.joint(max(config.budgets))
-    targets = measure_config.check_model(model)
-    options = measure_options(model, calibration.input_ids, measure_config, targets)
-    nonexpert = measure_nonexpert(model, calibration.input_ids, measure_config, targets, options)
+    held = measure_held(model, calibration.input_ids, measure_config)  # per hold dtype, serves every budget
     seconds["joint options (once)"] = time.perf_counter() - start
     start = time.perf_counter()
     factors = pmq_factors(model, calibration.input_ids,
@@ -173,8 +182,7 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
                   f"{seconds['PMQ factors (once)']:.0f} s")
 
     # PMQ holds the model's own dtype: its bytes are priced on the uncast model even when the joint plans cast
-    uncast = targets if config.hold_dtype == "auto" else dataclasses.replace(
-        measure_config, hold_dtype="auto").check_model(model)
+    uncast = resolve_targets(model, measure_config.held_as("auto"))
 
     def planned_bytes(plan: Plan) -> int:
         # the joint planner's byte accounting of a width per expert (tested against measured bytes)
@@ -183,16 +191,16 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
     rows: list[BudgetRow] = []
     measured: list[FrontierPoint] = []
     notes: list[str] = []
-    if targets.base != targets.original:
-        notes.append(f"the joint plans hold every float weight in {config.hold_dtype} (the original as loaded: "
-                     f"{targets.original / MIB:.2f} MiB, {targets.base / targets.original:.0%} of it when cast); the "
-                     "single methods and PMQ keep the model's dtype")
+    if any(h != "auto" for h in config.hold_dtypes):
+        cast = ", ".join(f"{d}: {held_bytes(as_held(model, d)) / MIB:.2f} MiB" for d in config.hold_dtypes)
+        notes.append(f"the joint plans hold every float weight in {' or '.join(config.hold_dtypes)} (auto: the "
+                     f"model's dtype; the original as loaded, {cast}), each budget's plan the dtype of least estimated "
+                     "error with the cast's own KL priced in; the single methods and PMQ keep the model's dtype")
     start = time.perf_counter()
     for share in sorted(config.budgets):
-        target = int(share * targets.original)
+        target = int(share * uncast.original)
         try:
-            plan = plan_joint(model, calibration, config.joint(share), model_name, options=options,
-                              nonexpert=nonexpert)
+            plan = plan_joint(model, calibration, config.joint(share), model_name, measured=held)
         except (ConfigError, ValueError) as err:
             rows.append(BudgetRow(share, target, None, _short(err)))
             notes.append(f"{share:.0%}: no joint plan fits: {_short(err)}")
@@ -201,6 +209,9 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
         result = runner.run(name, plan, f"joint plan at {share:.0%} of the original's held bytes")
         joint = point_of(result, "joint", float(plan.summary["estimated_error"]))
         rows.append(BudgetRow(share, target, joint))
+        if len(config.hold_dtypes) > 1:
+            notes.append(f"{share:.0%}: joint plan held in {plan.summary['hold_dtype'] or 'the model dtype (auto)'}"
+                         f"; {_candidates(plan.summary['hold_candidates'])}")
         pmq = _pmq_at_least(model, calibration, config, factors, planned_bytes, joint.held_bytes, model_name)
         bits = float(pmq.summary["target_bits"])
         pmq_result = runner.run(f"pmq-{bits:.3f}", pmq, f"PMQ (global), {bits:.3f} average bits: the fewest "

@@ -203,6 +203,10 @@ def _joint(plan: Plan) -> list[str]:
         lines.append(f"{layer_span(layers)}: keep {count}: {shown}")
     if s.get("hold_dtype"):
         lines.append(f"every float weight held in {s['hold_dtype']}")
+    if s.get("hold_candidates"):  # why this dtype: each candidate's estimate, the cast's price included
+        lines.append("hold dtype estimates: " + ", ".join(
+            f"{d} {c['estimated_error']:.3g} (cast {c['cast_error']:.3g})" if c.get("fits") else f"{d} does not fit"
+            for d, c in s["hold_candidates"].items()))
     skips = {idx: float(d["skip_beta"]) for idx, d in plan.layers.items() if "skip_beta" in d}
     if skips:
         for layers, beta in layer_runs(skips):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from torch import nn
@@ -77,6 +77,12 @@ class JointConfig:
         "Bytes and errors are measured on the model as cast, and apply casts it first (the low-bit experts then "
         "compute in it too). Real checkpoints are already 16-bit: this matters for float32 models, whose "
         "embeddings and attention otherwise take twice the bytes of a small target", "auto")
+    hold_dtypes: tuple[str, ...] = _help(
+        "hold dtypes the planner chooses among instead of one hold_dtype, e.g. auto,bfloat16: the options are "
+        "measured on each cast copy, one plan solved per dtype (those whose smallest plan exceeds the target are "
+        "skipped), and the plan of least estimated error kept, a cast's estimate including the cast's own price "
+        "(the KL of the cast model against the original, methods/joint/cast_price.py). The plan records the "
+        "chosen dtype as hold_dtype and every candidate's estimate. Empty: hold_dtype alone", ())
     skip_betas: tuple[float, ...] = _help(
         "skip thresholds a layer may take besides 0 (no skipping), e.g. 0.3,0.6: each layer's options become kept "
         "set x threshold, and apply installs dynamic skipping (methods/skip) with the chosen ones. Skipping holds "
@@ -103,6 +109,7 @@ class JointConfig:
         object.__setattr__(self, "widths", tuple(self.widths))
         object.__setattr__(self, "skip_betas", tuple(self.skip_betas))
         object.__setattr__(self, "ranks", tuple(self.ranks))
+        object.__setattr__(self, "hold_dtypes", tuple(self.hold_dtypes))
         for name in ("attention_widths", "embedding_widths"):  # 16 (untouched) always an option, listed first
             given = tuple(getattr(self, name))
             object.__setattr__(self, name, (KEEP_BITS, *(b for b in given if b != KEEP_BITS)) if given else ())
@@ -127,6 +134,7 @@ class JointConfig:
         if self.min_keep is not None and self.min_keep < 1:
             raise ConfigError(f"min_keep={self.min_keep}: keep at least 1 expert (default: top_k)")
         hold_torch_dtype(self.hold_dtype)  # a ConfigError naming the dtypes
+        self._check_hold_dtypes()
         if len(set(self.skip_betas)) != len(self.skip_betas) or not all(
                 math.isfinite(b) and b > 0 for b in self.skip_betas):
             raise ConfigError(f"skip_betas={list(self.skip_betas)}: give distinct positive thresholds (no skipping, "
@@ -155,6 +163,29 @@ class JointConfig:
                 raise ConfigError(f"{name}={list(given)}: give distinct widths in 1..8 (16, untouched, is always "
                                   "an option), e.g. 8,4")
 
+    def _check_hold_dtypes(self) -> None:
+        if not self.hold_dtypes:
+            return
+        if self.hold_dtype != "auto":
+            raise ConfigError(f"hold_dtype={self.hold_dtype!r} with hold_dtypes={list(self.hold_dtypes)}: give one "
+                              "hold_dtype, or the candidates in hold_dtypes (e.g. auto,bfloat16)")
+        for name in self.hold_dtypes:
+            try:
+                hold_torch_dtype(name)
+            except ConfigError:
+                raise ConfigError(f"hold_dtypes={list(self.hold_dtypes)}: {name!r} is not a hold dtype; use auto "
+                                  "(keep the model's dtype), bfloat16, float16, float32") from None
+        if len(set(self.hold_dtypes)) != len(self.hold_dtypes):
+            raise ConfigError(f"hold_dtypes={list(self.hold_dtypes)}: give each dtype once")
+
+    def hold_candidates(self) -> tuple[str, ...]:
+        """The hold dtypes the planner tries: ``hold_dtypes``, or ``hold_dtype`` alone."""
+        return self.hold_dtypes or (self.hold_dtype,)
+
+    def held_as(self, dtype: str) -> JointConfig:
+        """This config planning in one hold dtype (a candidate of ``hold_candidates``)."""
+        return replace(self, hold_dtype=dtype, hold_dtypes=())  # type: ignore[arg-type]
+
     def _check_ranks(self) -> None:
         if len(set(self.ranks)) != len(self.ranks) or not all(math.isfinite(f) and 0 < f <= 1 for f in self.ranks):
             raise ConfigError(f"ranks={list(self.ranks)}: give distinct shares of an expert's parameters in (0, 1], "
@@ -175,11 +206,14 @@ class JointConfig:
         data["ranks"] = list(self.ranks)
         data["attention_widths"] = list(self.attention_widths)
         data["embedding_widths"] = list(self.embedding_widths)
+        data["hold_dtypes"] = list(self.hold_dtypes)
         return data
 
     def check_model(self, model: nn.Module) -> Any:
-        """Fail before calibration when the targets cannot be met; return the resolved ``JointTargets``."""
-        return resolve_targets(model, self)
+        """Fail before calibration when the targets cannot be met; return the resolved ``JointTargets`` (of the
+        first hold dtype that fits, with ``hold_dtypes``)."""
+        fits = held_targets(model, self)
+        return next(iter(fits.values()))
 
 
 @dataclass(frozen=True)
@@ -280,3 +314,20 @@ def resolve_targets(model: nn.Module, config: JointConfig, held_model: nn.Module
                 f"MiB ({reads} routed expert(s) per MoE layer at {min(config.widths)} bits); raise the target")
     return JointTargets(base=base, target=target, active=active, sizes=sizes, kept_sizes=kept_sizes, prune=prune,
                         shape=shape, original=original, nonexpert=nonexpert)
+
+
+def held_targets(model: nn.Module, config: JointConfig) -> dict[str, JointTargets]:
+    """{hold dtype: its resolved targets} for each of ``config.hold_candidates()`` that fits the targets; with
+    ``hold_dtypes`` a dtype that does not fit is left out, and when none fits the ConfigError says why for each."""
+    fits: dict[str, JointTargets] = {}
+    errors: dict[str, ConfigError] = {}
+    for dtype in config.hold_candidates():
+        try:
+            fits[dtype] = resolve_targets(model, config.held_as(dtype))
+        except ConfigError as err:
+            if not config.hold_dtypes:
+                raise
+            errors[dtype] = err
+    if not fits:
+        raise ConfigError("no hold dtype fits: " + "; ".join(f"held as {d}: {e}" for d, e in errors.items()))
+    return fits

@@ -1,0 +1,43 @@
+"""The price of holding the model in another float dtype (``JointConfig.hold_dtypes``), in the estimate's unit.
+
+A plan held in a cast dtype has its options measured on the cast copy (``hold.as_held``): their errors are relative
+to the cast model, so the cast's own error is missing from the estimate. To weigh "cast to bfloat16" against "keep
+float32 and quantize the experts harder", each candidate dtype is priced by the KL per token of the cast model's
+next-token distributions against the original's, on the first ``probe_windows`` calibration windows (as
+``nonexpert.py`` prices the attention and embedding options), brought into the estimate's unit the same way:
+with ``error_scale="kl"`` it is the unit already; with "squared" it is multiplied by mean_l(T_l / s_l), the layers'
+squared-error units per unit of KL (``nonexpert._unit``, from ``probe.py``'s quantization probes on the cast model).
+A dtype the model already holds ("auto") costs 0, unmeasured.
+Shapes: N windows, S window length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from moeslim.methods.joint.nonexpert import _unit
+from moeslim.methods.joint.probe import _kl, _logits
+from moeslim.methods.joint.solve import SizeOption
+
+__all__ = ["cast_error"]
+
+
+@torch.no_grad()
+def cast_error(model: nn.Module, held: nn.Module, input_ids: Tensor, options: Mapping[int, Sequence[SizeOption]],
+               widths: Sequence[int], group_size: int, symmetric: bool, error_scale: str, windows: int,
+               batch_size: int) -> float:
+    """The cast's error in the estimate's unit: mean KL per token of ``held`` (``model`` cast) against ``model`` on
+    ``input_ids[:windows]`` (N, S), times the squared unit for ``error_scale="squared"``; 0 when ``held`` is
+    ``model`` (no cast). ``options``: the experts' options measured on ``held`` (their token counts)."""
+    if held is model:
+        return 0.0
+    device = next(held.parameters()).device
+    batches = list(input_ids[:windows].to(device).split(batch_size))
+    kl = float(torch.cat([_kl(_logits(model, ids), _logits(held, ids)) for ids in batches]).mean())
+    if error_scale == "kl":
+        return max(kl, 0.0)
+    refs = [_logits(held, ids) for ids in batches]
+    return max(kl, 0.0) * _unit(held, batches, refs, options, widths, group_size, symmetric)
