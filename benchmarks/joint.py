@@ -47,7 +47,7 @@ from moeslim.data.calibration_set import build_calibration_set
 from moeslim.evaluate.cost import param_bytes
 from moeslim.evaluate.divergence import ReferenceTop, reference_top
 from moeslim.evaluate.perplexity import perplexity
-from moeslim.methods.joint import JointConfig, measure_options, plan_joint
+from moeslim.methods.joint import JointConfig, measure_nonexpert, measure_options, plan_joint
 from moeslim.methods.joint.config import JointTargets
 from moeslim.methods.joint.solve import SizeOption, solve_joint
 from moeslim.methods.prune.saliency import reap_scores, top_experts
@@ -84,6 +84,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser, eval_windows: int = 8, 
     parser.add_argument("--eval-windows", type=int, default=eval_windows)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--attention-widths", default="", help="JointConfig.attention_widths, e.g. 8,4 (empty: none)")
+    parser.add_argument("--embedding-widths", default="", help="JointConfig.embedding_widths, e.g. 8,4 (empty: none)")
+
+
+def nonexpert_widths(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    """JointConfig's attention / embedding widths from ``add_bench_arguments``' flags."""
+    return {name: tuple(int(b) for b in getattr(args, name).split(",") if b)
+            for name in ("attention_widths", "embedding_widths")}
 
 
 class Bench:
@@ -212,15 +220,17 @@ def run_model(name: str, args: argparse.Namespace, budgets: list[float]) -> tupl
     print(f"{name}: {bench.base / MIB:.2f} MiB held, calibration {args.calib_samples} x {args.seq_len}", flush=True)
     step = args.size_step_fine if find_moe_layers(bench.model)[0].num_experts > 16 else 1
     widths = tuple(int(b) for b in args.widths.split(","))
-    base_config = JointConfig(target_ratio=0.99, max_tokens=args.max_tokens, size_step=step, widths=widths)
+    base_config = JointConfig(target_ratio=0.99, max_tokens=args.max_tokens, size_step=step, widths=widths,
+                              **nonexpert_widths(args))
     targets: JointTargets = base_config.check_model(bench.model)  # the single methods' bytes: the model's dtype
     t0 = time.perf_counter()
     options = measure_options(bench.model, bench.calib.input_ids, base_config, targets)
-    joint_options = options
+    joint_options, held_config, held_targets = options, base_config, targets
     if args.hold_dtype != "auto":  # the joint plans' options on the model as they hold it (cast)
         held_config = dataclasses.replace(base_config, hold_dtype=args.hold_dtype)
-        joint_options = measure_options(bench.model, bench.calib.input_ids, held_config,
-                                        held_config.check_model(bench.model))
+        held_targets = held_config.check_model(bench.model)
+        joint_options = measure_options(bench.model, bench.calib.input_ids, held_config, held_targets)
+    nonexpert = measure_nonexpert(bench.model, bench.calib.input_ids, held_config, held_targets, joint_options)
     measure_s = time.perf_counter() - t0
     factors = pmq_factors(bench.model, bench.calib.input_ids,
                           QuantizeConfig(method="pmq", candidates=PMQ_CANDIDATES, max_tokens=args.max_tokens))
@@ -228,10 +238,9 @@ def run_model(name: str, args: argparse.Namespace, budgets: list[float]) -> tupl
     original = bench.measure("original", "original", lambda: [])
     rows: list[tuple[float, Measured | str, list[Measured]]] = []
     for share in budgets:
-        config = JointConfig(target_ratio=share, max_tokens=args.max_tokens, size_step=step, widths=widths,
-                             hold_dtype=args.hold_dtype)
+        config = dataclasses.replace(held_config, target_ratio=share)
         try:
-            plan = plan_joint(bench.model, bench.calib, config, name, options=joint_options)
+            plan = plan_joint(bench.model, bench.calib, config, name, options=joint_options, nonexpert=nonexpert)
         except ConfigError as err:
             rows.append((share, str(err).split(":")[1].strip() if ":" in str(err) else str(err), []))
             continue
@@ -260,6 +269,11 @@ def _describe(plan: Plan) -> str:
         e = plan.layers[idx]
         widths = sorted(set(e["bits"]))
         parts.append(f"{len(e['kept'])}@{'/'.join(map(str, widths))}")
+    attention = plan.summary.get("attention_bits")
+    if attention:  # the packed attention and embedding choices (plan joint --attention-widths / --embedding-widths)
+        parts.append("attn " + "/".join(str(attention[k]) for k in sorted(attention, key=int)))
+    if plan.summary.get("embedding_bits") is not None:
+        parts.append(f"emb {plan.summary['embedding_bits']}")
     return " ".join(parts)
 
 
@@ -346,11 +360,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="demo,demo-fine")
     parser.add_argument("--budgets", default="0.15,0.25,0.4,0.6,0.8")
-    parser.add_argument("--calib-samples", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-windows", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=4096)
+    add_bench_arguments(parser, eval_windows=16, max_tokens=4096)
     parser.add_argument("--size-step-fine", type=int, default=4,
                         help="kept-set size step on models with more than 16 experts (a smaller MILP)")
     parser.add_argument("--widths", default="2,3,4,8,16", help="the joint planner's candidate widths")

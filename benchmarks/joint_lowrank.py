@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from joint import MIB, Bench, add_bench_arguments  # noqa: E402 (the sibling benchmark script)
+from joint import MIB, Bench, add_bench_arguments, nonexpert_widths  # noqa: E402 (the sibling benchmark script)
 
 from moeslim.config import ConfigError  # noqa: E402
 from moeslim.methods.joint import JointConfig, measure_options, plan_joint  # noqa: E402
@@ -72,7 +72,8 @@ def main() -> None:
     rows = [("original", "-", original, None)]
     for share in (float(s) for s in args.budgets.split(",")):
         for label, shares in (("widths", ()), ("widths+ranks", ranks)):
-            config = JointConfig(target_ratio=share, max_tokens=args.max_tokens, ranks=shares, size_step=args.size_step)
+            config = JointConfig(target_ratio=share, max_tokens=args.max_tokens, ranks=shares, size_step=args.size_step,
+                                 **nonexpert_widths(args))
             try:
                 plan = plan_joint(bench.model, bench.calib, config, args.model, options=options)
             except ConfigError as err:
@@ -92,7 +93,8 @@ def main() -> None:
         forced = dataclasses.replace(template, layers=layers)
         m = bench.measure(f"lowrank-{share:g}", "forced low-rank", lambda plan=forced: [plan])
         rows.append((f"every layer low-rank at share {share:g} (forced)", _chosen(forced), m, estimate))
-        config = JointConfig(target_mib=m.held / MIB, max_tokens=args.max_tokens, size_step=args.size_step)
+        config = JointConfig(target_mib=m.held / MIB, max_tokens=args.max_tokens, size_step=args.size_step,
+                             **nonexpert_widths(args))
         plan = plan_joint(bench.model, bench.calib, config, args.model, options=options)
         w = bench.measure(f"widths-at-lowrank-{share:g}", "widths", lambda plan=plan: [plan])
         rows.append((f"widths at the same bytes ({m.held / base_bytes:.1%})", _chosen(plan), w,

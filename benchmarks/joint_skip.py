@@ -28,7 +28,7 @@ from moeslim.models import find_moe_layers
 from moeslim.runtime.skipping import counters, has_counters, reset_counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from joint import Bench, add_bench_arguments  # noqa: E402  (the joint benchmark's windows and measurement)
+from joint import Bench, add_bench_arguments, nonexpert_widths  # noqa: E402  (the joint benchmark's windows and measurement)
 
 
 def main() -> None:
@@ -44,7 +44,8 @@ def main() -> None:
     start = time.perf_counter()
     bench = Bench(args.model, args)
     betas = tuple(float(b) for b in args.skip_betas.split(","))
-    common = {"target_ratio": args.target_ratio, "max_tokens": args.max_tokens, "hold_dtype": args.hold_dtype}
+    common = {"target_ratio": args.target_ratio, "max_tokens": args.max_tokens, "hold_dtype": args.hold_dtype,
+              **nonexpert_widths(args)}
     probe = JointConfig(skip_betas=betas, **common)  # type: ignore[arg-type]
     targets = probe.check_model(bench.model)
     top_k = find_moe_layers(bench.model)[0].top_k
