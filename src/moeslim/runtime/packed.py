@@ -50,6 +50,7 @@ from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.methods.quant.layout_bytes import layout_format
 from moeslim.methods.quant.pack import pack_bits, unpack_bits
 from moeslim.runtime.int4_native import native_int4_tile
+from moeslim.runtime.planes_native import native_planes_rows, planes_native_inputs
 
 __all__ = ["PackedExperts", "Workspace", "int4pack_dequant_kernel", "int4pack_dequant_matmul", "int8_rows_kernel",
            "pack_planes", "plane_split", "planes_inputs", "planes_matmul", "planes_matmul_kernel", "planes_rows_kernel",
@@ -706,6 +707,10 @@ class _WidthGroup(nn.Module):
         """x (S, K), rows (S,) -> (S, N) through the compiled gathered decode kernel (None: not compiled here)."""
         if self.n_out * self.n_in < COMPILE_MIN_WEIGHTS:
             return None
+        if self.fmt == "planes":
+            y = self._native_rows(rows, x)
+            if y is not None:
+                return y
         n_rows = x.shape[0]
         bucket = 1 << (n_rows - 1).bit_length()  # 1, 2, 4, 8 rows: four specialisations per shape, not eight
         xp = self._pad(x).float()
@@ -725,6 +730,23 @@ class _WidthGroup(nn.Module):
         if y is None:
             return None
         return (y if bucket == n_rows else y[:n_rows]).to(x.dtype)
+
+    def _native_rows(self, rows: Tensor, x: Tensor) -> Tensor | None:
+        """x (S, K) bfloat16, rows (S,) -> (S, N) through ``planes_native`` (None: not bfloat16 inputs on a CPU
+        with AVX512-BF16, or a group size other than the kernel's 128; the compiled kernel runs instead)."""
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or self.group_size != 128:
+            return None
+        kernel = native_planes_rows()
+        if kernel is None:
+            return None
+        split = plane_split(self.bits)
+        xv, xs = planes_native_inputs(self._pad(x), tuple(w for w, _ in split), self.group_size)
+        zplanes = self._all_zplanes()
+        out = torch.empty((x.shape[0], self.n_out), dtype=torch.float32, device=x.device)
+        kernel(xv, xs, rows.contiguous(), [getattr(self, f"p{j}") for j in range(self.n_planes)],
+               [] if isinstance(zplanes, int) else list(zplanes), zplanes if isinstance(zplanes, int) else 0,
+               self.scales, [w for w, _ in split], [o for _, o in split], out)
+        return out.to(x.dtype)
 
     def rows_args(self) -> tuple[Any, ...]:
         """The arguments of ``rows_traced`` that describe this group (tensors and numbers only: a compiled

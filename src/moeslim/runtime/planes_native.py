@@ -1,0 +1,215 @@
+"""A hand-vectorised gathered-rows GEMV over bit-plane experts for CPUs with AVX512-BF16 (the planes decode path).
+
+``runtime.packed.planes_rows_kernel`` (through ``torch.compile``) runs each routed (row, expert) pair of a width
+group at batch 1: y_i = sum_g s_g * (x_g . q_g - z_g * sum(x_g)) with the codes q read from their bit planes.
+Compiled, it widens, masks, converts and multiplies every plane value on its own. This kernel instead turns 32
+plane values at a time into bfloat16 numbers with one table permute (``vpermw``: the low 5 bits of a byte, shifted
+to the slot, index a table of 2^offset * (value & mask)) and multiplies them by 32 inputs with one bf16 dot
+product (``vdpbf16ps``). The products are exact (a bfloat16 input times an integer of at most 8 bits fits float32),
+so with bfloat16 inputs it computes the compiled kernel's sums, in another order: each group's dot product and
+zero term meet per lane, scaled by the group's scale, and the lanes are added at the end.
+
+Built once per machine with torch's C++ extension loader (cached by torch in its extensions directory), only where
+the CPU reports AVX512F/BW/VL and AVX512-BF16 (``torch.cpu.get_capabilities``); anywhere else, or when the build
+fails, ``native_planes_rows`` returns None and the compiled kernel runs instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["native_planes_rows", "planes_native_inputs"]
+
+log = logging.getLogger(__name__)
+
+_REQUIRED = ("avx512_f", "avx512_bw", "avx512_vl", "avx512_bf16")
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <vector>
+#include <cstring>
+
+// One plane of one group: 4 vectors of 32 plane values (see planes_native_inputs for the inputs' order), each
+// into its own accumulator (one chain of dependent dot products would wait on each one's latency).
+// W >= 2: the bytes of slot blocks 2p, 2p + 1 (16 bytes each) side by side, shifted by W * j per vector;
+// W = 1: the plane's 16 bytes and the same bytes shifted by 1 side by side, shifted by 2 * j.
+template <int W>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline))
+static inline void plane_dot(__m512& a0, __m512& a1, __m512& a2, __m512& a3, const uint8_t* bytes, __m512i table,
+                             const uint16_t* xv) {
+  __m512 acc[4] = {a0, a1, a2, a3};
+  if constexpr (W == 1) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+    const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 1), 1);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m512i c = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 2 * j), table);
+      acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)c, (__m512bh)_mm512_loadu_si512(xv + 32 * j));
+    }
+  } else {
+#pragma GCC unroll 2
+    for (int p = 0; p < W / 2; ++p) {
+      const __m512i words = _mm512_cvtepu8_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 32 * p)));
+#pragma GCC unroll 4
+      for (int j = 0; j < 8 / W; ++j) {
+        const int v = p * (8 / W) + j;
+        const __m512i c = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, W * j), table);
+        acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)c, (__m512bh)_mm512_loadu_si512(xv + 32 * v));
+      }
+    }
+  }
+  a0 = acc[0]; a1 = acc[1]; a2 = acc[2]; a3 = acc[3];
+}
+
+
+struct Args {
+  const uint16_t* x; const float* xs; const int64_t* rows; const uint8_t* const* planes; const uint8_t* const* zplanes;
+  const uint16_t* tables; const uint16_t* scales; const int64_t* widths; const int64_t* offsets; float* out;
+  int64_t S, G, N, n_planes, zconst; bool symmetric;
+};
+
+// Outputs o_begin:o_end of every row.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c")))
+static void rows_block(const Args& A, int64_t o_begin, int64_t o_end) {
+  __m512i tables[8];
+  for (int64_t i = 0; i < A.n_planes; ++i) tables[i] = _mm512_loadu_si512(A.tables + 32 * i);
+  const int64_t G = A.G, N = A.N, P = A.n_planes;
+  const int64_t per = N * G / 8;  // zero points: code k sits at byte (a % w) * per + r, k = a * per + r
+  for (int64_t s = 0; s < A.S; ++s) {
+    const int64_t e = A.rows[s];
+    const uint16_t* xrow = A.x + s * G * 4 * P * 32;
+    const float* xsrow = A.xs + s * G * 16;
+    for (int64_t o = o_begin; o < o_end; ++o) {
+      __m512 y = _mm512_setzero_ps();
+      int64_t za = (o * G) / per, zr = (o * G) % per;  // the zero point of group g: code a * per + r
+      const uint16_t* srow = A.scales + (e * N + o) * G;
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        const uint16_t* xg = xrow + g * 4 * P * 32;
+        for (int64_t i = 0; i < P; ++i) {
+          const int64_t w = A.widths[i];
+          const uint8_t* bytes = A.planes[i] + ((e * N + o) * G + g) * 16 * w;
+          if (w == 1) plane_dot<1>(a0, a1, a2, a3, bytes, tables[i], xg + i * 128);
+          else if (w == 2) plane_dot<2>(a0, a1, a2, a3, bytes, tables[i], xg + i * 128);
+          else plane_dot<4>(a0, a1, a2, a3, bytes, tables[i], xg + i * 128);
+        }
+        const __m512 acc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+        float z = (float)A.zconst;
+        if (!A.symmetric) {
+          int64_t code = 0;
+          for (int64_t i = 0; i < P; ++i) {
+            const int64_t w = A.widths[i], lw = w >> 1;  // log2 of 1, 2, 4
+            const uint8_t byte = A.zplanes[i][e * per * w + (za & (w - 1)) * per + zr];
+            code |= (int64_t)((byte >> ((za >> lw) << lw)) & ((1 << w) - 1)) << A.offsets[i];
+          }
+          z = (float)code;
+          if (++zr == per) { zr = 0; ++za; }
+        }
+        const __m512 d = _mm512_fnmadd_ps(_mm512_set1_ps(z), _mm512_loadu_ps(xsrow + g * 16), acc);
+        y = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(srow[g])), d, y);
+      }
+      A.out[s * N + o] = _mm512_reduce_add_ps(y);
+    }
+  }
+}
+
+// xv (S, G, 4 * P, 32) bf16, xs (S, G, 16) float32 per-lane sums of x, rows (S,) int64,
+// planes: per plane (n, N, G, 16 * w) uint8; zplanes: per plane (n, N * G * w / 8) uint8 (empty: symmetric, zconst);
+// scales (n, N, G) float16 as int16; widths/offsets per plane -> out (S, N) float32.
+void planes_rows(torch::Tensor xv, torch::Tensor xs, torch::Tensor rows, std::vector<torch::Tensor> planes,
+                 std::vector<torch::Tensor> zplanes, int64_t zconst, torch::Tensor scales,
+                 std::vector<int64_t> widths, std::vector<int64_t> offsets, torch::Tensor out) {
+  const int64_t n_planes = planes.size();
+  TORCH_CHECK(n_planes > 0 && n_planes <= 8 && (int64_t)widths.size() == n_planes
+              && (int64_t)offsets.size() == n_planes, "planes");
+  TORCH_CHECK(xv.scalar_type() == torch::kBFloat16 && xv.is_contiguous() && xv.dim() == 4, "xv layout");
+  const int64_t S = xv.size(0), G = xv.size(1);
+  TORCH_CHECK(xv.size(2) == 4 * n_planes && xv.size(3) == 32, "xv shape");
+  TORCH_CHECK(xs.scalar_type() == torch::kFloat && xs.is_contiguous() && xs.dim() == 3 && xs.size(0) == S
+              && xs.size(1) == G && xs.size(2) == 16, "xs layout");
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.is_contiguous() && rows.numel() == S, "rows");
+  TORCH_CHECK(scales.scalar_type() == torch::kShort && scales.is_contiguous() && scales.dim() == 3, "scales");
+  const int64_t n_exp = scales.size(0), N = scales.size(1);
+  TORCH_CHECK(scales.size(2) == G, "scales shape");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.size(0) == S && out.size(1) == N,
+              "out");
+  std::vector<const uint8_t*> pp(n_planes), zp;
+  std::vector<uint16_t> tables(32 * n_planes);
+  for (int64_t i = 0; i < n_planes; ++i) {
+    const int64_t w = widths[i];
+    TORCH_CHECK(w == 1 || w == 2 || w == 4, "plane width");
+    TORCH_CHECK(planes[i].scalar_type() == torch::kByte && planes[i].is_contiguous() && planes[i].size(0) == n_exp
+                && planes[i].numel() == n_exp * N * G * 16 * w, "plane layout");
+    pp[i] = planes[i].data_ptr<uint8_t>();
+    for (int k = 0; k < 32; ++k) {
+      const float v = (float)((k & ((1 << w) - 1)) << offsets[i]);
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      tables[32 * i + k] = (uint16_t)(u >> 16);  // exact: a small integer
+    }
+  }
+  const bool symmetric = zplanes.empty();
+  if (!symmetric) {
+    TORCH_CHECK((int64_t)zplanes.size() == n_planes && (N * G) % 8 == 0, "zero planes");
+    for (int64_t i = 0; i < n_planes; ++i) {
+      TORCH_CHECK(zplanes[i].scalar_type() == torch::kByte && zplanes[i].is_contiguous()
+                  && zplanes[i].numel() == n_exp * N * G * widths[i] / 8, "zero plane layout");
+      zp.push_back(zplanes[i].data_ptr<uint8_t>());
+    }
+  }
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(rp[s] >= 0 && rp[s] < n_exp, "row out of range");
+  const Args A{reinterpret_cast<const uint16_t*>(xv.data_ptr<at::BFloat16>()), xs.data_ptr<float>(), rp, pp.data(),
+               zp.data(), tables.data(), reinterpret_cast<const uint16_t*>(scales.data_ptr<int16_t>()),
+               widths.data(), offsets.data(), out.data_ptr<float>(), S, G, N, n_planes, zconst, symmetric};
+  // outputs split over torch's intra-op threads (one thread: one call, inline)
+  at::parallel_for(0, N, 64, [&](int64_t o_begin, int64_t o_end) { rows_block(A, o_begin, o_end); });
+}
+"""
+
+
+def _slots(width: int) -> list[int]:
+    """Slot of each 16-input block of a plane's 4 vectors of 32 values, in the kernel's order (``plane_dot``)."""
+    wide = max(width, 2)  # the shift step between a block pair's vectors
+    return [j * wide + 2 * p + h for p in range(max(width // 2, 1)) for j in range(8 // wide) for h in (0, 1)]
+
+
+def planes_native_inputs(x: Tensor, widths: tuple[int, ...], group_size: int) -> tuple[Tensor, Tensor]:
+    """x (S, K) bfloat16 -> (per group the inputs in the kernel's order (S, G, 4 * P, 32) bfloat16, their
+    per-lane sums (S, G, 16) float32: lane l of a bf16 dot product meets values 2l and 2l + 1 of each vector).
+
+    Slot a of a group holds inputs a * gs / 8 + r (r < gs / 8 = 16), as ``packed.planes_inputs``."""
+    n_rows, k = x.shape
+    n_groups = k // group_size
+    idx = torch.tensor([s for w in widths for s in _slots(w)], device=x.device)
+    xg = x.reshape(n_rows, n_groups, 8, group_size // 8)
+    xv = xg.index_select(2, idx).reshape(n_rows, n_groups, 4 * len(widths), 32).contiguous()
+    xs = xv[:, :, :4].float().reshape(n_rows, n_groups, 4, 16, 2).sum((2, 4))
+    return xv, xs.contiguous()
+
+
+@functools.cache
+def native_planes_rows() -> Callable[..., None] | None:
+    """``planes_rows(xv, xs, rows, planes, zero_planes, zero_const, scales, widths, offsets, out)``:
+    ``planes_rows_kernel``'s maths for bfloat16 inputs into a float32 ``out``, built on first use (None: this CPU
+    lacks AVX512-BF16, or no C++ toolchain here)."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    if not all(caps.get(name) for name in _REQUIRED):
+        return None
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        module = load_inline("moeslim_planes_rows", _SOURCE, functions=["planes_rows"], extra_cflags=["-O3"])
+    except Exception as exc:  # noqa: BLE001 - no toolchain: the compiled kernel computes the same
+        log.warning("the AVX512-BF16 planes decode kernel did not build (%s): the compiled kernel runs instead", exc)
+        return None
+    fn: Callable[..., None] = module.planes_rows
+    return fn
