@@ -71,7 +71,7 @@ static inline void plane_dot(__m512& a0, __m512& a1, __m512& a2, __m512& a3, con
 
 
 struct Args {
-  const uint16_t* x; const float* xs; const int64_t* rows; const uint8_t* const* planes; const uint8_t* const* zplanes;
+  const uint16_t* x; const float* xs; const int64_t* rows; const uint8_t* const* planes; const uint8_t* zeros;
   const uint16_t* tables; const uint16_t* scales; const int64_t* widths; const int64_t* offsets; float* out;
   int64_t S, G, N, n_planes, zconst; bool symmetric;
 };
@@ -82,14 +82,13 @@ static void rows_block(const Args& A, int64_t o_begin, int64_t o_end) {
   __m512i tables[8];
   for (int64_t i = 0; i < A.n_planes; ++i) tables[i] = _mm512_loadu_si512(A.tables + 32 * i);
   const int64_t G = A.G, N = A.N, P = A.n_planes;
-  const int64_t per = N * G / 8;  // zero points: code k sits at byte (a % w) * per + r, k = a * per + r
   for (int64_t s = 0; s < A.S; ++s) {
     const int64_t e = A.rows[s];
+    const uint8_t* zrow = A.zeros + s * N * G;
     const uint16_t* xrow = A.x + s * G * 4 * P * 32;
     const float* xsrow = A.xs + s * G * 16;
     for (int64_t o = o_begin; o < o_end; ++o) {
       __m512 y = _mm512_setzero_ps();
-      int64_t za = (o * G) / per, zr = (o * G) % per;  // the zero point of group g: code a * per + r
       const uint16_t* srow = A.scales + (e * N + o) * G;
       for (int64_t g = 0; g < G; ++g) {
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
@@ -102,17 +101,7 @@ static void rows_block(const Args& A, int64_t o_begin, int64_t o_end) {
           else plane_dot<4>(a0, a1, a2, a3, bytes, tables[i], xg + i * 128);
         }
         const __m512 acc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
-        float z = (float)A.zconst;
-        if (!A.symmetric) {
-          int64_t code = 0;
-          for (int64_t i = 0; i < P; ++i) {
-            const int64_t w = A.widths[i], lw = w >> 1;  // log2 of 1, 2, 4
-            const uint8_t byte = A.zplanes[i][e * per * w + (za & (w - 1)) * per + zr];
-            code |= (int64_t)((byte >> ((za >> lw) << lw)) & ((1 << w) - 1)) << A.offsets[i];
-          }
-          z = (float)code;
-          if (++zr == per) { zr = 0; ++za; }
-        }
+        const float z = A.symmetric ? (float)A.zconst : (float)zrow[o * G + g];
         const __m512 d = _mm512_fnmadd_ps(_mm512_set1_ps(z), _mm512_loadu_ps(xsrow + g * 16), acc);
         y = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(srow[g])), d, y);
       }
@@ -167,8 +156,24 @@ void planes_rows(torch::Tensor xv, torch::Tensor xs, torch::Tensor rows, std::ve
   }
   const int64_t* rp = rows.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s) TORCH_CHECK(rp[s] >= 0 && rp[s] < n_exp, "row out of range");
+  // Each row's zero points (N, G) unpacked once: code k = a * per + r sits at byte (a % w) * per + r, bits
+  // w * (a / w), so each (slot, block) is one contiguous run of bytes.
+  std::vector<uint8_t> zc(symmetric ? 0 : S * N * G, 0);
+  const int64_t per = N * G / 8;
+  for (int64_t s = 0; s < S && !symmetric; ++s) {
+    for (int64_t i = 0; i < n_planes; ++i) {
+      const int w = (int)widths[i], off = (int)offsets[i];
+      const uint8_t* zb = zp[i] + rp[s] * per * w;
+      for (int a = 0; a < 8; ++a) {
+        const uint8_t* src = zb + (a % w) * per;
+        uint8_t* dst = zc.data() + s * N * G + a * per;
+        const int shift = w * (a / w), mask = (1 << w) - 1;
+        for (int64_t r = 0; r < per; ++r) dst[r] |= (uint8_t)(((src[r] >> shift) & mask) << off);
+      }
+    }
+  }
   const Args A{reinterpret_cast<const uint16_t*>(xv.data_ptr<at::BFloat16>()), xs.data_ptr<float>(), rp, pp.data(),
-               zp.data(), tables.data(), reinterpret_cast<const uint16_t*>(scales.data_ptr<int16_t>()),
+               zc.data(), tables.data(), reinterpret_cast<const uint16_t*>(scales.data_ptr<int16_t>()),
                widths.data(), offsets.data(), out.data_ptr<float>(), S, G, N, n_planes, zconst, symmetric};
   // outputs split over torch's intra-op threads (one thread: one call, inline)
   at::parallel_for(0, N, 64, [&](int64_t o_begin, int64_t o_end) { rows_block(A, o_begin, o_end); });
