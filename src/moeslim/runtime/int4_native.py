@@ -12,17 +12,13 @@ else, or when the build fails, ``native_int4_tile`` returns None and the compile
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
+from moeslim.runtime.native_build import build_avx512_bf16
+
 __all__ = ["native_int4_tile"]
-
-log = logging.getLogger(__name__)
-
-_REQUIRED = ("avx512_f", "avx512_bw", "avx512_vl", "avx512_bf16")
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -85,15 +81,4 @@ void dequant_tile(torch::Tensor q, torch::Tensor scale, torch::Tensor offset, to
 def native_int4_tile() -> Callable[[Tensor, Tensor, Tensor, Tensor], None] | None:
     """``dequant_tile(q, scale, offset, out)``: ``int4pack_dequant_kernel``'s maths into a bf16 ``out``, built on
     first use (None: this CPU lacks AVX512-BF16, or no C++ toolchain here)."""
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    if not all(caps.get(name) for name in _REQUIRED):
-        return None
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        module = load_inline("moeslim_int4_tile", _SOURCE, functions=["dequant_tile"], extra_cflags=["-O3"])
-    except Exception as exc:  # noqa: BLE001 - no toolchain: the compiled kernel computes the same
-        log.warning("the AVX512-BF16 int4 tile kernel did not build (%s): the compiled kernel runs instead", exc)
-        return None
-    fn: Callable[[Tensor, Tensor, Tensor, Tensor], None] = module.dequant_tile
-    return fn
+    return build_avx512_bf16("moeslim_int4_tile", _SOURCE, "dequant_tile", "int4 tile")

@@ -17,17 +17,14 @@ fails, ``native_planes_rows`` returns None and the compiled kernel runs instead.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from moeslim.runtime.native_build import build_avx512_bf16
+
 __all__ = ["native_planes_rows", "planes_native_inputs"]
-
-log = logging.getLogger(__name__)
-
-_REQUIRED = ("avx512_f", "avx512_bw", "avx512_vl", "avx512_bf16")
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -206,15 +203,4 @@ def native_planes_rows() -> Callable[..., None] | None:
     """``planes_rows(xv, xs, rows, planes, zero_planes, zero_const, scales, widths, offsets, out)``:
     ``planes_rows_kernel``'s maths for bfloat16 inputs into a float32 ``out``, built on first use (None: this CPU
     lacks AVX512-BF16, or no C++ toolchain here)."""
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    if not all(caps.get(name) for name in _REQUIRED):
-        return None
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        module = load_inline("moeslim_planes_rows", _SOURCE, functions=["planes_rows"], extra_cflags=["-O3"])
-    except Exception as exc:  # noqa: BLE001 - no toolchain: the compiled kernel computes the same
-        log.warning("the AVX512-BF16 planes decode kernel did not build (%s): the compiled kernel runs instead", exc)
-        return None
-    fn: Callable[..., None] = module.planes_rows
-    return fn
+    return build_avx512_bf16("moeslim_planes_rows", _SOURCE, "planes_rows", "planes decode")
