@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.models.attrs import callable_attr
 from moeslim.runtime.packed import PackedExperts, Workspace, rows_traced
+from moeslim.runtime.planes_native import native_planes_rows_x
 from moeslim.runtime.routed_experts import (
     attach_part,
     drops_placeholder,
@@ -162,6 +163,52 @@ def sorted_experts(hidden_states: Tensor, index: Tensor, top_k_weights: Tensor, 
     return sorted_down(h, index, top_k_weights, counts, down).to(hidden_states.dtype)
 
 
+def _native_decode(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                   up: PackedExperts, down: PackedExperts) -> Tensor | None:
+    """bfloat16 decode of bit-plane experts through ``planes_native``'s ``planes_rows_x`` (None: it does not run
+    here): the routing read on the host, then per width group one native call per projection on the group's
+    pairs, between them the experts' activation. The maths of ``sorted_experts`` (each projection's float32 sums
+    rounded to bfloat16, the activation in bfloat16, weighted bfloat16 outputs summed per token) without a
+    compiled graph: at these shapes its guards and call cost more than the kernels, and inductor's bit-plane
+    loops several times more than the native kernel.
+
+    hidden_states (T, H) bfloat16, top_k_index / top_k_weights (T, k) -> (T, H).
+    """
+    if hidden_states.dtype != torch.bfloat16:
+        return None
+    up_args, down_args = up.native_decode_args(), down.native_decode_args()
+    kernel = native_planes_rows_x()
+    if up_args is None or down_args is None or kernel is None:
+        return None
+    k = top_k_index.shape[1]
+    by_group: dict[int, list[tuple[int, int, int]]] = {}  # group -> [(token, row, pair)]
+    for p, e in enumerate(top_k_index.reshape(-1).tolist()):
+        where = up.slot.get(e)  # the placeholder expert (skipped pairs) is in no group: dropped
+        if where is not None:
+            by_group.setdefault(where[0], []).append((p // k, where[1], p))
+    if not by_group:
+        return torch.zeros_like(hidden_states)
+    act = callable_attr(experts, "_apply_gate" if bool(getattr(experts, "has_gate")) else "act_fn")  # noqa: B009
+    single = hidden_states.shape[0] == 1
+    outs, pairs = [], []
+    for g in sorted(by_group):
+        group = by_group[g]
+        rows = torch.tensor([r for _, r, _ in group], device=hidden_states.device)
+        # one token: its row repeated without a copy (the kernel reads rows by stride)
+        x = (hidden_states.expand(len(group), -1) if single
+             else hidden_states[torch.tensor([t for t, _, _ in group], device=hidden_states.device)])
+        h = act(kernel(x, rows, *up_args[g]))
+        outs.append(kernel(h.contiguous(), rows, *down_args[g]))
+        pairs += [p for _, _, p in group]
+    y = outs[0] if len(outs) == 1 else torch.cat(outs)  # (S, H) bfloat16, pairs in group order
+    weights = top_k_weights.reshape(-1)[torch.tensor(pairs, device=y.device)]
+    y = y * weights.unsqueeze(-1).to(y.dtype)
+    if single:
+        return y.sum(0, keepdim=True)
+    tokens = torch.tensor([p // k for p in pairs], device=y.device)
+    return torch.zeros_like(hidden_states).index_add_(0, tokens, y)
+
+
 def _sorted_decode(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
                    up: PackedExperts, down: PackedExperts) -> Tensor | None:
     """``sorted_experts`` compiled per width-group pattern (None: no compiler here). The routing is read on
@@ -215,6 +262,9 @@ def grouped_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     if not getattr(experts, "has_bias", False) and up.fuses_decode(n_routed) and down.fuses_decode(n_routed):
         # Few pairs: one graph per width-group pattern (a handful of patterns, exact work); more pairs: one
         # graph that runs every group on every pair, masked (one compile, however the pairs fall)
+        y = _native_decode(experts, hidden_states, top_k_index, top_k_weights, up, down)
+        if y is not None:
+            return y
         decode = _sorted_decode if n_routed <= SORTED_MAX_PAIRS else _masked_decode
         y = decode(experts, hidden_states, top_k_index, top_k_weights, up, down)
         if y is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["AVX512_BF16", "build_avx512_bf16"]
+__all__ = ["AVX512_BF16", "build_avx512_bf16", "build_avx512_bf16_functions"]
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +23,21 @@ AVX512_BF16 = ("avx512_f", "avx512_bw", "avx512_vl", "avx512_bf16")
 def build_avx512_bf16(name: str, source: str, function: str, what: str) -> Callable[..., Any] | None:
     """``function`` of the extension ``name`` built from C++ ``source`` (cached by torch across processes), or None
     where this CPU lacks AVX512-BF16 or the build fails (``what`` names the kernel in the warning)."""
+    functions = build_avx512_bf16_functions(name, source, (function,), what)
+    return None if functions is None else functions[0]
+
+
+def build_avx512_bf16_functions(name: str, source: str, functions: tuple[str, ...], what: str
+                                ) -> tuple[Callable[..., Any], ...] | None:
+    """``build_avx512_bf16`` for an extension that exports several ``functions`` (in that order)."""
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     if not all(caps.get(feature) for feature in AVX512_BF16):
         return None
     try:
         from torch.utils.cpp_extension import load_inline
 
-        module = load_inline(name, source, functions=[function], extra_cflags=["-O3"])
+        module = load_inline(name, source, functions=list(functions), extra_cflags=["-O3"])
     except Exception as exc:  # noqa: BLE001 - no toolchain: the compiled kernel computes the same
         log.warning("the AVX512-BF16 %s kernel did not build (%s): the compiled kernel runs instead", what, exc)
         return None
-    fn: Callable[..., Any] = getattr(module, function)
-    return fn
+    return tuple(getattr(module, function) for function in functions)

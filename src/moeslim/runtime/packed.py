@@ -52,7 +52,12 @@ from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.methods.quant.layout_bytes import layout_format
 from moeslim.methods.quant.pack import pack_bits, unpack_bits
 from moeslim.runtime.int4_native import native_int4_tile
-from moeslim.runtime.planes_native import native_planes_rows, planes_native_inputs
+from moeslim.runtime.planes_native import (
+    native_planes_rows,
+    native_planes_rows_x,
+    native_slots,
+    planes_native_inputs,
+)
 
 __all__ = ["PackedExperts", "Workspace", "int4pack_dequant_kernel", "int4pack_dequant_matmul", "int8_rows_kernel",
            "pack_planes", "plane_split", "planes_inputs", "planes_matmul", "planes_matmul_kernel", "planes_rows_kernel",
@@ -750,6 +755,20 @@ class _WidthGroup(nn.Module):
                self.scales, [w for w, _ in split], [o for _, o in split], out)
         return out.to(x.dtype)
 
+    def native_decode_args(self) -> tuple[Any, ...] | None:
+        """What ``planes_rows_x`` takes besides the inputs and rows (planes, zero planes, zero constant, scales,
+        plane widths and offsets, input slots), or None where it does not run (not a bit-plane group of group size
+        128, not on CPU, no AVX512-BF16 kernel here)."""
+        if self.fmt != "planes" or self.group_size != 128 or self.scales.device.type != "cpu":
+            return None
+        if native_planes_rows_x() is None:
+            return None
+        split = plane_split(self.bits)
+        zplanes = self._all_zplanes()
+        return ([getattr(self, f"p{j}") for j in range(self.n_planes)],
+                [] if isinstance(zplanes, int) else list(zplanes), zplanes if isinstance(zplanes, int) else 0,
+                self.scales, [w for w, _ in split], [o for _, o in split], native_slots(tuple(w for w, _ in split)))
+
     def rows_args(self) -> tuple[Any, ...]:
         """The arguments of ``rows_traced`` that describe this group (tensors and numbers only: a compiled
         caller then guards on them cheaply, not on modules)."""
@@ -848,9 +867,11 @@ class PackedExperts(nn.Module):
         # tuples and walking the groups cost about as much as a small kernel at the demo's shapes.
         self._rows_args: tuple[tuple[Any, ...], ...] | None = None
         self._fuses: dict[int, bool] = {}
+        self._native_args: tuple[tuple[Any, ...], ...] | None | bool = False  # False: not asked yet
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> PackedExperts:
         self._rows_args = None  # ``.to()`` / ``.cuda()`` replace the buffers the cached tuple holds
+        self._native_args = False
         return super()._apply(fn, recurse)
 
     def _group(self, gi: int) -> _WidthGroup:
@@ -886,6 +907,15 @@ class PackedExperts(nn.Module):
         if self._rows_args is None:
             self._rows_args = tuple(self._group(gi).rows_args() for gi in range(self.n_groups))
         return self._rows_args
+
+    def native_decode_args(self) -> tuple[tuple[Any, ...], ...] | None:
+        """Per width group ``_WidthGroup.native_decode_args`` when every group has them (bfloat16 decode can then
+        call ``planes_rows_x`` once per group and projection, no compiled graph), else None. Kept until the
+        buffers move."""
+        if self._native_args is False:
+            args = [self._group(gi).native_decode_args() for gi in range(self.n_groups)]
+            self._native_args = None if any(a is None for a in args) else tuple(a for a in args if a is not None)
+        return self._native_args if isinstance(self._native_args, tuple) else None
 
     @property
     def in_width(self) -> int:

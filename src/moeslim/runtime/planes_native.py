@@ -22,9 +22,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from moeslim.runtime.native_build import build_avx512_bf16
+from moeslim.runtime.native_build import build_avx512_bf16_functions
 
-__all__ = ["native_planes_rows", "planes_native_inputs"]
+__all__ = ["native_planes_rows", "native_planes_rows_x", "native_slots", "planes_native_inputs"]
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -175,6 +175,39 @@ void planes_rows(torch::Tensor xv, torch::Tensor xs, torch::Tensor rows, std::ve
   // outputs split over torch's intra-op threads (one thread: one call, inline)
   at::parallel_for(0, N, 64, [&](int64_t o_begin, int64_t o_end) { rows_block(A, o_begin, o_end); });
 }
+
+// planes_rows on raw inputs, for decode: x (S, K) bfloat16 (row stride free, unit column stride), K <= G * 128
+// (zero-padded here) -> (S, N) bfloat16. The inputs are put in the kernel's order here (``slots``: the 8 * P
+// 16-input slots of planes_native_inputs' index, in order) with their per-lane sums, instead of in torch ops.
+torch::Tensor planes_rows_x(torch::Tensor x, torch::Tensor rows, std::vector<torch::Tensor> planes,
+                            std::vector<torch::Tensor> zplanes, int64_t zconst, torch::Tensor scales,
+                            std::vector<int64_t> widths, std::vector<int64_t> offsets, std::vector<int64_t> slots) {
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.dim() == 2 && x.stride(1) == 1, "x layout");
+  const int64_t P = planes.size(), S = x.size(0), K = x.size(1), G = scales.size(2), sx = x.stride(0);
+  TORCH_CHECK((int64_t)slots.size() == 8 * P && K <= G * 128, "slots / input width");
+  auto xv = torch::empty({S, G, 4 * P, 32}, x.options());
+  auto xs = torch::empty({S, G, 16}, x.options().dtype(torch::kFloat));
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  at::BFloat16* vp = xv.data_ptr<at::BFloat16>();
+  float* sp = xs.data_ptr<float>();
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t g = 0; g < G; ++g) {
+      at::BFloat16* vg = vp + (s * G + g) * 4 * P * 32;
+      for (int64_t v = 0; v < 8 * P; ++v) {  // 16-input block v of the group's vectors
+        const int64_t k0 = g * 128 + slots[v] * 16;
+        for (int64_t r = 0; r < 16; ++r) vg[v * 16 + r] = k0 + r < K ? xp[s * sx + k0 + r] : at::BFloat16(0.f);
+      }
+      for (int64_t l = 0; l < 16; ++l) {  // lane l meets values 2l, 2l + 1 of each of the first plane's vectors
+        float acc = 0.f;
+        for (int64_t j = 0; j < 4; ++j) acc += (float)vg[j * 32 + 2 * l] + (float)vg[j * 32 + 2 * l + 1];
+        sp[(s * G + g) * 16 + l] = acc;
+      }
+    }
+  }
+  auto out = torch::empty({S, scales.size(1)}, x.options().dtype(torch::kFloat));
+  planes_rows(xv, xs, rows, planes, zplanes, zconst, scales, widths, offsets, out);
+  return out.to(torch::kBFloat16);
+}
 """
 
 
@@ -199,8 +232,28 @@ def planes_native_inputs(x: Tensor, widths: tuple[int, ...], group_size: int) ->
 
 
 @functools.cache
+def _native_functions() -> tuple[Callable[..., object], ...] | None:
+    return build_avx512_bf16_functions("moeslim_planes_rows", _SOURCE, ("planes_rows", "planes_rows_x"),
+                                       "planes decode")
+
+
 def native_planes_rows() -> Callable[..., None] | None:
     """``planes_rows(xv, xs, rows, planes, zero_planes, zero_const, scales, widths, offsets, out)``:
     ``planes_rows_kernel``'s maths for bfloat16 inputs into a float32 ``out``, built on first use (None: this CPU
     lacks AVX512-BF16, or no C++ toolchain here)."""
-    return build_avx512_bf16("moeslim_planes_rows", _SOURCE, "planes_rows", "planes decode")
+    functions = _native_functions()
+    return None if functions is None else functions[0]  # type: ignore[return-value]
+
+
+def native_planes_rows_x() -> Callable[..., Tensor] | None:
+    """``planes_rows_x(x, rows, planes, zero_planes, zero_const, scales, widths, offsets, slots)`` -> (S, N)
+    bfloat16: ``planes_rows`` on raw bfloat16 inputs x (S, K), put in the kernel's order (``native_slots``) and
+    zero-padded to whole groups inside (one call per projection at decode, no torch ops around it)."""
+    functions = _native_functions()
+    return None if functions is None else functions[1]  # type: ignore[return-value]
+
+
+def native_slots(widths: tuple[int, ...]) -> list[int]:
+    """The 16-input slots ``planes_rows_x`` reads, in order, for planes of ``widths`` (``planes_native_inputs``'
+    index)."""
+    return [s for w in widths for s in _slots(w)]

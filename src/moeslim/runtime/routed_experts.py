@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeslim.models.attrs import callable_attr, hf_config
+from moeslim.runtime.dense_native import dense_rows
 
 SKIP_IMPLEMENTATION = "moeslim_skip"  # runtime/skipping: decides which (token, expert) pairs run
 FALLBACK_IMPLEMENTATION = "grouped_mm"  # transformers' default on CPU, for layers left as they were
@@ -146,8 +147,15 @@ def project(experts: nn.Module, name: str, e: int, x: Tensor, parts: Mapping[str
     if name in parts:
         y = parts[name].matmul(e, x)
     else:
-        w = getattr(experts, name)[e]
-        y = x @ w.to(x.dtype) if experts.is_transposed else F.linear(x, w.to(x.dtype))
+        fused = getattr(experts, name)
+        # decode rows of bfloat16 (E, out, in) weights: the native GEMV (torch's bfloat16 F.linear at one row
+        # costs several times the arithmetic on small experts); None elsewhere
+        native = None if experts.is_transposed else dense_rows(x, fused, [e] * x.shape[0])
+        if native is not None:
+            y = native
+        else:
+            w = fused[e]
+            y = x @ w.to(x.dtype) if experts.is_transposed else F.linear(x, w.to(x.dtype))
     if getattr(experts, "has_bias", False):
         bias = getattr(experts, f"{name}_bias", None)
         if bias is not None:

@@ -30,7 +30,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moeslim.methods.skip.thresholds import SKIP_RULES, keep_mask, rescale_kept
 from moeslim.models import FAMILIES, MoELayer, find_moe_layers
-from moeslim.models.attrs import pretrained
+from moeslim.models.attrs import callable_attr, pretrained
+from moeslim.runtime.dense_native import dense_rows
 from moeslim.runtime.routed_experts import (
     SKIP_IMPLEMENTATION,
     current_implementation,
@@ -159,6 +160,10 @@ def _direct_forward(experts: nn.Module, hidden_states: Tensor, routed: list[list
     n_experts = int(getattr(experts, "num_experts"))  # noqa: B009
     has_gate = bool(getattr(experts, "has_gate"))  # noqa: B009
     up_name = "gate_up_proj" if has_gate else "up_proj"
+    if len(routed) == 1:
+        y = _two_pairs_native(experts, hidden_states, routed[0], weights, up_name, has_gate)
+        if y is not None:
+            return y
     by_expert: dict[int, list[tuple[int, int]]] = {}
     for t, row in enumerate(routed):
         for j, e in enumerate(row):
@@ -178,6 +183,33 @@ def _direct_forward(experts: nn.Module, hidden_states: Tensor, routed: list[list
         y = y * weights[token_idx, slot].unsqueeze(-1).to(y.dtype)
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
+
+
+def _two_pairs_native(experts: nn.Module, hidden_states: Tensor, routed: list[int], weights: Tensor, up_name: str,
+                      has_gate: bool) -> Tensor | None:
+    """``_direct_forward`` for one token keeping exactly two experts, both at once through the native GEMV
+    (``dense_native``: each row through its own expert), or None where that does not apply (not two kept pairs,
+    transposed weights, biases, a post-expert norm, not bfloat16 on a CPU with the kernel).
+
+    hidden_states (1, H), routed (k,) expert ids (``num_experts``: skipped), weights (1, k) -> (1, H). The same
+    per-row sums as two ``expert_output`` calls and the same sum of two weighted bfloat16 outputs (one rounding)
+    in four torch ops and two kernel calls instead of about twenty ops.
+    """
+    n_experts = int(getattr(experts, "num_experts"))  # noqa: B009
+    slots = [j for j, e in enumerate(routed) if e < n_experts]
+    if (len(slots) != 2 or experts.is_transposed or getattr(experts, "has_bias", False)
+            or getattr(experts, "has_post_expert_norm", False)):
+        return None
+    ids = [routed[j] for j in slots]
+    h = dense_rows(hidden_states.expand(2, -1), getattr(experts, up_name), ids)
+    if h is None:
+        return None
+    h = callable_attr(experts, "_apply_gate" if has_gate else "act_fn")(h)
+    y = dense_rows(h.contiguous(), getattr(experts, "down_proj"), ids)  # noqa: B009
+    if y is None:
+        return None
+    w = weights.reshape(-1, 1) if len(routed) == 2 else weights.reshape(-1)[slots].unsqueeze(-1)  # (2, 1)
+    return (y * w.to(y.dtype)).sum(0, keepdim=True).to(hidden_states.dtype)
 
 
 def _supported(layer: MoELayer) -> bool:
