@@ -36,6 +36,27 @@ def test_top2_mask_equals_the_sorted_rule_with_ties_and_low_precision() -> None:
             assert torch.equal(keep_mask(w.to(dtype), beta, "top2"), _hand_keep(w.to(dtype), beta)), (dtype, beta)
 
 
+def test_host_top2_rule_equals_the_tensor_rule_at_the_float32_boundary() -> None:
+    # The decode path decides on the host (Python floats) what keep_mask decides in float32: random weights,
+    # ties, negative weights, bfloat16 inputs, betas above 1, and second weights exactly at the float32
+    # threshold beta * w_1 and one float32 step below it.
+    from moeslim.methods.skip.thresholds import keep_rows_top2
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.rand(600, 2, generator=gen)
+    w[::3] = (w[::3] * 4).round() / 4
+    w[::7] -= 0.5
+    for beta in (0.2, 0.3, 0.5, 0.7, 1.0, 1.5):
+        at = (w[:, :1] * torch.tensor(beta, dtype=torch.float32)).squeeze(-1)  # float32 threshold
+        edge = torch.stack((w[:, 0].abs(), at.abs()), 1)
+        below = torch.stack((w[:, 0].abs(), torch.nextafter(at.abs(), torch.zeros(()))), 1)
+        for case in (w, w.bfloat16(), edge, below, edge.flip(-1)):
+            host = keep_rows_top2(case.float().tolist(), beta)
+            assert host is not None
+            assert torch.equal(torch.tensor(host), keep_mask(case, beta, "top2")), beta
+    assert keep_rows_top2([[float("nan"), 0.5]], 0.5) is None  # NaN: left to the tensor rule
+
+
 def _hand_masked(model: torch.nn.Module, beta: float, kept: dict[int, int]) -> None:
     """Forward hooks that replace every MoE layer's experts output by the kept pairs combined by hand."""
     for layer in find_moe_layers(model):

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from moeslim.methods.skip.thresholds import SKIP_RULES, keep_mask, rescale_kept
+from moeslim.methods.skip.thresholds import SKIP_RULES, keep_mask, keep_rows_top2, rescale_kept
 from moeslim.models import FAMILIES, MoELayer, find_moe_layers
 from moeslim.models.attrs import callable_attr, pretrained
 from moeslim.runtime.dense_native import dense_rows
@@ -93,6 +93,10 @@ def skipping_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index
     inner = _inner_forward(self)
     tokens, k = top_k_index.shape
     counters = getattr(self, "moeslim_counters", None)
+    if tokens * k <= DIRECT_MAX_PAIRS and getattr(self, "moeslim_inner", "grouped_mm") in _FUSED_FLOAT:
+        y = _host_decode(self, hidden_states, top_k_index, top_k_weights, counters)
+        if y is not None:
+            return y
     keep = _keep(self, top_k_weights)
     if keep is None:
         _count(counters, tokens * k, tokens)
@@ -107,16 +111,7 @@ def skipping_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index
         _count(counters, int(keep.sum()), tokens)
         return inner(self, hidden_states, routed, rescale_kept(top_k_weights, keep))
     if fused and tokens * k <= DIRECT_MAX_PAIRS:
-        pairs = routed.tolist()  # the one host read of the layer
-        kept = sum(e < n_experts for row in pairs for e in row)
-        _count(counters, kept, tokens)
-        if kept == tokens * k:
-            # Nothing skipped: the same direct matmuls on the original weights, which at these few pairs cost less
-            # than the fused forward's set-up (equal to it up to float rounding, not bit for bit).
-            return _direct_forward(self, hidden_states, pairs, top_k_weights)
-        if kept == 1:  # one token keeping one expert (top-2 decode): that expert alone
-            return _one_pair_forward(self, hidden_states, pairs[0], top_k_weights)
-        return _direct_forward(self, hidden_states, pairs, rescale_kept(top_k_weights, keep))
+        return _direct_decode(self, hidden_states, routed.tolist(), top_k_weights, keep, counters)  # one host read
     if bool(keep.all()):
         # Nothing skipped: the inner implementation on the original arguments (bit-identical output).
         _count(counters, tokens * k, tokens)
@@ -136,6 +131,45 @@ def skipping_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index
     out.index_add_(0, token_idx, pair_out.to(out.dtype))
     _count(counters, int(token_idx.numel()), tokens)
     return out
+
+
+def _host_decode(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                 counters: dict[str, int] | None) -> Tensor | None:
+    """The decode branch of ``skipping_experts_forward`` on fused float weights with the top-2 rule decided on
+    the host (``keep_rows_top2``: the same decisions as ``keep_mask``) from the routing read once, instead of a
+    handful of tensor ops per layer and step; None where it does not apply (another rule, beta <= 0, a NaN
+    weight): the tensor path runs."""
+    beta = float(getattr(experts, "moeslim_beta", 0.0))
+    if beta <= 0 or getattr(experts, "moeslim_rule", "top2") != "top2" or top_k_index.shape[1] != 2:
+        return None
+    keep = keep_rows_top2(top_k_weights.float().tolist(), beta)
+    if keep is None:
+        return None
+    protect = getattr(experts, "moeslim_protect", None)  # (T,) bool, set per forward by the ODP attention hook
+    if protect is not None and protect.numel() == len(keep):
+        keep = [[True, True] if p else row for row, p in zip(keep, protect.tolist(), strict=True)]
+    n_experts = int(getattr(experts, "num_experts"))  # noqa: B009
+    pairs = [[e if kp else n_experts for e, kp in zip(row, krow, strict=True)]
+             for row, krow in zip(top_k_index.tolist(), keep, strict=True)]
+    return _direct_decode(experts, hidden_states, pairs, top_k_weights, keep, counters)
+
+
+def _direct_decode(experts: nn.Module, hidden_states: Tensor, pairs: list[list[int]], top_k_weights: Tensor,
+                   keep: Tensor | list[list[bool]], counters: dict[str, int] | None) -> Tensor:
+    """A few routed pairs on fused float weights, the routing on the host: pairs (T, k) expert ids
+    (``num_experts``: skipped), top_k_weights (T, k), keep (T, k) as a tensor or host bools -> (T, H)."""
+    n_experts = int(getattr(experts, "num_experts"))  # noqa: B009
+    tokens, k = top_k_weights.shape
+    kept = sum(e < n_experts for row in pairs for e in row)
+    _count(counters, kept, tokens)
+    if kept == tokens * k:
+        # Nothing skipped: the same direct matmuls on the original weights, which at these few pairs cost less
+        # than the fused forward's set-up (equal to it up to float rounding, not bit for bit).
+        return _direct_forward(experts, hidden_states, pairs, top_k_weights)
+    if kept == 1:  # one token keeping one expert (top-2 decode): that expert alone
+        return _one_pair_forward(experts, hidden_states, pairs[0], top_k_weights)
+    mask = keep if isinstance(keep, Tensor) else torch.tensor(keep, device=top_k_weights.device)
+    return _direct_forward(experts, hidden_states, pairs, rescale_kept(top_k_weights, mask))
 
 
 def _one_pair_forward(experts: nn.Module, hidden_states: Tensor, routed: list[int], top_k_weights: Tensor) -> Tensor:

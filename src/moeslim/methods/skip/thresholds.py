@@ -18,6 +18,8 @@ top-2 skip gets weight 1, as in the paper).
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import Literal, get_args
 
 import torch
@@ -80,6 +82,36 @@ def keep_mask(weights: Tensor, beta: float, rule: str) -> Tensor:
     first = done.int().argmax(dim=-1, keepdim=True)  # (T, 1) smallest sufficient prefix end
     keep_sorted = torch.arange(k, device=w.device).unsqueeze(0) <= first
     return torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (ties to even), as a Python float."""
+    rounded: float = struct.unpack("f", struct.pack("f", value))[0]
+    return rounded
+
+
+def keep_rows_top2(weights: list[list[float]], beta: float) -> list[list[bool]] | None:
+    """``keep_mask(w, beta, "top2")`` on a few rows already read on the host (decode): (T, 2) float32 weights as
+    Python floats -> (T, 2) bools, the same decisions (None: a NaN, which the tensor rule orders otherwise).
+
+    The tensor rule compares w >= beta * w_best in float32 (the scalar rounded to float32, the product rounded
+    once); the product of two float32 values is exact in a Python float, so rounding it once more gives the
+    same threshold. The first maximum always runs (argmax's tie rule).
+    """
+    b32 = _f32(beta)
+    out = []
+    for row in weights:
+        if len(row) != 2 or any(math.isnan(v) for v in row):
+            return None
+        best = 0 if row[0] >= row[1] else 1
+        if abs(b32 * row[best]) > _F32_MAX:  # beyond float32's finite range: leave it to the tensor rule
+            return None
+        threshold = _f32(b32 * row[best])
+        out.append([j == best or v >= threshold for j, v in enumerate(row)])
+    return out
 
 
 def rescale_kept(weights: Tensor, keep: Tensor) -> Tensor:
