@@ -233,7 +233,7 @@ def planes_native_inputs(x: Tensor, widths: tuple[int, ...], group_size: int) ->
 
 @functools.cache
 def _native_functions() -> tuple[Callable[..., object], ...] | None:
-    return build_avx512_bf16_functions("moeslim_planes_rows", _SOURCE, ("planes_rows", "planes_rows_x"),
+    return build_avx512_bf16_functions("moeslim_planes_decode", _SOURCE, ("planes_rows", "planes_rows_x"),
                                        "planes decode")
 
 
