@@ -6,7 +6,8 @@ before: forwards that drop the placeholder index ``num_experts`` (``routed_exper
 the (T, k) routing with skipped pairs pointed at the placeholder; transformers' fused float forwards (grouped_mm,
 batched_mm) are replaced, when a token skips, by matmuls on the kept experts' slices of the same fused weights (at
 decode straight from the routing read once on the host, ``DIRECT_MAX_PAIRS``, where the top-2 rule is decided on
-the host too and bfloat16 rows run ``dense_native``'s GEMV; longer inputs through ``routed_forward``); any other implementation (eager, low-rank) gets the kept pairs as one-expert "tokens", summed
+the host too and bfloat16 rows run ``dense_native``'s GEMV; longer inputs through ``routed_forward``); any other
+implementation (eager, low-rank) gets the kept pairs as one-expert "tokens", summed
 back per token. Kept weights are rescaled to the token's original total; nothing skipped = the original arguments
 (bit-identical output) except at decode on fused float weights, where a token keeping every expert runs the same
 direct matmuls as one that skips (equal up to float rounding, and cheaper than the fused forward's set-up at a few
