@@ -39,10 +39,12 @@ def test_rows_through_their_experts_equal_float32_sums_rounded(n_out: int, n_in:
     # outputs not a multiple of 4 and inputs not a multiple of 32 (masked tail) included; each row its own expert
     gen = torch.Generator().manual_seed(n_out + n_in)
     w = torch.randn(3, n_out, n_in, generator=gen).bfloat16()
-    for n_rows in (1, 2, 5, DENSE_NATIVE_MAX_ROWS):
+    kernel = native_dense_rows()
+    assert kernel is not None
+    for n_rows in (1, 2, DENSE_NATIVE_MAX_ROWS, 5, 8):  # the kernel itself takes any number of rows
         x = torch.randn(n_rows, n_in, generator=gen).bfloat16()
         rows = torch.randint(0, 3, (n_rows,), generator=gen).tolist()
-        got = dense_rows(x, w, rows)
+        got = dense_rows(x, w, rows) if n_rows <= DENSE_NATIVE_MAX_ROWS else kernel(x, w, rows)
         assert got is not None and got.dtype == torch.bfloat16 and got.shape == (n_rows, n_out)
         exact = torch.stack([x[i].float() @ w[e].float().T for i, e in enumerate(rows)])
         _one_rounding(got, exact)
@@ -60,7 +62,8 @@ def test_declines_what_it_does_not_compute() -> None:
     assert dense_rows(torch.randn(1, 64), w, [0]) is None  # float32
     assert dense_rows(torch.randn(1, 64).bfloat16(), w, [0]) is None  # float32 weights
     wb = w.bfloat16()
-    assert dense_rows(torch.randn(DENSE_NATIVE_MAX_ROWS + 1, 64).bfloat16(), wb, [0] * 9) is None  # prefill
+    over = DENSE_NATIVE_MAX_ROWS + 1  # longer inputs: torch's GEMM
+    assert dense_rows(torch.randn(over, 64).bfloat16(), wb, [0] * over) is None
     assert dense_rows(torch.randn(64, 2).bfloat16().T, wb, [0, 1]) is None  # rows not unit-stride
     with pytest.raises(RuntimeError, match="expert out of range"):
         dense_rows(torch.randn(1, 64).bfloat16(), wb, [2])
