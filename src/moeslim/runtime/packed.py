@@ -25,8 +25,9 @@ once per group, so no dequantized weight is ever materialised. bfloat16 rows of 
 batch-1 shapes). Calls of little work (``SERIAL_MAX_WORK``) are
 compiled single-threaded, and at such shapes a layer's routed pairs can run as one graph per projection
 (``rows_traced``, ``fuses_decode``; lowbit_forward's masked decode). Longer inputs dequantize each routed expert
-once (compiled) and run a float matmul. 4-bit experts run torch's int4pack kernel below ``INT4_GEMM_MIN_ROWS``
-rows of one expert (``INT4_NATIVE_GEMM_MIN_ROWS`` where ``int4_native`` runs the tiles); longer inputs (prefill)
+once (compiled) and run a float matmul. 4-bit experts run torch's int4pack kernel on bf16 inputs below
+``INT4_GEMM_MIN_ROWS`` rows of one expert (``INT4_NATIVE_GEMM_MIN_ROWS`` where ``int4_native`` runs the tiles);
+longer inputs (prefill), and float32 or float16 inputs at any length (the kernel is slow outside bf16),
 dequantize the expert a tile of output columns at a time into scratch shared by one layer forward and matmul
 each tile while it is in cache (``int4pack_dequant_matmul``): the int4pack kernel's cost grows with every row.
 
@@ -71,12 +72,14 @@ _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.floa
 # many rows of one group they run as one call; longer inputs dequantize each routed expert once (compiled)
 # and run a float matmul.
 FUSED_MAX_ROWS = 8
-# 4-bit experts routed this many input rows or more (prefill) are dequantized and run as a float matmul
-# (``int4pack_dequant_matmul``) instead of torch's int4pack kernel, whose cost grows with every row (it
-# re-converts the weights per row block). Measured with benchmarks/int4_gemm_threshold.py on the speed model's
-# shapes (11264 x 2048 and 2048 x 5632, bf16, one thread): the int4pack kernel wins up to 64 rows, the
-# dequantized matmul from 96 (1.1-1.2x at 96-128 rows).
-INT4_GEMM_MIN_ROWS = 96
+# 4-bit experts routed this many bf16 input rows or more (prefill) are dequantized a tile at a time and run as a
+# float matmul (``int4pack_dequant_matmul``) instead of torch's int4pack kernel, whose cost grows with every row.
+# Measured with benchmarks/int4_gemm_threshold.py on the speed model's shapes (11264 x 2048 and 2048 x 5632, bf16,
+# one thread) with the compiled tiles: the int4pack kernel wins up to 32 rows (1.7-1.9x at 16, 0.9-1.0x at 32), the
+# GEMM path from 48 (1.15-1.2x at 48, 1.3x at 64, 1.5-1.6x at 96). float32 and float16 inputs always take the GEMM
+# path: torch's CPU int4pack kernel is fast only in bf16 (in float32 it took 40 ms for one row of 11264 x 2048,
+# 25x its bf16 time and 5x the GEMM path's; 50x the GEMM path at 32 rows).
+INT4_GEMM_MIN_ROWS = 48
 # The same threshold where the tiles dequantize through ``int4_native`` (bf16, AVX512-BF16): the GEMM path then
 # wins from 32 rows (1.3x at 32, 1.7x at 64 rows on both shapes, same benchmark) and the int4pack kernel at 16.
 INT4_NATIVE_GEMM_MIN_ROWS = 32
@@ -345,9 +348,10 @@ def int4pack_dequant_kernel(q: Tensor, scale: Tensor, offset: Tensor, out: Tenso
 
 
 def int4_gemm(rows: int, dtype: torch.dtype) -> bool:
-    """Whether ``rows`` rows of one 4-bit expert run ``int4pack_dequant_matmul`` instead of the int4pack kernel
-    (decode never consults, hence never builds, the native kernel)."""
-    if rows >= INT4_GEMM_MIN_ROWS:
+    """Whether ``rows`` rows of one 4-bit expert run ``int4pack_dequant_matmul`` instead of the int4pack kernel:
+    always outside bf16 (see ``INT4_GEMM_MIN_ROWS``); bf16 decode never consults, hence never builds, the native
+    kernel."""
+    if rows >= INT4_GEMM_MIN_ROWS or dtype != torch.bfloat16:
         return True
     return rows >= INT4_NATIVE_GEMM_MIN_ROWS and dtype == torch.bfloat16 and native_int4_tile() is not None
 
