@@ -110,3 +110,18 @@ def test_pmq_candidate_is_pmqs_allocation_within_the_target() -> None:
     pmq = QuantizeConfig(method="pmq", bits=bits, candidates=tuple(sorted(config.widths)), scope="global")
     alloc, _ = plan_bits(model, None, pmq, factors=held.pmq)
     assert {idx: tuple(b) for idx, b in alloc.items()} == {idx: c.bits for idx, c in choice.layers.items()}
+
+
+def test_cli_plan_joint_verifies_with_the_projects_judge(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from moeslim.cli import main
+
+    plan_file = tmp_path / "joint.json"
+    calib = ["--data", "demo:code", "--samples", "4", "--seq-len", "32", "--batch-size", "2"]
+    assert main(["plan", "joint", str(tiny_model_dir), "--target-ratio", "0.93", "--verify-windows", "1", *calib,
+                 "--out", str(plan_file)]) == 0
+    summary = json.loads(plan_file.read_text())["summary"]
+    verified = summary["verification"]
+    assert verified["windows"] == 1 and verified["fit_windows"] == 3
+    assert verified["chosen"] in [c["name"] for c in verified["candidates"]]
+    assert all(c["measured_kl"] >= 0 for c in verified["candidates"])
+    assert summary["held_bytes"] <= summary["target_bytes"]
