@@ -47,13 +47,14 @@ from moeslim.data.calibration_set import build_calibration_set
 from moeslim.evaluate.cost import param_bytes
 from moeslim.evaluate.divergence import ReferenceTop, reference_top
 from moeslim.evaluate.perplexity import perplexity
-from moeslim.methods.joint import JointConfig, measure_nonexpert, measure_options, plan_joint
+from moeslim.methods.joint import JointConfig, measure_held, measure_options, plan_joint
 from moeslim.methods.joint.config import JointTargets
 from moeslim.methods.joint.solve import SizeOption, solve_joint
 from moeslim.methods.prune.saliency import reap_scores, top_experts
 from moeslim.methods.quant.driver import QuantizeConfig, plan_quantize, pmq_factors
 from moeslim.models import find_moe_layers, load_model
 from moeslim.plans import Plan, Provenance
+from moeslim.workflows.joint_verify import kl_judge
 
 MIB = 2**20
 DOMAINS = ("code", "prose")
@@ -224,14 +225,13 @@ def run_model(name: str, args: argparse.Namespace, budgets: list[float]) -> tupl
                               **nonexpert_widths(args))
     targets: JointTargets = base_config.check_model(bench.model)  # the single methods' bytes: the model's dtype
     t0 = time.perf_counter()
-    options = measure_options(bench.model, bench.calib.input_ids, base_config, targets)
-    joint_options, held_config, held_targets = options, base_config, targets
-    if args.hold_dtype != "auto":  # the joint plans' options on the model as they hold it (cast)
-        held_config = dataclasses.replace(base_config, hold_dtype=args.hold_dtype)
-        held_targets = held_config.check_model(bench.model)
-        joint_options = measure_options(bench.model, bench.calib.input_ids, held_config, held_targets)
-    nonexpert = measure_nonexpert(bench.model, bench.calib.input_ids, held_config, held_targets, joint_options)
+    held_config = dataclasses.replace(base_config, hold_dtype=args.hold_dtype, verify_windows=args.verify_windows)
+    held = measure_held(bench.model, bench.calib.input_ids, held_config)[args.hold_dtype]
+    # the prune-only baselines' loss curves: the model's dtype (the joint plans' when they hold it)
+    options = held.options if args.hold_dtype == "auto" else measure_options(
+        bench.model, bench.calib.input_ids, base_config, targets)
     measure_s = time.perf_counter() - t0
+    judge = kl_judge(bench.model, args.batch_size) if args.verify_windows else None
     factors = pmq_factors(bench.model, bench.calib.input_ids,
                           QuantizeConfig(method="pmq", candidates=PMQ_CANDIDATES, max_tokens=args.max_tokens))
     reap = _reap_scores(bench, args.max_tokens)
@@ -240,12 +240,18 @@ def run_model(name: str, args: argparse.Namespace, budgets: list[float]) -> tupl
     for share in budgets:
         config = dataclasses.replace(held_config, target_ratio=share)
         try:
-            plan = plan_joint(bench.model, bench.calib, config, name, options=joint_options, nonexpert=nonexpert)
+            plan = plan_joint(bench.model, bench.calib, config, name, measured={args.hold_dtype: held}, judge=judge)
         except ConfigError as err:
             rows.append((share, str(err).split(":")[1].strip() if ":" in str(err) else str(err), []))
             continue
         joint = bench.measure(f"joint-{share:g}", "joint", lambda plan=plan: [plan], plan.summary["estimated_error"])
         joint.method = "joint: " + _describe(plan)
+        verified = plan.summary.get("verification")
+        if verified:
+            print(f"  {name} {share:g}: verification kept {verified['chosen']} of " + ", ".join(
+                f"{c['name']} (est. {c['estimated_error']:.4g}, KL {c['measured_kl']:.5f})"
+                for c in verified["candidates"]) + f" ({verified['seconds']:.0f} s)", flush=True)
+            joint.method += f" [verified: {verified['chosen']}]"
         rows.append((share, joint, _singles(bench, targets, options, reap, factors, joint.held)))
     lines = _table(name, bench, original, rows)
     joints = [(s, j) for s, j, _ in rows if isinstance(j, Measured)]
@@ -366,6 +372,9 @@ def main() -> None:
     parser.add_argument("--widths", default="2,3,4,8,16", help="the joint planner's candidate widths")
     parser.add_argument("--hold-dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                         help="the joint plans' hold_dtype (auto: the model's); the single methods keep the model's")
+    parser.add_argument("--verify-windows", type=int, default=0,
+                        help="JointConfig.verify_windows: calibration windows held out to judge the candidate plans "
+                             "by measured KL (0: the estimated optimum)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the table in --out")
     args = parser.parse_args()

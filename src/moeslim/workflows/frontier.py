@@ -52,6 +52,8 @@ class FrontierConfig:
     # widths the joint plans may hold each layer's attention and the token embedding / head at (16 always offered)
     attention_widths: tuple[int, ...] = (8, 4)
     embedding_widths: tuple[int, ...] = (8, 4)
+    # calibration windows held out to judge the joint planner's candidate plans by measured KL (0: unverified)
+    verify_windows: int = 0
 
     def __post_init__(self) -> None:
         if not self.budgets or not all(0 < b < 1 for b in self.budgets):
@@ -66,6 +68,7 @@ class FrontierConfig:
         return JointConfig(target_ratio=share, widths=self.widths, max_tokens=self.max_tokens,
                            size_step=self.size_step, search_budget=self.search_budget,
                            attention_widths=self.attention_widths, embedding_widths=self.embedding_widths,
+                           verify_windows=self.verify_windows,
                            **({"hold_dtype": self.hold_dtypes[0]} if len(self.hold_dtypes) == 1
                               else {"hold_dtypes": self.hold_dtypes}))
 
@@ -160,6 +163,7 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
     from moeslim.methods.joint.hold import as_held
     from moeslim.methods.quant.driver import QuantizeConfig, pmq_factors
     from moeslim.models.held_bytes import held_bytes
+    from moeslim.workflows.joint_verify import kl_judge
 
     console = console or Console(soft_wrap=True)
     quick = dataclasses.replace(evaluation, tasks=(), speed=False)
@@ -174,6 +178,7 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
     measure_config = config.joint(max(config.budgets))
     held = measure_held(model, calibration.input_ids, measure_config)  # per hold dtype, serves every budget
     seconds["joint options (once)"] = time.perf_counter() - start
+    judge = kl_judge(model, measure_config.batch_size) if config.verify_windows else None
     start = time.perf_counter()
     factors = pmq_factors(model, calibration.input_ids,
                           QuantizeConfig(method="pmq", candidates=config.pmq_candidates, max_tokens=config.max_tokens))
@@ -200,7 +205,7 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
     for share in sorted(config.budgets):
         target = int(share * uncast.original)
         try:
-            plan = plan_joint(model, calibration, config.joint(share), model_name, measured=held)
+            plan = plan_joint(model, calibration, config.joint(share), model_name, measured=held, judge=judge)
         except (ConfigError, ValueError) as err:
             rows.append(BudgetRow(share, target, None, _short(err)))
             notes.append(f"{share:.0%}: no joint plan fits: {_short(err)}")
@@ -209,6 +214,11 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
         result = runner.run(name, plan, f"joint plan at {share:.0%} of the original's held bytes")
         joint = point_of(result, "joint", float(plan.summary["estimated_error"]))
         rows.append(BudgetRow(share, target, joint))
+        verified = plan.summary.get("verification")
+        if verified:
+            notes.append(f"{share:.0%}: verification kept {verified['chosen']} (measured KL on "
+                         f"{verified['windows']} held-out calibration windows: " + ", ".join(
+                             f"{c['name']} {c['measured_kl']:.3g}" for c in verified["candidates"]) + ")")
         if len(config.hold_dtypes) > 1:
             notes.append(f"{share:.0%}: joint plan held in {plan.summary['hold_dtype'] or 'the model dtype (auto)'}"
                          f"; {_candidates(plan.summary['hold_candidates'])}")

@@ -80,7 +80,11 @@ def plan_stage(model: nn.Module, stage: StageSpec, calib: CalibrationSet, model_
     ``progress``: a line per finished layer on stderr (``moeslim.progress``).
     """
     _, planner = _registry()[stage.kind]
-    extra = {"checkpoint": checkpoint} if checkpoint is not None else {}
+    extra: dict[str, Any] = {"checkpoint": checkpoint} if checkpoint is not None else {}
+    if stage.kind == "joint" and stage.config.verify_windows:  # the candidates are applied and measured here
+        from moeslim.workflows.joint_verify import kl_judge
+
+        extra["judge"] = kl_judge(model, stage.config.batch_size)
     plan = planner(model, calib, stage.config, model_name, device=device, progress=progress, **extra)
     # Record how the calibration set was drawn, so the same windows can be drawn again (GPTQ runs in apply).
     return dataclasses.replace(plan, summary={**plan.summary, "calibration": calibration_spec(calib)})

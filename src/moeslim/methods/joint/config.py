@@ -104,6 +104,11 @@ class JointConfig:
         "widths the token embedding and output head may be held at together (one storage when tied; 16 = "
         "untouched is always an option), e.g. 16,8,4: packed rows that stay packed in memory (a lookup "
         "dequantizes its rows only). Empty: untouched", ())
+    verify_windows: int = _help(
+        "calibration windows (the last ones) held out from measuring the options: the planner's few candidate "
+        "plans (the optimum per hold dtype, without attention / embedding packing, widths only, PMQ's allocation "
+        "at the same bytes) are each applied (GPTQ on the other windows) and judged by their measured KL on these, "
+        "and the least is kept (methods/joint/verify.py). 0: the estimated optimum, unverified", 0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(self.widths))
@@ -147,7 +152,7 @@ class JointConfig:
         if self.error_scale not in ("kl", "squared"):
             raise ConfigError(f"error_scale={self.error_scale!r}: use 'kl' or 'squared'")
         for name, low in (("size_step", 1), ("max_subsets", 1), ("group_size", 1), ("batch_size", 1),
-                          ("probe_windows", 1)):
+                          ("probe_windows", 1), ("verify_windows", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}={getattr(self, name)}: use {low} or more")
         if self.search_budget is not None and self.search_budget < 1:

@@ -11,6 +11,7 @@ skipping, in one call.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,12 +31,21 @@ from moeslim.methods.joint.lowrank_options import rank_options
 from moeslim.methods.joint.nonexpert import EMBEDDING, nonexpert_groups
 from moeslim.methods.joint.probe import probe_scales, scale_options
 from moeslim.methods.joint.solve import ChoiceGroup, JointChoice, SizeOption, solve_joint
+from moeslim.methods.joint.verify import Judge, full_options, pmq_choice, split_windows
 from moeslim.methods.prune.driver import PruneContext, decide_layer
+from moeslim.methods.quant.config import QuantizeConfig
+from moeslim.methods.quant.driver import pmq_factors
+from moeslim.methods.quant.factors import LayerFactors
 from moeslim.models import MoELayer
 from moeslim.models.select import group_limits
 from moeslim.plans import Plan, Provenance
 
-__all__ = ["HeldOptions", "measure_held", "measure_nonexpert", "measure_options", "plan_joint"]
+__all__ = ["HeldOptions", "fit_windows", "measure_held", "measure_nonexpert", "measure_options", "plan_joint"]
+
+
+def fit_windows(input_ids: torch.Tensor, config: JointConfig) -> torch.Tensor:
+    """The calibration windows (N, S) the options are measured on: all but the last ``verify_windows``."""
+    return split_windows(input_ids, config.verify_windows)[0]
 
 
 def _layer_options(layer: MoELayer, observers: Any, config: JointConfig, targets: JointTargets, ctx: PruneContext
@@ -54,7 +64,9 @@ def measure_options(model: nn.Module, input_ids: torch.Tensor, config: JointConf
                     ) -> dict[int, list[SizeOption]]:
     """{decoder layer index: the layer's options} from one layer-wise pass (original-model inputs per layer);
     with ``error_scale="kl"`` their errors are then weighed by each layer's probed KL scales (``probe.py``).
-    With ``hold_dtype`` they are measured on a copy of the model cast to it (the model as the plan holds it)."""
+    With ``hold_dtype`` they are measured on a copy of the model cast to it (the model as the plan holds it).
+    ``input_ids``: all calibration windows; the last ``verify_windows`` are left out (``fit_windows``)."""
+    input_ids = fit_windows(input_ids, config)
     model = as_held(model, config.hold_dtype)
     ctx = PruneContext(targets.prune, targets.shape, group_limits(model))
     options: dict[int, list[SizeOption]] = run_layerwise(
@@ -75,9 +87,11 @@ def measure_options(model: nn.Module, input_ids: torch.Tensor, config: JointConf
 def measure_nonexpert(model: nn.Module, input_ids: torch.Tensor, config: JointConfig, targets: JointTargets,
                       options: dict[int, list[SizeOption]]) -> list[ChoiceGroup]:
     """The attention / embedding choice groups of ``config`` (``nonexpert.py``) with their probed errors, measured on
-    ``model`` as the plan holds it (empty when neither option is set); ``options`` from ``measure_options``."""
+    ``model`` as the plan holds it (empty when neither option is set); ``options`` from ``measure_options``;
+    ``input_ids`` all calibration windows (the last ``verify_windows`` left out)."""
     if not targets.nonexpert:
         return []
+    input_ids = fit_windows(input_ids, config)
     held = as_held(model, config.hold_dtype)
     return nonexpert_groups(held, input_ids, targets.nonexpert, options, config.widths, config.group_size,
                             config.symmetric, config.error_scale, config.probe_windows, config.batch_size)
@@ -92,11 +106,22 @@ def _curve_key(option: SizeOption) -> str:
 class HeldOptions:
     """What the planner measures for one hold dtype: the experts' ``options`` (``measure_options``), the
     attention / embedding groups (``measure_nonexpert``) and the cast's own error (``cast_price.py``; 0 unmeasured
-    for a single hold dtype)."""
+    for a single hold dtype); with ``verify_windows``, ``pmq`` PMQ's factors for its candidate allocation
+    (``verify.py``; None: no PMQ candidate)."""
 
     options: dict[int, list[SizeOption]]
     nonexpert: list[ChoiceGroup]
     cast_error: float = 0.0
+    pmq: dict[int, LayerFactors] | None = None
+
+
+def measure_pmq(model: nn.Module, input_ids: torch.Tensor, config: JointConfig) -> dict[int, LayerFactors]:
+    """PMQ's factors over ``config.widths`` on ``model`` as held, from the fit windows (one layer-wise pass of
+    round-to-nearest errors): the verification's PMQ candidate (``verify.pmq_choice``)."""
+    pmq = QuantizeConfig(method="pmq", bits=min(config.widths), candidates=tuple(sorted(config.widths)),
+                         group_size=config.group_size, symmetric=config.symmetric, max_tokens=config.max_tokens,
+                         batch_size=config.batch_size, seed=config.seed, token_fraction=config.token_fraction)
+    return pmq_factors(as_held(model, config.hold_dtype), fit_windows(input_ids, config), pmq)
 
 
 def measure_held(model: nn.Module, input_ids: torch.Tensor, config: JointConfig,
@@ -114,9 +139,10 @@ def measure_held(model: nn.Module, input_ids: torch.Tensor, config: JointConfig,
         nonexpert = measure_nonexpert(held, input_ids, held_config, targets, options)
         price = 0.0
         if config.hold_dtypes:
-            price = cast_error(model, held, input_ids, options, config.widths, config.group_size, config.symmetric,
-                               config.error_scale, config.probe_windows, config.batch_size)
-        out[dtype] = HeldOptions(options, nonexpert, price)
+            price = cast_error(model, held, fit_windows(input_ids, config), options, config.widths, config.group_size,
+                               config.symmetric, config.error_scale, config.probe_windows, config.batch_size)
+        pmq = measure_pmq(held, input_ids, held_config) if config.verify_windows else None
+        out[dtype] = HeldOptions(options, nonexpert, price, pmq)
         del held
     return out
 
@@ -127,25 +153,81 @@ class _Solved:
     targets: JointTargets
     measured: HeldOptions
     choice: JointChoice
+    nonexpert: list[ChoiceGroup]  # the groups this decision chose among (none: attention / embedding untouched)
+    name: str = "optimum"
 
     @property
     def error(self) -> float:
         return self.choice.error + self.measured.cast_error
 
 
+def _key(s: _Solved) -> tuple[Any, ...]:
+    """Two candidates with equal keys apply the same model."""
+    layers = tuple((idx, c.kept, c.bits, c.skip_beta, c.ranks) for idx, c in sorted(s.choice.layers.items()))
+    groups = tuple(sorted((n, b) for n, b in s.choice.groups.items() if b != 16))
+    return s.dtype, layers, groups
+
+
+def _candidates(model: nn.Module, config: JointConfig, solved: list[_Solved]) -> list[_Solved]:
+    """The verification's candidates (``verify.py``), duplicates dropped, the estimated optimum first."""
+    out = sorted(solved, key=lambda s: s.error)
+    out = [dataclasses.replace(s, name=f"optimum {s.dtype}") for s in out]
+    for s in sorted(solved, key=lambda s: s.error):
+        t, held = s.targets, s.measured
+        solve = dict(widths=config.widths, sizes=t.sizes, base=t.base, target=t.target, active_target=t.active,
+                     ranks=config.ranks)
+        if held.nonexpert:
+            try:
+                choice = solve_joint(held.options, groups=[], **solve)  # type: ignore[arg-type]
+                out.append(_Solved(s.dtype, t, held, choice, [], f"untouched attention/embedding {s.dtype}"))
+            except ValueError:
+                pass  # the target needs them packed
+        experts = {idx: lb.num_experts for idx, lb in t.sizes.items()}
+        full = full_options(held.options, experts)
+        if all(full.values()) and full != {idx: list(o) for idx, o in held.options.items()}:
+            try:
+                choice = solve_joint(full, groups=held.nonexpert, **solve)  # type: ignore[arg-type]
+                out.append(_Solved(s.dtype, t, held, choice, held.nonexpert, f"widths only {s.dtype}"))
+            except ValueError:
+                pass  # the target needs pruning
+        if held.pmq is not None and not config.ranks:
+            pmq = pmq_choice(model, held.pmq, held.options, config.widths, t.sizes, t.base, t.target, t.active)
+            if pmq is not None:
+                out.append(_Solved(s.dtype, t, held, pmq, [], f"PMQ allocation {s.dtype}"))
+            if any(b != 16 for b in s.choice.groups.values()):  # the optimum's attention / embedding widths
+                pmq = pmq_choice(model, held.pmq, held.options, config.widths, t.sizes, t.base, t.target, t.active,
+                                 held.nonexpert, s.choice.groups)
+                if pmq is not None:
+                    out.append(_Solved(s.dtype, t, held, pmq, held.nonexpert,
+                                       f"PMQ allocation + optimum's attention/embedding {s.dtype}"))
+    seen: set[tuple[Any, ...]] = set()
+    unique = []
+    for s in out:
+        if _key(s) not in seen:
+            seen.add(_key(s))
+            unique.append(s)
+    return unique
+
+
 def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, config: JointConfig,
                model_name: str | None = None, device: torch.device | str | None = None, progress: bool = False,
                options: dict[int, list[SizeOption]] | None = None, nonexpert: list[ChoiceGroup] | None = None,
-               measured: Mapping[str, HeldOptions] | None = None) -> Plan:
+               measured: Mapping[str, HeldOptions] | None = None, judge: Judge | None = None) -> Plan:
     """Choose kept experts and widths per layer for the least estimated error under the targets; a "joint" plan.
 
     The model is not modified. ``options``: the layers' options from ``measure_options`` on the same model and
     calibration (one pass serves several targets); ``nonexpert``: ``measure_nonexpert``'s groups likewise (both for
     one hold dtype). ``measured``: ``measure_held``'s per-dtype measurements, for ``hold_dtypes`` (or one dtype).
     With several hold dtypes one plan is solved per dtype that fits and the least estimated error, the cast's own
-    price included, is kept.
+    price included, is kept. With ``verify_windows`` the candidates (``verify.py``) are judged by ``judge`` (their
+    measured KL on the held-out windows) and the least measured is kept; the summary's ``verification`` says which
+    and why.
     """
     input_ids, data_name, data_hash = calibration_fields(calibration)
+    if config.verify_windows and judge is None:
+        raise ValueError(f"verify_windows={config.verify_windows}: pass a judge that applies the candidates and "
+                         "measures their KL (moeslim.workflows.joint_verify.kl_judge), or set verify_windows=0")
+    fit_ids, held_ids = split_windows(input_ids, config.verify_windows)
     if options is not None or nonexpert is not None:
         if config.hold_dtypes:
             raise ValueError("options / nonexpert hold one dtype's measurements: with hold_dtypes pass measure_held's "
@@ -159,7 +241,8 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
             nonexpert = nonexpert if nonexpert is not None else measure_nonexpert(held, input_ids, config, targets,
                                                                                   options)
             del held
-        measured = {config.hold_dtype: HeldOptions(options, nonexpert)}
+        pmq = measure_pmq(model, input_ids, config) if config.verify_windows else None
+        measured = {config.hold_dtype: HeldOptions(options, nonexpert, 0.0, pmq)}
         fits: dict[str, JointTargets] = {config.hold_dtype: targets}
     else:
         fits = held_targets(model, config)
@@ -183,11 +266,47 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
             if len(fits) == 1:
                 raise
             continue  # this dtype's options cannot meet the targets together: another dtype may
-        solved.append(_Solved(dtype, targets, held_options, choice))
+        solved.append(_Solved(dtype, targets, held_options, choice, held_options.nonexpert))
     if not solved:
         raise ConfigError(f"no hold dtype of {list(fits)} has a plan that meets the targets: raise the target")
     best = min(solved, key=lambda s: s.error)
-    targets, options, nonexpert, choice = best.targets, best.measured.options, best.measured.nonexpert, best.choice
+    verification: dict[str, Any] | None = None
+    if config.verify_windows:
+        if any(m.pmq is None for m in measured.values()):
+            raise ValueError("verify_windows: the measurements hold no PMQ factors; measure them with this config "
+                             "(measure_held)")
+        verify_start = time.perf_counter()
+        candidates = _candidates(model, config, solved)
+        plans = [_plan(model, model_name, config, fit_ids, c, solved, {}) for c in candidates]
+        kls = judge(plans, fit_ids, held_ids)  # type: ignore[misc]
+        if len(kls) != len(plans):
+            raise ValueError(f"the judge measured {len(kls)} of {len(plans)} candidate plans")
+        pick = min(range(len(plans)), key=lambda i: (kls[i], i))  # a tie keeps the estimate's order
+        best = candidates[pick]
+        verification = {
+            "windows": int(held_ids.shape[0]), "fit_windows": int(fit_ids.shape[0]),
+            "criterion": "least mean KL per token to the original on the held-out calibration windows, each "
+                         "candidate applied with GPTQ on the fit windows",
+            "chosen": best.name,
+            "candidates": [{"name": c.name, "hold_dtype": c.dtype, "estimated_error": c.error,
+                            "held_bytes": c.choice.held_bytes, "measured_kl": float(k)}
+                           for c, k in zip(candidates, kls, strict=True)],
+            "seconds": time.perf_counter() - verify_start,
+        }
+    seconds = {"measure": measure_seconds, "solve": time.perf_counter() - start - measure_seconds}
+    plan = _plan(model, model_name, config, calibration, best, solved, seconds)
+    if verification is not None:
+        plan.summary["verification"] = verification
+        plan.summary["seconds"]["solve"] -= verification["seconds"]
+        plan.summary["seconds"]["verify"] = verification["seconds"]
+    return plan
+
+
+def _plan(model: nn.Module, model_name: str | None, config: JointConfig, calibration: CalibrationSet | torch.Tensor,
+          best: _Solved, solved: list[_Solved], seconds: dict[str, float]) -> Plan:
+    """The "joint" plan of one decision, recorded with ``calibration`` (the windows apply's GPTQ runs on)."""
+    _, data_name, data_hash = calibration_fields(calibration)
+    targets, options, nonexpert, choice = best.targets, best.measured.options, best.nonexpert, best.choice
     hold_dtype = best.dtype
     layers: dict[int, dict[str, Any]] = {idx: {"kept": list(c.kept), "bits": list(c.bits)}
                                          for idx, c in sorted(choice.layers.items())}
@@ -224,7 +343,7 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
             "prune_err": o.prune_err,
             "quant_err_min": float(o.quant_err.min(axis=1).sum()),
         } for o in options[idx]}} for idx, c in sorted(choice.layers.items())},
-        "seconds": {"measure": measure_seconds, "solve": time.perf_counter() - start - measure_seconds},
+        "seconds": dict(seconds),
         "calibration": calibration_spec(calibration),
     }
     if config.hold_dtypes:  # why this dtype: every candidate's estimate (the cast's price included)
