@@ -90,6 +90,28 @@ def test_demo_task_answers_equal_hflm(demo, task_requests, monkeypatch: pytest.M
     assert {attr for attr, _, _ in hook.calls} == {"loglikelihood"}
 
 
+@pytest.mark.parametrize("runtime", ["skipping", "odp"])
+def test_installed_runtimes(runtime: str, task_requests, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamic skipping decides per token: shared path. Online dynamic pruning protects the top tokens of each
+    forward's whole sequence (an attention hook), which separate context and continuation forwards would
+    change (by more than 1 nat here): HFLM's path. Both answer what HFLM answers."""
+    from moeslim.runtime.odp import install_odp
+    from moeslim.runtime.skipping import install_skipping
+
+    model, tok = load_model("demo")
+    betas = dict.fromkeys(range(model.config.num_hidden_layers), 0.5)
+    if runtime == "skipping":
+        install_skipping(model, betas)
+    else:
+        install_odp(model, betas, protect=0.02)
+    reqs = task_requests[: 4 * ITEMS // 2]
+    ref, _ = _answers(HFLM(pretrained=model, tokenizer=tok, batch_size=8), reqs)
+    base_calls = _base_calls(monkeypatch)
+    got, _ = _answers(SharedPrefixHFLM(pretrained=model, tokenizer=tok, batch_size=8), reqs)
+    assert base_calls == ([] if runtime == "skipping" else [len(reqs)])
+    _assert_same(got, ref)
+
+
 def test_token_requests_mixed_lengths_and_truncation(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shared contexts, one-token continuations, several batches, and requests longer than max_length + 1
     (HFLM truncates those from the left: they go to HFLM's own path) in one call, in request order."""

@@ -40,6 +40,13 @@ def shareable_kv(cache: object) -> KV | None:
     return kv
 
 
+def hooked_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the modules with forward (pre-)hooks: a hook may act on whole sequences (online dynamic pruning
+    protects the top tokens of every forward's sequence), which scoring a context and its continuations in
+    separate forwards would change."""
+    return [name for name, module in model.named_modules() if module._forward_hooks or module._forward_pre_hooks]
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(ids, attention mask, position ids), each (len(seqs), longest), real tokens right-aligned."""
     width = max(len(s) for s in seqs)
@@ -81,8 +88,8 @@ class SharedPrefixHFLM(HFLM):
 
     Requests HFLM would treat differently go to HFLM's own ``_loglikelihood_tokens`` (same answers by
     construction, not a weaker method): context + continuation longer than max_length + 1 (HFLM truncates
-    from the left), a seq2seq backend, an automatic batch size, and models whose cache is not a plain
-    full-attention DynamicCache (checked on the first forward)."""
+    from the left), a seq2seq backend, an automatic batch size, models with forward hooks (``hooked_modules``)
+    and models whose cache is not a plain full-attention DynamicCache (checked on the first forward)."""
 
     # what one forward costs beyond its tokens, in tokens: about 15 ms against 0.4 ms per token for the demo
     # model on one CPU thread; it only decides how continuations of different lengths are split into calls
@@ -99,7 +106,11 @@ class SharedPrefixHFLM(HFLM):
     def _loglikelihood_tokens(
         self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
     ) -> list[Answer]:
-        own = isinstance(self.batch_size, int) and self.backend == "causal" and self._cache_ok is not False
+        hooked = hooked_modules(self.model)
+        if hooked:
+            logger.debug("forward hooks on %s: HFLM scores every request", ", ".join(hooked[:3]))
+        own = (isinstance(self.batch_size, int) and self.backend == "causal" and self._cache_ok is not False
+               and not hooked)
         shared = [i for i, (_, ctx, cont) in enumerate(requests)
                   if own and ctx and cont and len(ctx) + len(cont) <= self.max_length + 1]
         answers: dict[int, Answer] = {}
