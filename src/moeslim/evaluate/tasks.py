@@ -1,8 +1,9 @@
 """Multiple-choice task accuracy through lm-evaluation-harness: bundled offline tasks built from the corpus
 test split, plus standard harness tasks (hellaswag, ...) when their data can be reached.
 
-The in-memory model is wrapped by lm-eval's own ``HFLM(pretrained=model, tokenizer=tokenizer)``, so whatever
-runtime ``apply`` installed on it (skipping, packed low-bit experts) is what the harness scores."""
+The in-memory model is wrapped by lm-eval's ``HFLM(pretrained=model, tokenizer=tokenizer)`` (its subclass
+``SharedPrefixHFLM``, which runs each item's context once for all its choices), so whatever runtime ``apply``
+installed on it (skipping, packed low-bit experts) is what the harness scores."""
 
 from __future__ import annotations
 
@@ -290,14 +291,15 @@ def _run_harness(
     import sys
 
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from moeslim.evaluate.shared_prefix import SharedPrefixHFLM
 
     backend = f"lm-eval {lm_eval.__version__}"
     out: dict[str, dict] = {}
     console = sys.stderr  # where our progress goes while the harness's own output is redirected
     with third_party_output(log), _offline_env(not online):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = SharedPrefixHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         # indexing the harness's thousands of bundled task configs takes seconds: only when needed
         manager = TaskManager(include_path=str(folder), include_defaults=any(n not in _TASK_SPECS for n in names))
         # one at a time: a standard task failing must not lose the others
