@@ -136,7 +136,7 @@ def demo_variants(config: DemoConfig, calibration: CalibrationConfig, num_expert
 
 
 def fine_variants(config: DemoConfig, calibration: CalibrationConfig, num_experts: int) -> list[Variant]:
-    """Removal-share variants for a model with many experts (enumeration is out of reach there)."""
+    """Removal-share variants for a model with many experts (enumeration is out of reach there), skipping and PMQ."""
     variants = []
     for share in FINE_REMOVAL:
         keep = num_experts - round(share * num_experts)
@@ -148,8 +148,15 @@ def fine_variants(config: DemoConfig, calibration: CalibrationConfig, num_expert
             Variant(f"freq-{keep}", (_prune("frequency", keep),), description=f"frequency, {what}"),
             Variant(f"reap-{keep}", (_prune("reap", keep),), description=f"REAP saliency, {what}"),
         ]
-    # No random row here (the Mixtral table has them; benchmarks/prune_fine.py has random over seeds): the two
-    # embedded models together stay near the 10-minute demo budget on a 2-core CPU.
+    variants += [
+        Variant("skip", (_stage("skip", rule="topk"),),
+                description="dynamic skipping, top-k rule (median beta per layer)"),
+        Variant("rtn-3", (_stage("quantize", method="uniform", bits=3, quantizer="rtn"),),
+                description="uniform 3-bit experts, round-to-nearest (group 128; no calibration)"),
+    ]
+    # No random row here (the Mixtral table has them; benchmarks/prune_fine.py has random over seeds), and one
+    # skipping and one quantized row, the latter round-to-nearest: GPTQ of 4 x 64 experts (PMQ or uniform) takes
+    # about 4 minutes on a 2-core CPU, and the two embedded models together stay near the demo's 10 minutes.
     if config.quick:
         variants = [v for v in variants if v.name.startswith(("freq-", "reap-"))][:2]
     return variants
