@@ -24,7 +24,8 @@ from torch import Tensor
 
 from moeslim.runtime.native_build import build_avx512_bf16_functions
 
-__all__ = ["native_planes_rows", "native_planes_rows_x", "native_slots", "planes_native_inputs"]
+__all__ = ["native_planes_rows", "native_planes_rows_x", "native_planes_rows_xf", "native_slots",
+           "planes_native_inputs"]
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -208,6 +209,70 @@ torch::Tensor planes_rows_x(torch::Tensor x, torch::Tensor rows, std::vector<tor
   planes_rows(xv, xs, rows, planes, zplanes, zconst, scales, widths, offsets, out);
   return out.to(torch::kBFloat16);
 }
+
+// planes_rows_x for float32 inputs x (S, K) (row stride free, unit column stride) -> (S, N) float32, exactly:
+// each input splits into three bfloat16 parts hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid) (each
+// difference exact in float32; together they hold x's 24-bit significand), the kernel is linear in x and exact
+// per product, so y(x) = y(hi) + y(mid) + y(lo): the three parts run as rows 3s, 3s + 1, 3s + 2 of one
+// planes_rows call (same expert, so its bytes are read from cache for the second and third) and are summed
+// smallest first.
+torch::Tensor planes_rows_xf(torch::Tensor x, torch::Tensor rows, std::vector<torch::Tensor> planes,
+                             std::vector<torch::Tensor> zplanes, int64_t zconst, torch::Tensor scales,
+                             std::vector<int64_t> widths, std::vector<int64_t> offsets, std::vector<int64_t> slots) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.stride(1) == 1, "x layout");
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.numel() == x.size(0), "rows");
+  const int64_t P = planes.size(), S = x.size(0), K = x.size(1), G = scales.size(2), sx = x.stride(0);
+  TORCH_CHECK((int64_t)slots.size() == 8 * P && K <= G * 128, "slots / input width");
+  auto bf = x.options().dtype(torch::kBFloat16);
+  auto xv = torch::empty({3 * S, G, 4 * P, 32}, bf);
+  auto xs = torch::empty({3 * S, G, 16}, x.options());
+  auto rows3 = torch::empty({3 * S}, rows.options());
+  const auto rc = rows.contiguous();
+  const int64_t* rp = rc.data_ptr<int64_t>();
+  int64_t* r3 = rows3.data_ptr<int64_t>();
+  const float* xp = x.data_ptr<float>();
+  at::BFloat16* vp = xv.data_ptr<at::BFloat16>();
+  float* sp = xs.data_ptr<float>();
+  const int64_t row_len = G * 4 * P * 32;
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t part = 0; part < 3; ++part) r3[3 * s + part] = rp[s];
+    for (int64_t g = 0; g < G; ++g) {
+      at::BFloat16* v0 = vp + (3 * s) * row_len + g * 4 * P * 32;
+      for (int64_t v = 0; v < 8 * P; ++v) {
+        const int64_t k0 = g * 128 + slots[v] * 16;
+        for (int64_t r = 0; r < 16; ++r) {
+          const float a = k0 + r < K ? xp[s * sx + k0 + r] : 0.f;
+          const at::BFloat16 hi(a);
+          const float rest = a - (float)hi;  // exact: a and hi agree in their leading bits
+          const at::BFloat16 mid(rest);
+          const at::BFloat16 lo(rest - (float)mid);  // exact, and exactly a bfloat16 (at most 8 bits left)
+          v0[v * 16 + r] = hi;
+          v0[row_len + v * 16 + r] = mid;
+          v0[2 * row_len + v * 16 + r] = lo;
+        }
+      }
+      for (int64_t part = 0; part < 3; ++part) {
+        const at::BFloat16* vg = v0 + part * row_len;
+        for (int64_t l = 0; l < 16; ++l) {
+          float acc = 0.f;
+          for (int64_t j = 0; j < 4; ++j) acc += (float)vg[j * 32 + 2 * l] + (float)vg[j * 32 + 2 * l + 1];
+          sp[((3 * s + part) * G + g) * 16 + l] = acc;
+        }
+      }
+    }
+  }
+  auto parts = torch::empty({3 * S, scales.size(1)}, x.options());
+  planes_rows(xv, xs, rows3, planes, zplanes, zconst, scales, widths, offsets, parts);
+  const int64_t N = scales.size(1);
+  auto out = torch::empty({S, N}, x.options());
+  const float* pp = parts.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t s = 0; s < S; ++s) {
+    const float* h = pp + 3 * s * N;
+    for (int64_t o = 0; o < N; ++o) op[s * N + o] = h[o] + (h[N + o] + h[2 * N + o]);
+  }
+  return out;
+}
 """
 
 
@@ -233,8 +298,8 @@ def planes_native_inputs(x: Tensor, widths: tuple[int, ...], group_size: int) ->
 
 @functools.cache
 def _native_functions() -> tuple[Callable[..., object], ...] | None:
-    return build_avx512_bf16_functions("moeslim_planes_decode", _SOURCE, ("planes_rows", "planes_rows_x"),
-                                       "planes decode")
+    return build_avx512_bf16_functions("moeslim_planes_rows", _SOURCE,
+                                       ("planes_rows", "planes_rows_x", "planes_rows_xf"), "planes decode")
 
 
 def native_planes_rows() -> Callable[..., None] | None:
@@ -251,6 +316,14 @@ def native_planes_rows_x() -> Callable[..., Tensor] | None:
     zero-padded to whole groups inside (one call per projection at decode, no torch ops around it)."""
     functions = _native_functions()
     return None if functions is None else functions[1]  # type: ignore[return-value]
+
+
+def native_planes_rows_xf() -> Callable[..., Tensor] | None:
+    """``planes_rows_xf(x, rows, ...)``: ``planes_rows_x`` (same arguments) for float32 inputs x (S, K) -> (S, N)
+    float32, exact as the compiled float32 kernel: x split into three bfloat16 parts (hi, mid, lo; together x's
+    24-bit significand) run as three rows each, their float32 outputs summed (the kernel is linear in x)."""
+    functions = _native_functions()
+    return None if functions is None else functions[2]  # type: ignore[return-value]
 
 
 def native_slots(widths: tuple[int, ...]) -> list[int]:
