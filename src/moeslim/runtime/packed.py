@@ -432,8 +432,9 @@ def _compile(kernel: Callable[..., Any], tag: int | str, serial: bool) -> Callab
 
 
 @functools.cache
-def _shared_kernel(kernel: Callable[..., Any], full: tuple[Any, ...]) -> Callable[..., Tensor]:
-    """One compiled copy of a pure module-level ``kernel`` per process and ``full`` key (``_Compiled(shared=True)``).
+def _shared_kernel(kernel: Callable[..., Any], serial: bool, full: tuple[Any, ...]) -> Callable[..., Tensor]:
+    """One compiled copy of a pure module-level ``kernel`` per process and ``full`` key (``_Compiled(shared=True)``;
+    ``serial`` as ``_compile``, also named in ``full``).
 
     A process-wide cache, on purpose: a pure kernel whose key names every shape, dtype and constant of its
     arguments compiles to the same graph whichever layer, projection or model calls it, and the compiled
@@ -442,7 +443,7 @@ def _shared_kernel(kernel: Callable[..., Any], full: tuple[Any, ...]) -> Callabl
     projection, and again for every ``copy.deepcopy`` of a model (minutes on a cold inductor cache); torch's
     own dynamo and inductor caches are per process the same way. Graphs that read a layer's own objects (the
     decode graphs of ``lowbit_forward``: the experts' activation, per-layer expert counts) are not shared."""
-    return _compile(kernel, f"s{len(full)}_{abs(hash(full)) % 10**9}", serial=bool(full[2]))
+    return _compile(kernel, f"s{abs(hash(full)) % 10**9}", serial)
 
 
 class _Compiled:
@@ -461,7 +462,8 @@ class _Compiled:
         self.failed = False
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Compiled:
-        return _Compiled()  # a compiled function does not copy; the copy compiles its own on first use
+        # a compiled function does not copy: the copy compiles its own on first use (shared kernels: looks them up)
+        return _Compiled()
 
     def __call__(self, kernel: Callable[..., Any], *args: Any, key: tuple[Any, ...] | None = None,
                  serial: bool = False, shared: bool = False) -> Any:
@@ -474,7 +476,7 @@ class _Compiled:
         try:
             fn = self.fns.get(full)
             if fn is None:
-                fn = self.fns[full] = (_shared_kernel(kernel, full) if shared and key is not None
+                fn = self.fns[full] = (_shared_kernel(kernel, serial, full) if shared and key is not None
                                        else _compile(kernel, len(self.fns), serial))
             return fn(*args)
         except Exception as exc:  # noqa: BLE001 - no compiler / unsupported backend: the eager path is exact
