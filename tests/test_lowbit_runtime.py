@@ -8,6 +8,7 @@ float reference round differently in bfloat16).
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -192,11 +193,14 @@ def compiled() -> _Compiled:
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_decode_kernels_match_dequantized_weights_all_widths(transposed: bool, compiled: _Compiled) -> None:
+def test_decode_kernels_match_dequantized_weights_all_widths(transposed: bool, compiled: _Compiled,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # The compiled gathered decode kernels (bit planes for 1-3 and 5-7 bits, int8 for 8, int4pack for 4) through
     # PackedExperts.matmul at 1 and 3 rows, in both stored layouts (gpt-oss keeps experts as (in, out)), against
     # x @ W^T with W = LowBitTensor.dequantize. float32 everywhere: rtol 1e-5 of the largest output (only the
-    # summation order differs).
+    # summation order differs). The float32 native kernel is held back (the path of CPUs without AVX512-BF16;
+    # test_planes_native checks it).
+    monkeypatch.setattr(packed_module, "native_planes_rows_xf", lambda: None)
     widths = [1, 2, 3, 4, 5, 6, 7, 8]
     gen = torch.Generator().manual_seed(len(widths) + transposed)
     n_out, n_in = 64, 256  # COMPILE_MIN_WEIGHTS: large enough to compile
@@ -246,6 +250,28 @@ def test_long_inputs_dequantize_once_exactly(bits: int, compiled: _Compiled) -> 
     if dequant is None:
         pytest.skip("torch.compile is not available on this machine")
     assert torch.equal(dequant, weights)
+
+
+def test_pure_kernels_compile_once_for_every_layer_and_copy() -> None:
+    # Two layers' experts of the same shapes and widths (different weights) and a deepcopy of one (a model
+    # variant): long inputs dequantize through one compiled planes_dequant graph per key for all of them (a
+    # compile per layer and per copy was most of a cold start), each with its own experts' weights.
+    gen = torch.Generator().manual_seed(5)
+    packs = [quantize_fused(torch.randn(2, 64, 256, generator=gen), [3, 5], 128, None, "rtn") for _ in range(2)]
+    a, b = PackedExperts(packs[0]), PackedExperts(packs[1])
+    c = copy.deepcopy(a)
+    assert c.compiled is not a.compiled and not c.compiled.fns  # a copy's own set, sharing what it calls
+    x = torch.randn(packed_module.FUSED_MAX_ROWS + 1, 256, generator=gen)
+    for storage, packed in ((a, packs[0]), (b, packs[1]), (c, packs[0])):
+        weights = packed.dequantize()
+        for e in range(2):
+            _close(storage.matmul(e, x), x @ weights[e].T)
+    if a.compiled.failed:
+        pytest.skip("torch.compile is not available on this machine")
+    fns = [{k: f for k, f in s.compiled.fns.items() if k[0] == "planes_dequant"} for s in (a, b, c)]
+    assert len(fns[0]) == 2 and fns[0].keys() == fns[1].keys() == fns[2].keys()  # one key per width
+    for key, f in fns[0].items():
+        assert fns[1][key] is f and fns[2][key] is f
 
 
 _FRESH = textwrap.dedent("""
@@ -321,11 +347,14 @@ def test_loading_never_materialises_float_experts(tmp_path: Path) -> None:
     assert got["peak_bytes"] < float_experts, got
 
 
-def test_gathered_kernels_on_inputs_padded_to_whole_groups(compiled: _Compiled) -> None:
+def test_gathered_kernels_on_inputs_padded_to_whole_groups(compiled: _Compiled, monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
     # 320 inputs at group 128: the last group is padded at pack time (to 384) and both layouts still run their
     # fused kernels; one call per width group computes 5 rows, each through its own routed expert (rows padded
     # to the 8-row bucket), equal to x @ W^T of the dequantized experts (float32, rtol 1e-5); saving drops
-    # the padding (the canonical tensor comes back bit-exactly).
+    # the padding (the canonical tensor comes back bit-exactly). The float32 native kernel is held back (the
+    # compiled kernel is the path of CPUs without AVX512-BF16).
+    monkeypatch.setattr(packed_module, "native_planes_rows_xf", lambda: None)
     widths = [3, 4, 3, 4]  # bit planes (compiled) and int4pack
     gen = torch.Generator().manual_seed(23)
     w = torch.randn(len(widths), 64, 320, generator=gen)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moeslim.methods.quant.fused import quantize_fused
 from moeslim.runtime import packed as packed_module
 from moeslim.runtime.packed import PackedExperts, pack_planes, plane_split, planes_rows_kernel
-from moeslim.runtime.planes_native import native_planes_rows, planes_native_inputs
+from moeslim.runtime.planes_native import native_planes_rows, native_planes_rows_xf, native_slots, planes_native_inputs
 
 pytestmark = pytest.mark.skipif(
     native_planes_rows() is None,
@@ -84,9 +85,114 @@ def test_routed_decode_equals_dequantize_then_matmul(symmetric: bool) -> None:
     _close(storage.matmul(e, x).float(), x.float() @ weights[e].T, rtol=1e-2)
 
 
-def test_float32_inputs_are_not_taken() -> None:
-    # float32 inputs are not exact in bfloat16: the native kernel declines and the compiled (or eager) path runs.
-    packed = quantize_fused(torch.randn(2, 72, 256), [3, 3], 128, None, "rtn")
-    group = PackedExperts(packed).groups[0]
-    assert group._native_rows(torch.tensor([0]), torch.randn(1, 256)) is None
-    assert group._native_rows(torch.tensor([0]), torch.randn(1, 256).bfloat16()) is not None
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_float32_inputs_equal_the_planes_rows_kernel(bits: int, symmetric: bool) -> None:
+    # float32 inputs split into three bfloat16 parts (hi, mid, lo) run as three rows each: the float32 kernel's
+    # sums (exact products, summation order aside), for input widths a multiple of 128 or not (448 and 80:
+    # zero-padded to whole groups inside) and rows routed to random experts (repeats included).
+    xf = native_planes_rows_xf()
+    assert xf is not None
+    split = plane_split(bits)
+    widths = tuple(w for w, _ in split)
+    for k in (384, 448, 80):
+        gen = torch.Generator().manual_seed(bits * 4 + symmetric * 2 + k)
+        n, n_out, gs = 3, 40, 128
+        n_groups = -(-k // gs)
+        codes = torch.randint(0, 2**bits, (n, n_out, n_groups, gs), dtype=torch.uint8, generator=gen)
+        planes = tuple(pack_planes(codes, bits))
+        zeros = torch.randint(0, 2**bits, (n, n_out * n_groups), dtype=torch.uint8, generator=gen)
+        zplanes: tuple[torch.Tensor, ...] | int = 1 << (bits - 1) if symmetric else tuple(pack_planes(zeros, bits))
+        scales = (torch.rand(n, n_out, n_groups, generator=gen) * 0.01 + 1e-3).half()
+        for n_rows in (1, 2, 5):
+            x = torch.randn(n_rows, k, generator=gen) * torch.logspace(-3, 3, k)  # magnitudes far apart
+            rows = torch.randint(0, n, (n_rows,), generator=gen)
+            ref = planes_rows_kernel(F.pad(x, (0, n_groups * gs - k)), rows, planes, zplanes, scales, bits, gs)
+            got = xf(x, rows, list(planes), [] if isinstance(zplanes, int) else list(zplanes),
+                     zplanes if isinstance(zplanes, int) else 0, scales.view(torch.int16), list(widths),
+                     [o for _, o in split], native_slots(widths))
+            assert got.dtype == torch.float32
+            _close(got, ref)
+            # far closer than bfloat16 inputs get: the parts below bf16 precision count
+            bf = planes_rows_kernel(F.pad(x.bfloat16().float(), (0, n_groups * gs - k)), rows, planes, zplanes,
+                                    scales, bits, gs)
+            assert (bf - ref).abs().max() > 30 * (got - ref).abs().max()
+
+
+class _NoCompile(packed_module._Compiled):
+    def __call__(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        raise AssertionError("a compiled kernel ran for native decode rows")
+
+
+@pytest.mark.parametrize("n_in", [300, 448, 80])
+def test_float32_rows_are_taken_and_exact(n_in: int) -> None:
+    # float32 rows of mixed widths (1..8 bits, all bit planes but 4 and 8: int4pack / int8 layouts) run the
+    # native kernel, never a compiled one, and equal the float32 reference kernel on the same planes; float16
+    # inputs are declined (the compiled or eager path runs).
+    widths = [1, 2, 3, 5, 6, 7, 3, 2]
+    gen = torch.Generator().manual_seed(n_in)
+    w = torch.randn(len(widths), 200, n_in, generator=gen)
+    packed = quantize_fused(w, widths, 128, None, "rtn")
+    storage = PackedExperts(packed)
+    storage.compiled = _NoCompile()
+    assert set(storage.formats().values()) == {"planes"} and storage.n_groups == 6
+    weights = packed.dequantize()
+    for gi, group in enumerate(storage.groups):
+        for n_rows in (1, 2, 3, 8):
+            rows = torch.randint(0, len(group.experts), (n_rows,), generator=gen)
+            x = torch.randn(n_rows, n_in, generator=gen)
+            got = storage.group_matmul(gi, rows, x)
+            assert got.dtype == torch.float32
+            ref = planes_rows_kernel(group._pad(x), rows, tuple(getattr(group, f"p{j}") for j in
+                                     range(group.n_planes)), group._all_zplanes(), group.scales.view(torch.float16),
+                                     group.bits, group.group_size)
+            _close(got, ref)
+            dq = torch.stack([x[i] @ weights[group.experts[int(r)]].T for i, r in enumerate(rows)])
+            _close(got, dq, rtol=1e-4)  # dequantize-then-matmul: float32 sums in another grouping
+    group = storage.groups[0]
+    assert group._native_rows(torch.tensor([0]), torch.randn(1, n_in).half()) is None
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_float32_native_decode_equals_sorted_experts(gated: bool) -> None:
+    # A layer's float32 decode through planes_rows_xf (no compiled graph) equals ``sorted_experts``' maths run
+    # eagerly (float32 projections, activation and weighted sum) for one token (k = 2) and three tokens, with
+    # the placeholder expert (adds nothing) and a down projection of 448 inputs (not whole groups of 128).
+    from moeslim.runtime.lowbit_forward import _native_decode, grouped_forward, sorted_experts
+
+    widths = [3, 2, 5, 3, 1]
+    n_mid = 448
+    gen = torch.Generator().manual_seed(41 + gated)
+    up_p = quantize_fused(torch.randn(5, 2 * n_mid if gated else n_mid, 256, generator=gen), widths, 128, None,
+                          "rtn")
+    down_p = quantize_fused(torch.randn(5, 256, n_mid, generator=gen), widths, 128, None, "rtn")
+    up, down = PackedExperts(up_p), PackedExperts(down_p)
+    up.compiled = down.compiled = _NoCompile()
+
+    class _Experts(torch.nn.Module):
+        has_gate = gated
+        has_bias = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.act_fn = torch.nn.SiLU()
+
+        def _apply_gate(self, h: torch.Tensor) -> torch.Tensor:
+            g, u = h.chunk(2, dim=-1)
+            return self.act_fn(g) * u
+
+    experts = _Experts()
+    act = experts._apply_gate if gated else experts.act_fn
+    for n_tokens, index in ((1, torch.tensor([[0, 3]])), (1, torch.tensor([[4, 5]])),
+                            (3, torch.tensor([[1, 2], [2, 5], [0, 4]]))):
+        x = torch.randn(n_tokens, 256, generator=gen)
+        weights = torch.rand(n_tokens, 2, generator=gen)
+        pairs = sorted((up.slot[e][0], p // 2, up.slot[e][1], p) for p, e in enumerate(index.reshape(-1).tolist())
+                       if e in up.slot)
+        counts = tuple(sum(1 for g, *_ in pairs if g == gi) for gi in range(up.n_groups))
+        idx = torch.tensor([[t for _, t, _, _ in pairs], [r for _, _, r, _ in pairs], [p for *_, p in pairs]])
+        ref = sorted_experts(x, idx, weights, counts, up.rows_args(), down.rows_args(), down.in_width, act)
+        got = _native_decode(experts, x, index, weights, up, down)
+        assert got is not None and got.dtype == torch.float32
+        _close(got, ref)
+        _close(grouped_forward(experts, x, index, weights, up, down), ref)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from moeslim.methods.quant.fused import LowBitTensor
 from moeslim.models.attrs import callable_attr
 from moeslim.runtime.packed import PackedExperts, Workspace, rows_traced
-from moeslim.runtime.planes_native import native_planes_rows_x
+from moeslim.runtime.planes_native import native_planes_rows_x, native_planes_rows_xf
 from moeslim.runtime.routed_experts import (
     attach_part,
     drops_placeholder,
@@ -165,19 +165,22 @@ def sorted_experts(hidden_states: Tensor, index: Tensor, top_k_weights: Tensor, 
 
 def _native_decode(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
                    up: PackedExperts, down: PackedExperts) -> Tensor | None:
-    """bfloat16 decode of bit-plane experts through ``planes_native``'s ``planes_rows_x`` (None: it does not run
-    here): the routing read on the host, then per width group one native call per projection on the group's
-    pairs, between them the experts' activation. The maths of ``sorted_experts`` (each projection's float32 sums
-    rounded to bfloat16, the activation in bfloat16, weighted bfloat16 outputs summed per token) without a
-    compiled graph: at these shapes its guards and call cost more than the kernels, and inductor's bit-plane
-    loops several times more than the native kernel.
+    """bfloat16 or float32 decode of bit-plane experts through ``planes_native``'s ``planes_rows_x`` /
+    ``planes_rows_xf`` (None: it does not run here): the routing read on the host, then per width group one
+    native call per projection on the group's pairs, between them the experts' activation. The maths of
+    ``sorted_experts`` (each projection's float32 sums in hidden_states' dtype, the activation in that dtype,
+    weighted outputs summed per token in it) without a compiled graph: at these shapes its guards and call cost
+    more than the kernels, and inductor's bit-plane loops several times more than the native kernel.
 
-    hidden_states (T, H) bfloat16, top_k_index / top_k_weights (T, k) -> (T, H).
+    hidden_states (T, H) bfloat16 or float32, top_k_index / top_k_weights (T, k) -> (T, H).
     """
-    if hidden_states.dtype != torch.bfloat16:
+    if hidden_states.dtype == torch.bfloat16:
+        kernel = native_planes_rows_x()
+    elif hidden_states.dtype == torch.float32:
+        kernel = native_planes_rows_xf()
+    else:
         return None
     up_args, down_args = up.native_decode_args(), down.native_decode_args()
-    kernel = native_planes_rows_x()
     if up_args is None or down_args is None or kernel is None:
         return None
     k = top_k_index.shape[1]
@@ -200,7 +203,7 @@ def _native_decode(experts: nn.Module, hidden_states: Tensor, top_k_index: Tenso
         h = act(kernel(x, rows, *up_args[g]))
         outs.append(kernel(h.contiguous(), rows, *down_args[g]))
         pairs += [p for _, _, p in group]
-    y = outs[0] if len(outs) == 1 else torch.cat(outs)  # (S, H) bfloat16, pairs in group order
+    y = outs[0] if len(outs) == 1 else torch.cat(outs)  # (S, H) in hidden_states' dtype, pairs in group order
     weights = top_k_weights.reshape(-1)[torch.tensor(pairs, device=y.device)]
     y = y * weights.unsqueeze(-1).to(y.dtype)
     if single:

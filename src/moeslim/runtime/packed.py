@@ -17,18 +17,18 @@ width) as buffers grouped by width, in the layout the fastest kernel for that wi
 Inputs that are not a multiple of the group size are padded to whole groups at pack time (code 0; inputs
 padded with zeros, so the padding adds exactly 0), so every shape the layouts can hold runs their kernels.
 
-Decoding (up to ``FUSED_MAX_ROWS`` rows in one width group) runs one ``torch.compile``d kernel per width group
-for all its routed (row, expert) pairs (``planes_rows_kernel``, ``int8_rows_kernel``): each row gathers its
-expert's packed bytes inside the kernel, the integer codes meet the input first and scale and zero are applied
-once per group, so no dequantized weight is ever materialised. bfloat16 rows of bit-plane groups (group size
-128) run ``planes_native``'s AVX512-BF16 kernel instead where the CPU has it (the same sums; 2-2.5x faster at
-batch-1 shapes). Calls of little work (``SERIAL_MAX_WORK``) are
-compiled single-threaded, and at such shapes a layer's routed pairs can run as one graph per projection
-(``rows_traced``, ``fuses_decode``; lowbit_forward's masked decode). Longer inputs dequantize each routed expert
-once (compiled) and run a float matmul. 4-bit experts run torch's int4pack kernel on bf16 inputs below
-``INT4_GEMM_MIN_ROWS`` rows of one expert (``INT4_NATIVE_GEMM_MIN_ROWS`` where ``int4_native`` runs the tiles);
-longer inputs (prefill), and float32 or float16 inputs at any length (the kernel is slow outside bf16),
-dequantize the expert a tile of output columns at a time into scratch shared by one layer forward and matmul
+Decoding (up to ``FUSED_MAX_ROWS`` rows in one width group) runs one ``torch.compile``d kernel per width group for
+all its routed (row, expert) pairs (``planes_rows_kernel``, ``int8_rows_kernel``): each row gathers its expert's
+packed bytes inside the kernel, the integer codes meet the input first and scale and zero are applied once per
+group, so no dequantized weight is ever materialised. bfloat16 rows of bit-plane groups (group size 128) run
+``planes_native``'s AVX512-BF16 kernel instead where the CPU has it (the same sums; 2-2.5x faster at batch-1
+shapes), float32 rows the same kernel on their three bfloat16 parts (exact, and nothing to compile). Calls of
+little work (``SERIAL_MAX_WORK``) are compiled single-threaded, and at such shapes a layer's routed pairs can run
+as one graph per projection (``rows_traced``, ``fuses_decode``; lowbit_forward's masked decode). Longer inputs
+dequantize each routed expert once (compiled) and run a float matmul. 4-bit experts run torch's int4pack kernel on
+bf16 inputs below ``INT4_GEMM_MIN_ROWS`` rows of one expert (``INT4_NATIVE_GEMM_MIN_ROWS`` where ``int4_native``
+runs the tiles); longer inputs (prefill), and float32 or float16 inputs at any length (the kernel is slow outside
+bf16), dequantize the expert a tile of output columns at a time into scratch shared by one layer forward and matmul
 each tile while it is in cache (``int4pack_dequant_matmul``): the int4pack kernel's cost grows with every row.
 
 Every buffer is stored with an integer dtype (float16 scales viewed as int16, dense slices viewed as an
@@ -40,6 +40,7 @@ rebuilds the canonical ``LowBitTensor`` bit-exactly (for saving).
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from collections.abc import Callable
@@ -56,6 +57,7 @@ from moeslim.runtime.int4_native import native_int4_tile
 from moeslim.runtime.planes_native import (
     native_planes_rows,
     native_planes_rows_x,
+    native_planes_rows_xf,
     native_slots,
     planes_native_inputs,
 )
@@ -396,7 +398,8 @@ def int4pack_dequant_matmul(x: Tensor, w4: Tensor, sz: Tensor, group_size: int, 
             if native is not None:
                 native(*args)
             # the key names the slices' strides (N): each matrix shape compiles its full and last tile once
-            elif compiled(int4pack_dequant_kernel, *args, key=(n_out, k, n1 - n0, n_groups, x.dtype)) is None:
+            elif compiled(int4pack_dequant_kernel, *args, key=(n_out, k, n1 - n0, n_groups, x.dtype),
+                          shared=True) is None:
                 break  # no compiler here: the eager passes below
             torch.mm(x, w, out=y[:, n0:n1])
         else:
@@ -415,11 +418,32 @@ def int4pack_dequant_matmul(x: Tensor, w4: Tensor, sz: Tensor, group_size: int, 
     return x @ w
 
 
-def _own_code(kernel: Callable[..., Any], tag: int) -> Callable[..., Any]:
+def _own_code(kernel: Callable[..., Any], tag: int | str) -> Callable[..., Any]:
     """A copy of ``kernel`` with its own code object: dynamo keeps compiled specialisations (and checks their
     guards) per code object, so each copy holds one specialisation and finds it with one guard check."""
     code = kernel.__code__.replace(co_name=f"{kernel.__name__}_{tag}")
     return types.FunctionType(code, kernel.__globals__, code.co_name, kernel.__defaults__, kernel.__closure__)
+
+
+def _compile(kernel: Callable[..., Any], tag: int | str, serial: bool) -> Callable[..., Tensor]:
+    """``kernel``'s own copy (``_own_code``) compiled with static shapes (``serial``: no parallel region)."""
+    options: dict[str, str | int | bool | Callable[..., Any]] | None = {"cpp.threads": 1} if serial else None
+    return torch.compile(_own_code(kernel, tag), dynamic=False, options=options)
+
+
+@functools.cache
+def _shared_kernel(kernel: Callable[..., Any], serial: bool, full: tuple[Any, ...]) -> Callable[..., Tensor]:
+    """One compiled copy of a pure module-level ``kernel`` per process and ``full`` key (``_Compiled(shared=True)``;
+    ``serial`` as ``_compile``, also named in ``full``).
+
+    A process-wide cache, on purpose: a pure kernel whose key names every shape, dtype and constant of its
+    arguments compiles to the same graph whichever layer, projection or model calls it, and the compiled
+    function holds no tensors (its inputs are arguments; dynamo still guards them, so a call that does not
+    match recompiles instead of computing wrong). Kept per ``_Compiled`` it compiled once per layer and
+    projection, and again for every ``copy.deepcopy`` of a model (minutes on a cold inductor cache); torch's
+    own dynamo and inductor caches are per process the same way. Graphs that read a layer's own objects (the
+    decode graphs of ``lowbit_forward``: the experts' activation, per-layer expert counts) are not shared."""
+    return _compile(kernel, f"s{abs(hash(full)) % 10**9}", serial)
 
 
 class _Compiled:
@@ -428,7 +452,9 @@ class _Compiled:
 
     ``key`` names everything that selects a specialisation (the kernel's argument shapes, widths, dtypes):
     each key gets its own copy of the kernel (``_own_code``), so no call ever recompiles or walks a list of
-    guards, and the recompile limit is never reached (no ``config.patch`` on the hot path).
+    guards, and the recompile limit is never reached (no ``config.patch`` on the hot path). With ``shared``
+    the copy comes from the process-wide ``_shared_kernel`` (pure kernels whose key determines the graph), so
+    every layer and model calling it with that key runs one compiled graph.
     """
 
     def __init__(self) -> None:
@@ -436,11 +462,13 @@ class _Compiled:
         self.failed = False
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Compiled:
-        return _Compiled()  # a compiled function does not copy; the copy compiles its own on first use
+        # a compiled function does not copy: the copy compiles its own on first use (shared kernels: looks them up)
+        return _Compiled()
 
     def __call__(self, kernel: Callable[..., Any], *args: Any, key: tuple[Any, ...] | None = None,
-                 serial: bool = False) -> Any:
-        """``kernel(*args)`` compiled (None: no compiler here); ``serial``: compiled without a parallel region."""
+                 serial: bool = False, shared: bool = False) -> Any:
+        """``kernel(*args)`` compiled (None: no compiler here); ``serial``: compiled without a parallel region;
+        ``shared``: ``kernel`` is pure and ``key`` names everything its graph depends on (``_shared_kernel``)."""
         if self.failed:
             return None
         full = (kernel.__name__, torch.is_grad_enabled(), serial,
@@ -448,9 +476,8 @@ class _Compiled:
         try:
             fn = self.fns.get(full)
             if fn is None:
-                options: dict[str, str | int | bool | Callable[..., Any]] | None = (
-                    {"cpp.threads": 1} if serial else None)
-                fn = self.fns[full] = torch.compile(_own_code(kernel, len(self.fns)), dynamic=False, options=options)
+                fn = self.fns[full] = (_shared_kernel(kernel, serial, full) if shared and key is not None
+                                       else _compile(kernel, len(self.fns), serial))
             return fn(*args)
         except Exception as exc:  # noqa: BLE001 - no compiler / unsupported backend: the eager path is exact
             self.failed = True
@@ -703,13 +730,13 @@ class _WidthGroup(nn.Module):
             return F.linear(x, self.dequantize(row, x.dtype))
         if self.fmt == "int8":
             w = compiled(int8_dequant, self.w8[row], self._zplanes(row), self._scales(row), x.dtype,
-                         key=(self.fmt, self.symmetric, self.n_out, self.k_pad, self.group_size, x.dtype))
+                         key=(self.fmt, self.symmetric, self.n_out, self.k_pad, self.group_size, x.dtype), shared=True)
             return F.linear(self._pad(x), w) if w is not None else F.linear(x, self.dequantize(row, x.dtype))
         if self.fmt == "planes":
             planes = tuple(getattr(self, f"p{j}")[row] for j in range(self.n_planes))
             w = compiled(planes_dequant, planes, self._zplanes(row), self._scales(row), self.bits, self.group_size,
                          x.dtype, key=(self.fmt, self.bits, self.symmetric, self.n_out, self.k_pad, self.group_size,
-                                       x.dtype))
+                                       x.dtype), shared=True)
             if w is not None:
                 return F.linear(self._pad(x), w)
         return F.linear(x, self.dequantize(row, x.dtype))
@@ -729,23 +756,34 @@ class _WidthGroup(nn.Module):
             xp = F.pad(xp, (0, 0, 0, bucket - n_rows))
             rows = F.pad(rows, (0, bucket - n_rows))
         scales = self.scales.view(torch.float16)
+        # every argument's shape follows from the key (inputs float32, buffers contiguous): shared by all layers
         key = (self.fmt, self.bits, self.symmetric, len(self.experts), self.n_out, self.k_pad, self.group_size,
                bucket)
         serial = bucket * self.n_out * self.k_pad < SERIAL_MAX_WORK
         if self.fmt == "int8":
-            y = compiled(int8_rows_kernel, xp, rows, self.w8, self._all_zplanes(), scales, key=key, serial=serial)
+            y = compiled(int8_rows_kernel, xp, rows, self.w8, self._all_zplanes(), scales, key=key, serial=serial,
+                         shared=True)
         else:
             planes = tuple(getattr(self, f"p{j}") for j in range(self.n_planes))
             y = compiled(planes_rows_kernel, xp, rows, planes, self._all_zplanes(), scales, self.bits,
-                         self.group_size, key=key, serial=serial)
+                         self.group_size, key=key, serial=serial, shared=True)
         if y is None:
             return None
         return (y if bucket == n_rows else y[:n_rows]).to(x.dtype)
 
     def _native_rows(self, rows: Tensor, x: Tensor) -> Tensor | None:
-        """x (S, K) bfloat16, rows (S,) -> (S, N) through ``planes_native`` (None: not bfloat16 inputs on a CPU
-        with AVX512-BF16, or a group size other than the kernel's 128; the compiled kernel runs instead)."""
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or self.group_size != 128:
+        """x (S, K) bfloat16 or float32, rows (S,) -> (S, N) in x's dtype through ``planes_native`` (None: other
+        inputs, a CPU without AVX512-BF16, or a group size other than the kernel's 128; the compiled kernel runs
+        instead). float32 inputs run ``planes_rows_xf``: exact as the compiled float32 kernel."""
+        if x.device.type != "cpu" or self.group_size != 128:
+            return None
+        if x.dtype == torch.float32:
+            xf = native_planes_rows_xf()
+            args = self.native_decode_args()
+            if xf is None or args is None:
+                return None
+            return xf(x if x.stride(-1) == 1 else x.contiguous(), rows, *args)
+        if x.dtype != torch.bfloat16:
             return None
         kernel = native_planes_rows()
         if kernel is None:

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from moeslim.runtime.native_build import build_avx512_bf16_functions
 
-__all__ = ["native_planes_rows", "native_planes_rows_x", "native_slots", "planes_native_inputs"]
+__all__ = ["native_planes_rows", "native_planes_rows_x", "native_planes_rows_xf", "native_slots",
+           "planes_native_inputs"]
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -34,21 +35,23 @@ _SOURCE = r"""
 #include <cstring>
 
 // One plane of one group: 4 vectors of 32 plane values (see planes_native_inputs for the inputs' order), each
-// into its own accumulator (one chain of dependent dot products would wait on each one's latency).
+// into its own accumulator (one chain of dependent dot products would wait on each one's latency), for R input
+// rows of the same expert (R = 3: a float32 row's bfloat16 parts, xstride apart) from one decode of the plane.
 // W >= 2: the bytes of slot blocks 2p, 2p + 1 (16 bytes each) side by side, shifted by W * j per vector;
 // W = 1: the plane's 16 bytes and the same bytes shifted by 1 side by side, shifted by 2 * j.
-template <int W>
+template <int W, int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline))
-static inline void plane_dot(__m512& a0, __m512& a1, __m512& a2, __m512& a3, const uint8_t* bytes, __m512i table,
-                             const uint16_t* xv) {
-  __m512 acc[4] = {a0, a1, a2, a3};
+static inline void plane_dot(__m512 (&acc)[R][4], const uint8_t* bytes, __m512i table, const uint16_t* xv,
+                             int64_t xstride) {
   if constexpr (W == 1) {
     const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
     const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 1), 1);
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
       const __m512i c = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 2 * j), table);
-      acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)c, (__m512bh)_mm512_loadu_si512(xv + 32 * j));
+#pragma GCC unroll 3
+      for (int r = 0; r < R; ++r)
+        acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)c, (__m512bh)_mm512_loadu_si512(xv + r * xstride + 32 * j));
     }
   } else {
 #pragma GCC unroll 2
@@ -59,11 +62,13 @@ static inline void plane_dot(__m512& a0, __m512& a1, __m512& a2, __m512& a3, con
       for (int j = 0; j < 8 / W; ++j) {
         const int v = p * (8 / W) + j;
         const __m512i c = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, W * j), table);
-        acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)c, (__m512bh)_mm512_loadu_si512(xv + 32 * v));
+#pragma GCC unroll 3
+        for (int r = 0; r < R; ++r)
+          acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)c,
+                                       (__m512bh)_mm512_loadu_si512(xv + r * xstride + 32 * v));
       }
     }
   }
-  a0 = acc[0]; a1 = acc[1]; a2 = acc[2]; a3 = acc[3];
 }
 
 
@@ -73,36 +78,46 @@ struct Args {
   int64_t S, G, N, n_planes, zconst; bool symmetric;
 };
 
-// Outputs o_begin:o_end of every row.
+// Outputs o_begin:o_end of every row; rows R at a time, all R of one expert, their outputs summed per lane
+// (R = 1: each row its own output; R = 3: the parts of one float32 row, one output, smallest parts first).
+template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,f16c")))
 static void rows_block(const Args& A, int64_t o_begin, int64_t o_end) {
   __m512i tables[8];
   for (int64_t i = 0; i < A.n_planes; ++i) tables[i] = _mm512_loadu_si512(A.tables + 32 * i);
-  const int64_t G = A.G, N = A.N, P = A.n_planes;
-  for (int64_t s = 0; s < A.S; ++s) {
+  const int64_t G = A.G, N = A.N, P = A.n_planes, xstride = G * 4 * P * 32;
+  for (int64_t s = 0; s < A.S; s += R) {
     const int64_t e = A.rows[s];
     const uint8_t* zrow = A.zeros + s * N * G;
-    const uint16_t* xrow = A.x + s * G * 4 * P * 32;
+    const uint16_t* xrow = A.x + s * xstride;
     const float* xsrow = A.xs + s * G * 16;
     for (int64_t o = o_begin; o < o_end; ++o) {
-      __m512 y = _mm512_setzero_ps();
+      __m512 y[R];
+      for (int r = 0; r < R; ++r) y[r] = _mm512_setzero_ps();
       const uint16_t* srow = A.scales + (e * N + o) * G;
       for (int64_t g = 0; g < G; ++g) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        __m512 acc[R][4];
+        for (int r = 0; r < R; ++r)
+          for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
         const uint16_t* xg = xrow + g * 4 * P * 32;
         for (int64_t i = 0; i < P; ++i) {
           const int64_t w = A.widths[i];
           const uint8_t* bytes = A.planes[i] + ((e * N + o) * G + g) * 16 * w;
-          if (w == 1) plane_dot<1>(a0, a1, a2, a3, bytes, tables[i], xg + i * 128);
-          else if (w == 2) plane_dot<2>(a0, a1, a2, a3, bytes, tables[i], xg + i * 128);
-          else plane_dot<4>(a0, a1, a2, a3, bytes, tables[i], xg + i * 128);
+          if (w == 1) plane_dot<1, R>(acc, bytes, tables[i], xg + i * 128, xstride);
+          else if (w == 2) plane_dot<2, R>(acc, bytes, tables[i], xg + i * 128, xstride);
+          else plane_dot<4, R>(acc, bytes, tables[i], xg + i * 128, xstride);
         }
-        const __m512 acc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
         const float z = A.symmetric ? (float)A.zconst : (float)zrow[o * G + g];
-        const __m512 d = _mm512_fnmadd_ps(_mm512_set1_ps(z), _mm512_loadu_ps(xsrow + g * 16), acc);
-        y = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(srow[g])), d, y);
+        const __m512 sc = _mm512_set1_ps(_cvtsh_ss(srow[g]));
+        for (int r = 0; r < R; ++r) {
+          const __m512 a = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+          const __m512 d = _mm512_fnmadd_ps(_mm512_set1_ps(z), _mm512_loadu_ps(xsrow + r * G * 16 + g * 16), a);
+          y[r] = _mm512_fmadd_ps(sc, d, y[r]);
+        }
       }
-      A.out[s * N + o] = _mm512_reduce_add_ps(y);
+      __m512 sum = y[R - 1];
+      for (int r = R - 2; r >= 0; --r) sum = _mm512_add_ps(y[r], sum);
+      A.out[(s / R) * N + o] = _mm512_reduce_add_ps(sum);
     }
   }
 }
@@ -110,9 +125,11 @@ static void rows_block(const Args& A, int64_t o_begin, int64_t o_end) {
 // xv (S, G, 4 * P, 32) bf16, xs (S, G, 16) float32 per-lane sums of x, rows (S,) int64,
 // planes: per plane (n, N, G, 16 * w) uint8; zplanes: per plane (n, N * G * w / 8) uint8 (empty: symmetric, zconst);
 // scales (n, N, G) float16 as int16; widths/offsets per plane -> out (S, N) float32.
-void planes_rows(torch::Tensor xv, torch::Tensor xs, torch::Tensor rows, std::vector<torch::Tensor> planes,
-                 std::vector<torch::Tensor> zplanes, int64_t zconst, torch::Tensor scales,
-                 std::vector<int64_t> widths, std::vector<int64_t> offsets, torch::Tensor out) {
+// parts = 3: rows 3s, 3s + 1, 3s + 2 are the bfloat16 parts of one float32 row (same expert), out (S / 3, N)
+// their summed outputs (planes_rows_xf).
+static void rows_parts(torch::Tensor xv, torch::Tensor xs, torch::Tensor rows, std::vector<torch::Tensor> planes,
+                       std::vector<torch::Tensor> zplanes, int64_t zconst, torch::Tensor scales,
+                       std::vector<int64_t> widths, std::vector<int64_t> offsets, torch::Tensor out, int64_t parts) {
   const int64_t n_planes = planes.size();
   TORCH_CHECK(n_planes > 0 && n_planes <= 8 && (int64_t)widths.size() == n_planes
               && (int64_t)offsets.size() == n_planes, "planes");
@@ -125,7 +142,9 @@ void planes_rows(torch::Tensor xv, torch::Tensor xs, torch::Tensor rows, std::ve
   TORCH_CHECK(scales.scalar_type() == torch::kShort && scales.is_contiguous() && scales.dim() == 3, "scales");
   const int64_t n_exp = scales.size(0), N = scales.size(1);
   TORCH_CHECK(scales.size(2) == G, "scales shape");
-  TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.size(0) == S && out.size(1) == N,
+  TORCH_CHECK((parts == 1 || parts == 3) && S % parts == 0, "parts");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.size(0) == S / parts
+              && out.size(1) == N,
               "out");
   std::vector<const uint8_t*> pp(n_planes), zp;
   std::vector<uint16_t> tables(32 * n_planes);
@@ -173,7 +192,16 @@ void planes_rows(torch::Tensor xv, torch::Tensor xs, torch::Tensor rows, std::ve
                zc.data(), tables.data(), reinterpret_cast<const uint16_t*>(scales.data_ptr<int16_t>()),
                widths.data(), offsets.data(), out.data_ptr<float>(), S, G, N, n_planes, zconst, symmetric};
   // outputs split over torch's intra-op threads (one thread: one call, inline)
-  at::parallel_for(0, N, 64, [&](int64_t o_begin, int64_t o_end) { rows_block(A, o_begin, o_end); });
+  at::parallel_for(0, N, 64, [&](int64_t o_begin, int64_t o_end) {
+    if (parts == 3) rows_block<3>(A, o_begin, o_end);
+    else rows_block<1>(A, o_begin, o_end);
+  });
+}
+
+void planes_rows(torch::Tensor xv, torch::Tensor xs, torch::Tensor rows, std::vector<torch::Tensor> planes,
+                 std::vector<torch::Tensor> zplanes, int64_t zconst, torch::Tensor scales,
+                 std::vector<int64_t> widths, std::vector<int64_t> offsets, torch::Tensor out) {
+  rows_parts(xv, xs, rows, planes, zplanes, zconst, scales, widths, offsets, out, 1);
 }
 
 // planes_rows on raw inputs, for decode: x (S, K) bfloat16 (row stride free, unit column stride), K <= G * 128
@@ -208,6 +236,61 @@ torch::Tensor planes_rows_x(torch::Tensor x, torch::Tensor rows, std::vector<tor
   planes_rows(xv, xs, rows, planes, zplanes, zconst, scales, widths, offsets, out);
   return out.to(torch::kBFloat16);
 }
+
+// planes_rows_x for float32 inputs x (S, K) (row stride free, unit column stride) -> (S, N) float32, exactly:
+// each input splits into three bfloat16 parts hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid) (each
+// difference exact in float32; together they hold x's 24-bit significand), the kernel is linear in x and exact
+// per product, so y(x) = y(hi) + y(mid) + y(lo): the three parts run as rows 3s, 3s + 1, 3s + 2 of one kernel
+// call that decodes each plane vector once for all three, and are summed per lane, smallest first.
+torch::Tensor planes_rows_xf(torch::Tensor x, torch::Tensor rows, std::vector<torch::Tensor> planes,
+                             std::vector<torch::Tensor> zplanes, int64_t zconst, torch::Tensor scales,
+                             std::vector<int64_t> widths, std::vector<int64_t> offsets, std::vector<int64_t> slots) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.stride(1) == 1, "x layout");
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.numel() == x.size(0), "rows");
+  const int64_t P = planes.size(), S = x.size(0), K = x.size(1), G = scales.size(2), sx = x.stride(0);
+  TORCH_CHECK((int64_t)slots.size() == 8 * P && K <= G * 128, "slots / input width");
+  auto bf = x.options().dtype(torch::kBFloat16);
+  auto xv = torch::empty({3 * S, G, 4 * P, 32}, bf);
+  auto xs = torch::empty({3 * S, G, 16}, x.options());
+  auto rows3 = torch::empty({3 * S}, rows.options());
+  const auto rc = rows.contiguous();
+  const int64_t* rp = rc.data_ptr<int64_t>();
+  int64_t* r3 = rows3.data_ptr<int64_t>();
+  const float* xp = x.data_ptr<float>();
+  at::BFloat16* vp = xv.data_ptr<at::BFloat16>();
+  float* sp = xs.data_ptr<float>();
+  const int64_t row_len = G * 4 * P * 32;
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t part = 0; part < 3; ++part) r3[3 * s + part] = rp[s];
+    for (int64_t g = 0; g < G; ++g) {
+      at::BFloat16* v0 = vp + (3 * s) * row_len + g * 4 * P * 32;
+      for (int64_t v = 0; v < 8 * P; ++v) {
+        const int64_t k0 = g * 128 + slots[v] * 16;
+        for (int64_t r = 0; r < 16; ++r) {
+          const float a = k0 + r < K ? xp[s * sx + k0 + r] : 0.f;
+          const at::BFloat16 hi(a);
+          const float rest = a - (float)hi;  // exact: a and hi agree in their leading bits
+          const at::BFloat16 mid(rest);
+          const at::BFloat16 lo(rest - (float)mid);  // exact, and exactly a bfloat16 (at most 8 bits left)
+          v0[v * 16 + r] = hi;
+          v0[row_len + v * 16 + r] = mid;
+          v0[2 * row_len + v * 16 + r] = lo;
+        }
+      }
+      for (int64_t part = 0; part < 3; ++part) {
+        const at::BFloat16* vg = v0 + part * row_len;
+        for (int64_t l = 0; l < 16; ++l) {
+          float acc = 0.f;
+          for (int64_t j = 0; j < 4; ++j) acc += (float)vg[j * 32 + 2 * l] + (float)vg[j * 32 + 2 * l + 1];
+          sp[((3 * s + part) * G + g) * 16 + l] = acc;
+        }
+      }
+    }
+  }
+  auto out = torch::empty({S, scales.size(1)}, x.options());
+  rows_parts(xv, xs, rows3, planes, zplanes, zconst, scales, widths, offsets, out, 3);
+  return out;
+}
 """
 
 
@@ -233,8 +316,8 @@ def planes_native_inputs(x: Tensor, widths: tuple[int, ...], group_size: int) ->
 
 @functools.cache
 def _native_functions() -> tuple[Callable[..., object], ...] | None:
-    return build_avx512_bf16_functions("moeslim_planes_decode", _SOURCE, ("planes_rows", "planes_rows_x"),
-                                       "planes decode")
+    return build_avx512_bf16_functions("moeslim_planes_rows", _SOURCE,
+                                       ("planes_rows", "planes_rows_x", "planes_rows_xf"), "planes decode")
 
 
 def native_planes_rows() -> Callable[..., None] | None:
@@ -251,6 +334,14 @@ def native_planes_rows_x() -> Callable[..., Tensor] | None:
     zero-padded to whole groups inside (one call per projection at decode, no torch ops around it)."""
     functions = _native_functions()
     return None if functions is None else functions[1]  # type: ignore[return-value]
+
+
+def native_planes_rows_xf() -> Callable[..., Tensor] | None:
+    """``planes_rows_xf(x, rows, ...)``: ``planes_rows_x`` (same arguments) for float32 inputs x (S, K) -> (S, N)
+    float32, exact as the compiled float32 kernel: x split into three bfloat16 parts (hi, mid, lo; together x's
+    24-bit significand) run as three rows each, their float32 outputs summed (the kernel is linear in x)."""
+    functions = _native_functions()
+    return None if functions is None else functions[2]  # type: ignore[return-value]
 
 
 def native_slots(widths: tuple[int, ...]) -> list[int]:
