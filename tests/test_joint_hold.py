@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def test_held_bytes_in_the_cast_dtype_are_planned_exactly(family: str) -> None:
     assert param_bytes(model)["total"] == plan.summary["held_bytes"] <= target
 
 
-def test_cast_save_load_round_trip_holds_the_planned_bytes(tmp_path: Path) -> None:
+def test_cast_save_load_round_trip_holds_the_planned_bytes(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
     model = _quiet_tiny("olmoe")
     probe = JointConfig(target_ratio=0.9, hold_dtype="bfloat16")
     target = _target_between(model, 0.05, probe)
@@ -74,10 +76,11 @@ def test_cast_save_load_round_trip_holds_the_planned_bytes(tmp_path: Path) -> No
     with torch.no_grad():
         expected = model(PROBE).logits
     moeslim.save(model, tmp_path / "j")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="moeslim.runtime.serialize"):
         warnings.simplefilter("ignore")
         loaded, _ = moeslim.load(tmp_path / "j", dtype=torch.float32)  # the plan's dtype wins: its bytes
     assert next(loaded.parameters()).dtype == torch.bfloat16
+    assert "loading in bfloat16 instead of float32" in caplog.text  # said, not silent
     assert param_bytes(loaded)["total"] == plan.summary["held_bytes"] <= target
     loaded.set_attn_implementation("eager")
     with torch.no_grad():

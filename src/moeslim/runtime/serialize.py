@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from torch import nn
 
 from moeslim.models.attrs import pretrained
 from moeslim.runtime.checkpoint_files import cast_floating, record_dtype
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,13 @@ def load_with_runtime(name: str, dtype: torch.dtype = torch.float32, device: str
     path = Path(resolve_model_path(name))
     section = _moeslim_section(path)
     form = stored_form(section)
-    dtype = held_dtype(section) or dtype
+    held = held_dtype(section)
+    if held is not None and held != dtype:
+        # the plan was sized for its hold dtype: loading in another would hold other bytes than it targets
+        log.warning("%s holds its weights in %s (its joint plan's hold_dtype); loading in %s instead of %s",
+                    name, str(held).removeprefix("torch."), str(held).removeprefix("torch."),
+                    str(dtype).removeprefix("torch."))
+    dtype = held or dtype
     if form is None:
         model, tokenizer = load_model(name, dtype=dtype, device=device)  # checks its weights itself
     else:
