@@ -224,3 +224,17 @@ def test_skipping_joint_plan_applies_on_every_family(family: str) -> None:
     assert skipping, plan.layers
     calls = counters(model)
     assert all(calls[idx]["expert_calls"] < 2 * calls[idx]["tokens"] for idx in skipping)
+
+
+def test_families_skipping_cannot_run_are_refused_before_calibration() -> None:
+    """Ergo normalises each route around the experts dispatch (``FamilySpec.skip_blocker``): a skip plan and a joint
+    plan with skip thresholds are refused with that reason before any calibration; without thresholds it plans."""
+    from moeslim.methods.skip import SkipConfig, plan_skip
+
+    model = tiny_model("ergo")
+    with pytest.raises(ConfigError, match="ergo: dynamic expert skipping cannot run this family: its experts"):
+        plan_skip(model, CALIB, SkipConfig(), "tiny")
+    with pytest.raises(ConfigError, match="skip_betas: ergo: dynamic expert skipping cannot run"):
+        plan_joint(model, CALIB, JointConfig(target_ratio=0.8, quantizer="rtn", skip_betas=(0.5,)), "tiny")
+    plan = plan_joint(model, CALIB, JointConfig(target_ratio=0.8, quantizer="rtn"), "tiny")
+    assert plan.summary["skip_rule"] is None

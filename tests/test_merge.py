@@ -74,7 +74,8 @@ def test_group_logit_gives_the_group_its_summed_probability() -> None:
     assert torch.allclose(group_logit(logits, [1], sigmoid=True), logits[:, 1].double(), atol=1e-9)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # gate/up halves; interleaved + biases + transposed
+# gate/up halves; interleaved + biases + transposed; no gate + a norm row per expert after down_proj
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "ergo"])
 def test_neuron_permutation_keeps_every_expert_function(family: str) -> None:
     model = tiny_model(family)
     layer = find_moe_layers(model)[0]
@@ -86,6 +87,29 @@ def test_neuron_permutation_keeps_every_expert_function(family: str) -> None:
         assert not torch.equal(permuted.up[0], mats.up[e])
         ref = layer.expert_outputs(x, [e])[:, 0]
         assert torch.allclose(matrices_forward(layer, permuted, 0, x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("router", ["fit", "keep"])
+def test_per_expert_norm_rows_merge_like_the_weights(router: str) -> None:
+    """Ergo normalises each expert's output with its own scale row: a merged expert's row is the frequency-weighted
+    average of its group's rows (like its weights), and the merged model computes each merged expert as
+    ``matrices_forward`` of the merged matrices does."""
+    model = tiny_model("ergo")
+    original = {layer.layer_idx: read_experts(layer) for layer in find_moe_layers(model)}
+    plan = plan_merge(model, _ids(), MergeConfig(keep=4, router=router))
+    apply(model, plan, calibration=_ids())
+    x = torch.randn(10, find_moe_layers(model)[0].hidden_size, generator=torch.Generator().manual_seed(0))
+    for layer in find_moe_layers(model):
+        entry, old, new = plan.layers[layer.layer_idx], original[layer.layer_idx], read_experts(layer)
+        assert old.norm is not None and new.norm is not None
+        for slot, (group, weights) in enumerate(zip(entry["groups"], entry["weights"], strict=True)):
+            expected = sum(w * old.norm[e] for e, w in zip(group, weights, strict=True))
+            for s in ([slot] if router == "fit" else group):
+                torch.testing.assert_close(new.norm[s], expected, rtol=0, atol=1e-6)
+        assert not torch.allclose(new.norm[0], new.norm[1])  # the rows differ: a wrong slice would show
+        for e in range(layer.num_experts):
+            torch.testing.assert_close(matrices_forward(layer, new, e, x), layer.expert_outputs(x, [e])[:, 0],
+                                       rtol=0, atol=1e-5)
 
 
 # -- the merged block ---------------------------------------------------------------------------------------

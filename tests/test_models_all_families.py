@@ -27,7 +27,7 @@ from moeslim.models import (
     masked_routing_is_identity,
     select_experts,
 )
-from moeslim.runtime.skipping import install_skipping
+from moeslim.runtime.skipping import SkippingUnsupportedError, install_skipping
 
 FAMILIES = all_families()
 CALIB = sample_ids(0, 4, 16)
@@ -175,6 +175,10 @@ def test_prune_save_stock_reload_equals_masked_original(family: str, fresh, tmp_
 @pytest.mark.parametrize("family", FAMILIES)
 def test_skipping_forward_equals_reference(family: str, fresh) -> None:
     layer = find_moe_layers(fresh)[0]
+    if family_of(fresh).skip_blocker:
+        with pytest.raises(SkippingUnsupportedError, match=f"{family}: dynamic expert skipping cannot run"):
+            install_skipping(fresh, {layer.layer_idx: 0.6})
+        return
     x = _tokens(40, seed=0)
     weights, ids = layer.route(layer.router_logits(x))
     keep = keep_mask(weights, 0.6, "top2")

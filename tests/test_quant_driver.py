@@ -24,7 +24,7 @@ CALIB = sample_ids(0, 4, 24)
 FAST = {"group_size": 16, "quantizer": "rtn"}  # allocation tests need no GPTQ pass
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "ergo"])  # ergo: a norm row per expert after down_proj
 def test_expert_forward_matches_experts_module(family: str) -> None:
     layer = find_moe_layers(tiny_model(family))[0]
     x = torch.randn(6, layer.hidden_size, generator=torch.Generator().manual_seed(0))

@@ -149,6 +149,6 @@ def test_unsupported_experts_module_gets_a_clear_error() -> None:
         def forward(self, hidden_states, top_k_index, top_k_weights):
             return hidden_states
 
-    fake = SimpleNamespace(experts=PlainExperts(), family=SimpleNamespace(name="custom"), layer_idx=0)
+    fake = SimpleNamespace(experts=PlainExperts(), family=SimpleNamespace(name="custom", skip_blocker=""), layer_idx=0)
     with pytest.raises(SkippingUnsupportedError, match="Supported: mixtral"):
         _check_supported([fake])

@@ -277,6 +277,13 @@ _OVERRIDES: dict[str, dict[str, Any]] = {
     "dots3_note_text": {"head_dim": 16},  # SWA head_dim = qk_nope_head_dim + qk_rope_head_dim
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 8,
                        "indexer_compress_ratio": 2, "hc_count": 2},
+    # one sliding layer, one indexer, one layer reading the indexer's keys / values and key pool; sequences of the
+    # tests (16-24 tokens) exceed the pool and the key budget, so key selection runs
+    "kolibri1_1": {"layer_types": ["sliding_attention", "indexed_attention", "indexed_attention"],
+                   "index_layers": [1], "kv_source_layers": [0, 1, 1], "head_dim": 16, "index_num_heads": 2,
+                   "index_topk": 4, "index_pool_size": 12, "index_compression": 4, "index_num_local_tokens": 4,
+                   "index_num_sink_tokens": 2, "mlp_only_intermediate_size": 64},
+    "ergo": {"first_dense_intermediate_size": 64},
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},
     "gemma4_text": {"enable_moe_block": True, "num_experts": EXPERTS, "top_k_experts": TOP_K,
                     "moe_intermediate_size": 32},

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .attrs import callable_attr
-from .expert_math import expert_weight_views
+from .expert_math import expert_weight_views, per_expert_norm
 from .layer import MoELayer
 
 __all__ = ["ExpertMatrices", "compressed_outputs", "matrices_forward", "matrices_intermediate", "neuron_rows",
@@ -32,13 +32,15 @@ class ExpertMatrices:
     """A layer's expert weights in (out, in) orientation.
 
     up: (E, U, H) first projection (U = 2I for gated experts, I otherwise); down: (E, H, I);
-    up_bias: (E, U) or None; down_bias: (E, H) or None.
+    up_bias: (E, U) or None; down_bias: (E, H) or None;
+    norm: (E, H) scale rows of a per-expert post-expert norm (``expert_math.per_expert_norm``, Ergo) or None.
     """
 
     up: Tensor
     down: Tensor
     up_bias: Tensor | None
     down_bias: Tensor | None
+    norm: Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -66,12 +68,20 @@ def read_experts(layer: MoELayer) -> ExpertMatrices:
         return w.transpose(1, 2).contiguous() if views.transposed else w.clone()
 
     up_b, down_b = _bias_param(layer, views.up_name), _bias_param(layer, views.down_name)
+    norm = _norm_param(layer)
     return ExpertMatrices(
         up=standard(views.up),
         down=standard(views.down),
         up_bias=None if up_b is None else up_b.detach().float().clone(),
         down_bias=None if down_b is None else down_b.detach().float().clone(),
+        norm=None if norm is None else norm.detach().float().clone(),
     )
+
+
+def _norm_param(layer: MoELayer) -> Tensor | None:
+    """(E, H) scale rows of the layer's per-expert post-expert norm, or None."""
+    norm = per_expert_norm(layer.experts)
+    return None if norm is None else getattr(norm, "weight", None)
 
 
 @torch.no_grad()
@@ -89,6 +99,15 @@ def write_experts(layer: MoELayer, mats: ExpertMatrices) -> None:
             raise ValueError(f"{name}_bias: the layer {'has' if live_bias is not None else 'has no'} bias")
         if live_bias is not None and new_bias is not None:
             live_bias.data.copy_(new_bias.to(live_bias.dtype))
+    live_norm = _norm_param(layer)
+    if (live_norm is None) != (mats.norm is None):
+        raise ValueError(f"post_expert_norm: the layer {'has' if live_norm is not None else 'has no'} per-expert "
+                         "norm rows")
+    if live_norm is not None and mats.norm is not None:
+        if tuple(mats.norm.shape) != tuple(live_norm.shape):
+            raise ValueError(f"post_expert_norm: new shape {tuple(mats.norm.shape)} does not fit "
+                             f"{tuple(live_norm.shape)}")
+        live_norm.data.copy_(mats.norm.to(live_norm.dtype))
 
 
 def router_bias(layer: MoELayer) -> Tensor | None:
@@ -167,7 +186,16 @@ def matrices_forward(layer: MoELayer, mats: ExpertMatrices, e: int, x: Tensor) -
         out = out + mats.down_bias[e].to(xf.device)
     experts = layer.experts
     if getattr(experts, "has_post_expert_norm", False):
-        out = callable_attr(experts, "post_expert_norm")(out.to(x.dtype)).float()
+        return callable_attr(experts, "post_expert_norm")(out.to(x.dtype)).float()
+    norm = per_expert_norm(experts)
+    if (norm is None) != (mats.norm is None):
+        raise ValueError(f"{type(experts).__name__} {'has' if norm is not None else 'has no'} per-expert norm "
+                         "rows, the matrices do not match")
+    if norm is not None and mats.norm is not None:
+        # the layer's own norm forward with expert e's row of ``mats`` (merged rows after a merge) as its weight
+        ids = torch.zeros(out.shape[0], dtype=torch.long, device=out.device)
+        row = mats.norm[e:e + 1].to(device=out.device)
+        return torch.func.functional_call(norm, {"weight": row}, (out, ids)).float()
     return out
 
 

@@ -5,7 +5,10 @@ transformers 5 experts modules (``@use_experts_implementation``) hold ``gate_up_
 ``is_transposed``; optional biases ``gate_up_proj_bias`` / ``up_proj_bias`` / ``down_proj_bias`` when
 ``has_bias``; the gating through ``_apply_gate`` (gate/up split, family-specific: gpt-oss interleaves and
 clamps) and an optional ``post_expert_norm``. These helpers only read those standard attributes, so they
-work for every family the experts integration covers.
+work for every family the experts integration covers. One variant is not declared through the integration: a
+``post_expert_norm`` with a scale row per expert, called as ``norm(y, expert_ids)`` by an experts class whose own
+forward wraps the dispatched one (Ergo: each route's output is normalised before the weighted sum);
+``per_expert_norm`` finds it and ``post_expert`` applies either kind.
 
 Quantization needs what the experts forward hides: the intermediate activation (input of ``down_proj``)
 for the down projection's GPTQ Hessian, and expert e's output with replacement weights (quantization error
@@ -22,7 +25,8 @@ from torch import Tensor
 from .attrs import callable_attr, tensor_attr
 from .layer import MoELayer
 
-__all__ = ["ExpertWeights", "expert_forward", "expert_intermediate", "expert_weight_views"]
+__all__ = ["ExpertWeights", "expert_forward", "expert_intermediate", "expert_weight_views", "per_expert_norm",
+           "post_expert"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,29 @@ def expert_weight_views(layer: MoELayer) -> ExpertWeights:
         down=tensor_attr(experts, "down_proj"),
         transposed=bool(getattr(experts, "is_transposed", False)),
     )
+
+
+def per_expert_norm(experts: torch.nn.Module) -> torch.nn.Module | None:
+    """The experts' ``post_expert_norm`` when it holds one scale row per expert ((E, H) weight) and takes the
+    expert ids (``norm(y (n, H), expert_ids (n,))``), else None. Its rows are per-expert tensors: pruning slices
+    them, merging averages them."""
+    norm = getattr(experts, "post_expert_norm", None)
+    weight = getattr(norm, "weight", None)
+    if not isinstance(norm, torch.nn.Module) or not isinstance(weight, Tensor) or weight.ndim != 2:
+        return None
+    up = getattr(experts, "gate_up_proj", getattr(experts, "up_proj", None))
+    return norm if isinstance(up, Tensor) and weight.shape[0] == up.shape[0] else None
+
+
+def post_expert(experts: torch.nn.Module, y: Tensor, e: int) -> Tensor:
+    """(n, H) -> (n, H): expert e's down-projection output through its post-expert norm (the integration's shared
+    one, or a per-expert one), unchanged when the experts have none."""
+    if getattr(experts, "has_post_expert_norm", False):
+        return callable_attr(experts, "post_expert_norm")(y)
+    norm = per_expert_norm(experts)
+    if norm is None:
+        return y
+    return norm(y, torch.full((y.shape[0],), e, dtype=torch.long, device=y.device))
 
 
 def _linear(x: Tensor, w: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
@@ -95,7 +122,4 @@ def expert_forward(layer: MoELayer, x: Tensor, e: int, up: Tensor | None = None,
     experts = layer.experts
     h = expert_intermediate(layer, x, e, up)
     w = views.down[e] if down is None else down
-    out = _linear(h, w, _bias(experts, views.down_name, e), views.transposed)
-    if getattr(experts, "has_post_expert_norm", False):
-        out = callable_attr(experts, "post_expert_norm")(out)
-    return out
+    return post_expert(experts, _linear(h, w, _bias(experts, views.down_name, e), views.transposed), e)

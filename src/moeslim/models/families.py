@@ -44,6 +44,8 @@ class FamilySpec:
     layerwise_blocker: why layer-wise calibration (prune, calibrated skip / PMQ / GPTQ) cannot run this family's
         decoder layers one at a time; empty when it can. Discovery, routing, select_experts and uniform RTN
         quantization still work.
+    skip_blocker: why dynamic expert skipping (skip / ODP plans, a joint plan's skip thresholds) cannot run this
+        family; empty when it can. Everything else still works.
     notes: caveats shown in the README table.
     """
 
@@ -63,6 +65,7 @@ class FamilySpec:
     scaling_in_block: bool = False
     requires: tuple[tuple[str, Any], ...] = ()
     layerwise_blocker: str = ""
+    skip_blocker: str = ""
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -242,6 +245,10 @@ _NEW: tuple[FamilySpec, ...] = (
                    "indexer layer, which layer-wise calibration does not carry from layer to layer"),
     _sigmoid_group("axk2", dense_rule="mlp_layer_types"),
     _sigmoid_group("dots1", renormalize=False, dense_rule="first_k_dense_replace"),
+    _sigmoid_group("param2moe", dense_rule="first_k_dense_replace",
+                   notes="runs the GLM-4-MoE model classes (DeepSeek-V3 router). " + _GROUP_NOTE),
+    _sigmoid_group("minicpm5_moe", dense_rule="mlp_layer_types",
+                   notes="DeepSeek-V3 router computed in float32; gated attention. " + _GROUP_NOTE),
     _sigmoid_group("mimo_v2_flash", shared_attrs=(), dense_rule="mlp_layer_types"),
     _sigmoid_group("exaone_moe", "num_experts", dense_rule="first_k_dense_replace"),
     _sigmoid_group("beam", "num_experts", shared_attrs=(), scaling_in_block=True, dense_rule="mlp_layer_types",
@@ -271,11 +278,25 @@ _NEW: tuple[FamilySpec, ...] = (
     _sigmoid("minimax_m3_vl_text", "num_local_experts", scaling_key="routed_scaling_factor",
              scaling_in_block=True, shared_attrs=_SHARED, dense_rule="mlp_layer_types",
              notes="text decoder of MiniMax-M3-VL; routed_scaling_factor applied by the block"),
+    _sigmoid("ergo", "num_experts", scaling_key="moe_routed_scaling_factor", shared_attrs=_SHARED,
+             dense_rule="mlp_layer_types / num_dense_blocks",
+             skip_blocker="its experts forward normalises each route's output (post_expert_norm) around transformers' "
+             "experts dispatch, so the dispatched forward that skipping replaces gets one route per row at weight 1, "
+             "not the routing weights it decides on",
+             notes="router `gate.linear`; each expert's output passes its own RMSNorm (post_expert_norm, (E, H)); "
+             "experts without gate (relu2)"),
     _sigmoid("inkling2_text", "n_routed_experts", scaling_key="route_scale", layerwise_blocker=_BLOCK_STATES),
     _sigmoid("inkling2_loop_text", "n_routed_experts", scaling_key="route_scale", layerwise_blocker=_BLOCK_STATES),
     FamilySpec("kolibri1", "num_local_experts", routing="logit_topk_sigmoid", renormalize_key="norm_topk_prob",
                renormalize=False, shared_attrs=_SHARED,
                notes="chooses on logits + correction bias, weighs by sigmoid of the chosen logits"),
+    FamilySpec("kolibri1_1", "num_local_experts", routing="logit_topk_sigmoid", renormalize_key="norm_topk_prob",
+               renormalize=False, shared_attrs=_SHARED, dense_rule="mlp_only_layers",
+               layerwise_blocker="its decoder layers pass on the key pool of the latest indexer layer "
+               "(index_pool) and read keys / values of earlier layers (shared_kv_states), which layer-wise "
+               "calibration does not carry from layer to layer",
+               notes="Kolibri-1 MoE block; chooses on logits + correction bias, weighs by sigmoid of the chosen "
+               "logits"),
 )
 
 FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (*_TABLE, *_NEW)}

@@ -23,9 +23,10 @@ before any weight is loaded (`support.py`). An unlisted model_type with a standa
 Every supported family is tested on a tiny model built from its own config class
 (tests/test_models_all_families.py): `route(router_logits(x))` equals the family's router, `MoELayer.forward`
 equals the block, prune -> apply -> save -> stock `from_pretrained` equals the masked original, the skipping
-forward equals its reference, and quantize (uniform RTN) -> apply -> save -> `moeslim.load` gives the
-in-memory model. `moeslim inspect` and `moeslim plan prune` run (or refuse with one `error:` line) on a tiny
-checkpoint of every model type below (tests/test_models_cli_families.py).
+forward equals its reference (or skipping is refused with the reason in the skip column), and quantize (uniform
+RTN) -> apply -> save -> `moeslim.load` gives the in-memory model. `moeslim inspect` and `moeslim plan prune`
+run (or refuse with one `error:` line) on a tiny checkpoint of every model type below
+(tests/test_models_cli_families.py).
 """
 
 _LIMITS = """\

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .expert_math import per_expert_norm
 from .families import FamilySpec, family_of
 from .layer import MoELayer, _text_config, find_moe_layers
 from .routing import ROUTING
@@ -354,7 +355,10 @@ def _slice_layer(moe: MoELayer, source: torch.Tensor, num_experts: int) -> None:
     # and bias, correction biases kept on the block (HY-V3, MiniMax-M2, LFM2-MoE, Afmoe).
     owners = moe.routing_owners()
     logit_bias = moe.family.routing in _LOGIT_BIAS_ROUTINGS
+    norm = per_expert_norm(moe.experts)  # found before the experts shrink (it matches their count)
     _slice_module(moe.experts, source, num_experts)
+    if norm is not None:  # Ergo: one post-expert norm row per expert, in a child of the experts
+        _slice_module(norm, source, num_experts)
     for module in owners:
         _slice_module(module, source, num_experts, logit_bias=logit_bias and module is moe.router)
     new = int(source.numel())

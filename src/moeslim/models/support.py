@@ -194,4 +194,5 @@ def method_support(spec: FamilySpec) -> MethodSupport:
     if spec.layerwise_blocker:
         reason = f"no layer-wise calibration: {spec.layerwise_blocker}"
         return MethodSupport(prune=reason, skip=reason, quantize="uniform RTN only (" + reason + ")")
-    return MethodSupport(prune=True, skip=True, quantize=True)
+    skip: bool | str = f"no dynamic skipping: {spec.skip_blocker}" if spec.skip_blocker else True
+    return MethodSupport(prune=True, skip=skip, quantize=True)

@@ -314,7 +314,11 @@ class LowBitLinear(nn.Linear):
 
 
 def _is_fused_experts(module: nn.Module) -> bool:
-    return hasattr(module, "has_gate") and hasattr(module, "config") and hasattr(type(module).forward, "__wrapped__")
+    """Whether ``module``'s class, or a base class its forward calls, has transformers' dispatched forward
+    (``use_experts_implementation`` wraps it: ``__wrapped__``). Ergo's experts class wraps its base's dispatched
+    forward with a per-route norm."""
+    dispatched = any(hasattr(vars(cls).get("forward"), "__wrapped__") for cls in type(module).__mro__)
+    return hasattr(module, "has_gate") and hasattr(module, "config") and dispatched
 
 
 def install_packed(module: nn.Module, name: str, packed: LowBitTensor) -> PackedExperts:

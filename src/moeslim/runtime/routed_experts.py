@@ -166,7 +166,8 @@ def project(experts: nn.Module, name: str, e: int, x: Tensor, parts: Mapping[str
 def expert_output(experts: nn.Module, e: int, x: Tensor, parts: Mapping[str, ExpertPart], up_name: str,
                   has_gate: bool) -> Tensor:
     """x (n, H) -> (n, H): expert e's up projection, gate or activation, down projection (+ post-expert norm),
-    before the routing weight."""
+    before the routing weight. A per-expert norm (``models.expert_math.per_expert_norm``, Ergo) is not applied here:
+    its experts class applies it around the dispatched forward that calls this."""
     h = project(experts, up_name, e, x, parts)
     h = callable_attr(experts, "_apply_gate" if has_gate else "act_fn")(h)
     y = project(experts, "down_proj", e, h, parts)

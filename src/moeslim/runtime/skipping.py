@@ -258,6 +258,10 @@ def _supported(layer: MoELayer) -> bool:
 
 
 def _check_supported(layers: list[MoELayer]) -> None:
+    blocked = [layer.family for layer in layers if layer.family.skip_blocker]
+    if blocked:
+        raise SkippingUnsupportedError(
+            f"{blocked[0].name}: dynamic expert skipping cannot run this family: {blocked[0].skip_blocker}")
     bad = [layer for layer in layers if not _supported(layer)]
     if bad:
         raise SkippingUnsupportedError(
@@ -272,7 +276,8 @@ def check_skipping_supported(model: nn.Module) -> None:
     _check_supported(find_moe_layers(model))
 
 
-SUPPORTED_FAMILIES = tuple(FAMILIES)  # every family of the table (table order) has fused, dispatched experts
+# every family of the table (table order) has fused, dispatched experts; those with a skip_blocker wrap them
+SUPPORTED_FAMILIES = tuple(name for name, spec in FAMILIES.items() if not spec.skip_blocker)
 
 
 def install_skipping(model: nn.Module, betas: Mapping[int, float], rule: str = "top2") -> None:

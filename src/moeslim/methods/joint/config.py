@@ -269,6 +269,10 @@ def resolve_targets(model: nn.Module, config: JointConfig, held_model: nn.Module
     original = held_bytes(model)
     model = held_model if held_model is not None else as_held(model, config.hold_dtype)
     layers = find_moe_layers(model)
+    blocked = next((layer.family for layer in layers if layer.family.skip_blocker), None)
+    if config.skip_betas and blocked is not None:
+        raise ConfigError(f"skip_betas: {blocked.name}: dynamic expert skipping cannot run this family: "
+                          f"{blocked.skip_blocker}; leave skip_betas empty")
     experts, top_k = layers[0].num_experts, layers[0].top_k
     if any(layer.num_experts != experts for layer in layers):
         raise ConfigError("the joint planner needs every MoE layer to hold the same number of experts "

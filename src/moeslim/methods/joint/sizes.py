@@ -7,11 +7,11 @@ the per-expert rows of the router (and any per-expert bias) that pruning slices 
     base - sum_l [ dropped_l * (row_l + dense_l) + sum_{kept e} (dense_l - width_l(b_e)) - maps_l(kept_l) ]
 
 with ``base`` the model's measured bytes (``evaluate.cost.param_bytes``), ``row_l`` the bytes of one expert's
-router rows and biases, ``dense_l`` one expert's two weight matrices as stored, and ``width_l(b)`` one expert
-stored at b bits: codes, float16 group scales and packed zero points, measured on the real packed format
-(``LowBitTensor.nbytes`` of one quantized slice of that shape) plus what the CPU runtime layout adds to it
-(input padded to whole groups, int4pack's (scale, zero) pairs: ``methods/quant/layout_bytes``), so scale and
-zero overhead are included exactly; ``maps_l``: the packed parameters' expert -> group maps, held by every MoE
+router rows, biases and per-expert norm rows, ``dense_l`` one expert's two weight matrices as stored, and
+``width_l(b)`` one expert stored at b bits: codes, float16 group scales and packed zero points, measured on the
+real packed format (``LowBitTensor.nbytes`` of one quantized slice of that shape) plus what the CPU runtime layout
+adds to it (input padded to whole groups, int4pack's (scale, zero) pairs: ``methods/quant/layout_bytes``), so
+scale and zero overhead are included exactly; ``maps_l``: the packed parameters' expert -> group maps, held by every MoE
 layer of a quantized model (0 when nothing is quantized). Tests compare this accounting with the bytes measured
 on applied models of every family. Low-rank options (``lowrank_options.py``) add ``rank[f]``: one expert held as
 whitened-SVD factors at parameter share f, in a layer that holds no packed maps (``saving_lowrank``).
@@ -28,7 +28,7 @@ from torch import nn
 from moeslim.methods.quant.fused import KEEP_BITS, quantize_fused
 from moeslim.methods.quant.layout_bytes import expert_extra_bytes, map_bytes
 from moeslim.models import MoELayer, find_moe_layers
-from moeslim.models.expert_math import expert_weight_views
+from moeslim.models.expert_math import expert_weight_views, per_expert_norm
 
 __all__ = ["LayerBytes", "layer_bytes", "model_layer_bytes"]
 
@@ -83,12 +83,14 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _row_bytes(moe: MoELayer) -> int:
     """Bytes of one expert's slice of every tensor pruning slices, besides the two fused weight matrices: the
-    router rows, router / correction biases and per-expert expert biases (what ``models.select`` cuts)."""
+    router rows, router / correction biases, per-expert expert biases and per-expert norm rows (what
+    ``models.select`` cuts)."""
     views = expert_weight_views(moe)
     skip = {id(views.up), id(views.down)}
     seen: set[int] = set()
     total, n = 0, moe.num_experts
-    for module in (moe.experts, *moe.routing_owners()):
+    norm = per_expert_norm(moe.experts)
+    for module in (moe.experts, *([] if norm is None else [norm]), *moe.routing_owners()):
         if id(module) in seen:
             continue
         seen.add(id(module))

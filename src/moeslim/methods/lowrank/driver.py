@@ -153,7 +153,7 @@ def lowrank_layer(layer: MoELayer, hessians: ExpertHessianSummary, x: Tensor | N
         if config.method == "d2moe":
             up_base, down_base = fisher_base(original.up, hessians.up), fisher_base(original.down, hessians.down)
             mats = ExpertMatrices(up=original.up - up_base, down=original.down - down_base,  # the deltas
-                                  up_bias=original.up_bias, down_bias=original.down_bias)
+                                  up_bias=original.up_bias, down_bias=original.down_bias, norm=original.norm)
         svds = layer_svds(mats, hessians, config.damp)
         up_r, down_r = ranks if ranks is not None else choose_ranks(mats, svds, unrouted, config)
         if len(up_r) != n or len(down_r) != n:
@@ -173,7 +173,7 @@ def lowrank_layer(layer: MoELayer, hessians: ExpertHessianSummary, x: Tensor | N
 
         approx = ExpertMatrices(up=torch.stack([full(p, up_base) for p in up]),
                                 down=torch.stack([full(p, down_base) for p in down]),
-                                up_bias=mats.up_bias, down_bias=mats.down_bias)
+                                up_bias=mats.up_bias, down_bias=mats.down_bias, norm=mats.norm)
         route = compressed_route(layer, layer.correction_bias(), keep_groups=True)
         outputs = compressed_outputs(layer, approx, x)  # (T, E, H)
         target = original_routed(layer, x)

@@ -49,11 +49,13 @@ def permute_expert(mats: ExpertMatrices, e: int, rows: Tensor, perm: Tensor) -> 
     down = mats.down[e][:, perm]
     up_bias = None if mats.up_bias is None else mats.up_bias[e][index][None]
     down_bias = None if mats.down_bias is None else mats.down_bias[e][None]
-    return ExpertMatrices(up=up[None], down=down[None], up_bias=up_bias, down_bias=down_bias)
+    norm = None if mats.norm is None else mats.norm[e][None]  # per-expert norm rows act after down_proj: unmoved
+    return ExpertMatrices(up=up[None], down=down[None], up_bias=up_bias, down_bias=down_bias, norm=norm)
 
 
 def merge_group(members: list[ExpertMatrices], weights: list[float]) -> ExpertMatrices:
-    """Frequency-weighted average of (aligned) one-expert matrices: sum_i w_i W_i with sum_i w_i = 1."""
+    """Frequency-weighted average of (aligned) one-expert matrices: sum_i w_i W_i with sum_i w_i = 1 (per-expert
+    norm rows, Ergo, averaged the same way)."""
     if len(members) != len(weights) or not members:
         raise ValueError("need one weight per member and at least one member")
     w = torch.tensor(weights, dtype=torch.float32)
@@ -72,7 +74,8 @@ def merge_group(members: list[ExpertMatrices], weights: list[float]) -> ExpertMa
         return total(present)
 
     return ExpertMatrices(up=total([m.up for m in members]), down=total([m.down for m in members]),
-                          up_bias=avg([m.up_bias for m in members]), down_bias=avg([m.down_bias for m in members]))
+                          up_bias=avg([m.up_bias for m in members]), down_bias=avg([m.down_bias for m in members]),
+                          norm=avg([m.norm for m in members]))
 
 
 def group_logit(logits: Tensor, group: list[int], sigmoid: bool) -> Tensor:

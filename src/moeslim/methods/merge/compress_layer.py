@@ -106,7 +106,7 @@ def compress_merged(experts: ExpertMatrices, covariances: tuple[list[Tensor | No
     (ups, up_rows), (downs, down_rows) = kinds
     merged = ExpertMatrices(up=torch.stack([p.dense(r) for p, r in zip(ups, up_rows, strict=True)]),
                             down=torch.stack([p.dense(r) for p, r in zip(downs, down_rows, strict=True)]),
-                            up_bias=experts.up_bias, down_bias=experts.down_bias)
+                            up_bias=experts.up_bias, down_bias=experts.down_bias, norm=experts.norm)
     return CompressedExperts(
         up=[p.factors for p in ups], down=[p.factors for p in downs],
         up_sparse=[p.part(r) for p, r in zip(ups, up_rows, strict=True)],

@@ -110,7 +110,8 @@ class MergedLayer:
         m = self.experts
         return ExpertMatrices(up=m.up[index], down=m.down[index],
                               up_bias=None if m.up_bias is None else m.up_bias[index],
-                              down_bias=None if m.down_bias is None else m.down_bias[index])
+                              down_bias=None if m.down_bias is None else m.down_bias[index],
+                              norm=None if m.norm is None else m.norm[index])
 
     def outputs(self, layer: MoELayer, x: Tensor) -> Tensor:
         """(T, H) -> (T, K or E, H) what every router row's expert outputs (merged experts computed once)."""
@@ -165,11 +166,13 @@ def _merged_experts(layer: MoELayer, decision: LayerGroups, align: bool) -> Expe
         up=torch.cat([m.up for m in merged]), down=torch.cat([m.down for m in merged]),
         up_bias=None if mats.up_bias is None else torch.cat(_biases([m.up_bias for m in merged])),
         down_bias=None if mats.down_bias is None else torch.cat(_biases([m.down_bias for m in merged])),
+        norm=None if mats.norm is None else torch.cat(_biases([m.norm for m in merged])),
     )
 
 
 def _biases(parts: list[Tensor | None]) -> list[Tensor]:
-    """The merged groups' biases of a layer that has them (each group's merge keeps the layer's bias)."""
+    """The merged groups' biases (or per-expert norm rows) of a layer that has them (each group's merge keeps
+    them)."""
     present = [p for p in parts if p is not None]
     if len(present) != len(parts):
         raise ValueError("a merged group lost its bias")
@@ -179,7 +182,8 @@ def _biases(parts: list[Tensor | None]) -> list[Tensor]:
 def _one(mats: ExpertMatrices, e: int) -> ExpertMatrices:
     return ExpertMatrices(up=mats.up[e][None], down=mats.down[e][None],
                           up_bias=None if mats.up_bias is None else mats.up_bias[e][None],
-                          down_bias=None if mats.down_bias is None else mats.down_bias[e][None])
+                          down_bias=None if mats.down_bias is None else mats.down_bias[e][None],
+                          norm=None if mats.norm is None else mats.norm[e][None])
 
 
 def _router_rows(layer: MoELayer, decision: LayerGroups, x: Tensor | None, config: MergeConfig

@@ -43,6 +43,9 @@ class SkipConfig:
 
     def check_model(self, model: nn.Module) -> None:
         for layer in find_moe_layers(model):
+            if layer.family.skip_blocker:
+                raise ConfigError(f"{layer.family.name}: dynamic expert skipping cannot run this family: "
+                                  f"{layer.family.skip_blocker}")
             if self.rule == "top2" and layer.top_k != 2:
                 raise ConfigError(
                     f"rule='top2' needs top-2 routing but {layer.family.name} layer {layer.layer_idx} routes "
