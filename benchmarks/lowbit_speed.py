@@ -45,8 +45,9 @@ and prints the skip lines only.
 
 ``--model demo-fine`` times just the embedded fine-grained demo model (Qwen3-MoE, 64 experts of 256 x 80, top-8)
 against its demo row rtn-3 (uniform 3-bit, round-to-nearest, group 128: down_proj's 80 inputs are one group of
-80), in the demo's dtype (float32; ``--dtype bfloat16`` for bf16), interleaved, and prints its table, the cold
-``torch.compile`` graphs the timed runs made, and ``lowbit demo-fine decode ratio rtn-3bit: X``.
+80), in the demo's dtype (float32; ``--dtype bfloat16`` for bf16), from a prompt of 8 tokens (``--prompt-tokens
+128``: the demo table's), interleaved, and prints its table, the cold ``torch.compile`` graphs the timed runs made,
+and ``lowbit demo-fine decode ratio rtn-3bit: X``.
 
 Run: OMP_NUM_THREADS=2 python benchmarks/lowbit_speed.py [--repeats 5] [--layers 4] [--variants ...]
 """
@@ -401,7 +402,7 @@ def demo_check(new_tokens: int, prefill_tokens: int, repeats: int) -> None:
         print(f"lowbit demo decode ratio {name}: {demo_results[f'demo-{name}']['decode_tps'] / ref['decode_tps']:.2f}")
 
 
-def fine_check(new_tokens: int, prefill_tokens: int, repeats: int, dtype: torch.dtype) -> None:
+def fine_check(new_tokens: int, prefill_tokens: int, repeats: int, dtype: torch.dtype, prompt_tokens: int) -> None:
     """demo-fine against its rtn-3 row (the demo's plan: uniform 3-bit, quantizer rtn), timed interleaved."""
     from torch._dynamo.utils import counters
 
@@ -415,7 +416,7 @@ def fine_check(new_tokens: int, prefill_tokens: int, repeats: int, dtype: torch.
                                       "demo-fine"))
     models = {"demo-fine": base, "demo-fine-rtn-3bit": rtn3}
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, base.config.vocab_size, (1, 8), generator=gen)
+    ids = torch.randint(3, base.config.vocab_size, (1, prompt_tokens), generator=gen)
     long = torch.randint(3, base.config.vocab_size, (1, min(prefill_tokens, 256)), generator=gen)
     graphs = counters["stats"]["unique_graphs"]
     _, results = measure_both({}, ids, long, models, ids, long, new_tokens, repeats)
@@ -427,8 +428,8 @@ def fine_check(new_tokens: int, prefill_tokens: int, repeats: int, dtype: torch.
         print(f"{name:28} {r['decode_tps']:12.2f} {r['decode_tps'] / ref['decode_tps']:6.2f} "
               f"{r['prefill_tps']:14.1f} {r['prefill_tps'] / ref['prefill_tps']:6.2f} "
               f"{r['bytes'] / 2**20:13.2f} {r['bytes'] / ref['bytes']:6.2f}")
-    print(f"{dtype}; compiled graphs (cold, timed runs incl. warm-up): {graphs}; total time "
-          f"{time.perf_counter() - t0:.0f} s; threads {torch.get_num_threads()}\n")
+    print(f"{dtype}, prompt {prompt_tokens} tokens; compiled graphs (cold, timed runs incl. warm-up): {graphs}; "
+          f"total time {time.perf_counter() - t0:.0f} s; threads {torch.get_num_threads()}\n")
     print(f"lowbit demo-fine decode ratio rtn-3bit: "
           f"{results['demo-fine-rtn-3bit']['decode_tps'] / ref['decode_tps']:.2f}")
 
@@ -453,9 +454,11 @@ def main() -> None:
                         help="demo-fine: only the fine-grained demo model against its rtn-3 row")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="with --model demo-fine: the dtype both models run in (the demo's: float32)")
+    parser.add_argument("--prompt-tokens", type=int, default=8,
+                        help="with --model demo-fine: the decode prompt's length (the demo's table: 128)")
     args = parser.parse_args()
     if args.model == "demo-fine":
-        fine_check(args.new_tokens, args.prefill_tokens, args.repeats, getattr(torch, args.dtype))
+        fine_check(args.new_tokens, args.prefill_tokens, args.repeats, getattr(torch, args.dtype), args.prompt_tokens)
         return
     if args.load_only:
         load_check(args.layers)

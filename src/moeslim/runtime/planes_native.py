@@ -232,10 +232,13 @@ void planes_rows(torch::Tensor xv, torch::Tensor xs, torch::Tensor rows, std::ve
   rows_parts(xv, xs, rows, planes, zplanes, zconst, scales, widths, offsets, gs, out, 1);
 }
 
-// The index of native_index: 4 * P * 32 input positions within a group, -1 for none (a zero input).
-static void check_index(const std::vector<int64_t>& index, int64_t P, int64_t gs) {
-  TORCH_CHECK((int64_t)index.size() == 4 * P * 32, "index length");
-  for (int64_t v : index) TORCH_CHECK(v >= -1 && v < gs, "index entry");
+// The index of native_index (int64, 4 * P * 32 input positions within a group, -1 for none: a zero input).
+static const int64_t* check_index(const torch::Tensor& index, int64_t P, int64_t gs) {
+  TORCH_CHECK(index.scalar_type() == torch::kLong && index.is_contiguous() && index.numel() == 4 * P * 32,
+              "index layout");
+  const int64_t* ip = index.data_ptr<int64_t>();
+  for (int64_t t = 0; t < 4 * P * 32; ++t) TORCH_CHECK(ip[t] >= -1 && ip[t] < gs, "index entry");
+  return ip;
 }
 
 // planes_rows on raw inputs, for decode: x (S, K) bfloat16 (row stride free, unit column stride), K <= G * gs
@@ -245,10 +248,10 @@ static void check_index(const std::vector<int64_t>& index, int64_t P, int64_t gs
 torch::Tensor planes_rows_x(torch::Tensor x, torch::Tensor rows, std::vector<torch::Tensor> planes,
                             std::vector<torch::Tensor> zplanes, int64_t zconst, torch::Tensor scales,
                             std::vector<int64_t> widths, std::vector<int64_t> offsets, int64_t gs,
-                            std::vector<int64_t> index) {
+                            torch::Tensor index) {
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.dim() == 2 && x.stride(1) == 1, "x layout");
   const int64_t P = planes.size(), S = x.size(0), K = x.size(1), G = scales.size(2), sx = x.stride(0);
-  check_index(index, P, gs);
+  const int64_t* ip = check_index(index, P, gs);
   TORCH_CHECK(K <= G * gs, "input width");
   auto xv = torch::empty({S, G, 4 * P, 32}, x.options());
   auto xs = torch::empty({S, G, 16}, x.options().dtype(torch::kFloat));
@@ -259,8 +262,8 @@ torch::Tensor planes_rows_x(torch::Tensor x, torch::Tensor rows, std::vector<tor
     for (int64_t g = 0; g < G; ++g) {
       at::BFloat16* vg = vp + (s * G + g) * 4 * P * 32;
       for (int64_t t = 0; t < 4 * P * 32; ++t) {
-        const int64_t k = g * gs + index[t];
-        vg[t] = index[t] >= 0 && k < K ? xp[s * sx + k] : at::BFloat16(0.f);
+        const int64_t k = g * gs + ip[t];
+        vg[t] = ip[t] >= 0 && k < K ? xp[s * sx + k] : at::BFloat16(0.f);
       }
       for (int64_t l = 0; l < 16; ++l) {  // lane l meets values 2l, 2l + 1 of each of the first plane's vectors
         float acc = 0.f;
@@ -282,11 +285,11 @@ torch::Tensor planes_rows_x(torch::Tensor x, torch::Tensor rows, std::vector<tor
 torch::Tensor planes_rows_xf(torch::Tensor x, torch::Tensor rows, std::vector<torch::Tensor> planes,
                              std::vector<torch::Tensor> zplanes, int64_t zconst, torch::Tensor scales,
                              std::vector<int64_t> widths, std::vector<int64_t> offsets, int64_t gs,
-                             std::vector<int64_t> index) {
+                             torch::Tensor index) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.stride(1) == 1, "x layout");
   TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.numel() == x.size(0), "rows");
   const int64_t P = planes.size(), S = x.size(0), K = x.size(1), G = scales.size(2), sx = x.stride(0);
-  check_index(index, P, gs);
+  const int64_t* ip = check_index(index, P, gs);
   TORCH_CHECK(K <= G * gs, "input width");
   auto bf = x.options().dtype(torch::kBFloat16);
   auto xv = torch::empty({3 * S, G, 4 * P, 32}, bf);
@@ -304,8 +307,8 @@ torch::Tensor planes_rows_xf(torch::Tensor x, torch::Tensor rows, std::vector<to
     for (int64_t g = 0; g < G; ++g) {
       at::BFloat16* v0 = vp + (3 * s) * row_len + g * 4 * P * 32;
       for (int64_t t = 0; t < 4 * P * 32; ++t) {
-        const int64_t k = g * gs + index[t];
-        const float a = index[t] >= 0 && k < K ? xp[s * sx + k] : 0.f;
+        const int64_t k = g * gs + ip[t];
+        const float a = ip[t] >= 0 && k < K ? xp[s * sx + k] : 0.f;
         const at::BFloat16 hi(a);
         const float rest = a - (float)hi;  // exact: a and hi agree in their leading bits
         const at::BFloat16 mid(rest);
@@ -360,10 +363,10 @@ def _index(width: int, group_size: int) -> list[int]:
     return out
 
 
-def native_index(widths: tuple[int, ...], group_size: int) -> list[int]:
-    """The inputs ``planes_rows_x`` reads for planes of ``widths``, in order: per plane its 4 x 32 vector values'
-    input within the group, -1 for a zero (``planes_native_inputs``' order)."""
-    return [k for w in widths for k in _index(w, group_size)]
+def native_index(widths: tuple[int, ...], group_size: int) -> Tensor:
+    """The inputs ``planes_rows_x`` reads for planes of ``widths``, in order: (4 * P * 32,) int64, per plane its
+    4 x 32 vector values' input within the group, -1 for a zero (``planes_native_inputs``' order)."""
+    return torch.tensor([k for w in widths for k in _index(w, group_size)], dtype=torch.int64)
 
 
 def planes_native_inputs(x: Tensor, widths: tuple[int, ...], group_size: int) -> tuple[Tensor, Tensor]:
@@ -373,7 +376,7 @@ def planes_native_inputs(x: Tensor, widths: tuple[int, ...], group_size: int) ->
     hold every input of the group once)."""
     n_rows, k = x.shape
     n_groups = k // group_size
-    idx = torch.tensor(native_index(widths, group_size), device=x.device)
+    idx = native_index(widths, group_size).to(x.device)
     xg = F.pad(x.reshape(n_rows, n_groups, group_size), (0, 1))  # input gs: the zero that -1 reads
     xv = xg.index_select(2, torch.where(idx < 0, group_size, idx)).reshape(n_rows, n_groups, 4 * len(widths), 32)
     xs = xv[:, :, :4].float().reshape(n_rows, n_groups, 4, 16, 2).sum((2, 4))
