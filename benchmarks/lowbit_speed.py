@@ -43,6 +43,12 @@ and prints the skip lines only.
 ``--demo-only`` times just the demo model's three variants (a few minutes) and prints its table and the two
 ``lowbit demo decode ratio`` lines.
 
+``--model demo-fine`` times just the embedded fine-grained demo model (Qwen3-MoE, 64 experts of 256 x 80, top-8)
+against its demo row rtn-3 (uniform 3-bit, round-to-nearest, group 128: down_proj's 80 inputs are one group of
+80), in the demo's dtype (float32; ``--dtype bfloat16`` for bf16), from a prompt of 8 tokens (``--prompt-tokens
+128``: the demo table's), interleaved, and prints its table, the cold ``torch.compile`` graphs the timed runs made,
+and ``lowbit demo-fine decode ratio rtn-3bit: X``.
+
 Run: OMP_NUM_THREADS=2 python benchmarks/lowbit_speed.py [--repeats 5] [--layers 4] [--variants ...]
 """
 
@@ -396,6 +402,38 @@ def demo_check(new_tokens: int, prefill_tokens: int, repeats: int) -> None:
         print(f"lowbit demo decode ratio {name}: {demo_results[f'demo-{name}']['decode_tps'] / ref['decode_tps']:.2f}")
 
 
+def fine_check(new_tokens: int, prefill_tokens: int, repeats: int, dtype: torch.dtype, prompt_tokens: int) -> None:
+    """demo-fine against its rtn-3 row (the demo's plan: uniform 3-bit, quantizer rtn), timed interleaved."""
+    from torch._dynamo.utils import counters
+
+    import moeslim
+    from moeslim.methods.quant.driver import QuantizeConfig, plan_quantize
+
+    t0 = time.perf_counter()
+    base, _ = load_model("demo-fine", dtype=dtype)
+    rtn3 = copy.deepcopy(base)
+    moeslim.apply(rtn3, plan_quantize(rtn3, None, QuantizeConfig(method="uniform", bits=3, quantizer="rtn"),
+                                      "demo-fine"))
+    models = {"demo-fine": base, "demo-fine-rtn-3bit": rtn3}
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, base.config.vocab_size, (1, prompt_tokens), generator=gen)
+    long = torch.randint(3, base.config.vocab_size, (1, min(prefill_tokens, 256)), generator=gen)
+    graphs = counters["stats"]["unique_graphs"]
+    _, results = measure_both({}, ids, long, models, ids, long, new_tokens, repeats)
+    graphs = counters["stats"]["unique_graphs"] - graphs
+    ref = results["demo-fine"]
+    print(f"{'demo-fine variant':28} {'decode tok/s':>12} {'x':>6} {'prefill tok/s':>14} {'x':>6} "
+          f"{'resident MiB':>13} {'x':>6}")
+    for name, r in results.items():
+        print(f"{name:28} {r['decode_tps']:12.2f} {r['decode_tps'] / ref['decode_tps']:6.2f} "
+              f"{r['prefill_tps']:14.1f} {r['prefill_tps'] / ref['prefill_tps']:6.2f} "
+              f"{r['bytes'] / 2**20:13.2f} {r['bytes'] / ref['bytes']:6.2f}")
+    print(f"{dtype}, prompt {prompt_tokens} tokens; compiled graphs (cold, timed runs incl. warm-up): {graphs}; "
+          f"total time {time.perf_counter() - t0:.0f} s; threads {torch.get_num_threads()}\n")
+    print(f"lowbit demo-fine decode ratio rtn-3bit: "
+          f"{results['demo-fine-rtn-3bit']['decode_tps'] / ref['decode_tps']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -412,7 +450,16 @@ def main() -> None:
     parser.add_argument("--demo-only", action="store_true",
                         help="only the demo model's variants (bf16, PMQ 2.5-bit, skipping), timed interleaved; "
                              "prints the demo table and the two demo lines")
+    parser.add_argument("--model", choices=("speed", "demo-fine"), default="speed",
+                        help="demo-fine: only the fine-grained demo model against its rtn-3 row")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="with --model demo-fine: the dtype both models run in (the demo's: float32)")
+    parser.add_argument("--prompt-tokens", type=int, default=8,
+                        help="with --model demo-fine: the decode prompt's length (the demo's table: 128)")
     args = parser.parse_args()
+    if args.model == "demo-fine":
+        fine_check(args.new_tokens, args.prefill_tokens, args.repeats, getattr(torch, args.dtype), args.prompt_tokens)
+        return
     if args.load_only:
         load_check(args.layers)
         return

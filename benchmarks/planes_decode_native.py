@@ -39,7 +39,7 @@ def _time(native: Callable[..., None], compiled: Callable[..., torch.Tensor], n_
     def run_native() -> torch.Tensor:
         xv, xs = planes_native_inputs(x, tuple(widths), gs)
         out = torch.empty(n_rows, n_out)
-        native(xv, xs, rows, list(planes), list(zplanes), 0, scales.view(torch.int16), widths, offsets, out)
+        native(xv, xs, rows, list(planes), list(zplanes), 0, scales.view(torch.int16), widths, offsets, gs, out)
         return out.bfloat16()
 
     def run_compiled() -> torch.Tensor:

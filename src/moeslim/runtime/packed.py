@@ -20,9 +20,9 @@ padded with zeros, so the padding adds exactly 0), so every shape the layouts ca
 Decoding (up to ``FUSED_MAX_ROWS`` rows in one width group) runs one ``torch.compile``d kernel per width group for
 all its routed (row, expert) pairs (``planes_rows_kernel``, ``int8_rows_kernel``): each row gathers its expert's
 packed bytes inside the kernel, the integer codes meet the input first and scale and zero are applied once per
-group, so no dequantized weight is ever materialised. bfloat16 rows of bit-plane groups (group size 128) run
-``planes_native``'s AVX512-BF16 kernel instead where the CPU has it (the same sums; 2-2.5x faster at batch-1
-shapes), float32 rows the same kernel on their three bfloat16 parts (exact, and nothing to compile). Calls of
+group, so no dequantized weight is ever materialised. bfloat16 rows of bit-plane groups (any group size up to
+128) run ``planes_native``'s AVX512-BF16 kernel instead where the CPU has it (the same sums; 2-2.5x faster at
+batch-1 shapes), float32 rows the same kernel on their three bfloat16 parts (exact, and nothing to compile). Calls of
 little work (``SERIAL_MAX_WORK``) are compiled single-threaded, and at such shapes a layer's routed pairs can run
 as one graph per projection (``rows_traced``, ``fuses_decode``; lowbit_forward's masked decode). Longer inputs
 dequantize each routed expert once (compiled) and run a float matmul. 4-bit experts run torch's int4pack kernel on
@@ -55,10 +55,11 @@ from moeslim.methods.quant.layout_bytes import layout_format
 from moeslim.methods.quant.pack import pack_bits, unpack_bits
 from moeslim.runtime.int4_native import native_int4_tile
 from moeslim.runtime.planes_native import (
+    native_group,
+    native_index,
     native_planes_rows,
     native_planes_rows_x,
     native_planes_rows_xf,
-    native_slots,
     planes_native_inputs,
 )
 
@@ -773,9 +774,9 @@ class _WidthGroup(nn.Module):
 
     def _native_rows(self, rows: Tensor, x: Tensor) -> Tensor | None:
         """x (S, K) bfloat16 or float32, rows (S,) -> (S, N) in x's dtype through ``planes_native`` (None: other
-        inputs, a CPU without AVX512-BF16, or a group size other than the kernel's 128; the compiled kernel runs
-        instead). float32 inputs run ``planes_rows_xf``: exact as the compiled float32 kernel."""
-        if x.device.type != "cpu" or self.group_size != 128:
+        inputs, a CPU without AVX512-BF16, or a group size the kernel does not read (``native_group``); the
+        compiled kernel runs instead). float32 inputs run ``planes_rows_xf``: exact as the compiled float32 kernel."""
+        if x.device.type != "cpu" or not native_group(self.group_size):
             return None
         if x.dtype == torch.float32:
             xf = native_planes_rows_xf()
@@ -794,14 +795,14 @@ class _WidthGroup(nn.Module):
         out = torch.empty((x.shape[0], self.n_out), dtype=torch.float32, device=x.device)
         kernel(xv, xs, rows.contiguous(), [getattr(self, f"p{j}") for j in range(self.n_planes)],
                [] if isinstance(zplanes, int) else list(zplanes), zplanes if isinstance(zplanes, int) else 0,
-               self.scales, [w for w, _ in split], [o for _, o in split], out)
+               self.scales, [w for w, _ in split], [o for _, o in split], self.group_size, out)
         return out.to(x.dtype)
 
     def native_decode_args(self) -> tuple[Any, ...] | None:
         """What ``planes_rows_x`` takes besides the inputs and rows (planes, zero planes, zero constant, scales,
-        plane widths and offsets, input slots), or None where it does not run (not a bit-plane group of group size
-        128, not on CPU, no AVX512-BF16 kernel here)."""
-        if self.fmt != "planes" or self.group_size != 128 or self.scales.device.type != "cpu":
+        plane widths and offsets, group size, input index), or None where it does not run (not a bit-plane group
+        of a group size the kernel reads, not on CPU, no AVX512-BF16 kernel here)."""
+        if self.fmt != "planes" or not native_group(self.group_size) or self.scales.device.type != "cpu":
             return None
         if native_planes_rows_x() is None:
             return None
@@ -809,7 +810,8 @@ class _WidthGroup(nn.Module):
         zplanes = self._all_zplanes()
         return ([getattr(self, f"p{j}") for j in range(self.n_planes)],
                 [] if isinstance(zplanes, int) else list(zplanes), zplanes if isinstance(zplanes, int) else 0,
-                self.scales, [w for w, _ in split], [o for _, o in split], native_slots(tuple(w for w, _ in split)))
+                self.scales, [w for w, _ in split], [o for _, o in split], self.group_size,
+                native_index(tuple(w for w, _ in split), self.group_size))
 
     def rows_args(self) -> tuple[Any, ...]:
         """The arguments of ``rows_traced`` that describe this group (tensors and numbers only: a compiled
