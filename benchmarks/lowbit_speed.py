@@ -358,13 +358,19 @@ def print_table(results: dict[str, dict[str, float]], demo_results: dict[str, di
         print(f"{name:28} {r['decode_tps']:12.2f} {r['decode_tps'] / ref['decode_tps']:6.2f} "
               f"{r['prefill_tps']:14.1f} {r['prefill_tps'] / ref['prefill_tps']:6.2f} "
               f"{r['bytes'] / 2**20:13.1f} {r['bytes'] / ref['bytes']:6.2f}{rss}")
-    demo_ref = demo_results["demo-bf16"]
-    print(f"\n{'demo model variant':28} {'decode tok/s':>12} {'x':>6} {'prefill tok/s':>14} {'x':>6} "
-          f"{'resident MiB':>13} {'x':>6}")
-    for name, r in demo_results.items():
-        print(f"{name:28} {r['decode_tps']:12.2f} {r['decode_tps'] / demo_ref['decode_tps']:6.2f} "
-              f"{r['prefill_tps']:14.1f} {r['prefill_tps'] / demo_ref['prefill_tps']:6.2f} "
-              f"{r['bytes'] / 2**20:13.2f} {r['bytes'] / demo_ref['bytes']:6.2f}")
+    print()
+    print_ratio_table("demo model variant", demo_results, "demo-bf16")
+
+
+def print_ratio_table(title: str, results: dict[str, dict[str, float]], ref_name: str) -> None:
+    """One table of a model's variants: decode / prefill tok/s and resident MiB, each with its ratio to
+    ``ref_name``'s."""
+    ref = results[ref_name]
+    print(f"{title:28} {'decode tok/s':>12} {'x':>6} {'prefill tok/s':>14} {'x':>6} {'resident MiB':>13} {'x':>6}")
+    for name, r in results.items():
+        print(f"{name:28} {r['decode_tps']:12.2f} {r['decode_tps'] / ref['decode_tps']:6.2f} "
+              f"{r['prefill_tps']:14.1f} {r['prefill_tps'] / ref['prefill_tps']:6.2f} "
+              f"{r['bytes'] / 2**20:13.2f} {r['bytes'] / ref['bytes']:6.2f}")
 
 
 def print_skip_lines(results: dict[str, dict[str, float]], demo_results: dict[str, dict[str, float]],
@@ -422,12 +428,7 @@ def fine_check(new_tokens: int, prefill_tokens: int, repeats: int, dtype: torch.
     _, results = measure_both({}, ids, long, models, ids, long, new_tokens, repeats)
     graphs = counters["stats"]["unique_graphs"] - graphs
     ref = results["demo-fine"]
-    print(f"{'demo-fine variant':28} {'decode tok/s':>12} {'x':>6} {'prefill tok/s':>14} {'x':>6} "
-          f"{'resident MiB':>13} {'x':>6}")
-    for name, r in results.items():
-        print(f"{name:28} {r['decode_tps']:12.2f} {r['decode_tps'] / ref['decode_tps']:6.2f} "
-              f"{r['prefill_tps']:14.1f} {r['prefill_tps'] / ref['prefill_tps']:6.2f} "
-              f"{r['bytes'] / 2**20:13.2f} {r['bytes'] / ref['bytes']:6.2f}")
+    print_ratio_table("demo-fine variant", results, "demo-fine")
     print(f"{dtype}, prompt {prompt_tokens} tokens; compiled graphs (cold, timed runs incl. warm-up): {graphs}; "
           f"total time {time.perf_counter() - t0:.0f} s; threads {torch.get_num_threads()}\n")
     print(f"lowbit demo-fine decode ratio rtn-3bit: "

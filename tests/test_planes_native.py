@@ -141,6 +141,21 @@ class _NoCompile(packed_module._Compiled):
         raise AssertionError("a compiled kernel ran for native decode rows")
 
 
+class _Experts(torch.nn.Module):
+    """The attributes the routed-experts forward reads from a transformers experts module (SiLU, gated or not)."""
+
+    has_bias = False
+
+    def __init__(self, gated: bool) -> None:
+        super().__init__()
+        self.has_gate = gated
+        self.act_fn = torch.nn.SiLU()
+
+    def _apply_gate(self, h: torch.Tensor) -> torch.Tensor:
+        g, u = h.chunk(2, dim=-1)
+        return self.act_fn(g) * u
+
+
 @pytest.mark.parametrize("n_in", [300, 448, 80])
 def test_float32_rows_are_taken_and_exact(n_in: int) -> None:
     # float32 rows of mixed widths (1..8 bits, all bit planes but 4 and 8: int4pack / int8 layouts) run the
@@ -192,19 +207,7 @@ def test_float32_native_decode_equals_sorted_experts(gated: bool, n_mid: int) ->
     up, down = PackedExperts(up_p), PackedExperts(down_p)
     up.compiled = down.compiled = _NoCompile()
 
-    class _Experts(torch.nn.Module):
-        has_gate = gated
-        has_bias = False
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.act_fn = torch.nn.SiLU()
-
-        def _apply_gate(self, h: torch.Tensor) -> torch.Tensor:
-            g, u = h.chunk(2, dim=-1)
-            return self.act_fn(g) * u
-
-    experts = _Experts()
+    experts = _Experts(gated)
     act = experts._apply_gate if gated else experts.act_fn
     for n_tokens, index in ((1, torch.tensor([[0, 3]])), (1, torch.tensor([[4, 5]])),
                             (3, torch.tensor([[1, 2], [2, 5], [0, 4]]))):
@@ -249,19 +252,7 @@ def test_demo_fine_shapes_decode_natively(dtype: torch.dtype, monkeypatch: pytes
 
     monkeypatch.setattr(lowbit_forward, "_native_decode", counting)
 
-    class _Experts(torch.nn.Module):
-        has_gate = True
-        has_bias = False
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.act_fn = torch.nn.SiLU()
-
-        def _apply_gate(self, h: torch.Tensor) -> torch.Tensor:
-            g, u = h.chunk(2, dim=-1)
-            return self.act_fn(g) * u
-
-    experts = _Experts()
+    experts = _Experts(True)
     x = torch.randn(1, hidden, generator=gen).to(dtype)
     index = torch.randperm(n_exp, generator=gen)[:k].unsqueeze(0)
     weights = torch.rand(1, k, generator=gen).softmax(-1).to(dtype)
