@@ -386,3 +386,29 @@ def test_a_tensor_llama_cpp_has_no_slot_for_is_refused_before_writing(tokenizer,
     with pytest.raises(UnsupportedExportError, match="extra_scale.*no slot"):
         export_gguf(model, tokenizer, tmp_path / "x.gguf")
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temp folder
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_attention_and_embedding_are_written_dequantized(tied: bool, tokenizer, tmp_path: Path) -> None:
+    # a joint plan's --attention-widths / --embedding-widths: the file holds what the packed model computes with
+    from moeslim.appliers.nonexpert import pack_nonexpert
+    from moeslim.runtime.lowbit_io import lowbit_tensors
+    from moeslim.runtime.packed_rows import packed_rows
+
+    model = export_model("qwen3_moe", len(tokenizer))
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    pack_nonexpert(model, {0: 4}, 8, 16)
+    rows = packed_rows(model)
+    assert sorted(rows) == (["lm_head.weight", "model.embed_tokens.weight"])
+    q = lowbit_tensors(model)["model.layers.0.self_attn.q_proj.weight"].dequantize()[0]
+    out = export_gguf(model, tokenizer, tmp_path / "m.gguf", qtype="F32")
+    reader = GGUFReader(str(out.path))
+    names = {t.name for t in reader.tensors}
+    np.testing.assert_array_equal(_tensor(reader, "token_embd.weight"),
+                                  rows["model.embed_tokens.weight"].dequantize().numpy())
+    assert ("output.weight" in names) == (not tied)  # llama.cpp reuses token_embd for a tied head
+    if not tied:
+        np.testing.assert_array_equal(_tensor(reader, "output.weight"), rows["lm_head.weight"].dequantize().numpy())
+    np.testing.assert_array_equal(_tensor(reader, "blk.0.attn_q.weight"), q.numpy())

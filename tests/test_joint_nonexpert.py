@@ -225,15 +225,19 @@ def test_plan_joint_cli_takes_the_widths(tmp_path: Path) -> None:
     assert (8, 4) in values.values() and (8,) in values.values()
 
 
-def test_exports_refuse_a_packed_embedding(tmp_path: Path) -> None:
+def test_gguf_writes_a_packed_embedding_dequantized_compressed_tensors_refuses_it(tmp_path: Path) -> None:
+    # GGUF re-quantizes every matrix by its own types; compressed-tensors has a format for the experts only
     from moeslim.export import UnsupportedExportError
     from moeslim.export.compressed_tensors import export_compressed_tensors
     from moeslim.export.gguf import model_tensors
+    from moeslim.runtime.packed_rows import packed_rows
 
     model = _model(True)
     pack_nonexpert(model, {}, 8, 16)
-    with pytest.raises(UnsupportedExportError, match="embedding"):
-        list(model_tensors(model))
+    storage = packed_rows(model)["model.embed_tokens.weight"]
+    written = dict(model_tensors(model))
+    assert torch.equal(written["model.embed_tokens.weight"], storage.dequantize())
+    assert torch.equal(written["lm_head.weight"], storage.dequantize())  # tied: one storage, both names
     with pytest.raises(UnsupportedExportError, match="embedding"):
         export_compressed_tensors(model, None, tmp_path / "ct")
 

@@ -115,23 +115,34 @@ Tensors = Callable[[], Iterable[tuple[str, torch.Tensor]]]  # (state-dict name, 
 
 
 def model_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(state-dict name, tensor) of every tensor ``export_gguf`` writes, in file order: the state dict, then the
-    packed experts of a moeslim-quantized model, each dequantized when it is reached (the GGUF type re-quantizes
-    them; F32 holds them exactly). ``export.streamed`` lists a checkpoint folder's tensors in this same order."""
+    """(state-dict name, tensor) of every tensor ``export_gguf`` writes, in file order: a packed token embedding /
+    output head (a joint plan's ``--embedding-widths``), the state dict, then the packed experts of a
+    moeslim-quantized model, each dequantized when it is reached (the GGUF type re-quantizes them; F32 holds them
+    exactly). ``export.streamed`` lists a checkpoint folder's tensors in this same order (it refuses packed
+    embeddings)."""
     from moeslim.runtime.lowbit_io import packed_experts
     from moeslim.runtime.packed_rows import packed_rows
 
-    rows = sorted(packed_rows(model))
-    if rows:
-        raise UnsupportedExportError(f"GGUF export does not write a packed token embedding / output head ({rows}): "
-                                     "export a model planned without --embedding-widths")
-    packed = packed_experts(model)
     state = model.state_dict()
+    for key, rows in packed_rows(model).items():  # their parameters are gone from the state dict
+        if key not in state:
+            yield key, rows.dequantize()
+    packed = packed_experts(model)
     for key, tensor in state.items():
-        yield key, packed[key].to_lowbit().dequantize() if key in packed else tensor
+        yield key, _held_shape(model, key, packed[key].to_lowbit().dequantize()) if key in packed else tensor
     for key, storage in packed.items():
         if key not in state:
-            yield key, storage.to_lowbit().dequantize()
+            yield key, _held_shape(model, key, storage.to_lowbit().dequantize())
+
+
+def _held_shape(model: nn.Module, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A dequantized packed tensor (1, out, in) of a packed 2D weight (attention) as that weight, (out, in): the
+    packed format holds every matrix as a stack; its placeholder attribute keeps the weight's shape."""
+    module_name, _, attr = key.rpartition(".")
+    held = getattr(model.get_submodule(module_name), attr, None)
+    if isinstance(held, torch.Tensor) and tensor.ndim == held.ndim + 1 and tensor.shape == (1, *held.shape):
+        return tensor[0]
+    return tensor
 
 
 def _gguf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: Any, arch: GgufArch,
