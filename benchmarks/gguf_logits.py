@@ -1,7 +1,7 @@
 """llama.cpp's logits through moeslim's GGUF files against transformers', per exported family (tiny models).
 
     python benchmarks/gguf_logits.py [--families mixtral qwen2_moe ...] [--keep K] [--bits B] [--nonuniform]
-        [--work runs/gguf-logits]
+        [--nonexpert W] [--work runs/gguf-logits]
 
 Each family's tiny model (tests/tiny_models.py, with the tiny changes llama.cpp needs: every layer MoE where its
 graph wants that, V3-style group scores) carries a tiny byte-level BPE tokenizer (tests/tiny_tokenizers.py), is
@@ -10,13 +10,15 @@ benchmarks/llama_env.py builds) on the same 12 token ids as transformers (eager 
 first prunes every MoE layer to its experts 0..K-1 (moeslim's ``select_experts``), so the pruned layout is what
 both run; ``--bits B`` then quantizes
 the experts with moeslim (uniform B-bit GPTQ, groups of 16, on sample ids): the file holds them dequantized in F32,
-and transformers runs moeslim's quantized model.
+and transformers runs moeslim's quantized model. ``--nonexpert W`` packs every decoder layer's attention
+projections and the token embedding / output head at W bits (a joint plan's ``--attention-widths`` /
+``--embedding-widths``, groups of 16) before the export: the file holds them dequantized.
 
 ``--nonuniform`` prunes the families whose routers hold padding to unequal per-layer counts (compact layout);
 their files pad every layer to the largest count (export/gguf_pad.py).
 
 Ends with, per family:
-    gguf logits [nonuniform ]FAMILY: max |diff| X.XXe-XX (logits' max |value| Y.YY)
+    gguf logits [nonuniform |nonexpert-W ]FAMILY: max |diff| X.XXe-XX (logits' max |value| Y.YY)
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ NONUNIFORM = {"gpt_oss": {0: [0, 2, 3, 5, 7], 1: [1, 4, 6]},
 
 
 def logit_lines(python: Path, families: list[str], work: Path, keep: int | None = None, bits: int | None = None,
-                nonuniform: bool = False) -> list[str]:
+                nonuniform: bool = False, nonexpert: int | None = None) -> list[str]:
     """One ``gguf logits FAMILY: max |diff| ...`` line per family: llama.cpp (``python``: the engines venv) on
     moeslim's F32 file against transformers on the same 12 ids. ``nonuniform``: each family pruned to its
     ``NONUNIFORM`` kept sets in the compact layout (the file pads every layer to the largest count)."""
@@ -66,6 +68,7 @@ def logit_lines(python: Path, families: list[str], work: Path, keep: int | None 
     from transformers import AutoModelForCausalLM
 
     import moeslim
+    from moeslim.appliers.nonexpert import pack_nonexpert
     from moeslim.export import export_gguf
     from moeslim.methods.quant.config import QuantizeConfig
     from moeslim.methods.quant.driver import plan_quantize
@@ -74,7 +77,7 @@ def logit_lines(python: Path, families: list[str], work: Path, keep: int | None 
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = byte_level_bpe("gpt2")
     ids = sample_ids(0, 1, 12)[0].tolist()
-    tag = "nonuniform " if nonuniform else ""
+    tag = ("nonuniform " if nonuniform else "") + (f"nonexpert-{nonexpert} " if nonexpert is not None else "")
     summary = []
     for family in families:
         config = tiny_config(family, len(tokenizer))
@@ -92,7 +95,9 @@ def logit_lines(python: Path, families: list[str], work: Path, keep: int | None 
             calib = sample_ids(1, 4, 16) % len(tokenizer)
             plan = plan_quantize(model, calib, QuantizeConfig(method="uniform", bits=bits, group_size=16))
             moeslim.apply(model, plan, calibration=calib)
-        name = f"{family}{'-nonuniform' if nonuniform else ''}"
+        if nonexpert is not None:
+            pack_nonexpert(model, dict.fromkeys(range(config.num_hidden_layers), nonexpert), nonexpert, 16)
+        name = f"{family}{'-nonuniform' if nonuniform else ''}{f'-nonexpert{nonexpert}' if nonexpert else ''}"
         path = work / f"{name}.gguf"
         path.unlink(missing_ok=True)
         export_gguf(model, tokenizer, path, qtype="F32")
@@ -123,11 +128,14 @@ def main() -> int:
     parser.add_argument("--bits", type=int, default=None, help="quantize the experts with moeslim first")
     parser.add_argument("--nonuniform", action="store_true",
                         help="prune the paddable families non-uniformly first (compact layout, padded in the file)")
+    parser.add_argument("--nonexpert", type=int, default=None,
+                        help="pack attention and the token embedding / head at these bits first")
     parser.add_argument("--engines-work", type=Path, default=Path("runs/engines"))
     args = parser.parse_args()
     python, _, _ = ensure_llama_env(args.engines_work)
     families = [f for f in args.families if f in NONUNIFORM] if args.nonuniform else args.families
-    print("\n".join(logit_lines(python, families, args.work, args.keep, args.bits, args.nonuniform)))
+    print("\n".join(logit_lines(python, families, args.work, args.keep, args.bits, args.nonuniform,
+                                 args.nonexpert)))
     return 0
 
 
