@@ -398,3 +398,19 @@ def test_device_map_is_validated_and_passes_through_to_accelerate(tmp_path: Path
     skip.save(tmp_path / "skip.json")
     assert main(["apply", str(tmp_path / "p"), str(tmp_path / "skip.json"), "--out", str(tmp_path / "s")]) == 0
     assert main(["eval", str(tmp_path / "s"), *placed, "--tasks", "none", "--out", str(tmp_path / "e.json")]) == 2
+
+
+def test_a_command_leaves_the_process_group_it_joined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI destroys torchrun's process group before returning (gloo's threads left to interpreter teardown
+    can abort a finished run), and only when one was joined: here a group of one joined as torchrun would."""
+    import torch.distributed as dist
+
+    from moeslim.calibrate.distributed import init_from_env
+
+    for name, value in {"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}.items():
+        monkeypatch.setenv(name, value)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert init_from_env(torch.device("cpu")).size == 1 and dist.is_initialized()
+    out = tmp_path / "plan.json"
+    assert main(["plan", "prune", "demo", "--keep", "6", "--samples", "2", "--seq-len", "16", "--out", str(out)]) == 0
+    assert out.exists() and not dist.is_initialized()

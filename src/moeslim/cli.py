@@ -793,6 +793,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; outputs that were not finished were not written", file=sys.stderr)
         return 130
+    finally:
+        if "moeslim.calibrate.distributed" in sys.modules:  # a command that may have joined torchrun's group
+            from moeslim.calibrate.distributed import leave
+
+            leave()
 
 
 def _one_line(err: BaseException) -> str:

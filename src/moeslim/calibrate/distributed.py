@@ -47,6 +47,15 @@ def init_from_env(device: torch.device) -> World:
     return world()
 
 
+def leave() -> None:
+    """Leave torchrun's process group before the interpreter exits (no-op when none was joined).
+
+    Left to interpreter teardown, gloo's worker threads can outlive the group and abort the process ("terminate
+    called without an active exception", SIGABRT) after its work is done; torch asks for this call at exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def process_device(device: torch.device, w: World) -> torch.device:
     """Each process computes on its own GPU (``cuda:LOCAL_RANK``) unless a device index was given."""
     if w.size > 1 and device.type == "cuda" and device.index is None:
