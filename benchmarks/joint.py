@@ -222,7 +222,7 @@ def run_model(name: str, args: argparse.Namespace, budgets: list[float]) -> tupl
     step = args.size_step_fine if find_moe_layers(bench.model)[0].num_experts > 16 else 1
     widths = tuple(int(b) for b in args.widths.split(","))
     base_config = JointConfig(target_ratio=0.99, max_tokens=args.max_tokens, size_step=step, widths=widths,
-                              **nonexpert_widths(args))
+                              gptq_folds=args.gptq_folds, **nonexpert_widths(args))
     targets: JointTargets = base_config.check_model(bench.model)  # the single methods' bytes: the model's dtype
     t0 = time.perf_counter()
     held_config = dataclasses.replace(base_config, hold_dtype=args.hold_dtype, verify_windows=args.verify_windows)
@@ -372,6 +372,8 @@ def main() -> None:
     parser.add_argument("--widths", default="2,3,4,8,16", help="the joint planner's candidate widths")
     parser.add_argument("--hold-dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                         help="the joint plans' hold_dtype (auto: the model's); the single methods keep the model's")
+    parser.add_argument("--gptq-folds", type=int, default=JointConfig.gptq_folds,
+                        help="JointConfig.gptq_folds: cross-fitted GPTQ errors of the joint options (1: in sample)")
     parser.add_argument("--verify-windows", type=int, default=0,
                         help="JointConfig.verify_windows: calibration windows held out to judge the candidate plans "
                              "by measured KL (0: the estimated optimum)")
@@ -407,7 +409,7 @@ def main() -> None:
         "each at its smallest such setting (PMQ's average bits bisected to the bytes closest to the joint's; the "
         "original itself is not a single method); the best single method is the one of lowest perplexity among "
         "them. 'est. error' is the planner's estimate (summed squared block-output errors; each width's error that of "
-        "GPTQ on the sample, as apply runs it). Total run time "
+        f"GPTQ as apply runs it, on the sample: {args.gptq_folds}-fold cross-fitted, 1: in sample). Total run time "
         f"{total / 60:.1f} min.",
         "",
         PLOT_LINK,

@@ -61,6 +61,10 @@ class JointConfig:
     quantizer: Literal["gptq", "rtn"] = _help(
         "gptq (runs in apply, on the plan's calibration windows; the planner weighs GPTQ's errors too) | rtn "
         "(round-to-nearest, no data)", "gptq")
+    gptq_folds: int = _help(
+        "gptq: the options' quantization errors are measured out of sample, each sample token's error from the "
+        "expert GPTQ'd on the other folds' tokens (methods/joint/curves.py); 1: in sample (GPTQ judged on the tokens "
+        "it fitted, optimistic for rarely routed experts)", 2)
     max_tokens: int | None = _help("cap on the calibration tokens whose expert outputs are measured per layer",
                                    DEFAULT_MAX_TOKENS)
     token_fraction: float = _help("share of calibration tokens measured", 1.0)
@@ -152,7 +156,7 @@ class JointConfig:
         if self.error_scale not in ("kl", "squared"):
             raise ConfigError(f"error_scale={self.error_scale!r}: use 'kl' or 'squared'")
         for name, low in (("size_step", 1), ("max_subsets", 1), ("group_size", 1), ("batch_size", 1),
-                          ("probe_windows", 1), ("verify_windows", 0)):
+                          ("probe_windows", 1), ("verify_windows", 0), ("gptq_folds", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}={getattr(self, name)}: use {low} or more")
         if self.search_budget is not None and self.search_budget < 1:

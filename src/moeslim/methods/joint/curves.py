@@ -9,7 +9,12 @@ expert e in S_k and candidate width b the quantization error is measured under t
 with f~_eb the expert at b bits, quantized by the quantizer apply runs (GPTQ with Hessians of the sample tokens
 routed to it, or round-to-nearest; the grid apply uses). GPTQ's errors are several times below round-to-nearest's
 at 2-3 bits, so measuring them with round-to-nearest (PMQ's proxy) would price quantization too high against
-pruning. The per-token distances d (T, E, J) are computed once for all experts and widths,
+pruning. GPTQ's errors are measured out of sample (cross-fitting, ``folds`` > 1): the sample tokens are split into
+interleaved folds and each fold's distances come from the expert GPTQ'd on the other folds' tokens. Measured on
+the tokens it was fitted to, GPTQ's error is optimistic by an amount that grows as the expert's routed tokens
+approach its input width (a least-squares fit's in-sample residual), so rarely routed experts would look cheap to
+narrow; apply's GPTQ is then judged on tokens it never saw. The per-token distances d (T, E, J) are computed once
+for all experts and widths,
 so every kept set's errors are sums over its routing, not new expert runs. An expert's share of tokens under
 g^k gives the bytes read per token at decode.
 
@@ -40,7 +45,7 @@ from moeslim.methods.skip.thresholds import keep_mask, rescale_kept
 from moeslim.models import MoELayer
 from moeslim.models.expert_math import expert_forward, expert_intermediate, expert_weight_views
 
-__all__ = ["quant_distances", "size_options", "skip_error"]
+__all__ = ["quant_distances", "quantized_slices", "size_options", "skip_error"]
 
 
 def _gptq_slice(w: Tensor, hessian: Tensor, bits: int, group_size: int, transposed: bool, symmetric: bool
@@ -52,7 +57,7 @@ def _gptq_slice(w: Tensor, hessian: Tensor, bits: int, group_size: int, transpos
     return (deq.T if transposed else deq).to(w.dtype)
 
 
-def _quantized_slices(layer: MoELayer, x: Tensor, rows: Tensor, e: int, bits: int, group_size: int,
+def quantized_slices(layer: MoELayer, x: Tensor, rows: Tensor, e: int, bits: int, group_size: int,
                       symmetric: bool, quantizer: str) -> tuple[Tensor, Tensor]:
     """Expert e's (up, down) at ``bits``: round-to-nearest, or GPTQ with Hessians of the sample tokens ``rows``
     (T,) bool that route to e, the second projection on the intermediates of the quantized first (as apply)."""
@@ -67,29 +72,40 @@ def _quantized_slices(layer: MoELayer, x: Tensor, rows: Tensor, e: int, bits: in
 
 
 def quant_distances(layer: MoELayer, sample: ExpertOutputSample, widths: Sequence[int], group_size: int,
-                    symmetric: bool, quantizer: str = "rtn") -> Tensor:
+                    symmetric: bool, quantizer: str = "rtn", folds: int = 1) -> Tensor:
     """(T, E, J) float64 squared distance between each expert's output and its output at each width (0 at 16).
 
     ``quantizer`` "gptq": each expert is GPTQ'd on the sample tokens routed to it, or on every sample token when
     fewer than ``group_size`` route to it (apply's rule for starved experts), so the errors are those of the
-    quantizer apply runs; "rtn": round-to-nearest (PMQ's cheap proxy).
+    quantizer apply runs; "rtn": round-to-nearest (PMQ's cheap proxy, no fit: ``folds`` does not apply).
+    ``folds`` > 1 (GPTQ): token t belongs to fold t mod ``folds``; its distances use the expert GPTQ'd on the
+    tokens of the other folds (the same routed / starved rule), so every distance is out of sample.
     """
+    if folds < 1:
+        raise ValueError(f"folds={folds}: give 1 (in-sample) or more")
     views = expert_weight_views(layer)
     x = sample.x.to(views.up.device, views.up.dtype)
     tokens, num_experts, _ = sample.outputs.shape
     _, ids = layer.route(sample.logits.to(layer.router_weight.device))
     ids = ids.to(x.device)
     dist = torch.zeros(tokens, num_experts, len(widths), dtype=torch.float64)
+    fold = torch.arange(tokens, device=x.device) % folds
+    parts = [torch.ones(tokens, dtype=torch.bool, device=x.device)] if folds == 1 or quantizer == "rtn" else [
+        fold == f for f in range(folds)]
     for e in range(num_experts):
-        rows = (ids == e).any(dim=1)
-        if int(rows.sum()) < group_size:  # starved: all-token Hessians, as apply's GPTQ does
-            rows = torch.ones_like(rows)
-        for j, bits in enumerate(widths):
-            if bits == KEEP_BITS:
-                continue
-            up, down = _quantized_slices(layer, x, rows, e, int(bits), group_size, symmetric, quantizer)
-            out = expert_forward(layer, x, e, up=up, down=down).double().cpu()
-            dist[:, e, j] = (sample.outputs[:, e].double() - out).pow(2).sum(dim=-1)
+        routed = (ids == e).any(dim=1)
+        starved = int(routed.sum()) < group_size  # as apply decides, on the expert's whole routed count
+        for judged in parts:
+            fitted = ~judged if len(parts) > 1 else torch.ones_like(judged)
+            rows = routed & fitted
+            if starved or not bool(rows.any()):  # no routed tokens to fit: all-token Hessians, as apply's GPTQ does
+                rows = fitted
+            for j, bits in enumerate(widths):
+                if bits == KEEP_BITS:
+                    continue
+                up, down = quantized_slices(layer, x, rows, e, int(bits), group_size, symmetric, quantizer)
+                out = expert_forward(layer, x[judged], e, up=up, down=down).double().cpu()
+                dist[judged.cpu(), e, j] = (sample.outputs[judged.cpu(), e].double() - out).pow(2).sum(dim=-1)
     return dist
 
 
@@ -136,10 +152,11 @@ def size_option(kept: Sequence[int], prune_loss: float, logits: Tensor, route: R
 def size_options(curve: dict[str, dict[str, object]], sizes: Sequence[int], layer: MoELayer,
                  sample: ExpertOutputSample, route: RouteFn, widths: Sequence[int], group_size: int,
                  symmetric: bool, quantizer: str = "rtn", skip_betas: Sequence[float] = (),
-                 skip_rule: str = "top2") -> list[SizeOption]:
+                 skip_rule: str = "top2", folds: int = 1) -> list[SizeOption]:
     """Every option of one layer: ``curve`` is the pruning method's {size: {"kept", "loss"}} (all experts at 0);
-    with ``skip_betas``, every size also with each skip threshold (size-major: no skipping first)."""
-    dist = quant_distances(layer, sample, widths, group_size, symmetric, quantizer)
+    with ``skip_betas``, every size also with each skip threshold (size-major: no skipping first); ``folds``: as
+    ``quant_distances``."""
+    dist = quant_distances(layer, sample, widths, group_size, symmetric, quantizer, folds)
     logits = sample.logits.to(layer.router_weight.device)  # routing may read router buffers (correction bias)
     out = []
     for size in sizes:
