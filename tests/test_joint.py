@@ -187,6 +187,7 @@ def test_target_below_the_minimum_names_the_minimum() -> None:
     ({"target_mib": -1.0}, "positive"),
     ({"target_mib": 1.0, "widths": (2, 9)}, "widths"),
     ({"target_mib": 1.0, "widths": (1, 2), "symmetric": True}, "symmetric"),
+    ({"target_mib": 1.0, "gptq_folds": 0}, "gptq_folds=0: use 1 or more"),
 ])
 def test_config_refuses(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
