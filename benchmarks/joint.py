@@ -14,8 +14,9 @@ For each demo model ("demo": 8 experts, Mixtral layout; "demo-fine": 64 experts,
 Every variant is applied and measured: held bytes (``param_bytes``, what the demo table reports), held-out
 perplexity on both test domains (geometric mean), KL divergence to the original and top-1 agreement. The
 best single method at a budget is the one with the lowest perplexity among those that fit it. The report checks
-the planner's error estimate against measured KL over the budgets (Spearman rank correlation) and ends with one
-``joint ppl ratio vs best single at 25%: X (model)`` line per model (goal: <= 1.0).
+the planner's error estimate against measured KL over the budgets (Spearman rank correlation), gives the 25 %
+ratio paired over the test windows with a 95 % interval (is the difference more than the windows resolve?), and
+ends with one ``joint ppl ratio vs best single at 25%: X (model)`` line per model (goal: <= 1.0).
 
     python benchmarks/joint.py --out docs/results-joint.md
     python benchmarks/joint.py --plot-only --out docs/results-joint.md   # redraw the frontier plot from the table
@@ -72,6 +73,8 @@ class Measured:
     top1: float
     seconds: float
     estimate: float | None = None
+    window_nll: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # per domain, per test window
+    tokens: dict[str, int] = dataclasses.field(default_factory=dict)  # predicted tokens per domain
 
     @property
     def ppl_geo(self) -> float:
@@ -116,18 +119,33 @@ class Bench:
         model = copy.deepcopy(self.model)
         for plan in plans():
             apply(model, plan, calibration=self.calib)
-        ppl, kl, top1 = {}, [], []
+        ppl, kl, top1, rows, tokens = {}, [], [], {}, {}
         for d, w in self.windows.items():
-            r = perplexity(model, w, self.args.batch_size, progress=False, reference=self.refs[d])
-            ppl[d] = r["ppl"]
+            r = perplexity(model, w, self.args.batch_size, progress=False, reference=self.refs[d], per_window=True)
+            ppl[d], rows[d], tokens[d] = r["ppl"], r["window_nll"], r["tokens"]
             kl.append(r["kl"])
             top1.append(r["top1"])
         m = Measured(name, method, int(param_bytes(model)["total"]), ppl, float(np.mean(kl)), float(np.mean(top1)),
-                     time.perf_counter() - start, estimate)
+                     time.perf_counter() - start, estimate, rows, tokens)
         self.cache[name] = m
         print(f"  {self.name} {name}: {m.held / MIB:.2f} MiB, ppl {m.ppl_geo:.2f}, KL {m.kl:.4f} "
               f"({m.seconds:.0f} s)", flush=True)
         return m
+
+
+def paired_log_ratio(a: Measured, b: Measured) -> tuple[float, float]:
+    """log(ppl_geo(a) / ppl_geo(b)) and its standard error, the two models scored on the same test windows.
+
+    log ppl_geo = mean over the D domains of (summed NLL / predicted tokens), so the log ratio is
+    mean_d sum_w (a_dw - b_dw) / T_d; windows are taken as independent draws, each domain's sum having variance
+    n_d s_d^2 (s_d^2 the sample variance of the n_d per-window differences)."""
+    log_ratio, var = 0.0, 0.0
+    for d, rows in a.window_nll.items():
+        diff = np.asarray(rows) - np.asarray(b.window_nll[d])  # (n_d,) per-window NLL differences
+        log_ratio += float(diff.sum()) / a.tokens[d]
+        var += len(diff) * float(diff.var(ddof=1)) / a.tokens[d] ** 2
+    domains = len(a.window_nll)
+    return log_ratio / domains, math.sqrt(var) / domains
 
 
 def _provenance(bench: Bench, method: str) -> Provenance:
@@ -259,6 +277,7 @@ def run_model(name: str, args: argparse.Namespace, budgets: list[float]) -> tupl
         if len(joints) > 2 else float("nan")
     at25 = next(((j, singles) for s, j, singles in rows if abs(s - 0.25) < 1e-9 and isinstance(j, Measured)), None)
     ratio = (at25[0].ppl_geo / min(m.ppl_geo for m in at25[1])) if at25 and at25[1] else float("nan")
+    paired = paired_log_ratio(at25[0], min(at25[1], key=lambda m: m.ppl_geo)) if at25 and at25[1] else None
     elapsed = time.perf_counter() - start
     dtype = str(next(bench.model.parameters()).dtype).removeprefix("torch.")
     held = dtype if args.hold_dtype == "auto" else args.hold_dtype
@@ -266,7 +285,8 @@ def run_model(name: str, args: argparse.Namespace, budgets: list[float]) -> tupl
               f"the single-method baselines keep the model's {dtype}."]
     lines += [f"{name}: joint options measured once in {measure_s:.0f} s ({len(options)} MoE layers, kept-set "
               f"sizes {list(targets.kept_sizes)}, prune method {targets.prune.method}); whole model {elapsed:.0f} s."]
-    return lines, {"rho": rho, "ratio": ratio, "budgets": len(joints), "held": held, "dtype": dtype}
+    return lines, {"rho": rho, "ratio": ratio, "paired": paired, "budgets": len(joints), "held": held,
+                   "dtype": dtype, "windows": sum(len(w) for w in bench.windows.values())}
 
 
 def _describe(plan: Plan) -> str:
@@ -421,6 +441,12 @@ def main() -> None:
     for name, s in summary.items():
         text.append(f"joint plans held in: {s['held']} (hold_dtype {args.hold_dtype}); single-method baselines: "
                     f"the model's {s['dtype']} ({name})")
+    for name, s in summary.items():
+        if s["paired"] is not None:  # is the 25 % difference more than the test windows resolve?
+            log_ratio, se = s["paired"]
+            text.append(f"joint / best single at 25%, paired over {s['windows']} test windows: "
+                        f"{math.exp(log_ratio):.5f} (95% interval {math.exp(log_ratio - 1.96 * se):.5f}-"
+                        f"{math.exp(log_ratio + 1.96 * se):.5f}) ({name})")
     for name, s in summary.items():
         text.append(f"joint ppl ratio vs best single at 25%: {s['ratio']:.3f} ({name})")
     output = "\n".join(text) + "\n"

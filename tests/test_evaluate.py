@@ -52,6 +52,16 @@ def test_perplexity_matches_direct_computation(model: MixtralForCausalLM) -> Non
     assert math.isfinite(res["ppl"])
     assert res["nll"] == pytest.approx(nll, rel=1e-5)
     assert res["ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert "window_nll" not in res
+
+
+def test_per_window_nll_is_each_windows_direct_nll(model: MixtralForCausalLM) -> None:
+    windows = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(2))
+    res = perplexity(model, windows, batch_size=2, progress=False, per_window=True)
+    assert len(res["window_nll"]) == 5
+    for row, got in zip(windows, res["window_nll"], strict=True):
+        assert got == pytest.approx(_direct_nll(model, row[None])[0], rel=1e-5)
+    assert sum(res["window_nll"]) == pytest.approx(res["nll"], rel=1e-9)
 
 
 def test_sliding_with_stride_equal_window_is_fixed(model: MixtralForCausalLM) -> None:

@@ -33,6 +33,7 @@ def perplexity(
     progress: bool = True,
     reference: ReferenceTop | None = None,
     label: str = "perplexity",
+    per_window: bool = False,
 ) -> dict:
     """Perplexity of `windows` (N, L), each window scored independently (L-1 predictions each).
 
@@ -41,7 +42,8 @@ def perplexity(
     have little context: this is the usual, slightly pessimistic, calibration-style number.
     With ``reference`` (a reference model's distributions on the same windows), also "kl" (mean KL per
     predicted token, see ``divergence``) and "top1" (share of positions whose most likely token is the
-    reference's), from the same forward passes.
+    reference's), from the same forward passes. With ``per_window``, also "window_nll": each window's summed
+    NLL (N floats), for paired comparisons of two models on the same windows.
     """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be (N, L>=2), got {tuple(windows.shape)}")
@@ -50,6 +52,7 @@ def perplexity(
     device = torch.device(device) if device is not None else model_device(model)
     model.eval()
     nll, tokens, kl, agree = 0.0, 0, 0.0, 0
+    rows: list[float] = []
     batches = range(0, windows.shape[0], batch_size)
     for start in steps(batches, label, len(batches), unit="batches", enabled=progress):
         batch = windows[start : start + batch_size].to(device)
@@ -64,7 +67,11 @@ def perplexity(
         # float64 sum: millions of float32 terms would otherwise lose digits the comparison needs
         nll -= logp.double().sum().item()
         tokens += logp.numel()
+        if per_window:
+            rows += (-logp.double().sum(dim=1)).tolist()
     result = _result(nll, tokens, "fixed", windows=int(windows.shape[0]), seq_len=int(windows.shape[1]))
+    if per_window:
+        result["window_nll"] = rows
     if reference is not None and tokens:
         result.update(kl=kl / tokens, top1=agree / tokens, kl_top_k=reference.top_k)
     return result
