@@ -129,7 +129,8 @@ def test_demo_runs_both_embedded_models(tmp_path: Any) -> None:
     assert keeps == {48, 32}  # 25 % and 50 % of 64 experts removed
     # one skipping row (top-8 routing: the top-k rule) and one quantized row, as the 8-expert table has
     assert [(v.name, [s.kind for s in v.stages]) for v in variants[-2:]] == [("skip", ["skip"]),
-                                                                          ("rtn-3", ["quantize"])]
+                                                                          ("uniform-3", ["quantize"])]
     assert variants[-2].stages[0].config.rule == "topk"
+    assert variants[-1].stages[0].config.quantizer == "gptq"
     with pytest.raises(ConfigError):
         demo_variants(DemoConfig(), CalibrationConfig(), EXPERTS)  # keep 6 / 4 of 8 cannot fit 64 experts

@@ -226,7 +226,7 @@ def test_float32_native_decode_equals_sorted_experts(gated: bool, n_mid: int) ->
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_demo_fine_shapes_decode_natively(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    # demo-fine's experts at its rtn-3 row (uniform 3 bits, group 128): gate_up 160 x 256, down 256 x 80 (one
+    # demo-fine's experts at its uniform-3 row (uniform 3 bits, group 128): gate_up 160 x 256, down 256 x 80 (one
     # group of 80). A top-8 decode step of one token through grouped_forward takes the native path for both
     # projections (``_native_decode`` returns the layer's output; no compiled graph is asked for) and equals
     # the eager ``sorted_experts`` maths.
