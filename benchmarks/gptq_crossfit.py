@@ -51,10 +51,10 @@ def layer_samples(model: torch.nn.Module, input_ids: torch.Tensor, max_tokens: i
     return out
 
 
-def routed(layer: MoELayer, sample: ExpertOutputSample, e: int) -> torch.Tensor:
-    """(T,) bool: the sample tokens routed to expert e."""
+def routed_masks(layer: MoELayer, sample: ExpertOutputSample) -> torch.Tensor:
+    """(T, E) bool: which experts each sample token is routed to (routing read once per sample)."""
     _, ids = layer.route(sample.logits)
-    return (ids == e).any(dim=1)
+    return torch.stack([(ids == e).any(dim=1) for e in range(sample.outputs.shape[1])], dim=1)
 
 
 def held_out_errors(layer: MoELayer, fit: ExpertOutputSample, test: ExpertOutputSample, bits: int, group_size: int
@@ -62,11 +62,12 @@ def held_out_errors(layer: MoELayer, fit: ExpertOutputSample, test: ExpertOutput
     """(E,) mean squared output error on the test tokens routed to each expert, the expert GPTQ'd as apply does
     on ``fit`` (the tokens routed to it; all tokens when fewer than a group route to it)."""
     errs = []
+    fit_routed, test_routed = routed_masks(layer, fit), routed_masks(layer, test)
     for e in range(fit.outputs.shape[1]):
-        rows = routed(layer, fit, e)
+        rows = fit_routed[:, e]
         rows = rows if int(rows.sum()) >= group_size else torch.ones_like(rows)
         up, down = quantized_slices(layer, fit.x.float(), rows, e, bits, group_size, False, "gptq")
-        judged = routed(layer, test, e)
+        judged = test_routed[:, e]
         out = expert_forward(layer, test.x[judged].float(), e, up=up, down=down).double()
         errs.append(float((test.outputs[judged, e].double() - out).pow(2).sum(dim=-1).mean()))
     return np.array(errs)
@@ -99,14 +100,14 @@ def main() -> None:
             layer, sample = sampled[pos]
             estimates = {"in-sample": quant_distances(layer, sample, widths, args.group_size, False, "gptq", 1),
                          "cross-fitted": quant_distances(layer, sample, widths, args.group_size, False, "gptq", 2)}
-            counts = np.array([int(routed(layer, sample, e).sum()) for e in range(sample.outputs.shape[1])])
+            routed = routed_masks(layer, sample)  # (T, E)
+            counts = routed.sum(dim=0).numpy()
             thirds = np.array_split(np.argsort(counts), 3)
             for j, bits in enumerate(widths):
                 truth = held_out_errors(layer, full[pos][1], test[pos][1], bits, args.group_size)
                 parts = [f"MoE layer {pos}, {bits} bits: test {truth.mean():.4g}"]
                 for name, dist in estimates.items():
-                    est = np.array([float(dist[routed(layer, sample, e), e, j].mean())
-                                    for e in range(sample.outputs.shape[1])])
+                    est = np.array([float(dist[routed[:, e], e, j].mean()) for e in range(routed.shape[1])])
                     by_third = [float((est[m] / truth[m]).mean()) for m in thirds]
                     ratios[name] += by_third
                     parts.append(f"{name} {est.mean():.4g} (spearman {spearmanr(est, truth).statistic:.3f}; "
