@@ -452,6 +452,7 @@ def main() -> None:
     output = "\n".join(text) + "\n"
     print(output)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(output, encoding="utf-8")
         plot_frontier(Path(args.out))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import warnings
@@ -217,3 +218,25 @@ def test_recipe_stage_joint_is_validated_before_work() -> None:
     assert stage.kind == "joint" and stage.config.widths == (2, 4, 16)
     with pytest.raises(ConfigError, match="give a target"):
         parse_stage({"joint": {}}, "r.yaml.stages[0]")
+
+
+def test_apply_quantizes_with_the_plans_act_order() -> None:
+    """GPTQ's act-order (on by default, as the planner measured its errors) is what the plan records: a plan
+    with it off quantizes differently, and a plan made before the setting existed applies as it was made (off)."""
+    model = tiny_model("mixtral")
+    plan = plan_joint(model, CALIB, JointConfig(target_ratio=0.3, min_keep=model.config.num_local_experts - 1,
+                                                group_size=16), "tiny")  # most experts see 16+ tokens: GPTQ
+    assert plan.provenance.config["act_order"] is True
+    assert any(b < 16 for entry in plan.layers.values() for b in entry["bits"])
+
+    def applied(config: dict) -> torch.Tensor:
+        copy = tiny_model("mixtral")
+        apply(copy, dataclasses.replace(plan, provenance=dataclasses.replace(plan.provenance, config=config)),
+              calibration=CALIB)
+        with torch.no_grad():
+            return copy(PROBE).logits
+
+    on, off = applied(plan.provenance.config), applied({**plan.provenance.config, "act_order": False})
+    older = applied({k: v for k, v in plan.provenance.config.items() if k != "act_order"})
+    assert not torch.equal(on, off)
+    torch.testing.assert_close(older, off, rtol=0, atol=0)

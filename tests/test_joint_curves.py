@@ -66,3 +66,26 @@ def test_in_sample_gptq_is_optimistic_and_rtn_ignores_folds() -> None:
                                    quant_distances(layer, sample, WIDTHS, 8, False, "rtn", folds=2))
     with pytest.raises(ValueError, match="folds=0"):
         quant_distances(layer, sample, WIDTHS, 8, False, "gptq", folds=0)
+
+
+def test_act_order_reaches_the_planners_gptq() -> None:
+    """``act_order`` (the planner's default, as apply's) is GPTQ's static-group column order: the expert's up
+    projection equals gptq_quantize with act_order on its routed tokens' Hessian, and differs from the plain
+    order, so the options are priced by the quantizer apply runs."""
+    from moeslim.methods.quant.gptq import gptq_quantize
+    from moeslim.models.expert_math import expert_weight_views
+
+    model, sample = _sample("qwen3_moe", 96, seed=2)
+    layer = find_moe_layers(model)[0]
+    views = expert_weight_views(layer)
+    rows = torch.ones(sample.tokens, dtype=torch.bool)
+    x = sample.x.float()
+    with torch.no_grad():
+        up, _ = quantized_slices(layer, sample.x, rows, 0, 2, 8, False, "gptq", act_order=True)
+        plain, _ = quantized_slices(layer, sample.x, rows, 0, 2, 8, False, "gptq")
+        mat = views.up[0].float().T if views.transposed else views.up[0].float()
+        want = gptq_quantize(mat, x.T @ x, 2, 8, scale_dtype=torch.float16, act_order=True).weight
+        torch.testing.assert_close(up.float(), want.T if views.transposed else want)
+        assert not torch.equal(up, plain)
+        assert not torch.equal(quant_distances(layer, sample, WIDTHS, 8, False, "gptq", act_order=True),
+                               quant_distances(layer, sample, WIDTHS, 8, False, "gptq"))

@@ -41,7 +41,8 @@ def _same_expert(t: LowBitTensor, e: int, one: LowBitTensor) -> bool:
 def _by_hand(layer: Any, e: int, h_up: torch.Tensor, h_down: torch.Tensor, config: QuantizeConfig
              ) -> tuple[LowBitTensor, LowBitTensor]:
     views = expert_weight_views(layer)
-    opts = {"transposed": views.transposed, "percdamp": config.damp, "symmetric": config.symmetric}
+    opts = {"transposed": views.transposed, "percdamp": config.damp, "symmetric": config.symmetric,
+            "act_order": config.act_order}
     up = quantize_fused(views.up[e: e + 1].detach(), [3], config.group_size, [h_up], "gptq", **opts)
     down = quantize_fused(views.down[e: e + 1].detach(), [3], config.group_size, [h_down], "gptq", **opts)
     return up, down

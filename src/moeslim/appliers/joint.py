@@ -151,6 +151,7 @@ def _quantize(model: nn.Module, plan: Plan, bits: dict[int, list[int]], calibrat
     cfg = plan.provenance.config
     quant_config = QuantizeConfig(method="uniform", bits=KEEP_BITS, group_size=int(cfg.get("group_size", 128)),
                                   symmetric=bool(cfg.get("symmetric", False)),
+                                  act_order=bool(cfg.get("act_order", False)),  # plans made before it: off
                                   quantizer=str(cfg.get("quantizer", "gptq")),  # type: ignore[arg-type]
                                   seed=int(cfg.get("seed", 0)), batch_size=int(cfg.get("batch_size", 8)))
     provenance = dataclasses.replace(plan.provenance, model_config_hash=config_hash(model.config),

@@ -65,6 +65,8 @@ class JointConfig:
         "gptq: the options' quantization errors are measured out of sample, each sample token's error from the "
         "expert GPTQ'd on the other folds' tokens (methods/joint/curves.py); 1: in sample (GPTQ judged on the tokens "
         "it fitted, optimistic for rarely routed experts)", 2)
+    act_order: bool = _help(
+        "gptq: act-order with static groups, in the options' errors and in apply (QuantizeConfig.act_order)", True)
     max_tokens: int | None = _help("cap on the calibration tokens whose expert outputs are measured per layer",
                                    DEFAULT_MAX_TOKENS)
     token_fraction: float = _help("share of calibration tokens measured", 1.0)

