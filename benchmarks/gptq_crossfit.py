@@ -30,6 +30,7 @@ from moeslim.calibrate import ExpertOutputs, ExpertOutputSample, LayerDecision, 
 from moeslim.config import CalibrationConfig
 from moeslim.data import load_source, token_windows
 from moeslim.data.calibration_set import build_calibration_set
+from moeslim.methods.joint import JointConfig
 from moeslim.methods.joint.curves import quant_distances, quantized_slices
 from moeslim.models import MoELayer, load_model
 from moeslim.models.expert_math import expert_forward
@@ -57,8 +58,8 @@ def routed_masks(layer: MoELayer, sample: ExpertOutputSample) -> torch.Tensor:
     return torch.stack([(ids == e).any(dim=1) for e in range(sample.outputs.shape[1])], dim=1)
 
 
-def held_out_errors(layer: MoELayer, fit: ExpertOutputSample, test: ExpertOutputSample, bits: int, group_size: int
-                ) -> np.ndarray:
+def held_out_errors(layer: MoELayer, fit: ExpertOutputSample, test: ExpertOutputSample, bits: int, group_size: int,
+                    act_order: bool) -> np.ndarray:
     """(E,) mean squared output error on the test tokens routed to each expert, the expert GPTQ'd as apply does
     on ``fit`` (the tokens routed to it; all tokens when fewer than a group route to it)."""
     errs = []
@@ -66,7 +67,7 @@ def held_out_errors(layer: MoELayer, fit: ExpertOutputSample, test: ExpertOutput
     for e in range(fit.outputs.shape[1]):
         rows = fit_routed[:, e]
         rows = rows if int(rows.sum()) >= group_size else torch.ones_like(rows)
-        up, down = quantized_slices(layer, fit.x.float(), rows, e, bits, group_size, False, "gptq")
+        up, down = quantized_slices(layer, fit.x.float(), rows, e, bits, group_size, False, "gptq", act_order)
         judged = test_routed[:, e]
         out = expert_forward(layer, test.x[judged].float(), e, up=up, down=down).double()
         errs.append(float((test.outputs[judged, e].double() - out).pow(2).sum(dim=-1).mean()))
@@ -83,6 +84,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=2048, help="the planner's token sample per layer")
     parser.add_argument("--eval-windows", type=int, default=8, help="held-out test windows per domain")
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=JointConfig.act_order,
+                        help="GPTQ act-order (static groups), in the estimates and the test alike")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tok = load_model(args.model)
@@ -98,13 +101,14 @@ def main() -> None:
     with torch.no_grad():
         for pos in wanted:
             layer, sample = sampled[pos]
-            estimates = {"in-sample": quant_distances(layer, sample, widths, args.group_size, False, "gptq", 1),
-                         "cross-fitted": quant_distances(layer, sample, widths, args.group_size, False, "gptq", 2)}
+            estimates = {name: quant_distances(layer, sample, widths, args.group_size, False, "gptq", folds,
+                                               args.act_order)
+                         for name, folds in (("in-sample", 1), ("cross-fitted", 2))}
             routed = routed_masks(layer, sample)  # (T, E)
             counts = routed.sum(dim=0).numpy()
             thirds = np.array_split(np.argsort(counts), 3)
             for j, bits in enumerate(widths):
-                truth = held_out_errors(layer, full[pos][1], test[pos][1], bits, args.group_size)
+                truth = held_out_errors(layer, full[pos][1], test[pos][1], bits, args.group_size, args.act_order)
                 parts = [f"MoE layer {pos}, {bits} bits: test {truth.mean():.4g}"]
                 for name, dist in estimates.items():
                     est = np.array([float(dist[routed[:, e], e, j].mean()) for e in range(routed.shape[1])])
