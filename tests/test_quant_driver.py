@@ -354,3 +354,21 @@ def test_negligible_costs_still_fill_the_budget() -> None:
     for cost in ("paper", "authors"):
         bits = _allocate_pmq({0: f}, {0: 8}, QuantizeConfig(method="pmq", bits=2.5, cost=cost, **FAST))[0]
         assert sum(bits) == 20 and bits[6] == bits[7] == 3
+
+
+def test_gptq_plan_applies_with_its_recorded_act_order() -> None:
+    """act-order is on by default and recorded; a plan recording it off, or made before it was recorded, applies
+    with GPTQ's plain column order (as it was made)."""
+    model = tiny_model("mixtral")
+    plan = plan_quantize(model, CALIB, QuantizeConfig(method="uniform", bits=3, group_size=16), "tiny")
+    assert plan.provenance.config["act_order"] is True
+
+    def codes(config: dict) -> list[torch.Tensor]:
+        fresh = tiny_model("mixtral")
+        apply(fresh, replace(plan, provenance=replace(plan.provenance, config=config)), calibration=CALIB)
+        return [c for packed in _packed(fresh).values() for c in packed.codes]
+
+    on, off = codes(plan.provenance.config), codes({**plan.provenance.config, "act_order": False})
+    older = codes({k: v for k, v in plan.provenance.config.items() if k != "act_order"})
+    assert any(not torch.equal(a, b) for a, b in zip(on, off, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(off, older, strict=True))

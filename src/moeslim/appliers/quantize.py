@@ -71,6 +71,7 @@ def _gptq_config(plan: Plan, group_size: int) -> QuantizeConfig:
     recorded = {k: v for k, v in plan.provenance.config.items() if k in known}
     # Plans made before the starved-expert rule recorded min_tokens only and rounded starved experts to nearest.
     recorded.setdefault("starved", "rtn")
+    recorded.setdefault("act_order", False)  # plans that do not record it were made with GPTQ's plain order
     if recorded.get("min_tokens") == 0:  # those plans read 0 as 1 (no expert GPTQ'd from zero tokens)
         recorded["min_tokens"] = 1
     try:
