@@ -10,8 +10,9 @@ from tiny_models import tiny_model
 
 from moeslim.calibrate import ExpertOutputSample
 from moeslim.methods.joint.curves import quant_distances, quantized_slices
+from moeslim.methods.quant.gptq import gptq_quantize
 from moeslim.models import find_moe_layers
-from moeslim.models.expert_math import expert_forward
+from moeslim.models.expert_math import expert_forward, expert_weight_views
 
 WIDTHS = (2, 3, 16)
 
@@ -72,9 +73,6 @@ def test_act_order_reaches_the_planners_gptq() -> None:
     """``act_order`` (the planner's default, as apply's) is GPTQ's static-group column order: the expert's up
     projection equals gptq_quantize with act_order on its routed tokens' Hessian, and differs from the plain
     order, so the options are priced by the quantizer apply runs."""
-    from moeslim.methods.quant.gptq import gptq_quantize
-    from moeslim.models.expert_math import expert_weight_views
-
     model, sample = _sample("qwen3_moe", 96, seed=2)
     layer = find_moe_layers(model)[0]
     views = expert_weight_views(layer)
