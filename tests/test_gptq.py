@@ -8,7 +8,11 @@ import torch
 from moeslim.calibrate.hessians import accumulate_hessian
 from moeslim.methods.quant.gptq import (
     dequantize,
+    gptq_bytes_per_matrix,
     gptq_quantize,
+    gptq_quantize_batch,
+    gptq_quantize_many,
+    minmax_params,
     n_groups,
     rtn_quantize,
 )
@@ -122,3 +126,68 @@ def test_invalid_inputs() -> None:
         gptq_quantize(W, H[:8, :8], 4)
     with pytest.raises(ValueError, match="bits"):
         rtn_quantize(W, 0)
+
+
+def _textbook_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, gs: int) -> torch.Tensor:
+    """GPTQ as the paper's Algorithm 1 states it (reference ``fasterquant`` without lazy blocks): one column at a
+    time, its error spread at once over every later column; asymmetric min-max groups found when reached."""
+    W, H = W.clone(), H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H = H.double() + 0.01 * torch.mean(torch.diag(H.double())) * torch.eye(H.shape[0], dtype=torch.float64)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    Q = torch.zeros_like(W)
+    for j in range(W.shape[1]):
+        if j % gs == 0:
+            scale, zero = minmax_params(W[:, j : j + gs], bits)
+        q = scale * (torch.clamp(torch.round(W[:, j] / scale) + zero, 0, 2**bits - 1) - zero)
+        Q[:, j] = q
+        W[:, j:] -= ((W[:, j] - q) / Hinv[j, j])[:, None] * Hinv[j, j:][None, :]
+    return Q
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_matches_the_textbook_algorithm(bits: int) -> None:
+    """The blocked, batched implementation is the paper's algorithm up to float rounding in the lazy updates."""
+    W, X = _layer()
+    X[:, 7] = 0.0  # a dead column
+    H = accumulate_hessian(None, X)
+    want = _textbook_gptq(W, H, bits, 64)
+    got = gptq_quantize(W, H, bits, 64, blocksize=32).weight
+    # float rounding moves entries by ~1e-7; a code of its own would move one by a grid step (> 1e-3 here)
+    assert ((got - want).abs() > 1e-5).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize(("act_order", "symmetric"), [(False, False), (True, False), (True, True)])
+def test_batch_equals_each_matrix_alone(act_order: bool, symmetric: bool) -> None:
+    """Every matrix of a batch keeps its own Hessian, dead columns, damping and act-order permutation: the
+    batch's results are those of one call per matrix, bit for bit."""
+    layers = [_layer(n_out=48, n_in=200, seed=s) for s in range(4)]
+    layers[1][1][:, [3, 150]] = 0.0  # dead columns in one matrix only
+    layers[2] = (layers[2][0], layers[2][1] * 50.0)  # another Hessian scale: another damping
+    W = torch.stack([w for w, _ in layers])
+    H = torch.stack([accumulate_hessian(None, x) for _, x in layers])
+    batch = gptq_quantize_batch(W, H, 3, 64, act_order=act_order, symmetric=symmetric, scale_dtype=torch.float16)
+    for b, got in enumerate(batch):
+        want = gptq_quantize(W[b], H[b], 3, 64, act_order=act_order, symmetric=symmetric, scale_dtype=torch.float16)
+        for field in ("codes", "scales", "zeros", "weight"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), (b, field)
+    assert torch.all(batch[1].weight[:, [3, 150]] == 0)
+    with pytest.raises(ValueError, match="B, in, in"):
+        gptq_quantize_batch(W, H[:, :8, :8], 3)
+
+
+def test_many_splits_into_batches_of_one_shape_within_the_memory_bound() -> None:
+    shapes = [(48, 128), (48, 128), (32, 128), (48, 128), (48, 128), (48, 128)]
+    layers = [_layer(n_out=o, n_in=i, seed=s) for s, (o, i) in enumerate(shapes)]
+    W = [w for w, _ in layers]
+    H = [accumulate_hessian(None, x) for _, x in layers]
+    want = [gptq_quantize(w, h, 4, 64, act_order=True) for w, h in zip(W, H, strict=True)]
+    for per in (1, 2, 8):  # matrices per batch the bound allows
+        got = gptq_quantize_many(W, H, 4, 64, act_order=True, batch_bytes=per * gptq_bytes_per_matrix(48, 128))
+        assert [tuple(g.codes.shape) for g in got] == shapes
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g.codes, w.codes) and torch.equal(g.weight, w.weight)
+    with pytest.raises(ValueError, match="one Hessian per weight"):
+        gptq_quantize_many(W, H[:2], 4)

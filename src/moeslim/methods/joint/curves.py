@@ -40,22 +40,40 @@ from moeslim.methods.prune.enumerate import RouteFn, allowed_mask
 from moeslim.methods.quant.driver import rtn_slice
 from moeslim.methods.quant.factors import expert_gate
 from moeslim.methods.quant.fused import KEEP_BITS
-from moeslim.methods.quant.gptq import gptq_quantize
+from moeslim.methods.quant.gptq import BATCH_BYTES, gptq_bytes_per_matrix, gptq_quantize_many
 from moeslim.methods.skip.thresholds import keep_mask, rescale_kept
 from moeslim.models import MoELayer
 from moeslim.models.expert_math import expert_forward, expert_intermediate, expert_weight_views
 
-__all__ = ["quant_distances", "quantized_slices", "size_options", "skip_error"]
+__all__ = ["quant_distances", "quantized_experts", "quantized_slices", "size_options", "skip_error"]
 
 
-def _gptq_slice(w: Tensor, hessian: Tensor, bits: int, group_size: int, transposed: bool, symmetric: bool,
-                act_order: bool) -> Tensor:
-    """One expert slice (stored layout) -> its GPTQ-dequantized copy given its input Hessian (in, in)."""
-    mat = w.detach().float()
-    mat = mat.T if transposed else mat  # (out, in)
-    deq = gptq_quantize(mat, hessian, bits, group_size, scale_dtype=torch.float16, symmetric=symmetric,
-                        act_order=act_order).weight
-    return (deq.T if transposed else deq).to(w.dtype)
+def _gptq_slices(slices: Sequence[Tensor], hessians: Sequence[Tensor], bits: int, group_size: int,
+                 transposed: bool, symmetric: bool, act_order: bool) -> list[Tensor]:
+    """Expert slices (stored layout) -> their GPTQ-dequantized copies given their input Hessians (in, in),
+    GPTQ'd as batches of equal shapes (``gptq_quantize_many``: each result that of its slice on its own)."""
+    mats = [w.detach().float().T if transposed else w.detach().float() for w in slices]  # (out, in) each
+    results = gptq_quantize_many(mats, hessians, bits, group_size, scale_dtype=torch.float16, symmetric=symmetric,
+                                 act_order=act_order)
+    return [(r.weight.T if transposed else r.weight).to(w.dtype) for r, w in zip(results, slices, strict=True)]
+
+
+def quantized_experts(layer: MoELayer, x: Tensor, rows: Sequence[Tensor], experts: Sequence[int], bits: int,
+                      group_size: int, symmetric: bool, quantizer: str, act_order: bool = False
+                      ) -> list[tuple[Tensor, Tensor]]:
+    """``quantized_slices`` of each expert in ``experts`` (its sample tokens ``rows[i]``), the GPTQ of every
+    first projection run as one batch, then every second one."""
+    views = expert_weight_views(layer)
+    if quantizer == "rtn":
+        return [(rtn_slice(views.up[e], bits, group_size, views.transposed, symmetric),
+                 rtn_slice(views.down[e], bits, group_size, views.transposed, symmetric)) for e in experts]
+    inputs = [x[r].float() for r in rows]  # (T_e, H) each
+    ups = _gptq_slices([views.up[e] for e in experts], [xe.T @ xe for xe in inputs], bits, group_size,
+                       views.transposed, symmetric, act_order)
+    mids = [expert_intermediate(layer, x[r], e, up=up).float() for r, e, up in zip(rows, experts, ups, strict=True)]
+    downs = _gptq_slices([views.down[e] for e in experts], [h.T @ h for h in mids], bits, group_size,
+                         views.transposed, symmetric, act_order)
+    return list(zip(ups, downs, strict=True))
 
 
 def quantized_slices(layer: MoELayer, x: Tensor, rows: Tensor, e: int, bits: int, group_size: int,
@@ -63,14 +81,7 @@ def quantized_slices(layer: MoELayer, x: Tensor, rows: Tensor, e: int, bits: int
     """Expert e's (up, down) at ``bits``: round-to-nearest, or GPTQ with Hessians of the sample tokens ``rows``
     (T,) bool that route to e, the second projection on the intermediates of the quantized first (as apply);
     ``act_order``: GPTQ's static-group column order (``QuantizeConfig.act_order``)."""
-    views = expert_weight_views(layer)
-    if quantizer == "rtn":
-        return (rtn_slice(views.up[e], bits, group_size, views.transposed, symmetric),
-                rtn_slice(views.down[e], bits, group_size, views.transposed, symmetric))
-    xe = x[rows].float()
-    up = _gptq_slice(views.up[e], xe.T @ xe, bits, group_size, views.transposed, symmetric, act_order)
-    h = expert_intermediate(layer, x[rows], e, up=up).float()
-    return up, _gptq_slice(views.down[e], h.T @ h, bits, group_size, views.transposed, symmetric, act_order)
+    return quantized_experts(layer, x, [rows], [e], bits, group_size, symmetric, quantizer, act_order)[0]
 
 
 def quant_distances(layer: MoELayer, sample: ExpertOutputSample, widths: Sequence[int], group_size: int,
@@ -83,6 +94,8 @@ def quant_distances(layer: MoELayer, sample: ExpertOutputSample, widths: Sequenc
     ``folds`` > 1 (GPTQ): token t belongs to fold t mod ``folds``; its distances use the expert GPTQ'd on the
     tokens of the other folds (the same routed / starved rule), so every distance is out of sample.
     ``act_order``: GPTQ's static-group column order, as apply's ``QuantizeConfig.act_order``.
+    The experts are GPTQ'd in batches (``quantized_experts``) whose working memory stays within
+    ``gptq.BATCH_BYTES``.
     """
     if folds < 1:
         raise ValueError(f"folds={folds}: give 1 (in-sample) or more")
@@ -95,21 +108,27 @@ def quant_distances(layer: MoELayer, sample: ExpertOutputSample, widths: Sequenc
     fold = torch.arange(tokens, device=x.device) % folds
     parts = [torch.ones(tokens, dtype=torch.bool, device=x.device)] if folds == 1 or quantizer == "rtn" else [
         fold == f for f in range(folds)]
-    for e in range(num_experts):
-        routed = (ids == e).any(dim=1)
-        starved = int(routed.sum()) < group_size  # as apply decides, on the expert's whole routed count
-        for judged in parts:
-            fitted = ~judged if len(parts) > 1 else torch.ones_like(judged)
-            rows = routed & fitted
-            if starved or not bool(rows.any()):  # no routed tokens to fit: all-token Hessians, as apply's GPTQ does
-                rows = fitted
-            for j, bits in enumerate(widths):
-                if bits == KEEP_BITS:
-                    continue
-                up, down = quantized_slices(layer, x, rows, e, int(bits), group_size, symmetric, quantizer,
-                                            act_order)
-                out = expert_forward(layer, x[judged], e, up=up, down=down).double().cpu()
-                dist[judged.cpu(), e, j] = (sample.outputs[judged.cpu(), e].double() - out).pow(2).sum(dim=-1)
+    routed = [(ids == e).any(dim=1) for e in range(num_experts)]  # (T,) each
+    starved = [int(r.sum()) < group_size for r in routed]  # as apply decides, on the expert's whole routed count
+    up_shape = views.up.shape[1:] if not views.transposed else views.up.shape[1:][::-1]  # (out, in)
+    chunk = max(1, BATCH_BYTES // gptq_bytes_per_matrix(int(up_shape[0]), int(up_shape[1])))
+    for judged in parts:
+        fitted = ~judged if len(parts) > 1 else torch.ones_like(judged)
+        rows = []
+        for e in range(num_experts):
+            mine = routed[e] & fitted
+            # no routed tokens to fit: all-token Hessians, as apply's GPTQ does
+            rows.append(fitted if starved[e] or not bool(mine.any()) else mine)
+        for j, bits in enumerate(widths):
+            if bits == KEEP_BITS:
+                continue
+            for first in range(0, num_experts, chunk):
+                experts = list(range(first, min(first + chunk, num_experts)))
+                pairs = quantized_experts(layer, x, [rows[e] for e in experts], experts, int(bits), group_size,
+                                          symmetric, quantizer, act_order)
+                for e, (up, down) in zip(experts, pairs, strict=True):
+                    out = expert_forward(layer, x[judged], e, up=up, down=down).double().cpu()
+                    dist[judged.cpu(), e, j] = (sample.outputs[judged.cpu(), e].double() - out).pow(2).sum(dim=-1)
     return dist
 
 
