@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 from tiny_models import sample_ids, tiny_model
 
+import moeslim.methods.joint.driver as driver
 from moeslim.appliers import apply
 from moeslim.cli import main
 from moeslim.config import ConfigError
@@ -131,3 +133,24 @@ def test_cli_hold_dtypes_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert "hold dtype estimates: auto " in shown and ", bfloat16 " in shown
     assert main(["plan", "joint", str(tiny_model_dir), "--target-ratio", "0.45", "--hold-dtypes", "auto,int8",
                  *calib, "--out", str(tmp_path / "bad.json")]) != 0
+
+
+def test_a_cast_that_overflows_is_refused_before_its_options_are_measured(
+        model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float16 holds at most 65504: a model whose embeddings exceed it gives NaN logits when cast, which must not
+    become a NaN price the planner compares; the float32 model itself is fine (its norms rescale)."""
+    big = copy.deepcopy(model)
+    with torch.no_grad():
+        big.get_input_embeddings().weight.mul_(1e6)
+        assert torch.isfinite(big(CALIB).logits).all()
+    measured_dtypes = []
+    real = driver.measure_options
+
+    def recording(held: torch.nn.Module, *args: object, **kw: object) -> object:
+        measured_dtypes.append(next(held.parameters()).dtype)
+        return real(held, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(driver, "measure_options", recording)
+    with pytest.raises(ConfigError, match="float16 gives non-finite .* leave float16 out of hold_dtypes"):
+        measure_held(big, CALIB, _config(target_ratio=0.9, hold_dtypes=("auto", "float16")))
+    assert torch.float16 not in measured_dtypes

@@ -23,7 +23,7 @@ from torch import nn
 from moeslim.calibrate import ExpertOutputs, ExpertOutputSample, LayerDecision, result_of, run_layerwise
 from moeslim.config import ConfigError
 from moeslim.data.calibration_set import CalibrationSet, calibration_fields, calibration_spec
-from moeslim.methods.joint.cast_price import cast_error
+from moeslim.methods.joint.cast_price import cast_error, cast_kl
 from moeslim.methods.joint.config import MIB, JointConfig, JointTargets, held_targets, resolve_targets
 from moeslim.methods.joint.curves import size_options
 from moeslim.methods.joint.hold import as_held
@@ -136,12 +136,16 @@ def measure_held(model: nn.Module, input_ids: torch.Tensor, config: JointConfig,
     for dtype, targets in (fits if fits is not None else held_targets(model, config)).items():
         held_config = config.held_as(dtype)
         held = as_held(model, dtype)
+        windows = fit_windows(input_ids, config)
+        # a cast that overflows fails here, before its options are measured
+        kl = cast_kl(model, held, windows, config.probe_windows, config.batch_size) \
+            if config.hold_dtypes and held is not model else None
         options = measure_options(held, input_ids, held_config, targets, device, progress)
         nonexpert = measure_nonexpert(held, input_ids, held_config, targets, options)
         price = 0.0
         if config.hold_dtypes:
-            price = cast_error(model, held, fit_windows(input_ids, config), options, config.widths, config.group_size,
-                               config.symmetric, config.error_scale, config.probe_windows, config.batch_size)
+            price = cast_error(model, held, windows, options, config.widths, config.group_size, config.symmetric,
+                               config.error_scale, config.probe_windows, config.batch_size, kl)
         pmq = measure_pmq(held, input_ids, held_config) if config.verify_windows else None
         out[dtype] = HeldOptions(options, nonexpert, price, pmq)
         del held
