@@ -138,7 +138,8 @@ def test_cli_hold_dtypes_flag(tiny_model_dir: Path, tmp_path: Path) -> None:
 def test_a_cast_that_overflows_is_refused_before_its_options_are_measured(
         model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     """float16 holds at most 65504: a model whose embeddings exceed it gives NaN logits when cast, which must not
-    become a NaN price the planner compares; the float32 model itself is fine (its norms rescale)."""
+    become a NaN price the planner compares (the float32 model itself is fine: its norms rescale). One of several
+    candidates is left out, as one that does not fit, and the plan says why; asked for alone, it is an error."""
     big = copy.deepcopy(model)
     with torch.no_grad():
         big.get_input_embeddings().weight.mul_(1e6)
@@ -151,6 +152,14 @@ def test_a_cast_that_overflows_is_refused_before_its_options_are_measured(
         return real(held, *args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(driver, "measure_options", recording)
+    config = _config(target_ratio=0.9, hold_dtypes=("auto", "float16"))
+    measured = measure_held(big, CALIB, config)
+    assert "non-finite" in measured["float16"].refused and not measured["float16"].options
+    assert measured_dtypes == [torch.float32]  # the float16 copy's options were never measured
+    plan = plan_joint(big, CALIB, config, measured=measured)
+    assert plan.summary["hold_dtype"] is None  # auto
+    assert plan.summary["hold_candidates"]["float16"]["refused"] == measured["float16"].refused
+    assert "float16 refused (the model held in float16 gives non-finite" in "\n".join(summarize(plan))
     with pytest.raises(ConfigError, match="float16 gives non-finite .* leave float16 out of hold_dtypes"):
-        measure_held(big, CALIB, _config(target_ratio=0.9, hold_dtypes=("auto", "float16")))
-    assert torch.float16 not in measured_dtypes
+        measure_held(big, CALIB, _config(target_ratio=0.9, hold_dtype="float16"))
+    assert measured_dtypes == [torch.float32]

@@ -28,6 +28,7 @@ from moeslim.evaluate.divergence import Reference
 from moeslim.evaluate.frontier import BudgetRow, Frontier, FrontierPoint, point_of
 from moeslim.evaluate.results import VariantResult
 from moeslim.plans import Plan
+from moeslim.workflows.plan_summary import hold_estimates
 from moeslim.workflows.stages import StageSpec
 
 MIB = 2**20
@@ -139,11 +140,6 @@ def _pmq_at_least(model: nn.Module, calibration: CalibrationSet, config: Frontie
     return best
 
 
-def _candidates(candidates: dict[str, Any]) -> str:
-    """The hold dtypes' estimates of one plan: "auto 1.2e-03 (cast 0), bfloat16 9.8e-04 (cast 2.1e-04)"."""
-    return "estimates: " + ", ".join(
-        f"{d} {c['estimated_error']:.3g} (cast {c['cast_error']:.3g})" if c["fits"] else f"{d} does not fit"
-        for d, c in candidates.items())
 
 
 def _short(err: Exception) -> str:
@@ -221,7 +217,7 @@ def run_frontier(model: nn.Module, tokenizer: PreTrainedTokenizerBase, model_nam
                              f"{c['name']} {c['measured_kl']:.3g}" for c in verified["candidates"]) + ")")
         if len(config.hold_dtypes) > 1:
             notes.append(f"{share:.0%}: joint plan held in {plan.summary['hold_dtype'] or 'the model dtype (auto)'}"
-                         f"; {_candidates(plan.summary['hold_candidates'])}")
+                         f"; estimates: {hold_estimates(plan.summary['hold_candidates'])}")
         pmq = _pmq_at_least(model, calibration, config, factors, planned_bytes, joint.held_bytes, model_name)
         bits = float(pmq.summary["target_bits"])
         pmq_result = runner.run(f"pmq-{bits:.3f}", pmq, f"PMQ (global), {bits:.3f} average bits: the fewest "

@@ -204,9 +204,7 @@ def _joint(plan: Plan) -> list[str]:
     if s.get("hold_dtype"):
         lines.append(f"every float weight held in {s['hold_dtype']}")
     if s.get("hold_candidates"):  # why this dtype: each candidate's estimate, the cast's price included
-        lines.append("hold dtype estimates: " + ", ".join(
-            f"{d} {c['estimated_error']:.3g} (cast {c['cast_error']:.3g})" if c.get("fits") else f"{d} does not fit"
-            for d, c in s["hold_candidates"].items()))
+        lines.append("hold dtype estimates: " + hold_estimates(s["hold_candidates"]))
     skips = {idx: float(d["skip_beta"]) for idx, d in plan.layers.items() if "skip_beta" in d}
     if skips:
         for layers, beta in layer_runs(skips):
@@ -222,3 +220,16 @@ def _joint(plan: Plan) -> list[str]:
 _SUMMARIES: dict[str, Callable[[Plan], list[str]]] = {
     "prune": _prune, "skip": _skip, "quantize": _quantize, "merge": _merge, "lowrank": _lowrank, "joint": _joint,
 }
+
+
+def hold_estimates(candidates: dict[str, Any]) -> str:
+    """A joint plan's ``hold_candidates`` in one line: "auto 1.2e-03 (cast 0), bfloat16 9.8e-04 (cast 2.1e-04)",
+    "float16 refused (...)" for a cast that overflows, "... does not fit" for one whose bytes cannot meet the
+    target."""
+    def one(dtype: str, c: dict[str, Any]) -> str:
+        if not c.get("fits"):
+            return f"{dtype} does not fit"
+        if c.get("refused"):
+            return f"{dtype} refused ({c['refused'].split(' (')[0]})"
+        return f"{dtype} {c['estimated_error']:.3g} (cast {c['cast_error']:.3g})"
+    return ", ".join(one(d, c) for d, c in candidates.items())

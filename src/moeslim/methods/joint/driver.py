@@ -12,6 +12,7 @@ skipping, in one call.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from moeslim.methods.quant.factors import LayerFactors
 from moeslim.models import MoELayer
 from moeslim.models.select import group_limits
 from moeslim.plans import Plan, Provenance
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HeldOptions", "fit_windows", "measure_held", "measure_nonexpert", "measure_options", "plan_joint"]
 
@@ -108,12 +111,14 @@ class HeldOptions:
     """What the planner measures for one hold dtype: the experts' ``options`` (``measure_options``), the
     attention / embedding groups (``measure_nonexpert``) and the cast's own error (``cast_price.py``; 0 unmeasured
     for a single hold dtype); with ``verify_windows``, ``pmq`` PMQ's factors for its candidate allocation
-    (``verify.py``; None: no PMQ candidate)."""
+    (``verify.py``; None: no PMQ candidate). ``refused``: why the model cannot be held in this dtype (its cast
+    overflows; nothing else measured), one of several ``hold_dtypes`` the planner then leaves out."""
 
     options: dict[int, list[SizeOption]]
     nonexpert: list[ChoiceGroup]
     cast_error: float = 0.0
     pmq: dict[int, LayerFactors] | None = None
+    refused: str = ""
 
 
 def measure_pmq(model: nn.Module, input_ids: torch.Tensor, config: JointConfig) -> dict[int, LayerFactors]:
@@ -137,9 +142,16 @@ def measure_held(model: nn.Module, input_ids: torch.Tensor, config: JointConfig,
         held_config = config.held_as(dtype)
         held = as_held(model, dtype)
         windows = fit_windows(input_ids, config)
-        # a cast that overflows fails here, before its options are measured
-        kl = cast_kl(model, held, windows, config.probe_windows, config.batch_size) \
-            if config.hold_dtypes and held is not model else None
+        kl = None
+        if held is not model:  # a cast that overflows is refused here, before its options are measured
+            try:
+                kl = cast_kl(model, held, windows, config.probe_windows, config.batch_size)
+            except ConfigError as err:
+                if len(config.hold_candidates()) == 1:
+                    raise
+                log.warning("hold dtype %s left out: %s", dtype, err)
+                out[dtype] = HeldOptions({}, [], refused=str(err))
+                continue
         options = measure_options(held, input_ids, held_config, targets, device, progress)
         nonexpert = measure_nonexpert(held, input_ids, held_config, targets, options)
         price = 0.0
@@ -261,6 +273,8 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
             raise ValueError(f"hold dtype {dtype} fits the target but has no measurements (measured: "
                              f"{sorted(measured)}): measure with this config's hold_dtypes")
         held_options = measured[dtype]
+        if held_options.refused:
+            continue
         if sorted(g.name for g in held_options.nonexpert) != sorted(targets.nonexpert):
             raise ValueError(f"nonexpert groups {sorted(g.name for g in held_options.nonexpert)} are not the "
                              f"config's {sorted(targets.nonexpert)}: measure them with this config")
@@ -272,7 +286,10 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
                 raise
             continue  # this dtype's options cannot meet the targets together: another dtype may
         solved.append(_Solved(dtype, targets, held_options, choice, held_options.nonexpert))
+    refused = {d: measured[d].refused for d in fits if measured[d].refused}
     if not solved:
+        if len(refused) == len(fits):
+            raise ConfigError("every hold dtype was refused: " + "; ".join(f"{d}: {why}" for d, why in refused.items()))
         raise ConfigError(f"no hold dtype of {list(fits)} has a plan that meets the targets: raise the target")
     best = min(solved, key=lambda s: s.error)
     verification: dict[str, Any] | None = None
@@ -282,7 +299,7 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
                              "(measure_held)")
         verify_start = time.perf_counter()
         candidates = _candidates(model, config, solved)
-        plans = [_plan(model, model_name, config, fit_ids, c, solved, {}) for c in candidates]
+        plans = [_plan(model, model_name, config, fit_ids, c, solved, {}, refused) for c in candidates]
         kls = judge(plans, fit_ids, held_ids)  # type: ignore[misc]
         if len(kls) != len(plans):
             raise ValueError(f"the judge measured {len(kls)} of {len(plans)} candidate plans")
@@ -299,7 +316,7 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
             "seconds": time.perf_counter() - verify_start,
         }
     seconds = {"measure": measure_seconds, "solve": time.perf_counter() - start - measure_seconds}
-    plan = _plan(model, model_name, config, calibration, best, solved, seconds)
+    plan = _plan(model, model_name, config, calibration, best, solved, seconds, refused)
     if verification is not None:
         plan.summary["verification"] = verification
         plan.summary["seconds"]["solve"] -= verification["seconds"]
@@ -308,8 +325,9 @@ def plan_joint(model: nn.Module, calibration: CalibrationSet | torch.Tensor, con
 
 
 def _plan(model: nn.Module, model_name: str | None, config: JointConfig, calibration: CalibrationSet | torch.Tensor,
-          best: _Solved, solved: list[_Solved], seconds: dict[str, float]) -> Plan:
-    """The "joint" plan of one decision, recorded with ``calibration`` (the windows apply's GPTQ runs on)."""
+          best: _Solved, solved: list[_Solved], seconds: dict[str, float], refused: Mapping[str, str]) -> Plan:
+    """The "joint" plan of one decision, recorded with ``calibration`` (the windows apply's GPTQ runs on);
+    ``refused``: the hold dtypes left out, and why."""
     _, data_name, data_hash = calibration_fields(calibration)
     targets, options, nonexpert, choice = best.targets, best.measured.options, best.nonexpert, best.choice
     hold_dtype = best.dtype
@@ -354,6 +372,7 @@ def _plan(model: nn.Module, model_name: str | None, config: JointConfig, calibra
     if config.hold_dtypes:  # why this dtype: every candidate's estimate (the cast's price included)
         summary["cast_error"] = best.measured.cast_error
         candidates: dict[str, Any] = {dtype: {"fits": False} for dtype in config.hold_dtypes}
+        candidates.update({dtype: {"fits": True, "refused": why} for dtype, why in refused.items()})
         for s in solved:
             candidates[s.dtype] = {"fits": True, "estimated_error": s.error, "cast_error": s.measured.cast_error,
                                    "plan_error": s.choice.error, "held_bytes": s.choice.held_bytes}
