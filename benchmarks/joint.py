@@ -243,10 +243,12 @@ def run_model(name: str, args: argparse.Namespace, budgets: list[float]) -> tupl
                               gptq_folds=args.gptq_folds, **nonexpert_widths(args))
     targets: JointTargets = base_config.check_model(bench.model)  # the single methods' bytes: the model's dtype
     t0 = time.perf_counter()
-    held_config = dataclasses.replace(base_config, hold_dtype=args.hold_dtype, verify_windows=args.verify_windows)
-    held = measure_held(bench.model, bench.calib.input_ids, held_config)[args.hold_dtype]
+    dtypes = _hold_dtypes(args)
+    held_config = dataclasses.replace(base_config, verify_windows=args.verify_windows,
+                                      **({"hold_dtypes": dtypes} if len(dtypes) > 1 else {"hold_dtype": dtypes[0]}))
+    measured = measure_held(bench.model, bench.calib.input_ids, held_config)
     # the prune-only baselines' loss curves: the model's dtype (the joint plans' when they hold it)
-    options = held.options if args.hold_dtype == "auto" else measure_options(
+    options = measured["auto"].options if "auto" in measured else measure_options(
         bench.model, bench.calib.input_ids, base_config, targets)
     measure_s = time.perf_counter() - t0
     judge = kl_judge(bench.model, args.batch_size) if args.verify_windows else None
@@ -258,7 +260,7 @@ def run_model(name: str, args: argparse.Namespace, budgets: list[float]) -> tupl
     for share in budgets:
         config = dataclasses.replace(held_config, target_ratio=share)
         try:
-            plan = plan_joint(bench.model, bench.calib, config, name, measured={args.hold_dtype: held}, judge=judge)
+            plan = plan_joint(bench.model, bench.calib, config, name, measured=measured, judge=judge)
         except ConfigError as err:
             rows.append((share, str(err).split(":")[1].strip() if ":" in str(err) else str(err), []))
             continue
@@ -280,13 +282,24 @@ def run_model(name: str, args: argparse.Namespace, budgets: list[float]) -> tupl
     paired = paired_log_ratio(at25[0], min(at25[1], key=lambda m: m.ppl_geo)) if at25 and at25[1] else None
     elapsed = time.perf_counter() - start
     dtype = str(next(bench.model.parameters()).dtype).removeprefix("torch.")
-    held = dtype if args.hold_dtype == "auto" else args.hold_dtype
-    lines += ["", f"{name}: the joint plans hold every float weight in {held} (--hold-dtype {args.hold_dtype}); "
+    held = " or ".join(dtype if d == "auto" else d for d in dtypes)
+    lines += ["", f"{name}: the joint plans hold every float weight in {held} (hold dtypes {','.join(dtypes)}: "
+              f"{'the planner chooses per budget' if len(dtypes) > 1 else 'one'}); "
               f"the single-method baselines keep the model's {dtype}."]
     lines += [f"{name}: joint options measured once in {measure_s:.0f} s ({len(options)} MoE layers, kept-set "
               f"sizes {list(targets.kept_sizes)}, prune method {targets.prune.method}); whole model {elapsed:.0f} s."]
     return lines, {"rho": rho, "ratio": ratio, "paired": paired, "budgets": len(joints), "held": held,
                    "dtype": dtype, "windows": sum(len(w) for w in bench.windows.values())}
+
+
+def _hold_dtypes(args: argparse.Namespace) -> tuple[str, ...]:
+    """The joint plans' hold dtype candidates: ``--hold-dtypes`` (several: the planner chooses), else
+    ``--hold-dtype``."""
+    if args.hold_dtypes is None:
+        return (args.hold_dtype,)
+    if args.hold_dtype != "auto":
+        raise SystemExit("give --hold-dtype or --hold-dtypes, not both")
+    return tuple(d for d in args.hold_dtypes.split(",") if d)
 
 
 def _describe(plan: Plan) -> str:
@@ -300,6 +313,8 @@ def _describe(plan: Plan) -> str:
         parts.append("attn " + "/".join(str(attention[k]) for k in sorted(attention, key=int)))
     if plan.summary.get("embedding_bits") is not None:
         parts.append(f"emb {plan.summary['embedding_bits']}")
+    if plan.summary.get("hold_dtype"):
+        parts.append(f"held {plan.summary['hold_dtype']}")
     return " ".join(parts)
 
 
@@ -392,6 +407,9 @@ def main() -> None:
     parser.add_argument("--widths", default="2,3,4,8,16", help="the joint planner's candidate widths")
     parser.add_argument("--hold-dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                         help="the joint plans' hold_dtype (auto: the model's); the single methods keep the model's")
+    parser.add_argument("--hold-dtypes", default=None,
+                        help="JointConfig.hold_dtypes: the joint planner chooses among these per budget, its estimate "
+                             "pricing each cast (e.g. auto,float16); instead of --hold-dtype")
     parser.add_argument("--gptq-folds", type=int, default=JointConfig.gptq_folds,
                         help="JointConfig.gptq_folds: cross-fitted GPTQ errors of the joint options (1: in sample)")
     parser.add_argument("--verify-windows", type=int, default=0,
@@ -439,7 +457,8 @@ def main() -> None:
     for name, s in summary.items():
         text.append(f"spearman(estimated error, KL) over {s['budgets']} budgets: {s['rho']:.3f} ({name})")
     for name, s in summary.items():
-        text.append(f"joint plans held in: {s['held']} (hold_dtype {args.hold_dtype}); single-method baselines: "
+        text.append(f"joint plans held in: {s['held']} (hold dtypes {','.join(_hold_dtypes(args))}); single-method "
+                    "baselines: "
                     f"the model's {s['dtype']} ({name})")
     for name, s in summary.items():
         if s["paired"] is not None:  # is the 25 % difference more than the test windows resolve?
