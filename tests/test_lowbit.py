@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from moeslim.calibrate.hessians import accumulate_hessian
 from moeslim.methods.quant.fused import LowBitTensor, quantize_fused
-from moeslim.methods.quant.gptq import gptq_quantize
+from moeslim.methods.quant.gptq import gptq_quantize, rtn_quantize
 from moeslim.methods.quant.pack import bits_accounting, pack_bits, packed_nbytes, unpack_bits
 
 # ---- pack.py ------------------------------------------------------------------------------------
@@ -142,3 +142,23 @@ def test_quantize_fused_validates() -> None:
         quantize_fused(tensor, [2, 2], 16, method="awq")  # type: ignore[arg-type]
     with pytest.raises(KeyError, match="qmeta"):
         LowBitTensor.from_state_dict({}, "x")
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_mixed_widths_are_each_expert_quantized_alone(act_order: bool) -> None:
+    """quantize_fused GPTQs each width's experts as one batch: every expert's codes, scales and zeros are those of
+    its own GPTQ (or round-to-nearest without tokens), whatever else shares its batch."""
+    bits = [3, 2, 16, 3, 4, 3, 2, 3]
+    tensor = _experts(len(bits), 256, 48, torch.float32)  # transposed layout: (E, in=256, out=48)
+    hessians: list[torch.Tensor | None] = list(_hessians(len(bits), 256))
+    hessians[3] = torch.zeros(256, 256)  # no calibration tokens: round-to-nearest inside a GPTQ'd width
+    hessians[6] = None
+    lb = quantize_fused(tensor, bits, 64, hessians, "gptq", transposed=True, act_order=act_order)
+    for e, b in enumerate(bits):
+        if b == 16:
+            assert torch.equal(lb.dense[e], tensor[e])  # type: ignore[arg-type]
+            continue
+        h = hessians[e]
+        q = rtn_quantize(tensor[e].T, b, 64, scale_dtype=torch.float16) if h is None or not h.any() else \
+            gptq_quantize(tensor[e].T, h, b, 64, scale_dtype=torch.float16, act_order=act_order)
+        assert torch.equal(lb.dequantize_expert(e), q.weight.T), e

@@ -10,6 +10,7 @@ import torch
 from test_scale_quant import _on_threads
 from tiny_models import sample_ids, tiny_model
 
+import moeslim.methods.quant.transform as transform
 from moeslim.calibrate.hessians import ExpertHessians
 from moeslim.config import ConfigError
 from moeslim.methods.quant.config import QuantizeConfig
@@ -90,3 +91,18 @@ def test_split_config_refusals() -> None:
         QuantizeConfig(hessian_memory=-1.0)
     with pytest.raises(ConfigError, match="give one"):
         QuantizeConfig(hessian_experts=2, hessian_memory=1.0)
+
+
+def test_gptq_batches_of_any_size_give_the_same_packed_experts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apply's GPTQ waits for a batch of Hessians (``gptq.BATCH_BYTES`` of working memory) before quantizing: a
+    bound of one expert per batch, or of a few, packs the experts bit for bit as one batch per width does."""
+    model = tiny_model("mixtral")
+    widths = {layer.layer_idx: [3, 2, 16, 3, 4, 3, 2, 3] for layer in find_moe_layers(model)}
+    config = QuantizeConfig(method="uniform", bits=3, group_size=16, act_order=True)
+    want = gptq_experts(model, widths, CALIB, config)
+    for experts in (1, 3):
+        # the tiny model's gate_up slices are (96, 32)
+        monkeypatch.setattr(transform, "BATCH_BYTES", experts * transform.gptq_bytes_per_matrix(96, 32))
+        got = gptq_experts(model, widths, CALIB, config)
+        for idx, packed in want.experts.items():
+            assert _same(got.experts[idx].up, packed.up) and _same(got.experts[idx].down, packed.down)

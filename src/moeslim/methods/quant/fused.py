@@ -22,10 +22,10 @@ from typing import Literal
 
 import torch
 
-from moeslim.methods.quant.gptq import QuantizedWeight, dequantize, gptq_quantize, rtn_quantize, symmetric_zero
+from moeslim.methods.quant.gptq import QuantizedWeight, dequantize, gptq_quantize_many, rtn_quantize, symmetric_zero
 from moeslim.methods.quant.pack import pack_bits, unpack_bits
 
-__all__ = ["KEEP_BITS", "LowBitTensor", "quantize_fused"]
+__all__ = ["KEEP_BITS", "LowBitTensor", "PackedSlice", "quantize_fused", "quantize_slices"]
 
 KEEP_BITS = 16  # an expert at this width is stored as its original slice
 _FORMAT_VERSION = 2  # 2 adds the symmetric flag to qmeta; version 1 files (asymmetric) still load
@@ -167,16 +167,46 @@ def _check_fused_args(
         raise ValueError(f"need one Hessian (or None) per expert, got {len(hessians)}")
 
 
-def _quantize_one(
-    W: torch.Tensor, bits: int, group_size: int, H: torch.Tensor | None, method: str, act_order: bool,
-    percdamp: float = 0.01, symmetric: bool = False,
-) -> QuantizedWeight:
-    # An expert that saw no calibration token has H == 0: GPTQ would zero every (dead) column, so such
-    # experts, like experts without a Hessian, fall back to round-to-nearest.
-    if method == "rtn" or H is None or float(torch.diag(H).sum()) == 0.0:
-        return rtn_quantize(W, bits, group_size, scale_dtype=_SCALE_DTYPE, symmetric=symmetric)
-    return gptq_quantize(W, H, bits, group_size, percdamp=percdamp, act_order=act_order, scale_dtype=_SCALE_DTYPE,
-                         symmetric=symmetric)
+PackedSlice = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # packed codes, float16 scales, packed zeros
+
+
+def _has_tokens(hessian: torch.Tensor) -> bool:
+    return float(torch.diag(hessian).sum()) != 0.0
+
+
+def quantize_slices(
+    slices: Sequence[torch.Tensor],
+    bits: int,
+    group_size: int,
+    hessians: Sequence[torch.Tensor | None] | None,
+    method: Literal["gptq", "rtn"],
+    *,
+    transposed: bool = False,
+    act_order: bool = False,
+    percdamp: float = 0.01,
+    symmetric: bool = False,
+) -> list[PackedSlice]:
+    """Expert slices of one shape (stored layout), all at ``bits`` 1..8 -> each one's (packed codes, float16
+    scales, packed zero points or None when ``symmetric``), as ``quantize_fused`` stores them.
+
+    GPTQ runs as batches over the slices (``gptq_quantize_many``: each result that of its slice alone). An expert
+    that saw no calibration token has H == 0: GPTQ would zero every (dead) column, so such experts, like experts
+    without a Hessian, fall back to round-to-nearest.
+    """
+    mats = [w.detach().float().T if transposed else w.detach().float() for w in slices]  # (out, in) each
+    fitted = {i: h for i, h in enumerate(hessians or []) if method == "gptq" and h is not None and _has_tokens(h)}
+    results: list[QuantizedWeight | None] = [None] * len(mats)
+    gptq = gptq_quantize_many([mats[i] for i in fitted], list(fitted.values()), bits, group_size, percdamp=percdamp,
+                              act_order=act_order, scale_dtype=_SCALE_DTYPE, symmetric=symmetric)
+    for i, done in zip(fitted, gptq, strict=True):
+        results[i] = done
+    out: list[PackedSlice] = []
+    for W, result in zip(mats, results, strict=True):
+        q = result if result is not None else rtn_quantize(W, bits, group_size, scale_dtype=_SCALE_DTYPE,
+                                                           symmetric=symmetric)
+        out.append((pack_bits(q.codes, bits), q.scales.to(_SCALE_DTYPE), None if symmetric else pack_bits(q.zeros,
+                                                                                                          bits)))
+    return out
 
 
 def quantize_fused(
@@ -226,12 +256,11 @@ def quantize_fused(
     for e, b in enumerate(out.bits):
         if b == KEEP_BITS:
             out.dense[e] = tensor[e].detach().clone()
-            continue
-        W = tensor[e].detach().float()
-        W = W.T if transposed else W  # (out, in)
-        H = None if hessians is None else hessians[e]
-        q = _quantize_one(W, b, group_size, H, method, act_order, percdamp, symmetric)
-        out.codes[e] = pack_bits(q.codes, b)
-        out.scales[e] = q.scales.to(_SCALE_DTYPE)
-        out.zeros[e] = None if symmetric else pack_bits(q.zeros, b)
+    for b in sorted(set(out.bits) - {KEEP_BITS}):  # the experts of one width GPTQ'd as batches
+        experts = [e for e, eb in enumerate(out.bits) if eb == b]
+        packed = quantize_slices([tensor[e] for e in experts], b, group_size,
+                                 None if hessians is None else [hessians[e] for e in experts], method,
+                                 transposed=transposed, act_order=act_order, percdamp=percdamp, symmetric=symmetric)
+        for e, (codes, scales, zeros) in zip(experts, packed, strict=True):
+            out.codes[e], out.scales[e], out.zeros[e] = codes, scales, zeros
     return out

@@ -41,7 +41,8 @@ from moeslim.calibrate.distributed import RankedCommunicator, expert_share, proc
 from moeslim.calibrate.hessians import ExpertHessians, ExpertHessianSummary, down_hessian, up_hessians
 from moeslim.calibrate.resume import LayerCheckpoint
 from moeslim.methods.quant.config import QuantizeConfig
-from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor, quantize_fused
+from moeslim.methods.quant.fused import KEEP_BITS, LowBitTensor, quantize_slices
+from moeslim.methods.quant.gptq import BATCH_BYTES, gptq_bytes_per_matrix
 from moeslim.models import MoELayer
 from moeslim.models.expert_math import expert_weight_views
 from moeslim.models.lazy import is_streamed
@@ -94,30 +95,47 @@ HessianOf = Callable[[int], "torch.Tensor | None"]
 
 def _pack_experts(weight: torch.Tensor, bits: Sequence[int], group_size: int, hessian_of: HessianOf | None,
                   method: Literal["gptq", "rtn"], comm: RankedCommunicator | None, **options: Any) -> LowBitTensor:
-    """``quantize_fused`` one expert at a time, each expert's Hessian made only when it is needed.
+    """``quantize_fused`` with each expert's Hessian made only when it is needed, the experts GPTQ'd in batches.
 
     ``hessian_of(e)``: expert e's (in, in) Hessian or None (round-to-nearest); it is called for every
-    quantized expert in order on every process (it may run collectives), so only one Hessian is alive.
-    Every expert is quantized on its own, so the result is ``quantize_fused``'s, byte for byte. Under
-    torchrun (``comm``) process r quantizes every W-th quantized expert and the packed experts are gathered;
-    kept (16-bit) experts are copied locally: every process holds the weights.
+    quantized expert in order on every process (it may run collectives). The Hessians wait until a batch is full
+    (as many experts as ``gptq.BATCH_BYTES`` of GPTQ working memory allows), so at most one batch of them is
+    alive; each width's pending experts are GPTQ'd together (``quantize_slices``), every result that of its expert
+    alone, so the whole is ``quantize_fused``'s, byte for byte. Under torchrun (``comm``) process r quantizes
+    every W-th quantized expert and the packed experts are gathered; kept (16-bit) experts are copied locally:
+    every process holds the weights.
     """
     n = int(weight.shape[0])
+    transposed = bool(options.get("transposed", False))
     out = LowBitTensor(shape=(n, int(weight.shape[1]), int(weight.shape[2])), bits=[int(b) for b in bits],
-                       group_size=group_size, transposed=bool(options.get("transposed", False)),
+                       group_size=group_size, transposed=transposed,
                        dtype=weight.dtype, codes=[None] * n, scales=[None] * n, zeros=[None] * n,
                        dense=[weight[e].detach().clone() if b == KEEP_BITS else None for e, b in enumerate(bits)],
                        symmetric=bool(options.get("symmetric", False)))
     quantized = [e for e, b in enumerate(bits) if b != KEEP_BITS]
     size, rank = (comm.size, comm.rank) if comm is not None else (1, 0)
     mine = {quantized[i] for i in expert_share(len(quantized), rank, size)}
+    n_out, n_in = out.out_in
+    per_batch = max(1, BATCH_BYTES // gptq_bytes_per_matrix(n_out, n_in))
+    pending: dict[int, list[tuple[int, torch.Tensor | None]]] = {}  # width -> (expert, Hessian) waiting
+
+    def flush() -> None:
+        for b, waiting in pending.items():
+            experts = [e for e, _ in waiting]
+            hessians = None if hessian_of is None else [h for _, h in waiting]
+            packed = quantize_slices([weight[e] for e in experts], b, group_size, hessians, method, **options)
+            for e, (codes, scales, zeros) in zip(experts, packed, strict=True):
+                out.codes[e], out.scales[e], out.zeros[e] = codes, scales, zeros
+        pending.clear()
+
     for e in quantized:
         hessian = hessian_of(e) if hessian_of is not None else None
         if e in mine:
-            part = quantize_fused(weight[e : e + 1].detach(), [bits[e]], group_size,
-                                  None if hessian_of is None else [hessian], method, **options)
-            out.codes[e], out.scales[e], out.zeros[e] = part.codes[0], part.scales[0], part.zeros[0]
+            pending.setdefault(int(bits[e]), []).append((e, hessian))
+            if sum(len(w) for w in pending.values()) >= per_batch:
+                flush()
         del hessian
+    flush()
     if comm is not None and comm.size > 1:
         shared = comm.all_gather({e: (out.codes[e], out.scales[e], out.zeros[e]) for e in sorted(mine)})
         for entries in shared:
