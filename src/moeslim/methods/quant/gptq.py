@@ -348,7 +348,11 @@ def gptq_quantize_batch(
     return [_result(codes[b], scales[b], zeros[b], Q[b], bits, gs, symmetric) for b in range(batch)]
 
 
-BATCH_BYTES = 1 << 29  # working memory of one ``gptq_quantize_many`` batch: 512 MiB
+# Working memory of one ``gptq_quantize_many`` batch: 32 MiB. The column loop rereads each block of the batch's
+# weights once per column, so a batch that outgrows the CPU caches turns memory-bound: on a 2-core Xeon, 64 experts
+# of 160 x 256 in one batch ran 0.76x as fast as one call per expert, and in batches of 8-16 (23-47 MiB) 2.7x
+# (benchmarks/gptq_batch.py). Matrices above the bound (a 1536 x 2048 expert: 197 MB) go one at a time.
+BATCH_BYTES = 1 << 25
 
 
 def gptq_bytes_per_matrix(n_out: int, n_in: int) -> int:
