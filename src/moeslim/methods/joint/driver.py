@@ -138,10 +138,10 @@ def measure_held(model: nn.Module, input_ids: torch.Tensor, config: JointConfig,
     on the byte target: one call serves every target whose candidates fit (``plan_joint(measured=...)``).
     ``fits``: ``held_targets(model, config)`` when the caller has it already."""
     out = {}
+    windows = fit_windows(input_ids, config)
     for dtype, targets in (fits if fits is not None else held_targets(model, config)).items():
         held_config = config.held_as(dtype)
         held = as_held(model, dtype)
-        windows = fit_windows(input_ids, config)
         kl = None
         if held is not model:  # a cast that overflows is refused here, before its options are measured
             try:
