@@ -54,11 +54,11 @@ def test_the_cast_price_is_the_cast_models_kl_in_the_estimates_unit(model: torch
     held = as_held(model, "bfloat16")
     with torch.no_grad():
         kl = float(_kl(model(CALIB).logits, held(CALIB).logits).mean())
-    price = cast_error(model, held, CALIB, measured["bfloat16"].options, (2, 16), 128, False, "kl", 8, 8)
+    price = cast_error(model, held, CALIB, measured["bfloat16"].options, 128, False, "kl", 8, 8)
     assert price == pytest.approx(kl, rel=1e-9) and kl > 0
     if scale == "kl":
         assert measured["bfloat16"].cast_error == pytest.approx(kl, rel=1e-9)
-    assert cast_error(model, model, CALIB, measured["auto"].options, (2, 16), 128, False, "squared", 8, 8) == 0.0
+    assert cast_error(model, model, CALIB, measured["auto"].options, 128, False, "squared", 8, 8) == 0.0
 
 
 def _single_and_joint(model: torch.nn.Module, **target: float) -> tuple[dict[str, float], object, dict]:

@@ -5,8 +5,8 @@ to the cast model, so the cast's own error is missing from the estimate. To weig
 float32 and quantize the experts harder", each candidate dtype is priced by the KL per token of the cast model's
 next-token distributions against the original's, on the first ``probe_windows`` calibration windows (as
 ``nonexpert.py`` prices the attention and embedding options), brought into the estimate's unit the same way:
-with ``error_scale="kl"`` it is the unit already; with "squared" it is multiplied by mean_l(T_l / s_l), the layers'
-squared-error units per unit of KL (``nonexpert._unit``, from ``probe.py``'s quantization probes on the cast model).
+with ``error_scale="kl"`` it is the unit already; with "squared" it is priced at the squared error of the experts'
+own quantization that costs the same KL (``kl_price.py``'s curve, measured on the cast model).
 A dtype the model already holds ("auto") costs 0, unmeasured. A cast whose next-token probabilities are not finite
 (float16's range is 65504: activations past it overflow) is refused with a ConfigError before its options are
 measured, rather than priced as NaN.
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from moeslim.config import ConfigError
-from moeslim.methods.joint.nonexpert import _unit
+from moeslim.methods.joint.kl_price import squared_price
 from moeslim.methods.joint.probe import _kl, _logits
 from moeslim.methods.joint.solve import SizeOption
 
@@ -46,8 +46,8 @@ def cast_kl(model: nn.Module, held: nn.Module, input_ids: Tensor, windows: int, 
 
 @torch.no_grad()
 def cast_error(model: nn.Module, held: nn.Module, input_ids: Tensor, options: Mapping[int, Sequence[SizeOption]],
-               widths: Sequence[int], group_size: int, symmetric: bool, error_scale: str, windows: int,
-               batch_size: int, kl: float | None = None) -> float:
+               group_size: int, symmetric: bool, error_scale: str, windows: int, batch_size: int,
+               kl: float | None = None) -> float:
     """The cast's error in the estimate's unit: ``cast_kl`` (or the given ``kl``, measured already) times the
     squared unit for ``error_scale="squared"``; 0 when ``held`` is ``model`` (no cast). ``options``: the experts'
     options measured on ``held`` (their token counts)."""
@@ -59,4 +59,4 @@ def cast_error(model: nn.Module, held: nn.Module, input_ids: Tensor, options: Ma
     if error_scale == "kl":
         return max(kl, 0.0)
     refs = [_logits(held, ids) for ids in batches]
-    return max(kl, 0.0) * _unit(held, batches, refs, options, widths, group_size, symmetric)
+    return squared_price(held, batches, refs, options, group_size, symmetric)(kl)

@@ -97,8 +97,8 @@ def measure_nonexpert(model: nn.Module, input_ids: torch.Tensor, config: JointCo
         return []
     input_ids = fit_windows(input_ids, config)
     held = as_held(model, config.hold_dtype)
-    return nonexpert_groups(held, input_ids, targets.nonexpert, options, config.widths, config.group_size,
-                            config.symmetric, config.error_scale, config.probe_windows, config.batch_size)
+    return nonexpert_groups(held, input_ids, targets.nonexpert, options, config.group_size, config.symmetric,
+                            config.error_scale, config.probe_windows, config.batch_size)
 
 
 def _curve_key(option: SizeOption) -> str:
@@ -156,8 +156,8 @@ def measure_held(model: nn.Module, input_ids: torch.Tensor, config: JointConfig,
         nonexpert = measure_nonexpert(held, input_ids, held_config, targets, options)
         price = 0.0
         if config.hold_dtypes:
-            price = cast_error(model, held, windows, options, config.widths, config.group_size, config.symmetric,
-                               config.error_scale, config.probe_windows, config.batch_size, kl)
+            price = cast_error(model, held, windows, options, config.group_size, config.symmetric, config.error_scale,
+                               config.probe_windows, config.batch_size, kl)
         pmq = measure_pmq(held, input_ids, held_config) if config.verify_windows else None
         out[dtype] = HeldOptions(options, nonexpert, price, pmq)
         del held

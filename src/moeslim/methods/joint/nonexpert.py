@@ -31,12 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from moeslim.config import ConfigError
-from moeslim.methods.joint.probe import _kl, _logits, _probe, _quant_perturbation
+from moeslim.methods.joint.kl_price import squared_price
+from moeslim.methods.joint.probe import _kl, _logits
 from moeslim.methods.joint.sizes import _slice_bytes
 from moeslim.methods.joint.solve import ChoiceGroup, SizeOption
 from moeslim.methods.quant.fused import KEEP_BITS, quantize_fused
 from moeslim.methods.quant.layout_bytes import map_bytes
-from moeslim.models import find_moe_layers
 from moeslim.models.nonexpert import attention_linears_by_layer, token_matrices
 
 __all__ = ["EMBEDDING", "attention_group", "check_nonexpert", "nonexpert_bytes", "nonexpert_groups",
@@ -130,29 +130,13 @@ def _replaced(weights: Sequence[Tensor], values: Sequence[Tensor]) -> Iterator[N
                 w.copy_(v)
 
 
-def _unit(model: nn.Module, batches: list[Tensor], refs: list[Tensor], options: Mapping[int, Sequence[SizeOption]],
-          widths: Sequence[int], group_size: int, symmetric: bool) -> float:
-    """Squared-error units per unit of KL: mean over MoE layers of T_l / s_l (``probe.py``'s quantization probe)."""
-    quantized = [int(b) for b in widths if b != KEEP_BITS]
-    bits = min((b for b in quantized if b >= 2), default=min(quantized, default=2))
-    ratios = []
-    for layer in find_moe_layers(model):
-        s = _probe(model, layer, batches, refs, _quant_perturbation(layer, bits, group_size, symmetric))
-        if s > 0:
-            ratios.append(options[layer.layer_idx][0].tokens / s)
-    if not ratios:
-        raise ValueError("no MoE layer's quantization changed the model's output: cannot weigh the attention and "
-                         "embedding errors against the experts'; use error_scale='kl'")
-    return sum(ratios) / len(ratios)
-
-
 @torch.no_grad()
 def nonexpert_groups(model: nn.Module, input_ids: Tensor, savings: Mapping[str, Mapping[int, int]],
-                     options: Mapping[int, Sequence[SizeOption]], widths: Sequence[int], group_size: int,
-                     symmetric: bool, error_scale: str, windows: int, batch_size: int) -> list[ChoiceGroup]:
+                     options: Mapping[int, Sequence[SizeOption]], group_size: int, symmetric: bool,
+                     error_scale: str, windows: int, batch_size: int) -> list[ChoiceGroup]:
     """The choice groups of ``savings`` (``nonexpert_bytes``) with their probed errors (in the experts' unit: see
     the module docstring); ``model`` as held, ``input_ids`` (N, S) the calibration windows, ``options`` the
-    experts' options (their token counts), ``widths`` / ``symmetric`` the experts' (for the squared unit)."""
+    experts' options (their token counts), ``group_size`` / ``symmetric`` the experts' (for the squared unit)."""
     if not savings:
         return []
     device = next(model.parameters()).device
@@ -182,9 +166,10 @@ def nonexpert_groups(model: nn.Module, input_ids: Tensor, savings: Mapping[str, 
             with _replaced(weights, [_rtn(w, b, group_size) for w in weights]):
                 errors.append(max(kl(), 0.0))
         measured[name] = errors
-    unit = 1.0 if error_scale == "kl" else _unit(model, batches, refs, options, widths, group_size, symmetric)
+    price = (lambda kl: kl) if error_scale == "kl" else squared_price(model, batches, refs, options, group_size,
+                                                                      symmetric)
     for name, saved in savings.items():
         groups.append(ChoiceGroup(name=name, widths=tuple(int(b) for b in saved),
-                                  error=tuple(e * unit for e in measured[name]),
+                                  error=tuple(price(e) for e in measured[name]),
                                   saving=tuple(int(v) for v in saved.values())))
     return groups

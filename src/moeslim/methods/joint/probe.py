@@ -83,17 +83,17 @@ def _prune_perturbation(layer: MoELayer, kept: Sequence[int]) -> Perturb:
 
 def _quant_perturbation(layer: MoELayer, bits: int, group_size: int, symmetric: bool) -> Perturb:
     views = expert_weight_views(layer)
-    slices = [(rtn_slice(views.up[e], bits, group_size, views.transposed, symmetric),
-               rtn_slice(views.down[e], bits, group_size, views.transposed, symmetric))
-              for e in range(layer.num_experts)]
 
     def delta(x: Tensor) -> Tensor:
         weights, ids = layer.route(layer.router_logits(x))  # (T, k)
         out = torch.zeros_like(x)
-        for e, (up, down) in enumerate(slices):
+        for e in range(layer.num_experts):
             rows = (ids == e).any(dim=1)
             if not bool(rows.any()):
                 continue
+            # one expert's dequantized copy at a time: probing every layer at once holds no second model
+            up = rtn_slice(views.up[e], bits, group_size, views.transposed, symmetric)
+            down = rtn_slice(views.down[e], bits, group_size, views.transposed, symmetric)
             xe = x[rows]
             diff = expert_forward(layer, xe, e, up=up, down=down) - expert_forward(layer, xe, e)
             out[rows] += expert_gate(weights[rows], ids[rows], e)[:, None].to(diff.dtype) * diff
@@ -102,30 +102,41 @@ def _quant_perturbation(layer: MoELayer, bits: int, group_size: int, symmetric: 
 
 
 @torch.no_grad()
-def _probe(model: nn.Module, layer: MoELayer, batches: list[Tensor], refs: list[Tensor], perturb: Perturb
-           ) -> float:
-    """KL per unit of mean squared block-output error when ``perturb`` changes ``layer``'s block output."""
-    err = [0.0, 0]
+def _perturbed(model: nn.Module, perturbs: Sequence[tuple[MoELayer, Perturb]], batches: list[Tensor],
+               refs: list[Tensor]) -> tuple[float, list[float]]:
+    """(mean KL per token to ``refs`` with every listed layer's block output perturbed at once, each layer's mean
+    squared perturbation per token); a layer's perturbation is taken on its input as the earlier ones left it."""
+    err = [[0.0, 0] for _ in perturbs]
 
-    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        x = args[0] if args else kwargs.get("hidden_states")
-        if not isinstance(x, Tensor):
-            raise ValueError(f"layer {layer.layer_idx}: the MoE block's input is not a tensor; cannot probe it")
-        hidden = layer.block_output(output)
-        flat = x.reshape(-1, x.shape[-1])
-        d = perturb(flat).to(hidden.dtype)
-        err[0] += float(d.double().pow(2).sum())
-        err[1] += int(flat.shape[0])
-        new = hidden + d.reshape(hidden.shape)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+    def hook_of(i: int, layer: MoELayer, perturb: Perturb) -> Callable[..., Any]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            x = args[0] if args else kwargs.get("hidden_states")
+            if not isinstance(x, Tensor):
+                raise ValueError(f"layer {layer.layer_idx}: the MoE block's input is not a tensor; cannot probe it")
+            hidden = layer.block_output(output)
+            flat = x.reshape(-1, x.shape[-1])
+            d = perturb(flat).to(hidden.dtype)
+            err[i][0] += float(d.double().pow(2).sum())
+            err[i][1] += int(flat.shape[0])
+            new = hidden + d.reshape(hidden.shape)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        return hook
 
-    handle = layer.block.register_forward_hook(hook, with_kwargs=True)
+    handles = [layer.block.register_forward_hook(hook_of(i, layer, perturb), with_kwargs=True)
+               for i, (layer, perturb) in enumerate(perturbs)]
     try:
         kl = torch.cat([_kl(ref, _logits(model, ids)) for ids, ref in zip(batches, refs, strict=True)])
     finally:
-        handle.remove()
-    mse = err[0] / max(err[1], 1)
-    return float(kl.mean()) / mse if mse > 0 else 0.0
+        for handle in handles:
+            handle.remove()
+    return float(kl.mean()), [float(total) / max(int(count), 1) for total, count in err]
+
+
+def _probe(model: nn.Module, layer: MoELayer, batches: list[Tensor], refs: list[Tensor], perturb: Perturb
+           ) -> float:
+    """KL per unit of mean squared block-output error when ``perturb`` changes ``layer``'s block output."""
+    kl, (mse,) = _perturbed(model, [(layer, perturb)], batches, refs)
+    return kl / mse if mse > 0 else 0.0
 
 
 @torch.no_grad()
