@@ -16,9 +16,9 @@ Error: the model runs on the first ``probe_windows`` calibration windows with on
 their dequantized codes, and the mean KL per token to the original's next-token distribution is measured (as
 ``probe.py``'s probes). With ``error_scale="kl"`` that is the experts' unit already (an expected KL per token).
 With "squared" the experts' errors are summed squared block-output errors over each layer's T_l sample tokens; a
-measured KL is brought to that unit through the layers' probed KL per unit of squared quantization error s_l
-(``probe.py``): error = KL * mean_l(T_l / s_l) (the squared error that, spread like expert quantization
-errors, would cost that KL: an approximation stated, not measured per group).
+measured KL is priced at the squared error of the experts' own round-to-nearest quantization that costs the same
+KL (``kl_price.py``: a curve over widths, measured once on the model as held; an approximation stated, not
+measured per group).
 Shapes: V vocabulary, H hidden, N windows, S window length.
 """
 
