@@ -47,6 +47,7 @@ from moeslim.data import load_source, token_windows
 from moeslim.data.calibration_set import build_calibration_set
 from moeslim.evaluate.cost import param_bytes
 from moeslim.evaluate.divergence import ReferenceTop, reference_top
+from moeslim.evaluate.paired import paired_ratio
 from moeslim.evaluate.perplexity import perplexity
 from moeslim.methods.joint import JointConfig, measure_held, measure_options, plan_joint
 from moeslim.methods.joint.config import JointTargets
@@ -131,21 +132,6 @@ class Bench:
         print(f"  {self.name} {name}: {m.held / MIB:.2f} MiB, ppl {m.ppl_geo:.2f}, KL {m.kl:.4f} "
               f"({m.seconds:.0f} s)", flush=True)
         return m
-
-
-def paired_log_ratio(a: Measured, b: Measured) -> tuple[float, float]:
-    """log(ppl_geo(a) / ppl_geo(b)) and its standard error, the two models scored on the same test windows.
-
-    log ppl_geo = mean over the D domains of (summed NLL / predicted tokens), so the log ratio is
-    mean_d sum_w (a_dw - b_dw) / T_d; windows are taken as independent draws, each domain's sum having variance
-    n_d s_d^2 (s_d^2 the sample variance of the n_d per-window differences)."""
-    log_ratio, var = 0.0, 0.0
-    for d, rows in a.window_nll.items():
-        diff = np.asarray(rows) - np.asarray(b.window_nll[d])  # (n_d,) per-window NLL differences
-        log_ratio += float(diff.sum()) / a.tokens[d]
-        var += len(diff) * float(diff.var(ddof=1)) / a.tokens[d] ** 2
-    domains = len(a.window_nll)
-    return log_ratio / domains, math.sqrt(var) / domains
 
 
 def _provenance(bench: Bench, method: str) -> Provenance:
@@ -279,7 +265,10 @@ def run_model(name: str, args: argparse.Namespace, budgets: list[float]) -> tupl
         if len(joints) > 2 else float("nan")
     at25 = next(((j, singles) for s, j, singles in rows if abs(s - 0.25) < 1e-9 and isinstance(j, Measured)), None)
     ratio = (at25[0].ppl_geo / min(m.ppl_geo for m in at25[1])) if at25 and at25[1] else float("nan")
-    paired = paired_log_ratio(at25[0], min(at25[1], key=lambda m: m.ppl_geo)) if at25 and at25[1] else None
+    paired = None
+    if at25 and at25[1]:
+        best = min(at25[1], key=lambda m: m.ppl_geo)
+        paired = paired_ratio(at25[0].window_nll, best.window_nll, at25[0].tokens)
     elapsed = time.perf_counter() - start
     dtype = str(next(bench.model.parameters()).dtype).removeprefix("torch.")
     held = " or ".join(dtype if d == "auto" else d for d in dtypes)
@@ -462,10 +451,9 @@ def main() -> None:
                     f"the model's {s['dtype']} ({name})")
     for name, s in summary.items():
         if s["paired"] is not None:  # is the 25 % difference more than the test windows resolve?
-            log_ratio, se = s["paired"]
+            p = s["paired"]
             text.append(f"joint / best single at 25%, paired over {s['windows']} test windows: "
-                        f"{math.exp(log_ratio):.5f} (95% interval {math.exp(log_ratio - 1.96 * se):.5f}-"
-                        f"{math.exp(log_ratio + 1.96 * se):.5f}) ({name})")
+                        f"{p.ratio:.5f} (95% interval {p.low:.5f}-{p.high:.5f}) ({name})")
     for name, s in summary.items():
         text.append(f"joint ppl ratio vs best single at 25%: {s['ratio']:.3f} ({name})")
     output = "\n".join(text) + "\n"

@@ -16,10 +16,12 @@ from moeslim.evaluate.frontier import (
     frontier_lines,
     frontier_summary_table,
     nearest_at_least,
+    paired,
     plot_frontier,
     point_of,
     rank_correlation,
 )
+from moeslim.evaluate.paired import paired_ratio
 from moeslim.evaluate.report import write_report
 from moeslim.evaluate.results import VariantResult
 from moeslim.workflows.frontier import FrontierConfig, single_family
@@ -229,3 +231,29 @@ def test_demo_frontier_step_reuses_the_demos_single_methods(tmp_path, capsys) ->
     assert demo.frontier_config(demo.DemoConfig(frontier=False), 8) is None
     fine = demo.frontier_config(demo.DemoConfig(frontier=True), 64)
     assert fine is not None and fine.size_step > 1 and fine.budgets == demo.FRONTIER_BUDGETS
+
+
+def _scored(name: str, nll: dict[str, list[float]], tokens: dict[str, int]) -> VariantResult:
+    detail = {d: {"window_nll": rows, "tokens": tokens[d]} for d, rows in nll.items()}
+    ppl = {d: math.exp(sum(rows) / tokens[d]) for d, rows in nll.items()}
+    return VariantResult(name=name, perplexity=ppl, param_bytes=5 * MIB, extra={"perplexity_detail": detail})
+
+
+def test_the_table_gives_the_ratio_paired_over_the_test_windows() -> None:
+    tokens = {"code": 40, "prose": 40}
+    joint = point_of(_scored("joint-25", {"code": [50.0, 61.0, 40.0], "prose": [70.0, 80.0, 75.0]}, tokens), "joint")
+    single = point_of(_scored("uniform-3", {"code": [50.5, 60.0, 41.0], "prose": [70.5, 79.0, 76.0]}, tokens),
+                      "quantize uniform")
+    assert joint.window_nll == {"code": [50.0, 61.0, 40.0], "prose": [70.0, 80.0, 75.0]} and joint.tokens == tokens
+    f = Frontier(model="demo", original=_p("original", "original", 53.0, 71.0),
+                 budgets=[BudgetRow(0.25, 5 * MIB, joint)], singles=[single])
+    row = frontier_summary_table(f)[2]
+    pair = paired_ratio(joint.window_nll, single.window_nll, tokens)
+    assert pair.ratio == pytest.approx(joint.ppl / single.ppl)
+    assert row.endswith(f"| {pair.low:.4f}-{pair.high:.4f} |") and pair.low < 1 < pair.high
+    assert Frontier.from_dict(json.loads(json.dumps(f.to_dict()))) == f
+    # points scored on other windows (or without them) get no interval
+    other = point_of(_scored("pmq", {"code": [50.0, 60.0], "prose": [70.0, 79.0]}, {"code": 27, "prose": 27}),
+                     "quantize pmq")
+    assert paired(joint, other) is None and paired(joint, _p("x", "prune x", 6.0, 70.0)) is None
+    assert frontier_summary_table(_frontier())[3].endswith("| - |")

@@ -95,13 +95,13 @@ def evaluate_model(
             first_windows = windows
             ppl, memory = peak_memory(
                 perplexity, model, windows, batch_size=config.batch_size, device=model_device(model), reference=top,
-                progress=progress, label=f"perplexity {domain}",
+                progress=progress, label=f"perplexity {domain}", per_window=True,
             )
             what = f"perplexity, batch {config.batch_size} x {config.seq_len}"
             result.extra["peak_memory"] = {**memory, "what": what}
         else:
             ppl = perplexity(model, windows, batch_size=config.batch_size, reference=top, progress=progress,
-                             label=f"perplexity {domain}")
+                             label=f"perplexity {domain}", per_window=True)
         result.perplexity[domain] = ppl["ppl"]
         if top is not None:
             result.kl_divergence[domain] = ppl["kl"]

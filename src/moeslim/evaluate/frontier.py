@@ -5,7 +5,9 @@ bytes J, as ``evaluate.cost.param_bytes`` measures them). Each single-method fam
 pruning criterion, low-rank, merging) is represented by its measured setting of the fewest bytes that is still
 >= J (its setting nearest the budget from above: comparing against a much larger setting of a family says little),
 and the best single method is the family representative of lowest perplexity. The joint plan meets its goal
-at a budget when its perplexity is <= the best single method's (ratio <= 1).
+at a budget when its perplexity is <= the best single method's (ratio <= 1). Where both were scored window by
+window on the same test windows, the ratio's 95 % interval paired over those windows (``paired.py``) says whether
+the difference is more than the windows resolve.
 
 Perplexity is the geometric mean over the evaluated domains (every domain weighs the same); KL divergence and
 top-1 agreement are means over the domains. The planner's estimated error is checked against measured KL over
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moeslim.evaluate.paired import PairedRatio, paired_ratio
 from moeslim.evaluate.plots import mean_ppl
 from moeslim.evaluate.results import VariantResult
 from moeslim.outputs import atomic_file
@@ -47,6 +50,10 @@ class FrontierPoint:
     kl: float | None = None
     top1: float | None = None
     estimate: float | None = None
+    # per domain: each test window's summed NLL, and the domain's predicted tokens (None: not recorded), for the
+    # ratio paired over the same windows
+    window_nll: dict[str, list[float]] | None = None
+    tokens: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,8 +106,24 @@ def point_of(result: VariantResult, family: str, estimate: float | None = None) 
     ppl = mean_ppl(result)
     if ppl is None or not result.param_bytes:
         raise ValueError(f"{result.name}: a frontier point needs its perplexity and held bytes")
+    detail = result.extra.get("perplexity_detail", {})
+    windows = {d: detail.get(d, {}) for d in result.perplexity}
+    recorded = bool(windows) and all("window_nll" in w and "tokens" in w for w in windows.values())
     return FrontierPoint(name=result.name, family=family, held_bytes=int(result.param_bytes), ppl=ppl,
-                         kl=_mean(result.kl_divergence), top1=_mean(result.top1_agreement), estimate=estimate)
+                         kl=_mean(result.kl_divergence), top1=_mean(result.top1_agreement), estimate=estimate,
+                         window_nll={d: list(w["window_nll"]) for d, w in windows.items()} if recorded else None,
+                         tokens={d: int(w["tokens"]) for d, w in windows.items()} if recorded else None)
+
+
+def paired(a: FrontierPoint, b: FrontierPoint) -> PairedRatio | None:
+    """ppl(a) / ppl(b) paired over their test windows with its 95 % interval (None: windows not recorded for
+    both, or not the same windows)."""
+    if a.window_nll is None or b.window_nll is None or a.tokens is None or a.tokens != b.tokens:
+        return None
+    try:
+        return paired_ratio(a.window_nll, b.window_nll, a.tokens)
+    except ValueError:
+        return None
 
 
 def nearest_at_least(singles: Sequence[FrontierPoint], held_bytes: int) -> list[FrontierPoint]:
@@ -151,22 +174,24 @@ def frontier_summary_table(frontier: Frontier) -> list[str]:
     """One markdown row per budget: the joint plan, the best single method at equal or larger bytes, the ratio."""
     base = frontier.original
     lines = ["| budget | joint MiB | joint ppl | joint KL | best single (>= joint's bytes) | its MiB | its ppl | "
-             "its KL | ppl joint / best |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "its KL | ppl joint / best | paired 95 % interval |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for row in frontier.budgets:
         if row.joint is None:
-            lines.append(f"| {_budget_label(row)} | - | - | - | no joint plan fits: {row.note} | | | | |")
+            lines.append(f"| {_budget_label(row)} | - | - | - | no joint plan fits: {row.note} | | | | | |")
             continue
         j = row.joint
         best = best_single(frontier.singles, j.held_bytes)
         joint_cells = (f"{_mib(j.held_bytes)} | {j.ppl:.2f} ({j.ppl / base.ppl - 1:+.1%}) | "
                        f"{_fmt(j.kl, '.4f')}")
         if best is None:
-            lines.append(f"| {_budget_label(row)} | {joint_cells} | none holds that many bytes | | | | |")
+            lines.append(f"| {_budget_label(row)} | {joint_cells} | none holds that many bytes | | | | | |")
             continue
+        pair = paired(j, best)
+        interval = "-" if pair is None else f"{pair.low:.4f}-{pair.high:.4f}"
         lines.append(f"| {_budget_label(row)} | {joint_cells} | {best.name} ({best.family}) | "
                      f"{_mib(best.held_bytes)} | {best.ppl:.2f} ({best.ppl / base.ppl - 1:+.1%}) | "
-                     f"{_fmt(best.kl, '.4f')} | **{j.ppl / best.ppl:.3f}** |")
+                     f"{_fmt(best.kl, '.4f')} | **{j.ppl / best.ppl:.3f}** | {interval} |")
     return lines
 
 
