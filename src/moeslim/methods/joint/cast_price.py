@@ -48,8 +48,9 @@ def cast_kl(model: nn.Module, held: nn.Module, input_ids: Tensor, windows: int, 
 def cast_error(model: nn.Module, held: nn.Module, input_ids: Tensor, options: Mapping[int, Sequence[SizeOption]],
                group_size: int, symmetric: bool, error_scale: str, windows: int, batch_size: int,
                kl: float | None = None) -> float:
-    """The cast's error in the estimate's unit: ``cast_kl`` (or the given ``kl``, measured already) times the
-    squared unit for ``error_scale="squared"``; 0 when ``held`` is ``model`` (no cast). ``options``: the experts'
+    """The cast's error in the estimate's unit: ``cast_kl`` (or the given ``kl``, measured already), for
+    ``error_scale="squared"`` priced on the experts' quantization curve of ``held``; 0 when ``held`` is ``model``
+    (no cast). ``options``: the experts'
     options measured on ``held`` (their token counts)."""
     if held is model:
         return 0.0
